@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - simulated federation of 3 synthetic hospitals with DP, report in runs/demo/
+#   make test   - the default test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch goes in first, pinned: an unpinned torch (or a package pulling one) fetches a multi-GB build.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: demo test lint install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/medfed simulate configs/classification-synthetic.toml --out runs/demo
+
+# pytest exits 5 when it collects no test: treat that as a failure, never as a pass.
+test: install
+	$(BIN)/pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$status
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,245 @@
+"""``medfed``: simulate a federation, evaluate a model at a site, check or make site data."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from medfed.config import Config, ConfigError, load_config, parse_override
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Site data: check a site folder, write synthetic sites.")
+app.add_typer(data_app, name="data")
+console = Console()
+
+
+def main() -> None:
+    app()
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = RichHandler(console=console, show_path=False, show_time=True)
+    logger = logging.getLogger("medfed")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    if not verbose:
+        for noisy in ("flwr", "ray"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+def _data_overrides(data: Path) -> dict[str, Any]:
+    """``--data``: a MedMNIST .npz (split by the config's partitioner) or a folder of site folders."""
+    if data.is_file() and data.suffix == ".npz":
+        return {"data.source": "medmnist", "data.path": str(data.resolve())}
+    if data.is_dir():
+        if (data / "manifest.csv").is_file():
+            raise _fail(f"--data {data} is a single site folder; a simulation needs a folder of site folders")
+        return {"data.source": "sites", "data.path": str(data.resolve()), "data.partitioner": "natural"}
+    raise _fail(f"--data {data}: expected a MedMNIST .npz file or a folder holding one folder per site")
+
+
+@app.command()
+def simulate(
+    config_file: Annotated[Path, typer.Argument(help="Run config (TOML), e.g. configs/classification-synthetic.toml")],
+    data: Annotated[
+        Path | None, typer.Option(help="MedMNIST .npz, or a folder with one site folder per hospital")
+    ] = None,
+    sites: Annotated[int | None, typer.Option(help="Number of simulated sites (partitioned data)")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for report, plots and checkpoints")] = Path("runs/latest"),
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Keep site privacy ledgers here across runs (default: fresh in OUT/state)")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run a simulated multi-hospital federation on this machine and write its report."""
+    _setup_logging(verbose)
+    overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
+    if data is not None:
+        overrides.update(_data_overrides(data))
+    if sites is not None:
+        overrides["data.sites"] = sites
+    if rounds is not None:
+        overrides["run.rounds"] = rounds
+    try:
+        config = load_config(config_file, overrides)
+    except ConfigError as err:
+        raise _fail(str(err)) from err
+    from medfed.evaluation.report import write_report
+    from medfed.simulation import simulate as run_simulation
+
+    console.print(f"[bold]medfed[/] simulating [cyan]{config.run.name}[/] -> {out}")
+    report = run_simulation(config, out, state_dir)
+    gradcam = _simulated_gradcam(config, out)
+    html = write_report(report, out, gradcam)
+    _print_summary(report)
+    console.print(f"report: {out / 'report.json'}  {html}")
+
+
+def _simulated_gradcam(config: Config, out: Path) -> dict[str, list[str]]:
+    """Grad-CAM of the final global model on a few test images of each simulated site."""
+    from medfed.data import load_simulated_site, simulated_site_names
+    from medfed.evaluation.explain import gradcam_images
+    from medfed.tasks import get_task
+    from medfed.weights import load_checkpoint
+
+    if config.evaluation.gradcam_images <= 0:
+        return {}
+    task = get_task(config.run.task)
+    model = task.build_model(config)
+    state, _ = load_checkpoint(out / "checkpoints" / "global.safetensors")
+    model.load_state_dict(state)
+    result = {}
+    for index, _ in enumerate(simulated_site_names(config)):
+        name, site = load_simulated_site(config, index)
+        paths = gradcam_images(
+            task, model, site.split("test"), config.evaluation.gradcam_images, out / "plots", f"gradcam-{name}"
+        )
+        result[name] = [str(p.relative_to(out)) for p in paths]
+    return result
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    metric = report["primary_metric"]
+    table = Table(title=f"Final global model, test split ({metric})")
+    table.add_column("site")
+    table.add_column(f"{metric} round 0 (val)", justify="right")
+    table.add_column(f"{metric} final (test)", justify="right")
+    table.add_column("accuracy (test)", justify="right")
+    table.add_column("ε spent / budget", justify="right")
+    for site in report["sites"]:
+        start = report["rounds"][0]["metrics"].get(site, {}).get(metric)
+        final = report["final"]["per_site"].get(site, {})
+        privacy = report["privacy"].get(site)
+        spent = f"{privacy['epsilon']:.2f} / {privacy['budget']:.2f}" if privacy else "DP off"
+        table.add_row(site, _num(start), _num(final.get(metric)), _num(final.get("accuracy")), spent)
+    console.print(table)
+    cross = report["final"].get("cross_site")
+    if cross:
+        matrix = Table(title=f"Cross-site {cross['metric']} (rows: model, columns: test site)")
+        matrix.add_column("model")
+        for site in cross["sites"]:
+            matrix.add_column(site, justify="right")
+        for model, row in zip(cross["models"], cross["matrix"], strict=True):
+            matrix.add_row(model, *[_num(v) for v in row])
+        console.print(matrix)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Global model checkpoint (.safetensors with its .json beside it)")],
+    data: Annotated[Path, typer.Option(help="This site's data folder (manifest.csv + images)")],
+    split: Annotated[str, typer.Option(help="Split to evaluate: train, val, test or all")] = "test",
+    out: Annotated[
+        Path | None, typer.Option(help="Write metrics.json and Grad-CAM images here (stays at the site)")
+    ] = None,
+) -> None:
+    """Evaluate a global model on this site's own data (nothing leaves the machine)."""
+    import json
+
+    from medfed.data import ArrayDataset, DataError, read_site
+    from medfed.evaluation.explain import gradcam_images
+    from medfed.evaluation.report import json_safe
+    from medfed.tasks import get_task
+    from medfed.training import evaluate as evaluate_model
+    from medfed.training import resolve_device
+    from medfed.weights import load_checkpoint
+
+    try:
+        state, meta = load_checkpoint(model)
+        config = Config.from_dict(meta["config"], source=f"{model} metadata")
+        site = read_site(data, config.data.image_size, config.data.num_classes)
+    except (FileNotFoundError, DataError, ConfigError, KeyError) as err:
+        raise _fail(str(err)) from err
+    if split == "all":
+        dataset = ArrayDataset(site.images, site.labels)
+    elif split in ("train", "val", "test"):
+        dataset = site.split(split)
+    else:
+        raise _fail(f"--split {split!r}: expected train, val, test or all")
+    if len(dataset) == 0:
+        raise _fail(f"{data}: no samples in the {split} split")
+    task = get_task(config.run.task)
+    net = task.build_model(config)
+    net.load_state_dict(state)
+    device = resolve_device("auto")
+    results = evaluate_model(task, net.to(device), dataset, config, device)
+    table = Table(title=f"{model.name} (round {meta.get('round')}) on {data.name} [{split}], n={len(dataset)}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in results.items():
+        table.add_row(name, _num(value))
+    console.print(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(json_safe(results), indent=1))
+        gradcam_images(task, net.cpu(), dataset, config.evaluation.gradcam_images, out, "gradcam")
+        console.print(f"written: {out / 'metrics.json'} and Grad-CAM images")
+
+
+@data_app.command("check")
+def data_check(
+    site_dir: Annotated[Path, typer.Argument(help="A site folder (manifest.csv + images)")],
+    task: Annotated[str, typer.Option(help="Task the data is for")] = "classification",
+    num_classes: Annotated[int, typer.Option(help="Number of classes")] = 2,
+    image_size: Annotated[int, typer.Option(help="Model input size")] = 28,
+) -> None:
+    """Validate a site folder; list every bad file and why."""
+    import numpy as np
+
+    from medfed.data import SPLITS, DataError, read_site
+    from medfed.tasks import TASKS
+
+    if task not in TASKS:
+        raise _fail(f"--task {task!r}: expected one of {sorted(TASKS)}")
+    try:
+        site = read_site(site_dir, image_size, num_classes)
+    except DataError as err:
+        console.print(f"[bold red]{err}[/]")
+        raise typer.Exit(code=1) from err
+    table = Table(title=f"{site_dir}: {len(site.labels)} samples, all readable")
+    table.add_column("split")
+    for k in range(num_classes):
+        table.add_column(f"class {k}", justify="right")
+    for split in SPLITS:
+        labels = site.labels[site.splits == split]
+        table.add_row(split, *[str(int(np.sum(labels == k))) for k in range(num_classes)])
+    console.print(table)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Folder to create one site folder per synthetic hospital in")],
+    sites: int = 3,
+    samples: int = 200,
+    image_size: int = 28,
+    num_classes: int = 2,
+    seed: int = 0,
+) -> None:
+    """Write synthetic hospitals (scanner shift, prevalence) as site folders."""
+    from medfed.data import write_site
+    from medfed.data.synthetic import synthetic_site
+
+    for index in range(sites):
+        folder = write_site(
+            out / f"hospital-{index + 1}", synthetic_site(index, samples, image_size, num_classes, seed)
+        )
+        console.print(f"wrote {folder}")

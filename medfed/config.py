@@ -1,0 +1,299 @@
+"""Typed, validated run configuration.
+
+A run is described by one TOML file with the sections below (keys use dashes, as in Flower's
+``run_config``). Loading checks every key and value and raises :class:`ConfigError` naming the
+key, the value it got and what was expected, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvaluationConfig",
+    "ModelConfig",
+    "PrivacyConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_override",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What is trained and how rounds are run on the server."""
+
+    name: str = "medfed"
+    task: Literal["classification"] = "classification"
+    seed: int = 0
+    rounds: int = 3
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    min_sites: int = 2
+    proximal_mu: float = 0.0
+    server_lr: float = 0.01
+    max_update_norm: float = 1000.0
+    round_timeout: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "run.rounds", self.rounds, "an integer >= 1")
+        _check(self.min_sites >= 1, "run.min-sites", self.min_sites, "an integer >= 1")
+        _check(self.proximal_mu >= 0, "run.proximal-mu", self.proximal_mu, "a number >= 0")
+        _check(self.server_lr > 0, "run.server-lr", self.server_lr, "a number > 0")
+        _check(self.max_update_norm > 0, "run.max-update-norm", self.max_update_norm, "> 0")
+        _check(self.round_timeout > 0, "run.round-timeout", self.round_timeout, "seconds > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the sites' data comes from in a simulation, and how it is split into sites.
+
+    ``source``: ``synthetic`` (generated sites with scanner shifts), ``medmnist`` (a MedMNIST
+    ``.npz`` at ``path``, split by ``partitioner``) or ``sites`` (``path`` holds one site folder
+    per hospital: the natural partition).
+    """
+
+    source: Literal["synthetic", "medmnist", "sites"] = "synthetic"
+    path: str = ""
+    sites: int = 3
+    partitioner: Literal["iid", "dirichlet", "natural"] = "iid"
+    alpha: float = 0.5
+    image_size: int = 28
+    num_classes: int = 2
+    samples_per_site: int = 240
+    max_samples_per_site: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.sites >= 1, "data.sites", self.sites, "an integer >= 1")
+        _check(self.alpha > 0, "data.alpha", self.alpha, "a number > 0")
+        _check(self.image_size >= 8, "data.image-size", self.image_size, "an integer >= 8")
+        _check(self.num_classes >= 2, "data.num-classes", self.num_classes, "an integer >= 2")
+        _check(self.samples_per_site >= 10, "data.samples-per-site", self.samples_per_site, ">= 10")
+        _check(self.max_samples_per_site >= 0, "data.max-samples-per-site", self.max_samples_per_site, ">= 0 (0: all)")
+        if self.source in ("medmnist", "sites"):
+            _check(bool(self.path), "data.path", self.path, f"a path (required when data.source = '{self.source}')")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network size. ``width`` channels in the first block, doubled at each of ``depth`` blocks."""
+
+    width: int = 16
+    depth: int = 3
+    norm_groups: int = 4
+    dropout: float = 0.0
+    norm: Literal["group", "none"] = "group"
+
+    def __post_init__(self) -> None:
+        _check(self.width >= 1, "model.width", self.width, "an integer >= 1")
+        _check(1 <= self.depth <= 6, "model.depth", self.depth, "an integer in [1, 6]")
+        _check(
+            self.norm_groups >= 1 and self.width % self.norm_groups == 0,
+            "model.norm-groups",
+            self.norm_groups,
+            f"a divisor of model.width ({self.width})",
+        )
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at each site, per round."""
+
+    local_epochs: int = 1
+    local_steps: int = 0
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "an integer >= 1")
+        _check(self.local_steps >= 0, "train.local-steps", self.local_steps, ">= 0 (0: use local-epochs)")
+        _check(self.batch_size >= 1, "train.batch-size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD at each site (Opacus). On by default.
+
+    ``target_epsilon`` is what this run may spend at a site; ``budget`` (0: equal to the target)
+    is the site's lifetime cap, enforced across rounds and runs by the persisted accountant.
+    ``delta`` 0 means 1/(10 n) for a site with n training samples.
+    """
+
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    delta: float = 0.0
+    max_grad_norm: float = 1.0
+    budget: float = 0.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    def __post_init__(self) -> None:
+        _check(self.target_epsilon > 0, "privacy.target-epsilon", self.target_epsilon, "a number > 0")
+        _check(0 <= self.delta < 1, "privacy.delta", self.delta, "a number in [0, 1) (0: automatic)")
+        _check(self.max_grad_norm > 0, "privacy.max-grad-norm", self.max_grad_norm, "a number > 0")
+        _check(self.budget >= 0, "privacy.budget", self.budget, "a number >= 0 (0: target-epsilon)")
+
+    @property
+    def site_budget(self) -> float:
+        """The lifetime ε cap at a site."""
+        return self.budget or self.target_epsilon
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Evaluation at the end of a run."""
+
+    cross_site: bool = True
+    gradcam_images: int = 3
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check(self.gradcam_images >= 0, "evaluation.gradcam-images", self.gradcam_images, ">= 0")
+        _check(self.batch_size >= 1, "evaluation.batch-size", self.batch_size, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: one frozen value shared by server, sites and report."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict with dashed keys, as in the TOML file."""
+        return {
+            section.name: {k.replace("_", "-"): v for k, v in dataclasses.asdict(getattr(self, section.name)).items()}
+            for section in dataclasses.fields(self)
+        }
+
+    def to_public_dict(self) -> dict[str, dict[str, Any]]:
+        """As :meth:`to_dict`, for reports and checkpoints: ``data.path`` keeps only its last component."""
+        public = self.to_dict()
+        public["data"]["path"] = Path(self.data.path).name
+        return public
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
+        """Build and validate a config from a nested dict (TOML layout)."""
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ConfigError(f"{source}: unknown section [{unknown[0]}]; expected one of {sorted(sections)}")
+        built = {}
+        for name in sections:
+            section_cls = typing.get_type_hints(cls)[name]
+            values = raw.get(name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table of keys")
+            built[name] = _build_section(section_cls, name, values, source)
+        return cls(**built)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls.from_dict(json.loads(text))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """Return a copy with ``{"section.key": value}`` overrides applied and validated."""
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if not key:
+                raise ConfigError(f"override '{dotted}': expected 'section.key', e.g. 'run.rounds'")
+            raw.setdefault(section, {})[key] = value
+        return Config.from_dict(raw, source="override")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a TOML run config, apply overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    config = Config.from_dict(raw, source=str(path))
+    return config.with_overrides(overrides) if overrides else config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value`` where value is TOML (bare words are taken as strings)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"override '{text}': expected 'section.key=value'")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")
+
+
+def _build_section(section_cls: type, name: str, values: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(section_cls)
+    known = {f.name for f in dataclasses.fields(section_cls)}
+    kwargs = {}
+    for raw_key, value in values.items():
+        attr = raw_key.replace("-", "_")
+        if attr not in known:
+            expected = ", ".join(sorted(k.replace("_", "-") for k in known))
+            raise ConfigError(f"{source}: unknown key '{name}.{raw_key}'; [{name}] accepts: {expected}")
+        kwargs[attr] = _coerce(hints[attr], value, f"{name}.{raw_key}", source)
+    return section_cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected one of {list(choices)}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a string")
+        return value
+    raise TypeError(f"unsupported config type for {key}: {hint}")  # pragma: no cover

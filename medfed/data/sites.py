@@ -1,0 +1,74 @@
+"""Which sites a simulation has, and each site's data, from the ``[data]`` config section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medfed.config import Config
+from medfed.data.arrays import SiteArrays
+from medfed.data.manifest import MANIFEST, read_site
+from medfed.data.medmnist import read_medmnist
+from medfed.data.partition import dirichlet_partition, iid_partition
+from medfed.data.synthetic import synthetic_site
+
+__all__ = ["load_simulated_site", "simulated_site_names"]
+
+
+def simulated_site_names(config: Config) -> list[str]:
+    """Names of the simulated sites, in partition order."""
+    if config.data.source == "sites":
+        return [p.name for p in _site_folders(Path(config.data.path))]
+    return [f"site-{i + 1}" for i in range(config.data.sites)]
+
+
+def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
+    """Return ``(name, data)`` of simulated site ``index`` (deterministic in the run seed)."""
+    data = config.data
+    names = simulated_site_names(config)
+    if not 0 <= index < len(names):
+        raise IndexError(f"site index {index} out of range: this simulation has {len(names)} sites")
+    if data.source == "synthetic":
+        site = synthetic_site(index, data.samples_per_site, data.image_size, data.num_classes, config.run.seed)
+    elif data.source == "sites":
+        site = read_site(Path(data.path) / names[index], data.image_size, data.num_classes)
+    else:
+        pooled = read_medmnist(data.path)
+        if pooled.images.shape[-1] != data.image_size:
+            raise ValueError(
+                f"data.image-size = {data.image_size} but {data.path} holds "
+                f"{pooled.images.shape[-1]}px images: set data.image-size = {pooled.images.shape[-1]}"
+            )
+        if data.partitioner == "dirichlet":
+            parts = dirichlet_partition(pooled.labels, data.sites, data.alpha, config.run.seed)
+        elif data.partitioner == "iid":
+            parts = iid_partition(pooled.labels, data.sites, config.run.seed)
+        else:
+            raise ValueError("data.partitioner = 'natural' needs data.source = 'sites' (one folder per site)")
+        mask = np.zeros(len(pooled.labels), dtype=bool)
+        mask[parts[index]] = True
+        site = pooled.subset(mask)
+    return names[index], _cap(site, data.max_samples_per_site, config.run.seed + index)
+
+
+def _site_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path = {root}: not a folder of site folders")
+    folders = sorted(p for p in root.iterdir() if (p / MANIFEST).is_file())
+    if not folders:
+        raise FileNotFoundError(f"data.path = {root}: no subfolder holds a {MANIFEST} (one folder per site expected)")
+    return folders
+
+
+def _cap(site: SiteArrays, limit: int, seed: int) -> SiteArrays:
+    """Keep at most ``limit`` samples (stratified by split), for quick runs on large data."""
+    if limit <= 0 or len(site.labels) <= limit:
+        return site
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(site.labels), dtype=bool)
+    for split in np.unique(site.splits):
+        idx = np.flatnonzero(site.splits == split)
+        take = max(1, int(round(limit * len(idx) / len(site.labels))))
+        keep[rng.choice(idx, size=min(take, len(idx)), replace=False)] = True
+    return site.subset(keep)

@@ -1,0 +1,183 @@
+"""The run report: ``report.json`` (schema in design.md), ``report.html`` and ``plots/*.png``."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["json_safe", "write_report"]
+
+HEADLINE_METRICS = ("auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision")
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/Inf become ``null`` so the JSON is valid everywhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, gradcam: dict[str, list[str]] | None = None) -> Path:
+    """Write report.json, the plots and report.html into ``out_dir``; return the HTML path.
+
+    ``gradcam`` maps a site to PNG files (relative to ``out_dir``) made at that site.
+    """
+    out_dir = Path(out_dir)
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(json_safe(report), indent=1))
+    figures = {
+        "metric per round": _plot_rounds(report, plots / "metric_per_round.png"),
+        "privacy spent per round": _plot_epsilon(report, plots / "epsilon_per_round.png"),
+        "cross-site matrix": _plot_cross_site(report, plots / "cross_site.png"),
+    }
+    page = _render_html(report, {k: v.relative_to(out_dir) for k, v in figures.items() if v}, gradcam or {})
+    path = out_dir / "report.html"
+    path.write_text(page)
+    return path
+
+
+def _plot_rounds(report: dict[str, Any], path: Path) -> Path:
+    metric = report["primary_metric"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for site in report["sites"]:
+        xs = [r["round"] for r in report["rounds"] if site in r["metrics"]]
+        ys = [r["metrics"][site].get(metric, math.nan) for r in report["rounds"] if site in r["metrics"]]
+        ax.plot(xs, ys, marker="o", label=site)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"Global model, validation {metric} at each site")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_epsilon(report: dict[str, Any], path: Path) -> Path | None:
+    if not report["privacy"]:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for site in report["sites"]:
+        xs = [r["round"] for r in report["rounds"] if site in r.get("epsilon", {})]
+        ys = [r["epsilon"][site] for r in report["rounds"] if site in r.get("epsilon", {})]
+        ax.plot(xs, ys, marker="o", label=site)
+    budgets = {p["budget"] for p in report["privacy"].values() if "budget" in p}
+    for budget in budgets:
+        ax.axhline(budget, color="red", linestyle="--", linewidth=1, label=f"budget ε={budget:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε spent (cumulative)")
+    ax.set_title("Differential privacy spent at each site")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_cross_site(report: dict[str, Any], path: Path) -> Path | None:
+    cross = report["final"].get("cross_site")
+    if not cross or not cross["matrix"]:
+        return None
+    matrix = [[math.nan if v is None else v for v in row] for row in cross["matrix"]]
+    fig, ax = plt.subplots(figsize=(1.2 * len(cross["sites"]) + 2.5, 0.6 * len(cross["models"]) + 1.8))
+    image = ax.imshow(matrix, cmap="viridis", vmin=0.0 if cross["metric"] != "auroc" else 0.5, vmax=1.0)
+    ax.set_xticks(range(len(cross["sites"])), [f"test @ {s}" for s in cross["sites"]], rotation=30, ha="right")
+    ax.set_yticks(range(len(cross["models"])), [m if m == "global" else f"trained @ {m}" for m in cross["models"]])
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            text = "n/a" if math.isnan(value) else f"{value:.3f}"
+            ax.text(j, i, text, ha="center", va="center", color="white" if value < 0.8 else "black", fontsize=9)
+    fig.colorbar(image, ax=ax, label=cross["metric"])
+    ax.set_title(f"Cross-site {cross['metric']}: rows are models, columns test sites")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _render_html(report: dict[str, Any], figures: dict[str, Path], gradcam: dict[str, list[str]]) -> str:
+    metric = report["primary_metric"]
+    per_site = report["final"]["per_site"]
+    metric_names = [m for m in HEADLINE_METRICS if any(m in v for v in per_site.values())] or [metric]
+    site_rows = []
+    for site in report["sites"]:
+        values = per_site.get(site, {})
+        privacy = report["privacy"].get(site, {})
+        spent = f"{privacy['epsilon']:.2f} of {privacy['budget']:.2f}" if privacy else "DP off"
+        site_rows.append([site, int(values.get("num_samples", 0)), *[values.get(m) for m in metric_names], spent])
+    sections = [
+        f"<h1>medfed report: {html.escape(report['config']['run']['name'])}</h1>",
+        f"<p>Task <b>{html.escape(report['task'])}</b>, {len(report['sites'])} sites, "
+        f"{len(report['rounds']) - 1} rounds, strategy {html.escape(report['config']['run']['strategy'])}, "
+        f"differential privacy {'on' if report['config']['privacy']['enabled'] else '<b>off</b>'}. "
+        f"Ranked by <b>{html.escape(metric)}</b>.</p>",
+        "<h2>Final global model on each site's test split</h2>",
+        _table(["site", "test samples", *metric_names, "privacy ε spent"], site_rows),
+    ]
+    cross = report["final"].get("cross_site")
+    if cross:
+        sections += [
+            "<h2>Cross-site generalisation</h2>",
+            "<p>Each row is a model: a site's model trained only on its own data, or the federated "
+            "global model. Each column is a site's test split. Off-diagonal cells show how a model "
+            "travels to other hospitals.</p>",
+            _table(
+                ["model", *cross["sites"]], [[m, *row] for m, row in zip(cross["models"], cross["matrix"], strict=True)]
+            ),
+        ]
+    for title, rel in figures.items():
+        sections.append(
+            f"<h2>{html.escape(title.capitalize())}</h2><img src='{html.escape(str(rel))}' alt='{html.escape(title)}'>"
+        )
+    if gradcam:
+        sections.append(
+            "<h2>Why the model decided: Grad-CAM</h2><p>Warm colours mark the image regions that drove "
+            "the predicted class. Computed at each site on its own test images; shown here because "
+            "this was a simulation on data the researcher holds.</p>"
+        )
+        for site, images in gradcam.items():
+            tiles = "".join(
+                f"<img class='cam' src='{html.escape(p)}' alt='Grad-CAM {html.escape(site)}'>" for p in images
+            )
+            sections.append(f"<h3>{html.escape(site)}</h3><div>{tiles}</div>")
+    if report["privacy"]:
+        rows = [
+            [s, p.get("epsilon"), p.get("delta"), p.get("budget"), p.get("noise_multiplier"), p.get("max_grad_norm")]
+            for s, p in report["privacy"].items()
+        ]
+        sections += ["<h2>Privacy</h2>", _table(["site", "ε", "δ", "budget", "noise σ", "clip norm"], rows)]
+    round_rows = [[r["round"], r["seconds"], r["bytes_up"], r["bytes_down"]] for r in report["rounds"]]
+    sections += ["<h2>Rounds</h2>", _table(["round", "seconds", "bytes up", "bytes down"], round_rows)]
+    style = (
+        "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}"
+        "th{background:#eef}td:first-child{text-align:left}img{max-width:100%}img.cam{width:180px;margin:4px}"
+    )
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>medfed report</title><style>{style}</style></head><body>{''.join(sections)}</body></html>"

@@ -1,0 +1,281 @@
+"""The server's side of a run: rounds, validation of updates, checkpoints, cross-site evaluation.
+
+Aggregation itself is Flower's (``FedAvg``, ``FedProx``, ``FedAdam`` from ``flwr.serverapp.strategy``);
+this module decides which replies reach it. A reply is left out when the site failed, refused
+(privacy budget) or sent an update that fails :func:`medfed.weights.validate_update`; the round
+goes on with the others as long as ``run.min-sites`` remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from medfed.config import Config
+from medfed.evaluation.report import write_report
+from medfed.site import PHASE_FEDERATED, PHASE_LOCAL
+from medfed.tasks import get_task
+from medfed.weights import UpdateRejected, array_bytes, model_to_arrays, save_checkpoint, validate_update
+
+__all__ = ["build_strategy", "run_federation"]
+
+log = logging.getLogger("medfed.server")
+
+PRIVACY_KEYS = ("epsilon", "delta", "budget", "noise-multiplier", "max-grad-norm")
+
+
+def build_strategy(config: Config) -> FedAvg:
+    """Flower strategy named by ``run.strategy``, waiting for ``run.min-sites`` sites."""
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": config.run.min_sites,
+        "min_evaluate_nodes": config.run.min_sites,
+        "min_available_nodes": config.run.min_sites,
+    }
+    if config.run.strategy == "fedprox":
+        return FedProx(proximal_mu=config.run.proximal_mu, **common)
+    if config.run.strategy == "fedadam":
+        return FedAdam(eta=config.run.server_lr, eta_l=config.train.lr, **common)
+    return FedAvg(**common)
+
+
+@dataclass
+class _Traffic:
+    down: int = 0
+    up: int = 0
+
+
+@dataclass
+class _RunState:
+    config: Config
+    grid: Grid
+    state_root: str
+    sites: dict[int, str] = field(default_factory=dict)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def message_config(self, **extra: Any) -> ConfigRecord:
+        return ConfigRecord({"medfed-config": self.config.to_json(), "simulation-state-root": self.state_root, **extra})
+
+    def site_of(self, reply: Message) -> str:
+        name = str(reply.content["site"]["name"]) if reply.has_content() else "unknown"
+        if name != "unknown":
+            self.sites[reply.metadata.src_node_id] = name
+        return self.sites.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+
+
+def run_federation(
+    grid: Grid, config: Config, out_dir: str | Path, simulation_state_root: str | Path | None = None
+) -> dict[str, Any]:
+    """Run all rounds and the final evaluations; write ``out_dir``/report.json, html, plots, checkpoints.
+
+    ``simulation_state_root`` is where simulated sites keep their state (privacy ledger), one
+    folder per site; real sites ignore it and use the ``state-dir`` of their own node config.
+    """
+    out_dir = Path(out_dir).resolve()
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    state_root = Path(simulation_state_root or out_dir / "state").resolve()
+    state = _RunState(config, grid, str(state_root))
+    task = get_task(config.run.task)
+    torch.manual_seed(config.run.seed)
+    arrays = model_to_arrays(task.build_model(config))
+    strategy = build_strategy(config)
+    _wait_for_sites(grid, config.run.min_sites)
+
+    rounds: list[dict[str, Any]] = []
+    traffic = _Traffic()
+    metrics = _evaluate(state, arrays, "val", traffic)
+    rounds.append(
+        {
+            "round": 0,
+            "seconds": 0.0,
+            "local_seconds": {},
+            "bytes_up": 0,
+            "bytes_down": traffic.down,
+            "metrics": metrics,
+            "sites_aggregated": [],
+        }
+    )
+    _log_round(0, metrics, task.PRIMARY_METRIC)
+    for server_round in range(1, config.run.rounds + 1):
+        started, traffic = time.perf_counter(), _Traffic()
+        messages = list(
+            strategy.configure_train(server_round, arrays, state.message_config(phase=PHASE_FEDERATED), grid)
+        )
+        traffic.down += array_bytes(arrays) * len(messages)
+        replies = list(grid.send_and_receive(messages, timeout=config.run.round_timeout))
+        accepted, local_seconds = _screen_train_replies(state, arrays, replies, traffic, server_round)
+        aggregated_sites = sorted(state.sites[r.metadata.src_node_id] for r in accepted)
+        if len(accepted) >= config.run.min_sites:
+            new_arrays, _ = strategy.aggregate_train(server_round, accepted)
+            if new_arrays is not None:
+                arrays = new_arrays
+        else:
+            log.warning(
+                "round %d: %d usable update(s), fewer than run.min-sites = %d; global model kept",
+                server_round,
+                len(accepted),
+                config.run.min_sites,
+            )
+        metrics = _evaluate(state, arrays, "val", traffic)
+        entry = {
+            "round": server_round,
+            "seconds": time.perf_counter() - started,
+            "local_seconds": local_seconds,
+            "bytes_up": traffic.up,
+            "bytes_down": traffic.down,
+            "metrics": metrics,
+            "sites_aggregated": aggregated_sites,
+            "epsilon": {site: p.get("epsilon", 0.0) for site, p in state.privacy.items()},
+        }
+        rounds.append(entry)
+        save_checkpoint(
+            out_dir / "checkpoints" / f"round-{server_round:03d}.safetensors",
+            arrays,
+            {"round": server_round, "task": config.run.task, "config": config.to_public_dict(), "metrics": metrics},
+        )
+        _log_round(server_round, metrics, task.PRIMARY_METRIC)
+
+    save_checkpoint(
+        out_dir / "checkpoints" / "global.safetensors",
+        arrays,
+        {"round": config.run.rounds, "task": config.run.task, "config": config.to_public_dict(), "metrics": metrics},
+    )
+    per_site = _evaluate(state, arrays, "test", _Traffic())
+    cross_site = _cross_site(state, arrays, per_site, task.PRIMARY_METRIC) if config.evaluation.cross_site else None
+    report = {
+        "task": config.run.task,
+        "primary_metric": task.PRIMARY_METRIC,
+        "sites": sorted(set(state.sites.values())),
+        "config": config.to_public_dict(),
+        "rounds": rounds,
+        "final": {"per_site": per_site, "cross_site": cross_site},
+        "privacy": _privacy_section(state),
+    }
+    write_report(report, out_dir)
+    return report
+
+
+def _wait_for_sites(grid: Grid, minimum: int) -> None:
+    while len(list(grid.get_node_ids())) < minimum:
+        log.info("waiting for sites: %d connected, run.min-sites = %d", len(list(grid.get_node_ids())), minimum)
+        time.sleep(1)
+
+
+def _screen_train_replies(
+    state: _RunState, reference: ArrayRecord, replies: Iterable[Message], traffic: _Traffic, server_round: int
+) -> tuple[list[Message], dict[str, float]]:
+    accepted: list[Message] = []
+    local_seconds: dict[str, float] = {}
+    for reply in replies:
+        site = state.site_of(reply)
+        if reply.has_error():
+            log.warning("round %d: site %s failed: %s", server_round, site, reply.error.reason)
+            continue
+        status = reply.content["site"]
+        metrics = reply.content["metrics"]
+        privacy = {k: float(metrics[k]) for k in PRIVACY_KEYS if k in metrics}
+        if privacy:
+            state.privacy[site] = privacy
+        if status["status"] != "ok":
+            log.warning("round %d: site %s %s: %s", server_round, site, status["status"], status["reason"])
+            continue
+        local_seconds[site] = float(metrics["local-seconds"])
+        update = reply.content["arrays"]
+        traffic.up += array_bytes(update)
+        try:
+            check = validate_update(reference, update, state.config.run.max_update_norm)
+        except UpdateRejected as err:
+            log.warning("round %d: update from site %s rejected: %s", server_round, site, err)
+            continue
+        log.debug("round %d: site %s update norm %.3g", server_round, site, check.update_norm)
+        accepted.append(_strip_reply(reply))
+    return accepted, local_seconds
+
+
+def _strip_reply(reply: Message) -> Message:
+    """Keep what Flower's strategies aggregate: the arrays and the sample count (``num-examples``)."""
+    reply.content = RecordDict(
+        {
+            "arrays": reply.content["arrays"],
+            "metrics": MetricRecord({"num-examples": float(reply.content["metrics"]["num-examples"])}),
+        }
+    )
+    return reply
+
+
+def _evaluate(state: _RunState, arrays: ArrayRecord, split: str, traffic: _Traffic) -> dict[str, dict[str, float]]:
+    """Send ``arrays`` to every site for evaluation on ``split``; metrics by site name."""
+    node_ids = list(state.grid.get_node_ids())
+    content = RecordDict({"arrays": arrays, "config": state.message_config(split=split)})
+    messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids]
+    traffic.down += array_bytes(arrays) * len(messages)
+    results: dict[str, dict[str, float]] = {}
+    for reply in state.grid.send_and_receive(messages, timeout=state.config.run.round_timeout):
+        site = state.site_of(reply)
+        if reply.has_error():
+            log.warning("evaluation on %s failed at site %s: %s", split, site, reply.error.reason)
+            continue
+        if reply.content["site"]["status"] != "ok":
+            log.warning("site %s could not evaluate on %s: %s", site, split, reply.content["site"]["reason"])
+            continue
+        results[site] = {k: float(v) for k, v in reply.content["metrics"].items() if k != "num-examples"}
+    return dict(sorted(results.items()))
+
+
+def _cross_site(
+    state: _RunState, global_arrays: ArrayRecord, global_results: dict[str, dict[str, float]], metric: str
+) -> dict[str, Any]:
+    """Each site's local-only model (same epochs, same privacy settings) and the global model, at every site."""
+    node_ids = list(state.grid.get_node_ids())
+    initial = model_to_arrays(get_task(state.config.run.task).build_model(state.config))
+    content = RecordDict({"arrays": initial, "config": state.message_config(phase=PHASE_LOCAL, **{"server-round": 0})})
+    messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
+    local_models: dict[str, ArrayRecord] = {}
+    for reply in state.grid.send_and_receive(
+        messages, timeout=state.config.run.round_timeout * state.config.run.rounds
+    ):
+        site = state.site_of(reply)
+        if reply.has_error() or reply.content["site"]["status"] != "ok":
+            reason = reply.error.reason if reply.has_error() else reply.content["site"]["reason"]
+            log.warning("local-only model of site %s not trained: %s", site, reason)
+            continue
+        metrics = reply.content["metrics"]
+        state.privacy[site] = {k: float(metrics[k]) for k in PRIVACY_KEYS if k in metrics}
+        local_models[site] = reply.content["arrays"]
+    sites = sorted(set(state.sites.values()))
+    models = sorted(local_models)
+    matrix = []
+    for name in models:
+        results = _evaluate(state, local_models[name], "test", _Traffic())
+        matrix.append([results.get(site, {}).get(metric, math.nan) for site in sites])
+    matrix.append([global_results.get(site, {}).get(metric, math.nan) for site in sites])
+    return {"models": [*models, "global"], "sites": sites, "metric": metric, "matrix": matrix}
+
+
+def _privacy_section(state: _RunState) -> dict[str, dict[str, float]]:
+    if not state.config.privacy.enabled:
+        return {}
+    keys = {
+        "epsilon": "epsilon",
+        "delta": "delta",
+        "budget": "budget",
+        "noise-multiplier": "noise_multiplier",
+        "max-grad-norm": "max_grad_norm",
+    }
+    return {site: {keys[k]: v for k, v in p.items()} for site, p in sorted(state.privacy.items())}
+
+
+def _log_round(server_round: int, metrics: dict[str, dict[str, float]], primary: str) -> None:
+    shown = ", ".join(f"{site} {m.get(primary, math.nan):.3f}" for site, m in metrics.items())
+    log.info("round %d: val %s: %s", server_round, primary, shown)

@@ -1,0 +1,5 @@
+"""Network builders on MONAI blocks, valid for Opacus (GroupNorm, no BatchNorm, no in-place ops)."""
+
+from medfed.models.cnn import ConvClassifier
+
+__all__ = ["ConvClassifier"]

@@ -1,0 +1,185 @@
+"""What a site does when the server asks it to train or evaluate.
+
+The site's identity and data come from its own ``node_config`` (deployment: ``site-name``,
+``data-path``, ``state-dir``, optional ``privacy-budget``). In a simulation, where ``node_config``
+only carries ``partition-id``, the site is the simulated site of that index and its state lives
+under the folder the simulation names. Only weights and aggregate metrics are returned: never
+images, patient ids or file paths (errors are logged here in full and reported to the server
+without paths).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from torch.utils.data import DataLoader
+
+from medfed.config import Config
+from medfed.data import DataError, SiteArrays, load_simulated_site, read_site
+from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private
+from medfed.tasks import get_task
+from medfed.training import build_optimizer, evaluate, resolve_device, train
+from medfed.weights import model_to_arrays, set_model_arrays
+
+__all__ = ["Site", "handle_evaluate", "handle_train", "resolve_site"]
+
+log = logging.getLogger("medfed.site")
+
+# Known, harmless warnings from Opacus and torch hooks, filtered where sites run (Ray workers too).
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+PHASE_FEDERATED = "federated"
+PHASE_LOCAL = "local-baseline"
+
+
+@dataclass
+class Site:
+    """A site as seen from its own process: name, data, state folder and privacy budget."""
+
+    name: str
+    data: SiteArrays
+    state_dir: Path
+    budget: float
+
+
+def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, config: Config) -> Site:
+    """Build the site from ``node_config`` (deployment) or from the partition id (simulation)."""
+    if "data-path" in node_config:
+        data_path = Path(str(node_config["data-path"]))
+        name = str(node_config.get("site-name", data_path.name))
+        state_dir = Path(str(node_config.get("state-dir", data_path / ".medfed-state")))
+        data = read_site(data_path, config.data.image_size, config.data.num_classes)
+    else:
+        index = int(node_config["partition-id"])
+        name, data = load_simulated_site(config, index)
+        state_dir = Path(str(message_config["simulation-state-root"])) / name
+    budget = float(node_config.get("privacy-budget", config.privacy.site_budget))
+    return Site(name, data, state_dir, budget)
+
+
+def handle_train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
+    """Train the received model on the site's train split; reply with weights and metrics."""
+    started = time.perf_counter()
+    config, message_config = _read_config(msg)
+    try:
+        site = resolve_site(node_config, message_config, config)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        return _failure(msg, "unknown", err)
+    task = get_task(config.run.task)
+    device = resolve_device(config.train.device)
+    model = task.build_model(config)
+    set_model_arrays(model, msg.content["arrays"])
+    model.to(device)
+    dataset = site.data.split("train")
+    n = len(dataset)
+    if n == 0:
+        return _failure(msg, site.name, ValueError("the site has no training samples"))
+    loader = DataLoader(dataset, batch_size=min(config.train.batch_size, n), shuffle=True)
+    optimizer = build_optimizer(model, config.train)
+    phase = str(message_config.get("phase", PHASE_FEDERATED))
+    epochs = config.train.local_epochs * (config.run.rounds if phase == PHASE_LOCAL else 1)
+    max_steps = config.train.local_steps * (config.run.rounds if phase == PHASE_LOCAL else 1)
+    steps_planned = max_steps or epochs * len(loader)
+    privacy: dict[str, float] = {}
+    ledger = None
+    if config.privacy.enabled:
+        ledger = PrivacyLedger.open(site.state_dir, config.privacy.delta or default_delta(n), config.privacy.accountant)
+        sample_rate = 1.0 / len(loader)
+        per_round = config.train.local_steps or config.train.local_epochs * len(loader)
+        run_steps = per_round * config.run.rounds * (2 if config.evaluation.cross_site else 1)
+        sigma = ledger.noise_for_run(str(run_id), config.privacy.target_epsilon, sample_rate, run_steps)
+        privacy = {
+            "noise-multiplier": sigma,
+            "max-grad-norm": config.privacy.max_grad_norm,
+            "delta": ledger.delta,
+            "budget": site.budget,
+            "sample-rate": sample_rate,
+        }
+        try:
+            ledger.check_budget(sigma, sample_rate, steps_planned, site.budget)
+        except BudgetExceeded as err:
+            log.warning("site %s refuses round: %s", site.name, err)
+            return _reply(msg, site.name, "refused", str(err), {"epsilon": ledger.epsilon(), **privacy})
+        model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
+    proximal_mu = float(message_config.get("proximal-mu", 0.0)) if phase == PHASE_FEDERATED else 0.0
+    stats = train(
+        task,
+        model,
+        loader,
+        optimizer,
+        device,
+        epochs=epochs,
+        max_steps=max_steps,
+        proximal_mu=proximal_mu,
+        amp=config.train.amp and not config.privacy.enabled,
+    )
+    if ledger is not None:
+        privacy["epsilon"] = ledger.record(privacy["noise-multiplier"], privacy["sample-rate"], stats.steps)
+    trained = getattr(model, "_module", model)
+    metrics = {
+        "num-examples": n,
+        "train-loss": stats.loss,
+        "steps": stats.steps,
+        "local-seconds": time.perf_counter() - started,
+        **privacy,
+    }
+    return _reply(msg, site.name, "ok", "", metrics, model_to_arrays(trained.cpu()))
+
+
+def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
+    """Evaluate the received model on the requested split of the site's data."""
+    config, message_config = _read_config(msg)
+    try:
+        site = resolve_site(node_config, message_config, config)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        return _failure(msg, "unknown", err)
+    split = str(message_config.get("split", "val"))
+    dataset = site.data.split(split)
+    if len(dataset) == 0:
+        return _reply(msg, site.name, "empty", f"no samples in the {split} split", {"num-examples": 0})
+    task = get_task(config.run.task)
+    device = resolve_device(config.train.device)
+    model = task.build_model(config)
+    set_model_arrays(model, msg.content["arrays"])
+    results = evaluate(task, model.to(device), dataset, config, device)
+    return _reply(msg, site.name, "ok", "", {"num-examples": len(dataset), **results})
+
+
+def _read_config(msg: Message) -> tuple[Config, ConfigRecord]:
+    record = msg.content["config"]
+    return Config.from_json(str(record["medfed-config"])), record
+
+
+def _reply(
+    msg: Message,
+    site_name: str,
+    status: str,
+    reason: str,
+    metrics: dict[str, float],
+    arrays: ArrayRecord | None = None,
+) -> Message:
+    content = RecordDict(
+        {
+            "metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
+            "site": ConfigRecord({"name": site_name, "status": status, "reason": reason}),
+        }
+    )
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+def _failure(msg: Message, site_name: str, err: Exception) -> Message:
+    """Log the full error at the site; tell the server only what kind of failure it was."""
+    log.error("site cannot take part: %s", err)
+    kind = "site data failed validation" if isinstance(err, DataError) else type(err).__name__
+    count = f" ({len(err.problems)} problem(s))" if isinstance(err, DataError) else ""
+    return _reply(msg, site_name, "error", f"{kind}{count}; details are in the site's log", {})

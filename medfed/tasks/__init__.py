@@ -1,0 +1,47 @@
+"""Task plugins. Every task module exposes the same names (see :class:`Task`), so the training
+loops, the server and the report never branch on the task."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from medfed.config import Config
+
+__all__ = ["TASKS", "MetricAccumulator", "Task", "get_task"]
+
+TASKS: dict[str, str] = {"classification": "medfed.tasks.classification"}
+
+
+class MetricAccumulator(Protocol):
+    """Collects predictions batch by batch; ``compute`` gives named float metrics."""
+
+    def update(self, predictions: torch.Tensor, batch: dict[str, torch.Tensor]) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+
+class Task(Protocol):
+    """What a task module provides."""
+
+    NAME: str
+    PRIMARY_METRIC: str
+    SAMPLE_KEYS: tuple[str, ...]
+
+    def build_model(self, config: Config) -> nn.Module: ...
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def metrics(self, config: Config) -> MetricAccumulator: ...
+
+
+def get_task(name: str) -> Any:
+    """The task module registered as ``name`` (typed loosely: modules satisfy :class:`Task`)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
+    return importlib.import_module(TASKS[name])

@@ -1,0 +1,116 @@
+"""The one local train loop and the one eval loop, shared by every task."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, Dataset
+
+from medfed.config import Config, TrainConfig
+
+__all__ = ["TrainStats", "build_optimizer", "evaluate", "resolve_device", "train"]
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What a local training pass did: optimizer steps, samples seen, mean loss, seconds."""
+
+    steps: int
+    examples: int
+    loss: float
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def train(
+    task: ModuleType | Any,
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: Optimizer,
+    device: torch.device,
+    *,
+    epochs: int,
+    max_steps: int = 0,
+    proximal_mu: float = 0.0,
+    amp: bool = False,
+) -> TrainStats:
+    """Train for ``epochs`` passes over ``loader`` (or exactly ``max_steps`` steps when > 0).
+
+    FedProx's proximal term is applied as a decoupled step ``w -= lr * mu * (w - w_global)`` after
+    each optimizer step: it involves no data, so it adds nothing to the privacy cost and works the
+    same with or without DP. AMP is used only on CUDA and never under DP (Opacus needs fp32 grads).
+    """
+    model.train()
+    reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    lr = optimizer.param_groups[0]["lr"]
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    steps, examples, loss_sum, start = 0, 0, 0.0, time.perf_counter()
+    epoch = 0
+    while (max_steps and steps < max_steps) or (not max_steps and epoch < epochs):
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            size = len(next(iter(batch.values())))
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                outputs = model(batch["image"])
+                # An empty Poisson batch still takes a (noise-only) DP step, as the accounting assumes.
+                loss = task.loss(outputs, batch) if size else outputs.sum() * 0.0
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            if reference is not None:
+                with torch.no_grad():
+                    for param, ref in zip(model.parameters(), reference, strict=True):
+                        param.sub_(lr * proximal_mu * (param - ref))
+            steps += 1
+            examples += size
+            loss_sum += float(loss.detach()) * size
+            if max_steps and steps >= max_steps:
+                break
+        epoch += 1
+    return TrainStats(steps, examples, loss_sum / max(examples, 1), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(
+    task: ModuleType | Any, model: nn.Module, dataset: Dataset, config: Config, device: torch.device
+) -> dict[str, float]:
+    """The task's metrics of ``model`` on ``dataset`` (plus ``loss``)."""
+    model.eval()
+    accumulator = task.metrics(config)
+    loader = DataLoader(dataset, batch_size=config.evaluation.batch_size, shuffle=False)
+    loss_sum, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        outputs = model(batch["image"])
+        loss_sum += float(task.loss(outputs, batch)) * len(outputs)
+        count += len(outputs)
+        accumulator.update(task.predict(model, batch), batch)
+    results = accumulator.compute()
+    results["loss"] = loss_sum / max(count, 1)
+    return results

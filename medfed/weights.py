@@ -1,0 +1,99 @@
+"""Model weights on the wire and on disk: ArrayRecord conversion, update validation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = [
+    "UpdateRejected",
+    "array_bytes",
+    "load_checkpoint",
+    "model_to_arrays",
+    "save_checkpoint",
+    "set_model_arrays",
+    "validate_update",
+]
+
+
+class UpdateRejected(ValueError):
+    """A site's update failed validation and is left out of aggregation."""
+
+
+def model_to_arrays(model: nn.Module) -> ArrayRecord:
+    """The model's state (parameters and buffers) as an ArrayRecord."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def set_model_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
+    """Load an ArrayRecord into ``model``; keys and shapes must match exactly."""
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+
+
+def array_bytes(arrays: ArrayRecord) -> int:
+    """Serialized bytes of an ArrayRecord's tensors (what one transfer of it moves, headers included)."""
+    return int(sum(len(array.data) for array in arrays.values()))
+
+
+@dataclass(frozen=True)
+class UpdateCheck:
+    """The outcome of validating one update: its L2 distance from the global model."""
+
+    update_norm: float
+
+
+def validate_update(reference: ArrayRecord, update: ArrayRecord, max_update_norm: float) -> UpdateCheck:
+    """Check an update against the global model it was trained from.
+
+    Same keys, shapes and dtypes; every value finite; ``||update - reference||_2`` at most
+    ``max_update_norm``. Raises :class:`UpdateRejected` naming what is wrong.
+    """
+    ref = reference.to_numpy_ndarrays()
+    keys = list(reference.keys())
+    if list(update.keys()) != keys:
+        missing = sorted(set(keys) - set(update.keys()))
+        extra = sorted(set(update.keys()) - set(keys))
+        raise UpdateRejected(f"tensor names differ from the global model (missing {missing[:3]}, extra {extra[:3]})")
+    squared = 0.0
+    for key, expected, got in zip(keys, ref, update.to_numpy_ndarrays(), strict=True):
+        if got.shape != expected.shape or got.dtype != expected.dtype:
+            raise UpdateRejected(
+                f"tensor {key}: got {got.dtype}{list(got.shape)}, expected {expected.dtype}{list(expected.shape)}"
+            )
+        if np.issubdtype(got.dtype, np.floating):
+            if not np.isfinite(got).all():
+                raise UpdateRejected(f"tensor {key} contains NaN or Inf")
+            squared += float(np.sum((got.astype(np.float64) - expected) ** 2))
+    norm = float(np.sqrt(squared))
+    if norm > max_update_norm:
+        raise UpdateRejected(f"update norm {norm:.3g} exceeds run.max-update-norm = {max_update_norm:.3g}")
+    return UpdateCheck(norm)
+
+
+def save_checkpoint(path: str | Path, arrays: ArrayRecord, metadata: dict[str, Any]) -> Path:
+    """Write ``path`` (.safetensors) and ``path`` with .json (metadata: round, config, metrics)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
+    save_file(tensors, str(path), metadata={"medfed": json.dumps({"round": metadata.get("round")})})
+    path.with_suffix(".json").write_text(json.dumps(metadata, indent=1, sort_keys=True, default=str))
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(state_dict, metadata)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"checkpoint metadata not found: {meta_path} (written beside every checkpoint)")
+    return load_file(str(path)), json.loads(meta_path.read_text())

@@ -1,0 +1,28 @@
+"""Flower ServerApp: reads the run config, hands the run to :func:`medfed.federation.run_federation`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from medfed.config import load_config, parse_override
+from medfed.federation import run_federation
+
+app = ServerApp()
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """``run_config``: ``config-file`` (TOML, relative to the app), ``out-dir``, ``overrides``
+    (``;``-separated ``section.key=value``)."""
+    run_config = context.run_config
+    config_file = Path(str(run_config["config-file"]))
+    if not config_file.is_absolute():
+        config_file = APP_DIR / config_file
+    overrides = dict(parse_override(item) for item in str(run_config.get("overrides", "")).split(";") if item.strip())
+    config = load_config(config_file, overrides)
+    run_federation(grid, config, Path(str(run_config["out-dir"])))

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny configs, site folders, and the real datasets in ../shared (when present)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medfed.config import Config
+from medfed.data import write_site
+from medfed.data.synthetic import synthetic_site
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_config(**overrides: object) -> Config:
+    """A config small enough for DP training in a second on CPU."""
+    base = {
+        "run.rounds": 2,
+        "data.sites": 2,
+        "data.samples-per-site": 80,
+        "model.width": 8,
+        "model.depth": 2,
+        "train.batch-size": 16,
+        "train.lr": 0.05,
+        "evaluation.gradcam-images": 1,
+    }
+    base.update(overrides)
+    return Config().with_overrides(base)
+
+
+@pytest.fixture
+def site_dir(tmp_path: Path) -> Path:
+    """A valid classification site folder with 60 synthetic images."""
+    return write_site(tmp_path / "hospital-a", synthetic_site(0, 60, seed=1))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATA} (they sit beside the repository in CI)")
+    return SHARED_DATA

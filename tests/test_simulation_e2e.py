@@ -1,0 +1,105 @@
+"""End to end, as a researcher runs it: synthetic hospitals on disk, `medfed simulate`, the report,
+then `medfed evaluate` at one hospital with the resulting global model."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medfed.cli import app
+from tests.conftest import REPO
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("e2e")
+    sites = root / "sites"
+    result = runner.invoke(app, ["data", "synth", "--out", str(sites), "--sites", "2", "--samples", "160"])
+    assert result.exit_code == 0, result.output
+    out = root / "run"
+    args = [
+        "simulate", str(REPO / "configs" / "classification-synthetic.toml"),
+        "--data", str(sites), "--rounds", "3", "--out", str(out),
+        "--set", "model.width=8", "--set", "evaluation.gradcam-images=1",
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return {
+        "out": out,
+        "sites": sites,
+        "output": result.output,
+        "report": json.loads((out / "report.json").read_text()),
+    }
+
+
+def test_report_schema(run: dict) -> None:
+    report = run["report"]
+    assert report["task"] == "classification" and report["primary_metric"] == "auroc"
+    assert report["sites"] == ["hospital-1", "hospital-2"]
+    assert report["config"]["run"]["rounds"] == 3
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2, 3]
+    for entry in report["rounds"][1:]:
+        assert entry["seconds"] > 0 and entry["bytes_up"] > 0 and entry["bytes_down"] > entry["bytes_up"]
+        assert set(entry["local_seconds"]) == set(report["sites"])
+        assert set(entry["metrics"]) == set(report["sites"])
+    assert set(report["final"]["per_site"]) == set(report["sites"])
+    cross = report["final"]["cross_site"]
+    assert cross["models"] == ["hospital-1", "hospital-2", "global"]
+    assert cross["sites"] == report["sites"] and cross["metric"] == "auroc"
+    assert len(cross["matrix"]) == 3 and all(len(row) == 2 for row in cross["matrix"])
+    for site, p in report["privacy"].items():
+        assert site in report["sites"]
+        assert set(p) == {"epsilon", "delta", "budget", "noise_multiplier", "max_grad_norm"}
+
+
+def test_privacy_within_budget_at_every_site_and_round(run: dict) -> None:
+    report = run["report"]
+    for p in report["privacy"].values():
+        assert 0 < p["epsilon"] <= p["budget"] + 1e-6
+        assert p["delta"] < 1 / 100
+    for entry in report["rounds"][1:]:
+        assert all(0 < eps <= 8.0 + 1e-6 for eps in entry["epsilon"].values())
+
+
+def test_training_improves_the_primary_metric(run: dict) -> None:
+    rounds = run["report"]["rounds"]
+    start = [m["auroc"] for m in rounds[0]["metrics"].values()]
+    end = [m["auroc"] for m in rounds[-1]["metrics"].values()]
+    assert sum(end) / len(end) > sum(start) / len(start)
+    assert all(not math.isnan(v) for v in end)
+
+
+def test_outputs_and_no_site_paths_leak(run: dict) -> None:
+    out = run["out"]
+    for name in (
+        "report.html",
+        "plots/metric_per_round.png",
+        "plots/epsilon_per_round.png",
+        "plots/cross_site.png",
+        "checkpoints/round-003.safetensors",
+        "checkpoints/round-003.json",
+        "checkpoints/global.safetensors",
+    ):
+        assert (out / name).is_file(), name
+    assert list((out / "plots").glob("gradcam-hospital-1-*.png"))
+    text = (out / "report.json").read_text()
+    assert str(run["sites"]) not in text
+    html = (out / "report.html").read_text()
+    assert "Cross-site generalisation" in html and "hospital-2" in html
+    assert "Final global model, test split" in run["output"]
+
+
+def test_site_evaluates_the_global_model_on_its_own_data(run: dict, tmp_path: Path) -> None:
+    model = run["out"] / "checkpoints" / "global.safetensors"
+    args = ["evaluate", "--model", str(model), "--data", str(run["sites"] / "hospital-1"), "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0.0 <= metrics["auroc"] <= 1.0
+    assert list(tmp_path.glob("gradcam-*.png"))
+    bad = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "nope.safetensors"), "--data", str(run["sites"])])
+    assert bad.exit_code == 2 and "checkpoint not found" in bad.output

@@ -1,0 +1,78 @@
+"""A site's ClientApp logic in its own process, as hospital IT runs it (node_config with data-path)."""
+
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from medfed.site import handle_evaluate, handle_train
+from medfed.tasks import get_task
+from medfed.weights import model_to_arrays
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _request(config, message_type: str, **extra) -> Message:
+    arrays = model_to_arrays(get_task(config.run.task).build_model(config))
+    record = ConfigRecord({"medfed-config": config.to_json(), "simulation-state-root": "/nonexistent", **extra})
+    return Message(content=RecordDict({"arrays": arrays, "config": record}), dst_node_id=1, message_type=message_type)
+
+
+def _node(site_dir: Path, tmp_path: Path, **extra) -> dict:
+    return {"data-path": str(site_dir), "site-name": "hospital-a", "state-dir": str(tmp_path / "state"), **extra}
+
+
+def _no_paths(reply: Message, *paths: Path) -> None:
+    text = repr(dict(reply.content["site"])) + repr(dict(reply.content["metrics"]))
+    for path in paths:
+        assert str(path) not in text
+
+
+def test_train_reply_has_update_metrics_and_no_paths(site_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config()
+    reply = handle_train(_request(config, MessageType.TRAIN), _node(site_dir, tmp_path), run_id=7)
+    assert reply.content["site"]["status"] == "ok"
+    assert reply.content["site"]["name"] == "hospital-a"
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 42  # 70% of 60 train samples: samples, not batches
+    assert 0 < metrics["epsilon"] <= metrics["budget"]
+    assert "arrays" in reply.content
+    assert (tmp_path / "state" / "privacy.json").is_file()
+    _no_paths(reply, site_dir, tmp_path)
+
+
+def test_budget_is_enforced_across_runs(site_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(**{"run.rounds": 1, "evaluation.cross-site": False})
+    node = _node(site_dir, tmp_path)
+    first = handle_train(_request(config, MessageType.TRAIN), node, run_id=1)
+    assert first.content["site"]["status"] == "ok"
+    # A new run at the same site: its ledger remembers the first run's spending.
+    second = handle_train(_request(config, MessageType.TRAIN), node, run_id=2)
+    assert second.content["site"]["status"] == "refused"
+    assert "privacy budget exhausted" in second.content["site"]["reason"]
+    assert "arrays" not in second.content
+    # The operator may raise the budget deliberately.
+    third = handle_train(_request(config, MessageType.TRAIN), {**node, "privacy-budget": 30.0}, run_id=3)
+    assert third.content["site"]["status"] == "ok"
+    assert third.content["metrics"]["epsilon"] > first.content["metrics"]["epsilon"]
+
+
+def test_bad_site_data_is_reported_without_paths(site_dir: Path, tmp_path: Path) -> None:
+    (site_dir / "images" / "000001.png").unlink()
+    reply = handle_train(_request(tiny_config(), MessageType.TRAIN), _node(site_dir, tmp_path), run_id=1)
+    assert reply.content["site"]["status"] == "error"
+    assert "site data failed validation (1 problem(s))" in reply.content["site"]["reason"]
+    _no_paths(reply, site_dir)
+    assert "000001" not in reply.content["site"]["reason"]
+
+
+def test_evaluate_on_requested_split(site_dir: Path, tmp_path: Path) -> None:
+    reply = handle_evaluate(_request(tiny_config(), MessageType.EVALUATE, split="test"), _node(site_dir, tmp_path))
+    metrics = reply.content["metrics"]
+    assert reply.content["site"]["status"] == "ok"
+    assert metrics["num-examples"] == 9 and "auroc" in metrics

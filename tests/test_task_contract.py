@@ -1,0 +1,53 @@
+"""Every registered task satisfies the same interface: a new task is tested by construction."""
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader
+
+from medfed.data.synthetic import synthetic_site
+from medfed.privacy import make_private
+from medfed.tasks import TASKS, get_task
+from medfed.training import build_optimizer, evaluate, train
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(params=sorted(TASKS))
+def task(request: pytest.FixtureRequest):
+    return get_task(request.param)
+
+
+def test_interface_names(task) -> None:
+    for name in ("NAME", "PRIMARY_METRIC", "SAMPLE_KEYS", "build_model", "loss", "predict", "metrics"):
+        assert hasattr(task, name), name
+
+
+def test_model_is_opacus_valid_and_dp_training_runs(task) -> None:
+    config = tiny_config()
+    model = task.build_model(config)
+    assert ModuleValidator.validate(model, strict=False) == []
+    data = synthetic_site(0, 64).split("train")
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    optimizer = build_optimizer(model, config.train)
+    model, optimizer, loader = make_private(model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    stats = train(task, model, loader, optimizer, torch.device("cpu"), epochs=1)
+    assert stats.steps == len(loader) and stats.examples > 0
+    results = evaluate(task, model._module, data, config, torch.device("cpu"))
+    assert task.PRIMARY_METRIC in results and "loss" in results
+
+
+def test_predict_and_loss_shapes(task) -> None:
+    config = tiny_config()
+    model = task.build_model(config)
+    batch = next(iter(DataLoader(synthetic_site(0, 20).split("train"), batch_size=4)))
+    assert task.loss(model(batch["image"]), batch).ndim == 0
+    predictions = task.predict(model, batch)
+    assert len(predictions) == 4
+    accumulator = task.metrics(config)
+    accumulator.update(predictions, batch)
+    assert isinstance(accumulator.compute(), dict)
+
+
+def test_unknown_task_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown task 'pose'"):
+        get_task("pose")

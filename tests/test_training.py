@@ -1,0 +1,51 @@
+import torch
+from torch.utils.data import DataLoader
+
+from medfed.data.synthetic import synthetic_site
+from medfed.tasks import get_task
+from medfed.training import build_optimizer, evaluate, resolve_device, train
+from tests.conftest import tiny_config
+
+TASK = get_task("classification")
+
+
+def test_training_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    config = tiny_config(**{"train.lr": 0.05})
+    model = TASK.build_model(config)
+    data = synthetic_site(0, 200, seed=0).split("train")
+    before = evaluate(TASK, model, data, config, torch.device("cpu"))["loss"]
+    loader = DataLoader(data, batch_size=16, shuffle=True)
+    train(TASK, model, loader, build_optimizer(model, config.train), torch.device("cpu"), epochs=6)
+    after = evaluate(TASK, model, data, config, torch.device("cpu"))["loss"]
+    assert after < before
+
+
+def test_local_steps_override_epochs() -> None:
+    config = tiny_config()
+    model = TASK.build_model(config)
+    loader = DataLoader(synthetic_site(0, 40).split("train"), batch_size=4)
+    stats = train(
+        TASK, model, loader, build_optimizer(model, config.train), torch.device("cpu"), epochs=1, max_steps=13
+    )
+    assert stats.steps == 13
+
+
+def test_proximal_term_keeps_weights_closer_to_the_global_model() -> None:
+    config = tiny_config(**{"train.lr": 0.1, "train.momentum": 0.0})
+    data = synthetic_site(0, 80).split("train")
+    distances = []
+    for mu in (0.0, 5.0):
+        torch.manual_seed(1)
+        model = TASK.build_model(config)
+        start = [p.detach().clone() for p in model.parameters()]
+        torch.manual_seed(2)
+        loader = DataLoader(data, batch_size=8, shuffle=True)
+        train(TASK, model, loader, build_optimizer(model, config.train), torch.device("cpu"), epochs=2, proximal_mu=mu)
+        distances.append(sum(float((p - s).norm() ** 2) for p, s in zip(model.parameters(), start, strict=True)))
+    assert distances[1] < distances[0]
+
+
+def test_device_auto_is_cpu_without_gpu() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
