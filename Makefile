@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean flwr-run
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: install
 test: install
 	$(BIN)/pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$status
+
+# The same Flower app run the Flower-native way (`flwr run .`) on a local simulation SuperLink.
+flwr-run: install
+	deploy/flwr-local-simulation.sh
 
 lint: install
 	$(BIN)/ruff check .

@@ -30,9 +30,6 @@ def _setup_logging(verbose: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
-    if not verbose:
-        for noisy in ("flwr", "ray"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -83,7 +80,7 @@ def simulate(
     from medfed.simulation import simulate as run_simulation
 
     console.print(f"[bold]medfed[/] simulating [cyan]{config.run.name}[/] -> {out}")
-    report = run_simulation(config, out, state_dir)
+    report = run_simulation(config, out, state_dir, verbose)
     gradcam = _simulated_gradcam(config, out)
     html = write_report(report, out, gradcam)
     _print_summary(report)

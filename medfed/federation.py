@@ -115,8 +115,9 @@ def run_federation(
         traffic.down += array_bytes(arrays) * len(messages)
         replies = list(grid.send_and_receive(messages, timeout=config.run.round_timeout))
         accepted, local_seconds = _screen_train_replies(state, arrays, replies, traffic, server_round)
-        aggregated_sites = sorted(state.sites[r.metadata.src_node_id] for r in accepted)
+        aggregated_sites: list[str] = []
         if len(accepted) >= config.run.min_sites:
+            aggregated_sites = sorted(state.sites[r.metadata.src_node_id] for r in accepted)
             new_arrays, _ = strategy.aggregate_train(server_round, accepted)
             if new_arrays is not None:
                 arrays = new_arrays

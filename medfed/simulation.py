@@ -24,12 +24,15 @@ __all__ = ["simulate"]
 log = logging.getLogger("medfed.simulation")
 
 
-def simulate(config: Config, out_dir: str | Path, state_dir: str | Path | None = None) -> dict[str, Any]:
+def simulate(
+    config: Config, out_dir: str | Path, state_dir: str | Path | None = None, verbose: bool = False
+) -> dict[str, Any]:
     """Run the federation described by ``config``; return the report (also written to ``out_dir``).
 
     Simulated sites keep their privacy ledgers under ``state_dir``, one folder per site. By
     default that is ``out_dir/state``, started afresh for each run; pass a folder of your own to
-    make ε accumulate across simulated runs, as it does at a real site.
+    make ε accumulate across simulated runs, as it does at a real site. Flower's own log lines are
+    shown only with ``verbose``; medfed's round-by-round log is always shown.
     """
     from flwr.simulation import run_simulation
 
@@ -50,8 +53,14 @@ def simulate(config: Config, out_dir: str | Path, state_dir: str | Path | None =
     def _main(grid: Grid, context: Context) -> None:
         result.update(run_federation(grid, config, out_dir, state_dir))
 
+    _quiet_flower(verbose)
     scratch = Path(tempfile.mkdtemp(prefix="medfed-sim-"))
-    env = {"FLWR_HOME": str(scratch / "flwr"), "RAY_TMPDIR": str(scratch / "ray"), "UV_CACHE_DIR": str(scratch / "uv")}
+    env = {
+        "FLWR_HOME": str(scratch / "flwr"),
+        "RAY_TMPDIR": str(scratch / "ray"),
+        "UV_CACHE_DIR": str(scratch / "uv"),
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
     previous = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -76,6 +85,14 @@ def simulate(config: Config, out_dir: str | Path, state_dir: str | Path | None =
     if not result:
         raise RuntimeError("the simulation ended without a report; see the log above for the site or server error")
     return result
+
+
+def _quiet_flower(verbose: bool) -> None:
+    """Keep Flower's records on its own console handler, errors only unless ``verbose``."""
+    flower = logging.getLogger("flwr")
+    flower.propagate = False
+    for handler in flower.handlers:
+        handler.setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def _gpu_share() -> float:

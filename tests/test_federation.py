@@ -1,0 +1,141 @@
+"""The server loop against real site logic, over an in-process transport (no Ray, no network):
+update validation, refusals, min-sites, strategies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MessageType
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from medfed.data import write_site
+from medfed.data.synthetic import synthetic_site
+from medfed.federation import build_strategy, run_federation
+from medfed.site import handle_evaluate, handle_train
+from tests.conftest import tiny_config
+
+
+class InProcessGrid(Grid):
+    """Delivers each message straight to the site handlers of the node it is addressed to."""
+
+    def __init__(self, nodes: dict[int, dict], tamper: Callable[[int, Message], None] | None = None) -> None:
+        self.nodes = nodes
+        self.tamper = tamper
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's signature
+        pass
+
+    @property
+    def run(self):  # noqa: ANN201
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == MessageType.TRAIN:
+                reply = handle_train(msg, self.nodes[node], run_id=42)
+                if self.tamper:
+                    self.tamper(node, reply)
+            else:
+                reply = handle_evaluate(msg, self.nodes[node])
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> dict[int, dict]:
+    result = {}
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        folder = write_site(tmp_path / "data" / name, synthetic_site(i, 60, seed=4))
+        result[10 + i] = {"data-path": str(folder), "site-name": name, "state-dir": str(tmp_path / "state" / name)}
+    return result
+
+
+def test_poisoned_update_is_rejected_and_the_round_goes_on(nodes: dict, tmp_path: Path) -> None:
+    def poison(node: int, reply: Message) -> None:
+        if node == 12 and "arrays" in reply.content:
+            arrays = reply.content["arrays"]
+            reply.content["arrays"] = ArrayRecord(
+                {k: torch.full_like(v, float("nan")) for k, v in arrays.to_torch_state_dict().items()}
+            )
+
+    config = tiny_config(**{"evaluation.cross-site": False})
+    report = run_federation(InProcessGrid(nodes, poison), config, tmp_path / "out")
+    for entry in report["rounds"][1:]:
+        assert entry["sites_aggregated"] == ["alpha", "beta"]
+    assert report["sites"] == ["alpha", "beta", "gamma"]
+    final = report["final"]["per_site"]
+    assert all(np.isfinite(m["loss"]) for m in final.values())
+
+
+def test_a_site_out_of_budget_is_skipped_but_the_federation_continues(nodes: dict, tmp_path: Path) -> None:
+    nodes[11]["privacy-budget"] = 0.05
+    config = tiny_config(**{"evaluation.cross-site": False})
+    report = run_federation(InProcessGrid(nodes), config, tmp_path / "out")
+    assert all(entry["sites_aggregated"] == ["alpha", "gamma"] for entry in report["rounds"][1:])
+    assert report["privacy"]["beta"]["epsilon"] == 0.0
+    assert report["privacy"]["beta"]["budget"] == 0.05
+    assert 0 < report["privacy"]["alpha"]["epsilon"] <= 8.0
+
+
+def test_too_few_usable_updates_keep_the_global_model(nodes: dict, tmp_path: Path) -> None:
+    for node in (11, 12):
+        nodes[node]["privacy-budget"] = 0.05
+    config = tiny_config(**{"evaluation.cross-site": False, "run.rounds": 1})
+    report = run_federation(InProcessGrid(nodes), config, tmp_path / "out")
+    assert report["rounds"][1]["sites_aggregated"] == []
+    before, after = report["rounds"][0]["metrics"], report["rounds"][1]["metrics"]
+    assert {s: m["loss"] for s, m in after.items()} == {s: m["loss"] for s, m in before.items()}
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+def test_other_strategies_train(nodes: dict, tmp_path: Path, strategy: str) -> None:
+    config = tiny_config(
+        **{
+            "run.strategy": strategy,
+            "run.proximal-mu": 0.1,
+            "run.rounds": 1,
+            "evaluation.cross-site": False,
+            "privacy.enabled": False,
+        }
+    )
+    assert type(build_strategy(config)).__name__.lower() == strategy
+    report = run_federation(InProcessGrid(nodes), config, tmp_path / "out")
+    assert report["rounds"][1]["sites_aggregated"] == ["alpha", "beta", "gamma"]
+    assert report["rounds"][1]["metrics"] != report["rounds"][0]["metrics"]
+    assert report["privacy"] == {}
+
+
+def test_cross_site_matrix_and_checkpoints(nodes: dict, tmp_path: Path) -> None:
+    report = run_federation(InProcessGrid(nodes), tiny_config(**{"run.rounds": 1}), tmp_path / "out")
+    cross = report["final"]["cross_site"]
+    assert cross["models"] == ["alpha", "beta", "gamma", "global"]
+    assert np.asarray(cross["matrix"], dtype=float).shape == (4, 3)
+    meta = json.loads((tmp_path / "out" / "checkpoints" / "round-001.json").read_text())
+    assert meta["round"] == 1 and meta["config"]["run"]["rounds"] == 1
+    # the local-only baselines spend from the same ledger and stay within the budget
+    assert all(p["epsilon"] <= p["budget"] + 1e-6 for p in report["privacy"].values())
