@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -32,6 +33,7 @@ __all__ = ["build_strategy", "run_federation"]
 log = logging.getLogger("medfed.server")
 
 PRIVACY_KEYS = ("epsilon", "delta", "budget", "noise-multiplier", "max-grad-norm")
+MAX_EXAMPLES = 1e9
 
 
 def build_strategy(config: Config) -> FedAvg:
@@ -68,10 +70,44 @@ class _RunState:
         return ConfigRecord({"medfed-config": self.config.to_json(), "simulation-state-root": self.state_root, **extra})
 
     def site_of(self, reply: Message) -> str:
-        name = str(reply.content["site"]["name"]) if reply.has_content() else "unknown"
-        if name != "unknown":
-            self.sites[reply.metadata.src_node_id] = name
-        return self.sites.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        """The reporting site's name, made unique per node (two sites may pick the same name)."""
+        node = reply.metadata.src_node_id
+        if node not in self.sites:
+            try:
+                name = str(reply.content["site"]["name"])
+            except (KeyError, TypeError, ValueError):
+                return f"node-{node}"
+            if name in self.sites.values():
+                name = f"{name}@{node}"
+            self.sites[node] = name
+        return self.sites[node]
+
+
+class MalformedReply(ValueError):
+    """A reply that does not have the shape every medfed site sends."""
+
+
+@dataclass
+class _Reply:
+    site: str
+    status: str
+    reason: str
+    metrics: dict[str, float]
+    arrays: ArrayRecord | None
+
+
+def _parse_reply(state: _RunState, reply: Message) -> _Reply:
+    """Read a site's reply defensively: a malformed one is rejected, it never crashes the server."""
+    site = state.site_of(reply)
+    if reply.has_error():
+        raise MalformedReply(f"site {site} failed: {reply.error.reason}")
+    try:
+        status = reply.content["site"]
+        metrics = {str(k): float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
+        arrays = reply.content["arrays"] if "arrays" in reply.content.array_records else None
+        return _Reply(site, str(status["status"]), str(status["reason"]), metrics, arrays)
+    except (KeyError, TypeError, ValueError) as err:
+        raise MalformedReply(f"site {site} sent a malformed reply ({type(err).__name__}: {err})") from err
 
 
 def run_federation(
@@ -120,7 +156,7 @@ def run_federation(
             aggregated_sites = sorted(state.sites[r.metadata.src_node_id] for r in accepted)
             new_arrays, _ = strategy.aggregate_train(server_round, accepted)
             if new_arrays is not None:
-                arrays = new_arrays
+                arrays = _with_dtypes_of(new_arrays, arrays)
         else:
             log.warning(
                 "round %d: %d usable update(s), fewer than run.min-sites = %d; global model kept",
@@ -176,43 +212,58 @@ def _wait_for_sites(grid: Grid, minimum: int) -> None:
 def _screen_train_replies(
     state: _RunState, reference: ArrayRecord, replies: Iterable[Message], traffic: _Traffic, server_round: int
 ) -> tuple[list[Message], dict[str, float]]:
+    """The replies fit for aggregation; every other one is logged with the reason and left out."""
     accepted: list[Message] = []
     local_seconds: dict[str, float] = {}
     for reply in replies:
-        site = state.site_of(reply)
-        if reply.has_error():
-            log.warning("round %d: site %s failed: %s", server_round, site, reply.error.reason)
-            continue
-        status = reply.content["site"]
-        metrics = reply.content["metrics"]
-        privacy = {k: float(metrics[k]) for k in PRIVACY_KEYS if k in metrics}
-        if privacy:
-            state.privacy[site] = privacy
-        if status["status"] != "ok":
-            log.warning("round %d: site %s %s: %s", server_round, site, status["status"], status["reason"])
-            continue
-        local_seconds[site] = float(metrics["local-seconds"])
-        update = reply.content["arrays"]
-        traffic.up += array_bytes(update)
         try:
-            check = validate_update(reference, update, state.config.run.max_update_norm)
-        except UpdateRejected as err:
-            log.warning("round %d: update from site %s rejected: %s", server_round, site, err)
+            parsed = _parse_reply(state, reply)
+            _record_privacy(state, parsed)
+            if parsed.status != "ok":
+                log.warning("round %d: site %s %s: %s", server_round, parsed.site, parsed.status, parsed.reason)
+                continue
+            update = _checked_update(state, reference, parsed)
+        except (MalformedReply, UpdateRejected) as err:
+            log.warning("round %d: reply left out: %s", server_round, err)
             continue
-        log.debug("round %d: site %s update norm %.3g", server_round, site, check.update_norm)
-        accepted.append(_strip_reply(reply))
+        traffic.up += array_bytes(update)
+        local_seconds[parsed.site] = parsed.metrics.get("local-seconds", math.nan)
+        reply.content = RecordDict(
+            {"arrays": update, "metrics": MetricRecord({"num-examples": parsed.metrics["num-examples"]})}
+        )
+        accepted.append(reply)
     return accepted, local_seconds
 
 
-def _strip_reply(reply: Message) -> Message:
-    """Keep what Flower's strategies aggregate: the arrays and the sample count (``num-examples``)."""
-    reply.content = RecordDict(
-        {
-            "arrays": reply.content["arrays"],
-            "metrics": MetricRecord({"num-examples": float(reply.content["metrics"]["num-examples"])}),
-        }
-    )
-    return reply
+def _checked_update(state: _RunState, reference: ArrayRecord, parsed: _Reply) -> ArrayRecord:
+    """The reply's weights, if they and the sample count that weighs them are sound."""
+    if parsed.arrays is None:
+        raise UpdateRejected(f"site {parsed.site} sent no weights")
+    count = parsed.metrics.get("num-examples", math.nan)
+    if not (math.isfinite(count) and 0 < count <= MAX_EXAMPLES):
+        raise UpdateRejected(f"site {parsed.site}: num-examples = {count} is not in (0, {MAX_EXAMPLES:.0e}]")
+    try:
+        check = validate_update(reference, parsed.arrays, state.config.run.max_update_norm)
+    except UpdateRejected as err:
+        raise UpdateRejected(f"update from site {parsed.site} rejected: {err}") from err
+    except (ValueError, TypeError) as err:  # undecodable array bytes
+        raise UpdateRejected(f"update from site {parsed.site} is undecodable: {err}") from err
+    log.debug("site %s update norm %.3g", parsed.site, check.update_norm)
+    return parsed.arrays
+
+
+def _record_privacy(state: _RunState, parsed: _Reply) -> None:
+    privacy = {k: parsed.metrics[k] for k in PRIVACY_KEYS if k in parsed.metrics}
+    if privacy:
+        state.privacy[parsed.site] = privacy
+
+
+def _with_dtypes_of(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``arrays`` cast to the reference's dtypes (server optimisers such as FedAdam return float64)."""
+    converted = {}
+    for (key, array), ref in zip(arrays.items(), reference.values(), strict=True):
+        converted[key] = torch.from_numpy(np.ascontiguousarray(array.numpy().astype(ref.numpy().dtype)))
+    return ArrayRecord(converted)
 
 
 def _evaluate(state: _RunState, arrays: ArrayRecord, split: str, traffic: _Traffic) -> dict[str, dict[str, float]]:
@@ -223,14 +274,15 @@ def _evaluate(state: _RunState, arrays: ArrayRecord, split: str, traffic: _Traff
     traffic.down += array_bytes(arrays) * len(messages)
     results: dict[str, dict[str, float]] = {}
     for reply in state.grid.send_and_receive(messages, timeout=state.config.run.round_timeout):
-        site = state.site_of(reply)
-        if reply.has_error():
-            log.warning("evaluation on %s failed at site %s: %s", split, site, reply.error.reason)
+        try:
+            parsed = _parse_reply(state, reply)
+        except MalformedReply as err:
+            log.warning("evaluation on %s: %s", split, err)
             continue
-        if reply.content["site"]["status"] != "ok":
-            log.warning("site %s could not evaluate on %s: %s", site, split, reply.content["site"]["reason"])
+        if parsed.status != "ok":
+            log.warning("site %s could not evaluate on %s: %s", parsed.site, split, parsed.reason)
             continue
-        results[site] = {k: float(v) for k, v in reply.content["metrics"].items() if k != "num-examples"}
+        results[parsed.site] = {k: v for k, v in parsed.metrics.items() if k != "num-examples"}
     return dict(sorted(results.items()))
 
 
@@ -246,14 +298,14 @@ def _cross_site(
     for reply in state.grid.send_and_receive(
         messages, timeout=state.config.run.round_timeout * state.config.run.rounds
     ):
-        site = state.site_of(reply)
-        if reply.has_error() or reply.content["site"]["status"] != "ok":
-            reason = reply.error.reason if reply.has_error() else reply.content["site"]["reason"]
-            log.warning("local-only model of site %s not trained: %s", site, reason)
-            continue
-        metrics = reply.content["metrics"]
-        state.privacy[site] = {k: float(metrics[k]) for k in PRIVACY_KEYS if k in metrics}
-        local_models[site] = reply.content["arrays"]
+        try:
+            parsed = _parse_reply(state, reply)
+            _record_privacy(state, parsed)
+            if parsed.status != "ok":
+                raise MalformedReply(f"site {parsed.site} {parsed.status}: {parsed.reason}")
+            local_models[parsed.site] = _checked_update(state, initial, parsed)
+        except (MalformedReply, UpdateRejected) as err:
+            log.warning("local-only model not used: %s", err)
     sites = sorted(set(state.sites.values()))
     models = sorted(local_models)
     matrix = []

@@ -9,6 +9,7 @@ Flower calls), but its noise comes from the run's one calibration and its spend 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -114,26 +115,33 @@ class PrivacyLedger:
             self.save()
         return self.calibrations[run_id]
 
-    def check_budget(self, noise_multiplier: float, sample_rate: float, steps: int, budget: float) -> float:
-        """ε after the planned steps; raise :class:`BudgetExceeded` if that passes ``budget``."""
-        planned = self.epsilon([[noise_multiplier, sample_rate, steps]])
-        if planned > budget + 1e-9:
-            raise BudgetExceeded(
-                f"privacy budget exhausted: ε spent {self.epsilon():.2f}, this round would bring it to "
-                f"{planned:.2f} > budget {budget:.2f} (δ={self.delta:.2e})"
-            )
-        return planned
+    def reserve(self, noise_multiplier: float, sample_rate: float, steps: int, budget: float) -> float:
+        """Record the planned steps before training and return the new total ε.
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Add steps actually taken to the history, persist, and return the new total ε."""
-        if steps > 0:
+        Under an exclusive lock on the ledger, re-read it (another run at the same site may have
+        trained meanwhile), refuse with :class:`BudgetExceeded` if the steps would pass ``budget``,
+        else append and save. Spending is recorded before the data is touched, so a crash during
+        training can only over-count, never under-count.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                current = PrivacyLedger.open(self.path.parent, self.delta, self.accountant)
+                self.history, self.calibrations = current.history, {**current.calibrations, **self.calibrations}
+            planned = self.epsilon([[noise_multiplier, sample_rate, steps]])
+            if planned > budget + 1e-9:
+                raise BudgetExceeded(
+                    f"privacy budget exhausted: ε spent {self.epsilon():.2f}, this round would bring it to "
+                    f"{planned:.2f} > budget {budget:.2f} (δ={self.delta:.2e})"
+                )
             last = self.history[-1] if self.history else None
             if last and math.isclose(last[0], noise_multiplier) and math.isclose(last[1], sample_rate):
                 last[2] += steps
             else:
                 self.history.append([noise_multiplier, sample_rate, steps])
             self.save()
-        return self.epsilon()
+        return planned
 
 
 def make_private(

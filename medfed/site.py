@@ -54,7 +54,9 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
     """Build the site from ``node_config`` (deployment) or from the partition id (simulation)."""
     if "data-path" in node_config:
         data_path = Path(str(node_config["data-path"]))
-        name = str(node_config.get("site-name", data_path.name))
+        if "site-name" not in node_config:
+            raise ValueError("node_config needs site-name (the name this site reports to the server)")
+        name = str(node_config["site-name"])
         state_dir = Path(str(node_config.get("state-dir", data_path / ".medfed-state")))
         data = read_site(data_path, config.data.image_size, config.data.num_classes)
     else:
@@ -66,13 +68,34 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
 
 
 def handle_train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
-    """Train the received model on the site's train split; reply with weights and metrics."""
+    """Train the received model on the site's train split; reply with weights and metrics.
+
+    Any failure becomes an ``error`` reply that names the kind of failure only: the full error,
+    which may hold file paths, stays in the site's log.
+    """
+    try:
+        return _train(msg, node_config, run_id)
+    except Exception as err:  # noqa: BLE001 - nothing a site raises may reach the server verbatim
+        return _failure(msg, str(node_config.get("site-name", "unknown")), err)
+
+
+def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
+    """Evaluate the received model on the site's ``val`` or ``test`` split (never ``train``)."""
+    try:
+        return _evaluate(msg, node_config)
+    except Exception as err:  # noqa: BLE001 - as in handle_train
+        return _failure(msg, str(node_config.get("site-name", "unknown")), err)
+
+
+def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     started = time.perf_counter()
     config, message_config = _read_config(msg)
-    try:
-        site = resolve_site(node_config, message_config, config)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        return _failure(msg, "unknown", err)
+    site = resolve_site(node_config, message_config, config)
+    deployed = "data-path" in node_config
+    if deployed and not config.privacy.enabled and not node_config.get("allow-training-without-privacy", False):
+        reason = "this site trains only with differential privacy (privacy.enabled = false was asked)"
+        log.warning("site %s refuses round: %s", site.name, reason)
+        return _reply(msg, site.name, "refused", reason, {})
     task = get_task(config.run.task)
     device = resolve_device(config.train.device)
     model = task.build_model(config)
@@ -104,7 +127,7 @@ def handle_train(msg: Message, node_config: dict[str, Any], run_id: int) -> Mess
             "sample-rate": sample_rate,
         }
         try:
-            ledger.check_budget(sigma, sample_rate, steps_planned, site.budget)
+            privacy["epsilon"] = ledger.reserve(sigma, sample_rate, steps_planned, site.budget)
         except BudgetExceeded as err:
             log.warning("site %s refuses round: %s", site.name, err)
             return _reply(msg, site.name, "refused", str(err), {"epsilon": ledger.epsilon(), **privacy})
@@ -121,27 +144,21 @@ def handle_train(msg: Message, node_config: dict[str, Any], run_id: int) -> Mess
         proximal_mu=proximal_mu,
         amp=config.train.amp and not config.privacy.enabled,
     )
-    if ledger is not None:
-        privacy["epsilon"] = ledger.record(privacy["noise-multiplier"], privacy["sample-rate"], stats.steps)
+    if stats.steps != steps_planned:
+        raise RuntimeError(f"trained {stats.steps} steps but {steps_planned} were accounted for")
     trained = getattr(model, "_module", model)
-    metrics = {
-        "num-examples": n,
-        "train-loss": stats.loss,
-        "steps": stats.steps,
-        "local-seconds": time.perf_counter() - started,
-        **privacy,
-    }
+    metrics = {"num-examples": n, "steps": stats.steps, "local-seconds": time.perf_counter() - started, **privacy}
+    if ledger is None:
+        metrics["train-loss"] = stats.loss  # an un-noised statistic of the data: only sent without DP
     return _reply(msg, site.name, "ok", "", metrics, model_to_arrays(trained.cpu()))
 
 
-def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
-    """Evaluate the received model on the requested split of the site's data."""
+def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
     config, message_config = _read_config(msg)
-    try:
-        site = resolve_site(node_config, message_config, config)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        return _failure(msg, "unknown", err)
+    site = resolve_site(node_config, message_config, config)
     split = str(message_config.get("split", "val"))
+    if split not in ("val", "test"):
+        return _reply(msg, site.name, "refused", f"evaluation is allowed on val or test only, not {split!r}", {})
     dataset = site.data.split(split)
     if len(dataset) == 0:
         return _reply(msg, site.name, "empty", f"no samples in the {split} split", {"num-examples": 0})

@@ -76,3 +76,28 @@ def test_evaluate_on_requested_split(site_dir: Path, tmp_path: Path) -> None:
     metrics = reply.content["metrics"]
     assert reply.content["site"]["status"] == "ok"
     assert metrics["num-examples"] == 9 and "auroc" in metrics
+
+
+def test_deployed_site_refuses_to_train_without_privacy(site_dir: Path, tmp_path: Path) -> None:
+    config = tiny_config(**{"privacy.enabled": False})
+    reply = handle_train(_request(config, MessageType.TRAIN), _node(site_dir, tmp_path), run_id=1)
+    assert reply.content["site"]["status"] == "refused"
+    assert "only with differential privacy" in reply.content["site"]["reason"]
+    allowed = _node(site_dir, tmp_path, **{"allow-training-without-privacy": True})
+    reply = handle_train(_request(config, MessageType.TRAIN), allowed, run_id=1)
+    assert reply.content["site"]["status"] == "ok" and "train-loss" in reply.content["metrics"]
+
+
+def test_no_evaluation_on_the_training_split(site_dir: Path, tmp_path: Path) -> None:
+    reply = handle_evaluate(_request(tiny_config(), MessageType.EVALUATE, split="train"), _node(site_dir, tmp_path))
+    assert reply.content["site"]["status"] == "refused"
+
+
+def test_any_site_error_reaches_the_server_without_paths(site_dir: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "privacy.json").write_text("{broken")
+    reply = handle_train(_request(tiny_config(), MessageType.TRAIN), _node(site_dir, tmp_path), run_id=1)
+    assert reply.content["site"]["status"] == "error"
+    assert reply.content["site"]["reason"] == "RuntimeError; details are in the site's log"
+    _no_paths(reply, site_dir, tmp_path)

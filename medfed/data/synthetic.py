@@ -94,9 +94,9 @@ def _lesion(label: int, size: int, centre: np.ndarray, radii: np.ndarray, rng: n
     angle, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.5)
     cy = centre[0] + dist * radii[0] * np.sin(angle)
     cx = centre[1] + dist * radii[1] * np.cos(angle)
-    r = size * rng.uniform(0.09, 0.15)
+    r = size * rng.uniform(0.08, 0.13)
     d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-    contrast = rng.uniform(0.35, 0.6)
+    contrast = rng.uniform(0.25, 0.5)
     kind = (label - 1) % 3
     if kind == 0:  # blob
         mask = np.exp(-((d / r) ** 2) * 1.5)

@@ -70,14 +70,21 @@ def _plot_rounds(report: dict[str, Any], path: Path) -> Path:
 def _plot_epsilon(report: dict[str, Any], path: Path) -> Path | None:
     if not report["privacy"]:
         return None
+    rounds = [r["round"] for r in report["rounds"]]
+    baseline_x = rounds[-1] + 1
+    with_baseline = bool(report["final"].get("cross_site"))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for site in report["sites"]:
         xs = [r["round"] for r in report["rounds"] if site in r.get("epsilon", {})]
         ys = [r["epsilon"][site] for r in report["rounds"] if site in r.get("epsilon", {})]
+        if with_baseline and site in report["privacy"]:
+            xs, ys = [*xs, baseline_x], [*ys, report["privacy"][site]["epsilon"]]
         ax.plot(xs, ys, marker="o", label=site)
     budgets = {p["budget"] for p in report["privacy"].values() if "budget" in p}
     for budget in budgets:
         ax.axhline(budget, color="red", linestyle="--", linewidth=1, label=f"budget ε={budget:g}")
+    ticks = [*rounds[1:], baseline_x] if with_baseline else rounds[1:]
+    ax.set_xticks(ticks, [*map(str, rounds[1:]), "+ local\nbaseline"] if with_baseline else list(map(str, ticks)))
     ax.set_xlabel("round")
     ax.set_ylabel("ε spent (cumulative)")
     ax.set_title("Differential privacy spent at each site")
@@ -113,7 +120,9 @@ def _plot_cross_site(report: dict[str, Any], path: Path) -> Path | None:
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+    if isinstance(value, float):
+        return f"{value:.1e}" if 0 < abs(value) < 0.01 else f"{value:.3f}"
+    return html.escape(str(value))
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
