@@ -16,12 +16,13 @@ PORT="${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}"
 CONTROL_PORT="${FLWR_LOCAL_CONTROL_API_PORT:-39093}"
 mkdir -p "$FLWR_HOME"
 
-flower-superlink --insecure --simulation --isolation subprocess \
+# Own process group, so that stopping it also stops the simulation process it spawns.
+setsid flower-superlink --insecure --simulation --isolation subprocess \
   --disable-runtime-dependency-installation \
   --control-api-address "127.0.0.1:$CONTROL_PORT" --host 127.0.0.1 --port "$PORT" \
   > "$FLWR_HOME/superlink.log" 2>&1 &
 superlink=$!
-trap 'kill "$superlink" 2>/dev/null; wait "$superlink" 2>/dev/null || true' EXIT
+trap 'kill -- -"$superlink" 2>/dev/null; wait "$superlink" 2>/dev/null || true' EXIT
 
 for _ in $(seq 1 60); do
   if python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=1)" 2>/dev/null; then
