@@ -212,7 +212,8 @@ def data_check(
     except DataError as err:
         console.print(f"[bold red]{err}[/]")
         raise typer.Exit(code=1) from err
-    table = Table(title=f"{site_dir}: {len(site.labels)} samples, all readable")
+    console.print(f"{site_dir}: {len(site.labels)} samples, all readable")
+    table = Table(title="samples per split and class")
     table.add_column("split")
     for k in range(num_classes):
         table.add_column(f"class {k}", justify="right")

@@ -123,3 +123,16 @@ def test_medmnist_partitioned_into_sites(shared_data: Path) -> None:
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_data_check_cli_lists_problems_and_counts(site_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medfed.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "300"})
+    ok = runner.invoke(app, ["data", "check", str(site_dir)])
+    assert ok.exit_code == 0 and "60 samples, all readable" in ok.output
+    (site_dir / "images" / "000003.png").unlink()
+    bad = runner.invoke(app, ["data", "check", str(site_dir)])
+    assert bad.exit_code == 1 and "000003.png: file not found" in bad.output

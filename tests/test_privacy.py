@@ -53,3 +53,12 @@ def test_corrupt_ledger_refuses_rather_than_forgets(tmp_path: Path) -> None:
 
 def test_default_delta_is_below_one_over_n() -> None:
     assert default_delta(500) < 1 / 500
+
+
+def test_prv_accountant_agrees_roughly_with_rdp(tmp_path: Path) -> None:
+    rdp = PrivacyLedger.open(tmp_path / "rdp", delta=1e-4, accountant="rdp")
+    prv = PrivacyLedger.open(tmp_path / "prv", delta=1e-4, accountant="prv")
+    for ledger in (rdp, prv):
+        ledger.reserve(1.0, 0.05, 200, budget=100.0)
+    assert 0 < prv.epsilon() <= rdp.epsilon() * 1.05  # PRV is the tighter accountant
+    assert PrivacyLedger.open(tmp_path / "prv", delta=1e-4).accountant == "prv"

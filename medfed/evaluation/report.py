@@ -56,15 +56,7 @@ def _plot_rounds(report: dict[str, Any], path: Path) -> Path:
         xs = [r["round"] for r in report["rounds"] if site in r["metrics"]]
         ys = [r["metrics"][site].get(metric, math.nan) for r in report["rounds"] if site in r["metrics"]]
         ax.plot(xs, ys, marker="o", label=site)
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"validation {metric}")
-    ax.set_title(f"Global model, validation {metric} at each site")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_round_plot(fig, ax, path, f"validation {metric}", f"Global model, validation {metric} at each site")
 
 
 def _plot_epsilon(report: dict[str, Any], path: Path) -> Path | None:
@@ -85,9 +77,13 @@ def _plot_epsilon(report: dict[str, Any], path: Path) -> Path | None:
         ax.axhline(budget, color="red", linestyle="--", linewidth=1, label=f"budget ε={budget:g}")
     ticks = [*rounds[1:], baseline_x] if with_baseline else rounds[1:]
     ax.set_xticks(ticks, [*map(str, rounds[1:]), "+ local\nbaseline"] if with_baseline else list(map(str, ticks)))
+    return _save_round_plot(fig, ax, path, "ε spent (cumulative)", "Differential privacy spent at each site")
+
+
+def _save_round_plot(fig: Any, ax: Any, path: Path, ylabel: str, title: str) -> Path:
     ax.set_xlabel("round")
-    ax.set_ylabel("ε spent (cumulative)")
-    ax.set_title("Differential privacy spent at each site")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
