@@ -135,4 +135,4 @@ def test_data_check_cli_lists_problems_and_counts(site_dir: Path) -> None:
     assert ok.exit_code == 0 and "60 samples, all readable" in ok.output
     (site_dir / "images" / "000003.png").unlink()
     bad = runner.invoke(app, ["data", "check", str(site_dir)])
-    assert bad.exit_code == 1 and "000003.png: file not found" in bad.output
+    assert bad.exit_code == 1 and "(images/000003.png): file not found" in bad.output
