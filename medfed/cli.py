@@ -14,7 +14,7 @@ from rich.table import Table
 
 from medfed.config import Config, ConfigError, load_config, parse_override
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
 data_app = typer.Typer(no_args_is_help=True, help="Site data: check a site folder, write synthetic sites.")
 app.add_typer(data_app, name="data")
 console = Console()
@@ -76,9 +76,18 @@ def simulate(
         config = load_config(config_file, overrides)
     except ConfigError as err:
         raise _fail(str(err)) from err
+    from medfed.data import DataError, load_simulated_site, simulated_site_names
     from medfed.evaluation.report import write_report
     from medfed.simulation import simulate as run_simulation
 
+    try:  # check the data here, before any site starts, so a mistake gets one clear message
+        names = simulated_site_names(config)
+        if len(names) < config.run.min_sites:
+            raise ValueError(f"the data has {len(names)} site(s) but run.min-sites = {config.run.min_sites}")
+        for index in range(len(names)):
+            load_simulated_site(config, index)
+    except (FileNotFoundError, ValueError, DataError) as err:
+        raise _fail(str(err)) from err
     console.print(f"[bold]medfed[/] simulating [cyan]{config.run.name}[/] -> {out}")
     report = run_simulation(config, out, state_dir, verbose)
     gradcam = _simulated_gradcam(config, out)

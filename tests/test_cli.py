@@ -1,0 +1,41 @@
+"""User mistakes get one clear message and exit code 2, before any site starts."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medfed.cli import app
+from tests.conftest import REPO
+
+CONFIG = str(REPO / "configs" / "classification-synthetic.toml")
+runner = CliRunner(env={"COLUMNS": "300"})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simulate", "configs/nope.toml"], "config file not found"),
+        (["simulate", CONFIG, "--set", "train.lr=fast"], "train.lr = 'fast' is invalid: expected a number"),
+        (["simulate", CONFIG, "--set", "train.learning-rate=1"], "unknown key 'train.learning-rate'"),
+        (["simulate", CONFIG, "--sites", "1"], "the data has 1 site(s) but run.min-sites = 2"),
+        (["simulate", CONFIG, "--data", "/nonexistent.npz"], "expected a MedMNIST .npz file"),
+        (
+            ["simulate", CONFIG, "--set", "data.source=medmnist", "--set", "data.path=/no.npz"],
+            "MedMNIST file not found",
+        ),
+    ],
+)
+def test_simulate_refuses_bad_input_with_a_clear_message(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_simulate_names_every_bad_file_of_a_site(tmp_path: Path) -> None:
+    for site in ("a", "b"):
+        (tmp_path / site).mkdir()
+        (tmp_path / site / "manifest.csv").write_text("image,label,split\nscan.png,0,train\n")
+    result = runner.invoke(app, ["simulate", CONFIG, "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "(scan.png): file not found" in result.output
