@@ -125,14 +125,16 @@ def _print_summary(report: dict[str, Any]) -> None:
     table.add_column("site")
     table.add_column(f"{metric} round 0 (val)", justify="right")
     table.add_column(f"{metric} final (test)", justify="right")
-    table.add_column("accuracy (test)", justify="right")
+    finals = report["final"]["per_site"].values()
+    second = next((m for m in ("accuracy", "iou") if any(m in v for v in finals)), "loss")
+    table.add_column(f"{second} (test)", justify="right")
     table.add_column("ε spent / budget", justify="right")
     for site in report["sites"]:
         start = report["rounds"][0]["metrics"].get(site, {}).get(metric)
         final = report["final"]["per_site"].get(site, {})
         privacy = report["privacy"].get(site)
         spent = f"{privacy['epsilon']:.2f} / {privacy['budget']:.2f}" if privacy else "DP off"
-        table.add_row(site, _num(start), _num(final.get(metric)), _num(final.get("accuracy")), spent)
+        table.add_row(site, _num(start), _num(final.get(metric)), _num(final.get(second)), spent)
     console.print(table)
     cross = report["final"].get("cross_site")
     if cross:
@@ -172,18 +174,18 @@ def evaluate(
     try:
         state, meta = load_checkpoint(model)
         config = Config.from_dict(meta["config"], source=f"{model} metadata")
-        site = read_site(data, config.data.image_size, config.data.num_classes)
+        task = get_task(config.run.task)
+        site = read_site(data, config.data.image_size, config.data.num_classes, task.SAMPLE_KEYS[1])
     except (FileNotFoundError, DataError, ConfigError, KeyError) as err:
         raise _fail(str(err)) from err
     if split == "all":
-        dataset = ArrayDataset(site.images, site.labels)
+        dataset = ArrayDataset(site.images, site.targets, site.target_key)
     elif split in ("train", "val", "test"):
         dataset = site.split(split)
     else:
         raise _fail(f"--split {split!r}: expected train, val, test or all")
     if len(dataset) == 0:
         raise _fail(f"{data}: no samples in the {split} split")
-    task = get_task(config.run.task)
     net = task.build_model(config)
     net.load_state_dict(state)
     device = resolve_device("auto")
@@ -212,22 +214,24 @@ def data_check(
     import numpy as np
 
     from medfed.data import SPLITS, DataError, read_site
-    from medfed.tasks import TASKS
+    from medfed.tasks import TASKS, get_task
 
     if task not in TASKS:
         raise _fail(f"--task {task!r}: expected one of {sorted(TASKS)}")
     try:
-        site = read_site(site_dir, image_size, num_classes)
+        site = read_site(site_dir, image_size, num_classes, get_task(task).SAMPLE_KEYS[1])
     except DataError as err:
         console.print(f"[bold red]{err}[/]")
         raise typer.Exit(code=1) from err
-    console.print(f"{site_dir}: {len(site.labels)} samples, all readable")
-    table = Table(title="samples per split and class")
+    console.print(f"{site_dir}: {len(site.targets)} samples, all readable")
+    table = Table(
+        title="samples per split and class" + (" (largest class in the mask)" if task != "classification" else "")
+    )
     table.add_column("split")
     for k in range(num_classes):
         table.add_column(f"class {k}", justify="right")
     for split in SPLITS:
-        labels = site.labels[site.splits == split]
+        labels = site.class_labels()[site.splits == split]
         table.add_row(split, *[str(int(np.sum(labels == k))) for k in range(num_classes)])
     console.print(table)
 

@@ -38,7 +38,7 @@ class RunConfig:
     """What is trained and how rounds are run on the server."""
 
     name: str = "medfed"
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "segmentation"] = "classification"
     seed: int = 0
     rounds: int = 3
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"

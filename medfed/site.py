@@ -58,7 +58,8 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
             raise ValueError("node_config needs site-name (the name this site reports to the server)")
         name = str(node_config["site-name"])
         state_dir = Path(str(node_config.get("state-dir", data_path / ".medfed-state")))
-        data = read_site(data_path, config.data.image_size, config.data.num_classes)
+        target = get_task(config.run.task).SAMPLE_KEYS[1]
+        data = read_site(data_path, config.data.image_size, config.data.num_classes, target)
     else:
         index = int(node_config["partition-id"])
         name, data = load_simulated_site(config, index)

@@ -38,4 +38,4 @@ def test_simulate_names_every_bad_file_of_a_site(tmp_path: Path) -> None:
         (tmp_path / site).mkdir()
         (tmp_path / site / "manifest.csv").write_text("image,label,split\nscan.png,0,train\n")
     result = runner.invoke(app, ["simulate", CONFIG, "--data", str(tmp_path)])
-    assert result.exit_code == 2 and "(scan.png): file not found" in result.output
+    assert result.exit_code == 2 and "scan.png: file not found" in result.output

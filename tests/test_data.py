@@ -15,7 +15,7 @@ from tests.conftest import tiny_config
 def test_synthetic_site_is_deterministic_and_sites_differ() -> None:
     a, b = synthetic_site(0, 50, seed=3), synthetic_site(0, 50, seed=3)
     np.testing.assert_array_equal(a.images, b.images)
-    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.targets, b.targets)
     assert a.images.shape == (50, 1, 28, 28)
     assert a.images.min() >= 0.0 and a.images.max() <= 1.0
     assert set(a.splits) == {"train", "val", "test"}
@@ -25,14 +25,14 @@ def test_synthetic_site_is_deterministic_and_sites_differ() -> None:
 
 def test_synthetic_lesion_class_is_brighter_at_its_peak() -> None:
     site = synthetic_site(1, 300, seed=0)
-    peaks = site.images.reshape(len(site.labels), -1).max(axis=1)
-    assert peaks[site.labels == 1].mean() > peaks[site.labels == 0].mean()
+    peaks = site.images.reshape(len(site.targets), -1).max(axis=1)
+    assert peaks[site.targets == 1].mean() > peaks[site.targets == 0].mean()
 
 
 def test_site_folder_round_trip(site_dir: Path) -> None:
     site = read_site(site_dir, 28, 2)
     original = synthetic_site(0, 60, seed=1)
-    np.testing.assert_array_equal(site.labels, original.labels)
+    np.testing.assert_array_equal(site.targets, original.targets)
     np.testing.assert_allclose(site.images, original.images, atol=1 / 255)
 
 
@@ -107,7 +107,7 @@ def test_simulated_sites_from_folder_of_site_folders(tmp_path: Path) -> None:
     config = tiny_config(**{"data.source": "sites", "data.path": str(tmp_path), "data.partitioner": "natural"})
     assert simulated_site_names(config) == ["basel", "zurich"]
     name, site = load_simulated_site(config, 1)
-    assert name == "zurich" and len(site.labels) == 20
+    assert name == "zurich" and len(site.targets) == 20
 
 
 @pytest.mark.realdata
@@ -118,7 +118,7 @@ def test_medmnist_partitioned_into_sites(shared_data: Path) -> None:
     config = tiny_config(
         **{"data.source": "medmnist", "data.path": str(path), "data.partitioner": "dirichlet", "data.sites": 3}
     )
-    sizes = [len(load_simulated_site(config, i)[1].labels) for i in range(3)]
+    sizes = [len(load_simulated_site(config, i)[1].targets) for i in range(3)]
     assert sum(sizes) == 780
 
 
@@ -135,4 +135,4 @@ def test_data_check_cli_lists_problems_and_counts(site_dir: Path) -> None:
     assert ok.exit_code == 0 and "60 samples, all readable" in ok.output
     (site_dir / "images" / "000003.png").unlink()
     bad = runner.invoke(app, ["data", "check", str(site_dir)])
-    assert bad.exit_code == 1 and "(images/000003.png): file not found" in bad.output
+    assert bad.exit_code == 1 and "images/000003.png: file not found" in bad.output

@@ -178,3 +178,19 @@ def test_cross_site_matrix_and_checkpoints(nodes: dict, tmp_path: Path) -> None:
     assert meta["round"] == 1 and meta["config"]["run"]["rounds"] == 1
     # the local-only baselines spend from the same ledger and stay within the budget
     assert all(p["epsilon"] <= p["budget"] + 1e-6 for p in report["privacy"].values())
+
+
+def test_segmentation_federation_with_dp(tmp_path: Path) -> None:
+    from medfed.data.synthetic import synthetic_segmentation_site
+
+    nodes = {}
+    for i, name in enumerate(["alpha", "beta"]):
+        folder = write_site(tmp_path / "data" / name, synthetic_segmentation_site(i, 40, image_size=32, seed=2))
+        nodes[i] = {"data-path": str(folder), "site-name": name, "state-dir": str(tmp_path / "state" / name)}
+    config = tiny_config(**{"run.task": "segmentation", "data.image-size": 32, "run.rounds": 1})
+    report = run_federation(InProcessGrid(nodes), config, tmp_path / "out")
+    assert report["primary_metric"] == "dice"
+    assert report["rounds"][1]["sites_aggregated"] == ["alpha", "beta"]
+    assert {"dice", "iou", "hd95"} <= set(report["final"]["per_site"]["alpha"])
+    assert report["final"]["cross_site"]["models"] == ["alpha", "beta", "global"]
+    assert all(0 < p["epsilon"] <= p["budget"] + 1e-6 for p in report["privacy"].values())

@@ -5,7 +5,7 @@ import torch
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
-from medfed.data.synthetic import synthetic_site
+from medfed.data import load_simulated_site
 from medfed.privacy import make_private
 from medfed.tasks import TASKS, get_task
 from medfed.training import build_optimizer, evaluate, train
@@ -17,16 +17,24 @@ def task(request: pytest.FixtureRequest):
     return get_task(request.param)
 
 
+def _config(task):
+    return tiny_config(**{"run.task": task.NAME, "data.image-size": 32, "data.samples-per-site": 64})
+
+
+def _site(task):
+    return load_simulated_site(_config(task), 0)[1]
+
+
 def test_interface_names(task) -> None:
     for name in ("NAME", "PRIMARY_METRIC", "SAMPLE_KEYS", "build_model", "loss", "predict", "metrics"):
         assert hasattr(task, name), name
 
 
 def test_model_is_opacus_valid_and_dp_training_runs(task) -> None:
-    config = tiny_config()
+    config = _config(task)
     model = task.build_model(config)
     assert ModuleValidator.validate(model, strict=False) == []
-    data = synthetic_site(0, 64).split("train")
+    data = _site(task).split("train")
     loader = DataLoader(data, batch_size=8, shuffle=True)
     optimizer = build_optimizer(model, config.train)
     model, optimizer, loader = make_private(model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0)
@@ -37,9 +45,10 @@ def test_model_is_opacus_valid_and_dp_training_runs(task) -> None:
 
 
 def test_predict_and_loss_shapes(task) -> None:
-    config = tiny_config()
+    config = _config(task)
     model = task.build_model(config)
-    batch = next(iter(DataLoader(synthetic_site(0, 20).split("train"), batch_size=4)))
+    batch = next(iter(DataLoader(_site(task).split("train"), batch_size=4)))
+    assert set(batch) == set(task.SAMPLE_KEYS)
     assert task.loss(model(batch["image"]), batch).ndim == 0
     predictions = task.predict(model, batch)
     assert len(predictions) == 4

@@ -11,7 +11,7 @@ from medfed.data.arrays import SiteArrays
 from medfed.data.manifest import MANIFEST, read_site
 from medfed.data.medmnist import read_medmnist
 from medfed.data.partition import dirichlet_partition, iid_partition
-from medfed.data.synthetic import synthetic_site
+from medfed.data.synthetic import synthetic_segmentation_site, synthetic_site
 
 __all__ = ["load_simulated_site", "simulated_site_names"]
 
@@ -29,10 +29,16 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
     names = simulated_site_names(config)
     if not 0 <= index < len(names):
         raise IndexError(f"site index {index} out of range: this simulation has {len(names)} sites")
+    target = "mask" if config.run.task == "segmentation" else "label"
     if data.source == "synthetic":
-        site = synthetic_site(index, data.samples_per_site, data.image_size, data.num_classes, config.run.seed)
+        make = synthetic_segmentation_site if target == "mask" else synthetic_site
+        site = make(index, data.samples_per_site, data.image_size, data.num_classes, config.run.seed)
     elif data.source == "sites":
-        site = read_site(Path(data.path) / names[index], data.image_size, data.num_classes)
+        site = read_site(Path(data.path) / names[index], data.image_size, data.num_classes, target)
+    elif target == "mask":
+        raise ValueError(
+            "data.source = 'medmnist' holds class labels, not masks: it cannot feed run.task = 'segmentation'"
+        )
     else:
         pooled = read_medmnist(data.path)
         if pooled.images.shape[-1] != data.image_size:
@@ -41,12 +47,12 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
                 f"{pooled.images.shape[-1]}px images: set data.image-size = {pooled.images.shape[-1]}"
             )
         if data.partitioner == "dirichlet":
-            parts = dirichlet_partition(pooled.labels, data.sites, data.alpha, config.run.seed)
+            parts = dirichlet_partition(pooled.class_labels(), data.sites, data.alpha, config.run.seed)
         elif data.partitioner == "iid":
-            parts = iid_partition(pooled.labels, data.sites, config.run.seed)
+            parts = iid_partition(pooled.class_labels(), data.sites, config.run.seed)
         else:
             raise ValueError("data.partitioner = 'natural' needs data.source = 'sites' (one folder per site)")
-        mask = np.zeros(len(pooled.labels), dtype=bool)
+        mask = np.zeros(len(pooled.targets), dtype=bool)
         mask[parts[index]] = True
         site = pooled.subset(mask)
     return names[index], _cap(site, data.max_samples_per_site, config.run.seed + index)
@@ -63,12 +69,12 @@ def _site_folders(root: Path) -> list[Path]:
 
 def _cap(site: SiteArrays, limit: int, seed: int) -> SiteArrays:
     """Keep at most ``limit`` samples (stratified by split), for quick runs on large data."""
-    if limit <= 0 or len(site.labels) <= limit:
+    if limit <= 0 or len(site.targets) <= limit:
         return site
     rng = np.random.default_rng(seed)
-    keep = np.zeros(len(site.labels), dtype=bool)
+    keep = np.zeros(len(site.targets), dtype=bool)
     for split in np.unique(site.splits):
         idx = np.flatnonzero(site.splits == split)
-        take = max(1, int(round(limit * len(idx) / len(site.labels))))
+        take = max(1, int(round(limit * len(idx) / len(site.targets))))
         keep[rng.choice(idx, size=min(take, len(idx)), replace=False)] = True
     return site.subset(keep)

@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from medfed.data.arrays import SiteArrays
 
-__all__ = ["ScannerShift", "synthetic_site", "site_shift"]
+__all__ = ["ScannerShift", "site_shift", "synthetic_segmentation_site", "synthetic_site"]
 
 
 @dataclass(frozen=True)
@@ -65,18 +65,54 @@ def synthetic_site(
     shift = site_shift(site_index, num_classes, seed)
     rng = np.random.default_rng([seed, site_index, 11])
     labels = rng.choice(num_classes, size=num_samples, p=np.asarray(shift.prevalence))
-    images = np.stack([_apply_shift(_phantom(int(c), image_size, rng), shift, rng) for c in labels])
-    order = rng.permutation(num_samples)
-    n_train = int(round(split_fractions[0] * num_samples))
-    n_val = int(round(split_fractions[1] * num_samples))
-    splits = np.empty(num_samples, dtype=object)
+    images = np.stack([_apply_shift(_phantom(int(c), image_size, rng)[0], shift, rng) for c in labels])
+    splits = _splits(num_samples, split_fractions, rng)
+    return SiteArrays(images[:, None].astype(np.float32), labels.astype(np.int64), splits)
+
+
+def synthetic_segmentation_site(
+    site_index: int,
+    num_samples: int,
+    image_size: int = 64,
+    num_classes: int = 2,
+    seed: int = 0,
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+) -> SiteArrays:
+    """Generate one site's images ``(N, 1, S, S)`` and label masks ``(N, 1, S, S)`` (0 = background).
+
+    Lesion shapes are those of :func:`synthetic_site`; mask value k marks lesion class k. The
+    site's prevalence decides how often an image holds a lesion, and of which class.
+    """
+    shift = site_shift(site_index, num_classes, seed)
+    rng = np.random.default_rng([seed, site_index, 13])
+    labels = rng.choice(num_classes, size=num_samples, p=np.asarray(shift.prevalence))
+    images, masks = [], []
+    for label in labels:
+        image, lesion = _phantom(int(label), image_size, rng)
+        images.append(_apply_shift(image, shift, rng))
+        masks.append(np.where(lesion > 0.5 * lesion.max(), label, 0) if label else np.zeros_like(lesion))
+    splits = _splits(num_samples, split_fractions, rng)
+    return SiteArrays(
+        np.stack(images)[:, None].astype(np.float32),
+        np.stack(masks)[:, None].astype(np.int64),
+        splits,
+        target_key="mask",
+    )
+
+
+def _splits(n: int, fractions: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
+    order = rng.permutation(n)
+    n_train = int(round(fractions[0] * n))
+    n_val = int(round(fractions[1] * n))
+    splits = np.empty(n, dtype=object)
     splits[order[:n_train]] = "train"
     splits[order[n_train : n_train + n_val]] = "val"
     splits[order[n_train + n_val :]] = "test"
-    return SiteArrays(images[:, None].astype(np.float32), labels.astype(np.int64), splits.astype(str))
+    return splits.astype(str)
 
 
-def _phantom(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def _phantom(label: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth anatomical background with a lesion of class ``label``; returns (image, lesion map)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     centre = size / 2 + rng.normal(0, size * 0.03, 2)
     radii = size * rng.uniform(0.33, 0.45, 2)
@@ -84,9 +120,8 @@ def _phantom(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
     texture = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), sigma=size / 10)
     texture = (texture - texture.min()) / (np.ptp(texture) + 1e-6)
     image = 0.08 + body * (0.30 + 0.15 * texture)
-    if label > 0:
-        image = image + _lesion(label, size, centre, radii, rng) * body
-    return image.astype(np.float32)
+    lesion = _lesion(label, size, centre, radii, rng) * body if label > 0 else np.zeros_like(image)
+    return (image + lesion).astype(np.float32), lesion.astype(np.float32)
 
 
 def _lesion(label: int, size: int, centre: np.ndarray, radii: np.ndarray, rng: np.random.Generator) -> np.ndarray:

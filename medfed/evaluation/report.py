@@ -15,7 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["json_safe", "write_report"]
 
-HEADLINE_METRICS = ("auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision")
+HEADLINE_METRICS = (
+    *("auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision"),
+    *("dice", "iou", "hd95", "dice_pooled"),
+)
 
 
 def json_safe(value: Any) -> Any:
@@ -136,7 +139,7 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], gradcam: dict
         values = per_site.get(site, {})
         privacy = report["privacy"].get(site, {})
         spent = f"{privacy['epsilon']:.2f} of {privacy['budget']:.2f}" if privacy else "DP off"
-        site_rows.append([site, int(values.get("num_samples", 0)), *[values.get(m) for m in metric_names], spent])
+        site_rows.append([site, *[values.get(m) for m in metric_names], spent])
     sections = [
         f"<h1>medfed report: {html.escape(report['config']['run']['name'])}</h1>",
         f"<p>Task <b>{html.escape(report['task'])}</b>, {len(report['sites'])} sites, "
@@ -144,7 +147,7 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], gradcam: dict
         f"differential privacy {'on' if report['config']['privacy']['enabled'] else '<b>off</b>'}. "
         f"Ranked by <b>{html.escape(metric)}</b>.</p>",
         "<h2>Final global model on each site's test split</h2>",
-        _table(["site", "test samples", *metric_names, "privacy ε spent"], site_rows),
+        _table(["site", *metric_names, "privacy ε spent"], site_rows),
     ]
     cross = report["final"].get("cross_site")
     if cross:

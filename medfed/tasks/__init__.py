@@ -13,7 +13,10 @@ from medfed.config import Config
 
 __all__ = ["TASKS", "MetricAccumulator", "Task", "get_task"]
 
-TASKS: dict[str, str] = {"classification": "medfed.tasks.classification"}
+TASKS: dict[str, str] = {
+    "classification": "medfed.tasks.classification",
+    "segmentation": "medfed.tasks.segmentation",
+}
 
 
 class MetricAccumulator(Protocol):
