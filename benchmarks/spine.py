@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 round, 800 samples per site (a smoke run)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-spine")
     args = parser.parse_args()
-    base = {"data.path": str(args.npz.resolve()), "evaluation.cross-site": False, "evaluation.gradcam-images": 0}
+    base = {"data.path": str(args.npz.resolve()), "evaluation.cross-site": False, "evaluation.example-images": 0}
     if args.quick:
         base |= {"run.rounds": 1, "data.max-samples-per-site": 800}
     results = []

@@ -90,20 +90,19 @@ def simulate(
         raise _fail(str(err)) from err
     console.print(f"[bold]medfed[/] simulating [cyan]{config.run.name}[/] -> {out}")
     report = run_simulation(config, out, state_dir, verbose)
-    gradcam = _simulated_gradcam(config, out)
-    html = write_report(report, out, gradcam)
+    html = write_report(report, out, _simulated_examples(config, out))
     _print_summary(report)
     console.print(f"report: {out / 'report.json'}  {html}")
 
 
-def _simulated_gradcam(config: Config, out: Path) -> dict[str, list[str]]:
-    """Grad-CAM of the final global model on a few test images of each simulated site."""
+def _simulated_examples(config: Config, out: Path) -> dict[str, list[str]]:
+    """Example figures of the final global model on a few test images of each simulated site."""
     from medfed.data import load_simulated_site, simulated_site_names
-    from medfed.evaluation.explain import gradcam_images
+    from medfed.evaluation.explain import example_images
     from medfed.tasks import get_task
     from medfed.weights import load_checkpoint
 
-    if config.evaluation.gradcam_images <= 0:
+    if config.evaluation.example_images <= 0:
         return {}
     task = get_task(config.run.task)
     model = task.build_model(config)
@@ -112,8 +111,8 @@ def _simulated_gradcam(config: Config, out: Path) -> dict[str, list[str]]:
     result = {}
     for index, _ in enumerate(simulated_site_names(config)):
         name, site = load_simulated_site(config, index)
-        paths = gradcam_images(
-            task, model, site.split("test"), config.evaluation.gradcam_images, out / "plots", f"gradcam-{name}"
+        paths = example_images(
+            task, model, site.split("test"), config.evaluation.example_images, out / "plots", f"examples-{name}"
         )
         result[name] = [str(p.relative_to(out)) for p in paths]
     return result
@@ -164,7 +163,7 @@ def evaluate(
     import json
 
     from medfed.data import ArrayDataset, DataError, read_site
-    from medfed.evaluation.explain import gradcam_images
+    from medfed.evaluation.explain import example_images
     from medfed.evaluation.report import json_safe
     from medfed.tasks import get_task
     from medfed.training import evaluate as evaluate_model
@@ -199,8 +198,8 @@ def evaluate(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(json_safe(results), indent=1))
-        gradcam_images(task, net.cpu(), dataset, config.evaluation.gradcam_images, out, "gradcam")
-        console.print(f"written: {out / 'metrics.json'} and Grad-CAM images")
+        example_images(task, net.cpu(), dataset, config.evaluation.example_images, out, "example")
+        console.print(f"written: {out / 'metrics.json'} and example images")
 
 
 @data_app.command("check")

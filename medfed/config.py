@@ -165,11 +165,11 @@ class EvaluationConfig:
     """Evaluation at the end of a run."""
 
     cross_site: bool = True
-    gradcam_images: int = 3
+    example_images: int = 3
     batch_size: int = 128
 
     def __post_init__(self) -> None:
-        _check(self.gradcam_images >= 0, "evaluation.gradcam-images", self.gradcam_images, ">= 0")
+        _check(self.example_images >= 0, "evaluation.example-images", self.example_images, ">= 0")
         _check(self.batch_size >= 1, "evaluation.batch-size", self.batch_size, "an integer >= 1")
 
 

@@ -24,7 +24,7 @@ def tiny_config(**overrides: object) -> Config:
         "model.depth": 2,
         "train.batch-size": 16,
         "train.lr": 0.05,
-        "evaluation.gradcam-images": 1,
+        "evaluation.example-images": 1,
     }
     base.update(overrides)
     return Config().with_overrides(base)

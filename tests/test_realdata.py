@@ -18,7 +18,7 @@ def test_pneumoniamnist_federation_with_dp(shared_data: Path, tmp_path: Path) ->
         "simulate", str(REPO / "configs" / "classification-pneumoniamnist.toml"),
         "--data", str(npz), "--sites", "2", "--rounds", "3", "--out", str(tmp_path),
         "--set", "data.max-samples-per-site=1200", "--set", "train.batch-size=64", "--set", "train.local-epochs=2", "--set", "evaluation.cross-site=false",
-        "--set", "evaluation.gradcam-images=0",
+        "--set", "evaluation.example-images=0",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -40,3 +40,24 @@ def test_dice_iou_and_pooled_dice_match_hand_counts() -> None:
     assert m["iou"] == pytest.approx(8 / 16)
     assert m["dice_pooled"] == pytest.approx(2 * 8 / (2 * 8 + 0 + 8))
     assert m["hd95"] > 0
+
+
+def test_segmentation_simulation_writes_the_full_report(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from medfed.cli import app
+    from tests.conftest import REPO
+
+    args = [
+        "simulate", str(REPO / "configs" / "segmentation-synthetic.toml"), "--sites", "2", "--rounds", "1",
+        "--out", str(tmp_path), "--set", "data.samples-per-site=40", "--set", "data.image-size=32",
+        "--set", "train.local-epochs=1", "--set", "evaluation.example-images=1",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["primary_metric"] == "dice" and report["sites"] == ["site-1", "site-2"]
+    assert list((tmp_path / "plots").glob("examples-site-1-*.png"))
+    assert "Predicted and reference masks" in (tmp_path / "report.html").read_text()

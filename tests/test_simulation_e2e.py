@@ -18,13 +18,16 @@ runner = CliRunner()
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("e2e")
     sites = root / "sites"
-    result = runner.invoke(app, ["data", "synth", "--out", str(sites), "--sites", "2", "--samples", "160"])
+    result = runner.invoke(app, ["data", "synth", "--out", str(sites), "--sites", "2", "--samples", "300"])
     assert result.exit_code == 0, result.output
     out = root / "run"
     args = [
         "simulate", str(REPO / "configs" / "classification-synthetic.toml"),
         "--data", str(sites), "--rounds", "3", "--out", str(out),
-        "--set", "model.width=8", "--set", "evaluation.gradcam-images=1",
+        "--set", "model.width=8", "--set", "evaluation.example-images=1",
+        # a generous ε keeps this short run's learning signal above the DP noise (the assertion
+        # below is about training working end to end; ε = 8 is measured in benchmarks/)
+        "--set", "privacy.target-epsilon=30",
     ]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -62,7 +65,7 @@ def test_privacy_within_budget_at_every_site_and_round(run: dict) -> None:
         assert 0 < p["epsilon"] <= p["budget"] + 1e-6
         assert p["delta"] < 1 / 100
     for entry in report["rounds"][1:]:
-        assert all(0 < eps <= 8.0 + 1e-6 for eps in entry["epsilon"].values())
+        assert all(0 < eps <= 30.0 + 1e-6 for eps in entry["epsilon"].values())
 
 
 def test_training_improves_the_primary_metric(run: dict) -> None:
@@ -85,7 +88,7 @@ def test_outputs_and_no_site_paths_leak(run: dict) -> None:
         "checkpoints/global.safetensors",
     ):
         assert (out / name).is_file(), name
-    assert list((out / "plots").glob("gradcam-hospital-1-*.png"))
+    assert list((out / "plots").glob("examples-hospital-1-*.png"))
     text = (out / "report.json").read_text()
     assert str(run["sites"]) not in text
     html = (out / "report.html").read_text()
@@ -100,6 +103,6 @@ def test_site_evaluates_the_global_model_on_its_own_data(run: dict, tmp_path: Pa
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.0 <= metrics["auroc"] <= 1.0
-    assert list(tmp_path.glob("gradcam-*.png"))
+    assert list(tmp_path.glob("example-*.png"))
     bad = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "nope.safetensors"), "--data", str(run["sites"])])
     assert bad.exit_code == 2 and "checkpoint not found" in bad.output

@@ -1,7 +1,9 @@
-"""Grad-CAM saliency maps (monai.visualize) for a few test images, made where the images are.
+"""Example figures of a model on a few test images, made where the images are.
 
-These pictures contain patient images, so they are written only to a folder at the site (or the
-researcher's machine in a simulation); nothing here is ever sent to the server.
+Classification: Grad-CAM saliency (monai.visualize) beside the image. Segmentation: the
+predicted mask against the reference mask. These pictures contain patient images, so they are
+written only to a folder at the site (or the researcher's machine in a simulation); nothing here
+is ever sent to the server.
 """
 
 from __future__ import annotations
@@ -14,42 +16,83 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.visualize import GradCAM  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-__all__ = ["gradcam_images"]
+__all__ = ["EXAMPLE_CAPTIONS", "example_images"]
+
+EXAMPLE_CAPTIONS = {
+    "label": (
+        "Why the model decided: Grad-CAM",
+        "Warm colours mark the image regions that drove the predicted class.",
+    ),
+    "mask": (
+        "Predicted and reference masks",
+        "Green: reference only (missed), red: prediction only (false alarm), yellow: both.",
+    ),
+}
 
 
-def gradcam_images(
+def example_images(
     task: ModuleType | Any, model: nn.Module, dataset: Dataset, count: int, out_dir: Path, prefix: str
 ) -> list[Path]:
-    """Write ``count`` PNGs (image | Grad-CAM overlay, with label and prediction); return their paths."""
-    layer = getattr(task, "EXPLAIN_LAYER", None)
-    if layer is None or count <= 0 or len(dataset) == 0:
+    """Write up to ``count`` example PNGs for the task's kind of target; return their paths."""
+    if count <= 0 or len(dataset) == 0:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    cam = GradCAM(nn_module=model, target_layers=layer)
+    target = task.SAMPLE_KEYS[1]
     paths = []
     for index in range(min(count, len(dataset))):
         sample = dataset[index]
         image = sample["image"][None]
-        probs = torch.softmax(model(image), dim=1)[0].detach()
-        predicted = int(probs.argmax())
-        saliency = cam(x=image, class_idx=predicted)[0, 0].detach().numpy()
-        fig, axes = plt.subplots(1, 2, figsize=(4, 2.2))
-        axes[0].imshow(image[0, 0].numpy(), cmap="gray")
-        axes[0].set_title(f"label {int(sample['label'])}", fontsize=8)
-        axes[1].imshow(image[0, 0].numpy(), cmap="gray")
-        axes[1].imshow(saliency, cmap="jet", alpha=0.45)
-        axes[1].set_title(f"pred {predicted} (p={float(probs[predicted]):.2f})", fontsize=8)
-        for ax in axes:
-            ax.axis("off")
-        fig.tight_layout()
+        if target == "mask":
+            fig = _mask_figure(task, model, sample)
+        elif getattr(task, "EXPLAIN_LAYER", None):
+            fig = _gradcam_figure(model, task.EXPLAIN_LAYER, image, int(sample["label"]))
+        else:
+            return []
         path = out_dir / f"{prefix}-{index}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _gradcam_figure(model: nn.Module, layer: str, image: torch.Tensor, label: int) -> Any:
+    probs = torch.softmax(model(image), dim=1)[0].detach()
+    predicted = int(probs.argmax())
+    saliency = GradCAM(nn_module=model, target_layers=layer)(x=image, class_idx=predicted)[0, 0].detach().numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(4, 2.2))
+    axes[0].imshow(image[0, 0].numpy(), cmap="gray")
+    axes[0].set_title(f"label {label}", fontsize=8)
+    axes[1].imshow(image[0, 0].numpy(), cmap="gray")
+    axes[1].imshow(saliency, cmap="jet", alpha=0.45)
+    axes[1].set_title(f"pred {predicted} (p={float(probs[predicted]):.2f})", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _mask_figure(task: ModuleType | Any, model: nn.Module, sample: dict[str, torch.Tensor]) -> Any:
+    batch = {k: v[None] for k, v in sample.items()}
+    predicted = task.predict(model, batch)[0, 0].numpy() > 0
+    reference = sample["mask"][0].numpy() > 0
+    gray = sample["image"][0].numpy()
+    overlay = np.stack([gray, gray, gray], axis=-1)
+    overlay[predicted & ~reference] = [1.0, 0.1, 0.1]
+    overlay[reference & ~predicted] = [0.1, 0.9, 0.1]
+    overlay[predicted & reference] = [1.0, 0.9, 0.1]
+    fig, axes = plt.subplots(1, 2, figsize=(4, 2.2))
+    axes[0].imshow(gray, cmap="gray")
+    axes[0].set_title("image", fontsize=8)
+    axes[1].imshow(np.clip(overlay, 0, 1))
+    axes[1].set_title("prediction vs reference", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -13,6 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from medfed.evaluation.explain import EXAMPLE_CAPTIONS  # noqa: E402
+from medfed.tasks import get_task  # noqa: E402
+
 __all__ = ["json_safe", "write_report"]
 
 HEADLINE_METRICS = (
@@ -32,10 +35,11 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path, gradcam: dict[str, list[str]] | None = None) -> Path:
+def write_report(report: dict[str, Any], out_dir: str | Path, examples: dict[str, list[str]] | None = None) -> Path:
     """Write report.json, the plots and report.html into ``out_dir``; return the HTML path.
 
-    ``gradcam`` maps a site to PNG files (relative to ``out_dir``) made at that site.
+    ``examples`` maps a site to example figures (PNG paths relative to ``out_dir``) made at that
+    site: Grad-CAM for classification, predicted vs reference masks for segmentation.
     """
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
@@ -46,7 +50,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, gradcam: dict[str,
         "privacy spent per round": _plot_epsilon(report, plots / "epsilon_per_round.png"),
         "cross-site matrix": _plot_cross_site(report, plots / "cross_site.png"),
     }
-    page = _render_html(report, {k: v.relative_to(out_dir) for k, v in figures.items() if v}, gradcam or {})
+    page = _render_html(report, {k: v.relative_to(out_dir) for k, v in figures.items() if v}, examples or {})
     path = out_dir / "report.html"
     path.write_text(page)
     return path
@@ -130,7 +134,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _render_html(report: dict[str, Any], figures: dict[str, Path], gradcam: dict[str, list[str]]) -> str:
+def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dict[str, list[str]]) -> str:
     metric = report["primary_metric"]
     per_site = report["final"]["per_site"]
     metric_names = [m for m in HEADLINE_METRICS if any(m in v for v in per_site.values())] or [metric]
@@ -157,23 +161,26 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], gradcam: dict
             "global model. Each column is a site's test split. Off-diagonal cells show how a model "
             "travels to other hospitals.</p>",
             _table(
-                ["model", *cross["sites"]], [[m, *row] for m, row in zip(cross["models"], cross["matrix"], strict=True)]
+                ["model", *[f"test @ {site}" for site in cross["sites"]]],
+                [
+                    [m if m == "global" else f"trained @ {m}", *row]
+                    for m, row in zip(cross["models"], cross["matrix"], strict=True)
+                ],
             ),
         ]
     for title, rel in figures.items():
         sections.append(
             f"<h2>{html.escape(title.capitalize())}</h2><img src='{html.escape(str(rel))}' alt='{html.escape(title)}'>"
         )
-    if gradcam:
+    if examples:
+        title, caption = EXAMPLE_CAPTIONS[get_task(report["task"]).SAMPLE_KEYS[1]]
         sections.append(
-            "<h2>Why the model decided: Grad-CAM</h2><p>Warm colours mark the image regions that drove "
-            "the predicted class. Computed at each site on its own test images; shown here because "
-            "this was a simulation on data the researcher holds.</p>"
+            f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)} Made at each site on its own test "
+            "images with the final global model; shown here because this was a simulation on data the "
+            "researcher holds.</p>"
         )
-        for site, images in gradcam.items():
-            tiles = "".join(
-                f"<img class='cam' src='{html.escape(p)}' alt='Grad-CAM {html.escape(site)}'>" for p in images
-            )
+        for site, images in examples.items():
+            tiles = "".join(f"<img class='cam' src='{html.escape(p)}' alt='{html.escape(site)}'>" for p in images)
             sections.append(f"<h3>{html.escape(site)}</h3><div>{tiles}</div>")
     if report["privacy"]:
         rows = [
