@@ -224,7 +224,7 @@ def data_check(
         raise typer.Exit(code=1) from err
     console.print(f"{site_dir}: {len(site.targets)} samples, all readable")
     table = Table(
-        title="samples per split and class" + (" (largest class in the mask)" if task != "classification" else "")
+        title="samples per split and class" + (" (largest class in the mask)" if site.target_key == "mask" else "")
     )
     table.add_column("split")
     for k in range(num_classes):

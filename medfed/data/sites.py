@@ -12,6 +12,7 @@ from medfed.data.manifest import MANIFEST, read_site
 from medfed.data.medmnist import read_medmnist
 from medfed.data.partition import dirichlet_partition, iid_partition
 from medfed.data.synthetic import synthetic_segmentation_site, synthetic_site
+from medfed.tasks import get_task
 
 __all__ = ["load_simulated_site", "simulated_site_names"]
 
@@ -29,7 +30,7 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
     names = simulated_site_names(config)
     if not 0 <= index < len(names):
         raise IndexError(f"site index {index} out of range: this simulation has {len(names)} sites")
-    target = "mask" if config.run.task == "segmentation" else "label"
+    target = get_task(config.run.task).SAMPLE_KEYS[1]
     if data.source == "synthetic":
         make = synthetic_segmentation_site if target == "mask" else synthetic_site
         site = make(index, data.samples_per_site, data.image_size, data.num_classes, config.run.seed)

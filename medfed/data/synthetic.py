@@ -62,12 +62,8 @@ def synthetic_site(
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
 ) -> SiteArrays:
     """Generate one site's images ``(N, 1, S, S)`` in [0, 1], labels and train/val/test splits."""
-    shift = site_shift(site_index, num_classes, seed)
-    rng = np.random.default_rng([seed, site_index, 11])
-    labels = rng.choice(num_classes, size=num_samples, p=np.asarray(shift.prevalence))
-    images = np.stack([_apply_shift(_phantom(int(c), image_size, rng)[0], shift, rng) for c in labels])
-    splits = _splits(num_samples, split_fractions, rng)
-    return SiteArrays(images[:, None].astype(np.float32), labels.astype(np.int64), splits)
+    images, _, labels, splits = _draw_site(site_index, num_samples, image_size, num_classes, seed, 11, split_fractions)
+    return SiteArrays(images, labels, splits)
 
 
 def synthetic_segmentation_site(
@@ -83,21 +79,36 @@ def synthetic_segmentation_site(
     Lesion shapes are those of :func:`synthetic_site`; mask value k marks lesion class k. The
     site's prevalence decides how often an image holds a lesion, and of which class.
     """
+    images, lesions, labels, splits = _draw_site(
+        site_index, num_samples, image_size, num_classes, seed, 13, split_fractions
+    )
+    masks = np.stack(
+        [np.where(lesion > 0.5 * lesion.max(), label, 0) if label else np.zeros_like(lesion)
+         for lesion, label in zip(lesions, labels, strict=True)]
+    )  # fmt: skip
+    return SiteArrays(images, masks[:, None].astype(np.int64), splits, target_key="mask")
+
+
+def _draw_site(
+    site_index: int,
+    num_samples: int,
+    image_size: int,
+    num_classes: int,
+    seed: int,
+    stream: int,
+    split_fractions: tuple[float, float, float],
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+    """Images ``(N, 1, S, S)`` with the site's scanner shift, their lesion maps, labels and splits."""
     shift = site_shift(site_index, num_classes, seed)
-    rng = np.random.default_rng([seed, site_index, 13])
-    labels = rng.choice(num_classes, size=num_samples, p=np.asarray(shift.prevalence))
-    images, masks = [], []
+    rng = np.random.default_rng([seed, site_index, stream])
+    labels = rng.choice(num_classes, size=num_samples, p=np.asarray(shift.prevalence)).astype(np.int64)
+    images, lesions = [], []
     for label in labels:
         image, lesion = _phantom(int(label), image_size, rng)
         images.append(_apply_shift(image, shift, rng))
-        masks.append(np.where(lesion > 0.5 * lesion.max(), label, 0) if label else np.zeros_like(lesion))
+        lesions.append(lesion)
     splits = _splits(num_samples, split_fractions, rng)
-    return SiteArrays(
-        np.stack(images)[:, None].astype(np.float32),
-        np.stack(masks)[:, None].astype(np.int64),
-        splits,
-        target_key="mask",
-    )
+    return np.stack(images)[:, None].astype(np.float32), lesions, labels, splits
 
 
 def _splits(n: int, fractions: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
