@@ -1,4 +1,4 @@
-"""``medfed``: simulate a federation, evaluate a model at a site, check or make site data."""
+"""``medfed``: simulate a federation, evaluate or apply a model at a site, check or make site data."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from rich.table import Table
 from medfed.config import Config, ConfigError, load_config, parse_override
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
-data_app = typer.Typer(no_args_is_help=True, help="Site data: check a site folder, write synthetic sites.")
+data_app = typer.Typer(
+    no_args_is_help=True, help="Site data: check a site folder, import image/mask folders, write synthetic sites."
+)
 app.add_typer(data_app, name="data")
 console = Console()
 
@@ -111,9 +113,7 @@ def _simulated_examples(config: Config, out: Path) -> dict[str, list[str]]:
     result = {}
     for index, _ in enumerate(simulated_site_names(config)):
         name, site = load_simulated_site(config, index)
-        paths = example_images(
-            task, model, site.split("test"), config.evaluation.example_images, out / "plots", f"examples-{name}"
-        )
+        paths = example_images(task, model, site.split("test"), config, out / "plots", f"examples-{name}")
         result[name] = [str(p.relative_to(out)) for p in paths]
     return result
 
@@ -156,7 +156,8 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="This site's data folder (manifest.csv + images)")],
     split: Annotated[str, typer.Option(help="Split to evaluate: train, val, test or all")] = "test",
     out: Annotated[
-        Path | None, typer.Option(help="Write metrics.json and Grad-CAM images here (stays at the site)")
+        Path | None,
+        typer.Option(help="Write metrics.json, per-case quantification and example images here (stays at the site)"),
     ] = None,
 ) -> None:
     """Evaluate a global model on this site's own data (nothing leaves the machine)."""
@@ -174,11 +175,13 @@ def evaluate(
         state, meta = load_checkpoint(model)
         config = Config.from_dict(meta["config"], source=f"{model} metadata")
         task = get_task(config.run.task)
-        site = read_site(data, config.data.image_size, config.data.num_classes, task.SAMPLE_KEYS[1])
+        site = read_site(
+            data, config.data.image_size, config.data.num_classes, task.SAMPLE_KEYS[1], config.data.spatial_dims
+        )
     except (FileNotFoundError, DataError, ConfigError, KeyError) as err:
         raise _fail(str(err)) from err
     if split == "all":
-        dataset = ArrayDataset(site.images, site.targets, site.target_key)
+        dataset = ArrayDataset(site.images, site.targets, site.target_key, site.spacing)
     elif split in ("train", "val", "test"):
         dataset = site.split(split)
     else:
@@ -188,7 +191,8 @@ def evaluate(
     net = task.build_model(config)
     net.load_state_dict(state)
     device = resolve_device("auto")
-    results = evaluate_model(task, net.to(device), dataset, config, device)
+    cases: list[dict[str, float]] = []
+    results = evaluate_model(task, net.to(device), dataset, config, device, cases)
     table = Table(title=f"{model.name} (round {meta.get('round')}) on {data.name} [{split}], n={len(dataset)}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -198,8 +202,50 @@ def evaluate(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(json_safe(results), indent=1))
-        example_images(task, net.cpu(), dataset, config.evaluation.example_images, out, "example")
-        console.print(f"written: {out / 'metrics.json'} and example images")
+        if cases:
+            _write_cases(out / "cases.csv", cases, config.data.spatial_dims)
+        example_images(task, net.cpu(), dataset, config, out, "example")
+        console.print(f"written: {out / 'metrics.json'}{', cases.csv' if cases else ''} and example images")
+
+
+def _write_cases(path: Path, cases: list[dict[str, Any]], spatial_dims: int) -> None:
+    """Per-case quantification as CSV, sizes in mm² (2D) or mL (3D)."""
+    import csv
+
+    from medfed.evaluation.quantify import size_unit
+
+    unit = size_unit(spatial_dims)
+    columns = list(dict.fromkeys(k for case in cases for k in case))
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        header = [f"{c}_{unit}" if c.endswith("size") else c for c in columns]
+        writer.writerow(["case", *header])
+        for index, case in enumerate(cases):
+            writer.writerow([index, *(case.get(c, "") for c in columns)])
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="Segmentation model checkpoint (.safetensors with its .json beside it)")],
+    input: Annotated[
+        Path, typer.Option(help="An image, NIfTI volume, DICOM file or DICOM series folder, or a folder of them")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for masks (NIfTI, DICOM-SEG), overlays and quantification.csv")],
+) -> None:
+    """Segment new scans at this site: masks aligned with the input, overlays, structure count and size."""
+    from medfed.predict import predict_cases
+
+    try:
+        results = predict_cases(model, input, out)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise _fail(str(err)) from err
+    table = Table(title=f"{model.name} on {input}")
+    for column in ("case", "structures", "size", "written"):
+        table.add_column(column, justify="left" if column in ("case", "written") else "right")
+    for r in results:
+        table.add_row(r.case, str(r.count), f"{r.size:.3f} {r.unit}", ", ".join(p.name for p in r.outputs))
+    console.print(table)
+    console.print(f"quantification: {out / 'quantification.csv'}")
 
 
 @data_app.command("check")
@@ -208,6 +254,7 @@ def data_check(
     task: Annotated[str, typer.Option(help="Task the data is for")] = "classification",
     num_classes: Annotated[int, typer.Option(help="Number of classes")] = 2,
     image_size: Annotated[int, typer.Option(help="Model input size")] = 28,
+    spatial_dims: Annotated[int, typer.Option(help="2: images, 3: volumes")] = 2,
 ) -> None:
     """Validate a site folder; list every bad file and why."""
     import numpy as np
@@ -218,11 +265,14 @@ def data_check(
     if task not in TASKS:
         raise _fail(f"--task {task!r}: expected one of {sorted(TASKS)}")
     try:
-        site = read_site(site_dir, image_size, num_classes, get_task(task).SAMPLE_KEYS[1])
+        site = read_site(site_dir, image_size, num_classes, get_task(task).SAMPLE_KEYS[1], spatial_dims)
     except DataError as err:
         console.print(f"[bold red]{err}[/]")
         raise typer.Exit(code=1) from err
-    console.print(f"{site_dir}: {len(site.targets)} samples, all readable")
+    unit, units = site.privacy_units("train")
+    console.print(
+        f"{site_dir}: {len(site.targets)} samples, all readable; privacy unit: {unit} ({len(units)} in train)"
+    )
     table = Table(
         title="samples per split and class" + (" (largest class in the mask)" if site.target_key == "mask" else "")
     )
@@ -235,21 +285,47 @@ def data_check(
     console.print(table)
 
 
+@data_app.command("import")
+def data_import(
+    images: Annotated[Path, typer.Option(help="Folder of images or volumes (PNG/JPEG, NIfTI, DICOM, .npy)")],
+    masks: Annotated[Path, typer.Option(help="Folder of label masks, named after their images")],
+    out: Annotated[Path, typer.Option(help="Site folder to create (copies + manifest.csv)")],
+    patient_pattern: Annotated[
+        str, typer.Option(help="Regular expression finding the patient id in a file name (first group)")
+    ] = "",
+    val: Annotated[float, typer.Option(help="Fraction of patients for validation")] = 0.2,
+    test: Annotated[float, typer.Option(help="Fraction of patients for testing")] = 0.2,
+    seed: int = 0,
+) -> None:
+    """Make a segmentation site folder from an image folder and a mask folder (patient-level splits)."""
+    from medfed.data import DataError
+    from medfed.data.pairs import import_pairs
+
+    try:
+        folder = import_pairs(images, masks, out, patient_pattern, seed, (val, test))
+    except (DataError, FileExistsError, ValueError) as err:
+        raise _fail(str(err)) from err
+    console.print(f"wrote {folder / 'manifest.csv'}; check it with: medfed data check {folder} --task segmentation")
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Folder to create one site folder per synthetic hospital in")],
+    task: Annotated[str, typer.Option(help="classification (labels) or segmentation (masks)")] = "classification",
     sites: int = 3,
     samples: int = 200,
     image_size: int = 28,
     num_classes: int = 2,
+    spatial_dims: Annotated[int, typer.Option(help="2: images (PNG), 3: volumes (NIfTI)")] = 2,
     seed: int = 0,
 ) -> None:
-    """Write synthetic hospitals (scanner shift, prevalence) as site folders."""
+    """Write synthetic hospitals (scanner shift, prevalence, voxel size) as site folders."""
     from medfed.data import write_site
-    from medfed.data.synthetic import synthetic_site
+    from medfed.data.synthetic import synthetic_segmentation_site, synthetic_site
 
+    if task not in ("classification", "segmentation"):
+        raise _fail(f"--task {task!r}: expected classification or segmentation")
+    make = synthetic_segmentation_site if task == "segmentation" else synthetic_site
     for index in range(sites):
-        folder = write_site(
-            out / f"hospital-{index + 1}", synthetic_site(index, samples, image_size, num_classes, seed)
-        )
-        console.print(f"wrote {folder}")
+        site = make(index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims)
+        console.print(f"wrote {write_site(out / f'hospital-{index + 1}', site)}")

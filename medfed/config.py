@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -62,28 +63,53 @@ class DataConfig:
     """Where the sites' data comes from in a simulation, and how it is split into sites.
 
     ``source``: ``synthetic`` (generated sites with scanner shifts), ``medmnist`` (a MedMNIST
-    ``.npz`` at ``path``, split by ``partitioner``) or ``sites`` (``path`` holds one site folder
-    per hospital: the natural partition).
+    ``.npz`` at ``path``, split by ``partitioner``), ``sites`` (``path`` holds one site folder
+    per hospital: the natural partition) or ``pairs`` (``path`` holds an ``images`` folder and a
+    ``masks`` folder matched by file name; patients, found in file names by ``patient-pattern``,
+    are dealt to ``sites`` sites in name order, then to train/val/test within each site).
+
+    Images are resampled to ``image-size`` pixels along each of ``spatial-dims`` axes (2: images,
+    3: volumes). ``patch-size`` > 0 trains on one random patch per image per step and evaluates
+    with sliding-window inference (segmentation).
     """
 
-    source: Literal["synthetic", "medmnist", "sites"] = "synthetic"
+    source: Literal["synthetic", "medmnist", "sites", "pairs"] = "synthetic"
     path: str = ""
     sites: int = 3
     partitioner: Literal["iid", "dirichlet", "natural"] = "iid"
     alpha: float = 0.5
+    spatial_dims: int = 2
     image_size: int = 28
+    patch_size: int = 0
     num_classes: int = 2
     samples_per_site: int = 240
     max_samples_per_site: int = 0
+    images: str = "images"
+    masks: str = "masks"
+    patient_pattern: str = ""
 
     def __post_init__(self) -> None:
         _check(self.sites >= 1, "data.sites", self.sites, "an integer >= 1")
         _check(self.alpha > 0, "data.alpha", self.alpha, "a number > 0")
+        _check(self.spatial_dims in (2, 3), "data.spatial-dims", self.spatial_dims, "2 (images) or 3 (volumes)")
         _check(self.image_size >= 8, "data.image-size", self.image_size, "an integer >= 8")
+        _check(
+            self.patch_size == 0 or 8 <= self.patch_size <= self.image_size,
+            "data.patch-size",
+            self.patch_size,
+            f"0 (whole images) or an integer in [8, data.image-size = {self.image_size}]",
+        )
         _check(self.num_classes >= 2, "data.num-classes", self.num_classes, "an integer >= 2")
         _check(self.samples_per_site >= 10, "data.samples-per-site", self.samples_per_site, ">= 10")
         _check(self.max_samples_per_site >= 0, "data.max-samples-per-site", self.max_samples_per_site, ">= 0 (0: all)")
-        if self.source in ("medmnist", "sites"):
+        if self.patient_pattern:
+            try:
+                re.compile(self.patient_pattern)
+            except re.error as err:
+                raise ConfigError(
+                    f"data.patient-pattern = {self.patient_pattern!r} is not a regular expression: {err}"
+                ) from None
+        if self.source in ("medmnist", "sites", "pairs"):
             _check(bool(self.path), "data.path", self.path, f"a path (required when data.source = '{self.source}')")
 
 

@@ -65,6 +65,7 @@ class _RunState:
     state_root: str
     sites: dict[int, str] = field(default_factory=dict)
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    privacy_units: dict[str, str] = field(default_factory=dict)
 
     def message_config(self, **extra: Any) -> ConfigRecord:
         return ConfigRecord({"medfed-config": self.config.to_json(), "simulation-state-root": self.state_root, **extra})
@@ -94,6 +95,7 @@ class _Reply:
     reason: str
     metrics: dict[str, float]
     arrays: ArrayRecord | None
+    privacy_unit: str = ""
 
 
 def _parse_reply(state: _RunState, reply: Message) -> _Reply:
@@ -105,7 +107,8 @@ def _parse_reply(state: _RunState, reply: Message) -> _Reply:
         status = reply.content["site"]
         metrics = {str(k): float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
         arrays = reply.content["arrays"] if "arrays" in reply.content.array_records else None
-        return _Reply(site, str(status["status"]), str(status["reason"]), metrics, arrays)
+        unit = str(status["privacy-unit"]) if "privacy-unit" in status else ""
+        return _Reply(site, str(status["status"]), str(status["reason"]), metrics, arrays, unit)
     except (KeyError, TypeError, ValueError) as err:
         raise MalformedReply(f"site {site} sent a malformed reply ({type(err).__name__}: {err})") from err
 
@@ -256,6 +259,8 @@ def _record_privacy(state: _RunState, parsed: _Reply) -> None:
     privacy = {k: parsed.metrics[k] for k in PRIVACY_KEYS if k in parsed.metrics}
     if privacy:
         state.privacy[parsed.site] = privacy
+    if parsed.privacy_unit in ("image", "patient"):
+        state.privacy_units[parsed.site] = parsed.privacy_unit
 
 
 def _with_dtypes_of(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
@@ -316,7 +321,7 @@ def _cross_site(
     return {"models": [*models, "global"], "sites": sites, "metric": metric, "matrix": matrix}
 
 
-def _privacy_section(state: _RunState) -> dict[str, dict[str, float]]:
+def _privacy_section(state: _RunState) -> dict[str, dict[str, Any]]:
     if not state.config.privacy.enabled:
         return {}
     keys = {
@@ -326,7 +331,10 @@ def _privacy_section(state: _RunState) -> dict[str, dict[str, float]]:
         "noise-multiplier": "noise_multiplier",
         "max-grad-norm": "max_grad_norm",
     }
-    return {site: {keys[k]: v for k, v in p.items()} for site, p in sorted(state.privacy.items())}
+    return {
+        site: {**{keys[k]: v for k, v in p.items()}, "unit": state.privacy_units.get(site, "image")}
+        for site, p in sorted(state.privacy.items())
+    }
 
 
 def _log_round(server_round: int, metrics: dict[str, dict[str, float]], primary: str) -> None:

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from torch.utils.data import DataLoader
 
 from medfed.config import Config
-from medfed.data import DataError, SiteArrays, load_simulated_site, read_site
+from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site, read_site
 from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private
 from medfed.tasks import get_task
 from medfed.training import build_optimizer, evaluate, resolve_device, train
@@ -35,6 +35,7 @@ log = logging.getLogger("medfed.site")
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
 
 PHASE_FEDERATED = "federated"
 PHASE_LOCAL = "local-baseline"
@@ -59,7 +60,7 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         name = str(node_config["site-name"])
         state_dir = Path(str(node_config.get("state-dir", data_path / ".medfed-state")))
         target = get_task(config.run.task).SAMPLE_KEYS[1]
-        data = read_site(data_path, config.data.image_size, config.data.num_classes, target)
+        data = read_site(data_path, config.data.image_size, config.data.num_classes, target, config.data.spatial_dims)
     else:
         index = int(node_config["partition-id"])
         name, data = load_simulated_site(config, index)
@@ -102,7 +103,8 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     model = task.build_model(config)
     set_model_arrays(model, msg.content["arrays"])
     model.to(device)
-    dataset = site.data.split("train")
+    unit, units = site.data.privacy_units("train")
+    dataset = PrivacyUnitDataset(site.data.split("train"), units, task.train_transform(config))
     n = len(dataset)
     if n == 0:
         return _failure(msg, site.name, ValueError("the site has no training samples"))
@@ -151,7 +153,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     metrics = {"num-examples": n, "steps": stats.steps, "local-seconds": time.perf_counter() - started, **privacy}
     if ledger is None:
         metrics["train-loss"] = stats.loss  # an un-noised statistic of the data: only sent without DP
-    return _reply(msg, site.name, "ok", "", metrics, model_to_arrays(trained.cpu()))
+    return _reply(msg, site.name, "ok", "", metrics, model_to_arrays(trained.cpu()), privacy_unit=unit)
 
 
 def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
@@ -183,12 +185,13 @@ def _reply(
     reason: str,
     metrics: dict[str, float],
     arrays: ArrayRecord | None = None,
+    privacy_unit: str = "",
 ) -> Message:
+    site = {"name": site_name, "status": status, "reason": reason}
+    if privacy_unit:
+        site["privacy-unit"] = privacy_unit
     content = RecordDict(
-        {
-            "metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
-            "site": ConfigRecord({"name": site_name, "status": status, "reason": reason}),
-        }
+        {"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}), "site": ConfigRecord(site)}
     )
     if arrays is not None:
         content["arrays"] = arrays

@@ -72,45 +72,65 @@ def train(
             batch = {k: v.to(device) for k, v in batch.items()}
             size = len(next(iter(batch.values())))
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                outputs = model(batch["image"])
-                # An empty Poisson batch still takes a (noise-only) DP step, as the accounting assumes.
-                loss = task.loss(outputs, batch) if size else outputs.sum() * 0.0
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+            if size == 0:  # an empty Poisson batch still takes a (noise-only) DP step, as the accounting assumes
+                _noise_only_step(model, optimizer)
             else:
-                loss.backward()
-                optimizer.step()
+                with torch.autocast(device.type, enabled=use_amp):
+                    loss = task.loss(model(batch["image"]), batch)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                loss_sum += float(loss.detach()) * size
             if reference is not None:
                 with torch.no_grad():
                     for param, ref in zip(model.parameters(), reference, strict=True):
                         param.sub_(lr * proximal_mu * (param - ref))
             steps += 1
             examples += size
-            loss_sum += float(loss.detach()) * size
             if max_steps and steps >= max_steps:
                 break
         epoch += 1
     return TrainStats(steps, examples, loss_sum / max(examples, 1), time.perf_counter() - start)
 
 
+def _noise_only_step(model: nn.Module, optimizer: Optimizer) -> None:
+    """Step a DP optimizer on an empty batch: no per-sample gradients, only the calibrated noise."""
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad_sample = param.new_zeros((0, *param.shape))
+    optimizer.step()
+
+
 @torch.no_grad()
 def evaluate(
-    task: ModuleType | Any, model: nn.Module, dataset: Dataset, config: Config, device: torch.device
+    task: ModuleType | Any,
+    model: nn.Module,
+    dataset: Dataset,
+    config: Config,
+    device: torch.device,
+    cases: list[dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """The task's metrics of ``model`` on ``dataset`` (plus ``loss``)."""
+    """The task's metrics of ``model`` on ``dataset`` (plus ``loss``).
+
+    ``cases``, when given, receives the per-case rows of tasks that keep them (segmentation
+    quantification); they stay where this runs (the site), only the aggregates are returned.
+    """
     model.eval()
     accumulator = task.metrics(config)
     loader = DataLoader(dataset, batch_size=config.evaluation.batch_size, shuffle=False)
     loss_sum, count = 0.0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        outputs = model(batch["image"])
+        outputs = task.infer(model, batch["image"], config)
         loss_sum += float(task.loss(outputs, batch)) * len(outputs)
         count += len(outputs)
-        accumulator.update(task.predict(model, batch), batch)
+        accumulator.update(task.decode(outputs), batch)
     results = accumulator.compute()
     results["loss"] = loss_sum / max(count, 1)
+    if cases is not None:
+        cases.extend(getattr(accumulator, "cases", []))
     return results

@@ -28,3 +28,27 @@ def test_pneumoniamnist_federation_with_dp(shared_data: Path, tmp_path: Path) ->
     for site, metrics in report["final"]["per_site"].items():
         assert metrics["auroc"] > 0.7, (site, metrics)  # real signal learned under DP in 3 short rounds
         assert report["privacy"][site]["epsilon"] <= report["privacy"][site]["budget"] + 1e-6
+
+
+def test_chasedb1_loads_as_three_hospitals_split_by_child(shared_data: Path) -> None:
+    import numpy as np
+
+    from medfed.config import load_config
+    from medfed.data.sites import load_simulated_site
+
+    config = load_config(
+        REPO / "configs" / "segmentation-chasedb1.toml",
+        {"data.path": str(shared_data / "chasedb1"), "data.image-size": 128},
+    )
+    children: list[set[str]] = []
+    for index in range(3):
+        name, site = load_simulated_site(config, index)
+        assert name == f"site-{index + 1}" and site.images.shape[1:] == (1, 128, 128)
+        assert set(np.unique(site.targets)) == {0, 1}
+        assert 0.03 < site.targets.mean() < 0.12  # vessels are 5-9 % of a fundus photo
+        assert site.privacy_units("train")[0] == "patient"
+        for child in set(site.patient_ids):  # both eyes of a child stay in one split
+            assert len(set(site.splits[site.patient_ids == child])) == 1
+        assert {"train", "val", "test"} == set(site.splits)
+        children.append(set(site.patient_ids))
+    assert [len(c) for c in children] == [5, 5, 4] and not (children[0] & children[1] or children[1] & children[2])

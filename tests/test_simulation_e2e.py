@@ -56,7 +56,8 @@ def test_report_schema(run: dict) -> None:
     assert len(cross["matrix"]) == 3 and all(len(row) == 2 for row in cross["matrix"])
     for site, p in report["privacy"].items():
         assert site in report["sites"]
-        assert set(p) == {"epsilon", "delta", "budget", "noise_multiplier", "max_grad_norm"}
+        assert set(p) == {"epsilon", "delta", "budget", "noise_multiplier", "max_grad_norm", "unit"}
+        assert p["unit"] == "image"  # the synthetic site folders give no patient ids
 
 
 def test_privacy_within_budget_at_every_site_and_round(run: dict) -> None:

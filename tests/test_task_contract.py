@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from medfed.data import load_simulated_site
 from medfed.privacy import make_private
-from medfed.tasks import TASKS, get_task
+from medfed.tasks import TASKS, get_task, predict
 from medfed.training import build_optimizer, evaluate, train
 from tests.conftest import tiny_config
 
@@ -26,7 +26,8 @@ def _site(task):
 
 
 def test_interface_names(task) -> None:
-    for name in ("NAME", "PRIMARY_METRIC", "SAMPLE_KEYS", "build_model", "loss", "predict", "metrics"):
+    names = ("NAME", "PRIMARY_METRIC", "SAMPLE_KEYS", "build_model", "loss", "infer", "decode", "train_transform")
+    for name in (*names, "metrics"):
         assert hasattr(task, name), name
 
 
@@ -48,9 +49,9 @@ def test_predict_and_loss_shapes(task) -> None:
     config = _config(task)
     model = task.build_model(config)
     batch = next(iter(DataLoader(_site(task).split("train"), batch_size=4)))
-    assert set(batch) == set(task.SAMPLE_KEYS)
+    assert set(batch) == {*task.SAMPLE_KEYS, "spacing"}
     assert task.loss(model(batch["image"]), batch).ndim == 0
-    predictions = task.predict(model, batch)
+    predictions = predict(task, model, batch["image"], config)
     assert len(predictions) == 4
     accumulator = task.metrics(config)
     accumulator.update(predictions, batch)

@@ -49,3 +49,20 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model() -> None:
 def test_device_auto_is_cpu_without_gpu() -> None:
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
+
+
+def test_an_empty_poisson_batch_takes_a_noise_only_dp_step_with_group_norm_3d() -> None:
+    from medfed.privacy import make_private
+
+    seg = get_task("segmentation")
+    config = tiny_config(**{"run.task": "segmentation", "data.spatial-dims": 3, "data.image-size": 8})
+    model = seg.build_model(config)
+    data = [{"image": torch.zeros(1, 8, 8, 8), "mask": torch.zeros(1, 8, 8, 8, dtype=torch.long)}]
+    model, optimizer, _ = make_private(
+        model, build_optimizer(model, config.train), DataLoader(data, batch_size=1), 1.0, 1.0
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    empty = {"image": torch.zeros(0, 1, 8, 8, 8), "mask": torch.zeros(0, 1, 8, 8, 8, dtype=torch.long)}
+    stats = train(seg, model, [empty, empty], optimizer, torch.device("cpu"), epochs=1)
+    assert stats.steps == 2 and stats.examples == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # noise was added

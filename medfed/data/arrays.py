@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SPLITS", "ArrayDataset", "SiteArrays"]
+__all__ = ["SPLITS", "ArrayDataset", "PrivacyUnitDataset", "SiteArrays"]
 
 SPLITS = ("train", "val", "test")
+
+Sample = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -18,8 +21,9 @@ class SiteArrays:
     """One site's samples: images ``(N, C, *spatial)`` float32, integer targets and split names.
 
     Targets are class indices ``(N,)`` (``target_key = "label"``) or label masks ``(N, 1, *spatial)``
-    (``target_key = "mask"``). ``patient_ids`` (optional) are kept only for leakage-free
-    splitting; they never leave the site.
+    (``target_key = "mask"``). ``spacing`` ``(N, spatial_dims)`` is the voxel size in mm along each
+    spatial axis after resampling (1 mm where the files do not say). ``patient_ids`` (optional)
+    keep a patient in one split and make the patient the privacy unit; they never leave the site.
     """
 
     images: np.ndarray
@@ -27,6 +31,7 @@ class SiteArrays:
     splits: np.ndarray
     patient_ids: np.ndarray | None = None
     target_key: str = "label"
+    spacing: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -37,15 +42,23 @@ class SiteArrays:
         bad = sorted(set(self.splits.tolist()) - set(SPLITS))
         if bad:
             raise ValueError(f"unknown split names {bad}; expected {list(SPLITS)}")
+        if self.spacing is None:
+            self.spacing = np.ones((n, self.images.ndim - 2), dtype=np.float32)
+        if self.spacing.shape != (n, self.images.ndim - 2):
+            raise ValueError(
+                f"spacing must be (N, spatial_dims) = {(n, self.images.ndim - 2)}, got {self.spacing.shape}"
+            )
 
     def split(self, name: str) -> ArrayDataset:
-        """The samples of one split as a dataset of ``{"image", target_key}`` dicts."""
+        """The samples of one split as a dataset of ``{"image", target_key, "spacing"}`` dicts."""
         keep = self.splits == name
-        return ArrayDataset(self.images[keep], self.targets[keep], self.target_key)
+        return ArrayDataset(self.images[keep], self.targets[keep], self.target_key, self.spacing[keep])
 
     def subset(self, mask: np.ndarray) -> SiteArrays:
         pids = None if self.patient_ids is None else self.patient_ids[mask]
-        return SiteArrays(self.images[mask], self.targets[mask], self.splits[mask], pids, self.target_key)
+        return SiteArrays(
+            self.images[mask], self.targets[mask], self.splits[mask], pids, self.target_key, self.spacing[mask]
+        )
 
     def class_labels(self) -> np.ndarray:
         """One class per sample, for stratifying and partitioning: the label, or a mask's largest class."""
@@ -53,17 +66,62 @@ class SiteArrays:
             return self.targets
         return self.targets.reshape(len(self.targets), -1).max(axis=1)
 
+    def privacy_units(self, split: str = "train") -> tuple[str, list[np.ndarray]]:
+        """The privacy unit of ``split`` and its samples grouped by unit (indices into the split).
+
+        The unit is the patient when every sample of the split has a patient id, else the image.
+        """
+        keep = self.splits == split
+        ids = None if self.patient_ids is None else self.patient_ids[keep]
+        if ids is None or len(ids) == 0 or any(not str(i) for i in ids):
+            return "image", [np.array([i]) for i in range(int(keep.sum()))]
+        _, inverse = np.unique(ids, return_inverse=True)
+        return "patient", [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+
 
 class ArrayDataset(Dataset):
-    """Samples ``{"image": (C, *spatial) float tensor, target_key: long tensor}``."""
+    """Samples ``{"image": (C, *spatial) float, target_key: long, "spacing": (spatial_dims,) float}``."""
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, target_key: str = "label") -> None:
+    def __init__(
+        self, images: np.ndarray, targets: np.ndarray, target_key: str = "label", spacing: np.ndarray | None = None
+    ) -> None:
         self.images = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32)
         self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
         self.target_key = target_key
+        if spacing is None:
+            spacing = np.ones((len(self.targets), self.images.ndim - 2), dtype=np.float32)
+        self.spacing = torch.as_tensor(np.asarray(spacing), dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"image": self.images[index], self.target_key: self.targets[index]}
+    def __getitem__(self, index: int) -> Sample:
+        return {"image": self.images[index], self.target_key: self.targets[index], "spacing": self.spacing[index]}
+
+
+class PrivacyUnitDataset(Dataset):
+    """Training view with one item per privacy unit: a random image of the unit, then ``transform``.
+
+    With Poisson sampling over this dataset a unit (patient or image) contributes at most one
+    sample (one image, one patch) to a step, so per-sample clipping bounds the unit's influence
+    and the DP accounting over ``len(self)`` units holds at the unit level.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        units: list[np.ndarray],
+        transform: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.units = units
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, index: int) -> Sample:
+        members = self.units[index]
+        pick = members[int(torch.randint(len(members), ()))] if len(members) > 1 else members[0]
+        sample = self.dataset[int(pick)]
+        return self.transform(sample) if self.transform is not None else sample

@@ -12,16 +12,20 @@ import csv
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
 from medfed.data.arrays import SPLITS, SiteArrays
+from medfed.data.medical_io import Scan, read_scan
 
 __all__ = ["DataError", "DataProblem", "load_image", "load_mask", "read_site", "write_site"]
 
 MANIFEST = "manifest.csv"
 REQUIRED_COLUMNS = ("image", "split")
+T = TypeVar("T")
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -45,37 +49,48 @@ class DataError(ValueError):
         super().__init__(f"site folder {site_dir} has {len(problems)} problem(s):\n  {shown}{more}")
 
 
-def load_image(path: Path, image_size: int) -> np.ndarray:
-    """Read one 2D image as ``(1, image_size, image_size)`` float32 in [0, 1]."""
-    name = path.name.lower()
-    if name.endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    elif name.endswith(".npy"):
-        array = _normalise(np.load(path, allow_pickle=False).astype(np.float32))
-    elif name.endswith(".dcm"):
-        import pydicom
+def load_image(
+    path: Path, image_size: int, spatial_dims: int = 2, spacing: tuple[float, ...] | None = None
+) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Read one image (2D) or volume (3D) as ``(1, *[image_size] * spatial_dims)`` float32 in [0, 1].
 
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array.astype(np.float32)
-        pixels = pixels * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
-        array = _normalise(pixels)
-    elif name.endswith((".nii", ".nii.gz")):
-        import nibabel
+    Returns the array and its voxel size in mm after resampling. ``spacing`` (mm per input pixel)
+    replaces the file's own; a file without one (PNG) counts 1 mm per pixel. Photos (PNG/JPEG, 8-bit) are scaled by 1/255, other
+    formats by their 0.5-99.5 percentile range.
+    """
+    scan = read_scan(path)
+    if spacing is not None and len(spacing) != spatial_dims:
+        raise ValueError(f"spacing {spacing} has {len(spacing)} values; the image has {spatial_dims} axes")
+    array, resampled, _ = model_input(scan, image_size, spatial_dims, is_photo(path), spacing)
+    return array, resampled
 
-        array = _normalise(np.asarray(nibabel.load(path).dataobj, dtype=np.float32))
-    else:
-        raise ValueError("unsupported image format; expected PNG/JPEG, .npy, .dcm or .nii(.gz)")
-    array = np.squeeze(array)
-    if array.ndim != 2:
-        raise ValueError(f"expected a 2D image, got shape {array.shape}")
+
+def is_photo(path: Path) -> bool:
+    """PNG/JPEG/BMP/TIFF: pixel values are display levels, not physical intensities."""
+    return path.name.lower().endswith(PHOTO_SUFFIXES)
+
+
+def model_input(
+    scan: Scan, image_size: int, spatial_dims: int, photo: bool, spacing: tuple[float, ...] | None = None
+) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
+    """A scan as the model sees it: ``(1, *[image_size] * spatial_dims)`` in [0, 1], its voxel size in mm
+    after resampling, and the shape it was resampled from (singleton axes dropped).
+
+    8-bit photos are scaled by 1/255; anything else by its 0.5-99.5 percentile range.
+    """
+    array, file_spacing = _squeeze(scan.array, scan.spacing, spatial_dims, "image")
     if not np.isfinite(array).all():
         raise ValueError("image contains NaN or Inf pixels")
-    return _resize(array, image_size)[None]
+    array = array / 255.0 if photo and array.max(initial=0) <= 255 else _normalise(array)
+    resized = _resize(array.astype(np.float32), image_size)
+    return resized[None], _resampled_spacing(spacing or file_spacing, array.shape, image_size), array.shape
 
 
-def load_mask(path: Path, image_size: int, num_classes: int) -> np.ndarray:
-    """Read a 2D label mask as ``(1, image_size, image_size)`` int64 (nearest-neighbour resize)."""
+def load_mask(path: Path, image_size: int, num_classes: int, spatial_dims: int = 2) -> np.ndarray:
+    """Read a label mask as ``(1, *[image_size] * spatial_dims)`` int64 (nearest-neighbour resampling).
+
+    1-bit PNGs are read as 0/1; other files must hold class indices in ``[0, num_classes - 1]``.
+    """
     name = path.name.lower()
     if name.endswith(".npy"):
         mask = np.load(path, allow_pickle=False)
@@ -85,25 +100,24 @@ def load_mask(path: Path, image_size: int, num_classes: int) -> np.ndarray:
         mask = np.asarray(nibabel.load(path).dataobj)
     else:
         with Image.open(path) as img:
-            mask = np.asarray(img.convert("L")) if img.mode == "1" else np.asarray(img)
-            if img.mode == "1":
-                mask = (mask > 0).astype(np.int64)
-    mask = np.squeeze(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"expected a 2D mask, got shape {mask.shape}")
+            mask = (np.asarray(img.convert("L")) > 0).astype(np.int64) if img.mode == "1" else np.asarray(img)
+    mask, _ = _squeeze(mask, (1.0,) * mask.ndim, spatial_dims, "mask")
     if not np.array_equal(mask, np.round(mask)) or mask.min() < 0 or mask.max() >= num_classes:
         raise ValueError(f"mask values must be class indices in [0, {num_classes - 1}], found {np.unique(mask)[:8]}")
-    if mask.shape != (image_size, image_size):
-        rows = (np.arange(image_size) * mask.shape[0] / image_size).astype(int)
-        cols = (np.arange(image_size) * mask.shape[1] / image_size).astype(int)
-        mask = mask[np.ix_(rows, cols)]
+    if mask.shape != (image_size,) * spatial_dims:
+        index = [(np.arange(image_size) * n / image_size).astype(int) for n in mask.shape]
+        mask = mask[np.ix_(*index)]
     return mask.astype(np.int64)[None]
 
 
-def read_site(site_dir: str | Path, image_size: int, num_classes: int, target: str = "label") -> SiteArrays:
+def read_site(
+    site_dir: str | Path, image_size: int, num_classes: int, target: str = "label", spatial_dims: int = 2
+) -> SiteArrays:
     """Load and validate a site folder; raise :class:`DataError` listing every bad row.
 
-    ``target`` is the manifest column holding what the task learns: ``label`` or ``mask``.
+    ``target`` is the manifest column holding what the task learns: ``label`` or ``mask``. An
+    optional ``spacing`` column gives the pixel size in mm for files that do not carry it
+    (``0.5`` for isotropic pixels, or one value per axis: ``2.5x0.7x0.7``).
     """
     site_dir = Path(site_dir)
     manifest = site_dir / MANIFEST
@@ -120,7 +134,7 @@ def read_site(site_dir: str | Path, image_size: int, num_classes: int, target: s
         raise DataError(site_dir, [DataProblem(MANIFEST, "no rows")])
 
     problems: list[DataProblem] = []
-    images, targets, splits, patients = [], [], [], []
+    images, targets, splits, patients, spacings = [], [], [], [], []
     for line, row in enumerate(rows, start=2):
         where = f"{MANIFEST} line {line}"
         if row["split"] not in SPLITS:
@@ -131,12 +145,18 @@ def read_site(site_dir: str | Path, image_size: int, num_classes: int, target: s
                 problems.append(
                     DataProblem(where, f"label {row['label']!r} is not a class index in [0, {num_classes - 1}]")
                 )
-        image = _read_file(site_dir, row["image"], where, problems, lambda p: load_image(p, image_size))
+        pixel_mm = _parse_spacing(row.get("spacing") or "", spatial_dims, where, problems)
+        loaded = _read_file(
+            site_dir, row["image"], where, problems, lambda p, mm=pixel_mm: load_image(p, image_size, spatial_dims, mm)
+        )
         if target == "mask":
-            value = _read_file(site_dir, row["mask"], where, problems, lambda p: load_mask(p, image_size, num_classes))
-        if image is None or value is None:
+            value = _read_file(
+                site_dir, row["mask"], where, problems, lambda p: load_mask(p, image_size, num_classes, spatial_dims)
+            )
+        if loaded is None or value is None:
             continue
-        images.append(image)
+        images.append(loaded[0])
+        spacings.append(loaded[1])
         targets.append(value)
         splits.append(row["split"])
         patients.append(row.get("patient_id") or "")
@@ -149,12 +169,13 @@ def read_site(site_dir: str | Path, image_size: int, num_classes: int, target: s
         np.asarray(splits, dtype=str),
         np.asarray(patients, dtype=str),
         target_key=target,
+        spacing=np.asarray(spacings, dtype=np.float32),
     )
 
 
 def _read_file(
-    site_dir: Path, relative: str, where: str, problems: list[DataProblem], reader: Callable[[Path], np.ndarray]
-) -> np.ndarray | None:
+    site_dir: Path, relative: str, where: str, problems: list[DataProblem], reader: Callable[[Path], T]
+) -> T | None:
     """Read one file named in the manifest, or record why it cannot be used."""
     path = site_dir / relative
     if not path.resolve().is_relative_to(site_dir.resolve()):
@@ -171,27 +192,59 @@ def _read_file(
 
 
 def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
-    """Write a site folder (8-bit PNG images, PNG masks for masks, manifest.csv) from arrays."""
+    """Write a site folder from arrays: manifest.csv plus 8-bit PNG images and PNG masks (2D) with a
+    ``spacing`` column, or NIfTI images and masks whose header holds the spacing (3D)."""
     site_dir = Path(site_dir)
     (site_dir / "images").mkdir(parents=True, exist_ok=True)
     masks = site.target_key == "mask"
     if masks:
         (site_dir / "masks").mkdir(exist_ok=True)
+    volumes = site.images.ndim == 5
     with (site_dir / MANIFEST).open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", site.target_key, "split", "patient_id"])
+        writer.writerow(["image", site.target_key, "split", "patient_id", "spacing"])
         for i, (image, target, split) in enumerate(zip(site.images, site.targets, site.splits, strict=True)):
-            rel = f"images/{i:06d}.png"
-            pixels = np.clip(np.round(image[0] * 255), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(site_dir / rel)
-            if masks:
+            spacing = tuple(float(v) for v in site.spacing[i])
+            if volumes:
+                rel = f"images/{i:06d}.nii.gz"
+                _save_nifti(image[0].astype(np.float32), spacing, site_dir / rel)
+            else:
+                rel = f"images/{i:06d}.png"
+                Image.fromarray(np.clip(np.round(image[0] * 255), 0, 255).astype(np.uint8)).save(site_dir / rel)
+            if masks and volumes:
+                value = f"masks/{i:06d}.nii.gz"
+                _save_nifti(target[0].astype(np.uint8), spacing, site_dir / value)
+            elif masks:
                 value = f"masks/{i:06d}.png"
                 Image.fromarray(target[0].astype(np.uint8)).save(site_dir / value)
             else:
                 value = str(int(target))
             pid = site.patient_ids[i] if site.patient_ids is not None else ""
-            writer.writerow([rel, value, split, pid])
+            writer.writerow([rel, value, split, pid, "" if volumes else "x".join(f"{v:g}" for v in spacing)])
     return site_dir
+
+
+def _save_nifti(array: np.ndarray, spacing: tuple[float, ...], path: Path) -> None:
+    import nibabel
+
+    nibabel.save(nibabel.Nifti1Image(array, np.diag([*spacing, 1.0])), path)
+
+
+def _parse_spacing(text: str, spatial_dims: int, where: str, problems: list[DataProblem]) -> tuple[float, ...] | None:
+    if not text.strip():
+        return None
+    try:
+        values = tuple(float(v) for v in text.lower().split("x"))
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * spatial_dims
+    if len(values) != spatial_dims or not all(np.isfinite(v) and v > 0 for v in values):
+        problems.append(
+            DataProblem(where, f"spacing {text!r}: expected mm > 0, one value or {spatial_dims} joined by x")
+        )
+        return None
+    return values
 
 
 def _parse_label(text: str, num_classes: int) -> int | None:
@@ -223,9 +276,25 @@ def _normalise(array: np.ndarray) -> np.ndarray:
 
 
 def _resize(array: np.ndarray, size: int) -> np.ndarray:
-    if array.shape == (size, size):
+    if array.shape == (size,) * array.ndim:
         return array.astype(np.float32)
     from monai.transforms import Resize
 
-    resized = Resize((size, size), mode="area" if min(array.shape) > size else "bilinear")(array[None])
+    mode = "area" if min(array.shape) > size else ("bilinear" if array.ndim == 2 else "trilinear")
+    resized = Resize((size,) * array.ndim, mode=mode)(array[None])
     return np.asarray(resized, dtype=np.float32)[0]
+
+
+def _resampled_spacing(spacing: tuple[float, ...], shape: tuple[int, ...], size: int) -> tuple[float, ...]:
+    return tuple(float(s) * n / size for s, n in zip(spacing, shape, strict=True))
+
+
+def _squeeze(
+    array: np.ndarray, spacing: tuple[float, ...], spatial_dims: int, what: str
+) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Drop singleton axes (a 2D slice stored as (H, W, 1)); the rest must be ``spatial_dims`` axes."""
+    keep = [axis for axis, n in enumerate(array.shape) if n > 1]
+    if len(keep) != spatial_dims:
+        kind = "2D image" if spatial_dims == 2 else "3D volume"
+        raise ValueError(f"expected a {kind} {what} (data.spatial-dims = {spatial_dims}), got shape {array.shape}")
+    return array.reshape([array.shape[a] for a in keep]), tuple(float(spacing[a]) for a in keep)

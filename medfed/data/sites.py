@@ -10,6 +10,7 @@ from medfed.config import Config
 from medfed.data.arrays import SiteArrays
 from medfed.data.manifest import MANIFEST, read_site
 from medfed.data.medmnist import read_medmnist
+from medfed.data.pairs import assign_splits, deal_to_sites, find_pairs, read_pairs
 from medfed.data.partition import dirichlet_partition, iid_partition
 from medfed.data.synthetic import synthetic_segmentation_site, synthetic_site
 from medfed.tasks import get_task
@@ -33,9 +34,24 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
     target = get_task(config.run.task).SAMPLE_KEYS[1]
     if data.source == "synthetic":
         make = synthetic_segmentation_site if target == "mask" else synthetic_site
-        site = make(index, data.samples_per_site, data.image_size, data.num_classes, config.run.seed)
+        site = make(
+            index,
+            data.samples_per_site,
+            data.image_size,
+            data.num_classes,
+            config.run.seed,
+            spatial_dims=data.spatial_dims,
+        )
     elif data.source == "sites":
-        site = read_site(Path(data.path) / names[index], data.image_size, data.num_classes, target)
+        site = read_site(Path(data.path) / names[index], data.image_size, data.num_classes, target, data.spatial_dims)
+    elif data.source == "pairs":
+        if target != "mask":
+            raise ValueError("data.source = 'pairs' holds image/mask pairs: it feeds run.task = 'segmentation' only")
+        root = Path(data.path)
+        pairs = deal_to_sites(find_pairs(root / data.images, root / data.masks, data.patient_pattern), data.sites)
+        mine = pairs[index]
+        splits = assign_splits(mine, config.run.seed + index)
+        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims)
     elif target == "mask":
         raise ValueError(
             "data.source = 'medmnist' holds class labels, not masks: it cannot feed run.task = 'segmentation'"

@@ -29,6 +29,12 @@ class ScannerShift:
     blur: float
     downsample: int
     prevalence: tuple[float, ...]
+    pixel_mm: float
+    slice_mm: float
+
+    def spacing(self, ndim: int) -> tuple[float, ...]:
+        """Voxel size in mm along the array axes: (pixel, pixel) or (slice, pixel, pixel)."""
+        return ((self.slice_mm,) if ndim == 3 else ()) + (self.pixel_mm, self.pixel_mm)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -50,6 +56,8 @@ def site_shift(site_index: int, num_classes: int, seed: int) -> ScannerShift:
         blur=float(rng.uniform(0.0, 1.0)),
         downsample=int(rng.choice([1, 1, 2])),
         prevalence=tuple(float(p) for p in prevalence),
+        pixel_mm=float(rng.uniform(0.5, 1.0)),
+        slice_mm=float(rng.uniform(1.0, 3.0)),
     )
 
 
@@ -60,10 +68,13 @@ def synthetic_site(
     num_classes: int = 2,
     seed: int = 0,
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    spatial_dims: int = 2,
 ) -> SiteArrays:
-    """Generate one site's images ``(N, 1, S, S)`` in [0, 1], labels and train/val/test splits."""
-    images, _, labels, splits = _draw_site(site_index, num_samples, image_size, num_classes, seed, 11, split_fractions)
-    return SiteArrays(images, labels, splits)
+    """Generate one site's images ``(N, 1, *[S] * spatial_dims)`` in [0, 1], labels and splits."""
+    images, _, labels, splits, spacing = _draw_site(
+        site_index, num_samples, image_size, num_classes, seed, 11, split_fractions, spatial_dims
+    )
+    return SiteArrays(images, labels, splits, spacing=spacing)
 
 
 def synthetic_segmentation_site(
@@ -73,20 +84,22 @@ def synthetic_segmentation_site(
     num_classes: int = 2,
     seed: int = 0,
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    spatial_dims: int = 2,
 ) -> SiteArrays:
-    """Generate one site's images ``(N, 1, S, S)`` and label masks ``(N, 1, S, S)`` (0 = background).
+    """Generate one site's images and label masks ``(N, 1, *[S] * spatial_dims)`` (0 = background).
 
-    Lesion shapes are those of :func:`synthetic_site`; mask value k marks lesion class k. The
-    site's prevalence decides how often an image holds a lesion, and of which class.
+    Lesion shapes are those of :func:`synthetic_site` (balls, shells and rods in 3D); mask value
+    k marks lesion class k. The site's prevalence decides how often an image holds a lesion, and
+    of which class; its scanner decides the voxel size in mm.
     """
-    images, lesions, labels, splits = _draw_site(
-        site_index, num_samples, image_size, num_classes, seed, 13, split_fractions
+    images, lesions, labels, splits, spacing = _draw_site(
+        site_index, num_samples, image_size, num_classes, seed, 13, split_fractions, spatial_dims
     )
     masks = np.stack(
         [np.where(lesion > 0.5 * lesion.max(), label, 0) if label else np.zeros_like(lesion)
          for lesion, label in zip(lesions, labels, strict=True)]
     )  # fmt: skip
-    return SiteArrays(images, masks[:, None].astype(np.int64), splits, target_key="mask")
+    return SiteArrays(images, masks[:, None].astype(np.int64), splits, target_key="mask", spacing=spacing)
 
 
 def _draw_site(
@@ -97,18 +110,20 @@ def _draw_site(
     seed: int,
     stream: int,
     split_fractions: tuple[float, float, float],
-) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
-    """Images ``(N, 1, S, S)`` with the site's scanner shift, their lesion maps, labels and splits."""
+    spatial_dims: int,
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Images ``(N, 1, *spatial)`` with the site's scanner shift, lesion maps, labels, splits, spacing."""
     shift = site_shift(site_index, num_classes, seed)
     rng = np.random.default_rng([seed, site_index, stream])
     labels = rng.choice(num_classes, size=num_samples, p=np.asarray(shift.prevalence)).astype(np.int64)
     images, lesions = [], []
     for label in labels:
-        image, lesion = _phantom(int(label), image_size, rng)
+        image, lesion = _phantom(int(label), image_size, rng, spatial_dims)
         images.append(_apply_shift(image, shift, rng))
         lesions.append(lesion)
     splits = _splits(num_samples, split_fractions, rng)
-    return np.stack(images)[:, None].astype(np.float32), lesions, labels, splits
+    spacing = np.tile(np.asarray(shift.spacing(spatial_dims), dtype=np.float32), (num_samples, 1))
+    return np.stack(images)[:, None].astype(np.float32), lesions, labels, splits, spacing
 
 
 def _splits(n: int, fractions: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
@@ -122,45 +137,55 @@ def _splits(n: int, fractions: tuple[float, float, float], rng: np.random.Genera
     return splits.astype(str)
 
 
-def _phantom(label: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _phantom(label: int, size: int, rng: np.random.Generator, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     """A smooth anatomical background with a lesion of class ``label``; returns (image, lesion map)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    centre = size / 2 + rng.normal(0, size * 0.03, 2)
-    radii = size * rng.uniform(0.33, 0.45, 2)
-    body = (((yy - centre[0]) / radii[0]) ** 2 + ((xx - centre[1]) / radii[1]) ** 2) <= 1.0
-    texture = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), sigma=size / 10)
+    grid = np.mgrid[(slice(0, size),) * ndim].astype(np.float32)
+    centre = size / 2 + rng.normal(0, size * 0.03, ndim)
+    radii = size * rng.uniform(0.33, 0.45, ndim)
+    body = sum(((axis - c) / r) ** 2 for axis, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, (size,) * ndim), sigma=size / 10)
     texture = (texture - texture.min()) / (np.ptp(texture) + 1e-6)
     image = 0.08 + body * (0.30 + 0.15 * texture)
-    lesion = _lesion(label, size, centre, radii, rng) * body if label > 0 else np.zeros_like(image)
+    lesion = _lesion(label, grid, centre, radii, rng) * body if label > 0 else np.zeros_like(image)
     return (image + lesion).astype(np.float32), lesion.astype(np.float32)
 
 
-def _lesion(label: int, size: int, centre: np.ndarray, radii: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+def _lesion(
+    label: int, grid: np.ndarray, centre: np.ndarray, radii: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Lesion intensity map: class 1 a blob (ball), 2 a ring (shell), 3 a bar (rod), then repeating, brighter."""
+    ndim, size = len(grid), grid.shape[1]
     angle, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.5)
-    cy = centre[0] + dist * radii[0] * np.sin(angle)
-    cx = centre[1] + dist * radii[1] * np.cos(angle)
-    r = size * rng.uniform(0.08, 0.13)
-    d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+    direction = _unit_vector(angle, rng.uniform(-np.pi / 2, np.pi / 2) if ndim == 3 else None)
+    lesion_centre = centre + dist * radii * direction
+    r = size * rng.uniform(0.08, 0.13) * (1.6 if ndim == 3 else 1.0)  # a few % of a volume, as of an image
+    offsets = grid - lesion_centre.reshape((ndim,) + (1,) * ndim)
+    d = np.sqrt((offsets**2).sum(axis=0))
     contrast = rng.uniform(0.25, 0.5)
     kind = (label - 1) % 3
-    if kind == 0:  # blob
+    if kind == 0:
         mask = np.exp(-((d / r) ** 2) * 1.5)
-    elif kind == 1:  # ring
+    elif kind == 1:
         mask = np.exp(-(((d - r) / (0.35 * r)) ** 2))
-    else:  # bar at a random orientation
-        theta = rng.uniform(0, np.pi)
-        along = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
-        across = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
-        mask = np.exp(-((across / (0.3 * r)) ** 2)) * (np.abs(along) < 1.6 * r)
+    else:  # a bar (2D) or rod (3D) along a random axis
+        axis = _unit_vector(rng.uniform(0, np.pi), rng.uniform(-np.pi / 2, np.pi / 2) if ndim == 3 else None)
+        along = np.tensordot(axis, offsets, axes=1)
+        across_sq = np.maximum(d**2 - along**2, 0.0)
+        mask = np.exp(-across_sq / (0.3 * r) ** 2) * (np.abs(along) < 1.6 * r)
     return contrast * (1 + 0.3 * (label - 1) // 3) * mask
 
 
+def _unit_vector(azimuth: float, elevation: float | None) -> np.ndarray:
+    """A unit vector in array-axis order: (y, x) in 2D, (z, y, x) in 3D."""
+    if elevation is None:
+        return np.array([np.sin(azimuth), np.cos(azimuth)])
+    return np.array([np.sin(elevation), np.cos(elevation) * np.sin(azimuth), np.cos(elevation) * np.cos(azimuth)])
+
+
 def _apply_shift(image: np.ndarray, shift: ScannerShift, rng: np.random.Generator) -> np.ndarray:
-    size = image.shape[0]
     if shift.downsample > 1:
         low = ndimage.zoom(image, 1 / shift.downsample, order=1)
-        image = ndimage.zoom(low, np.array((size, size)) / np.array(low.shape), order=1)
+        image = ndimage.zoom(low, np.array(image.shape) / np.array(low.shape), order=1)
     if shift.blur > 0:
         image = ndimage.gaussian_filter(image, shift.blur)
     image = np.clip(image, 0, 1) ** shift.gamma

@@ -22,7 +22,10 @@ from monai.visualize import GradCAM  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-__all__ = ["EXAMPLE_CAPTIONS", "example_images"]
+from medfed.config import Config  # noqa: E402
+from medfed.tasks import predict  # noqa: E402
+
+__all__ = ["EXAMPLE_CAPTIONS", "example_images", "mask_overlay_figure"]
 
 EXAMPLE_CAPTIONS = {
     "label": (
@@ -37,9 +40,10 @@ EXAMPLE_CAPTIONS = {
 
 
 def example_images(
-    task: ModuleType | Any, model: nn.Module, dataset: Dataset, count: int, out_dir: Path, prefix: str
+    task: ModuleType | Any, model: nn.Module, dataset: Dataset, config: Config, out_dir: Path, prefix: str
 ) -> list[Path]:
-    """Write up to ``count`` example PNGs for the task's kind of target; return their paths."""
+    """Write up to ``evaluation.example-images`` PNGs for the task's kind of target; return their paths."""
+    count = config.evaluation.example_images
     if count <= 0 or len(dataset) == 0:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +54,7 @@ def example_images(
         sample = dataset[index]
         image = sample["image"][None]
         if target == "mask":
-            fig = _mask_figure(task, model, sample)
+            fig = _mask_figure(task, model, sample, config)
         elif getattr(task, "EXPLAIN_LAYER", None):
             fig = _gradcam_figure(model, task.EXPLAIN_LAYER, image, int(sample["label"]))
         else:
@@ -78,20 +82,30 @@ def _gradcam_figure(model: nn.Module, layer: str, image: torch.Tensor, label: in
     return fig
 
 
-def _mask_figure(task: ModuleType | Any, model: nn.Module, sample: dict[str, torch.Tensor]) -> Any:
-    batch = {k: v[None] for k, v in sample.items()}
-    predicted = task.predict(model, batch)[0, 0].numpy() > 0
+def _mask_figure(task: ModuleType | Any, model: nn.Module, sample: dict[str, torch.Tensor], config: Config) -> Any:
+    predicted = predict(task, model, sample["image"][None], config)[0, 0].numpy() > 0
     reference = sample["mask"][0].numpy() > 0
     gray = sample["image"][0].numpy()
-    overlay = np.stack([gray, gray, gray], axis=-1)
+    title = "image"
+    if gray.ndim == 3:  # a volume: show the slice with the most reference (else predicted) foreground
+        weight = reference if reference.any() else predicted
+        z = int(weight.reshape(len(weight), -1).sum(axis=1).argmax())
+        gray, predicted, reference, title = gray[z], predicted[z], reference[z], f"slice {z}"
+    return mask_overlay_figure(gray, predicted, reference, title)
+
+
+def mask_overlay_figure(gray: np.ndarray, predicted: np.ndarray, reference: np.ndarray | None, title: str) -> Any:
+    """Image beside the predicted mask (red), the reference-only part (green) and both (yellow)."""
+    overlay = np.stack([gray, gray, gray], axis=-1).astype(np.float32)
+    reference = np.zeros_like(predicted) if reference is None else reference
     overlay[predicted & ~reference] = [1.0, 0.1, 0.1]
     overlay[reference & ~predicted] = [0.1, 0.9, 0.1]
     overlay[predicted & reference] = [1.0, 0.9, 0.1]
     fig, axes = plt.subplots(1, 2, figsize=(4, 2.2))
     axes[0].imshow(gray, cmap="gray")
-    axes[0].set_title("image", fontsize=8)
+    axes[0].set_title(title, fontsize=8)
     axes[1].imshow(np.clip(overlay, 0, 1))
-    axes[1].set_title("prediction vs reference", fontsize=8)
+    axes[1].set_title("prediction vs reference" if reference.any() else "prediction", fontsize=8)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()

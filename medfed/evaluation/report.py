@@ -20,7 +20,7 @@ __all__ = ["json_safe", "write_report"]
 
 HEADLINE_METRICS = (
     *("auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision"),
-    *("dice", "iou", "hd95", "dice_pooled"),
+    *("dice", "iou", "hd95", "dice_pooled", "rel_size_error_median", "count_error_mean"),
 )
 
 
@@ -184,10 +184,16 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
             sections.append(f"<h3>{html.escape(site)}</h3><div>{tiles}</div>")
     if report["privacy"]:
         rows = [
-            [s, p.get("epsilon"), p.get("delta"), p.get("budget"), p.get("noise_multiplier"), p.get("max_grad_norm")]
+            [s, p.get("unit", "image"), p.get("epsilon"), p.get("delta"), p.get("budget"), p.get("noise_multiplier"),
+             p.get("max_grad_norm")]
             for s, p in report["privacy"].items()
+        ]  # fmt: skip
+        sections += [
+            "<h2>Privacy</h2><p>(ε, δ)-DP with respect to one privacy unit: a patient where the site gives "
+            "patient ids (each training step sees at most one image of a patient, and one patch of it), "
+            "otherwise an image.</p>",
+            _table(["site", "unit", "ε", "δ", "budget", "noise σ", "clip norm"], rows),
         ]
-        sections += ["<h2>Privacy</h2>", _table(["site", "ε", "δ", "budget", "noise σ", "clip norm"], rows)]
     round_rows = [[r["round"], r["seconds"], r["bytes_up"], r["bytes_down"]] for r in report["rounds"]]
     sections += ["<h2>Rounds</h2>", _table(["round", "seconds", "bytes up", "bytes down"], round_rows)]
     style = (

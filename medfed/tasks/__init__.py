@@ -4,6 +4,7 @@ loops, the server and the report never branch on the task."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -11,12 +12,15 @@ from torch import nn
 
 from medfed.config import Config
 
-__all__ = ["TASKS", "MetricAccumulator", "Task", "get_task"]
+__all__ = ["TASKS", "MetricAccumulator", "Task", "get_task", "predict"]
 
 TASKS: dict[str, str] = {
     "classification": "medfed.tasks.classification",
     "segmentation": "medfed.tasks.segmentation",
 }
+
+
+Sample = dict[str, torch.Tensor]
 
 
 class MetricAccumulator(Protocol):
@@ -38,7 +42,17 @@ class Task(Protocol):
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
-    def predict(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def infer(self, model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
+        """Raw outputs (logits) for whole images, e.g. by sliding window over patches."""
+        ...
+
+    def decode(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Predictions from raw outputs: class probabilities, label maps, ..."""
+        ...
+
+    def train_transform(self, config: Config) -> Callable[[Sample], Sample] | None:
+        """Random per-sample transform at training time (e.g. one random patch), or None."""
+        ...
 
     def metrics(self, config: Config) -> MetricAccumulator: ...
 
@@ -48,3 +62,9 @@ def get_task(name: str) -> Any:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
     return importlib.import_module(TASKS[name])
+
+
+@torch.no_grad()
+def predict(task: Any, model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
+    """The task's predictions for a batch of whole images."""
+    return task.decode(task.infer(model, images, config))

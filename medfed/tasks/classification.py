@@ -1,6 +1,6 @@
 """Image classification, binary or multi-class.
 
-Samples: ``{"image": (C, H, W) float, "label": long}``. Predictions: class probabilities.
+Samples: ``{"image": (C, *spatial) float, "label": long}``. Predictions: class probabilities.
 Metrics: macro AUROC (the primary metric), accuracy, balanced accuracy, sensitivity,
 specificity, precision (macro over classes for more than two classes), and per-class AUROC and
 sensitivity. A metric that is undefined on the data (AUROC with one class present) is NaN.
@@ -24,8 +24,10 @@ __all__ = [
     "ClassificationMetrics",
     "build_model",
     "loss",
+    "decode",
+    "infer",
     "metrics",
-    "predict",
+    "train_transform",
 ]
 
 NAME = "classification"
@@ -35,9 +37,11 @@ EXPLAIN_LAYER = "features"
 
 
 def build_model(config: Config) -> nn.Module:
-    """The configured :class:`ConvClassifier` for 1-channel 2D images."""
+    """The configured :class:`ConvClassifier` for 1-channel images or volumes (``data.spatial-dims``)."""
     m = config.model
-    return ConvClassifier(1, config.data.num_classes, 2, m.width, m.depth, m.norm_groups, m.dropout, m.norm)
+    return ConvClassifier(
+        1, config.data.num_classes, config.data.spatial_dims, m.width, m.depth, m.norm_groups, m.dropout, m.norm
+    )
 
 
 def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -45,10 +49,19 @@ def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(outputs, batch["label"])
 
 
-@torch.no_grad()
-def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
+    """Class logits ``(B, num_classes)``."""
+    return model(images)
+
+
+def decode(outputs: torch.Tensor) -> torch.Tensor:
     """Class probabilities ``(B, num_classes)``."""
-    return torch.softmax(model(batch["image"]), dim=1)
+    return torch.softmax(outputs, dim=1)
+
+
+def train_transform(config: Config) -> None:
+    """Whole images are used as they are."""
+    return None
 
 
 def metrics(config: Config) -> ClassificationMetrics:

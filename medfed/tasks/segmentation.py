@@ -1,27 +1,47 @@
-"""2D semantic segmentation (lesions, structures), background = class 0.
+"""Semantic segmentation of 2D images or 3D volumes (lesions, organs, vessels), background = class 0.
 
-Samples: ``{"image": (C, H, W) float, "mask": (1, H, W) long}``. Predictions: label maps
-``(B, 1, H, W)``. Loss: Dice + cross-entropy computed per image (``batch=False``), so every
-term depends on one sample only, as per-sample clipping under DP requires. Metrics on the
-foreground classes: Dice (mean over images that contain the class), pooled pixel Dice, IoU and
-the 95th-percentile Hausdorff distance in pixels (``monai.metrics``).
+Samples: ``{"image": (C, *spatial) float, "mask": (1, *spatial) long, "spacing": (D,) float}``.
+Predictions: label maps ``(B, 1, *spatial)``. Loss: Dice + cross-entropy computed per image
+(``batch=False``), so every term depends on one sample only, as per-sample clipping under DP
+requires. With ``data.patch-size`` > 0 training sees one random patch per image per step (half
+of them centred on foreground) and evaluation runs sliding-window inference over whole images.
+
+Metrics on the foreground classes: Dice (mean over images that contain the class), pooled
+voxel Dice, IoU and the 95th-percentile Hausdorff distance in mm (``monai.metrics``); and per
+case quantification (structure count, area in mm² or volume in mL from the real voxel size):
+the median absolute relative size error and the mean absolute count error.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
+from monai.transforms import RandCropByPosNegLabeld
 from torch import nn
 
 from medfed.config import Config
+from medfed.evaluation.quantify import quantify_case
 
-__all__ = ["NAME", "PRIMARY_METRIC", "SAMPLE_KEYS", "SegmentationMetrics", "build_model", "loss", "metrics", "predict"]
+__all__ = [
+    "NAME",
+    "PRIMARY_METRIC",
+    "SAMPLE_KEYS",
+    "SegmentationMetrics",
+    "build_model",
+    "decode",
+    "infer",
+    "loss",
+    "metrics",
+    "train_transform",
+]
 
 NAME = "segmentation"
 PRIMARY_METRIC = "dice"
@@ -29,16 +49,19 @@ SAMPLE_KEYS = ("image", "mask")
 
 _LOSS = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
 
+# A patch drawn from an image without foreground falls back to a background centre: expected.
+warnings.filterwarnings("ignore", message="Num foregrounds 0")
+
 
 def build_model(config: Config) -> nn.Module:
-    """A MONAI U-Net with GroupNorm and ReLU (not in place): Opacus-valid.
+    """A MONAI U-Net (2D or 3D from ``data.spatial-dims``) with GroupNorm and ReLU (not in place): Opacus-valid.
 
     ``model.width`` channels at full resolution, doubled at each of ``model.depth`` levels.
     """
     m = config.model
     channels = tuple(m.width * 2**level for level in range(m.depth))
     return UNet(
-        spatial_dims=2,
+        spatial_dims=config.data.spatial_dims,
         in_channels=1,
         out_channels=config.data.num_classes,
         channels=channels,
@@ -55,10 +78,37 @@ def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return _LOSS(outputs, batch["mask"])
 
 
-@torch.no_grad()
-def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Label maps ``(B, 1, H, W)``."""
-    return model(batch["image"]).argmax(dim=1, keepdim=True)
+def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
+    """Logits for whole images: sliding windows of ``data.patch-size`` (Gaussian-weighted) when set."""
+    patch = config.data.patch_size
+    if patch and max(images.shape[2:]) > patch:
+        roi = (patch,) * (images.ndim - 2)
+        return sliding_window_inference(images, roi, sw_batch_size=8, predictor=model, overlap=0.25, mode="gaussian")
+    return model(images)
+
+
+def decode(outputs: torch.Tensor) -> torch.Tensor:
+    """Label maps ``(B, 1, *spatial)``."""
+    return outputs.argmax(dim=1, keepdim=True)
+
+
+def train_transform(config: Config) -> _RandomPatch | None:
+    """One random ``data.patch-size`` patch per image (foreground- or background-centred, 1:1)."""
+    return _RandomPatch(config.data.patch_size, config.data.spatial_dims) if config.data.patch_size else None
+
+
+class _RandomPatch:
+    def __init__(self, size: int, spatial_dims: int) -> None:
+        self._crop = RandCropByPosNegLabeld(
+            keys=["image", "mask"], label_key="mask", spatial_size=(size,) * spatial_dims, pos=1, neg=1, num_samples=1
+        )
+
+    def __call__(self, sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        patch = self._crop({"image": sample["image"], "mask": sample["mask"]})[0]
+        out = dict(sample)
+        out["image"] = torch.as_tensor(patch["image"]).as_subclass(torch.Tensor).contiguous()
+        out["mask"] = torch.as_tensor(patch["mask"]).as_subclass(torch.Tensor).long().contiguous()
+        return out
 
 
 def metrics(config: Config) -> SegmentationMetrics:
@@ -66,7 +116,7 @@ def metrics(config: Config) -> SegmentationMetrics:
 
 
 class SegmentationMetrics:
-    """Accumulates per-image Dice, IoU and HD95 and pooled pixel counts over a split."""
+    """Accumulates per-image Dice, IoU, HD95 and quantification, and pooled voxel counts, over a split."""
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -74,19 +124,27 @@ class SegmentationMetrics:
         self._iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)
         self._hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
         self._counts = np.zeros((num_classes, 3))  # per class: true positives, false positives, false negatives
+        self.cases: list[dict[str, float]] = []
 
     def update(self, predictions: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         truth = batch["mask"].to(predictions.device)
+        if "spacing" in batch:
+            spacing = batch["spacing"].double().cpu().numpy()
+        else:  # no voxel size known: sizes and distances in pixels
+            spacing = np.ones((len(truth), truth.ndim - 2))
         pred_1h = one_hot(predictions, self.num_classes)
         true_1h = one_hot(truth, self.num_classes)
         self._dice(pred_1h, true_1h)
         self._iou(pred_1h, true_1h)
         both = (pred_1h[:, 1:].flatten(2).any(-1) & true_1h[:, 1:].flatten(2).any(-1)).all(dim=1)
         if both.any():  # HD95 is defined only where the class is both predicted and present
-            self._hd95(pred_1h[both], true_1h[both])
+            self._hd95(pred_1h[both], true_1h[both], spacing=[tuple(s) for s in spacing[both.cpu().numpy()]])
         for k in range(self.num_classes):
             p, t = predictions == k, truth == k
             self._counts[k] += [float((p & t).sum()), float((p & ~t).sum()), float((~p & t).sum())]
+        pred_np, truth_np = predictions.cpu().numpy()[:, 0], truth.cpu().numpy()[:, 0]
+        for pred, ref, space in zip(pred_np, truth_np, spacing, strict=True):
+            self.cases.append(quantify_case(pred, ref, space))
 
     def compute(self) -> dict[str, float]:
         dice = self._nan_mean_per_class(self._dice)
@@ -96,6 +154,11 @@ class SegmentationMetrics:
         out["dice_pooled"] = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else math.nan
         for k, value in enumerate(dice, start=1):
             out[f"dice_class_{k}"] = value
+        rel = [abs(c["rel_size_error"]) for c in self.cases if math.isfinite(c["rel_size_error"])]
+        out["rel_size_error_median"] = float(np.median(rel)) if rel else math.nan
+        out["count_error_mean"] = (
+            float(np.mean([abs(c["count"] - c["reference_count"]) for c in self.cases])) if self.cases else math.nan
+        )
         return out
 
     @staticmethod

@@ -1,0 +1,439 @@
+"""Read medical images with their geometry; write masks that open aligned in 3D Slicer and ITK-SNAP.
+
+`medfed predict` and the data loaders need more than pixels: a predicted mask is only useful to a radiologist
+if it overlays the source scan in a viewer. Every reader here therefore returns a :class:`Scan` holding the
+intensities *and* a nibabel-style affine (voxel index in array-axis order -> RAS+ world millimetres), and the
+writers reuse that affine (NIfTI) or the source DICOM headers (DICOM-SEG) so the mask lands on the same voxels.
+
+Axis conventions:
+
+- DICOM series folder: ``array[slice, row, col]``, slices sorted along the slice normal
+  (row direction x column direction from ImageOrientationPatient); ``spacing = (slice step, row spacing, col spacing)``.
+- Single DICOM file: ``array[row, col]``; ``spacing = PixelSpacing`` (row spacing, col spacing).
+- NIfTI: the array exactly as stored (i, j, k) with ``img.affine``; ``spacing`` = header zooms.
+- PNG/JPEG/BMP/TIFF: ``array[row, col]`` with 1 mm pixels and the geometry ITK (and so Slicer and ITK-SNAP) gives
+  such a file: column index -> LPS +x, row index -> LPS +y, origin 0. A NIfTI mask written for it overlays the
+  image when both are loaded into those viewers.
+- ``.npy``: the array as stored, identity affine, 1 mm spacing (no viewer has a convention for it).
+
+DICOM geometry is in LPS; it is converted to RAS by negating x and y.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+from PIL import Image, UnidentifiedImageError
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
+from pydicom.sr.codedict import codes
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.valuerep import DSfloat
+
+__all__ = ["Scan", "read_scan", "write_dicom_seg", "write_dicom_series", "write_nifti_mask"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+EXPECTED_FORMATS = "expected PNG/JPEG/BMP/TIFF, .npy, .nii(.gz), .dcm or a DICOM series folder"
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Geometry of a 2D image without orientation (PNG, or DICOM lacking ImageOrientationPatient): row index -> LPS +y,
+# column index -> LPS +x, as ITK reads such files.
+DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+SOP_CLASSES = {"CT": CTImageStorage, "MR": MRImageStorage}
+
+
+@dataclass
+class Scan:
+    """One image or volume with its geometry.
+
+    ``affine`` maps a voxel index in array-axis order to RAS+ world millimetres (nibabel convention);
+    ``spacing`` is the millimetres per array axis. ``dicom`` holds the source DICOM headers in array order
+    (slice order for a series) with Pixel Data removed (the pixels are in ``array``); None if not DICOM.
+    """
+
+    name: str
+    array: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, ...]
+    dicom: list[pydicom.Dataset] | None = None
+
+
+def read_scan(path: str | Path) -> Scan:
+    """Read an image file, a NIfTI volume, a DICOM file or a DICOM series folder into a :class:`Scan`.
+
+    Raises ValueError naming the file and what was expected when the input cannot be read.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_dicom_series(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: {EXPECTED_FORMATS}")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return _read_image(path)
+    if suffix == ".npy":
+        return _read_npy(path)
+    if suffix == ".nii" or path.name.lower().endswith(".nii.gz"):
+        return _read_nifti(path)
+    if suffix == ".dcm":
+        return _read_dicom_file(path)
+    raise ValueError(f"unsupported format {suffix or '(no extension)'} of {path}: {EXPECTED_FORMATS}")
+
+
+def write_nifti_mask(mask: np.ndarray, scan: Scan, path: str | Path) -> Path:
+    """Write an integer label map as a NIfTI file aligned with ``scan`` (qform and sform = ``scan.affine``, code 1).
+
+    The mask must have exactly ``scan.array.shape``. It is stored as uint8, or uint16 when labels exceed 255.
+    A 2D mask is written as a 3D volume with a singleton last axis, which is what NIfTI tools expect.
+    """
+    labels = _check_mask(mask, scan)
+    data = labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16)
+    if data.ndim == 2:
+        data = data[..., np.newaxis]
+    img = nib.Nifti1Image(data, scan.affine)
+    img.set_qform(scan.affine, code=1)
+    img.set_sform(scan.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    path = Path(path)
+    nib.save(img, path)
+    return path
+
+
+def write_dicom_seg(
+    mask: np.ndarray,
+    scan: Scan,
+    path: str | Path,
+    segment_names: dict[int, str],
+    *,
+    algorithm: str = "medfed",
+    version: str = "0.1",
+) -> Path:
+    """Write an integer label map as a BINARY DICOM Segmentation referencing the scan's source DICOM images.
+
+    ``segment_names`` maps each label value to its segment label; every listed label becomes a segment, present
+    in the mask or not. DICOM requires BINARY segments numbered 1..N, so labels are numbered in ascending order
+    (labels 1..N keep their values). Segments are described as category and type "Tissue" (the generic
+    terminology 3D Slicer also starts from), created by an AUTOMATIC artificial-intelligence algorithm named
+    ``algorithm`` at ``version``. Frames without any segmented pixel are omitted (highdicom's default; an
+    all-empty mask keeps its frames). The new series is numbered the source SeriesNumber + 1000.
+    """
+    if scan.dicom is None:
+        raise ValueError(f"DICOM-SEG needs a DICOM source series, but scan {scan.name!r} was not read from DICOM")
+    labels = _check_mask(mask, scan)
+    if not segment_names:
+        raise ValueError("segment_names is empty: expected at least one {label value: name}")
+    if min(segment_names) < 1:
+        raise ValueError(f"segment_names has label {min(segment_names)}: expected labels >= 1 (0 is background)")
+    undescribed = sorted(set(np.unique(labels).tolist()) - set(segment_names) - {0})
+    if undescribed:
+        raise ValueError(f"mask holds labels {undescribed} that are missing from segment_names {segment_names}")
+
+    ordered = sorted(segment_names)
+    to_segment = np.zeros(max(ordered) + 1, dtype=np.uint16)
+    to_segment[ordered] = np.arange(1, len(ordered) + 1)
+    pixels = to_segment[labels]
+    if len(ordered) <= 255:
+        pixels = pixels.astype(np.uint8)
+
+    algorithm_id = hd.AlgorithmIdentificationSequence(
+        name=algorithm, family=codes.DCM.ArtificialIntelligence, version=version
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=segment_names[label],
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm_id,
+        )
+        for number, label in enumerate(ordered, start=1)
+    ]
+    source = scan.dicom[0]
+    seg = hd.seg.Segmentation(
+        source_images=scan.dicom,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(),
+        series_number=int(source.get("SeriesNumber") or 0) + 1000,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="medfed",
+        manufacturer_model_name=algorithm,
+        software_versions=version,
+        device_serial_number="0",
+        series_description=f"{algorithm} segmentation",
+    )
+    path = Path(path)
+    seg.save_as(path)
+    return path
+
+
+def write_dicom_series(
+    volume: np.ndarray,
+    folder: str | Path,
+    spacing: tuple[float, float, float] = (2.0, 0.7, 0.7),
+    *,
+    modality: str = "CT",
+) -> list[Path]:
+    """Write a synthetic ("PHANTOM" patient) DICOM series, one file per slice of an int16 (slices, rows, cols) volume.
+
+    ``spacing`` is (slice step, row spacing, col spacing) in mm. Slices are axial (ImageOrientationPatient
+    [1,0,0,0,1,0]), centred in x/y and stepping along +z from 0; values are stored as-is (RescaleSlope 1,
+    RescaleIntercept 0 for CT). ``modality`` is "CT" (CT Image Storage) or "MR" (MR Image Storage). The headers
+    carry what highdicom needs of source images. Returns the file paths in slice order.
+    """
+    if modality not in SOP_CLASSES:
+        raise ValueError(f"modality {modality!r} is not supported: expected one of {sorted(SOP_CLASSES)}")
+    volume = np.asarray(volume)
+    if volume.ndim != 3 or volume.dtype != np.int16:
+        raise ValueError(f"volume must be an int16 (slices, rows, cols) array, got {volume.dtype} {volume.shape}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    slices, rows, cols = volume.shape
+    now = datetime.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    origin_x, origin_y = -cols * spacing[2] / 2, -rows * spacing[1] / 2
+
+    paths = []
+    for k in range(slices):
+        ds = pydicom.Dataset()
+        ds.SOPClassUID = SOP_CLASSES[modality]
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PatientName = "PHANTOM^"  # family name only; the caret keeps it a well-formed person name
+        ds.PatientID = "PHANTOM"
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.StudyInstanceUID = study_uid
+        ds.StudyID = "1"
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = time
+        ds.AccessionNumber = ""
+        ds.ReferringPhysicianName = ""
+        ds.Modality = modality
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 1
+        ds.SeriesDescription = "medfed synthetic phantom"
+        ds.Manufacturer = "medfed"
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [_ds(origin_x), _ds(origin_y), _ds(k * spacing[0])]
+        ds.ImageOrientationPatient = list(DEFAULT_ORIENTATION)
+        ds.SliceLocation = _ds(k * spacing[0])
+        ds.SliceThickness = _ds(spacing[0])
+        ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[2])]
+        if modality == "CT":
+            ds.KVP = ""
+            ds.AcquisitionNumber = 1
+            ds.RescaleSlope = 1
+            ds.RescaleIntercept = 0
+            ds.RescaleType = "HU"
+        else:
+            ds.ScanningSequence = "SE"
+            ds.SequenceVariant = "NONE"
+            ds.ScanOptions = ""
+            ds.MRAcquisitionType = "2D"
+            ds.RepetitionTime = ""
+            ds.EchoTime = ""
+            ds.EchoTrainLength = ""
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.PixelData = np.ascontiguousarray(volume[k]).astype("<i2").tobytes()
+        path = folder / f"slice_{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _check_mask(mask: np.ndarray, scan: Scan) -> np.ndarray:
+    """Return ``mask`` as a non-negative integer array with the scan's shape, or raise ValueError."""
+    mask = np.asarray(mask)
+    if mask.shape != scan.array.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match scan {scan.name!r} shape {scan.array.shape}")
+    if mask.dtype == np.bool_:
+        return mask.astype(np.uint8)
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"mask must be an integer label map, got dtype {mask.dtype}")
+    if mask.size and (mask.min() < 0 or mask.max() > np.iinfo(np.uint16).max):
+        raise ValueError(f"mask labels must lie in 0..65535, got {mask.min()}..{mask.max()}")
+    return mask
+
+
+def _read_image(path: Path) -> Scan:
+    try:
+        with Image.open(path) as img:
+            if getattr(img, "n_frames", 1) > 1:
+                raise ValueError(f"{path} holds {img.n_frames} frames: expected a single 2D image")
+            keeps_values = img.mode in ("L", "I", "F") or img.mode.startswith("I;16")
+            array = np.asarray(img if keeps_values else img.convert("L"), dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path} is not a readable PNG/JPEG/BMP/TIFF image: {err}") from err
+    affine = _plane_affine(DEFAULT_ORIENTATION, (0.0, 0.0, 0.0), (1.0, 1.0), 1.0)
+    return Scan(name=_stem(path), array=array, affine=affine, spacing=(1.0, 1.0))
+
+
+def _read_npy(path: Path) -> Scan:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a readable .npy array: {err}") from err
+    if array.ndim not in (2, 3) or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise ValueError(
+            f"{path} holds a {array.dtype} array of shape {array.shape}: expected a numeric 2D or 3D array"
+        )
+    return Scan(name=_stem(path), array=array.astype(np.float32), affine=np.eye(4), spacing=(1.0,) * array.ndim)
+
+
+def _read_nifti(path: Path) -> Scan:
+    try:
+        img = nib.load(path)
+        array = img.get_fdata(dtype=np.float32)
+    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib/gzip errors, ...)
+        raise ValueError(f"{path} is not a readable NIfTI file: {err}") from err
+    while array.ndim > 3 and array.shape[-1] == 1:  # a trailing time/vector axis of 1 carries no geometry
+        array = array[..., 0]
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{path} holds an array of shape {img.shape}: expected a 2D or 3D NIfTI image")
+    spacing = tuple(float(z) for z in img.header.get_zooms()[: array.ndim])
+    return Scan(name=_stem(path), array=array, affine=np.asarray(img.affine, dtype=np.float64), spacing=spacing)
+
+
+def _read_dicom_file(path: Path) -> Scan:
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError) as err:
+        raise ValueError(f"{path} is not a readable DICOM file: {err}") from err
+    if int(ds.get("NumberOfFrames") or 1) > 1:
+        raise ValueError(f"{path} is a multi-frame DICOM image: expected a single-frame image")
+    array = _dicom_pixels(ds, path)
+    orientation = ds.get("ImageOrientationPatient") or DEFAULT_ORIENTATION
+    position = ds.get("ImagePositionPatient") or (0.0, 0.0, 0.0)
+    pixel_spacing = _pixel_spacing(ds)
+    affine = _plane_affine(orientation, position, pixel_spacing, float(ds.get("SliceThickness") or 1.0))
+    return Scan(name=_stem(path), array=array, affine=affine, spacing=pixel_spacing, dicom=[ds])
+
+
+def _read_dicom_series(folder: Path) -> Scan:
+    datasets = []
+    for file in sorted(folder.iterdir()):
+        if not file.is_file() or file.name.startswith("."):
+            continue
+        try:
+            ds = pydicom.dcmread(file)
+        except (InvalidDicomError, OSError):
+            continue  # stray non-DICOM files (README, thumbnails) do not make a series invalid
+        if "PixelData" in ds:
+            datasets.append((file, ds))
+    if not datasets:
+        raise ValueError(f"folder {folder} holds no DICOM files with pixel data: {EXPECTED_FORMATS}")
+    series = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets})
+    if len(series) > 1:
+        raise ValueError(f"folder {folder}: series has {len(series)} SeriesInstanceUIDs {series}: expected one series")
+
+    first_file, first = datasets[0]
+    for file, ds in datasets:
+        for keyword in ("ImageOrientationPatient", "ImagePositionPatient"):
+            if keyword not in ds:
+                raise ValueError(f"{file} has no {keyword}: a DICOM series needs it to place its slices")
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            raise ValueError(f"{file} is {ds.Rows}x{ds.Columns} but {first_file} is {first.Rows}x{first.Columns}")
+        if not np.allclose(ds.ImageOrientationPatient, first.ImageOrientationPatient, atol=1e-4):
+            raise ValueError(f"{file} has another ImageOrientationPatient than {first_file}: expected one orientation")
+        if not np.allclose(_pixel_spacing(ds), _pixel_spacing(first)):
+            raise ValueError(f"{file} has another PixelSpacing than {first_file}: expected one pixel spacing")
+
+    orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(orientation[:3], orientation[3:])
+    datasets.sort(key=lambda item: float(np.dot(item[1].ImagePositionPatient, normal)))
+    positions = np.array([ds.ImagePositionPatient for _, ds in datasets], dtype=np.float64)
+    depths = positions @ normal
+    gaps = np.diff(depths)
+    if len(gaps) and gaps.min() < 1e-3:
+        raise ValueError(
+            f"folder {folder} has several slices at one position: expected a single 3D series "
+            "(split echoes, phases or time points into separate folders)"
+        )
+    if len(gaps) and gaps.max() - gaps.min() > 0.01 * gaps.mean() + 1e-3:
+        raise ValueError(
+            f"folder {folder} has slice gaps from {gaps.min():.3f} to {gaps.max():.3f} mm: "
+            "expected evenly spaced slices"
+        )
+    if len(datasets) > 1:
+        step = (positions[-1] - positions[0]) / (len(datasets) - 1)
+    else:
+        step = normal * float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+
+    array = np.stack([_dicom_pixels(ds, file) for file, ds in datasets])
+    row_spacing, col_spacing = _pixel_spacing(first)
+    lps = np.eye(4)
+    lps[:3, 0] = step
+    lps[:3, 1] = orientation[3:] * row_spacing
+    lps[:3, 2] = orientation[:3] * col_spacing
+    lps[:3, 3] = positions[0]
+    spacing = (float(np.linalg.norm(step)), row_spacing, col_spacing)
+    return Scan(
+        name=folder.name, array=array, affine=LPS_TO_RAS @ lps, spacing=spacing, dicom=[ds for _, ds in datasets]
+    )
+
+
+def _dicom_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
+    """Decode one grayscale frame with rescale slope/intercept applied, then drop Pixel Data from ``ds``."""
+    if int(ds.get("SamplesPerPixel") or 1) != 1:
+        raise ValueError(f"{path} has {ds.SamplesPerPixel} samples per pixel: expected a grayscale image")
+    try:
+        array = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    except Exception as err:  # decoders raise many types (missing codec, truncated data, ...)
+        raise ValueError(f"{path}: cannot decode its pixel data: {err}") from err
+    del ds.PixelData
+    return array
+
+
+def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float]:
+    """(row spacing, col spacing) in mm: PixelSpacing, else ImagerPixelSpacing (projection X-ray), else 1 mm."""
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (1.0, 1.0)
+    return float(spacing[0]), float(spacing[1])
+
+
+def _plane_affine(
+    orientation: tuple[float, ...] | list[float],
+    position: tuple[float, ...] | list[float],
+    pixel_spacing: tuple[float, float],
+    thickness: float,
+) -> np.ndarray:
+    """RAS affine of a 2D image indexed (row, col) from its LPS orientation, position and spacing."""
+    orientation_lps = np.asarray(orientation, dtype=np.float64)
+    lps = np.eye(4)
+    lps[:3, 0] = orientation_lps[3:] * pixel_spacing[0]
+    lps[:3, 1] = orientation_lps[:3] * pixel_spacing[1]
+    lps[:3, 2] = np.cross(orientation_lps[:3], orientation_lps[3:]) * thickness
+    lps[:3, 3] = np.asarray(position, dtype=np.float64)
+    return LPS_TO_RAS @ lps
+
+
+def _ds(value: float) -> DSfloat:
+    """A decimal string within DICOM's 16 characters (k * 0.7 would otherwise print as 2.0999999999999996)."""
+    return DSfloat(value, auto_format=True)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem

@@ -1,0 +1,157 @@
+"""Image + mask folders as hospitals export them: ``images/`` and ``masks/`` matched by file name.
+
+A mask belongs to the image whose name it repeats: ``case7.nii.gz`` <-> ``case7.nii.gz``,
+``case7_0000.nii.gz`` <-> ``case7.nii.gz`` (nnU-Net layout) or ``Image_01L.jpg`` <->
+``Image_01L_1stHO.png`` (a suffix after ``_`` or ``-``). Patients are read from file names with
+a regular expression (its first group, or the whole match), so that splits, sites and the DP
+privacy unit are patient-level; without one every image is its own patient.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from medfed.data.arrays import SiteArrays
+from medfed.data.manifest import MANIFEST, DataError, DataProblem, load_image, load_mask
+
+__all__ = ["ImagePair", "assign_splits", "deal_to_sites", "find_pairs", "import_pairs", "read_pairs"]
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy", ".dcm")
+
+
+class ImagePair(NamedTuple):
+    """An image, its mask and the patient it belongs to."""
+
+    image: Path
+    mask: Path
+    patient: str
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _files(folder: Path, what: str) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(folder, [DataProblem(str(folder), f"{what} folder not found")])
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise DataError(folder, [DataProblem(str(folder), f"no image files in the {what} folder ({IMAGE_SUFFIXES})")])
+    return files
+
+
+def find_pairs(images_dir: str | Path, masks_dir: str | Path, patient_pattern: str = "") -> list[ImagePair]:
+    """Match every image to exactly one mask; raise :class:`DataError` listing every unmatched file."""
+    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    masks = {_stem(m): m for m in _files(masks_dir, "masks")}
+    pattern = re.compile(patient_pattern) if patient_pattern else None
+    pairs, problems, used = [], [], set()
+    for image in _files(images_dir, "images"):
+        stem = _stem(image)
+        base = re.sub(r"_0000$", "", stem)
+        candidates = [m for s, m in masks.items() if s in (stem, base) or re.match(re.escape(base) + r"[_-]", s)]
+        if len(candidates) != 1:
+            found = (
+                "no mask" if not candidates else f"{len(candidates)} masks ({', '.join(c.name for c in candidates)})"
+            )
+            problems.append(DataProblem(image.name, f"{found} in {masks_dir.name}/ match this image's name"))
+            continue
+        patient = stem
+        if pattern is not None:
+            match = pattern.search(stem)
+            if match is None:
+                problems.append(DataProblem(image.name, f"patient pattern {patient_pattern!r} finds no patient id"))
+                continue
+            patient = match.group(1) if match.groups() else match.group(0)
+        used.add(candidates[0])
+        pairs.append(ImagePair(image, candidates[0], patient))
+    problems += [DataProblem(m.name, "mask without an image") for m in masks.values() if m not in used]
+    if problems:
+        raise DataError(images_dir.parent, problems)
+    return pairs
+
+
+def deal_to_sites(pairs: list[ImagePair], sites: int) -> list[list[ImagePair]]:
+    """Split patients, in name order, into ``sites`` contiguous groups (a natural, patient-level partition)."""
+    patients = sorted({p.patient for p in pairs})
+    if len(patients) < sites:
+        raise ValueError(f"{len(patients)} patients cannot make {sites} sites (each site needs at least one)")
+    groups = np.array_split(np.arange(len(patients)), sites)
+    owner = {patients[i]: site for site, group in enumerate(groups) for i in group}
+    return [[p for p in pairs if owner[p.patient] == site] for site in range(sites)]
+
+
+def assign_splits(pairs: list[ImagePair], seed: int, fractions: tuple[float, float] = (0.2, 0.2)) -> list[str]:
+    """Patient-level train/val/test split (``fractions`` = val, test; at least one patient each when >= 3)."""
+    patients = sorted({p.patient for p in pairs})
+    order = np.random.default_rng(seed).permutation(len(patients))
+    n = len(patients)
+    n_val = max(1, round(fractions[0] * n)) if n >= 3 else 0
+    n_test = max(1, round(fractions[1] * n)) if n >= 3 else 0
+    split_of = {}
+    for rank, index in enumerate(order):
+        split_of[patients[index]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+    return [split_of[p.patient] for p in pairs]
+
+
+def read_pairs(
+    pairs: list[ImagePair], splits: list[str], image_size: int, num_classes: int, spatial_dims: int = 2
+) -> SiteArrays:
+    """Load matched pairs into arrays; raise :class:`DataError` listing every unreadable file."""
+    images, masks, spacings, problems = [], [], [], []
+    for pair in pairs:
+        try:
+            image, spacing = load_image(pair.image, image_size, spatial_dims)
+            mask = load_mask(pair.mask, image_size, num_classes, spatial_dims)
+        except Exception as err:  # noqa: BLE001 - every unreadable file is reported
+            problems.append(DataProblem(f"{pair.image.name} / {pair.mask.name}", str(err)))
+            continue
+        images.append(image)
+        masks.append(mask)
+        spacings.append(spacing)
+    if problems:
+        raise DataError(pairs[0].image.parent.parent, problems)
+    return SiteArrays(
+        np.stack(images),
+        np.stack(masks),
+        np.asarray(splits, dtype=str),
+        np.asarray([p.patient for p in pairs], dtype=str),
+        target_key="mask",
+        spacing=np.asarray(spacings, dtype=np.float32),
+    )
+
+
+def import_pairs(
+    images_dir: str | Path,
+    masks_dir: str | Path,
+    site_dir: str | Path,
+    patient_pattern: str = "",
+    seed: int = 0,
+    fractions: tuple[float, float] = (0.2, 0.2),
+) -> Path:
+    """Make a site folder (copies under ``images/`` and ``masks/`` plus ``manifest.csv``) from two folders."""
+    pairs = find_pairs(images_dir, masks_dir, patient_pattern)
+    splits = assign_splits(pairs, seed, fractions)
+    site_dir = Path(site_dir)
+    if (site_dir / MANIFEST).exists():
+        raise FileExistsError(f"{site_dir / MANIFEST} exists: choose an empty output folder")
+    for sub in ("images", "masks"):
+        (site_dir / sub).mkdir(parents=True, exist_ok=True)
+    with (site_dir / MANIFEST).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "mask", "split", "patient_id"])
+        for pair, split in zip(pairs, splits, strict=True):
+            shutil.copy2(pair.image, site_dir / "images" / pair.image.name)
+            shutil.copy2(pair.mask, site_dir / "masks" / pair.mask.name)
+            writer.writerow([f"images/{pair.image.name}", f"masks/{pair.mask.name}", split, pair.patient])
+    return site_dir

@@ -1,0 +1,48 @@
+"""Per-case quantification of a segmentation: how many structures, how large, how wrong.
+
+Sizes use the real voxel size: area in mm² for 2D images, volume in mL for 3D volumes. A
+structure is a connected component of the foreground (any class > 0; face-connected).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["size_unit", "structure_count", "structure_size", "quantify_case"]
+
+
+def size_unit(spatial_dims: int) -> str:
+    """``mm2`` for images, ``mL`` for volumes."""
+    return "mL" if spatial_dims == 3 else "mm2"
+
+
+def structure_size(mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """Foreground size of a label map: area in mm² (2D) or volume in mL (3D)."""
+    if mask.ndim != len(spacing):
+        raise ValueError(f"mask has {mask.ndim} axes but spacing has {len(spacing)} values")
+    voxel = float(np.prod(np.asarray(spacing, dtype=np.float64)))
+    size = float(np.count_nonzero(mask)) * voxel
+    return size / 1000.0 if mask.ndim == 3 else size
+
+
+def structure_count(mask: np.ndarray) -> int:
+    """Number of connected foreground structures (lesions, vessels trees, organs)."""
+    return int(ndimage.label(mask > 0)[1])
+
+
+def quantify_case(prediction: np.ndarray, reference: np.ndarray | None, spacing: Sequence[float]) -> dict[str, float]:
+    """Count and size of the predicted structures, and against a reference when one is given.
+
+    ``rel_size_error`` is (predicted - reference) / reference size, NaN when the reference is empty.
+    """
+    out = {"count": float(structure_count(prediction)), "size": structure_size(prediction, spacing)}
+    if reference is not None:
+        ref_size = structure_size(reference, spacing)
+        out["reference_count"] = float(structure_count(reference))
+        out["reference_size"] = ref_size
+        out["rel_size_error"] = (out["size"] - ref_size) / ref_size if ref_size > 0 else math.nan
+    return out

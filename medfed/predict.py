@@ -1,0 +1,136 @@
+"""Segment new scans with a trained model, at the site: masks viewers open aligned, overlays, sizes.
+
+For each input case (a PNG/JPEG, ``.npy``, NIfTI or DICOM file, or a DICOM series folder) this
+writes, under the output folder:
+
+- ``<case>_seg.nii.gz``: the label map on the input's own grid with the input's affine, so it
+  overlays the scan in 3D Slicer and ITK-SNAP;
+- ``<case>_seg.dcm``: a DICOM Segmentation (highdicom) referencing the source images, when the
+  input is DICOM;
+- ``<case>_overlay.png``: the prediction over the image (the slice with most foreground in 3D);
+- one row of ``quantification.csv``: structure count and area (mm²) or volume (mL) measured
+  with the input's real voxel size.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import Resize
+
+from medfed.config import Config
+from medfed.data.manifest import is_photo, model_input
+from medfed.data.medical_io import Scan, read_scan, write_dicom_seg, write_nifti_mask
+from medfed.evaluation.quantify import quantify_case, size_unit
+from medfed.tasks import get_task, predict
+from medfed.training import resolve_device
+from medfed.weights import load_checkpoint
+
+__all__ = ["CaseResult", "find_cases", "load_segmentation_model", "predict_cases", "segment_scan"]
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """What was written for one case and what was measured on it."""
+
+    case: str
+    outputs: list[Path]
+    count: int
+    size: float
+    unit: str
+
+
+def load_segmentation_model(checkpoint: str | Path) -> tuple[Config, torch.nn.Module]:
+    """The config and model stored in a medfed checkpoint; the model must be a segmentation model."""
+    state, meta = load_checkpoint(checkpoint)
+    config = Config.from_dict(meta["config"], source=f"{checkpoint} metadata")
+    if config.run.task != "segmentation":
+        raise ValueError(f"{checkpoint} holds a {config.run.task} model; medfed predict segments images")
+    model = get_task(config.run.task).build_model(config)
+    model.load_state_dict(state)
+    return config, model.eval()
+
+
+def find_cases(path: str | Path) -> list[Path]:
+    """The cases under ``path``: the file or series itself, or each file / DICOM series folder in a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--input {path} does not exist")
+    if path.is_file() or _is_dicom_folder(path):
+        return [path]
+    cases = sorted(p for p in path.iterdir() if (p.is_file() and not p.name.startswith(".")) or _is_dicom_folder(p))
+    if not cases:
+        raise FileNotFoundError(f"--input {path}: no images, volumes or DICOM series folders in it")
+    return cases
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    return path.is_dir() and any(p.suffix.lower() == ".dcm" or p.suffix == "" for p in path.iterdir() if p.is_file())
+
+
+@torch.no_grad()
+def segment_scan(scan: Scan, config: Config, model: torch.nn.Module, photo: bool) -> np.ndarray:
+    """The label map of ``scan`` on its own grid (``scan.array.shape``), integer classes."""
+    dims = config.data.spatial_dims
+    image, _, shape = model_input(scan, config.data.image_size, dims, photo)
+    device = next(model.parameters()).device
+    labels = predict(get_task(config.run.task), model, torch.as_tensor(image)[None].to(device), config)[0]
+    back = Resize(shape, mode="nearest")(labels.float().cpu())
+    return np.asarray(back, dtype=np.int64)[0].reshape(scan.array.shape)
+
+
+def predict_cases(checkpoint: str | Path, input_path: str | Path, out_dir: str | Path) -> list[CaseResult]:
+    """Segment every case under ``input_path``; write masks, overlays and ``quantification.csv``."""
+    config, model = load_segmentation_model(checkpoint)
+    model.to(resolve_device(config.train.device))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = {k: f"class {k}" for k in range(1, config.data.num_classes)}
+    results = []
+    for case in find_cases(input_path):
+        scan = read_scan(case)
+        if scan.array.squeeze().ndim != config.data.spatial_dims:
+            raise ValueError(
+                f"{case}: a {scan.array.squeeze().ndim}D input, but the model segments "
+                f"{config.data.spatial_dims}D {'volumes' if config.data.spatial_dims == 3 else 'images'}"
+            )
+        mask = segment_scan(scan, config, model, is_photo(case))
+        outputs = [write_nifti_mask(mask, scan, out_dir / f"{scan.name}_seg.nii.gz")]
+        if scan.dicom is not None:
+            outputs.append(write_dicom_seg(mask, scan, out_dir / f"{scan.name}_seg.dcm", names, algorithm="medfed"))
+        outputs.append(_overlay(scan, mask, out_dir / f"{scan.name}_overlay.png"))
+        squeezed = [s for s, n in zip(scan.spacing, scan.array.shape, strict=True) if n > 1]
+        measured = quantify_case(mask.squeeze(), None, squeezed)
+        unit = size_unit(config.data.spatial_dims)
+        results.append(CaseResult(scan.name, outputs, int(measured["count"]), measured["size"], unit))
+    _write_table(out_dir / "quantification.csv", results)
+    return results
+
+
+def _overlay(scan: Scan, mask: np.ndarray, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    from medfed.evaluation.explain import mask_overlay_figure
+
+    gray, labels = scan.array.squeeze().astype(np.float32), mask.reshape(scan.array.squeeze().shape) > 0
+    title = scan.name
+    if gray.ndim == 3:
+        z = int(labels.reshape(len(labels), -1).sum(axis=1).argmax())
+        gray, labels, title = gray[z], labels[z], f"{scan.name} slice {z}"
+    low, high = np.percentile(gray, [0.5, 99.5])
+    fig = mask_overlay_figure(np.clip((gray - low) / max(high - low, 1e-6), 0, 1), labels, None, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _write_table(path: Path, results: list[CaseResult]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case", "structures", "size", "unit", "mask"])
+        for r in results:
+            writer.writerow([r.case, r.count, f"{r.size:.4f}", r.unit, r.outputs[0].name])
