@@ -238,15 +238,21 @@ def _screen_train_replies(
     return accepted, local_seconds
 
 
-def _checked_update(state: _RunState, reference: ArrayRecord, parsed: _Reply) -> ArrayRecord:
-    """The reply's weights, if they and the sample count that weighs them are sound."""
+def _checked_update(
+    state: _RunState, reference: ArrayRecord, parsed: _Reply, max_norm: float | None = None
+) -> ArrayRecord:
+    """The reply's weights, if they and the sample count that weighs them are sound.
+
+    ``max_norm`` bounds ``||update - reference||`` (default ``run.max-update-norm``, meant for one
+    round's update of the global model).
+    """
     if parsed.arrays is None:
         raise UpdateRejected(f"site {parsed.site} sent no weights")
     count = parsed.metrics.get("num-examples", math.nan)
     if not (math.isfinite(count) and 0 < count <= MAX_EXAMPLES):
         raise UpdateRejected(f"site {parsed.site}: num-examples = {count} is not in (0, {MAX_EXAMPLES:.0e}]")
     try:
-        check = validate_update(reference, parsed.arrays, state.config.run.max_update_norm)
+        check = validate_update(reference, parsed.arrays, max_norm or state.config.run.max_update_norm)
     except UpdateRejected as err:
         raise UpdateRejected(f"update from site {parsed.site} rejected: {err}") from err
     except (ValueError, TypeError) as err:  # undecodable array bytes
@@ -308,7 +314,9 @@ def _cross_site(
             _record_privacy(state, parsed)
             if parsed.status != "ok":
                 raise MalformedReply(f"site {parsed.site} {parsed.status}: {parsed.reason}")
-            local_models[parsed.site] = _checked_update(state, initial, parsed)
+            # A local-only model is a whole run's training away from the initial weights and is never
+            # aggregated: it must be well-formed and finite, not close to the starting point.
+            local_models[parsed.site] = _checked_update(state, initial, parsed, max_norm=math.inf)
         except (MalformedReply, UpdateRejected) as err:
             log.warning("local-only model not used: %s", err)
     sites = sorted(set(state.sites.values()))

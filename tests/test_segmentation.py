@@ -52,7 +52,7 @@ def test_segmentation_simulation_writes_the_full_report(tmp_path: Path) -> None:
 
     args = [
         "simulate", str(REPO / "configs" / "segmentation-synthetic.toml"), "--sites", "2", "--rounds", "1",
-        "--out", str(tmp_path), "--set", "data.samples-per-site=40", "--set", "data.image-size=32",
+        "--out", str(tmp_path), "--set", "data.samples-per-site=40", "--set", "data.image-size=32", "--set", "data.patch-size=16",
         "--set", "train.local-epochs=1", "--set", "evaluation.example-images=1",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
