@@ -232,3 +232,16 @@ def test_tiny_3d_federation_with_dp_and_patches_writes_the_report(tmp_path: Path
 def test_site_arrays_reject_spacing_of_the_wrong_shape() -> None:
     with pytest.raises(ValueError, match="spacing must be"):
         SiteArrays(np.zeros((2, 1, 4, 4)), np.zeros((2, 1, 4, 4)), np.array(["train", "val"]), spacing=np.ones((2, 3)))
+
+
+def test_metrics_are_reported_per_class_for_multi_class_masks() -> None:
+    truth = torch.zeros(1, 1, 12, 12, dtype=torch.long)
+    truth[0, 0, 1:5, 1:5] = 1
+    truth[0, 0, 7:11, 7:11] = 2
+    pred = truth.clone()
+    pred[0, 0, 7:11, 7:11] = 0  # class 2 missed entirely
+    acc = segmentation.SegmentationMetrics(3)
+    acc.update(pred, {"mask": truth, "spacing": torch.ones(1, 2)})
+    m = acc.compute()
+    assert m["dice_class_1"] == pytest.approx(1.0) and m["dice_class_2"] == pytest.approx(0.0)
+    assert m["iou_class_1"] == pytest.approx(1.0) and m["dice"] == pytest.approx(0.5)

@@ -6,10 +6,11 @@ Predictions: label maps ``(B, 1, *spatial)``. Loss: Dice + cross-entropy compute
 requires. With ``data.patch-size`` > 0 training sees one random patch per image per step (half
 of them centred on foreground) and evaluation runs sliding-window inference over whole images.
 
-Metrics on the foreground classes: Dice (mean over images that contain the class), pooled
-voxel Dice, IoU and the 95th-percentile Hausdorff distance in mm (``monai.metrics``); and per
-case quantification (structure count, area in mm² or volume in mL from the real voxel size):
-the median absolute relative size error and the mean absolute count error.
+Metrics on the foreground classes, averaged over classes and per class (``dice_class_1``, ...):
+Dice (mean over images that contain the class), IoU and the 95th-percentile Hausdorff distance
+in mm (``monai.metrics``); pooled voxel Dice; and from per-case quantification (structure count,
+area in mm² or volume in mL from the real voxel size) the median absolute relative size error
+and the mean absolute count error.
 """
 
 from __future__ import annotations
@@ -147,13 +148,17 @@ class SegmentationMetrics:
             self.cases.append(quantify_case(pred, ref, space))
 
     def compute(self) -> dict[str, float]:
-        dice = self._nan_mean_per_class(self._dice)
-        out = {"dice": _mean(dice), "iou": _mean(self._nan_mean_per_class(self._iou))}
-        out["hd95"] = _mean(self._nan_mean_per_class(self._hd95))
+        per_class = {
+            "dice": self._nan_mean_per_class(self._dice),
+            "iou": self._nan_mean_per_class(self._iou),
+            "hd95": self._nan_mean_per_class(self._hd95),
+        }
+        out = {name: _mean(values) for name, values in per_class.items()}
         tp, fp, fn = self._counts[1:].sum(axis=0)
         out["dice_pooled"] = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else math.nan
-        for k, value in enumerate(dice, start=1):
-            out[f"dice_class_{k}"] = value
+        for name, values in per_class.items():
+            for k, value in enumerate(values, start=1):
+                out[f"{name}_class_{k}"] = value
         rel = [abs(c["rel_size_error"]) for c in self.cases if math.isfinite(c["rel_size_error"])]
         out["rel_size_error_median"] = float(np.median(rel)) if rel else math.nan
         out["count_error_mean"] = (
