@@ -245,3 +245,26 @@ def test_metrics_are_reported_per_class_for_multi_class_masks() -> None:
     m = acc.compute()
     assert m["dice_class_1"] == pytest.approx(1.0) and m["dice_class_2"] == pytest.approx(0.0)
     assert m["iou_class_1"] == pytest.approx(1.0) and m["dice"] == pytest.approx(0.5)
+
+
+def test_nifti_image_label_pairs_in_nnunet_layout_load_as_volumes_with_their_spacing(tmp_path: Path) -> None:
+    from medfed.data.sites import load_simulated_site
+
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for case in range(6):
+        affine = np.diag([0.8, 0.8, 2.5, 1.0])
+        label = np.zeros((20, 20, 8), np.uint8)
+        label[5:10, 5:10, 2:5] = 1
+        image = rng.normal(size=label.shape).astype(np.float32) + 3 * label
+        nibabel.save(nibabel.Nifti1Image(image, affine), tmp_path / "imagesTr" / f"case_{case:03d}_0000.nii.gz")
+        nibabel.save(nibabel.Nifti1Image(label, affine), tmp_path / "labelsTr" / f"case_{case:03d}.nii.gz")
+    config = Config().with_overrides(
+        {"run.task": "segmentation", "data.source": "pairs", "data.path": str(tmp_path), "data.images": "imagesTr",
+         "data.masks": "labelsTr", "data.sites": 2, "data.spatial-dims": 3, "data.image-size": 16}
+    )  # fmt: skip
+    name, site = load_simulated_site(config, 1)
+    assert name == "site-2" and site.images.shape == (3, 1, 16, 16, 16) and site.targets.max() == 1
+    np.testing.assert_allclose(site.spacing[0], [0.8 * 20 / 16, 0.8 * 20 / 16, 2.5 * 8 / 16], rtol=1e-5)
+    assert set(site.patient_ids) == {"case_003", "case_004", "case_005"}

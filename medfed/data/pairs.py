@@ -66,7 +66,7 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path, patient_pattern: s
             )
             problems.append(DataProblem(image.name, f"{found} in {masks_dir.name}/ match this image's name"))
             continue
-        patient = stem
+        patient = base
         if pattern is not None:
             match = pattern.search(stem)
             if match is None:
