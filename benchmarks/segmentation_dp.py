@@ -171,12 +171,13 @@ def _make_private(
     max_grad_norm: float,
     criterion: nn.Module,
 ) -> tuple[nn.Module, torch.optim.Optimizer, Any, torch.utils.data.DataLoader]:
-    """The ``make_private`` call per mode; ghost mode also wraps the criterion (returns 4 values)."""
+    """medfed's ``make_private`` per mode; ghost mode also wraps the criterion, so it calls Opacus directly."""
     from opacus import PrivacyEngine
 
-    engine = PrivacyEngine(accountant="rdp")
+    from medfed.privacy import make_private
+
     if mode == "ghost":
-        model, optimizer, criterion, loader = engine.make_private(
+        model, optimizer, criterion, loader = PrivacyEngine(accountant="rdp").make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
@@ -187,15 +188,7 @@ def _make_private(
             grad_sample_mode="ghost",
         )
         return model, optimizer, criterion, loader
-    model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        poisson_sampling=True,
-        grad_sample_mode=mode,
-    )
+    model, optimizer, loader = make_private(model, optimizer, loader, noise_multiplier, max_grad_norm, mode)
     return model, optimizer, criterion, loader
 
 

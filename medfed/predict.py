@@ -114,12 +114,12 @@ def predict_cases(checkpoint: str | Path, input_path: str | Path, out_dir: str |
 def _overlay(scan: Scan, mask: np.ndarray, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from medfed.evaluation.explain import mask_overlay_figure
+    from medfed.evaluation.explain import busiest_slice, mask_overlay_figure
 
     gray, labels = scan.array.squeeze().astype(np.float32), mask.reshape(scan.array.squeeze().shape) > 0
     title = scan.name
     if gray.ndim == 3:
-        z = int(labels.reshape(len(labels), -1).sum(axis=1).argmax())
+        z = busiest_slice(labels)
         gray, labels, title = gray[z], labels[z], f"{scan.name} slice {z}"
     low, high = np.percentile(gray, [0.5, 99.5])
     fig = mask_overlay_figure(np.clip((gray - low) / max(high - low, 1e-6), 0, 1), labels, None, title)

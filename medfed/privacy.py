@@ -150,8 +150,13 @@ def make_private(
     loader: DataLoader,
     noise_multiplier: float,
     max_grad_norm: float,
+    grad_sample_mode: str = "hooks",
 ) -> tuple[nn.Module, Optimizer, DataLoader]:
-    """Wrap model/optimizer/loader for DP-SGD with Poisson sampling (per-sample clipping + noise)."""
+    """Wrap model/optimizer/loader for DP-SGD with Poisson sampling (per-sample clipping + noise).
+
+    ``grad_sample_mode`` is how Opacus computes per-sample gradients (``hooks``, ``functorch``, ...;
+    ``benchmarks/segmentation_dp.py`` compares them).
+    """
     engine = PrivacyEngine(accountant="rdp")
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
@@ -160,5 +165,6 @@ def make_private(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
+        grad_sample_mode=grad_sample_mode,
     )
     return private_model, private_optimizer, private_loader

@@ -55,8 +55,8 @@ def load_image(
     """Read one image (2D) or volume (3D) as ``(1, *[image_size] * spatial_dims)`` float32 in [0, 1].
 
     Returns the array and its voxel size in mm after resampling. ``spacing`` (mm per input pixel)
-    replaces the file's own; a file without one (PNG) counts 1 mm per pixel. Photos (PNG/JPEG, 8-bit) are scaled by 1/255, other
-    formats by their 0.5-99.5 percentile range.
+    replaces the file's own; a file without one (PNG) counts 1 mm per pixel. Photos (PNG/JPEG,
+    8-bit) are scaled by 1/255, other formats by their 0.5-99.5 percentile range.
     """
     scan = read_scan(path)
     if spacing is not None and len(spacing) != spatial_dims:

@@ -37,7 +37,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import DSfloat
 
-__all__ = ["Scan", "read_scan", "write_dicom_seg", "write_dicom_series", "write_nifti_mask"]
+__all__ = ["Scan", "file_stem", "read_scan", "write_dicom_seg", "write_dicom_series", "write_nifti_mask"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 EXPECTED_FORMATS = "expected PNG/JPEG/BMP/TIFF, .npy, .nii(.gz), .dcm or a DICOM series folder"
@@ -288,7 +288,7 @@ def _read_image(path: Path) -> Scan:
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path} is not a readable PNG/JPEG/BMP/TIFF image: {err}") from err
     affine = _plane_affine(DEFAULT_ORIENTATION, (0.0, 0.0, 0.0), (1.0, 1.0), 1.0)
-    return Scan(name=_stem(path), array=array, affine=affine, spacing=(1.0, 1.0))
+    return Scan(name=file_stem(path), array=array, affine=affine, spacing=(1.0, 1.0))
 
 
 def _read_npy(path: Path) -> Scan:
@@ -300,7 +300,7 @@ def _read_npy(path: Path) -> Scan:
         raise ValueError(
             f"{path} holds a {array.dtype} array of shape {array.shape}: expected a numeric 2D or 3D array"
         )
-    return Scan(name=_stem(path), array=array.astype(np.float32), affine=np.eye(4), spacing=(1.0,) * array.ndim)
+    return Scan(name=file_stem(path), array=array.astype(np.float32), affine=np.eye(4), spacing=(1.0,) * array.ndim)
 
 
 def _read_nifti(path: Path) -> Scan:
@@ -314,7 +314,7 @@ def _read_nifti(path: Path) -> Scan:
     if array.ndim not in (2, 3):
         raise ValueError(f"{path} holds an array of shape {img.shape}: expected a 2D or 3D NIfTI image")
     spacing = tuple(float(z) for z in img.header.get_zooms()[: array.ndim])
-    return Scan(name=_stem(path), array=array, affine=np.asarray(img.affine, dtype=np.float64), spacing=spacing)
+    return Scan(name=file_stem(path), array=array, affine=np.asarray(img.affine, dtype=np.float64), spacing=spacing)
 
 
 def _read_dicom_file(path: Path) -> Scan:
@@ -329,7 +329,7 @@ def _read_dicom_file(path: Path) -> Scan:
     position = ds.get("ImagePositionPatient") or (0.0, 0.0, 0.0)
     pixel_spacing = _pixel_spacing(ds)
     affine = _plane_affine(orientation, position, pixel_spacing, float(ds.get("SliceThickness") or 1.0))
-    return Scan(name=_stem(path), array=array, affine=affine, spacing=pixel_spacing, dicom=[ds])
+    return Scan(name=file_stem(path), array=array, affine=affine, spacing=pixel_spacing, dicom=[ds])
 
 
 def _read_dicom_series(folder: Path) -> Scan:
@@ -434,6 +434,7 @@ def _ds(value: float) -> DSfloat:
     return DSfloat(value, auto_format=True)
 
 
-def _stem(path: Path) -> str:
+def file_stem(path: Path) -> str:
+    """The file name without its extension (``.nii.gz`` counts as one)."""
     name = path.name
     return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem

@@ -19,6 +19,7 @@ import numpy as np
 
 from medfed.data.arrays import SiteArrays
 from medfed.data.manifest import MANIFEST, DataError, DataProblem, load_image, load_mask
+from medfed.data.medical_io import file_stem
 
 __all__ = ["ImagePair", "assign_splits", "deal_to_sites", "find_pairs", "import_pairs", "read_pairs"]
 
@@ -33,14 +34,6 @@ class ImagePair(NamedTuple):
     patient: str
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def _files(folder: Path, what: str) -> list[Path]:
     if not folder.is_dir():
         raise DataError(folder, [DataProblem(str(folder), f"{what} folder not found")])
@@ -53,11 +46,11 @@ def _files(folder: Path, what: str) -> list[Path]:
 def find_pairs(images_dir: str | Path, masks_dir: str | Path, patient_pattern: str = "") -> list[ImagePair]:
     """Match every image to exactly one mask; raise :class:`DataError` listing every unmatched file."""
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
-    masks = {_stem(m): m for m in _files(masks_dir, "masks")}
+    masks = {file_stem(m): m for m in _files(masks_dir, "masks")}
     pattern = re.compile(patient_pattern) if patient_pattern else None
     pairs, problems, used = [], [], set()
     for image in _files(images_dir, "images"):
-        stem = _stem(image)
+        stem = file_stem(image)
         base = re.sub(r"_0000$", "", stem)
         candidates = [m for s, m in masks.items() if s in (stem, base) or re.match(re.escape(base) + r"[_-]", s)]
         if len(candidates) != 1:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from medfed.config import Config  # noqa: E402
 from medfed.tasks import predict  # noqa: E402
 
-__all__ = ["EXAMPLE_CAPTIONS", "example_images", "mask_overlay_figure"]
+__all__ = ["EXAMPLE_CAPTIONS", "busiest_slice", "example_images", "mask_overlay_figure"]
 
 EXAMPLE_CAPTIONS = {
     "label": (
@@ -88,10 +88,14 @@ def _mask_figure(task: ModuleType | Any, model: nn.Module, sample: dict[str, tor
     gray = sample["image"][0].numpy()
     title = "image"
     if gray.ndim == 3:  # a volume: show the slice with the most reference (else predicted) foreground
-        weight = reference if reference.any() else predicted
-        z = int(weight.reshape(len(weight), -1).sum(axis=1).argmax())
+        z = busiest_slice(reference if reference.any() else predicted)
         gray, predicted, reference, title = gray[z], predicted[z], reference[z], f"slice {z}"
     return mask_overlay_figure(gray, predicted, reference, title)
+
+
+def busiest_slice(mask: np.ndarray) -> int:
+    """Index along the first axis of the slice of a 3D mask with the most foreground."""
+    return int(mask.reshape(len(mask), -1).sum(axis=1).argmax())
 
 
 def mask_overlay_figure(gray: np.ndarray, predicted: np.ndarray, reference: np.ndarray | None, title: str) -> Any:
