@@ -39,7 +39,7 @@ class RunConfig:
     """What is trained and how rounds are run on the server."""
 
     name: str = "medfed"
-    task: Literal["classification", "segmentation"] = "classification"
+    task: Literal["classification", "segmentation", "detection"] = "classification"
     seed: int = 0
     rounds: int = 3
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
@@ -64,16 +64,22 @@ class DataConfig:
 
     ``source``: ``synthetic`` (generated sites with scanner shifts), ``medmnist`` (a MedMNIST
     ``.npz`` at ``path``, split by ``partitioner``), ``sites`` (``path`` holds one site folder
-    per hospital: the natural partition) or ``pairs`` (``path`` holds an ``images`` folder and a
+    per hospital: the natural partition), ``pairs`` (``path`` holds an ``images`` folder and a
     ``masks`` folder matched by file name; patients, found in file names by ``patient-pattern``,
-    are dealt to ``sites`` sites in name order, then to train/val/test within each site).
+    are dealt to ``sites`` sites in name order, then to train/val/test within each site) or
+    ``voc`` (``path`` holds Pascal VOC ``Annotations/*.xml`` and ``JPEGImages/``; images are dealt
+    to ``sites`` sites in name order, then to train/val/test within each site).
+
+    ``num-classes`` counts the classes a model tells apart: for segmentation including background
+    (class 0), for detection the object classes only. ``class-names`` (optional; required by
+    detection data that name their classes, e.g. VOC) gives one name per class index.
 
     Images are resampled to ``image-size`` pixels along each of ``spatial-dims`` axes (2: images,
     3: volumes). ``patch-size`` > 0 trains on one random patch per image per step and evaluates
     with sliding-window inference (segmentation).
     """
 
-    source: Literal["synthetic", "medmnist", "sites", "pairs"] = "synthetic"
+    source: Literal["synthetic", "medmnist", "sites", "pairs", "voc"] = "synthetic"
     path: str = ""
     sites: int = 3
     partitioner: Literal["iid", "dirichlet", "natural"] = "iid"
@@ -87,6 +93,7 @@ class DataConfig:
     images: str = "images"
     masks: str = "masks"
     patient_pattern: str = ""
+    class_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.sites >= 1, "data.sites", self.sites, "an integer >= 1")
@@ -99,7 +106,16 @@ class DataConfig:
             self.patch_size,
             f"0 (whole images) or an integer in [8, data.image-size = {self.image_size}]",
         )
-        _check(self.num_classes >= 2, "data.num-classes", self.num_classes, "an integer >= 2")
+        _check(self.num_classes >= 1, "data.num-classes", self.num_classes, "an integer >= 1")
+        _check(
+            not self.class_names or len(self.class_names) == self.num_classes,
+            "data.class-names",
+            list(self.class_names),
+            f"one name per class: data.num-classes = {self.num_classes} names",
+        )
+        _check(
+            len(set(self.class_names)) == len(self.class_names), "data.class-names", list(self.class_names), "unique names"
+        )
         _check(self.samples_per_site >= 10, "data.samples-per-site", self.samples_per_site, ">= 10")
         _check(self.max_samples_per_site >= 0, "data.max-samples-per-site", self.max_samples_per_site, ">= 0 (0: all)")
         if self.patient_pattern:
@@ -109,7 +125,7 @@ class DataConfig:
                 raise ConfigError(
                     f"data.patient-pattern = {self.patient_pattern!r} is not a regular expression: {err}"
                 ) from None
-        if self.source in ("medmnist", "sites", "pairs"):
+        if self.source in ("medmnist", "sites", "pairs", "voc"):
             _check(bool(self.path), "data.path", self.path, f"a path (required when data.source = '{self.source}')")
 
 
@@ -209,6 +225,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        if self.run.task in ("classification", "segmentation"):
+            _check(
+                self.data.num_classes >= 2,
+                "data.num-classes",
+                self.data.num_classes,
+                f"an integer >= 2 for run.task = '{self.run.task}'"
+                + (" (background counts as class 0)" if self.run.task == "segmentation" else ""),
+            )
+        if self.run.task == "detection":
+            _check(self.data.spatial_dims == 2, "data.spatial-dims", self.data.spatial_dims, "2: detection is 2D")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict with dashed keys, as in the TOML file."""
@@ -318,6 +346,10 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a number")
         return float(value)
+    if hint == tuple[str, ...]:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a list of strings")
+        return tuple(value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a string")
