@@ -125,7 +125,7 @@ def _print_summary(report: dict[str, Any]) -> None:
     table.add_column(f"{metric} round 0 (val)", justify="right")
     table.add_column(f"{metric} final (test)", justify="right")
     finals = report["final"]["per_site"].values()
-    second = next((m for m in ("accuracy", "iou") if any(m in v for v in finals)), "loss")
+    second = next((m for m in ("accuracy", "iou", "map") if any(m in v for v in finals)), "loss")
     table.add_column(f"{second} (test)", justify="right")
     table.add_column("ε spent / budget", justify="right")
     for site in report["sites"]:
@@ -176,7 +176,12 @@ def evaluate(
         config = Config.from_dict(meta["config"], source=f"{model} metadata")
         task = get_task(config.run.task)
         site = read_site(
-            data, config.data.image_size, config.data.num_classes, task.SAMPLE_KEYS[1], config.data.spatial_dims
+            data,
+            config.data.image_size,
+            config.data.num_classes,
+            task.SAMPLE_KEYS[1],
+            config.data.spatial_dims,
+            config.data.class_names,
         )
     except (FileNotFoundError, DataError, ConfigError, KeyError) as err:
         raise _fail(str(err)) from err
@@ -255,8 +260,11 @@ def data_check(
     num_classes: Annotated[int, typer.Option(help="Number of classes")] = 2,
     image_size: Annotated[int, typer.Option(help="Model input size")] = 28,
     spatial_dims: Annotated[int, typer.Option(help="2: images, 3: volumes")] = 2,
+    class_names: Annotated[
+        str, typer.Option(help="Detection: comma-separated class names, in class-index order (e.g. RBC,WBC,Platelets)")
+    ] = "",
 ) -> None:
-    """Validate a site folder; list every bad file and why."""
+    """Validate a site folder; list every bad file and why (dropped boxes are logged as warnings)."""
     import numpy as np
 
     from medfed.data import SPLITS, DataError, read_site
@@ -264,8 +272,12 @@ def data_check(
 
     if task not in TASKS:
         raise _fail(f"--task {task!r}: expected one of {sorted(TASKS)}")
+    names = tuple(n.strip() for n in class_names.split(",") if n.strip())
+    if names:
+        num_classes = len(names)
+    _setup_logging(False)
     try:
-        site = read_site(site_dir, image_size, num_classes, get_task(task).SAMPLE_KEYS[1], spatial_dims)
+        site = read_site(site_dir, image_size, num_classes, get_task(task).SAMPLE_KEYS[1], spatial_dims, names)
     except DataError as err:
         console.print(f"[bold red]{err}[/]")
         raise typer.Exit(code=1) from err
@@ -273,6 +285,21 @@ def data_check(
     console.print(
         f"{site_dir}: {len(site.targets)} samples, all readable; privacy unit: {unit} ({len(units)} in train)"
     )
+    if site.target_key == "boxes":
+        table = Table(title="images and boxes per split and class")
+        table.add_column("split")
+        table.add_column("images", justify="right")
+        table.add_column("without boxes", justify="right")
+        for k in range(num_classes):
+            table.add_column(names[k] if k < len(names) else f"class {k}", justify="right")
+        for split in SPLITS:
+            boxes = site.targets[site.splits == split]
+            classes = boxes[..., 4]
+            empty = int(np.sum((classes < 0).all(axis=1))) if len(boxes) else 0
+            counts = [str(int(np.sum(classes == k))) for k in range(num_classes)]
+            table.add_row(split, str(len(boxes)), str(empty), *counts)
+        console.print(table)
+        return
     table = Table(
         title="samples per split and class" + (" (largest class in the mask)" if site.target_key == "mask" else "")
     )
@@ -288,30 +315,49 @@ def data_check(
 @data_app.command("import")
 def data_import(
     images: Annotated[Path, typer.Option(help="Folder of images or volumes (PNG/JPEG, NIfTI, DICOM, .npy)")],
-    masks: Annotated[Path, typer.Option(help="Folder of label masks, named after their images")],
     out: Annotated[Path, typer.Option(help="Site folder to create (copies + manifest.csv)")],
+    masks: Annotated[
+        Path | None, typer.Option(help="Segmentation: folder of label masks, named after their images")
+    ] = None,
+    annotations: Annotated[
+        Path | None,
+        typer.Option(help="Detection: a Pascal VOC folder of .xml files, or a COCO .json file (boxes)"),
+    ] = None,
     patient_pattern: Annotated[
         str, typer.Option(help="Regular expression finding the patient id in a file name (first group)")
     ] = "",
-    val: Annotated[float, typer.Option(help="Fraction of patients for validation")] = 0.2,
-    test: Annotated[float, typer.Option(help="Fraction of patients for testing")] = 0.2,
+    val: Annotated[float, typer.Option(help="Fraction of patients (images, for boxes) for validation")] = 0.2,
+    test: Annotated[float, typer.Option(help="Fraction of patients (images, for boxes) for testing")] = 0.2,
     seed: int = 0,
 ) -> None:
-    """Make a segmentation site folder from an image folder and a mask folder (patient-level splits)."""
+    """Make a site folder: from an image folder and a mask folder (segmentation, patient-level splits),
+    or from an image folder and Pascal VOC / COCO box annotations (detection)."""
     from medfed.data import DataError
+    from medfed.data.boxes import import_coco, import_voc
     from medfed.data.pairs import import_pairs
 
+    if (masks is None) == (annotations is None):
+        raise _fail("give either --masks (segmentation) or --annotations (detection: VOC folder or COCO .json)")
     try:
-        folder = import_pairs(images, masks, out, patient_pattern, seed, (val, test))
-    except (DataError, FileExistsError, ValueError) as err:
+        if masks is not None:
+            folder, task = import_pairs(images, masks, out, patient_pattern, seed, (val, test)), "segmentation"
+        elif annotations is not None and annotations.is_dir():
+            folder, task = import_voc(annotations, images, out, seed, (val, test)), "detection"
+        elif annotations is not None and annotations.suffix.lower() == ".json":
+            folder, task = import_coco(annotations, images, out, seed, (val, test)), "detection"
+        else:
+            raise _fail(f"--annotations {annotations}: expected a folder of VOC .xml files or a COCO .json file")
+    except (DataError, FileExistsError, FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from err
-    console.print(f"wrote {folder / 'manifest.csv'}; check it with: medfed data check {folder} --task segmentation")
+    console.print(f"wrote {folder / 'manifest.csv'}; check it with: medfed data check {folder} --task {task}")
 
 
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Folder to create one site folder per synthetic hospital in")],
-    task: Annotated[str, typer.Option(help="classification (labels) or segmentation (masks)")] = "classification",
+    task: Annotated[
+        str, typer.Option(help="classification (labels), segmentation (masks) or detection (boxes)")
+    ] = "classification",
     sites: int = 3,
     samples: int = 200,
     image_size: int = 28,
@@ -321,11 +367,16 @@ def data_synth(
 ) -> None:
     """Write synthetic hospitals (scanner shift, prevalence, voxel size) as site folders."""
     from medfed.data import write_site
-    from medfed.data.synthetic import synthetic_segmentation_site, synthetic_site
+    from medfed.data.synthetic import synthetic_detection_site, synthetic_segmentation_site, synthetic_site
 
-    if task not in ("classification", "segmentation"):
-        raise _fail(f"--task {task!r}: expected classification or segmentation")
-    make = synthetic_segmentation_site if task == "segmentation" else synthetic_site
+    if task not in ("classification", "segmentation", "detection"):
+        raise _fail(f"--task {task!r}: expected classification, segmentation or detection")
+    if task == "detection" and spatial_dims != 2:
+        raise _fail("--task detection makes 2D images only (--spatial-dims 2)")
     for index in range(sites):
-        site = make(index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims)
+        if task == "detection":
+            site = synthetic_detection_site(index, samples, image_size, num_classes, seed)
+        else:
+            make = synthetic_segmentation_site if task == "segmentation" else synthetic_site
+            site = make(index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims)
         console.print(f"wrote {write_site(out / f'hospital-{index + 1}', site)}")

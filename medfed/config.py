@@ -114,7 +114,10 @@ class DataConfig:
             f"one name per class: data.num-classes = {self.num_classes} names",
         )
         _check(
-            len(set(self.class_names)) == len(self.class_names), "data.class-names", list(self.class_names), "unique names"
+            len(set(self.class_names)) == len(self.class_names),
+            "data.class-names",
+            list(self.class_names),
+            "unique names",
         )
         _check(self.samples_per_site >= 10, "data.samples-per-site", self.samples_per_site, ">= 10")
         _check(self.max_samples_per_site >= 0, "data.max-samples-per-site", self.max_samples_per_site, ">= 0 (0: all)")

@@ -60,7 +60,14 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         name = str(node_config["site-name"])
         state_dir = Path(str(node_config.get("state-dir", data_path / ".medfed-state")))
         target = get_task(config.run.task).SAMPLE_KEYS[1]
-        data = read_site(data_path, config.data.image_size, config.data.num_classes, target, config.data.spatial_dims)
+        data = read_site(
+            data_path,
+            config.data.image_size,
+            config.data.num_classes,
+            target,
+            config.data.spatial_dims,
+            config.data.class_names,
+        )
     else:
         index = int(node_config["partition-id"])
         name, data = load_simulated_site(config, index)

@@ -18,10 +18,12 @@ Sample = dict[str, torch.Tensor]
 
 @dataclass
 class SiteArrays:
-    """One site's samples: images ``(N, C, *spatial)`` float32, integer targets and split names.
+    """One site's samples: images ``(N, C, *spatial)`` float32, targets and split names.
 
-    Targets are class indices ``(N,)`` (``target_key = "label"``) or label masks ``(N, 1, *spatial)``
-    (``target_key = "mask"``). ``spacing`` ``(N, spatial_dims)`` is the voxel size in mm along each
+    Targets are class indices ``(N,)`` (``target_key = "label"``), label masks ``(N, 1, *spatial)``
+    (``target_key = "mask"``) or boxes ``(N, M, 5)`` float32 (``target_key = "boxes"``, 2D only): rows
+    ``[x1, y1, x2, y2, class]`` in model-input pixels (x along the last axis), object classes from 0,
+    padding rows ``[0, 0, 0, 0, -1]``; M is the most boxes of any image (at least 1). ``spacing`` ``(N, spatial_dims)`` is the voxel size in mm along each
     spatial axis after resampling (1 mm where the files do not say). ``patient_ids`` (optional)
     keep a patient in one split and make the patient the privacy unit; they never leave the site.
     """
@@ -42,6 +44,13 @@ class SiteArrays:
         bad = sorted(set(self.splits.tolist()) - set(SPLITS))
         if bad:
             raise ValueError(f"unknown split names {bad}; expected {list(SPLITS)}")
+        if self.target_key == "boxes" and (
+            self.images.ndim != 4 or self.targets.ndim != 3 or self.targets.shape[1] < 1 or self.targets.shape[2] != 5
+        ):
+            raise ValueError(
+                "box targets must be (N, M >= 1, 5) rows [x1, y1, x2, y2, class] for 2D images (N, C, H, W); "
+                f"got targets {self.targets.shape} for images {self.images.shape}"
+            )
         if self.spacing is None:
             self.spacing = np.ones((n, self.images.ndim - 2), dtype=np.float32)
         if self.spacing.shape != (n, self.images.ndim - 2):
@@ -61,7 +70,13 @@ class SiteArrays:
         )
 
     def class_labels(self) -> np.ndarray:
-        """One class per sample, for stratifying and partitioning: the label, or a mask's largest class."""
+        """One class per sample, for stratifying and partitioning: the label, or a mask's largest class.
+
+        For boxes: 0 for an image without boxes, else 1 + the largest object class in the image (as
+        for masks, 0 means "nothing found" and higher values rarer, later classes).
+        """
+        if self.target_key == "boxes":
+            return (self.targets[:, :, 4].max(axis=1) + 1).astype(np.int64)
         if self.targets.ndim == 1:
             return self.targets
         return self.targets.reshape(len(self.targets), -1).max(axis=1)
@@ -80,13 +95,17 @@ class SiteArrays:
 
 
 class ArrayDataset(Dataset):
-    """Samples ``{"image": (C, *spatial) float, target_key: long, "spacing": (spatial_dims,) float}``."""
+    """Samples ``{"image": (C, *spatial) float, target_key: ..., "spacing": (spatial_dims,) float}``.
+
+    Targets are long (labels, masks) or float32 (``target_key = "boxes"``: ``(M, 5)`` rows per image).
+    """
 
     def __init__(
         self, images: np.ndarray, targets: np.ndarray, target_key: str = "label", spacing: np.ndarray | None = None
     ) -> None:
         self.images = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32)
-        self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        dtype = torch.float32 if target_key == "boxes" else torch.long
+        self.targets = torch.as_tensor(np.asarray(targets), dtype=dtype)
         self.target_key = target_key
         if spacing is None:
             spacing = np.ones((len(self.targets), self.images.ndim - 2), dtype=np.float32)

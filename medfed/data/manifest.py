@@ -4,12 +4,14 @@ Columns: ``image`` (path relative to the folder), the target (``label``: a class
 ``mask``: a label-mask file of the image's size, 0 = background), ``split``
 (train/val/test) and optional ``patient_id`` (used only to keep a patient in one split; it never
 leaves the site). Images may be PNG/JPEG, NumPy ``.npy``, DICOM ``.dcm`` or NIfTI ``.nii(.gz)``.
+Box targets (detection) have no manifest column: they sit in ``boxes.csv`` beside it
+(see :mod:`medfed.data.boxes`).
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -111,13 +113,19 @@ def load_mask(path: Path, image_size: int, num_classes: int, spatial_dims: int =
 
 
 def read_site(
-    site_dir: str | Path, image_size: int, num_classes: int, target: str = "label", spatial_dims: int = 2
+    site_dir: str | Path,
+    image_size: int,
+    num_classes: int,
+    target: str = "label",
+    spatial_dims: int = 2,
+    class_names: Sequence[str] = (),
 ) -> SiteArrays:
     """Load and validate a site folder; raise :class:`DataError` listing every bad row.
 
-    ``target`` is the manifest column holding what the task learns: ``label`` or ``mask``. An
-    optional ``spacing`` column gives the pixel size in mm for files that do not carry it
-    (``0.5`` for isotropic pixels, or one value per axis: ``2.5x0.7x0.7``).
+    ``target`` is what the task learns: the manifest column ``label`` or ``mask``, or ``boxes``
+    (2D only), read from ``boxes.csv`` beside the manifest with labels that are names from
+    ``class_names`` or class indices. An optional ``spacing`` column gives the pixel size in mm for
+    files that do not carry it (``0.5`` for isotropic pixels, or one value per axis: ``2.5x0.7x0.7``).
     """
     site_dir = Path(site_dir)
     manifest = site_dir / MANIFEST
@@ -127,11 +135,16 @@ def read_site(
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         rows = list(reader)
-    missing = [c for c in (*REQUIRED_COLUMNS, target) if c not in columns]
+    boxes = target == "boxes"
+    if boxes and spatial_dims != 2:
+        raise ValueError(f"box targets need 2D images (spatial_dims = 2), got spatial_dims = {spatial_dims}")
+    missing = [c for c in (*REQUIRED_COLUMNS, *(() if boxes else (target,))) if c not in columns]
     if missing:
         raise DataError(site_dir, [DataProblem(MANIFEST, f"missing column(s) {missing}; found {columns}")])
     if not rows:
         raise DataError(site_dir, [DataProblem(MANIFEST, "no rows")])
+    if boxes:
+        return _read_box_site(site_dir, rows, image_size, num_classes, class_names)
 
     problems: list[DataProblem] = []
     images, targets, splits, patients, spacings = [], [], [], [], []
@@ -173,6 +186,30 @@ def read_site(
     )
 
 
+def _read_box_site(
+    site_dir: Path, rows: list[dict[str, str]], image_size: int, num_classes: int, class_names: Sequence[str]
+) -> SiteArrays:
+    """The box site of :func:`read_site`: manifest rows checked here, boxes from ``boxes.csv``."""
+    from medfed.data.boxes import BOXES, AnnotatedImage, load_box_site, read_box_table  # boxes imports this module
+
+    boxes, problems = read_box_table(site_dir / BOXES, {row["image"] for row in rows})
+    records, splits = [], []
+    for line, row in enumerate(rows, start=2):
+        where = f"{MANIFEST} line {line}"
+        if row["split"] not in SPLITS:
+            problems.append(DataProblem(where, f"split {row['split']!r} is not one of {list(SPLITS)}"))
+        pixel_mm = _parse_spacing(row.get("spacing") or "", 2, where, problems)
+        path = _read_file(site_dir, row["image"], where, problems, lambda p: p)
+        if path is not None:
+            image_boxes = boxes.get(row["image"], [])
+            records.append(
+                AnnotatedImage(path, image_boxes, row.get("patient_id") or "", source=BOXES, spacing=pixel_mm)
+            )
+            splits.append(row["split"])
+    problems.extend(_patient_leaks(rows))
+    return load_box_site(records, splits, image_size, class_names, num_classes, origin=site_dir, problems=problems)
+
+
 def _read_file(
     site_dir: Path, relative: str, where: str, problems: list[DataProblem], reader: Callable[[Path], T]
 ) -> T | None:
@@ -193,16 +230,21 @@ def _read_file(
 
 def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
     """Write a site folder from arrays: manifest.csv plus 8-bit PNG images and PNG masks (2D) with a
-    ``spacing`` column, or NIfTI images and masks whose header holds the spacing (3D)."""
+    ``spacing`` column, or NIfTI images and masks whose header holds the spacing (3D). Box targets
+    go to ``boxes.csv`` with class indices as labels, in the written image's pixels."""
+    from medfed.data.boxes import BOXES, Box, write_box_table  # boxes imports this module
+
     site_dir = Path(site_dir)
     (site_dir / "images").mkdir(parents=True, exist_ok=True)
     masks = site.target_key == "mask"
     if masks:
         (site_dir / "masks").mkdir(exist_ok=True)
+    boxes = site.target_key == "boxes"
+    box_rows: list[tuple[str, Box]] = []
     volumes = site.images.ndim == 5
     with (site_dir / MANIFEST).open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", site.target_key, "split", "patient_id", "spacing"])
+        writer.writerow(["image", *(() if boxes else (site.target_key,)), "split", "patient_id", "spacing"])
         for i, (image, target, split) in enumerate(zip(site.images, site.targets, site.splits, strict=True)):
             spacing = tuple(float(v) for v in site.spacing[i])
             if volumes:
@@ -217,10 +259,15 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
             elif masks:
                 value = f"masks/{i:06d}.png"
                 Image.fromarray(target[0].astype(np.uint8)).save(site_dir / value)
+            elif boxes:
+                box_rows.extend((rel, Box(int(row[4]), *map(float, row[:4]))) for row in target if row[4] >= 0)
             else:
                 value = str(int(target))
             pid = site.patient_ids[i] if site.patient_ids is not None else ""
-            writer.writerow([rel, value, split, pid, "" if volumes else "x".join(f"{v:g}" for v in spacing)])
+            values = () if boxes else (value,)
+            writer.writerow([rel, *values, split, pid, "" if volumes else "x".join(f"{v:g}" for v in spacing)])
+    if boxes:
+        write_box_table(site_dir / BOXES, box_rows)
     return site_dir
 
 

@@ -8,11 +8,12 @@ import numpy as np
 
 from medfed.config import Config
 from medfed.data.arrays import SiteArrays
+from medfed.data.boxes import load_box_site, read_voc
 from medfed.data.manifest import MANIFEST, read_site
 from medfed.data.medmnist import read_medmnist
 from medfed.data.pairs import assign_splits, deal_to_sites, find_pairs, read_pairs
 from medfed.data.partition import dirichlet_partition, iid_partition
-from medfed.data.synthetic import synthetic_segmentation_site, synthetic_site
+from medfed.data.synthetic import synthetic_detection_site, synthetic_segmentation_site, synthetic_site
 from medfed.tasks import get_task
 
 __all__ = ["load_simulated_site", "simulated_site_names"]
@@ -32,7 +33,11 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
     if not 0 <= index < len(names):
         raise IndexError(f"site index {index} out of range: this simulation has {len(names)} sites")
     target = get_task(config.run.task).SAMPLE_KEYS[1]
-    if data.source == "synthetic":
+    if data.source == "synthetic" and target == "boxes":
+        site = synthetic_detection_site(
+            index, data.samples_per_site, data.image_size, data.num_classes, config.run.seed
+        )
+    elif data.source == "synthetic":
         make = synthetic_segmentation_site if target == "mask" else synthetic_site
         site = make(
             index,
@@ -43,18 +48,33 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
             spatial_dims=data.spatial_dims,
         )
     elif data.source == "sites":
-        site = read_site(Path(data.path) / names[index], data.image_size, data.num_classes, target, data.spatial_dims)
+        site = read_site(
+            Path(data.path) / names[index],
+            data.image_size,
+            data.num_classes,
+            target,
+            data.spatial_dims,
+            class_names=data.class_names,
+        )
+    elif data.source == "voc":
+        if target != "boxes":
+            raise ValueError("data.source = 'voc' holds bounding boxes: it feeds run.task = 'detection' only")
+        site = _voc_site(config, index)
     elif data.source == "pairs":
         if target != "mask":
-            raise ValueError("data.source = 'pairs' holds image/mask pairs: it feeds run.task = 'segmentation' only")
+            raise ValueError(
+                "data.source = 'pairs' holds image/mask pairs: it feeds run.task = 'segmentation' only, "
+                f"not '{config.run.task}'"
+            )
         root = Path(data.path)
         pairs = deal_to_sites(find_pairs(root / data.images, root / data.masks, data.patient_pattern), data.sites)
         mine = pairs[index]
         splits = assign_splits(mine, config.run.seed + index)
         site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims)
-    elif target == "mask":
+    elif target != "label":
         raise ValueError(
-            "data.source = 'medmnist' holds class labels, not masks: it cannot feed run.task = 'segmentation'"
+            f"data.source = 'medmnist' holds class labels, not {'masks' if target == 'mask' else target}: "
+            f"it cannot feed run.task = '{config.run.task}'"
         )
     else:
         pooled = read_medmnist(data.path)
@@ -73,6 +93,23 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
         mask[parts[index]] = True
         site = pooled.subset(mask)
     return names[index], _cap(site, data.max_samples_per_site, config.run.seed + index)
+
+
+def _voc_site(config: Config, index: int) -> SiteArrays:
+    """Site ``index`` of a Pascal VOC set (``Annotations/``, ``JPEGImages/``): images in name order
+    dealt to contiguous blocks, one per site, then split train/val/test at image level."""
+    data = config.data
+    root = Path(data.path)
+    records = read_voc(root / "Annotations", root / "JPEGImages")
+    if not data.class_names:
+        found = sorted({str(box.label) for record in records for box in record.boxes})
+        raise ValueError(
+            f"data.path = {root} names its classes {found}: set data.class-names to them in class-index order "
+            f"(and data.num-classes = {len(found)})"
+        )
+    mine = deal_to_sites(records, data.sites)[index]  # deals by .patient: the image name when no patient id
+    splits = assign_splits(mine, config.run.seed + index)
+    return load_box_site(mine, splits, data.image_size, data.class_names, data.num_classes, origin=root)
 
 
 def _site_folders(root: Path) -> list[Path]:

@@ -3,7 +3,8 @@
 Each site draws its own acquisition shift (intensity scale/offset, gamma, noise, blur, lower
 resolution) and class prevalence, so a model trained at one site degrades at another, which is
 the problem federation addresses. Classes are lesion shapes on a smooth anatomical background:
-class 0 has no lesion, class 1 a bright blob, class 2 a ring, class 3 a bar, and so on.
+class 0 has no lesion, class 1 a bright blob, class 2 a ring, class 3 a bar, and so on. Detection
+sites hold several such objects per image, with their bounding boxes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from scipy import ndimage
 
 from medfed.data.arrays import SiteArrays
 
-__all__ = ["ScannerShift", "site_shift", "synthetic_segmentation_site", "synthetic_site"]
+__all__ = ["ScannerShift", "site_shift", "synthetic_detection_site", "synthetic_segmentation_site", "synthetic_site"]
+
+MAX_OBJECTS = 5
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,92 @@ def synthetic_segmentation_site(
     return SiteArrays(images, masks[:, None].astype(np.int64), splits, target_key="mask", spacing=spacing)
 
 
+def synthetic_detection_site(
+    site_index: int,
+    num_samples: int,
+    image_size: int = 64,
+    num_classes: int = 2,
+    seed: int = 0,
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+) -> SiteArrays:
+    """Generate one site's 2D images ``(N, 1, S, S)`` with 0 to 5 objects each, and their boxes ``(N, M, 5)``.
+
+    Object class c is a small bright disc (c % 3 == 0), a larger ring (1) or an elongated bar (2),
+    brighter for every further three classes, 8-20 % of the image across, inside the body and
+    not heavily overlapping. About 20 % of images hold no object. Sites differ by scanner, class
+    mix (the prevalence of :func:`site_shift`) and mean number of objects per image. A box is the
+    tight bounding box ``[x1, y1, x2, y2, class]`` (pixel edges) of the pixels above half the
+    object's peak; padding rows are ``[0, 0, 0, 0, -1]``.
+    """
+    shift = site_shift(site_index, num_classes, seed)
+    rng = np.random.default_rng([seed, site_index, 17])
+    mean_objects = rng.uniform(1.0, 3.0)
+    images, boxes = [], []
+    for _ in range(num_samples):
+        image, body, grid, _, _ = _background(image_size, rng, 2)
+        count = 0 if rng.random() < 0.2 else min(1 + int(rng.poisson(mean_objects - 1)), MAX_OBJECTS)
+        classes = rng.choice(num_classes, size=count, p=np.asarray(shift.prevalence))
+        rows = []
+        for label, intensity in _place_objects(classes, grid, body, rng):
+            image = image + intensity
+            ys, xs = np.nonzero(intensity > 0.5 * intensity.max())
+            rows.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, label])
+        images.append(_apply_shift(image, shift, rng))
+        boxes.append(rows)
+    targets = np.zeros((num_samples, max([1, *map(len, boxes)]), 5), dtype=np.float32)
+    targets[:, :, 4] = -1
+    for i, rows in enumerate(boxes):
+        if rows:
+            targets[i, : len(rows)] = rows
+    splits = _splits(num_samples, split_fractions, rng)
+    spacing = np.tile(np.asarray(shift.spacing(2), dtype=np.float32), (num_samples, 1))
+    return SiteArrays(np.stack(images)[:, None], targets, splits, target_key="boxes", spacing=spacing)
+
+
+def _place_objects(
+    classes: np.ndarray, grid: np.ndarray, body: np.ndarray, rng: np.random.Generator
+) -> list[tuple[int, np.ndarray]]:
+    """Intensity maps of objects of ``classes``, centred in the body, whole in the image, apart.
+
+    An object that finds no free place in 20 tries is left out.
+    """
+    size = grid.shape[1]
+    placed: list[tuple[np.ndarray, float]] = []
+    objects = []
+    for label in classes.tolist():
+        kind = label % 3
+        radius = size * rng.uniform(*((0.04, 0.06), (0.06, 0.08), (0.07, 0.10))[kind])  # 8-20 % across
+        extent = radius * (1.3 if kind == 1 else 1.0) + 1
+        inside = body & (grid.min(axis=0) >= extent) & (grid.max(axis=0) < size - extent)
+        candidates = np.argwhere(inside)
+        if len(candidates) == 0:
+            continue
+        for centre in candidates[rng.choice(len(candidates), size=min(20, len(candidates)), replace=False)]:
+            if all(np.hypot(*(centre - c)) >= 0.8 * (extent + e) for c, e in placed):
+                placed.append((centre, extent))
+                objects.append((label, _object(kind, label, grid, centre, radius, rng)))
+                break
+    return objects
+
+
+def _object(
+    kind: int, label: int, grid: np.ndarray, centre: np.ndarray, radius: float, rng: np.random.Generator
+) -> np.ndarray:
+    """One object's intensity: a flat disc (kind 0), a ring (1) or a bar along a random direction (2)."""
+    offsets = grid - centre.reshape(2, 1, 1)
+    d = np.sqrt((offsets**2).sum(axis=0))
+    if kind == 0:
+        shape = np.clip(radius + 0.5 - d, 0, 1)
+    elif kind == 1:
+        shape = np.exp(-(((d - radius) / (0.25 * radius)) ** 2))
+    else:
+        along = np.tensordot(_unit_vector(rng.uniform(0, np.pi), None), offsets, axes=1)
+        across_sq = np.maximum(d**2 - along**2, 0.0)
+        shape = np.exp(-across_sq / (0.35 * radius) ** 2) * (np.abs(along) < radius)
+    contrast = rng.uniform(0.3, 0.5) * (1.3 if kind == 0 else 1.0) * (1 + 0.3 * (label // 3))
+    return contrast * shape
+
+
 def _draw_site(
     site_index: int,
     num_samples: int,
@@ -139,15 +228,22 @@ def _splits(n: int, fractions: tuple[float, float, float], rng: np.random.Genera
 
 def _phantom(label: int, size: int, rng: np.random.Generator, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     """A smooth anatomical background with a lesion of class ``label``; returns (image, lesion map)."""
+    image, body, grid, centre, radii = _background(size, rng, ndim)
+    lesion = _lesion(label, grid, centre, radii, rng) * body if label > 0 else np.zeros_like(image)
+    return (image + lesion).astype(np.float32), lesion.astype(np.float32)
+
+
+def _background(
+    size: int, rng: np.random.Generator, ndim: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A smooth anatomical background: (image, body mask, coordinate grid, body centre, body radii)."""
     grid = np.mgrid[(slice(0, size),) * ndim].astype(np.float32)
     centre = size / 2 + rng.normal(0, size * 0.03, ndim)
     radii = size * rng.uniform(0.33, 0.45, ndim)
     body = sum(((axis - c) / r) ** 2 for axis, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
     texture = ndimage.gaussian_filter(rng.normal(0, 1, (size,) * ndim), sigma=size / 10)
     texture = (texture - texture.min()) / (np.ptp(texture) + 1e-6)
-    image = 0.08 + body * (0.30 + 0.15 * texture)
-    lesion = _lesion(label, grid, centre, radii, rng) * body if label > 0 else np.zeros_like(image)
-    return (image + lesion).astype(np.float32), lesion.astype(np.float32)
+    return 0.08 + body * (0.30 + 0.15 * texture), body, grid, centre, radii
 
 
 def _lesion(

@@ -1,7 +1,7 @@
 """Example figures of a model on a few test images, made where the images are.
 
 Classification: Grad-CAM saliency (monai.visualize) beside the image. Segmentation: the
-predicted mask against the reference mask. These pictures contain patient images, so they are
+predicted mask against the reference mask. Detection: predicted boxes against reference boxes. These pictures contain patient images, so they are
 written only to a folder at the site (or the researcher's machine in a simulation); nothing here
 is ever sent to the server.
 """
@@ -25,7 +25,9 @@ from torch.utils.data import Dataset  # noqa: E402
 from medfed.config import Config  # noqa: E402
 from medfed.tasks import predict  # noqa: E402
 
-__all__ = ["EXAMPLE_CAPTIONS", "busiest_slice", "example_images", "mask_overlay_figure"]
+__all__ = ["EXAMPLE_CAPTIONS", "boxes_figure", "busiest_slice", "example_images", "mask_overlay_figure"]
+
+SHOWN_SCORE = 0.3
 
 EXAMPLE_CAPTIONS = {
     "label": (
@@ -35,6 +37,10 @@ EXAMPLE_CAPTIONS = {
     "mask": (
         "Predicted and reference masks",
         "Green: reference only (missed), red: prediction only (false alarm), yellow: both.",
+    ),
+    "boxes": (
+        "Predicted and reference boxes",
+        f"Green: reference boxes; red: detections with score >= {SHOWN_SCORE}, labelled class:score.",
     ),
 }
 
@@ -55,6 +61,9 @@ def example_images(
         image = sample["image"][None]
         if target == "mask":
             fig = _mask_figure(task, model, sample, config)
+        elif target == "boxes":
+            detections = predict(task, model, image, config)[0].numpy()
+            fig = boxes_figure(image[0, 0].numpy(), detections, sample["boxes"].numpy(), config.data.class_names)
         elif getattr(task, "EXPLAIN_LAYER", None):
             fig = _gradcam_figure(model, task.EXPLAIN_LAYER, image, int(sample["label"]))
         else:
@@ -112,5 +121,28 @@ def mask_overlay_figure(gray: np.ndarray, predicted: np.ndarray, reference: np.n
     axes[1].set_title("prediction vs reference" if reference.any() else "prediction", fontsize=8)
     for ax in axes:
         ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def boxes_figure(
+    gray: np.ndarray, detections: np.ndarray, reference: np.ndarray | None, class_names: tuple[str, ...] = ()
+) -> Any:
+    """The image with reference boxes (green) and detections ``[x1, y1, x2, y2, score, class]`` (red)."""
+    from matplotlib.patches import Rectangle
+
+    fig, ax = plt.subplots(figsize=(3.2, 3.4))
+    ax.imshow(gray, cmap="gray")
+    shown = detections[(detections[:, 5] >= 0) & (detections[:, 4] >= SHOWN_SCORE)]
+    rows = [] if reference is None else reference[reference[:, 4] >= 0]
+    for x1, y1, x2, y2, _ in rows:
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.2))
+    for x1, y1, x2, y2, score, cls in shown:
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", linewidth=0.9))
+        name = class_names[int(cls)] if int(cls) < len(class_names) else str(int(cls))
+        ax.text(x1, y1, f"{name}:{score:.2f}", color="red", fontsize=5, va="bottom")
+    title = f"{len(shown)} detections" + ("" if reference is None else f", {len(rows)} reference boxes")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
     fig.tight_layout()
     return fig

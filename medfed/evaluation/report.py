@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from medfed.evaluation.explain import EXAMPLE_CAPTIONS  # noqa: E402
 from medfed.tasks import get_task  # noqa: E402
 
-__all__ = ["json_safe", "write_report"]
+__all__ = ["class_name", "json_safe", "write_report"]
 
 HEADLINE_METRICS = (
     *("auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision"),
     *("dice", "iou", "hd95", "dice_pooled", "rel_size_error_median", "count_error_mean"),
+    *("map50", "map", "froc"),
 )
+PR_KEY = re.compile(r"^pr50_class_(\d+)@([0-9.]+)$")
+FROC_KEY = re.compile(r"^froc@([0-9.]+)fp$")
 
 
 def json_safe(value: Any) -> Any:
@@ -49,6 +53,8 @@ def write_report(report: dict[str, Any], out_dir: str | Path, examples: dict[str
         "metric per round": _plot_rounds(report, plots / "metric_per_round.png"),
         "privacy spent per round": _plot_epsilon(report, plots / "epsilon_per_round.png"),
         "cross-site matrix": _plot_cross_site(report, plots / "cross_site.png"),
+        "precision-recall curves at IoU 0.5": _plot_pr(report, plots / "precision_recall.png"),
+        "FROC curve": _plot_froc(report, plots / "froc.png"),
     }
     page = _render_html(report, {k: v.relative_to(out_dir) for k, v in figures.items() if v}, examples or {})
     path = out_dir / "report.html"
@@ -87,8 +93,8 @@ def _plot_epsilon(report: dict[str, Any], path: Path) -> Path | None:
     return _save_round_plot(fig, ax, path, "ε spent (cumulative)", "Differential privacy spent at each site")
 
 
-def _save_round_plot(fig: Any, ax: Any, path: Path, ylabel: str, title: str) -> Path:
-    ax.set_xlabel("round")
+def _save_round_plot(fig: Any, ax: Any, path: Path, ylabel: str, title: str, xlabel: str = "round") -> Path:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -120,12 +126,68 @@ def _plot_cross_site(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def class_name(report: dict[str, Any], index: int) -> str:
+    """The configured name of class ``index`` (``data.class-names``), else ``class <index>``."""
+    names = report["config"]["data"].get("class-names") or []
+    return str(names[index]) if index < len(names) else f"class {index}"
+
+
+def _plot_pr(report: dict[str, Any], path: Path) -> Path | None:
+    """Per class, precision against recall of the final global model on each site's test split."""
+    curves: dict[int, dict[str, list[tuple[float, float]]]] = {}
+    for site, values in report["final"]["per_site"].items():
+        for key, value in values.items():
+            match = PR_KEY.match(key)
+            if match and value is not None:
+                curves.setdefault(int(match[1]), {}).setdefault(site, []).append((float(match[2]), value))
+    if not curves:
+        return None
+    classes = sorted(curves)
+    fig, axes = plt.subplots(1, len(classes), figsize=(3.2 * len(classes), 3.2), squeeze=False)
+    for ax, c in zip(axes[0], classes, strict=True):
+        for site, points in sorted(curves[c].items()):
+            recall, precision = zip(*sorted(points), strict=True)
+            ax.plot(recall, precision, marker=".", label=site)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=class_name(report, c))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Final global model, test split: precision vs recall (IoU >= 0.5)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_froc(report: dict[str, Any], path: Path) -> Path | None:
+    """Sensitivity against false positives per image (log scale), final global model, each site."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    drawn = False
+    for site, values in sorted(report["final"]["per_site"].items()):
+        points = sorted((float(m[1]), v) for k, v in values.items() if (m := FROC_KEY.match(k)) and v is not None)
+        if points:
+            rates, sensitivity = zip(*points, strict=True)
+            ax.plot(rates, sensitivity, marker="o", label=f"{site} (mean {values.get('froc') or 0:.3f})")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log", base=2)
+    ax.set(ylim=(0, 1.02))
+    return _save_round_plot(
+        fig, ax, path, "sensitivity", "FROC, final global model, test split", "false positives per image"
+    )
+
+
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, float):
         return f"{value:.1e}" if 0 < abs(value) < 0.01 else f"{value:.3f}"
     return html.escape(str(value))
+
+
+def _pair(values: dict[str, Any], c: int) -> str:
+    return f"{_fmt(values.get(f'ap50_class_{c}'))} / {_fmt(values.get(f'ap_class_{c}'))}"
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -153,6 +215,16 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
         "<h2>Final global model on each site's test split</h2>",
         _table(["site", *metric_names, "privacy ε spent"], site_rows),
     ]
+    classes = sorted({int(m[1]) for v in per_site.values() for k in v if (m := re.match(r"^ap50_class_(\d+)$", k))})
+    if classes:
+        sections += [
+            "<h2>Average precision per class (test split)</h2><p>AP at IoU 0.5 / COCO AP over IoU 0.50:0.95, "
+            "up to 100 detections per image; n/a where the site's test split has no object of the class.</p>",
+            _table(
+                ["site", *[class_name(report, c) for c in classes]],
+                [[site, *[_pair(per_site.get(site, {}), c) for c in classes]] for site in report["sites"]],
+            ),
+        ]
     cross = report["final"].get("cross_site")
     if cross:
         sections += [

@@ -17,6 +17,7 @@ __all__ = ["TASKS", "MetricAccumulator", "Task", "get_task", "predict"]
 TASKS: dict[str, str] = {
     "classification": "medfed.tasks.classification",
     "segmentation": "medfed.tasks.segmentation",
+    "detection": "medfed.tasks.detection",
 }
 
 

@@ -1,0 +1,443 @@
+"""Bounding boxes for 2D object detection: Pascal VOC and COCO readers, box checks, box sites.
+
+Annotations give boxes in the ORIGINAL image's pixels; the model sees the image resampled to
+``image_size`` x ``image_size``. Boxes stay in original pixels (and are checked there, against the
+image file's real size) until :func:`load_box_site` scales each with its image, so one rule serves
+every source. Public sets carry broken boxes (BCCD has two of zero area); a box with unusable
+geometry is dropped with a warning naming the file and the box, since the rest of the image is
+still good. A class that cannot be mapped is an error: dropping it would silently change what the
+model learns. A site folder of boxes holds ``manifest.csv`` (``image``, ``split``, optional
+``patient_id``, ``spacing``) and ``boxes.csv`` (``image``, ``label``, ``xmin``, ``ymin``,
+``xmax``, ``ymax``, one row per box); an image without rows in ``boxes.csv`` is a negative.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import xml.etree.ElementTree as ET
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medfed.data.arrays import SiteArrays
+from medfed.data.manifest import MANIFEST, DataError, DataProblem, is_photo, model_input
+from medfed.data.medical_io import read_scan
+from medfed.data.pairs import assign_splits
+
+__all__ = [
+    "BOXES",
+    "AnnotatedImage",
+    "Box",
+    "class_index",
+    "import_coco",
+    "import_voc",
+    "load_box_site",
+    "read_box_table",
+    "read_coco",
+    "read_voc",
+    "validate_boxes",
+    "write_box_table",
+]
+
+BOXES = "boxes.csv"
+BOX_COLUMNS = ("image", "label", "xmin", "ymin", "xmax", "ymax")
+log = logging.getLogger("medfed.data")
+
+
+@dataclass(frozen=True)
+class Box:
+    """One object: its class (a name, or an index) and its corners in original image pixels."""
+
+    label: str | int
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+
+    @property
+    def corners(self) -> tuple[float, float, float, float]:
+        return (self.xmin, self.ymin, self.xmax, self.ymax)
+
+    def __str__(self) -> str:
+        return f"{self.label} ({', '.join(f'{v:g}' for v in self.corners)})"
+
+
+@dataclass(frozen=True)
+class AnnotatedImage:
+    """One image file and its boxes (none: a negative image).
+
+    ``patient_id`` ("" = unknown) keeps a patient's images in one split and one site. ``size`` is
+    the (width, height) the annotation states, checked against the file; ``source`` names the
+    annotation file, for messages; ``spacing`` (mm per pixel, row and column) is for files that do
+    not carry it.
+    """
+
+    image: Path
+    boxes: list[Box] = field(default_factory=list)
+    patient_id: str = ""
+    size: tuple[int, int] | None = None
+    source: str = ""
+    spacing: tuple[float, float] | None = None
+
+    @property
+    def patient(self) -> str:
+        """The unit kept in one split and one site: the patient when known, else the image itself."""
+        return self.patient_id or self.image.name
+
+    @property
+    def where(self) -> str:
+        """The image and its annotation file, for messages."""
+        return f"{self.image.name} (boxes from {self.source})" if self.source else self.image.name
+
+
+def validate_boxes(boxes: Iterable[Box], width: float, height: float, where: str) -> list[Box]:
+    """The boxes with usable geometry in a ``width`` x ``height`` image; the others are dropped with
+    a warning naming ``where`` and the box.
+
+    Usable: finite corners, ``xmin < xmax`` and ``ymin < ymax``, every corner inside
+    ``[0, width] x [0, height]`` (pixel edges: a box may end at ``width``).
+    """
+    kept = []
+    for box in boxes:
+        problem = _geometry_problem(box, width, height)
+        if problem:
+            log.warning("%s: dropped box %s: %s", where, box, problem)
+        else:
+            kept.append(box)
+    return kept
+
+
+def _geometry_problem(box: Box, width: float, height: float) -> str:
+    if not all(math.isfinite(v) for v in box.corners):
+        return "a coordinate is not a finite number"
+    if box.xmin >= box.xmax or box.ymin >= box.ymax:
+        return "empty: needs xmin < xmax and ymin < ymax"
+    if min(box.corners) < 0 or box.xmax > width or box.ymax > height:
+        return f"outside the {width:g}x{height:g} image"
+    return ""
+
+
+def class_index(label: str | int, class_names: Sequence[str], num_classes: int) -> int | None:
+    """The class index of ``label``: its position in ``class_names``, else the label itself when it
+    is an integer (or integer text, as in a CSV) in ``[0, num_classes - 1]``; None when neither."""
+    if isinstance(label, str) and label in class_names:
+        return list(class_names).index(label)
+    try:
+        value = int(str(label).strip())
+    except ValueError:
+        return None
+    return value if 0 <= value < num_classes else None
+
+
+def _unknown_class(label: str | int, class_names: Sequence[str], num_classes: int) -> str:
+    indices = f"a class index in [0, {num_classes - 1}]"
+    if class_names:
+        return f"class {label!r} is neither one of the class names {list(class_names)} nor {indices}"
+    return f"class {label!r} is not {indices} (class names need data.class-names)"
+
+
+def read_voc(annotations_dir: str | Path, images_dir: str | Path) -> list[AnnotatedImage]:
+    """Parse every Pascal VOC ``*.xml`` of ``annotations_dir`` (in name order), images in ``images_dir``.
+
+    Reads ``<filename>``, ``<size>`` and each ``<object>``'s ``<name>`` and ``<bndbox>`` corners
+    as written. Objects marked ``<difficult>1</difficult>`` are kept as ordinary boxes (ignore
+    regions are not supported yet). Box geometry is checked later, against the image file. Raises
+    :class:`DataError` listing every unparsable file, malformed object and missing image.
+    """
+    annotations_dir, images_dir = Path(annotations_dir), Path(images_dir)
+    files = sorted(annotations_dir.glob("*.xml")) if annotations_dir.is_dir() else []
+    if not files:
+        raise DataError(annotations_dir, [DataProblem(str(annotations_dir), "no Pascal VOC *.xml files found")])
+    records: list[AnnotatedImage] = []
+    problems: list[DataProblem] = []
+    for path in files:
+        record = _parse_voc(path, images_dir, problems)
+        if record is not None:
+            records.append(record)
+    if problems:
+        raise DataError(annotations_dir.parent, problems)
+    return records
+
+
+def _parse_voc(path: Path, images_dir: Path, problems: list[DataProblem]) -> AnnotatedImage | None:
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as err:
+        problems.append(DataProblem(path.name, f"not a readable Pascal VOC xml file: {err}"))
+        return None
+    filename = (root.findtext("filename") or "").strip()
+    if not filename:
+        problems.append(DataProblem(path.name, "no <filename>: cannot tell which image it annotates"))
+        return None
+    image = images_dir / filename
+    if not image.is_file():
+        problems.append(DataProblem(path.name, f"its image {filename} is not in {images_dir}"))
+        return None
+    boxes = []
+    for number, obj in enumerate(root.findall("object"), start=1):
+        name = (obj.findtext("name") or "").strip()
+        corners = [obj.findtext(f"bndbox/{key}") for key in BOX_COLUMNS[2:]]
+        try:
+            boxes.append(Box(name, *(float(v) for v in corners)))
+        except (TypeError, ValueError):
+            problems.append(
+                DataProblem(path.name, f"object {number} ({name!r}): <bndbox> needs numbers xmin, ymin, xmax, ymax")
+            )
+        if not name:
+            problems.append(DataProblem(path.name, f"object {number} has no <name>"))
+    width, height = (_positive_int(root.findtext(f"size/{key}")) for key in ("width", "height"))
+    size = (width, height) if width and height else None
+    return AnnotatedImage(image, boxes, size=size, source=path.name)
+
+
+def _positive_int(text: str | None) -> int:
+    """An image size as annotated; 0 when absent or unreadable (then the file's own size counts)."""
+    try:
+        return max(int(float(text or "")), 0)
+    except ValueError:
+        return 0
+
+
+def read_coco(json_path: str | Path, images_dir: str | Path) -> list[AnnotatedImage]:
+    """Parse a COCO detection file: ``images`` (``id``, ``file_name``, optional ``width``/``height``),
+    ``categories`` (``id``, ``name``) and ``annotations`` (``image_id``, ``category_id``, ``bbox`` =
+    ``[x, y, width, height]`` in pixels), images in ``images_dir``.
+
+    Labels are the category names; an image without annotations is a negative. Raises
+    :class:`DataError` listing every malformed annotation, unknown id and missing image.
+    """
+    json_path, images_dir = Path(json_path), Path(images_dir)
+    where = json_path.name
+    try:
+        data = json.loads(json_path.read_text())
+        categories = {c["id"]: str(c["name"]) for c in data["categories"]}
+        images = {i["id"]: i for i in data["images"]}
+        annotations = list(data["annotations"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        expected = "JSON with lists 'images' (id, file_name), 'categories' (id, name) and 'annotations'"
+        raise DataError(
+            json_path.parent, [DataProblem(where, f"not a COCO detection file ({expected}): {err!r}")]
+        ) from None
+    problems: list[DataProblem] = []
+    boxes: dict[object, list[Box]] = {image_id: [] for image_id in images}
+    for number, ann in enumerate(annotations):
+        at = f"{where} annotation {number}"
+        try:
+            image_id, category, (x, y, w, h) = ann["image_id"], ann["category_id"], (float(v) for v in ann["bbox"])
+        except (KeyError, TypeError, ValueError):
+            problems.append(DataProblem(at, "needs image_id, category_id and bbox = [x, y, width, height]"))
+            continue
+        if image_id not in images:
+            problems.append(DataProblem(at, f"image_id {image_id!r} is not among the images"))
+        elif category not in categories:
+            problems.append(DataProblem(at, f"category_id {category!r} is not among the categories"))
+        else:
+            boxes[image_id].append(Box(categories[category], x, y, x + w, y + h))
+    records = []
+    for image_id, entry in images.items():
+        image = images_dir / str(entry.get("file_name", ""))
+        if not image.is_file():
+            problems.append(
+                DataProblem(where, f"image {entry.get('file_name')!r} (id {image_id!r}) not found in {images_dir}")
+            )
+            continue
+        width, height = (_positive_int(str(entry.get(key, ""))) for key in ("width", "height"))
+        size = (width, height) if width and height else None
+        records.append(AnnotatedImage(image, boxes[image_id], size=size, source=where))
+    if problems:
+        raise DataError(json_path.parent, problems)
+    return records
+
+
+def load_box_site(
+    records: Sequence[AnnotatedImage],
+    splits: Sequence[str],
+    image_size: int,
+    class_names: Sequence[str],
+    num_classes: int,
+    origin: str | Path | None = None,
+    problems: list[DataProblem] | None = None,
+) -> SiteArrays:
+    """Load images as ``(N, 1, S, S)`` in [0, 1] and their boxes as ``(N, M, 5)`` model-input targets.
+
+    Each box is checked against the image file's real size (:func:`validate_boxes`: broken ones
+    are dropped with a warning), its label mapped by :func:`class_index`, and its corners scaled
+    with the image: x by ``image_size / width``, y by ``image_size / height``. Raises
+    :class:`DataError` (headed by ``origin``, default the first image's folder) listing every
+    unreadable image, size mismatch and unknown class, together with ``problems`` found before.
+    """
+    problems = [] if problems is None else problems
+    origin = Path(origin) if origin else Path(records[0].image.parent if records else ".")
+    images, spacings, rows, kept_splits, patients = [], [], [], [], []
+    for record, split in zip(records, splits, strict=True):
+        try:
+            array, spacing, shape = model_input(
+                read_scan(record.image), image_size, 2, is_photo(record.image), record.spacing
+            )
+        except Exception as err:  # noqa: BLE001 - every unreadable file is reported
+            problems.append(DataProblem(record.where, f"image unreadable: {err}"))
+            continue
+        height, width = shape
+        problems.extend(
+            DataProblem(record.where, f"box {box}: {_unknown_class(box.label, class_names, num_classes)}")
+            for box in record.boxes
+            if class_index(box.label, class_names, num_classes) is None
+        )
+        scale = np.array([image_size / width, image_size / height] * 2)
+        rows.append(
+            [
+                [*(np.array(box.corners) * scale), index]
+                for box in _usable_boxes(record, width, height, problems)
+                if (index := class_index(box.label, class_names, num_classes)) is not None
+            ]
+        )
+        images.append(array)
+        spacings.append(spacing)
+        kept_splits.append(split)
+        patients.append(record.patient_id)
+    if not images and not problems:
+        problems.append(DataProblem(str(origin), "no images to load"))
+    if problems:
+        raise DataError(origin, problems)
+    targets = np.zeros((len(rows), max([1, *map(len, rows)]), 5), dtype=np.float32)
+    targets[:, :, 4] = -1
+    for i, image_rows in enumerate(rows):
+        if image_rows:
+            targets[i, : len(image_rows)] = image_rows
+    return SiteArrays(
+        np.stack(images).astype(np.float32),
+        targets,
+        np.asarray(kept_splits, dtype=str),
+        np.asarray(patients, dtype=str),
+        target_key="boxes",
+        spacing=np.asarray(spacings, dtype=np.float32),
+    )
+
+
+def _usable_boxes(record: AnnotatedImage, width: int, height: int, problems: list[DataProblem]) -> list[Box]:
+    """The record's boxes with usable geometry in its real ``width`` x ``height`` image."""
+    if record.size is not None and record.size != (width, height):
+        stated = "x".join(map(str, record.size))
+        problems.append(
+            DataProblem(record.where, f"the annotation is for a {stated} image; the file is {width}x{height}")
+        )
+        return []
+    return validate_boxes(record.boxes, width, height, record.where)
+
+
+def read_box_table(path: Path, images: Collection[str]) -> tuple[dict[str, list[Box]], list[DataProblem]]:
+    """The boxes of a site folder's ``boxes.csv`` by ``image`` entry, and the problems found.
+
+    ``images`` are the manifest's ``image`` entries; a row naming another image is a problem.
+    """
+    if not path.is_file():
+        return {}, [
+            DataProblem(path.name, f"missing: a box site needs {BOXES} beside {MANIFEST} (columns {list(BOX_COLUMNS)})")
+        ]
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in BOX_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            return {}, [DataProblem(path.name, f"missing column(s) {missing}; found {reader.fieldnames}")]
+        rows = list(reader)
+    boxes: dict[str, list[Box]] = {}
+    problems = []
+    for line, row in enumerate(rows, start=2):
+        where = f"{path.name} line {line}"
+        if row["image"] not in images:
+            problems.append(DataProblem(where, f"image {row['image']!r} is not in {MANIFEST}"))
+            continue
+        try:
+            corners = [float(row[key]) for key in BOX_COLUMNS[2:]]
+        except (TypeError, ValueError):
+            problems.append(DataProblem(where, "xmin, ymin, xmax, ymax must be numbers (pixels)"))
+            continue
+        boxes.setdefault(row["image"], []).append(Box(row["label"], *corners))
+    return boxes, problems
+
+
+def write_box_table(path: Path, rows: Iterable[tuple[str, Box]]) -> None:
+    """Write ``boxes.csv``: one row per ``(image entry, box)``; integer coordinates stay integers."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(BOX_COLUMNS)
+        for image, box in rows:
+            writer.writerow([image, box.label, *(_number(v) for v in box.corners)])
+
+
+def _number(value: float) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def import_voc(
+    annotations_dir: str | Path,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    fractions: tuple[float, float] = (0.2, 0.2),
+) -> Path:
+    """Make a box site folder from Pascal VOC: image copies under ``images/``, ``manifest.csv`` with
+    seeded image-level splits (``fractions`` = val, test) and ``boxes.csv`` with the class names.
+
+    Boxes with unusable geometry are dropped with a warning; anything else wrong is a :class:`DataError`.
+    """
+    return _write_box_folder(read_voc(annotations_dir, images_dir), Path(images_dir), Path(out_dir), seed, fractions)
+
+
+def import_coco(
+    json_path: str | Path,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    fractions: tuple[float, float] = (0.2, 0.2),
+) -> Path:
+    """Make a box site folder from a COCO detection file, as :func:`import_voc` does (labels = category names)."""
+    return _write_box_folder(read_coco(json_path, images_dir), Path(images_dir), Path(out_dir), seed, fractions)
+
+
+def _write_box_folder(
+    records: list[AnnotatedImage], images_dir: Path, out_dir: Path, seed: int, fractions: tuple[float, float]
+) -> Path:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not empty: choose a new or empty output folder")
+    problems: list[DataProblem] = []
+    kept = []
+    for record in records:
+        size = _width_height(record, problems)
+        kept.append(_usable_boxes(record, *size, problems) if size else [])
+    if problems:
+        raise DataError(images_dir, problems)
+    splits = assign_splits(records, seed, fractions)  # reads only .patient, which AnnotatedImage has
+    table = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / MANIFEST).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "split", "patient_id"])
+        for record, boxes, split in zip(records, kept, splits, strict=True):
+            entry = Path("images") / record.image.relative_to(images_dir)
+            (out_dir / entry).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(record.image, out_dir / entry)
+            writer.writerow([entry.as_posix(), split, record.patient_id])
+            table.extend((entry.as_posix(), box) for box in boxes)
+    write_box_table(out_dir / BOXES, table)
+    return out_dir
+
+
+def _width_height(record: AnnotatedImage, problems: list[DataProblem]) -> tuple[int, int] | None:
+    """The image file's real (width, height), or None (with a problem) when it is not a readable 2D image."""
+    try:
+        shape = [n for n in read_scan(record.image).array.shape if n > 1]
+    except Exception as err:  # noqa: BLE001 - every unreadable file is reported
+        problems.append(DataProblem(record.where, f"image unreadable: {err}"))
+        return None
+    if len(shape) != 2:
+        problems.append(DataProblem(record.where, f"expected a 2D image, got shape {shape}"))
+        return None
+    return shape[1], shape[0]

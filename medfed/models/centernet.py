@@ -1,0 +1,84 @@
+"""A one-stage, anchor-free 2D detector (CenterNet-style) built from MONAI ``Convolution`` blocks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["OUTPUT_STRIDE", "CenterNet"]
+
+OUTPUT_STRIDE = 4
+
+
+class CenterNet(nn.Module):
+    """Objects as points: a heatmap of object centres per class, plus box size and centre offset.
+
+    A strided encoder (conv + GroupNorm + ReLU blocks, down to 1/``4 * 2**depth`` of the input)
+    and a top-down path (nearest-neighbour upsampling plus 1x1 lateral convolutions, as in a
+    feature pyramid) give one feature map at 1/4 of the input resolution; a small head predicts,
+    per output pixel, ``num_classes`` centre logits, the log box width and height (in output
+    pixels) and the sub-pixel offset of the centre. No anchors, no transposed convolutions, no
+    BatchNorm: every layer has a per-sample gradient rule in Opacus, and the model has one
+    output tensor ``(B, num_classes + 4, H / 4, W / 4)``.
+
+    The centre logits start at log(0.1 / 0.9) (a prior of 0.1, as in CenterNet and RetinaNet), so
+    that the focal loss is not swamped by the background at the first steps.
+
+    Args:
+        in_channels: image channels.
+        num_classes: object classes (no background class).
+        width: channels at 1/2 resolution, doubled at each stride-2 block.
+        depth: stride-2 blocks below 1/4 resolution (receptive field grows with it).
+        norm_groups: GroupNorm groups (must divide ``width``).
+        norm: ``"group"`` (GroupNorm) or ``"none"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width: int = 16,
+        depth: int = 2,
+        norm_groups: int = 4,
+        norm: str = "group",
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        norm_layer = ("group", {"num_groups": norm_groups}) if norm == "group" else None
+
+        def block(cin: int, cout: int, stride: int = 1) -> Convolution:
+            return Convolution(
+                2, cin, cout, strides=stride, kernel_size=3, act=("relu", {"inplace": False}), norm=norm_layer
+            )
+
+        self.stem = nn.Sequential(block(in_channels, width, 2), block(width, width))
+        channels = [2 * width * 2**level for level in range(depth + 1)]  # at 1/4, 1/8, ...
+        stages, previous = [], width
+        for out in channels:
+            stages.append(nn.Sequential(block(previous, out, 2), block(out, out)))
+            previous = out
+        self.stages = nn.ModuleList(stages)
+        top = channels[0]
+        self.laterals = nn.ModuleList(nn.Conv2d(c, top, kernel_size=1) for c in channels)
+        self.smooth = block(top, top)
+        self.head = nn.Sequential(block(top, top), nn.Conv2d(top, num_classes + 4, kernel_size=1))
+        with torch.no_grad():
+            final = self.head[-1]
+            final.bias.zero_()
+            final.bias[:num_classes] = math.log(0.1 / 0.9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` images (H, W multiples of ``4 * 2**depth``) to ``(B, num_classes + 4, H/4, W/4)``."""
+        features = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        merged = self.laterals[-1](features[-1])
+        for lateral, feature in zip(reversed(self.laterals[:-1]), reversed(features[:-1]), strict=True):
+            merged = lateral(feature) + F.interpolate(merged, size=feature.shape[-2:], mode="nearest")
+        return self.head(self.smooth(merged))
