@@ -116,7 +116,7 @@ def synthetic_detection_site(
     """Generate one site's 2D images ``(N, 1, S, S)`` with 0 to 5 objects each, and their boxes ``(N, M, 5)``.
 
     Object class c is a small bright disc (c % 3 == 0), a larger ring (1) or an elongated bar (2),
-    brighter for every further three classes, 8-20 % of the image across, inside the body and
+    brighter for every further three classes, 12-26 % of the image across, inside the body and
     not heavily overlapping. About 20 % of images hold no object. Sites differ by scanner, class
     mix (the prevalence of :func:`site_shift`) and mean number of objects per image. A box is the
     tight bounding box ``[x1, y1, x2, y2, class]`` (pixel edges) of the pixels above half the
@@ -159,7 +159,7 @@ def _place_objects(
     objects = []
     for label in classes.tolist():
         kind = label % 3
-        radius = size * rng.uniform(*((0.04, 0.06), (0.06, 0.08), (0.07, 0.10))[kind])  # 8-20 % across
+        radius = size * rng.uniform(*((0.06, 0.09), (0.07, 0.10), (0.08, 0.12))[kind])  # 12-26 % across
         extent = radius * (1.3 if kind == 1 else 1.0) + 1
         inside = body & (grid.min(axis=0) >= extent) & (grid.max(axis=0) < size - extent)
         candidates = np.argwhere(inside)
@@ -187,7 +187,7 @@ def _object(
         along = np.tensordot(_unit_vector(rng.uniform(0, np.pi), None), offsets, axes=1)
         across_sq = np.maximum(d**2 - along**2, 0.0)
         shape = np.exp(-across_sq / (0.35 * radius) ** 2) * (np.abs(along) < radius)
-    contrast = rng.uniform(0.3, 0.5) * (1.3 if kind == 0 else 1.0) * (1 + 0.3 * (label // 3))
+    contrast = rng.uniform(0.4, 0.6) * (1.3 if kind == 0 else 1.0) * (1 + 0.3 * (label // 3))
     return contrast * shape
 
 
