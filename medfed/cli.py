@@ -231,26 +231,39 @@ def _write_cases(path: Path, cases: list[dict[str, Any]], spatial_dims: int) -> 
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Option(help="Segmentation model checkpoint (.safetensors with its .json beside it)")],
+    model: Annotated[
+        Path, typer.Option(help="Segmentation or detection checkpoint (.safetensors with its .json beside it)")
+    ],
     input: Annotated[
         Path, typer.Option(help="An image, NIfTI volume, DICOM file or DICOM series folder, or a folder of them")
     ],
-    out: Annotated[Path, typer.Option(help="Folder for masks (NIfTI, DICOM-SEG), overlays and quantification.csv")],
+    out: Annotated[
+        Path,
+        typer.Option(help="Folder for masks (NIfTI, DICOM-SEG) and quantification.csv, or detections.csv; overlays"),
+    ],
+    min_score: Annotated[float, typer.Option(help="Detection: keep boxes scoring at least this")] = 0.3,
 ) -> None:
-    """Segment new scans at this site: masks aligned with the input, overlays, structure count and size."""
+    """Apply a model to new scans at this site: masks aligned with the input, structure count and size;
+    or boxes in the input's pixels (detection); overlays."""
     from medfed.predict import predict_cases
 
     try:
-        results = predict_cases(model, input, out)
+        results = predict_cases(model, input, out, min_score)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise _fail(str(err)) from err
     table = Table(title=f"{model.name} on {input}")
-    for column in ("case", "structures", "size", "written"):
+    detection = bool(results) and results[0].unit == "boxes"
+    columns = ("case", "detections", "written") if detection else ("case", "structures", "size", "written")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("case", "written") else "right")
     for r in results:
-        table.add_row(r.case, str(r.count), f"{r.size:.3f} {r.unit}", ", ".join(p.name for p in r.outputs))
+        written = ", ".join(p.name for p in r.outputs)
+        if detection:
+            table.add_row(r.case, str(r.count), written)
+        else:
+            table.add_row(r.case, str(r.count), f"{r.size:.3f} {r.unit}", written)
     console.print(table)
-    console.print(f"quantification: {out / 'quantification.csv'}")
+    console.print(f"table: {out / ('detections.csv' if detection else 'quantification.csv')}")
 
 
 @data_app.command("check")

@@ -1,7 +1,7 @@
-"""Segment new scans with a trained model, at the site: masks viewers open aligned, overlays, sizes.
+"""Apply a trained model to new scans, at the site: masks viewers open aligned, or boxes; overlays.
 
-For each input case (a PNG/JPEG, ``.npy``, NIfTI or DICOM file, or a DICOM series folder) this
-writes, under the output folder:
+For each input case (a PNG/JPEG, ``.npy``, NIfTI or DICOM file, or a DICOM series folder) a
+segmentation model writes, under the output folder:
 
 - ``<case>_seg.nii.gz``: the label map on the input's own grid with the input's affine, so it
   overlays the scan in 3D Slicer and ITK-SNAP;
@@ -10,6 +10,10 @@ writes, under the output folder:
 - ``<case>_overlay.png``: the prediction over the image (the slice with most foreground in 3D);
 - one row of ``quantification.csv``: structure count and area (mm²) or volume (mL) measured
   with the input's real voxel size.
+
+A detection model writes ``<case>_overlay.png`` (the boxes over the image) and rows of
+``detections.csv``: case, class, score and the box corners in the input image's own pixels, for
+every detection scoring at least ``min_score``.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from medfed.tasks import get_task, predict
 from medfed.training import resolve_device
 from medfed.weights import load_checkpoint
 
-__all__ = ["CaseResult", "find_cases", "load_segmentation_model", "predict_cases", "segment_scan"]
+__all__ = ["CaseResult", "detect_scan", "find_cases", "load_model", "predict_cases", "segment_scan"]
+
+APPLICABLE_TASKS = ("segmentation", "detection")
 
 
 @dataclass(frozen=True)
 class CaseResult:
-    """What was written for one case and what was measured on it."""
+    """What was written for one case and what was measured on it: structures (segmentation) or
+    detections (detection), and their total size (segmentation; NaN for detection)."""
 
     case: str
     outputs: list[Path]
@@ -44,12 +51,15 @@ class CaseResult:
     unit: str
 
 
-def load_segmentation_model(checkpoint: str | Path) -> tuple[Config, torch.nn.Module]:
-    """The config and model stored in a medfed checkpoint; the model must be a segmentation model."""
+def load_model(checkpoint: str | Path) -> tuple[Config, torch.nn.Module]:
+    """The config and model stored in a medfed checkpoint; a segmentation or detection model."""
     state, meta = load_checkpoint(checkpoint)
     config = Config.from_dict(meta["config"], source=f"{checkpoint} metadata")
-    if config.run.task != "segmentation":
-        raise ValueError(f"{checkpoint} holds a {config.run.task} model; medfed predict segments images")
+    if config.run.task not in APPLICABLE_TASKS:
+        raise ValueError(
+            f"{checkpoint} holds a {config.run.task} model; medfed predict applies {' or '.join(APPLICABLE_TASKS)} "
+            "models (use medfed evaluate for classification)"
+        )
     model = get_task(config.run.task).build_model(config)
     model.load_state_dict(state)
     return config, model.eval()
@@ -83,21 +93,43 @@ def segment_scan(scan: Scan, config: Config, model: torch.nn.Module, photo: bool
     return np.asarray(back, dtype=np.int64)[0].reshape(scan.array.shape)
 
 
-def predict_cases(checkpoint: str | Path, input_path: str | Path, out_dir: str | Path) -> list[CaseResult]:
-    """Segment every case under ``input_path``; write masks, overlays and ``quantification.csv``."""
-    config, model = load_segmentation_model(checkpoint)
+@torch.no_grad()
+def detect_scan(scan: Scan, config: Config, model: torch.nn.Module, photo: bool) -> np.ndarray:
+    """Detections ``(K, 6)``: ``[x1, y1, x2, y2, score, class]`` in the pixels of ``scan``, best first."""
+    image, _, shape = model_input(scan, config.data.image_size, 2, photo)
+    device = next(model.parameters()).device
+    boxes = predict(get_task("detection"), model, torch.as_tensor(image)[None].to(device), config)[0].cpu().numpy()
+    boxes = boxes[boxes[:, 5] >= 0].astype(np.float64)
+    height, width = shape
+    boxes[:, [0, 2]] *= width / config.data.image_size
+    boxes[:, [1, 3]] *= height / config.data.image_size
+    return boxes
+
+
+def predict_cases(
+    checkpoint: str | Path, input_path: str | Path, out_dir: str | Path, min_score: float = 0.3
+) -> list[CaseResult]:
+    """Apply the model to every case under ``input_path``: masks, overlays and ``quantification.csv``
+    (segmentation), or overlays and ``detections.csv`` with boxes scoring at least ``min_score`` (detection)."""
+    config, model = load_model(checkpoint)
     model.to(resolve_device(config.train.device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = {k: f"class {k}" for k in range(1, config.data.num_classes)}
-    results = []
-    for case in find_cases(input_path):
+    cases = find_cases(input_path)
+    scans = []
+    for case in cases:
         scan = read_scan(case)
         if scan.array.squeeze().ndim != config.data.spatial_dims:
+            what = "volumes" if config.data.spatial_dims == 3 else "images"
             raise ValueError(
-                f"{case}: a {scan.array.squeeze().ndim}D input, but the model segments "
-                f"{config.data.spatial_dims}D {'volumes' if config.data.spatial_dims == 3 else 'images'}"
+                f"{case}: a {scan.array.squeeze().ndim}D input, but the model takes {config.data.spatial_dims}D {what}"
             )
+        scans.append((case, scan))
+    if config.run.task == "detection":
+        return _detect_cases(scans, config, model, out_dir, min_score)
+    names = {k: f"class {k}" for k in range(1, config.data.num_classes)}
+    results = []
+    for case, scan in scans:
         mask = segment_scan(scan, config, model, is_photo(case))
         outputs = [write_nifti_mask(mask, scan, out_dir / f"{scan.name}_seg.nii.gz")]
         if scan.dicom is not None:
@@ -108,6 +140,35 @@ def predict_cases(checkpoint: str | Path, input_path: str | Path, out_dir: str |
         unit = size_unit(config.data.spatial_dims)
         results.append(CaseResult(scan.name, outputs, int(measured["count"]), measured["size"], unit))
     _write_table(out_dir / "quantification.csv", results)
+    return results
+
+
+def _detect_cases(
+    scans: list[tuple[Path, Scan]], config: Config, model: torch.nn.Module, out_dir: Path, min_score: float
+) -> list[CaseResult]:
+    import matplotlib.pyplot as plt
+
+    from medfed.evaluation.explain import boxes_figure
+
+    names = config.data.class_names
+    results, rows = [], []
+    for case, scan in scans:
+        boxes = detect_scan(scan, config, model, is_photo(case))
+        boxes = boxes[boxes[:, 4] >= min_score]
+        gray = scan.array.squeeze().astype(np.float32)
+        low, high = np.percentile(gray, [0.5, 99.5])
+        fig = boxes_figure(np.clip((gray - low) / max(high - low, 1e-6), 0, 1), boxes, None, names, min_score)
+        overlay = out_dir / f"{scan.name}_overlay.png"
+        fig.savefig(overlay, dpi=120)
+        plt.close(fig)
+        for x1, y1, x2, y2, score, cls in boxes:
+            label = names[int(cls)] if int(cls) < len(names) else str(int(cls))
+            rows.append([scan.name, label, f"{score:.4f}", *(f"{v:.1f}" for v in (x1, y1, x2, y2))])
+        results.append(CaseResult(scan.name, [overlay], len(boxes), float("nan"), "boxes"))
+    with (out_dir / "detections.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case", "class", "score", "xmin", "ymin", "xmax", "ymax"])
+        writer.writerows(rows)
     return results
 
 

@@ -71,3 +71,41 @@ def test_site_evaluates_and_checks_its_box_data(run: dict, tmp_path: Path) -> No
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["map50"] == pytest.approx(run["report"]["final"]["per_site"]["hospital-1"]["map50"], abs=1e-6)
     assert (tmp_path / "example-0.png").is_file()
+
+
+def test_predict_writes_boxes_in_the_input_pixels(run: dict, tmp_path: Path) -> None:
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    source = sorted((run["sites"] / "hospital-1" / "images").glob("*.png"))[:3]
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for path in source:
+        small = Image.open(path)
+        small.save(scans / path.name)
+        small.resize((128, 256), Image.Resampling.NEAREST).save(scans / f"big_{path.name}")  # 2x wide, 4x tall
+    model = run["out"] / "checkpoints" / "global.safetensors"
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["predict", "--model", str(model), "--input", str(scans), "--out", str(out),
+                                 "--min-score", "0.05"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with (out / "detections.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and set(rows[0]) == {"case", "class", "score", "xmin", "ymin", "xmax", "ymax"}
+    assert {r["class"] for r in rows} <= {"disc", "ring"}
+    best = {}
+    for r in rows:  # the best detection of each case
+        if r["case"] not in best or float(r["score"]) > float(best[r["case"]]["score"]):
+            best[r["case"]] = r
+    compared = 0
+    for path in source:
+        case = path.stem
+        if case in best and f"big_{case}" in best:
+            compared += 1
+            small = np.array([float(best[case][k]) for k in ("xmin", "ymin", "xmax", "ymax")])
+            big = np.array([float(best[f"big_{case}"][k]) for k in ("xmin", "ymin", "xmax", "ymax")])
+            np.testing.assert_allclose(big, small * [2, 4, 2, 4], atol=6)
+    assert compared > 0
+    assert len(list(out.glob("*_overlay.png"))) == 6

@@ -208,7 +208,7 @@ def test_a_2d_model_refuses_a_volume_with_a_clear_message(tmp_path: Path) -> Non
     result = CliRunner().invoke(
         app, ["predict", "--model", str(checkpoint), "--input", str(tmp_path / "v.nii.gz"), "--out", str(tmp_path)]
     )
-    assert result.exit_code == 2 and "3D input, but the model segments 2D images" in result.output
+    assert result.exit_code == 2 and "3D input, but the model takes 2D images" in result.output
 
 
 def test_tiny_3d_federation_with_dp_and_patches_writes_the_report(tmp_path: Path) -> None:

@@ -126,14 +126,19 @@ def mask_overlay_figure(gray: np.ndarray, predicted: np.ndarray, reference: np.n
 
 
 def boxes_figure(
-    gray: np.ndarray, detections: np.ndarray, reference: np.ndarray | None, class_names: tuple[str, ...] = ()
+    gray: np.ndarray,
+    detections: np.ndarray,
+    reference: np.ndarray | None,
+    class_names: tuple[str, ...] = (),
+    min_score: float = SHOWN_SCORE,
 ) -> Any:
-    """The image with reference boxes (green) and detections ``[x1, y1, x2, y2, score, class]`` (red)."""
+    """The image with reference boxes (green) and detections ``[x1, y1, x2, y2, score, class]`` scoring
+    at least ``min_score`` (red)."""
     from matplotlib.patches import Rectangle
 
     fig, ax = plt.subplots(figsize=(3.2, 3.4))
     ax.imshow(gray, cmap="gray")
-    shown = detections[(detections[:, 5] >= 0) & (detections[:, 4] >= SHOWN_SCORE)]
+    shown = detections[(detections[:, 5] >= 0) & (detections[:, 4] >= min_score)]
     rows = [] if reference is None else reference[reference[:, 4] >= 0]
     for x1, y1, x2, y2, _ in rows:
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.2))
