@@ -58,6 +58,7 @@ def pooled(config: Config, sites: list[SiteArrays], private: bool, epochs: int =
     pool = union(sites)
     loader = _loader(config, pool)
     units = len(loader.dataset)
+    unit, _ = pool.privacy_units("train")
     optimizer = build_optimizer(model, config.train)
     epochs = epochs or config.run.rounds * config.train.local_epochs
     steps = config.run.rounds * config.train.local_steps if config.train.local_steps else epochs * len(loader)
@@ -83,7 +84,7 @@ def pooled(config: Config, sites: list[SiteArrays], private: bool, epochs: int =
     }
     metric = task.PRIMARY_METRIC
     per_site = {site: r[metric] for site, r in results.items()}
-    return {"per_site": per_site, "mean": float(np.mean(list(per_site.values()))), "units": units,
+    return {"per_site": per_site, "mean": float(np.mean(list(per_site.values()))), "units": units, "unit": unit,
             "steps": steps, "noise_multiplier": sigma, "seconds": seconds, "metrics": results}  # fmt: skip
 
 

@@ -19,22 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
+from harness import fedavg, pooled
 
 from medfed.config import Config, load_config
-from medfed.data import PrivacyUnitDataset, SiteArrays
 from medfed.data.manifest import load_mask
 from medfed.data.pairs import assign_splits, deal_to_sites, find_pairs
 from medfed.data.sites import load_simulated_site
-from medfed.privacy import default_delta, make_private
-from medfed.simulation import simulate
-from medfed.tasks import get_task
-from medfed.training import build_optimizer, evaluate, train
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "segmentation-chasedb1.toml"
@@ -60,70 +53,6 @@ def second_observer(config: Config) -> dict[str, float]:
             native = load_mask(pair.mask, 960, 2)[0]  # nearest-neighbour at about native size
             full.append(_dice(load_mask(second, 960, 2)[0], native))
     return {"dice_at_model_size": float(np.mean(at_size)), "dice_full_size": float(np.mean(full)), "images": len(full)}
-
-
-def pooled(config: Config, sites: list[SiteArrays], private: bool) -> dict[str, float]:
-    """Train one model on all sites' training images; Dice on each site's test split."""
-    task = get_task(config.run.task)
-    union = SiteArrays(
-        np.concatenate([s.images for s in sites]),
-        np.concatenate([s.targets for s in sites]),
-        np.concatenate([s.splits for s in sites]),
-        np.concatenate([s.patient_ids for s in sites]),
-        "mask",
-        np.concatenate([s.spacing for s in sites]),
-    )
-    torch.manual_seed(config.run.seed)
-    model = task.build_model(config)
-    unit, units = union.privacy_units("train")
-    data = PrivacyUnitDataset(union.split("train"), units, task.train_transform(config))
-    loader = DataLoader(data, batch_size=min(config.train.batch_size, len(data)), shuffle=True)
-    optimizer = build_optimizer(model, config.train)
-    steps = config.run.rounds * config.train.local_steps
-    sigma = None
-    if private:
-        from opacus.accountants.utils import get_noise_multiplier
-
-        sigma = get_noise_multiplier(
-            target_epsilon=config.privacy.target_epsilon,
-            target_delta=default_delta(len(data)),
-            sample_rate=1 / len(loader),
-            steps=steps,
-            accountant="rdp",
-        )
-        model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
-    started = time.perf_counter()
-    train(task, model, loader, optimizer, torch.device("cpu"), epochs=1, max_steps=steps)
-    seconds = time.perf_counter() - started
-    model = getattr(model, "_module", model)
-    per_site = {
-        f"site-{i + 1}": evaluate(task, model, s.split("test"), config, torch.device("cpu"))["dice"]
-        for i, s in enumerate(sites)
-    }
-    return {"per_site": per_site, "mean": float(np.mean(list(per_site.values()))), "units": len(data),
-            "unit": unit, "noise_multiplier": sigma, "seconds": seconds}  # fmt: skip
-
-
-def fedavg(config: Config, out: Path) -> dict[str, object]:
-    started = time.perf_counter()
-    report = simulate(config, out)
-    per_site = {s: m["dice"] for s, m in report["final"]["per_site"].items()}
-    cross = report["final"].get("cross_site") or {}
-    local = {
-        m: row[cross["sites"].index(m)] for m, row in zip(cross.get("models", []), cross.get("matrix", []), strict=True)
-        if m != "global"
-    }  # fmt: skip
-    privacy = report["privacy"]
-    return {
-        "per_site": per_site,
-        "mean": float(np.mean(list(per_site.values()))),
-        "local_only_on_own_test": local,
-        "local_only_mean": float(np.mean(list(local.values()))) if local else None,
-        "epsilon": {s: p["epsilon"] for s, p in privacy.items()},
-        "unit": {s: p.get("unit") for s, p in privacy.items()},
-        "noise_multiplier": {s: p["noise_multiplier"] for s, p in privacy.items()},
-        "seconds": time.perf_counter() - started,
-    }
 
 
 def main() -> None:
