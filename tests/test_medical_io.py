@@ -242,3 +242,21 @@ def test_mask_problems_are_refused(tmp_path: Path) -> None:
         write_dicom_seg(mask, series, tmp_path / "seg.dcm", {1: "lesion"})
     with pytest.raises(ValueError, match="0 is background"):
         write_dicom_seg(mask, series, tmp_path / "seg.dcm", {0: "background", 2: "lesion"})
+
+
+@pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm"])
+def test_lossless_compressed_dicom_decodes_to_the_uncompressed_pixels(name: str) -> None:
+    from pydicom.data import get_testdata_file
+
+    compressed = read_scan(get_testdata_file(name))
+    plain = read_scan(get_testdata_file("MR_small.dcm"))
+    np.testing.assert_array_equal(compressed.array, plain.array)
+    assert compressed.spacing == plain.spacing
+
+
+@pytest.mark.parametrize("name", ["693_J2KI.dcm", "JPGExtended.dcm"])
+def test_jpeg_2000_and_jpeg_extended_dicoms_decode(name: str) -> None:
+    from pydicom.data import get_testdata_file
+
+    scan = read_scan(get_testdata_file(name))  # pylibjpeg's openjpeg / libjpeg plugins
+    assert scan.array.ndim == 2 and np.isfinite(scan.array).all() and scan.array.std() > 0
