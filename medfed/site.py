@@ -37,6 +37,9 @@ warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
 
+STATE_FOLDER = ".medfed-state"
+_SITE_CACHE: dict[tuple[Any, ...], tuple[tuple[tuple[str, int, int], ...], SiteArrays]] = {}
+
 PHASE_FEDERATED = "federated"
 PHASE_LOCAL = "local-baseline"
 
@@ -58,22 +61,45 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         if "site-name" not in node_config:
             raise ValueError("node_config needs site-name (the name this site reports to the server)")
         name = str(node_config["site-name"])
-        state_dir = Path(str(node_config.get("state-dir", data_path / ".medfed-state")))
+        state_dir = Path(str(node_config.get("state-dir", data_path / STATE_FOLDER)))
         target = get_task(config.run.task).SAMPLE_KEYS[1]
-        data = read_site(
-            data_path,
-            config.data.image_size,
-            config.data.num_classes,
-            target,
-            config.data.spatial_dims,
-            config.data.class_names,
-        )
+        d = config.data
+        data = _cached_site(data_path, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names)
     else:
         index = int(node_config["partition-id"])
         name, data = load_simulated_site(config, index)
         state_dir = Path(str(message_config["simulation-state-root"])) / name
     budget = float(node_config.get("privacy-budget", config.privacy.site_budget))
     return Site(name, data, state_dir, budget)
+
+
+def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """Name, size and modification time of every file under ``folder`` (the site's state excluded)."""
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and STATE_FOLDER not in path.relative_to(folder).parts:
+            stat = path.stat()
+            entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
+
+
+def _cached_site(
+    folder: Path, image_size: int, num_classes: int, target: str, spatial_dims: int, class_names: tuple[str, ...]
+) -> SiteArrays:
+    """``read_site``, loaded once per process while the folder's files and the settings stay the same.
+
+    A site answers a train and an evaluate message every round; re-reading and resampling every
+    scan each time took as long as a local DP epoch (benchmarks/data_loading.py).
+    """
+    key = (str(folder.resolve()), image_size, num_classes, target, spatial_dims, class_names)
+    signature = folder_signature(folder)
+    cached = _SITE_CACHE.get(key)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    data = read_site(folder, image_size, num_classes, target, spatial_dims, class_names)
+    _SITE_CACHE.clear()  # one site, one configuration at a time: keep memory to one copy
+    _SITE_CACHE[key] = (signature, data)
+    return data
 
 
 def handle_train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:

@@ -101,3 +101,25 @@ def test_any_site_error_reaches_the_server_without_paths(site_dir: Path, tmp_pat
     assert reply.content["site"]["status"] == "error"
     assert reply.content["site"]["reason"] == "RuntimeError; details are in the site's log"
     _no_paths(reply, site_dir, tmp_path)
+
+
+def test_site_data_is_read_once_until_its_files_change(site_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import medfed.site as site_module
+
+    reads = []
+    real_read = site_module.read_site
+    monkeypatch.setattr(site_module, "read_site", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    site_module._SITE_CACHE.clear()
+    config = tiny_config()
+    node = _node(site_dir, tmp_path)
+    for _ in range(2):
+        assert (
+            handle_evaluate(_request(config, MessageType.EVALUATE, split="val"), node).content["site"]["status"] == "ok"
+        )
+    assert len(reads) == 1
+    manifest = site_dir / "manifest.csv"
+    manifest.write_text(manifest.read_text() + "\n")  # the hospital updates its data: read again
+    handle_evaluate(_request(config, MessageType.EVALUATE, split="val"), node)
+    assert len(reads) == 2
+    handle_evaluate(_request(tiny_config(**{"data.image-size": 32}), MessageType.EVALUATE, split="val"), node)
+    assert len(reads) == 3  # another input size: another copy
