@@ -260,3 +260,53 @@ def test_jpeg_2000_and_jpeg_extended_dicoms_decode(name: str) -> None:
 
     scan = read_scan(get_testdata_file(name))  # pylibjpeg's openjpeg / libjpeg plugins
     assert scan.array.ndim == 2 and np.isfinite(scan.array).all() and scan.array.std() > 0
+
+
+def _multiframe_from_series(series: list[Path], order: list[int], path: Path, per_frame_geometry: bool) -> Path:
+    """One multi-frame file holding the series' slices in ``order``, with enhanced-style functional groups."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    slices = [pydicom.dcmread(p) for p in series]
+    ds = slices[0].copy()
+    ds.NumberOfFrames = len(order)
+    ds.PixelData = b"".join(slices[i].PixelData for i in order)
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = ds.PixelSpacing
+    measures.SliceThickness = ds.SliceThickness
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = ds.ImageOrientationPatient
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for i in order:
+        frame = Dataset()
+        transform = Dataset()
+        transform.RescaleSlope, transform.RescaleIntercept = 1, -1024
+        frame.PixelValueTransformationSequence = Sequence([transform])
+        if per_frame_geometry:
+            position = Dataset()
+            position.ImagePositionPatient = slices[i].ImagePositionPatient
+            frame.PlanePositionSequence = Sequence([position])
+        frames.append(frame)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    if not per_frame_geometry:
+        ds.SpacingBetweenSlices = ds.SliceThickness
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_multiframe_dicom_is_a_volume_sorted_along_the_normal_with_per_frame_rescale(tmp_path: Path) -> None:
+    volume = np.random.default_rng(3).integers(0, 2000, (6, 16, 20)).astype(np.int16)
+    series = write_dicom_series(volume, tmp_path / "series", (2.5, 0.6, 0.8))
+    reference = read_scan(tmp_path / "series")
+    shuffled = _multiframe_from_series(series, [3, 0, 5, 1, 4, 2], tmp_path / "enhanced.dcm", True)
+    scan = read_scan(shuffled)
+    np.testing.assert_array_equal(scan.array, reference.array - 1024)
+    np.testing.assert_allclose(scan.affine, reference.affine, atol=1e-6)
+    assert scan.spacing == pytest.approx(reference.spacing)
+    legacy = read_scan(_multiframe_from_series(series, list(range(6)), tmp_path / "legacy.dcm", False))
+    np.testing.assert_array_equal(legacy.array, reference.array - 1024)
+    assert legacy.spacing == pytest.approx(reference.spacing)

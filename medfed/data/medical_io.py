@@ -22,8 +22,10 @@ DICOM geometry is in LPS; it is converted to RAS by negating x and y.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import nibabel as nib
@@ -323,7 +325,7 @@ def _read_dicom_file(path: Path) -> Scan:
     except (InvalidDicomError, OSError) as err:
         raise ValueError(f"{path} is not a readable DICOM file: {err}") from err
     if int(ds.get("NumberOfFrames") or 1) > 1:
-        raise ValueError(f"{path} is a multi-frame DICOM image: expected a single-frame image")
+        return _read_multiframe(path, ds)
     array = _dicom_pixels(ds, path)
     orientation = ds.get("ImageOrientationPatient") or DEFAULT_ORIENTATION
     position = ds.get("ImagePositionPatient") or (0.0, 0.0, 0.0)
@@ -361,38 +363,106 @@ def _read_dicom_series(folder: Path) -> Scan:
         if not np.allclose(_pixel_spacing(ds), _pixel_spacing(first)):
             raise ValueError(f"{file} has another PixelSpacing than {first_file}: expected one pixel spacing")
 
-    orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+    positions = [ds.ImagePositionPatient for _, ds in datasets]
+    thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    order, affine, spacing = _stack_geometry(
+        first.ImageOrientationPatient, positions, _pixel_spacing(first), thickness, f"folder {folder}"
+    )
+    datasets = [datasets[i] for i in order]
+    array = np.stack([_dicom_pixels(ds, file) for file, ds in datasets])
+    return Scan(name=folder.name, array=array, affine=affine, spacing=spacing, dicom=[ds for _, ds in datasets])
+
+
+def _stack_geometry(
+    orientation: Sequence[float],
+    positions: Sequence[Sequence[float]],
+    pixel_spacing: tuple[float, float],
+    thickness: float,
+    where: str,
+) -> tuple[list[int], np.ndarray, tuple[float, float, float]]:
+    """Slice order along the slice normal, RAS affine and spacing of a stack of parallel DICOM planes.
+
+    ``positions`` are the planes' ImagePositionPatient (LPS); ``thickness`` is the step used for a
+    single plane. Planes must be distinct and evenly spaced.
+    """
+    orientation = np.asarray(orientation, dtype=np.float64)
     normal = np.cross(orientation[:3], orientation[3:])
-    datasets.sort(key=lambda item: float(np.dot(item[1].ImagePositionPatient, normal)))
-    positions = np.array([ds.ImagePositionPatient for _, ds in datasets], dtype=np.float64)
-    depths = positions @ normal
-    gaps = np.diff(depths)
+    points = np.asarray(positions, dtype=np.float64)
+    order = [int(i) for i in np.argsort(points @ normal, kind="stable")]
+    points = points[order]
+    gaps = np.diff(points @ normal)
     if len(gaps) and gaps.min() < 1e-3:
         raise ValueError(
-            f"folder {folder} has several slices at one position: expected a single 3D series "
+            f"{where} has several slices at one position: expected a single 3D series "
             "(split echoes, phases or time points into separate folders)"
         )
     if len(gaps) and gaps.max() - gaps.min() > 0.01 * gaps.mean() + 1e-3:
-        raise ValueError(
-            f"folder {folder} has slice gaps from {gaps.min():.3f} to {gaps.max():.3f} mm: "
-            "expected evenly spaced slices"
-        )
-    if len(datasets) > 1:
-        step = (positions[-1] - positions[0]) / (len(datasets) - 1)
-    else:
-        step = normal * float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
-
-    array = np.stack([_dicom_pixels(ds, file) for file, ds in datasets])
-    row_spacing, col_spacing = _pixel_spacing(first)
+        raise ValueError(f"{where} has slice gaps from {gaps.min():.3f} to {gaps.max():.3f} mm: expected even spacing")
+    step = (points[-1] - points[0]) / (len(points) - 1) if len(points) > 1 else normal * thickness
+    row_spacing, col_spacing = pixel_spacing
     lps = np.eye(4)
     lps[:3, 0] = step
     lps[:3, 1] = orientation[3:] * row_spacing
     lps[:3, 2] = orientation[:3] * col_spacing
-    lps[:3, 3] = positions[0]
-    spacing = (float(np.linalg.norm(step)), row_spacing, col_spacing)
-    return Scan(
-        name=folder.name, array=array, affine=LPS_TO_RAS @ lps, spacing=spacing, dicom=[ds for _, ds in datasets]
+    lps[:3, 3] = points[0]
+    return order, LPS_TO_RAS @ lps, (float(np.linalg.norm(step)), row_spacing, col_spacing)
+
+
+def _read_multiframe(path: Path, ds: pydicom.Dataset) -> Scan:
+    """A multi-frame image (enhanced CT/MR, or legacy multi-frame) as a volume ordered along the slice normal.
+
+    Geometry and rescale come from the shared and per-frame functional groups where present
+    (enhanced objects), else from the top-level attributes, with frames ``SpacingBetweenSlices``
+    (or ``SliceThickness``) apart.
+    """
+    frames = int(ds.NumberOfFrames)
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    orientation = _group_value(shared, "PlaneOrientationSequence", "ImageOrientationPatient") or ds.get(
+        "ImageOrientationPatient"
     )
+    measures = _first_item(shared, "PixelMeasuresSequence") if shared is not None else None
+    source = measures if measures is not None and "PixelSpacing" in measures else ds
+    pixel_spacing = _pixel_spacing(source)
+    spacing_source = measures if measures is not None and "SliceThickness" in measures else ds
+    thickness = float(spacing_source.get("SpacingBetweenSlices") or spacing_source.get("SliceThickness") or 1.0)
+    orientation = list(orientation or DEFAULT_ORIENTATION)
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    positions = [_group_value(frame, "PlanePositionSequence", "ImagePositionPatient") for frame in per_frame[:frames]]
+    if len(positions) != frames or any(p is None for p in positions):
+        origin = np.asarray(ds.get("ImagePositionPatient") or (0.0, 0.0, 0.0), dtype=np.float64)
+        positions = [origin + k * thickness * normal for k in range(frames)]
+    order, affine, spacing = _stack_geometry(orientation, positions, pixel_spacing, thickness, str(path))
+    if int(ds.get("SamplesPerPixel") or 1) != 1:
+        raise ValueError(f"{path} has {ds.SamplesPerPixel} samples per pixel: expected a grayscale image")
+    try:
+        pixels = ds.pixel_array.astype(np.float32).reshape(frames, int(ds.Rows), int(ds.Columns))
+    except Exception as err:  # decoders raise many types (missing codec, truncated data, ...)
+        raise ValueError(f"{path}: cannot decode its pixel data: {err}") from err
+    for k in range(frames):
+        slope, intercept = _rescale(per_frame[k] if k < len(per_frame) else None, shared, ds)
+        pixels[k] = pixels[k] * slope + intercept
+    del ds.PixelData
+    return Scan(name=file_stem(path), array=pixels[order], affine=affine, spacing=spacing, dicom=[ds])
+
+
+def _first_item(ds: pydicom.Dataset | None, keyword: str) -> pydicom.Dataset | None:
+    sequence = ds.get(keyword) if ds is not None else None
+    return sequence[0] if sequence else None
+
+
+def _group_value(group: pydicom.Dataset | None, sequence: str, keyword: str) -> Any:
+    item = _first_item(group, sequence)
+    return item.get(keyword) if item is not None else None
+
+
+def _rescale(frame: pydicom.Dataset | None, shared: pydicom.Dataset | None, ds: pydicom.Dataset) -> tuple[float, float]:
+    """Rescale slope and intercept of one frame: per-frame group, shared group, then top level."""
+    for group in (frame, shared):
+        item = _first_item(group, "PixelValueTransformationSequence")
+        if item is not None and "RescaleSlope" in item:
+            return float(item.RescaleSlope), float(item.get("RescaleIntercept") or 0.0)
+    return float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
 
 
 def _dicom_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
