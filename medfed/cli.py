@@ -182,6 +182,7 @@ def evaluate(
             task.SAMPLE_KEYS[1],
             config.data.spatial_dims,
             config.data.class_names,
+            config.data.ct_window,
         )
     except (FileNotFoundError, DataError, ConfigError, KeyError) as err:
         raise _fail(str(err)) from err
@@ -298,6 +299,10 @@ def data_check(
     console.print(
         f"{site_dir}: {len(site.targets)} samples, all readable; privacy unit: {unit} ({len(units)} in train)"
     )
+    from medfed.data.card import data_card
+
+    for line in data_card(site_dir, site).lines():
+        console.print(f"  {line}")
     if site.target_key == "boxes":
         table = Table(title="images and boxes per split and class")
         table.add_column("split")

@@ -70,6 +70,9 @@ class DataConfig:
     ``voc`` (``path`` holds Pascal VOC ``Annotations/*.xml`` and ``JPEGImages/``; images are dealt
     to ``sites`` sites in name order, then to train/val/test within each site).
 
+    ``ct-window`` ([low, high] Hounsfield units) is what CT images (DICOM Modality CT) are clipped
+    to before scaling to [0, 1]; other images are scaled by their 0.5-99.5 percentile range.
+
     ``num-classes`` counts the classes a model tells apart: for segmentation including background
     (class 0), for detection the object classes only. ``class-names`` (optional; required by
     detection data that name their classes, e.g. VOC) gives one name per class index.
@@ -94,6 +97,7 @@ class DataConfig:
     masks: str = "masks"
     patient_pattern: str = ""
     class_names: tuple[str, ...] = ()
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
 
     def __post_init__(self) -> None:
         _check(self.sites >= 1, "data.sites", self.sites, "an integer >= 1")
@@ -107,6 +111,12 @@ class DataConfig:
             f"0 (whole images) or an integer in [8, data.image-size = {self.image_size}]",
         )
         _check(self.num_classes >= 1, "data.num-classes", self.num_classes, "an integer >= 1")
+        _check(
+            len(self.ct_window) == 2 and self.ct_window[0] < self.ct_window[1],
+            "data.ct-window",
+            list(self.ct_window),
+            "[low, high] Hounsfield units with low < high, e.g. [-160, 240] for soft tissue",
+        )
         _check(
             not self.class_names or len(self.class_names) == self.num_classes,
             "data.class-names",
@@ -349,6 +359,14 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a number")
         return float(value)
+    if hint == tuple[float, float]:
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected two numbers [low, high]")
+        return (float(value[0]), float(value[1]))
     if hint == tuple[str, ...]:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a list of strings")

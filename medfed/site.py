@@ -64,7 +64,7 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         state_dir = Path(str(node_config.get("state-dir", data_path / STATE_FOLDER)))
         target = get_task(config.run.task).SAMPLE_KEYS[1]
         d = config.data
-        data = _cached_site(data_path, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names)
+        data = _cached_site(data_path, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.ct_window)
     else:
         index = int(node_config["partition-id"])
         name, data = load_simulated_site(config, index)
@@ -84,19 +84,25 @@ def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
 
 
 def _cached_site(
-    folder: Path, image_size: int, num_classes: int, target: str, spatial_dims: int, class_names: tuple[str, ...]
+    folder: Path,
+    image_size: int,
+    num_classes: int,
+    target: str,
+    spatial_dims: int,
+    class_names: tuple[str, ...],
+    ct_window: tuple[float, float],
 ) -> SiteArrays:
     """``read_site``, loaded once per process while the folder's files and the settings stay the same.
 
     A site answers a train and an evaluate message every round; re-reading and resampling every
     scan each time took as long as a local DP epoch (benchmarks/data_loading.py).
     """
-    key = (str(folder.resolve()), image_size, num_classes, target, spatial_dims, class_names)
+    key = (str(folder.resolve()), image_size, num_classes, target, spatial_dims, class_names, ct_window)
     signature = folder_signature(folder)
     cached = _SITE_CACHE.get(key)
     if cached is not None and cached[0] == signature:
         return cached[1]
-    data = read_site(folder, image_size, num_classes, target, spatial_dims, class_names)
+    data = read_site(folder, image_size, num_classes, target, spatial_dims, class_names, ct_window)
     _SITE_CACHE.clear()  # one site, one configuration at a time: keep memory to one copy
     _SITE_CACHE[key] = (signature, data)
     return data

@@ -39,3 +39,17 @@ def test_simulate_names_every_bad_file_of_a_site(tmp_path: Path) -> None:
         (tmp_path / site / "manifest.csv").write_text("image,label,split\nscan.png,0,train\n")
     result = runner.invoke(app, ["simulate", CONFIG, "--data", str(tmp_path)])
     assert result.exit_code == 2 and "scan.png: file not found" in result.output
+
+
+def test_data_check_prints_a_data_card_of_formats_modalities_sizes_and_labels(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medfed.cli import app
+    from tests.test_phi_guard import _dicom_site
+
+    site = _dicom_site(tmp_path / "ct-site", 0, samples=12)
+    result = CliRunner().invoke(app, ["data", "check", str(site)])
+    assert result.exit_code == 0, result.output
+    assert "formats: DCM 12" in result.output and "modalities: CT 12" in result.output
+    assert "image sizes: 28 x 28" in result.output and "voxel sizes: 0.8 x 0.8 mm" in result.output
+    assert "labels: class 0" in result.output

@@ -310,3 +310,21 @@ def test_multiframe_dicom_is_a_volume_sorted_along_the_normal_with_per_frame_res
     legacy = read_scan(_multiframe_from_series(series, list(range(6)), tmp_path / "legacy.dcm", False))
     np.testing.assert_array_equal(legacy.array, reference.array - 1024)
     assert legacy.spacing == pytest.approx(reference.spacing)
+
+
+def test_ct_is_windowed_in_hounsfield_units_and_mr_by_percentiles(tmp_path: Path) -> None:
+    from medfed.data.manifest import model_input
+
+    volume = np.full((4, 8, 8), -1000, np.int16)
+    volume[:, 2:6, 2:6] = 40  # soft tissue
+    volume[:, 3:5, 3:5] = 3000  # metal, beyond the window
+    ct = read_scan(write_dicom_series(volume, tmp_path / "ct")[0].parent)
+    assert ct.modality == "CT"
+    image, _, _ = model_input(ct, 8, 3, photo=False)
+    assert np.unique(image).tolist() == pytest.approx([0.0, 0.52, 1.0])  # (40 + 1000) / 2000 = 0.52
+    soft, _, _ = model_input(ct, 8, 3, photo=False, ct_window=(-160.0, 240.0))
+    assert np.unique(soft).tolist() == pytest.approx([0.0, 0.5, 1.0])  # (40 + 160) / 400
+    mr = read_scan(write_dicom_series(volume, tmp_path / "mr", modality="MR")[0].parent)
+    assert mr.modality == "MR"
+    scaled, _, _ = model_input(mr, 8, 3, photo=False)
+    assert scaled.min() == 0.0 and scaled.max() == 1.0  # percentile range, whatever the units

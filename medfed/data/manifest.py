@@ -27,6 +27,7 @@ __all__ = ["DataError", "DataProblem", "load_image", "load_mask", "read_site", "
 MANIFEST = "manifest.csv"
 REQUIRED_COLUMNS = ("image", "split")
 T = TypeVar("T")
+CT_WINDOW = (-1000.0, 1000.0)  # Hounsfield units: air to dense bone
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -52,19 +53,23 @@ class DataError(ValueError):
 
 
 def load_image(
-    path: Path, image_size: int, spatial_dims: int = 2, spacing: tuple[float, ...] | None = None
-) -> tuple[np.ndarray, tuple[float, ...]]:
+    path: Path,
+    image_size: int,
+    spatial_dims: int = 2,
+    spacing: tuple[float, ...] | None = None,
+    ct_window: tuple[float, float] = CT_WINDOW,
+) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
     """Read one image (2D) or volume (3D) as ``(1, *[image_size] * spatial_dims)`` float32 in [0, 1].
 
-    Returns the array and its voxel size in mm after resampling. ``spacing`` (mm per input pixel)
+    Returns the array, its voxel size in mm after resampling and the file's own shape (singleton
+    axes dropped), against which a mask is checked. ``spacing`` (mm per input pixel)
     replaces the file's own; a file without one (PNG) counts 1 mm per pixel. Photos (PNG/JPEG,
     8-bit) are scaled by 1/255, other formats by their 0.5-99.5 percentile range.
     """
     scan = read_scan(path)
     if spacing is not None and len(spacing) != spatial_dims:
         raise ValueError(f"spacing {spacing} has {len(spacing)} values; the image has {spatial_dims} axes")
-    array, resampled, _ = model_input(scan, image_size, spatial_dims, is_photo(path), spacing)
-    return array, resampled
+    return model_input(scan, image_size, spatial_dims, is_photo(path), spacing, ct_window)
 
 
 def is_photo(path: Path) -> bool:
@@ -73,25 +78,41 @@ def is_photo(path: Path) -> bool:
 
 
 def model_input(
-    scan: Scan, image_size: int, spatial_dims: int, photo: bool, spacing: tuple[float, ...] | None = None
+    scan: Scan,
+    image_size: int,
+    spatial_dims: int,
+    photo: bool,
+    spacing: tuple[float, ...] | None = None,
+    ct_window: tuple[float, float] = CT_WINDOW,
 ) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
     """A scan as the model sees it: ``(1, *[image_size] * spatial_dims)`` in [0, 1], its voxel size in mm
     after resampling, and the shape it was resampled from (singleton axes dropped).
 
-    8-bit photos are scaled by 1/255; anything else by its 0.5-99.5 percentile range.
+    8-bit photos are scaled by 1/255; CT (DICOM Modality CT, values in Hounsfield units) is clipped
+    to ``ct_window`` and scaled to [0, 1], so that a tissue has the same value at every site;
+    anything else (MR, NIfTI, ...) is scaled by its 0.5-99.5 percentile range.
     """
     array, file_spacing = _squeeze(scan.array, scan.spacing, spatial_dims, "image")
     if not np.isfinite(array).all():
         raise ValueError("image contains NaN or Inf pixels")
-    array = array / 255.0 if photo and array.max(initial=0) <= 255 else _normalise(array)
+    if photo and array.max(initial=0) <= 255:
+        array = array / 255.0
+    elif scan.modality == "CT":
+        low, high = ct_window
+        array = np.clip((array - low) / (high - low), 0.0, 1.0)
+    else:
+        array = _normalise(array)
     resized = _resize(array.astype(np.float32), image_size)
     return resized[None], _resampled_spacing(spacing or file_spacing, array.shape, image_size), array.shape
 
 
-def load_mask(path: Path, image_size: int, num_classes: int, spatial_dims: int = 2) -> np.ndarray:
+def load_mask(
+    path: Path, image_size: int, num_classes: int, spatial_dims: int = 2, image_shape: tuple[int, ...] | None = None
+) -> np.ndarray:
     """Read a label mask as ``(1, *[image_size] * spatial_dims)`` int64 (nearest-neighbour resampling).
 
     1-bit PNGs are read as 0/1; other files must hold class indices in ``[0, num_classes - 1]``.
+    ``image_shape`` (the image's own shape) is what the mask must match before resampling.
     """
     name = path.name.lower()
     if name.endswith(".npy"):
@@ -104,6 +125,8 @@ def load_mask(path: Path, image_size: int, num_classes: int, spatial_dims: int =
         with Image.open(path) as img:
             mask = (np.asarray(img.convert("L")) > 0).astype(np.int64) if img.mode == "1" else np.asarray(img)
     mask, _ = _squeeze(mask, (1.0,) * mask.ndim, spatial_dims, "mask")
+    if image_shape is not None and mask.shape != tuple(image_shape):
+        raise ValueError(f"mask shape {mask.shape} does not match its image's shape {tuple(image_shape)}")
     if not np.array_equal(mask, np.round(mask)) or mask.min() < 0 or mask.max() >= num_classes:
         raise ValueError(f"mask values must be class indices in [0, {num_classes - 1}], found {np.unique(mask)[:8]}")
     if mask.shape != (image_size,) * spatial_dims:
@@ -119,8 +142,11 @@ def read_site(
     target: str = "label",
     spatial_dims: int = 2,
     class_names: Sequence[str] = (),
+    ct_window: tuple[float, float] = CT_WINDOW,
 ) -> SiteArrays:
     """Load and validate a site folder; raise :class:`DataError` listing every bad row.
+
+    CT images are windowed to ``ct_window`` (Hounsfield units), see :func:`model_input`.
 
     ``target`` is what the task learns: the manifest column ``label`` or ``mask``, or ``boxes``
     (2D only), read from ``boxes.csv`` beside the manifest with labels that are names from
@@ -131,10 +157,14 @@ def read_site(
     manifest = site_dir / MANIFEST
     if not manifest.is_file():
         raise DataError(site_dir, [DataProblem(str(manifest), "missing: a site folder needs manifest.csv")])
-    with manifest.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        rows = list(reader)
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            # a short row leaves its last cells empty (then checked like any empty cell); extra cells are ignored
+            rows = [{k: v or "" for k, v in row.items() if k is not None} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(site_dir, [DataProblem(MANIFEST, f"not a UTF-8 CSV table: {err}")]) from None
     boxes = target == "boxes"
     if boxes and spatial_dims != 2:
         raise ValueError(f"box targets need 2D images (spatial_dims = 2), got spatial_dims = {spatial_dims}")
@@ -160,11 +190,19 @@ def read_site(
                 )
         pixel_mm = _parse_spacing(row.get("spacing") or "", spatial_dims, where, problems)
         loaded = _read_file(
-            site_dir, row["image"], where, problems, lambda p, mm=pixel_mm: load_image(p, image_size, spatial_dims, mm)
+            site_dir,
+            row["image"],
+            where,
+            problems,
+            lambda p, mm=pixel_mm: load_image(p, image_size, spatial_dims, mm, ct_window),
         )
         if target == "mask":
             value = _read_file(
-                site_dir, row["mask"], where, problems, lambda p: load_mask(p, image_size, num_classes, spatial_dims)
+                site_dir,
+                row["mask"],
+                where,
+                problems,
+                lambda p, shape=loaded and loaded[2]: load_mask(p, image_size, num_classes, spatial_dims, shape),
             )
         if loaded is None or value is None:
             continue
@@ -215,7 +253,12 @@ def _read_file(
 ) -> T | None:
     """Read one file named in the manifest, or record why it cannot be used."""
     path = site_dir / relative
-    if not path.resolve().is_relative_to(site_dir.resolve()):
+    try:
+        inside = path.resolve().is_relative_to(site_dir.resolve())
+    except (ValueError, OSError) as err:  # e.g. a NUL byte in the name
+        problems.append(DataProblem(where, f"{relative!r} is not a usable file name: {err}"))
+        return None
+    if not inside:
         problems.append(DataProblem(where, f"{relative} leaves the site folder"))
         return None
     if not path.is_file():

@@ -57,6 +57,7 @@ class Scan:
     ``affine`` maps a voxel index in array-axis order to RAS+ world millimetres (nibabel convention);
     ``spacing`` is the millimetres per array axis. ``dicom`` holds the source DICOM headers in array order
     (slice order for a series) with Pixel Data removed (the pixels are in ``array``); None if not DICOM.
+    ``modality`` is the DICOM Modality (``CT``, ``MR``, ...), "" where the file does not say.
     """
 
     name: str
@@ -64,6 +65,7 @@ class Scan:
     affine: np.ndarray
     spacing: tuple[float, ...]
     dicom: list[pydicom.Dataset] | None = None
+    modality: str = ""
 
 
 def read_scan(path: str | Path) -> Scan:
@@ -296,9 +298,10 @@ def _read_image(path: Path) -> Scan:
 def _read_npy(path: Path) -> Scan:
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"{path} is not a readable .npy array: {err}") from err
-    if array.ndim not in (2, 3) or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+    real = np.issubdtype(array.dtype, np.number) and not np.issubdtype(array.dtype, np.complexfloating)
+    if array.ndim not in (2, 3) or not (real or array.dtype == np.bool_):
         raise ValueError(
             f"{path} holds a {array.dtype} array of shape {array.shape}: expected a numeric 2D or 3D array"
         )
@@ -331,7 +334,9 @@ def _read_dicom_file(path: Path) -> Scan:
     position = ds.get("ImagePositionPatient") or (0.0, 0.0, 0.0)
     pixel_spacing = _pixel_spacing(ds)
     affine = _plane_affine(orientation, position, pixel_spacing, float(ds.get("SliceThickness") or 1.0))
-    return Scan(name=file_stem(path), array=array, affine=affine, spacing=pixel_spacing, dicom=[ds])
+    return Scan(
+        name=file_stem(path), array=array, affine=affine, spacing=pixel_spacing, dicom=[ds], modality=_modality(ds)
+    )
 
 
 def _read_dicom_series(folder: Path) -> Scan:
@@ -370,7 +375,14 @@ def _read_dicom_series(folder: Path) -> Scan:
     )
     datasets = [datasets[i] for i in order]
     array = np.stack([_dicom_pixels(ds, file) for file, ds in datasets])
-    return Scan(name=folder.name, array=array, affine=affine, spacing=spacing, dicom=[ds for _, ds in datasets])
+    return Scan(
+        name=folder.name,
+        array=array,
+        affine=affine,
+        spacing=spacing,
+        dicom=[ds for _, ds in datasets],
+        modality=_modality(first),
+    )
 
 
 def _stack_geometry(
@@ -443,7 +455,13 @@ def _read_multiframe(path: Path, ds: pydicom.Dataset) -> Scan:
         slope, intercept = _rescale(per_frame[k] if k < len(per_frame) else None, shared, ds)
         pixels[k] = pixels[k] * slope + intercept
     del ds.PixelData
-    return Scan(name=file_stem(path), array=pixels[order], affine=affine, spacing=spacing, dicom=[ds])
+    return Scan(
+        name=file_stem(path), array=pixels[order], affine=affine, spacing=spacing, dicom=[ds], modality=_modality(ds)
+    )
+
+
+def _modality(ds: pydicom.Dataset) -> str:
+    return str(ds.get("Modality") or "").strip().upper()
 
 
 def _first_item(ds: pydicom.Dataset | None, keyword: str) -> pydicom.Dataset | None:

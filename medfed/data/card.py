@@ -1,0 +1,96 @@
+"""A site's data card: what the files are (formats, modalities, sizes, voxel sizes) and what the
+targets hold, for the pre-flight check a hospital runs before joining a federation. It reads only
+headers and pixels of the site's own files and stays at the site."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medfed.data.arrays import SiteArrays
+from medfed.data.manifest import MANIFEST, is_photo
+from medfed.data.medical_io import read_scan
+
+__all__ = ["DataCard", "data_card"]
+
+
+@dataclass
+class DataCard:
+    """Counts and ranges over a site's images, and how its targets are distributed."""
+
+    formats: Counter[str] = field(default_factory=Counter)
+    modalities: Counter[str] = field(default_factory=Counter)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    spacings: list[tuple[float, ...]] = field(default_factory=list)
+    target_notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The card as short human-readable lines."""
+        out = [
+            "formats: " + ", ".join(f"{k} {v}" for k, v in self.formats.most_common()),
+            "modalities: " + ", ".join(f"{k} {v}" for k, v in self.modalities.most_common()),
+        ]
+        if self.shapes:
+            out.append(f"image sizes: {_range(self.shapes, '{:d}')} (pixels per axis, as stored)")
+        if self.spacings:
+            out.append(f"voxel sizes: {_range(self.spacings, '{:.3g}')} mm (the manifest's spacing, else the file's)")
+        return out + self.target_notes
+
+
+def data_card(site_dir: str | Path, site: SiteArrays) -> DataCard:
+    """The data card of a site folder that :func:`medfed.data.read_site` has loaded as ``site``."""
+    site_dir = Path(site_dir)
+    with (site_dir / MANIFEST).open(newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.DictReader(handle))
+    card = DataCard()
+    for row in rows:
+        path = site_dir / row["image"]
+        scan = read_scan(path)
+        card.formats[_format(path)] += 1
+        card.modalities[scan.modality or ("photo" if is_photo(path) else "not stated")] += 1
+        card.shapes.append(tuple(int(n) for n in scan.array.shape if n > 1))
+        stated = [float(v) for v in (row.get("spacing") or "").lower().split("x") if v.strip()]
+        own = tuple(float(s) for s, n in zip(scan.spacing, scan.array.shape, strict=False) if n > 1)
+        card.spacings.append(tuple(stated * len(own)) if len(stated) == 1 else tuple(stated) or own)
+    card.target_notes = _target_notes(site)
+    return card
+
+
+def _format(path: Path) -> str:
+    if path.is_dir():
+        return "DICOM series"
+    name = path.name.lower()
+    return "NIfTI" if name.endswith((".nii", ".nii.gz")) else path.suffix.lstrip(".").upper() or "no extension"
+
+
+def _range(values: list[tuple], fmt: str) -> str:
+    dims = {len(v) for v in values}
+    if len(dims) != 1:
+        return f"mixed dimensionality {sorted(dims)}"
+    array = np.asarray(values, dtype=float)
+    low, high = array.min(axis=0), array.max(axis=0)
+    show = lambda v: " x ".join(fmt.format(int(x) if "d" in fmt else x) for x in v)  # noqa: E731
+    return show(low) if np.allclose(low, high) else f"{show(low)} to {show(high)}"
+
+
+def _target_notes(site: SiteArrays) -> list[str]:
+    if site.target_key == "mask":
+        masks = site.targets.reshape(len(site.targets), -1)
+        empty = int((masks.max(axis=1) == 0).sum())
+        classes, counts = np.unique(masks, return_counts=True)
+        share = ", ".join(f"class {c} {n / masks.size:.2%}" for c, n in zip(classes, counts, strict=True))
+        return [f"mask voxels: {share}", f"masks without foreground: {empty} of {len(masks)}"]
+    if site.target_key == "boxes":
+        valid = site.targets[..., 4] >= 0
+        sides = site.targets[..., 2:4] - site.targets[..., 0:2]
+        per_image = valid.sum(axis=1)
+        return [
+            f"boxes per image: {per_image.min()} to {per_image.max()} (mean {per_image.mean():.1f})",
+            f"box sides at model input: median {np.median(sides[valid]):.1f} px" if valid.any() else "no boxes",
+        ]
+    labels, counts = np.unique(site.targets, return_counts=True)
+    return ["labels: " + ", ".join(f"class {k} {n}" for k, n in zip(labels, counts, strict=True))]
