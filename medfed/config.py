@@ -70,8 +70,10 @@ class DataConfig:
     ``voc`` (``path`` holds Pascal VOC ``Annotations/*.xml`` and ``JPEGImages/``; images are dealt
     to ``sites`` sites in name order, then to train/val/test within each site).
 
-    ``ct-window`` ([low, high] Hounsfield units) is what CT images (DICOM Modality CT) are clipped
-    to before scaling to [0, 1]; other images are scaled by their 0.5-99.5 percentile range.
+    ``ct-window`` ([low, high] Hounsfield units) is what CT images are clipped to before scaling to
+    [0, 1]; other images are scaled by their 0.5-99.5 percentile range. ``modality`` says which
+    images are CT: ``auto`` (DICOM Modality tag), ``CT`` (all non-photo images, e.g. NIfTI CT in
+    Hounsfield units) or ``other`` (none).
 
     ``num-classes`` counts the classes a model tells apart: for segmentation including background
     (class 0), for detection the object classes only. ``class-names`` (optional; required by
@@ -98,6 +100,7 @@ class DataConfig:
     patient_pattern: str = ""
     class_names: tuple[str, ...] = ()
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    modality: Literal["auto", "CT", "other"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.sites >= 1, "data.sites", self.sites, "an integer >= 1")
@@ -140,6 +143,13 @@ class DataConfig:
                 ) from None
         if self.source in ("medmnist", "sites", "pairs", "voc"):
             _check(bool(self.path), "data.path", self.path, f"a path (required when data.source = '{self.source}')")
+
+    @property
+    def intensity(self) -> Any:
+        """The :class:`medfed.data.manifest.Intensity` of ``ct-window`` and ``modality``."""
+        from medfed.data.manifest import Intensity  # the data package imports this module
+
+        return Intensity(self.ct_window, self.modality)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def _is_dicom_folder(path: Path) -> bool:
 def segment_scan(scan: Scan, config: Config, model: torch.nn.Module, photo: bool) -> np.ndarray:
     """The label map of ``scan`` on its own grid (``scan.array.shape``), integer classes."""
     dims = config.data.spatial_dims
-    image, _, shape = model_input(scan, config.data.image_size, dims, photo, ct_window=config.data.ct_window)
+    image, _, shape = model_input(scan, config.data.image_size, dims, photo, intensity=config.data.intensity)
     device = next(model.parameters()).device
     labels = predict(get_task(config.run.task), model, torch.as_tensor(image)[None].to(device), config)[0]
     back = Resize(shape, mode="nearest")(labels.float().cpu())
@@ -96,7 +96,7 @@ def segment_scan(scan: Scan, config: Config, model: torch.nn.Module, photo: bool
 @torch.no_grad()
 def detect_scan(scan: Scan, config: Config, model: torch.nn.Module, photo: bool) -> np.ndarray:
     """Detections ``(K, 6)``: ``[x1, y1, x2, y2, score, class]`` in the pixels of ``scan``, best first."""
-    image, _, shape = model_input(scan, config.data.image_size, 2, photo, ct_window=config.data.ct_window)
+    image, _, shape = model_input(scan, config.data.image_size, 2, photo, intensity=config.data.intensity)
     device = next(model.parameters()).device
     boxes = predict(get_task("detection"), model, torch.as_tensor(image)[None].to(device), config)[0].cpu().numpy()
     boxes = boxes[boxes[:, 5] >= 0].astype(np.float64)

@@ -22,12 +22,30 @@ from PIL import Image
 from medfed.data.arrays import SPLITS, SiteArrays
 from medfed.data.medical_io import Scan, read_scan
 
-__all__ = ["DataError", "DataProblem", "load_image", "load_mask", "read_site", "write_site"]
+__all__ = ["DataError", "DataProblem", "Intensity", "load_image", "load_mask", "read_site", "write_site"]
 
 MANIFEST = "manifest.csv"
 REQUIRED_COLUMNS = ("image", "split")
 T = TypeVar("T")
 CT_WINDOW = (-1000.0, 1000.0)  # Hounsfield units: air to dense bone
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """How image values become model inputs: CT is clipped to ``ct_window`` (Hounsfield units).
+
+    ``modality`` "auto" takes CT from the DICOM Modality tag; "CT" treats every non-photo image as
+    CT (NIfTI CT, which has no modality tag); "other" never windows (percentile scaling).
+    """
+
+    ct_window: tuple[float, float] = CT_WINDOW
+    modality: str = "auto"
+
+    def is_ct(self, scan: Scan) -> bool:
+        return scan.modality == "CT" if self.modality == "auto" else self.modality == "CT"
+
+
+DEFAULT_INTENSITY = Intensity()
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -57,7 +75,7 @@ def load_image(
     image_size: int,
     spatial_dims: int = 2,
     spacing: tuple[float, ...] | None = None,
-    ct_window: tuple[float, float] = CT_WINDOW,
+    intensity: Intensity = DEFAULT_INTENSITY,
 ) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
     """Read one image (2D) or volume (3D) as ``(1, *[image_size] * spatial_dims)`` float32 in [0, 1].
 
@@ -69,7 +87,7 @@ def load_image(
     scan = read_scan(path)
     if spacing is not None and len(spacing) != spatial_dims:
         raise ValueError(f"spacing {spacing} has {len(spacing)} values; the image has {spatial_dims} axes")
-    return model_input(scan, image_size, spatial_dims, is_photo(path), spacing, ct_window)
+    return model_input(scan, image_size, spatial_dims, is_photo(path), spacing, intensity)
 
 
 def is_photo(path: Path) -> bool:
@@ -83,22 +101,22 @@ def model_input(
     spatial_dims: int,
     photo: bool,
     spacing: tuple[float, ...] | None = None,
-    ct_window: tuple[float, float] = CT_WINDOW,
+    intensity: Intensity = DEFAULT_INTENSITY,
 ) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
     """A scan as the model sees it: ``(1, *[image_size] * spatial_dims)`` in [0, 1], its voxel size in mm
     after resampling, and the shape it was resampled from (singleton axes dropped).
 
-    8-bit photos are scaled by 1/255; CT (DICOM Modality CT, values in Hounsfield units) is clipped
-    to ``ct_window`` and scaled to [0, 1], so that a tissue has the same value at every site;
-    anything else (MR, NIfTI, ...) is scaled by its 0.5-99.5 percentile range.
+    8-bit photos are scaled by 1/255; CT (values in Hounsfield units; see :class:`Intensity`) is
+    clipped to its window and scaled to [0, 1], so that a tissue has the same value at every site;
+    anything else (MR, ...) is scaled by its 0.5-99.5 percentile range.
     """
     array, file_spacing = _squeeze(scan.array, scan.spacing, spatial_dims, "image")
     if not np.isfinite(array).all():
         raise ValueError("image contains NaN or Inf pixels")
     if photo and array.max(initial=0) <= 255:
         array = array / 255.0
-    elif scan.modality == "CT":
-        low, high = ct_window
+    elif intensity.is_ct(scan):
+        low, high = intensity.ct_window
         array = np.clip((array - low) / (high - low), 0.0, 1.0)
     else:
         array = _normalise(array)
@@ -142,11 +160,11 @@ def read_site(
     target: str = "label",
     spatial_dims: int = 2,
     class_names: Sequence[str] = (),
-    ct_window: tuple[float, float] = CT_WINDOW,
+    intensity: Intensity = DEFAULT_INTENSITY,
 ) -> SiteArrays:
     """Load and validate a site folder; raise :class:`DataError` listing every bad row.
 
-    CT images are windowed to ``ct_window`` (Hounsfield units), see :func:`model_input`.
+    CT images are windowed in Hounsfield units as ``intensity`` says, see :func:`model_input`.
 
     ``target`` is what the task learns: the manifest column ``label`` or ``mask``, or ``boxes``
     (2D only), read from ``boxes.csv`` beside the manifest with labels that are names from
@@ -194,7 +212,7 @@ def read_site(
             row["image"],
             where,
             problems,
-            lambda p, mm=pixel_mm: load_image(p, image_size, spatial_dims, mm, ct_window),
+            lambda p, mm=pixel_mm: load_image(p, image_size, spatial_dims, mm, intensity),
         )
         if target == "mask":
             value = _read_file(

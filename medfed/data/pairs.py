@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from medfed.data.arrays import SiteArrays
-from medfed.data.manifest import CT_WINDOW, MANIFEST, DataError, DataProblem, load_image, load_mask
+from medfed.data.manifest import DEFAULT_INTENSITY, MANIFEST, DataError, DataProblem, Intensity, load_image, load_mask
 from medfed.data.medical_io import file_stem
 
 __all__ = ["ImagePair", "assign_splits", "deal_to_sites", "find_pairs", "import_pairs", "read_pairs"]
@@ -103,13 +103,13 @@ def read_pairs(
     image_size: int,
     num_classes: int,
     spatial_dims: int = 2,
-    ct_window: tuple[float, float] = CT_WINDOW,
+    intensity: Intensity = DEFAULT_INTENSITY,
 ) -> SiteArrays:
     """Load matched pairs into arrays; raise :class:`DataError` listing every unreadable file."""
     images, masks, spacings, problems = [], [], [], []
     for pair in pairs:
         try:
-            image, spacing, shape = load_image(pair.image, image_size, spatial_dims, ct_window=ct_window)
+            image, spacing, shape = load_image(pair.image, image_size, spatial_dims, intensity=intensity)
             mask = load_mask(pair.mask, image_size, num_classes, spatial_dims, shape)
         except Exception as err:  # noqa: BLE001 - every unreadable file is reported
             problems.append(DataProblem(f"{pair.image.name} / {pair.mask.name}", str(err)))

@@ -55,7 +55,7 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
             target,
             data.spatial_dims,
             class_names=data.class_names,
-            ct_window=data.ct_window,
+            intensity=data.intensity,
         )
     elif data.source == "voc":
         if target != "boxes":
@@ -71,7 +71,7 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
         pairs = deal_to_sites(find_pairs(root / data.images, root / data.masks, data.patient_pattern), data.sites)
         mine = pairs[index]
         splits = assign_splits(mine, config.run.seed + index)
-        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, data.ct_window)
+        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, data.intensity)
     elif target != "label":
         raise ValueError(
             f"data.source = 'medmnist' holds class labels, not {'masks' if target == 'mask' else target}: "
