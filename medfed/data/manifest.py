@@ -192,7 +192,7 @@ def read_site(
     if not rows:
         raise DataError(site_dir, [DataProblem(MANIFEST, "no rows")])
     if boxes:
-        return _read_box_site(site_dir, rows, image_size, num_classes, class_names)
+        return _read_box_site(site_dir, rows, image_size, num_classes, class_names, intensity)
 
     problems: list[DataProblem] = []
     images, targets, splits, patients, spacings = [], [], [], [], []
@@ -243,7 +243,12 @@ def read_site(
 
 
 def _read_box_site(
-    site_dir: Path, rows: list[dict[str, str]], image_size: int, num_classes: int, class_names: Sequence[str]
+    site_dir: Path,
+    rows: list[dict[str, str]],
+    image_size: int,
+    num_classes: int,
+    class_names: Sequence[str],
+    intensity: Intensity,
 ) -> SiteArrays:
     """The box site of :func:`read_site`: manifest rows checked here, boxes from ``boxes.csv``."""
     from medfed.data.boxes import BOXES, AnnotatedImage, load_box_site, read_box_table  # boxes imports this module
@@ -263,7 +268,9 @@ def _read_box_site(
             )
             splits.append(row["split"])
     problems.extend(_patient_leaks(rows))
-    return load_box_site(records, splits, image_size, class_names, num_classes, origin=site_dir, problems=problems)
+    return load_box_site(
+        records, splits, image_size, class_names, num_classes, origin=site_dir, problems=problems, intensity=intensity
+    )
 
 
 def _read_file(

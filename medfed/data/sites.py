@@ -110,7 +110,9 @@ def _voc_site(config: Config, index: int) -> SiteArrays:
         )
     mine = deal_to_sites(records, data.sites)[index]  # deals by .patient: the image name when no patient id
     splits = assign_splits(mine, config.run.seed + index)
-    return load_box_site(mine, splits, data.image_size, data.class_names, data.num_classes, origin=root)
+    return load_box_site(
+        mine, splits, data.image_size, data.class_names, data.num_classes, origin=root, intensity=data.intensity
+    )
 
 
 def _site_folders(root: Path) -> list[Path]:
