@@ -156,8 +156,7 @@ def _detect_cases(
         boxes = detect_scan(scan, config, model, is_photo(case))
         boxes = boxes[boxes[:, 4] >= min_score]
         gray = scan.array.squeeze().astype(np.float32)
-        low, high = np.percentile(gray, [0.5, 99.5])
-        fig = boxes_figure(np.clip((gray - low) / max(high - low, 1e-6), 0, 1), boxes, None, names, min_score)
+        fig = boxes_figure(_display_levels(gray), boxes, None, names, min_score)
         overlay = out_dir / f"{scan.name}_overlay.png"
         fig.savefig(overlay, dpi=120)
         plt.close(fig)
@@ -172,6 +171,12 @@ def _detect_cases(
     return results
 
 
+def _display_levels(gray: np.ndarray) -> np.ndarray:
+    """Grey levels in [0, 1] for a figure: the 0.5-99.5 percentile range of the image."""
+    low, high = np.percentile(gray, [0.5, 99.5])
+    return np.clip((gray - low) / max(high - low, 1e-6), 0, 1)
+
+
 def _overlay(scan: Scan, mask: np.ndarray, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -182,8 +187,7 @@ def _overlay(scan: Scan, mask: np.ndarray, path: Path) -> Path:
     if gray.ndim == 3:
         z = busiest_slice(labels)
         gray, labels, title = gray[z], labels[z], f"{scan.name} slice {z}"
-    low, high = np.percentile(gray, [0.5, 99.5])
-    fig = mask_overlay_figure(np.clip((gray - low) / max(high - low, 1e-6), 0, 1), labels, None, title)
+    fig = mask_overlay_figure(_display_levels(gray), labels, None, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
