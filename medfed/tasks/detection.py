@@ -257,12 +257,12 @@ class DetectionMetrics:
         num_gt = sum(int(np.count_nonzero(r["gtIgnore"] == 0)) for r in results)
         if num_gt == 0:
             return None
-        scores = np.concatenate([r["dtScores"][:MAX_DETECTIONS] for r in results]) if results else np.zeros(0)
+        scores = np.concatenate([r["dtScores"][:MAX_DETECTIONS] for r in results])  # results: num_gt > 0
         order = np.argsort(-scores, kind="mergesort")
-        matched = np.concatenate([r["dtMatches"][:, :MAX_DETECTIONS] for r in results], axis=1)[:, order]
-        ignored = np.concatenate([r["dtIgnore"][:, :MAX_DETECTIONS] for r in results], axis=1)[:, order]
-        tp_sum = np.cumsum(np.logical_and(matched, ~ignored.astype(bool)), axis=1).astype(np.float64)
-        fp_sum = np.cumsum(np.logical_and(~matched.astype(bool), ~ignored.astype(bool)), axis=1).astype(np.float64)
+        matched = np.concatenate([r["dtMatches"][:, :MAX_DETECTIONS] for r in results], axis=1)[:, order] > 0
+        counted = np.concatenate([r["dtIgnore"][:, :MAX_DETECTIONS] for r in results], axis=1)[:, order] == 0
+        tp_sum = np.cumsum(matched & counted, axis=1).astype(np.float64)
+        fp_sum = np.cumsum(~matched & counted, axis=1).astype(np.float64)
         precision = np.zeros((len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)))
         for t, (tp, fp) in enumerate(zip(tp_sum, fp_sum, strict=True)):
             recall = tp / num_gt
