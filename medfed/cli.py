@@ -182,7 +182,7 @@ def evaluate(
             task.SAMPLE_KEYS[1],
             config.data.spatial_dims,
             config.data.class_names,
-            config.data.intensity,
+            config.data.preprocess,
         )
     except (FileNotFoundError, DataError, ConfigError, KeyError) as err:
         raise _fail(str(err)) from err

@@ -75,6 +75,11 @@ class DataConfig:
     images are CT: ``auto`` (DICOM Modality tag), ``CT`` (all non-photo images, e.g. NIfTI CT in
     Hounsfield units) or ``other`` (none).
 
+    ``target-spacing`` (mm per axis, e.g. [1.5, 1.5, 1.5]; empty: off) resamples every scan to that
+    voxel size, after reorienting volumes to ``orientation`` (axis codes such as "RAS"; "" keeps
+    the stored order), and then crops or pads it to ``image-size``: a millimetre spans the same
+    voxels at every site. Without it scans are resized whole to ``image-size``.
+
     ``num-classes`` counts the classes a model tells apart: for segmentation including background
     (class 0), for detection the object classes only. ``class-names`` (optional; required by
     detection data that name their classes, e.g. VOC) gives one name per class index.
@@ -101,6 +106,8 @@ class DataConfig:
     class_names: tuple[str, ...] = ()
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     modality: Literal["auto", "CT", "other"] = "auto"
+    target_spacing: tuple[float, ...] = ()
+    orientation: str = ""
 
     def __post_init__(self) -> None:
         _check(self.sites >= 1, "data.sites", self.sites, "an integer >= 1")
@@ -119,6 +126,25 @@ class DataConfig:
             "data.ct-window",
             list(self.ct_window),
             "[low, high] Hounsfield units with low < high, e.g. [-160, 240] for soft tissue",
+        )
+        _check(
+            not self.target_spacing
+            or (len(self.target_spacing) == self.spatial_dims and all(v > 0 for v in self.target_spacing)),
+            "data.target-spacing",
+            list(self.target_spacing),
+            f"[] (off) or {self.spatial_dims} voxel sizes in mm > 0, one per axis (data.spatial-dims)",
+        )
+        _check(
+            not self.orientation or (self.spatial_dims == 3 and _is_axis_codes(self.orientation)),
+            "data.orientation",
+            self.orientation,
+            '"" (as stored) or 3D axis codes with one of L/R, A/P, I/S each, e.g. "RAS" (needs data.spatial-dims = 3)',
+        )
+        _check(
+            not self.orientation or bool(self.target_spacing),
+            "data.orientation",
+            self.orientation,
+            '"" unless data.target-spacing is set (reorientation is part of resampling)',
         )
         _check(
             not self.class_names or len(self.class_names) == self.num_classes,
@@ -145,11 +171,11 @@ class DataConfig:
             _check(bool(self.path), "data.path", self.path, f"a path (required when data.source = '{self.source}')")
 
     @property
-    def intensity(self) -> Any:
-        """The :class:`medfed.data.manifest.Intensity` of ``ct-window`` and ``modality``."""
-        from medfed.data.manifest import Intensity  # the data package imports this module
+    def preprocess(self) -> Any:
+        """The :class:`medfed.data.manifest.Preprocess` of ``ct-window`` and ``modality``."""
+        from medfed.data.manifest import Preprocess  # the data package imports this module
 
-        return Intensity(self.ct_window, self.modality)
+        return Preprocess(self.ct_window, self.modality, self.target_spacing, self.orientation.upper())
 
 
 @dataclass(frozen=True)
@@ -351,6 +377,12 @@ def _build_section(section_cls: type, name: str, values: dict[str, Any], source:
     return section_cls(**kwargs)
 
 
+def _is_axis_codes(codes: str) -> bool:
+    """Three axis codes naming each of the L/R, A/P and I/S directions once (e.g. "RAS", "LPS")."""
+    codes = codes.upper()
+    return len(codes) == 3 and all(sum(c in pair for c in codes) == 1 for pair in ("LR", "AP", "IS"))
+
+
 def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
@@ -377,6 +409,12 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         ):
             raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected two numbers [low, high]")
         return (float(value[0]), float(value[1]))
+    if hint == tuple[float, ...]:
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a list of numbers")
+        return tuple(float(v) for v in value)
     if hint == tuple[str, ...]:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a list of strings")

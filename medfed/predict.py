@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import Resize
 
 from medfed.config import Config
-from medfed.data.manifest import is_photo, model_input
+from medfed.data.manifest import from_model_grid, is_photo, model_input
 from medfed.data.medical_io import Scan, read_scan, write_dicom_seg, write_nifti_mask
 from medfed.evaluation.quantify import quantify_case, size_unit
 from medfed.tasks import get_task, predict
@@ -86,21 +85,23 @@ def _is_dicom_folder(path: Path) -> bool:
 def segment_scan(scan: Scan, config: Config, model: torch.nn.Module, photo: bool) -> np.ndarray:
     """The label map of ``scan`` on its own grid (``scan.array.shape``), integer classes."""
     dims = config.data.spatial_dims
-    image, _, shape = model_input(scan, config.data.image_size, dims, photo, intensity=config.data.intensity)
+    preprocess = config.data.preprocess
+    image, _, geometry = model_input(scan, config.data.image_size, dims, photo, preprocess=preprocess)
     device = next(model.parameters()).device
     labels = predict(get_task(config.run.task), model, torch.as_tensor(image)[None].to(device), config)[0]
-    back = Resize(shape, mode="nearest")(labels.float().cpu())
-    return np.asarray(back, dtype=np.int64)[0].reshape(scan.array.shape)
+    one_hot = (labels.cpu().numpy() == np.arange(config.data.num_classes).reshape(-1, *[1] * dims)).astype(np.float32)
+    back = from_model_grid(one_hot, geometry, preprocess).argmax(axis=0)
+    return back.astype(np.int64).reshape(scan.array.shape)
 
 
 @torch.no_grad()
 def detect_scan(scan: Scan, config: Config, model: torch.nn.Module, photo: bool) -> np.ndarray:
     """Detections ``(K, 6)``: ``[x1, y1, x2, y2, score, class]`` in the pixels of ``scan``, best first."""
-    image, _, shape = model_input(scan, config.data.image_size, 2, photo, intensity=config.data.intensity)
+    image, _, geometry = model_input(scan, config.data.image_size, 2, photo, preprocess=config.data.preprocess)
     device = next(model.parameters()).device
     boxes = predict(get_task("detection"), model, torch.as_tensor(image)[None].to(device), config)[0].cpu().numpy()
     boxes = boxes[boxes[:, 5] >= 0].astype(np.float64)
-    height, width = shape
+    height, width = geometry.shape
     boxes[:, [0, 2]] *= width / config.data.image_size
     boxes[:, [1, 3]] *= height / config.data.image_size
     return boxes

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from medfed.config import Config
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site, read_site
-from medfed.data.manifest import Intensity
+from medfed.data.manifest import Preprocess
 from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private
 from medfed.tasks import get_task
 from medfed.training import build_optimizer, evaluate, resolve_device, train
@@ -65,7 +65,7 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         state_dir = Path(str(node_config.get("state-dir", data_path / STATE_FOLDER)))
         target = get_task(config.run.task).SAMPLE_KEYS[1]
         d = config.data
-        data = _cached_site(data_path, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.intensity)
+        data = _cached_site(data_path, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.preprocess)
     else:
         index = int(node_config["partition-id"])
         name, data = load_simulated_site(config, index)
@@ -91,19 +91,19 @@ def _cached_site(
     target: str,
     spatial_dims: int,
     class_names: tuple[str, ...],
-    intensity: Intensity,
+    preprocess: Preprocess,
 ) -> SiteArrays:
     """``read_site``, loaded once per process while the folder's files and the settings stay the same.
 
     A site answers a train and an evaluate message every round; re-reading and resampling every
     scan each time took as long as a local DP epoch (benchmarks/data_loading.py).
     """
-    key = (str(folder.resolve()), image_size, num_classes, target, spatial_dims, class_names, intensity)
+    key = (str(folder.resolve()), image_size, num_classes, target, spatial_dims, class_names, preprocess)
     signature = folder_signature(folder)
     cached = _SITE_CACHE.get(key)
     if cached is not None and cached[0] == signature:
         return cached[1]
-    data = read_site(folder, image_size, num_classes, target, spatial_dims, class_names, intensity)
+    data = read_site(folder, image_size, num_classes, target, spatial_dims, class_names, preprocess)
     _SITE_CACHE.clear()  # one site, one configuration at a time: keep memory to one copy
     _SITE_CACHE[key] = (signature, data)
     return data

@@ -313,7 +313,7 @@ def test_multiframe_dicom_is_a_volume_sorted_along_the_normal_with_per_frame_res
 
 
 def test_ct_is_windowed_in_hounsfield_units_and_mr_by_percentiles(tmp_path: Path) -> None:
-    from medfed.data.manifest import Intensity, model_input
+    from medfed.data.manifest import Preprocess, model_input
 
     volume = np.full((4, 8, 8), -1000, np.int16)
     volume[:, 2:6, 2:6] = 40  # soft tissue
@@ -322,7 +322,7 @@ def test_ct_is_windowed_in_hounsfield_units_and_mr_by_percentiles(tmp_path: Path
     assert ct.modality == "CT"
     image, _, _ = model_input(ct, 8, 3, photo=False)
     assert np.unique(image).tolist() == pytest.approx([0.0, 0.52, 1.0])  # (40 + 1000) / 2000 = 0.52
-    soft, _, _ = model_input(ct, 8, 3, photo=False, intensity=Intensity((-160.0, 240.0)))
+    soft, _, _ = model_input(ct, 8, 3, photo=False, preprocess=Preprocess((-160.0, 240.0)))
     assert np.unique(soft).tolist() == pytest.approx([0.0, 0.5, 1.0])  # (40 + 160) / 400
     mr = read_scan(write_dicom_series(volume, tmp_path / "mr", modality="MR")[0].parent)
     assert mr.modality == "MR"
@@ -331,14 +331,14 @@ def test_ct_is_windowed_in_hounsfield_units_and_mr_by_percentiles(tmp_path: Path
 
 
 def test_nifti_ct_is_windowed_when_the_config_says_the_modality_is_ct(tmp_path: Path) -> None:
-    from medfed.data.manifest import Intensity, model_input
+    from medfed.data.manifest import Preprocess, model_input
 
     volume = np.full((8, 8, 4), -1000.0, np.float32)
     volume[2:6, 2:6] = 40.0
     nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "ct.nii.gz")
     scan = read_scan(tmp_path / "ct.nii.gz")
     assert scan.modality == ""  # NIfTI does not say
-    as_ct, _, _ = model_input(scan, 8, 3, photo=False, intensity=Intensity(modality="CT"))
+    as_ct, _, _ = model_input(scan, 8, 3, photo=False, preprocess=Preprocess(modality="CT"))
     assert np.unique(as_ct).tolist() == pytest.approx([0.0, 0.52])
     auto, _, _ = model_input(scan, 8, 3, photo=False)
     assert auto.max() == pytest.approx(1.0)  # percentile scaling

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from medfed.data.arrays import SiteArrays
-from medfed.data.manifest import DEFAULT_INTENSITY, MANIFEST, DataError, DataProblem, Intensity, is_photo, model_input
+from medfed.data.manifest import DEFAULT_PREPROCESS, MANIFEST, DataError, DataProblem, Preprocess, is_photo, model_input
 from medfed.data.medical_io import read_scan
 from medfed.data.pairs import assign_splits
 
@@ -263,7 +263,7 @@ def load_box_site(
     num_classes: int,
     origin: str | Path | None = None,
     problems: list[DataProblem] | None = None,
-    intensity: Intensity = DEFAULT_INTENSITY,
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
 ) -> SiteArrays:
     """Load images as ``(N, 1, S, S)`` in [0, 1] and their boxes as ``(N, M, 5)`` model-input targets.
 
@@ -272,20 +272,20 @@ def load_box_site(
     with the image: x by ``image_size / width``, y by ``image_size / height``. Raises
     :class:`DataError` (headed by ``origin``, default the first image's folder) listing every
     unreadable image, size mismatch and unknown class, together with ``problems`` found before.
-    Pixel values become model inputs as ``intensity`` says (CT window), as in :func:`read_site`.
+    Pixel values become model inputs as ``preprocess`` says (CT window), as in :func:`read_site`.
     """
     problems = [] if problems is None else problems
     origin = Path(origin) if origin else Path(records[0].image.parent if records else ".")
     images, spacings, rows, kept_splits, patients = [], [], [], [], []
     for record, split in zip(records, splits, strict=True):
         try:
-            array, spacing, shape = model_input(
-                read_scan(record.image), image_size, 2, is_photo(record.image), record.spacing, intensity
+            array, spacing, geometry = model_input(
+                read_scan(record.image), image_size, 2, is_photo(record.image), record.spacing, preprocess
             )
         except Exception as err:  # noqa: BLE001 - every unreadable file is reported
             problems.append(DataProblem(record.where, f"image unreadable: {err}"))
             continue
-        height, width = shape
+        height, width = geometry.shape
         problems.extend(
             DataProblem(record.where, f"box {box}: {_unknown_class(box.label, class_names, num_classes)}")
             for box in record.boxes

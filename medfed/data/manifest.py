@@ -3,7 +3,8 @@
 Columns: ``image`` (path relative to the folder), the target (``label``: a class index, or
 ``mask``: a label-mask file of the image's size, 0 = background), ``split``
 (train/val/test) and optional ``patient_id`` (used only to keep a patient in one split; it never
-leaves the site). Images may be PNG/JPEG, NumPy ``.npy``, DICOM ``.dcm`` or NIfTI ``.nii(.gz)``.
+leaves the site), ``spacing`` (mm per pixel, for files that do not state it) and ``modality``
+(e.g. ``CT``, for files that do not state it: NIfTI converted from DICOM). Images may be PNG/JPEG, NumPy ``.npy``, DICOM ``.dcm`` or NIfTI ``.nii(.gz)``.
 Box targets (detection) have no manifest column: they sit in ``boxes.csv`` beside it
 (see :mod:`medfed.data.boxes`).
 """
@@ -14,7 +15,7 @@ import csv
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -22,7 +23,18 @@ from PIL import Image
 from medfed.data.arrays import SPLITS, SiteArrays
 from medfed.data.medical_io import Scan, read_scan
 
-__all__ = ["DataError", "DataProblem", "Intensity", "load_image", "load_mask", "read_site", "write_site"]
+__all__ = [
+    "DataError",
+    "DataProblem",
+    "Geometry",
+    "Preprocess",
+    "fit_to_model",
+    "from_model_grid",
+    "load_image",
+    "load_mask",
+    "read_site",
+    "write_site",
+]
 
 MANIFEST = "manifest.csv"
 REQUIRED_COLUMNS = ("image", "split")
@@ -31,21 +43,40 @@ CT_WINDOW = (-1000.0, 1000.0)  # Hounsfield units: air to dense bone
 
 
 @dataclass(frozen=True)
-class Intensity:
-    """How image values become model inputs: CT is clipped to ``ct_window`` (Hounsfield units).
+class Preprocess:
+    """How a scan becomes a model input: its values (CT window) and, when asked, its grid.
 
-    ``modality`` "auto" takes CT from the DICOM Modality tag; "CT" treats every non-photo image as
-    CT (NIfTI CT, which has no modality tag); "other" never windows (percentile scaling).
+    Values: CT is clipped to ``ct_window`` (Hounsfield units) and scaled to [0, 1]. ``modality``
+    "auto" takes CT from the DICOM Modality tag (or the manifest's ``modality`` column); "CT" treats
+    every non-photo image as CT (NIfTI CT, which has no modality tag); "other" never windows
+    (percentile scaling).
+
+    Grid: without ``spacing`` every scan is resized to the model's size, whatever its voxel size.
+    With ``spacing`` (mm per axis) scans are first reoriented to ``orientation`` (3D axis codes
+    such as "RAS"; "" keeps the stored order), resampled to that voxel size and then centre-cropped
+    or zero-padded to the model's size, so that a millimetre is the same number of voxels at every
+    site (MONAI ``Orientation``, ``Spacing``, ``ResizeWithPadOrCrop``).
     """
 
     ct_window: tuple[float, float] = CT_WINDOW
     modality: str = "auto"
+    spacing: tuple[float, ...] = ()
+    orientation: str = ""
 
     def is_ct(self, scan: Scan) -> bool:
         return scan.modality == "CT" if self.modality == "auto" else self.modality == "CT"
 
 
-DEFAULT_INTENSITY = Intensity()
+class Geometry(NamedTuple):
+    """A scan's own grid, singleton axes dropped: shape, voxel size (mm) and voxel-to-world affine."""
+
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    affine: np.ndarray
+    source_uids: tuple[str, ...] = ()  # SOPInstanceUID per slice of a DICOM image, for DICOM-SEG masks
+
+
+DEFAULT_PREPROCESS = Preprocess()
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -75,19 +106,22 @@ def load_image(
     image_size: int,
     spatial_dims: int = 2,
     spacing: tuple[float, ...] | None = None,
-    intensity: Intensity = DEFAULT_INTENSITY,
-) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
+    modality: str = "",
+) -> tuple[np.ndarray, tuple[float, ...], Geometry]:
     """Read one image (2D) or volume (3D) as ``(1, *[image_size] * spatial_dims)`` float32 in [0, 1].
 
-    Returns the array, its voxel size in mm after resampling and the file's own shape (singleton
-    axes dropped), against which a mask is checked. ``spacing`` (mm per input pixel)
-    replaces the file's own; a file without one (PNG) counts 1 mm per pixel. Photos (PNG/JPEG,
-    8-bit) are scaled by 1/255, other formats by their 0.5-99.5 percentile range.
+    Returns the array, its voxel size in mm after resampling and the file's own :class:`Geometry`,
+    against which a mask is checked and resampled. ``spacing`` (mm per input pixel) replaces the
+    file's own; a file without one (PNG) counts 1 mm per pixel. ``modality`` (e.g. "CT") stands in
+    for a file that does not state its own (NIfTI). See :func:`model_input` for the values.
     """
     scan = read_scan(path)
     if spacing is not None and len(spacing) != spatial_dims:
         raise ValueError(f"spacing {spacing} has {len(spacing)} values; the image has {spatial_dims} axes")
-    return model_input(scan, image_size, spatial_dims, is_photo(path), spacing, intensity)
+    if modality and not scan.modality:
+        scan.modality = modality.strip().upper()
+    return model_input(scan, image_size, spatial_dims, is_photo(path), spacing, preprocess)
 
 
 def is_photo(path: Path) -> bool:
@@ -101,56 +135,188 @@ def model_input(
     spatial_dims: int,
     photo: bool,
     spacing: tuple[float, ...] | None = None,
-    intensity: Intensity = DEFAULT_INTENSITY,
-) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
+) -> tuple[np.ndarray, tuple[float, ...], Geometry]:
     """A scan as the model sees it: ``(1, *[image_size] * spatial_dims)`` in [0, 1], its voxel size in mm
-    after resampling, and the shape it was resampled from (singleton axes dropped).
+    after resampling, and the :class:`Geometry` it was resampled from.
 
-    8-bit photos are scaled by 1/255; CT (values in Hounsfield units; see :class:`Intensity`) is
+    8-bit photos are scaled by 1/255; CT (values in Hounsfield units; see :class:`Preprocess`) is
     clipped to its window and scaled to [0, 1], so that a tissue has the same value at every site;
-    anything else (MR, ...) is scaled by its 0.5-99.5 percentile range.
+    anything else (MR, ...) is scaled by its 0.5-99.5 percentile range. The grid is fitted to the
+    model as :func:`fit_to_model` says.
     """
-    array, file_spacing = _squeeze(scan.array, scan.spacing, spatial_dims, "image")
+    array, geometry = scan_geometry(scan, spatial_dims, spacing, "image")
     if not np.isfinite(array).all():
         raise ValueError("image contains NaN or Inf pixels")
     if photo and array.max(initial=0) <= 255:
         array = array / 255.0
-    elif intensity.is_ct(scan):
-        low, high = intensity.ct_window
+    elif preprocess.is_ct(scan):
+        low, high = preprocess.ct_window
         array = np.clip((array - low) / (high - low), 0.0, 1.0)
     else:
         array = _normalise(array)
-    resized = _resize(array.astype(np.float32), image_size)
-    return resized[None], _resampled_spacing(spacing or file_spacing, array.shape, image_size), array.shape
+    fitted, fitted_spacing = fit_to_model(array.astype(np.float32), geometry, image_size, preprocess, labels=False)
+    return fitted[None], fitted_spacing, geometry
+
+
+def scan_geometry(
+    scan: Scan, spatial_dims: int, spacing: tuple[float, ...] | None = None, what: str = "image"
+) -> tuple[np.ndarray, Geometry]:
+    """The scan's array with singleton axes dropped, and its :class:`Geometry`.
+
+    ``spacing`` (the manifest's) overrides the file's voxel size and then also its orientation
+    (an axis-aligned grid), since a file without its own geometry is the reason to state one.
+    """
+    keep = [axis for axis, n in enumerate(scan.array.shape) if n > 1]
+    array, file_spacing = _squeeze(scan.array, scan.spacing, spatial_dims, what)
+    if spacing is not None or spatial_dims == 2 or len(keep) != 3:
+        affine = np.diag([*(spacing or file_spacing), 1.0])
+    else:
+        affine = np.asarray(scan.affine, dtype=np.float64)
+    uids = tuple(str(ds.get("SOPInstanceUID", "")) for ds in scan.dicom or ())
+    return array, Geometry(tuple(array.shape), tuple(spacing or file_spacing), affine, uids)
+
+
+def fit_to_model(
+    array: np.ndarray, geometry: Geometry, image_size: int, preprocess: Preprocess, labels: bool
+) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Put an image (or, with ``labels``, its label mask: nearest neighbour) on the model's grid.
+
+    Returns the ``[image_size] * dims`` array and its voxel size in mm. Without
+    ``preprocess.spacing``, the whole scan is resized to the grid; with it, the scan is reoriented,
+    resampled to that voxel size and centre-cropped or zero-padded (see :class:`Preprocess`).
+    """
+    size = (image_size,) * array.ndim
+    if not preprocess.spacing:
+        if labels:
+            if array.shape != size:
+                index = [(np.arange(image_size) * n / image_size).astype(int) for n in array.shape]
+                array = array[np.ix_(*index)]
+            return array, _resampled_spacing(geometry.spacing, geometry.shape, image_size)
+        return _resize(array, image_size), _resampled_spacing(geometry.spacing, geometry.shape, image_size)
+    fitted = _resampling(array.ndim, image_size, preprocess, labels)(_meta_tensor(array, geometry))
+    return np.asarray(fitted.numpy()[0], dtype=array.dtype), tuple(float(v) for v in preprocess.spacing)
+
+
+def from_model_grid(channels: np.ndarray, geometry: Geometry, preprocess: Preprocess) -> np.ndarray:
+    """Undo :func:`fit_to_model` for per-class maps ``(C, *[image_size] * dims)``: ``(C, *geometry.shape)``
+    (nearest neighbour without resampling; linear through the inverse resampling otherwise)."""
+    from monai.transforms import Resize
+
+    if not preprocess.spacing:
+        return np.asarray(Resize(geometry.shape, mode="nearest")(channels))
+    resampling = _resampling(len(geometry.shape), channels.shape[1], preprocess, labels=False)
+    forward = resampling(_meta_tensor(np.zeros(geometry.shape, dtype=np.float32), geometry))
+    from monai.data import MetaTensor
+
+    mapped = MetaTensor(np.asarray(channels, dtype=np.float32), meta=forward.meta)
+    mapped.applied_operations = forward.applied_operations
+    return np.asarray(resampling.inverse(mapped).numpy())
+
+
+def _meta_tensor(array: np.ndarray, geometry: Geometry) -> Any:
+    from monai.data import MetaTensor
+
+    return MetaTensor(np.ascontiguousarray(array)[None], affine=geometry.affine)
+
+
+def _resampling(spatial_dims: int, image_size: int, preprocess: Preprocess, labels: bool) -> Any:
+    from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, Spacing
+
+    if len(preprocess.spacing) != spatial_dims:
+        raise ValueError(
+            f"data.target-spacing {list(preprocess.spacing)} has {len(preprocess.spacing)} values "
+            f"for {spatial_dims}D scans: give one per axis"
+        )
+    ras = (("L", "R"), ("P", "A"), ("I", "S"))  # our affines are nibabel RAS+
+    steps = (
+        [Orientation(axcodes=preprocess.orientation, labels=ras)]
+        if preprocess.orientation and spatial_dims == 3
+        else []
+    )
+    steps.append(Spacing(pixdim=preprocess.spacing, mode="nearest" if labels else "bilinear"))
+    steps.append(ResizeWithPadOrCrop(spatial_size=(image_size,) * spatial_dims))
+    return Compose(steps)
 
 
 def load_mask(
-    path: Path, image_size: int, num_classes: int, spatial_dims: int = 2, image_shape: tuple[int, ...] | None = None
+    path: Path,
+    image_size: int,
+    num_classes: int,
+    spatial_dims: int = 2,
+    image: Geometry | None = None,
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
 ) -> np.ndarray:
-    """Read a label mask as ``(1, *[image_size] * spatial_dims)`` int64 (nearest-neighbour resampling).
+    """Read a label mask as ``(1, *[image_size] * spatial_dims)`` int64, on its image's model grid.
 
-    1-bit PNGs are read as 0/1; other files must hold class indices in ``[0, num_classes - 1]``.
-    ``image_shape`` (the image's own shape) is what the mask must match before resampling.
+    1-bit PNGs are read as 0/1; a DICOM Segmentation (DICOM-SEG) referencing the image's DICOM
+    instances gives its segment numbers as classes; other files must hold class indices in
+    ``[0, num_classes - 1]``. ``image`` (the image's own geometry) is what the mask must match in
+    shape, and in voxel size when the mask file states one (NIfTI, DICOM-SEG).
     """
     name = path.name.lower()
+    mask_spacing: tuple[float, ...] | None = None
     if name.endswith(".npy"):
         mask = np.load(path, allow_pickle=False)
     elif name.endswith((".nii", ".nii.gz")):
         import nibabel
 
-        mask = np.asarray(nibabel.load(path).dataobj)
+        nifti = nibabel.load(path)
+        mask = np.asarray(nifti.dataobj)
+        mask_spacing = tuple(float(z) for z in nifti.header.get_zooms()[: mask.ndim])
+    elif name.endswith(".dcm"):
+        mask, mask_spacing = _read_dicom_seg(path, image)
     else:
         with Image.open(path) as img:
             mask = (np.asarray(img.convert("L")) > 0).astype(np.int64) if img.mode == "1" else np.asarray(img)
-    mask, _ = _squeeze(mask, (1.0,) * mask.ndim, spatial_dims, "mask")
-    if image_shape is not None and mask.shape != tuple(image_shape):
-        raise ValueError(f"mask shape {mask.shape} does not match its image's shape {tuple(image_shape)}")
+    mask, mask_spacing = _squeeze(mask, mask_spacing or (1.0,) * mask.ndim, spatial_dims, "mask")
+    if image is not None and mask.shape != tuple(image.shape):
+        raise ValueError(f"mask shape {mask.shape} does not match its image's shape {tuple(image.shape)}")
+    if (
+        image is not None
+        and (name.endswith((".nii", ".nii.gz", ".dcm")))
+        and not np.allclose(mask_spacing, image.spacing, rtol=1e-3, atol=1e-4)
+    ):
+        raise ValueError(f"mask voxel size {_mm(mask_spacing)} mm does not match its image's {_mm(image.spacing)} mm")
     if not np.array_equal(mask, np.round(mask)) or mask.min() < 0 or mask.max() >= num_classes:
         raise ValueError(f"mask values must be class indices in [0, {num_classes - 1}], found {np.unique(mask)[:8]}")
-    if mask.shape != (image_size,) * spatial_dims:
-        index = [(np.arange(image_size) * n / image_size).astype(int) for n in mask.shape]
-        mask = mask[np.ix_(*index)]
-    return mask.astype(np.int64)[None]
+    geometry = image or Geometry(mask.shape, mask_spacing, np.diag([*mask_spacing, 1.0]))
+    fitted, _ = fit_to_model(mask.astype(np.float32), geometry, image_size, preprocess, labels=True)
+    return fitted.astype(np.int64)[None]
+
+
+def _read_dicom_seg(path: Path, image: Geometry | None) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A DICOM-SEG's segment numbers on the grid of the DICOM image it references (slice order of ``image``)."""
+    import highdicom as hd
+
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as err:  # noqa: BLE001 - pydicom/highdicom raise many types for non-SEG or broken files
+        raise ValueError(f"not a readable DICOM Segmentation (DICOM-SEG): {err}") from None
+    if image is None or not image.source_uids or not all(image.source_uids):
+        raise ValueError("a DICOM-SEG mask is read onto the DICOM image it references, which is missing or not DICOM")
+    if len(image.source_uids) == 1 and len(image.shape) == 3:
+        raise ValueError("DICOM-SEG masks of multi-frame images are not supported: give the mask as NIfTI")
+    referenced = {sop for _, _, sop in seg.get_source_image_uids()}
+    if not referenced & set(image.source_uids):
+        raise ValueError("DICOM-SEG does not fit its image: it references none of the image's DICOM instances")
+    try:
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(image.source_uids),
+            combine_segments=True,
+            assert_missing_frames_are_empty=True,
+            skip_overlap_checks=False,
+        )
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"DICOM-SEG does not fit its image: {err}") from None
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    row_col = tuple(float(v) for v in measures.PixelSpacing)
+    slice_step = image.spacing[0] if len(image.shape) == 3 else 1.0
+    return np.asarray(pixels), (slice_step, *row_col)
+
+
+def _mm(spacing: tuple[float, ...]) -> str:
+    return " x ".join(f"{v:.4g}" for v in spacing)
 
 
 def read_site(
@@ -160,11 +326,11 @@ def read_site(
     target: str = "label",
     spatial_dims: int = 2,
     class_names: Sequence[str] = (),
-    intensity: Intensity = DEFAULT_INTENSITY,
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
 ) -> SiteArrays:
     """Load and validate a site folder; raise :class:`DataError` listing every bad row.
 
-    CT images are windowed in Hounsfield units as ``intensity`` says, see :func:`model_input`.
+    CT images are windowed in Hounsfield units as ``preprocess`` says, see :func:`model_input`.
 
     ``target`` is what the task learns: the manifest column ``label`` or ``mask``, or ``boxes``
     (2D only), read from ``boxes.csv`` beside the manifest with labels that are names from
@@ -192,7 +358,7 @@ def read_site(
     if not rows:
         raise DataError(site_dir, [DataProblem(MANIFEST, "no rows")])
     if boxes:
-        return _read_box_site(site_dir, rows, image_size, num_classes, class_names, intensity)
+        return _read_box_site(site_dir, rows, image_size, num_classes, class_names, preprocess)
 
     problems: list[DataProblem] = []
     images, targets, splits, patients, spacings = [], [], [], [], []
@@ -207,12 +373,15 @@ def read_site(
                     DataProblem(where, f"label {row['label']!r} is not a class index in [0, {num_classes - 1}]")
                 )
         pixel_mm = _parse_spacing(row.get("spacing") or "", spatial_dims, where, problems)
+        stated_modality = row.get("modality") or ""
         loaded = _read_file(
             site_dir,
             row["image"],
             where,
             problems,
-            lambda p, mm=pixel_mm: load_image(p, image_size, spatial_dims, mm, intensity),
+            lambda p, mm=pixel_mm, modality=stated_modality: load_image(
+                p, image_size, spatial_dims, mm, preprocess, modality
+            ),
         )
         if target == "mask":
             value = _read_file(
@@ -220,7 +389,9 @@ def read_site(
                 row["mask"],
                 where,
                 problems,
-                lambda p, shape=loaded and loaded[2]: load_mask(p, image_size, num_classes, spatial_dims, shape),
+                lambda p, geometry=loaded and loaded[2]: load_mask(
+                    p, image_size, num_classes, spatial_dims, geometry, preprocess
+                ),
             )
         if loaded is None or value is None:
             continue
@@ -248,7 +419,7 @@ def _read_box_site(
     image_size: int,
     num_classes: int,
     class_names: Sequence[str],
-    intensity: Intensity,
+    preprocess: Preprocess,
 ) -> SiteArrays:
     """The box site of :func:`read_site`: manifest rows checked here, boxes from ``boxes.csv``."""
     from medfed.data.boxes import BOXES, AnnotatedImage, load_box_site, read_box_table  # boxes imports this module
@@ -269,7 +440,7 @@ def _read_box_site(
             splits.append(row["split"])
     problems.extend(_patient_leaks(rows))
     return load_box_site(
-        records, splits, image_size, class_names, num_classes, origin=site_dir, problems=problems, intensity=intensity
+        records, splits, image_size, class_names, num_classes, origin=site_dir, problems=problems, preprocess=preprocess
     )
 
 
@@ -286,7 +457,7 @@ def _read_file(
     if not inside:
         problems.append(DataProblem(where, f"{relative} leaves the site folder"))
         return None
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir()):  # a folder is a DICOM series
         problems.append(DataProblem(where, f"{relative}: file not found"))
         return None
     try:

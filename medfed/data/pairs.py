@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from medfed.data.arrays import SiteArrays
-from medfed.data.manifest import DEFAULT_INTENSITY, MANIFEST, DataError, DataProblem, Intensity, load_image, load_mask
+from medfed.data.manifest import DEFAULT_PREPROCESS, MANIFEST, DataError, DataProblem, Preprocess, load_image, load_mask
 from medfed.data.medical_io import file_stem
 
 __all__ = ["ImagePair", "assign_splits", "deal_to_sites", "find_pairs", "import_pairs", "read_pairs"]
@@ -103,14 +103,14 @@ def read_pairs(
     image_size: int,
     num_classes: int,
     spatial_dims: int = 2,
-    intensity: Intensity = DEFAULT_INTENSITY,
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
 ) -> SiteArrays:
     """Load matched pairs into arrays; raise :class:`DataError` listing every unreadable file."""
     images, masks, spacings, problems = [], [], [], []
     for pair in pairs:
         try:
-            image, spacing, shape = load_image(pair.image, image_size, spatial_dims, intensity=intensity)
-            mask = load_mask(pair.mask, image_size, num_classes, spatial_dims, shape)
+            image, spacing, geometry = load_image(pair.image, image_size, spatial_dims, preprocess=preprocess)
+            mask = load_mask(pair.mask, image_size, num_classes, spatial_dims, geometry, preprocess)
         except Exception as err:  # noqa: BLE001 - every unreadable file is reported
             problems.append(DataProblem(f"{pair.image.name} / {pair.mask.name}", str(err)))
             continue

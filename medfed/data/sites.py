@@ -55,7 +55,7 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
             target,
             data.spatial_dims,
             class_names=data.class_names,
-            intensity=data.intensity,
+            preprocess=data.preprocess,
         )
     elif data.source == "voc":
         if target != "boxes":
@@ -71,7 +71,7 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
         pairs = deal_to_sites(find_pairs(root / data.images, root / data.masks, data.patient_pattern), data.sites)
         mine = pairs[index]
         splits = assign_splits(mine, config.run.seed + index)
-        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, data.intensity)
+        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, data.preprocess)
     elif target != "label":
         raise ValueError(
             f"data.source = 'medmnist' holds class labels, not {'masks' if target == 'mask' else target}: "
@@ -111,7 +111,7 @@ def _voc_site(config: Config, index: int) -> SiteArrays:
     mine = deal_to_sites(records, data.sites)[index]  # deals by .patient: the image name when no patient id
     splits = assign_splits(mine, config.run.seed + index)
     return load_box_site(
-        mine, splits, data.image_size, data.class_names, data.num_classes, origin=root, intensity=data.intensity
+        mine, splits, data.image_size, data.class_names, data.num_classes, origin=root, preprocess=data.preprocess
     )
 
 
