@@ -332,14 +332,29 @@ def data_check(
 
 @data_app.command("import")
 def data_import(
-    images: Annotated[Path, typer.Option(help="Folder of images or volumes (PNG/JPEG, NIfTI, DICOM, .npy)")],
-    out: Annotated[Path, typer.Option(help="Site folder to create (copies + manifest.csv)")],
-    masks: Annotated[
-        Path | None, typer.Option(help="Segmentation: folder of label masks, named after their images")
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="What to import: a MedMNIST .npz, a VOC folder, a COCO .json, an images+masks folder, a DICOM export"
+        ),
+    ],
+    from_: Annotated[str, typer.Option("--from", help="Layout of SRC: medmnist, voc, coco, image-mask, nifti, dicom")],
+    out: Annotated[Path, typer.Option(help="Site folder to create (new or empty): files + manifest.csv")],
+    task: Annotated[
+        str, typer.Option(help="classification, segmentation or detection (default: what the layout holds)")
+    ] = "",
+    images: Annotated[
+        Path | None, typer.Option(help="Image folder, when not where the layout puts it (SRC/images, JPEGImages)")
     ] = None,
-    annotations: Annotated[
+    masks: Annotated[
+        Path | None, typer.Option(help="Mask folder, when not SRC/masks or SRC/labelsTr (masks named after images)")
+    ] = None,
+    labels: Annotated[
         Path | None,
-        typer.Option(help="Detection: a Pascal VOC folder of .xml files, or a COCO .json file (boxes)"),
+        typer.Option(
+            help="Classification: CSV with image,label (folders) or a DICOM key column "
+            "(SeriesInstanceUID, StudyInstanceUID, AccessionNumber, PatientID) and label (dicom)"
+        ),
     ] = None,
     patient_pattern: Annotated[
         str, typer.Option(help="Regular expression finding the patient id in a file name (first group)")
@@ -348,26 +363,33 @@ def data_import(
     test: Annotated[float, typer.Option(help="Fraction of patients (images, for boxes) for testing")] = 0.2,
     seed: int = 0,
 ) -> None:
-    """Make a site folder: from an image folder and a mask folder (segmentation, patient-level splits),
-    or from an image folder and Pascal VOC / COCO box annotations (detection)."""
-    from medfed.data import DataError
-    from medfed.data.boxes import import_coco, import_voc
-    from medfed.data.pairs import import_pairs
+    """Make a site folder from a known layout, with patient-level train/val/test splits.
 
-    if (masks is None) == (annotations is None):
-        raise _fail("give either --masks (segmentation) or --annotations (detection: VOC folder or COCO .json)")
+    DICOM exports are grouped by SeriesInstanceUID and written as NIfTI (no DICOM header is kept),
+    with DICOM-SEG masks from the export (segmentation) or labels from --labels (classification).
+    """
+    from medfed.data import DataError
+    from medfed.data.importers import import_site
+
     try:
-        if masks is not None:
-            folder, task = import_pairs(images, masks, out, patient_pattern, seed, (val, test)), "segmentation"
-        elif annotations is not None and annotations.is_dir():
-            folder, task = import_voc(annotations, images, out, seed, (val, test)), "detection"
-        elif annotations is not None and annotations.suffix.lower() == ".json":
-            folder, task = import_coco(annotations, images, out, seed, (val, test)), "detection"
-        else:
-            raise _fail(f"--annotations {annotations}: expected a folder of VOC .xml files or a COCO .json file")
+        imported = import_site(
+            from_,
+            src,
+            out,
+            task,
+            images=images,
+            masks=masks,
+            labels=labels,
+            patient_pattern=patient_pattern,
+            seed=seed,
+            fractions=(val, test),
+        )
     except (DataError, FileExistsError, FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from err
-    console.print(f"wrote {folder / 'manifest.csv'}; check it with: medfed data check {folder} --task {task}")
+    for note in imported.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    folder = imported.folder
+    console.print(f"wrote {folder / 'manifest.csv'}; check it with: medfed data check {folder} --task {imported.task}")
 
 
 @data_app.command("synth")

@@ -286,6 +286,12 @@ class Config:
             )
         if self.run.task == "detection":
             _check(self.data.spatial_dims == 2, "data.spatial-dims", self.data.spatial_dims, "2: detection is 2D")
+            _check(
+                not self.data.target_spacing,
+                "data.target-spacing",
+                list(self.data.target_spacing),
+                "[] for run.task = 'detection' (whole images are resized; boxes scale with them)",
+            )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict with dashed keys, as in the TOML file."""

@@ -134,7 +134,7 @@ def test_image_mask_folders_pair_by_name_and_split_by_patient(tmp_path: Path) ->
     assert all(len(s) == 1 for s in by_patient.values()) and {"train", "val", "test"} <= set(splits)
     out = tmp_path / "site"
     result = CliRunner().invoke(
-        app, ["data", "import", "--images", str(images), "--masks", str(masks), "--out", str(out),
+        app, ["data", "import", str(images), "--from", "image-mask", "--masks", str(masks), "--out", str(out),
               "--patient-pattern", r"Image_(\d+)"]
     )  # fmt: skip
     assert result.exit_code == 0, result.output

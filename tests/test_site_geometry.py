@@ -143,3 +143,8 @@ def test_resampling_settings_are_checked_when_the_config_loads(data: dict, messa
 def test_resampling_settings_reach_the_loaders() -> None:
     config = Config.from_dict({"data": {"spatial-dims": 3, "target-spacing": [1.5, 1.5, 3], "orientation": "las"}})
     assert config.data.preprocess == Preprocess(spacing=(1.5, 1.5, 3.0), orientation="LAS")
+
+
+def test_detection_refuses_a_target_spacing() -> None:
+    with pytest.raises(ConfigError, match="whole images are resized"):
+        Config.from_dict({"run": {"task": "detection"}, "data": {"num-classes": 1, "target-spacing": [1.0, 1.0]}})

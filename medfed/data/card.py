@@ -51,7 +51,8 @@ def data_card(site_dir: str | Path, site: SiteArrays) -> DataCard:
         path = site_dir / row["image"]
         scan = read_scan(path)
         card.formats[_format(path)] += 1
-        card.modalities[scan.modality or ("photo" if is_photo(path) else "not stated")] += 1
+        stated_modality = (row.get("modality") or "").strip().upper()
+        card.modalities[scan.modality or stated_modality or ("photo" if is_photo(path) else "not stated")] += 1
         card.shapes.append(tuple(int(n) for n in scan.array.shape if n > 1))
         stated = [float(v) for v in (row.get("spacing") or "").lower().split("x") if v.strip()]
         own = tuple(float(s) for s, n in zip(scan.spacing, scan.array.shape, strict=False) if n > 1)

@@ -265,7 +265,7 @@ def load_mask(
         mask = np.asarray(nifti.dataobj)
         mask_spacing = tuple(float(z) for z in nifti.header.get_zooms()[: mask.ndim])
     elif name.endswith(".dcm"):
-        mask, mask_spacing = _read_dicom_seg(path, image)
+        mask, mask_spacing = read_dicom_seg(path, image)
     else:
         with Image.open(path) as img:
             mask = (np.asarray(img.convert("L")) > 0).astype(np.int64) if img.mode == "1" else np.asarray(img)
@@ -285,7 +285,7 @@ def load_mask(
     return fitted.astype(np.int64)[None]
 
 
-def _read_dicom_seg(path: Path, image: Geometry | None) -> tuple[np.ndarray, tuple[float, ...]]:
+def read_dicom_seg(path: Path, image: Geometry | None) -> tuple[np.ndarray, tuple[float, ...]]:
     """A DICOM-SEG's segment numbers on the grid of the DICOM image it references (slice order of ``image``)."""
     import highdicom as hd
 

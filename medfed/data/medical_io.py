@@ -322,11 +322,12 @@ def _read_nifti(path: Path) -> Scan:
     return Scan(name=file_stem(path), array=array, affine=np.asarray(img.affine, dtype=np.float64), spacing=spacing)
 
 
-def _read_dicom_file(path: Path) -> Scan:
-    try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError) as err:
-        raise ValueError(f"{path} is not a readable DICOM file: {err}") from err
+def _read_dicom_file(path: Path, ds: pydicom.Dataset | None = None) -> Scan:
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path)
+        except (InvalidDicomError, OSError) as err:
+            raise ValueError(f"{path} is not a readable DICOM file: {err}") from err
     if int(ds.get("NumberOfFrames") or 1) > 1:
         return _read_multiframe(path, ds)
     array = _dicom_pixels(ds, path)
@@ -355,7 +356,16 @@ def _read_dicom_series(folder: Path) -> Scan:
     series = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets})
     if len(series) > 1:
         raise ValueError(f"folder {folder}: series has {len(series)} SeriesInstanceUIDs {series}: expected one series")
+    return read_dicom_series(datasets, folder.name, f"folder {folder}")
 
+
+def read_dicom_series(datasets: list[tuple[Path, pydicom.Dataset]], name: str, where: str) -> Scan:
+    """One series from its (file, dataset) pairs: slices of one size, orientation and pixel spacing,
+    ordered along the slice normal; a single multi-frame file is read as its own volume."""
+    if len(datasets) == 1:  # a multi-frame volume, or a single image (e.g. a radiograph without a position)
+        scan = _read_dicom_file(*datasets[0])
+        scan.name = name
+        return scan
     first_file, first = datasets[0]
     for file, ds in datasets:
         for keyword in ("ImageOrientationPatient", "ImagePositionPatient"):
@@ -371,12 +381,12 @@ def _read_dicom_series(folder: Path) -> Scan:
     positions = [ds.ImagePositionPatient for _, ds in datasets]
     thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
     order, affine, spacing = _stack_geometry(
-        first.ImageOrientationPatient, positions, _pixel_spacing(first), thickness, f"folder {folder}"
+        first.ImageOrientationPatient, positions, _pixel_spacing(first), thickness, where
     )
     datasets = [datasets[i] for i in order]
     array = np.stack([_dicom_pixels(ds, file) for file, ds in datasets])
     return Scan(
-        name=folder.name,
+        name=name,
         array=array,
         affine=affine,
         spacing=spacing,
