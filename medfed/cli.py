@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from medfed.config import Config, ConfigError, load_config, parse_override
@@ -35,7 +36,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code=2)
 
 
@@ -270,6 +271,10 @@ def predict(
 @data_app.command("check")
 def data_check(
     site_dir: Annotated[Path, typer.Argument(help="A site folder (manifest.csv + images)")],
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="Run config (TOML) to check against: task, sizes, classes, CT window, spacing"),
+    ] = None,
     task: Annotated[str, typer.Option(help="Task the data is for")] = "classification",
     num_classes: Annotated[int, typer.Option(help="Number of classes")] = 2,
     image_size: Annotated[int, typer.Option(help="Model input size")] = 28,
@@ -278,29 +283,45 @@ def data_check(
         str, typer.Option(help="Detection: comma-separated class names, in class-index order (e.g. RBC,WBC,Platelets)")
     ] = "",
 ) -> None:
-    """Validate a site folder; list every bad file and why (dropped boxes are logged as warnings)."""
+    """Pre-flight check of a site folder: a data card, every error with its file and reason (exit
+    code 1), and warnings that do not block. The site client runs the same check before it trains."""
     import numpy as np
 
-    from medfed.data import SPLITS, DataError, read_site
+    from medfed.data import SPLITS
+    from medfed.data.card import data_card
+    from medfed.data.preflight import run_preflight
     from medfed.tasks import TASKS, get_task
 
+    names = tuple(n.strip() for n in class_names.split(",") if n.strip())
+    preprocess = None
+    if config_file is not None:
+        try:
+            config = load_config(config_file)
+        except ConfigError as err:
+            raise _fail(str(err)) from err
+        task, num_classes, image_size = config.run.task, config.data.num_classes, config.data.image_size
+        spatial_dims, names, preprocess = config.data.spatial_dims, config.data.class_names, config.data.preprocess
     if task not in TASKS:
         raise _fail(f"--task {task!r}: expected one of {sorted(TASKS)}")
-    names = tuple(n.strip() for n in class_names.split(",") if n.strip())
     if names:
         num_classes = len(names)
-    _setup_logging(False)
-    try:
-        site = read_site(site_dir, image_size, num_classes, get_task(task).SAMPLE_KEYS[1], spatial_dims, names)
-    except DataError as err:
-        console.print(f"[bold red]{err}[/]")
-        raise typer.Exit(code=1) from err
+    target = get_task(task).SAMPLE_KEYS[1]
+    extra = {"preprocess": preprocess} if preprocess is not None else {}
+    result = run_preflight(site_dir, image_size, num_classes, target, spatial_dims, names, **extra)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(str(warning))}")
+    if result.site is None:
+        for error in result.errors[:200]:
+            console.print(f"[bold red]error:[/] {escape(str(error))}")
+        more = " (first 200 shown)" if len(result.errors) > 200 else ""
+        console.print(f"[bold red]{site_dir}: {len(result.errors)} error(s){more}: {result.summary()}[/]")
+        raise typer.Exit(code=1)
+    site = result.site
     unit, units = site.privacy_units("train")
     console.print(
-        f"{site_dir}: {len(site.targets)} samples, all readable; privacy unit: {unit} ({len(units)} in train)"
+        f"{site_dir}: {len(site.targets)} samples, all readable; privacy unit: {unit} ({len(units)} in train); "
+        f"{len(result.warnings)} warning(s)"
     )
-    from medfed.data.card import data_card
-
     for line in data_card(site_dir, site).lines():
         console.print(f"  {line}")
     if site.target_key == "boxes":

@@ -66,6 +66,12 @@ class _RunState:
     sites: dict[int, str] = field(default_factory=dict)
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     privacy_units: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self, site: str, text: str) -> None:
+        """Remember what a site said about itself (pre-flight warnings, refusals, failures) for the report."""
+        if text and text not in self.notes.setdefault(site, []):
+            self.notes[site].append(text)
 
     def message_config(self, **extra: Any) -> ConfigRecord:
         return ConfigRecord({"medfed-config": self.config.to_json(), "simulation-state-root": self.state_root, **extra})
@@ -96,6 +102,7 @@ class _Reply:
     metrics: dict[str, float]
     arrays: ArrayRecord | None
     privacy_unit: str = ""
+    notes: str = ""
 
 
 def _parse_reply(state: _RunState, reply: Message) -> _Reply:
@@ -108,9 +115,13 @@ def _parse_reply(state: _RunState, reply: Message) -> _Reply:
         metrics = {str(k): float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
         arrays = reply.content["arrays"] if "arrays" in reply.content.array_records else None
         unit = str(status["privacy-unit"]) if "privacy-unit" in status else ""
-        return _Reply(site, str(status["status"]), str(status["reason"]), metrics, arrays, unit)
+        notes = str(status["notes"]) if "notes" in status else ""
+        parsed = _Reply(site, str(status["status"]), str(status["reason"]), metrics, arrays, unit, notes)
     except (KeyError, TypeError, ValueError) as err:
         raise MalformedReply(f"site {site} sent a malformed reply ({type(err).__name__}: {err})") from err
+    state.note(site, f"data warnings: {parsed.notes}" if parsed.notes else "")
+    state.note(site, f"{parsed.status}: {parsed.reason}" if parsed.status not in ("ok", "empty") else "")
+    return parsed
 
 
 def run_federation(
@@ -201,6 +212,7 @@ def run_federation(
         "rounds": rounds,
         "final": {"per_site": per_site, "cross_site": cross_site},
         "privacy": _privacy_section(state),
+        "site_notes": dict(sorted(state.notes.items())),
     }
     write_report(report, out_dir)
     return report

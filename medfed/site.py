@@ -21,8 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from torch.utils.data import DataLoader
 
 from medfed.config import Config
-from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site, read_site
+from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
 from medfed.data.manifest import Preprocess
+from medfed.data.preflight import Preflight, run_preflight
 from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private
 from medfed.tasks import get_task
 from medfed.training import build_optimizer, evaluate, resolve_device, train
@@ -39,7 +40,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
 
 STATE_FOLDER = ".medfed-state"
-_SITE_CACHE: dict[tuple[Any, ...], tuple[tuple[tuple[str, int, int], ...], SiteArrays]] = {}
+_SITE_CACHE: dict[tuple[Any, ...], tuple[tuple[tuple[str, int, int], ...], Preflight]] = {}
 
 PHASE_FEDERATED = "federated"
 PHASE_LOCAL = "local-baseline"
@@ -47,12 +48,18 @@ PHASE_LOCAL = "local-baseline"
 
 @dataclass
 class Site:
-    """A site as seen from its own process: name, data, state folder and privacy budget."""
+    """A site as seen from its own process: name, data, state folder, privacy budget, and the
+    pre-flight warnings about its data (kinds and counts only, see :meth:`Preflight.summary`)."""
 
     name: str
     data: SiteArrays
     state_dir: Path
     budget: float
+    notes: str = ""
+
+
+class PreflightFailed(ValueError):
+    """The site's data failed the pre-flight check; the message holds kinds and counts only."""
 
 
 def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, config: Config) -> Site:
@@ -65,13 +72,19 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         state_dir = Path(str(node_config.get("state-dir", data_path / STATE_FOLDER)))
         target = get_task(config.run.task).SAMPLE_KEYS[1]
         d = config.data
-        data = _cached_site(data_path, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.preprocess)
+        checked = _checked_site(
+            data_path, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.preprocess
+        )
+        if checked.site is None:
+            raise PreflightFailed(f"site data failed the pre-flight check: {checked.summary()}")
+        data, notes = checked.site, checked.summary()
     else:
         index = int(node_config["partition-id"])
         name, data = load_simulated_site(config, index)
         state_dir = Path(str(message_config["simulation-state-root"])) / name
+        notes = ""
     budget = float(node_config.get("privacy-budget", config.privacy.site_budget))
-    return Site(name, data, state_dir, budget)
+    return Site(name, data, state_dir, budget, notes)
 
 
 def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
@@ -84,7 +97,7 @@ def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(entries)
 
 
-def _cached_site(
+def _checked_site(
     folder: Path,
     image_size: int,
     num_classes: int,
@@ -92,21 +105,27 @@ def _cached_site(
     spatial_dims: int,
     class_names: tuple[str, ...],
     preprocess: Preprocess,
-) -> SiteArrays:
-    """``read_site``, loaded once per process while the folder's files and the settings stay the same.
+) -> Preflight:
+    """The site folder's pre-flight check (:func:`run_preflight`, as ``medfed data check`` runs it),
+    done once per process while the folder's files and the settings stay the same.
 
-    A site answers a train and an evaluate message every round; re-reading and resampling every
-    scan each time took as long as a local DP epoch (benchmarks/data_loading.py).
+    Every error and warning is logged here in full, at the site. A site answers a train and an
+    evaluate message every round; re-reading and resampling every scan each time took as long as a
+    local DP epoch (benchmarks/data_loading.py).
     """
     key = (str(folder.resolve()), image_size, num_classes, target, spatial_dims, class_names, preprocess)
     signature = folder_signature(folder)
     cached = _SITE_CACHE.get(key)
     if cached is not None and cached[0] == signature:
         return cached[1]
-    data = read_site(folder, image_size, num_classes, target, spatial_dims, class_names, preprocess)
+    checked = run_preflight(folder, image_size, num_classes, target, spatial_dims, class_names, preprocess)
+    for problem in checked.errors:
+        log.error("pre-flight check: %s", problem)
+    for problem in checked.warnings:
+        log.warning("pre-flight check: %s", problem)
     _SITE_CACHE.clear()  # one site, one configuration at a time: keep memory to one copy
-    _SITE_CACHE[key] = (signature, data)
-    return data
+    _SITE_CACHE[key] = (signature, checked)
+    return checked
 
 
 def handle_train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
@@ -193,7 +212,8 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     metrics = {"num-examples": n, "steps": stats.steps, "local-seconds": time.perf_counter() - started, **privacy}
     if ledger is None:
         metrics["train-loss"] = stats.loss  # an un-noised statistic of the data: only sent without DP
-    return _reply(msg, site.name, "ok", "", metrics, model_to_arrays(trained.cpu()), privacy_unit=unit)
+    arrays = model_to_arrays(trained.cpu())
+    return _reply(msg, site.name, "ok", "", metrics, arrays, privacy_unit=unit, notes=site.notes)
 
 
 def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
@@ -226,10 +246,13 @@ def _reply(
     metrics: dict[str, float],
     arrays: ArrayRecord | None = None,
     privacy_unit: str = "",
+    notes: str = "",
 ) -> Message:
     site = {"name": site_name, "status": status, "reason": reason}
     if privacy_unit:
         site["privacy-unit"] = privacy_unit
+    if notes:
+        site["notes"] = notes
     content = RecordDict(
         {"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}), "site": ConfigRecord(site)}
     )
@@ -241,6 +264,10 @@ def _reply(
 def _failure(msg: Message, site_name: str, err: Exception) -> Message:
     """Log the full error at the site; tell the server only what kind of failure it was."""
     log.error("site cannot take part: %s", err)
-    kind = "site data failed validation" if isinstance(err, DataError) else type(err).__name__
-    count = f" ({len(err.problems)} problem(s))" if isinstance(err, DataError) else ""
-    return _reply(msg, site_name, "error", f"{kind}{count}; details are in the site's log", {})
+    if isinstance(err, PreflightFailed):  # kinds and counts only: no file, patient or value
+        reason = str(err)
+    elif isinstance(err, DataError):
+        reason = f"site data failed validation ({len(err.problems)} problem(s))"
+    else:
+        reason = type(err).__name__
+    return _reply(msg, site_name, "error", f"{reason}; details are in the site's log", {})

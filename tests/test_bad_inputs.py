@@ -21,6 +21,7 @@ from PIL import Image
 from medfed.data import DataError, read_site
 from medfed.data.manifest import MANIFEST
 from medfed.data.medical_io import read_scan, write_dicom_series
+from medfed.data.preflight import problem_kind
 
 SUFFIXES = (".png", ".jpg", ".bmp", ".tif", ".dcm", ".nii", ".nii.gz", ".npy")
 Case = tuple[str, Callable[[Path], None], dict, str]  # id, writer, read_site kwargs, text the error must hold
@@ -221,6 +222,8 @@ def test_bad_input_is_refused_with_a_clear_error(
     with pytest.raises((DataError, ValueError, FileNotFoundError)) as raised:
         read_site(site, 8, 2, **kwargs)
     assert expected in str(raised.value), f"{name}: {raised.value}"
+    if isinstance(raised.value, DataError):  # what a site would tell the server about it: a known kind
+        assert all(problem_kind(p) != "other data problem" for p in raised.value.problems), str(raised.value)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

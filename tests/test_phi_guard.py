@@ -93,7 +93,10 @@ def test_no_sentinel_phi_leaves_the_sites(tmp_path: Path, caplog: pytest.LogCapt
     with caplog.at_level(logging.DEBUG):
         report = run_federation(grid, config, out)
     assert set(report["final"]["per_site"]) == {"north", "south"}  # the federation really ran on the DICOMs
-    assert any("west" in r.getMessage() and "validation" in r.getMessage() for r in caplog.records)
+    assert any("west" in r.getMessage() and "pre-flight check" in r.getMessage() for r in caplog.records)
+    assert report["site_notes"]["west"] == [
+        "error: site data failed the pre-flight check: 1 unreadable or truncated file; details are in the site's log"
+    ]
 
     wire = b"".join(grid.wire)
     assert len(grid.wire) > 10

@@ -66,7 +66,7 @@ def test_bad_site_data_is_reported_without_paths(site_dir: Path, tmp_path: Path)
     (site_dir / "images" / "000001.png").unlink()
     reply = handle_train(_request(tiny_config(), MessageType.TRAIN), _node(site_dir, tmp_path), run_id=1)
     assert reply.content["site"]["status"] == "error"
-    assert "site data failed validation (1 problem(s))" in reply.content["site"]["reason"]
+    assert "site data failed the pre-flight check: 1 missing file" in reply.content["site"]["reason"]
     _no_paths(reply, site_dir)
     assert "000001" not in reply.content["site"]["reason"]
 
@@ -107,8 +107,8 @@ def test_site_data_is_read_once_until_its_files_change(site_dir: Path, tmp_path:
     import medfed.site as site_module
 
     reads = []
-    real_read = site_module.read_site
-    monkeypatch.setattr(site_module, "read_site", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    real_check = site_module.run_preflight
+    monkeypatch.setattr(site_module, "run_preflight", lambda *a, **k: reads.append(a) or real_check(*a, **k))
     site_module._SITE_CACHE.clear()
     config = tiny_config()
     node = _node(site_dir, tmp_path)

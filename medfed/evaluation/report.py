@@ -266,6 +266,16 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
             "otherwise an image.</p>",
             _table(["site", "unit", "ε", "δ", "budget", "noise σ", "clip norm"], rows),
         ]
+    if report.get("site_notes"):
+        items = "".join(
+            f"<li><b>{html.escape(site)}</b>: {html.escape(note)}</li>"
+            for site, notes in report["site_notes"].items()
+            for note in notes
+        )
+        sections += [
+            "<h2>What the sites reported</h2><p>Pre-flight data warnings, refusals and failures, as kinds and "
+            f"counts; each site's own log has the files and reasons.</p><ul>{items}</ul>"
+        ]
     round_rows = [[r["round"], r["seconds"], r["bytes_up"], r["bytes_down"]] for r in report["rounds"]]
     sections += ["<h2>Rounds</h2>", _table(["round", "seconds", "bytes up", "bytes down"], round_rows)]
     style = (
