@@ -148,12 +148,25 @@ def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
         return _failure(msg, str(node_config.get("site-name", "unknown")), err)
 
 
+def task_refusal(node_config: dict[str, Any], config: Config) -> str:
+    """Why this site refuses the run's task (its ``allowed-tasks``, comma-separated), or ""."""
+    allowed = [t.strip() for t in str(node_config.get("allowed-tasks", "")).split(",") if t.strip()]
+    if allowed and config.run.task not in allowed:
+        return f"task {config.run.task!r} is not in this site's allowed-tasks {allowed}"
+    return ""
+
+
 def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     started = time.perf_counter()
     config, message_config = _read_config(msg)
+    refusal = task_refusal(node_config, config)
+    if refusal:
+        log.warning("site refuses run %s: %s", run_id, refusal)
+        return _reply(msg, str(node_config.get("site-name", "unknown")), "refused", refusal, {})
     site = resolve_site(node_config, message_config, config)
     deployed = "data-path" in node_config
-    if deployed and not config.privacy.enabled and not node_config.get("allow-training-without-privacy", False):
+    without_privacy = node_config.get("allow-training-without-privacy", False) is True  # a TOML true, not "false"
+    if deployed and not config.privacy.enabled and not without_privacy:
         reason = "this site trains only with differential privacy (privacy.enabled = false was asked)"
         log.warning("site %s refuses round: %s", site.name, reason)
         return _reply(msg, site.name, "refused", reason, {})
@@ -218,6 +231,9 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
 
 def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
     config, message_config = _read_config(msg)
+    refusal = task_refusal(node_config, config)
+    if refusal:
+        return _reply(msg, str(node_config.get("site-name", "unknown")), "refused", refusal, {})
     site = resolve_site(node_config, message_config, config)
     split = str(message_config.get("split", "val"))
     if split not in ("val", "test"):

@@ -83,9 +83,22 @@ def test_deployed_site_refuses_to_train_without_privacy(site_dir: Path, tmp_path
     reply = handle_train(_request(config, MessageType.TRAIN), _node(site_dir, tmp_path), run_id=1)
     assert reply.content["site"]["status"] == "refused"
     assert "only with differential privacy" in reply.content["site"]["reason"]
+    as_text = _node(site_dir, tmp_path, **{"allow-training-without-privacy": "false"})  # a string is not a yes
+    assert handle_train(_request(config, MessageType.TRAIN), as_text, run_id=1).content["site"]["status"] == "refused"
     allowed = _node(site_dir, tmp_path, **{"allow-training-without-privacy": True})
     reply = handle_train(_request(config, MessageType.TRAIN), allowed, run_id=1)
     assert reply.content["site"]["status"] == "ok" and "train-loss" in reply.content["metrics"]
+
+
+def test_site_refuses_tasks_outside_its_allow_list_before_reading_data(site_dir: Path, tmp_path: Path) -> None:
+    (site_dir / "manifest.csv").unlink()  # not even looked at
+    node = _node(site_dir, tmp_path, **{"allowed-tasks": "segmentation, detection"})
+    for handle, kind in ((handle_train, MessageType.TRAIN), (handle_evaluate, MessageType.EVALUATE)):
+        reply = handle(_request(tiny_config(), kind, split="val"), node, *((1,) if kind == MessageType.TRAIN else ()))
+        assert reply.content["site"]["status"] == "refused"
+        assert reply.content["site"]["reason"] == (
+            "task 'classification' is not in this site's allowed-tasks ['segmentation', 'detection']"
+        )
 
 
 def test_no_evaluation_on_the_training_split(site_dir: Path, tmp_path: Path) -> None:
