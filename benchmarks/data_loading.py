@@ -1,7 +1,9 @@
 """How fast a site reads its data, and whether reading or training dominates a local epoch.
 
 - **Slices/s**: a 64-slice 256 x 256 CT series read by ``read_scan`` as a DICOM series folder and
-  as one NIfTI volume (``.nii.gz``), and the same resampled to the model's 64³ input.
+  as one NIfTI volume (``.nii.gz``), the same resized to the model's 64³ input, resampled to a
+  common 1.5 mm RAS grid instead (``data.target-spacing``), and ``medfed data import --from dicom``
+  of the series (header scan, grouping, NIfTI written).
 - **Epoch split**: a synthetic 3D segmentation site (60 volumes, 32³) written as NIfTI and read with
   ``read_site`` (what a site does when a round starts), against one local DP training epoch on it
   (``configs/segmentation-synthetic3d.toml`` model, batch 16).
@@ -25,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from medfed.config import load_config
 from medfed.data import PrivacyUnitDataset, read_site, write_site
-from medfed.data.manifest import is_photo, model_input
+from medfed.data.importers import import_site
+from medfed.data.manifest import Preprocess, is_photo, model_input
 from medfed.data.medical_io import read_scan, write_dicom_series
 from medfed.data.synthetic import synthetic_segmentation_site
 from medfed.privacy import make_private
@@ -51,10 +54,24 @@ def slices_per_second(root: Path) -> dict[str, float]:
     nifti = root / "volume.nii.gz"
     nibabel.save(nibabel.Nifti1Image(volume.transpose(2, 1, 0), np.diag([0.7, 0.7, 1.5, 1.0])), nifti)
     out = {}
+    common = Preprocess(spacing=(1.5, 1.5, 1.5), orientation="RAS")
     for name, path in (("dicom_series", root / "series"), ("nifti_gz", nifti)):
         out[f"{name}_read"] = 64 / _timed(lambda p=path: read_scan(p))
         out[f"{name}_read_and_resample_64"] = 64 / _timed(lambda p=path: model_input(read_scan(p), 64, 3, is_photo(p)))
+        out[f"{name}_read_and_resample_1.5mm_ras"] = 64 / _timed(
+            lambda p=path: model_input(read_scan(p), 128, 3, is_photo(p), preprocess=common)
+        )
+    counter = iter(range(100))
+    out["dicom_import"] = 64 / _timed(
+        lambda: import_site("dicom", root / "series", root / f"import-{next(counter)}", labels=_labels(root))
+    )
     return out
+
+
+def _labels(root: Path) -> Path:
+    table = root / "labels.csv"
+    table.write_text("PatientID,label\nPHANTOM,1\n")
+    return table
 
 
 def epoch_split(root: Path) -> dict[str, float]:
