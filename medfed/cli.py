@@ -64,6 +64,9 @@ def simulate(
         Path | None, typer.Option(help="Keep site privacy ledgers here across runs (default: fresh in OUT/state)")
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run checkpointed in OUT after its last completed round")
+    ] = False,
     verbose: bool = False,
 ) -> None:
     """Run a simulated multi-hospital federation on this machine and write its report."""
@@ -92,7 +95,10 @@ def simulate(
     except (FileNotFoundError, ValueError, DataError) as err:
         raise _fail(str(err)) from err
     console.print(f"[bold]medfed[/] simulating [cyan]{config.run.name}[/] -> {out}")
-    report = run_simulation(config, out, state_dir, verbose)
+    try:
+        report = run_simulation(config, out, state_dir, verbose, resume)
+    except (FileNotFoundError, ValueError) as err:  # --resume without a checkpoint, or another config
+        raise _fail(str(err)) from err
     html = write_report(report, out, _simulated_examples(config, out))
     _print_summary(report)
     console.print(f"report: {out / 'report.json'}  {html}")

@@ -36,18 +36,29 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What is trained and how rounds are run on the server."""
+    """What is trained and how rounds are run on the server.
+
+    ``strategy``: ``fedavg``, ``fedprox`` (``proximal-mu``), ``fedadam`` (``server-lr``), or a
+    robust aggregation for when a site may be faulty: ``fedmedian`` (coordinate-wise median) or
+    ``fedtrimmedavg`` (coordinate-wise mean without the ``trim-fraction`` largest and smallest
+    values). A round goes on with the sites that reply within ``round-timeout`` seconds as long as
+    ``min-sites`` updates pass validation (each at most ``max-update-norm`` from the global
+    model); the run waits at most ``site-wait`` seconds for ``min-sites`` sites to connect, at the
+    start and whenever fewer are connected, then fails with a clear message.
+    """
 
     name: str = "medfed"
     task: Literal["classification", "segmentation", "detection"] = "classification"
     seed: int = 0
     rounds: int = 3
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = "fedavg"
     min_sites: int = 2
     proximal_mu: float = 0.0
     server_lr: float = 0.01
     max_update_norm: float = 1000.0
     round_timeout: float = 3600.0
+    trim_fraction: float = 0.2
+    site_wait: float = 600.0
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "run.rounds", self.rounds, "an integer >= 1")
@@ -56,6 +67,8 @@ class RunConfig:
         _check(self.server_lr > 0, "run.server-lr", self.server_lr, "a number > 0")
         _check(self.max_update_norm > 0, "run.max-update-norm", self.max_update_norm, "> 0")
         _check(self.round_timeout > 0, "run.round-timeout", self.round_timeout, "seconds > 0")
+        _check(0 <= self.trim_fraction < 0.5, "run.trim-fraction", self.trim_fraction, "a fraction in [0, 0.5)")
+        _check(self.site_wait > 0, "run.site-wait", self.site_wait, "seconds > 0")
 
 
 @dataclass(frozen=True)

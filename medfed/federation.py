@@ -8,8 +8,11 @@ goes on with the others as long as ``run.min-sites`` remain.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,13 +23,21 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+from safetensors.torch import load_file, save_file
 
 from medfed.config import Config
-from medfed.evaluation.report import write_report
+from medfed.evaluation.report import json_safe, write_report
 from medfed.site import PHASE_FEDERATED, PHASE_LOCAL
 from medfed.tasks import get_task
-from medfed.weights import UpdateRejected, array_bytes, model_to_arrays, save_checkpoint, validate_update
+from medfed.weights import (
+    UpdateRejected,
+    array_bytes,
+    load_checkpoint,
+    model_to_arrays,
+    save_checkpoint,
+    validate_update,
+)
 
 __all__ = ["build_strategy", "run_federation"]
 
@@ -49,6 +60,10 @@ def build_strategy(config: Config) -> FedAvg:
         return FedProx(proximal_mu=config.run.proximal_mu, **common)
     if config.run.strategy == "fedadam":
         return FedAdam(eta=config.run.server_lr, eta_l=config.train.lr, **common)
+    if config.run.strategy == "fedmedian":
+        return FedMedian(**common)
+    if config.run.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=config.run.trim_fraction, **common)
     return FedAvg(**common)
 
 
@@ -63,6 +78,7 @@ class _RunState:
     config: Config
     grid: Grid
     state_root: str
+    run_key: str
     sites: dict[int, str] = field(default_factory=dict)
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     privacy_units: dict[str, str] = field(default_factory=dict)
@@ -74,7 +90,14 @@ class _RunState:
             self.notes[site].append(text)
 
     def message_config(self, **extra: Any) -> ConfigRecord:
-        return ConfigRecord({"medfed-config": self.config.to_json(), "simulation-state-root": self.state_root, **extra})
+        return ConfigRecord(
+            {
+                "medfed-config": self.config.to_json(),
+                "simulation-state-root": self.state_root,
+                "run-key": self.run_key,
+                **extra,
+            }
+        )
 
     def site_of(self, reply: Message) -> str:
         """The reporting site's name, made unique per node (two sites may pick the same name)."""
@@ -125,39 +148,64 @@ def _parse_reply(state: _RunState, reply: Message) -> _Reply:
 
 
 def run_federation(
-    grid: Grid, config: Config, out_dir: str | Path, simulation_state_root: str | Path | None = None
+    grid: Grid,
+    config: Config,
+    out_dir: str | Path,
+    simulation_state_root: str | Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run all rounds and the final evaluations; write ``out_dir``/report.json, html, plots, checkpoints.
 
     ``simulation_state_root`` is where simulated sites keep their state (privacy ledger), one
     folder per site; real sites ignore it and use the ``state-dir`` of their own node config.
+    After every round the global model, the strategy's own state and the run's progress are
+    checkpointed; ``resume`` continues a run from its last checkpoint in ``out_dir`` (same config
+    required) with the same weights, round number and run key (:func:`run_key`), so that sites
+    calibrate the same noise and, with their seeds, repeat the same local training.
     """
     out_dir = Path(out_dir).resolve()
-    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    checkpoints = out_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
     state_root = Path(simulation_state_root or out_dir / "state").resolve()
-    state = _RunState(config, grid, str(state_root))
     task = get_task(config.run.task)
-    torch.manual_seed(config.run.seed)
-    arrays = model_to_arrays(task.build_model(config))
     strategy = build_strategy(config)
-    _wait_for_sites(grid, config.run.min_sites)
+    progress = _load_progress(checkpoints, config, strategy) if resume else None
+    state = _RunState(config, grid, str(state_root), progress["run_key"] if progress else run_key(config))
+    _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
 
-    rounds: list[dict[str, Any]] = []
-    traffic = _Traffic()
-    metrics = _evaluate(state, arrays, "val", traffic)
-    rounds.append(
-        {
-            "round": 0,
-            "seconds": 0.0,
-            "local_seconds": {},
-            "bytes_up": 0,
-            "bytes_down": traffic.down,
-            "metrics": metrics,
-            "sites_aggregated": [],
-        }
-    )
-    _log_round(0, metrics, task.PRIMARY_METRIC)
-    for server_round in range(1, config.run.rounds + 1):
+    if progress is not None:
+        model = task.build_model(config)  # the model's own key order, as every site sends it
+        model.load_state_dict(load_checkpoint(checkpoints / f"round-{progress['round']:03d}.safetensors")[0])
+        arrays = model_to_arrays(model)
+        rounds: list[dict[str, Any]] = progress["rounds"]
+        state.privacy, state.privacy_units, state.notes = (
+            progress["privacy"],
+            progress["privacy_units"],
+            progress["notes"],
+        )
+        first_round = progress["round"] + 1
+        log.info("resuming run %s after round %d", state.run_key[:8], progress["round"])
+    else:
+        torch.manual_seed(config.run.seed)
+        arrays = model_to_arrays(task.build_model(config))
+        traffic = _Traffic()
+        metrics = _evaluate(state, arrays, "val", traffic)
+        rounds = [
+            {
+                "round": 0,
+                "seconds": 0.0,
+                "local_seconds": {},
+                "bytes_up": 0,
+                "bytes_down": traffic.down,
+                "metrics": metrics,
+                "sites_aggregated": [],
+            }
+        ]
+        _log_round(0, metrics, task.PRIMARY_METRIC)
+        first_round = 1
+    metrics = rounds[-1]["metrics"]
+    for server_round in range(first_round, config.run.rounds + 1):
+        _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
         started, traffic = time.perf_counter(), _Traffic()
         messages = list(
             strategy.configure_train(server_round, arrays, state.message_config(phase=PHASE_FEDERATED), grid)
@@ -191,14 +239,15 @@ def run_federation(
         }
         rounds.append(entry)
         save_checkpoint(
-            out_dir / "checkpoints" / f"round-{server_round:03d}.safetensors",
+            checkpoints / f"round-{server_round:03d}.safetensors",
             arrays,
             {"round": server_round, "task": config.run.task, "config": config.to_public_dict(), "metrics": metrics},
         )
+        _save_progress(checkpoints, state, strategy, server_round, rounds)
         _log_round(server_round, metrics, task.PRIMARY_METRIC)
 
     save_checkpoint(
-        out_dir / "checkpoints" / "global.safetensors",
+        checkpoints / "global.safetensors",
         arrays,
         {"round": config.run.rounds, "task": config.run.task, "config": config.to_public_dict(), "metrics": metrics},
     )
@@ -214,14 +263,86 @@ def run_federation(
         "privacy": _privacy_section(state),
         "site_notes": dict(sorted(state.notes.items())),
     }
+    if progress is not None:
+        report["resumed_after_round"] = progress["round"]
     write_report(report, out_dir)
     return report
 
 
-def _wait_for_sites(grid: Grid, minimum: int) -> None:
-    while len(list(grid.get_node_ids())) < minimum:
-        log.info("waiting for sites: %d connected, run.min-sites = %d", len(list(grid.get_node_ids())), minimum)
-        time.sleep(1)
+def run_key(config: Config) -> str:
+    """The run's key at the sites (privacy calibration, training seeds): a digest of the config, so a
+    resumed or repeated run with the same config and seeds repeats the same local training."""
+    return "cfg-" + hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+
+
+class SitesUnavailable(RuntimeError):
+    """Fewer sites than ``run.min-sites`` are connected after ``run.site-wait`` seconds."""
+
+
+def _wait_for_sites(grid: Grid, minimum: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < minimum:
+        if time.monotonic() > deadline:
+            raise SitesUnavailable(
+                f"only {connected} site(s) connected after {timeout:.0f} s, fewer than run.min-sites = {minimum}: "
+                "check that the sites are running and registered, or lower run.min-sites"
+            )
+        log.info("waiting for sites: %d connected, run.min-sites = %d", connected, minimum)
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)) or 0.05)
+
+
+PROGRESS = "progress.json"
+STRATEGY_STATE = "strategy.safetensors"
+STRATEGY_KEYS = ("current_arrays", "m_t", "v_t")  # FedOpt-family state (FedAdam); other strategies keep none
+
+
+def _save_progress(
+    checkpoints: Path, state: _RunState, strategy: FedAvg, server_round: int, rounds: list[dict[str, Any]]
+) -> None:
+    """What a resumed run needs besides the weights: round, run key, history, privacy, strategy state."""
+    tensors = {
+        f"{name}/{key}": torch.from_numpy(np.ascontiguousarray(value))
+        for name in STRATEGY_KEYS
+        for key, value in (getattr(strategy, name, None) or {}).items()
+    }
+    if tensors:
+        save_file(tensors, checkpoints / f".{STRATEGY_STATE}")
+        os.replace(checkpoints / f".{STRATEGY_STATE}", checkpoints / STRATEGY_STATE)
+    progress = {
+        "round": server_round,
+        "run_key": state.run_key,
+        "config": state.config.to_json(),
+        "rounds": rounds,
+        "privacy": state.privacy,
+        "privacy_units": state.privacy_units,
+        "notes": state.notes,
+        "strategy_state": bool(tensors),
+    }
+    (checkpoints / f".{PROGRESS}").write_text(json.dumps(json_safe(progress)))
+    os.replace(checkpoints / f".{PROGRESS}", checkpoints / PROGRESS)  # atomic: a crash leaves the last one whole
+
+
+def _load_progress(checkpoints: Path, config: Config, strategy: FedAvg) -> dict[str, Any]:
+    path = checkpoints / PROGRESS
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist (no round of this run was checkpointed)")
+    progress = json.loads(path.read_text())
+    saved = Config.from_json(progress["config"]).to_dict()
+    changed = [
+        f"{section}.{key}"
+        for section, values in config.to_dict().items()
+        for key, value in values.items()
+        if saved.get(section, {}).get(key) != value
+    ]
+    if changed:
+        raise ValueError(f"cannot resume: the config differs from the checkpointed run's in {changed}")
+    if progress["strategy_state"]:
+        tensors = load_file(checkpoints / STRATEGY_STATE)
+        for name in STRATEGY_KEYS:
+            values = {k.split("/", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith(f"{name}/")}
+            if values:
+                setattr(strategy, name, values)
+    return progress
 
 
 def _screen_train_replies(

@@ -25,14 +25,19 @@ log = logging.getLogger("medfed.simulation")
 
 
 def simulate(
-    config: Config, out_dir: str | Path, state_dir: str | Path | None = None, verbose: bool = False
+    config: Config,
+    out_dir: str | Path,
+    state_dir: str | Path | None = None,
+    verbose: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the federation described by ``config``; return the report (also written to ``out_dir``).
 
     Simulated sites keep their privacy ledgers under ``state_dir``, one folder per site. By
     default that is ``out_dir/state``, started afresh for each run; pass a folder of your own to
     make ε accumulate across simulated runs, as it does at a real site. Flower's own log lines are
-    shown only with ``verbose``; medfed's round-by-round log is always shown.
+    shown only with ``verbose``; medfed's round-by-round log is always shown. ``resume`` continues
+    the run checkpointed in ``out_dir`` (its sites' state kept).
     """
     from flwr.simulation import run_simulation
 
@@ -42,7 +47,8 @@ def simulate(
     out_dir.mkdir(parents=True, exist_ok=True)
     if state_dir is None:
         state_dir = out_dir / "state"
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(state_dir, ignore_errors=True)
     num_sites = len(simulated_site_names(config))
     if num_sites < config.run.min_sites:
         raise ValueError(f"the data has {num_sites} site(s) but run.min-sites = {config.run.min_sites}")
@@ -51,7 +57,7 @@ def simulate(
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        result.update(run_federation(grid, config, out_dir, state_dir))
+        result.update(run_federation(grid, config, out_dir, state_dir, resume=resume))
 
     _quiet_flower(verbose)
     scratch = Path(tempfile.mkdtemp(prefix="medfed-sim-"))

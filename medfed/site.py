@@ -10,13 +10,19 @@ without paths).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import random
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch.utils.data import DataLoader
 
@@ -40,6 +46,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
 
 STATE_FOLDER = ".medfed-state"
+SECRET_FILE = "site-secret"  # seeds local training; never leaves the site
 _SITE_CACHE: dict[tuple[Any, ...], tuple[tuple[tuple[str, int, int], ...], Preflight]] = {}
 
 PHASE_FEDERATED = "federated"
@@ -148,6 +155,33 @@ def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
         return _failure(msg, str(node_config.get("site-name", "unknown")), err)
 
 
+def training_seed(state_dir: Path, run_key: str, server_round: int, phase: str, data: SiteArrays) -> int:
+    """The seed of one round's local training: the same when a round is repeated on the same data
+    (a resumed run), unpredictable to the server (it mixes in a secret kept in the site's state
+    folder) so that the DP noise cannot be reproduced and subtracted off-site, and different once
+    the data change (the same noise on two versions of the data would reveal their difference)."""
+    secret_file = state_dir / SECRET_FILE
+    if not secret_file.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        except FileExistsError:
+            pass  # another process of this site wrote it first
+    digest = hashlib.sha256(f"{secret_file.read_text().strip()}|{run_key}|{server_round}|{phase}".encode())
+    for array in (data.images, data.targets, data.splits):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") % (2**63)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, NumPy and Python's generators (batch sampling, augmentation and Opacus noise draw from them)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def task_refusal(node_config: dict[str, Any], config: Config) -> str:
     """Why this site refuses the run's task (its ``allowed-tasks``, comma-separated), or ""."""
     allowed = [t.strip() for t in str(node_config.get("allowed-tasks", "")).split(",") if t.strip()]
@@ -175,14 +209,20 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     model = task.build_model(config)
     set_model_arrays(model, msg.content["arrays"])
     model.to(device)
+    run_key = str(message_config.get("run-key") or run_id)
+    phase = str(message_config.get("phase", PHASE_FEDERATED))
+    seed = training_seed(site.state_dir, run_key, int(message_config.get("server-round", 0)), phase, site.data)
+    seed_everything(seed)
+    transform = task.train_transform(config)
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed)
     unit, units = site.data.privacy_units("train")
-    dataset = PrivacyUnitDataset(site.data.split("train"), units, task.train_transform(config))
+    dataset = PrivacyUnitDataset(site.data.split("train"), units, transform)
     n = len(dataset)
     if n == 0:
         return _failure(msg, site.name, ValueError("the site has no training samples"))
     loader = DataLoader(dataset, batch_size=min(config.train.batch_size, n), shuffle=True)
     optimizer = build_optimizer(model, config.train)
-    phase = str(message_config.get("phase", PHASE_FEDERATED))
     epochs = config.train.local_epochs * (config.run.rounds if phase == PHASE_LOCAL else 1)
     max_steps = config.train.local_steps * (config.run.rounds if phase == PHASE_LOCAL else 1)
     steps_planned = max_steps or epochs * len(loader)
@@ -193,7 +233,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
         sample_rate = 1.0 / len(loader)
         per_round = config.train.local_steps or config.train.local_epochs * len(loader)
         run_steps = per_round * config.run.rounds * (2 if config.evaluation.cross_site else 1)
-        sigma = ledger.noise_for_run(str(run_id), config.privacy.target_epsilon, sample_rate, run_steps)
+        sigma = ledger.noise_for_run(run_key, config.privacy.target_epsilon, sample_rate, run_steps)
         privacy = {
             "noise-multiplier": sigma,
             "max-grad-norm": config.privacy.max_grad_norm,

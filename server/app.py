@@ -18,11 +18,15 @@ APP_DIR = Path(__file__).resolve().parent.parent
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """``run_config``: ``config-file`` (TOML, relative to the app), ``out-dir``, ``overrides``
-    (``;``-separated ``section.key=value``)."""
+    (``;``-separated ``section.key=value``), ``resume`` (true: continue the run checkpointed in
+    ``out-dir`` after its last completed round)."""
     run_config = context.run_config
     config_file = Path(str(run_config["config-file"]))
     if not config_file.is_absolute():
         config_file = APP_DIR / config_file
     overrides = dict(parse_override(item) for item in str(run_config.get("overrides", "")).split(";") if item.strip())
     config = load_config(config_file, overrides)
-    run_federation(grid, config, Path(str(run_config["out-dir"])))
+    resume = run_config.get("resume", False)
+    if not isinstance(resume, bool):
+        raise ValueError(f"run config resume = {resume!r}: expected true or false")
+    run_federation(grid, config, Path(str(run_config["out-dir"])), resume=resume)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 from medfed.config import Config
 from medfed.data import write_site
@@ -28,6 +29,22 @@ def tiny_config(**overrides: object) -> Config:
     }
     base.update(overrides)
     return Config().with_overrides(base)
+
+
+@pytest.fixture
+def task_identity() -> None:
+    """Flower's task identity, which building a Message outside a Flower process needs."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> dict[int, dict]:
+    """Three deployed-style sites (node_config dicts) with 60 synthetic images each."""
+    result = {}
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        folder = write_site(tmp_path / "data" / name, synthetic_site(i, 60, seed=4))
+        result[10 + i] = {"data-path": str(folder), "site-name": name, "state-dir": str(tmp_path / "state" / name)}
+    return result
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MessageType
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from medfed.data import write_site
-from medfed.data.synthetic import synthetic_site
 from medfed.federation import build_strategy, run_federation
 from medfed.site import handle_evaluate, handle_train
 from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class InProcessGrid(Grid):
@@ -59,20 +59,6 @@ class InProcessGrid(Grid):
                 reply = handle_evaluate(msg, self.nodes[node])
             replies.append(reply)
         return replies
-
-
-@pytest.fixture(autouse=True)
-def _task_identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> dict[int, dict]:
-    result = {}
-    for i, name in enumerate(["alpha", "beta", "gamma"]):
-        folder = write_site(tmp_path / "data" / name, synthetic_site(i, 60, seed=4))
-        result[10 + i] = {"data-path": str(folder), "site-name": name, "state-dir": str(tmp_path / "state" / name)}
-    return result
 
 
 def test_poisoned_update_is_rejected_and_the_round_goes_on(nodes: dict, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import MessageType
 from PIL import Image
 from typer.testing import CliRunner
@@ -16,7 +17,9 @@ from medfed.data.preflight import run_preflight
 from medfed.data.synthetic import synthetic_segmentation_site, synthetic_site
 from medfed.site import handle_train
 from tests.conftest import REPO
-from tests.test_site import _request, _task_identity, tiny_config  # noqa: F401 - _task_identity is a fixture
+from tests.test_site import _request, tiny_config
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _rows(site: Path) -> list[list[str]]:

@@ -104,6 +104,10 @@ class _RandomPatch:
             keys=["image", "mask"], label_key="mask", spatial_size=(size,) * spatial_dims, pos=1, neg=1, num_samples=1
         )
 
+    def set_random_state(self, seed: int) -> None:
+        """Make the patch choice repeatable (the site seeds each round's training)."""
+        self._crop.set_random_state(seed=seed % 2**32)
+
     def __call__(self, sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         patch = self._crop({"image": sample["image"], "mask": sample["mask"]})[0]
         out = dict(sample)
