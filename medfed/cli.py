@@ -20,6 +20,8 @@ data_app = typer.Typer(
     no_args_is_help=True, help="Site data: check a site folder, import image/mask folders, write synthetic sites."
 )
 app.add_typer(data_app, name="data")
+site_app = typer.Typer(no_args_is_help=True, help="A deployed site, as its operator sees it.")
+app.add_typer(site_app, name="site")
 console = Console()
 
 
@@ -447,3 +449,53 @@ def data_synth(
             make = synthetic_segmentation_site if task == "segmentation" else synthetic_site
             site = make(index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims)
         console.print(f"wrote {write_site(out / f'hospital-{index + 1}', site)}")
+
+
+@site_app.command("status")
+def site_status(
+    node_config: Annotated[
+        Path | None,
+        typer.Option(help="The site's node config (deploy/site.sh writes STATE_DIR/node-config.toml)"),
+    ] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="The site's state folder, if no node config is given")] = None,
+    budget: Annotated[float | None, typer.Option(help="Lifetime ε budget, if the node config does not set one")] = None,
+) -> None:
+    """Privacy spent at this site over all runs, the budget and what remains (read from its ledger)."""
+    import tomllib
+
+    from medfed.privacy import LEDGER_FILE, PrivacyLedger
+
+    settings: dict[str, Any] = {}
+    if node_config is not None:
+        try:
+            settings = tomllib.loads(node_config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise _fail(f"--node-config {node_config}: not a readable TOML file ({err})") from err
+    folder = state_dir or (Path(str(settings["state-dir"])) if "state-dir" in settings else None)
+    if folder is None:
+        raise _fail("give --node-config (with state-dir) or --state-dir")
+    lifetime = budget if budget is not None else settings.get("privacy-budget")
+    ledger_path = folder / LEDGER_FILE
+    table = Table(title=f"site {settings.get('site-name', folder.name)}: privacy ledger {ledger_path}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    if not ledger_path.is_file():
+        console.print(f"no ledger at {ledger_path}: this site has not trained with differential privacy yet")
+        raise typer.Exit(code=0)
+    try:
+        ledger = PrivacyLedger.open(folder, 0.0)
+    except RuntimeError as err:
+        raise _fail(str(err)) from err
+    spent = ledger.epsilon()
+    table.add_row("ε spent (all runs)", f"{spent:.3f}")
+    table.add_row("δ", f"{ledger.delta:.2e}")
+    table.add_row("accountant", ledger.accountant)
+    table.add_row("runs", str(len(ledger.calibrations)))
+    table.add_row("rounds trained", str(len(ledger.history)))
+    table.add_row("optimizer steps", str(sum(int(steps) for _, _, steps in ledger.history)))
+    if lifetime is not None:
+        table.add_row("budget", f"{float(lifetime):.3f}")
+        table.add_row("remaining", f"{max(float(lifetime) - spent, 0.0):.3f}")
+    else:
+        table.add_row("budget", "not set here: each run's privacy.budget applies")
+    console.print(table)

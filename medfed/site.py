@@ -11,10 +11,12 @@ without paths).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
 import secrets
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from medfed.config import Config
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
-from medfed.data.manifest import Preprocess
+from medfed.data.manifest import DataProblem, Preprocess
 from medfed.data.preflight import Preflight, run_preflight
 from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private
 from medfed.tasks import get_task
@@ -47,6 +49,7 @@ warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=F
 
 STATE_FOLDER = ".medfed-state"
 SECRET_FILE = "site-secret"  # seeds local training; never leaves the site
+CACHE_FOLDER = "cache"  # model-ready arrays of the site's data, under its state folder
 _SITE_CACHE: dict[tuple[Any, ...], tuple[tuple[tuple[str, int, int], ...], Preflight]] = {}
 
 PHASE_FEDERATED = "federated"
@@ -80,7 +83,7 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         target = get_task(config.run.task).SAMPLE_KEYS[1]
         d = config.data
         checked = _checked_site(
-            data_path, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.preprocess
+            data_path, state_dir, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.preprocess
         )
         if checked.site is None:
             raise PreflightFailed(f"site data failed the pre-flight check: {checked.summary()}")
@@ -94,10 +97,13 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
     return Site(name, data, state_dir, budget, notes)
 
 
-def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
+def folder_signature(folder: Path, state_dir: Path | None = None) -> tuple[tuple[str, int, int], ...]:
     """Name, size and modification time of every file under ``folder`` (the site's state excluded)."""
     entries = []
+    state = state_dir.resolve() if state_dir is not None else None
     for path in sorted(folder.rglob("*")):
+        if state is not None and path.resolve().is_relative_to(state):
+            continue
         if path.is_file() and STATE_FOLDER not in path.relative_to(folder).parts:
             stat = path.stat()
             entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
@@ -106,6 +112,7 @@ def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
 
 def _checked_site(
     folder: Path,
+    state_dir: Path,
     image_size: int,
     num_classes: int,
     target: str,
@@ -114,25 +121,78 @@ def _checked_site(
     preprocess: Preprocess,
 ) -> Preflight:
     """The site folder's pre-flight check (:func:`run_preflight`, as ``medfed data check`` runs it),
-    done once per process while the folder's files and the settings stay the same.
+    done once while the folder's files and the settings stay the same.
 
     Every error and warning is logged here in full, at the site. A site answers a train and an
-    evaluate message every round; re-reading and resampling every scan each time took as long as a
-    local DP epoch (benchmarks/data_loading.py).
+    evaluate message every round, and a deployed site (Flower's subprocess isolation) starts a new
+    process for each: a passed check is therefore kept in memory and in ``STATE_DIR/cache/`` (the
+    model-ready arrays, as sensitive as the data itself, beside the privacy ledger), since
+    re-reading and resampling every scan took as long as a local DP epoch
+    (benchmarks/data_loading.py).
     """
-    key = (str(folder.resolve()), image_size, num_classes, target, spatial_dims, class_names, preprocess)
-    signature = folder_signature(folder)
+    settings = (image_size, num_classes, target, spatial_dims, class_names, preprocess)
+    key = (str(folder.resolve()), *settings)
+    signature = folder_signature(folder, state_dir)
     cached = _SITE_CACHE.get(key)
     if cached is not None and cached[0] == signature:
         return cached[1]
-    checked = run_preflight(folder, image_size, num_classes, target, spatial_dims, class_names, preprocess)
-    for problem in checked.errors:
-        log.error("pre-flight check: %s", problem)
-    for problem in checked.warnings:
-        log.warning("pre-flight check: %s", problem)
+    digest = hashlib.sha256(repr((key, signature)).encode()).hexdigest()[:24]
+    checked = _load_cached(state_dir / CACHE_FOLDER / f"{digest}.npz")
+    if checked is None:
+        checked = run_preflight(folder, image_size, num_classes, target, spatial_dims, class_names, preprocess)
+        for problem in checked.errors:
+            log.error("pre-flight check: %s", problem)
+        for problem in checked.warnings:
+            log.warning("pre-flight check: %s", problem)
+        if checked.site is not None:
+            _store_cached(state_dir / CACHE_FOLDER, f"{digest}.npz", checked)
     _SITE_CACHE.clear()  # one site, one configuration at a time: keep memory to one copy
     _SITE_CACHE[key] = (signature, checked)
     return checked
+
+
+def _store_cached(folder: Path, name: str, checked: Preflight) -> None:
+    """Keep one passed check on disk (older ones are removed), written atomically."""
+    site = checked.site
+    if site is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.npz"):
+        old.unlink()
+    arrays = {
+        "images": site.images,
+        "targets": site.targets,
+        "splits": site.splits,
+        "spacing": site.spacing,
+        "target_key": np.asarray(site.target_key),
+        "warnings": np.asarray(json.dumps([[w.where, w.reason] for w in checked.warnings])),
+    }
+    if site.patient_ids is not None:
+        arrays["patient_ids"] = site.patient_ids
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, folder / name)
+
+
+def _load_cached(path: Path) -> Preflight | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            site = SiteArrays(
+                stored["images"],
+                stored["targets"],
+                stored["splits"],
+                stored.get("patient_ids"),
+                target_key=str(stored["target_key"]),
+                spacing=stored["spacing"],
+            )
+            warnings = [DataProblem(where, reason) for where, reason in json.loads(str(stored["warnings"]))]
+    except (OSError, ValueError, KeyError) as err:  # a damaged cache is only a cache
+        log.warning("ignoring the site data cache %s: %s", path.name, err)
+        return None
+    return Preflight(site, [], warnings)
 
 
 def handle_train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:

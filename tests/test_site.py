@@ -136,3 +136,26 @@ def test_site_data_is_read_once_until_its_files_change(site_dir: Path, tmp_path:
     assert len(reads) == 2
     handle_evaluate(_request(tiny_config(**{"data.image-size": 32}), MessageType.EVALUATE, split="val"), node)
     assert len(reads) == 3  # another input size: another copy
+    site_module._SITE_CACHE.clear()  # a new process, as each Flower message gets in a deployment
+    reply = handle_evaluate(_request(tiny_config(**{"data.image-size": 32}), MessageType.EVALUATE, split="val"), node)
+    assert len(reads) == 3 and reply.content["site"]["status"] == "ok"  # from STATE_DIR/cache, not re-read
+    assert len(list((tmp_path / "state" / "cache").glob("*.npz"))) == 1  # one copy kept
+
+
+def test_site_status_shows_what_the_ledger_says(site_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medfed.cli import app
+
+    node_config = tmp_path / "node-config.toml"
+    node_config.write_text(f'site-name = "hospital-a"\nstate-dir = "{tmp_path / "state"}"\nprivacy-budget = 20.0\n')
+    runner = CliRunner()
+    before = runner.invoke(app, ["site", "status", "--node-config", str(node_config)])
+    assert before.exit_code == 0 and "has not trained with differential privacy yet" in before.output
+    reply = handle_train(_request(tiny_config(), MessageType.TRAIN), _node(site_dir, tmp_path), run_id=7)
+    spent = reply.content["metrics"]["epsilon"]
+    after = runner.invoke(app, ["site", "status", "--node-config", str(node_config)])
+    text = " ".join(after.output.split())
+    assert after.exit_code == 0, after.output
+    assert f"ε spent (all runs) │ {spent:.3f}" in text and f"remaining │ {20.0 - spent:.3f}" in text
+    assert "rounds trained │ 1" in text
