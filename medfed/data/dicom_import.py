@@ -24,13 +24,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from medfed.data.manifest import MANIFEST, DataError, DataProblem, read_dicom_seg, scan_geometry
-from medfed.data.medical_io import Scan, read_dicom_series, write_nifti_mask
+from medfed.data.manifest import MANIFEST, DataError, DataProblem, read_dicom_seg, read_table, scan_geometry
+from medfed.data.medical_io import Scan, read_dicom_series, write_nifti, write_nifti_mask
 from medfed.data.pairs import assign_splits
 
 __all__ = ["LABEL_KEYS", "DicomSeries", "find_series", "import_dicom"]
@@ -198,13 +197,7 @@ def _labels(
     images: list[DicomSeries], labels_csv: Path, problems: list[DataProblem], notes: list[str]
 ) -> dict[str, Path | str]:
     """Each series' class label from the table's key column (the first of :data:`LABEL_KEYS` it has)."""
-    try:
-        with labels_csv.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(labels_csv.parent, [DataProblem(labels_csv.name, f"not a readable CSV table: {err}")]) from None
+    columns, rows = read_table(labels_csv)
     key = next((k for k in LABEL_KEYS if k in columns), None)
     if key is None or "label" not in columns:
         reason = f"needs a label column and one of the key columns {list(LABEL_KEYS)}; found {columns}"
@@ -281,11 +274,4 @@ def _write_image(scan: Scan, path: Path) -> None:
     """The scan as NIfTI with its affine: int16 when its values are whole numbers in range, else float32."""
     array = scan.array
     whole = np.array_equal(array, np.round(array)) and array.min() >= -32768 and array.max() <= 32767
-    data = array.astype(np.int16 if whole else np.float32)
-    if data.ndim == 2:
-        data = data[..., np.newaxis]
-    img = nib.Nifti1Image(data, scan.affine)
-    img.set_qform(scan.affine, code=1)
-    img.set_sform(scan.affine, code=1)
-    img.header.set_xyzt_units("mm")
-    nib.save(img, path)
+    write_nifti(array.astype(np.int16 if whole else np.float32), scan.affine, path)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from medfed.data.boxes import import_coco, import_voc
 from medfed.data.dicom_import import import_dicom
-from medfed.data.manifest import MANIFEST, DataError, DataProblem, write_site
+from medfed.data.manifest import MANIFEST, DataError, DataProblem, read_table, write_site
 from medfed.data.medical_io import file_stem
 from medfed.data.medmnist import read_medmnist
 from medfed.data.pairs import IMAGE_SUFFIXES, assign_splits, import_pairs
@@ -117,13 +117,7 @@ def import_labelled(
     """A classification site from an image folder and a table with ``image`` (file name in the
     folder) and ``label`` (class index) columns, optional ``patient_id``; else patients come from
     ``patient_pattern`` in the file name, else each image is its own patient."""
-    try:
-        with labels_csv.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(labels_csv.parent, [DataProblem(labels_csv.name, f"not a readable CSV table: {err}")]) from None
+    columns, rows = read_table(labels_csv)
     if "image" not in columns or "label" not in columns:
         raise DataError(
             labels_csv.parent, [DataProblem(labels_csv.name, f"needs image and label columns, has {columns}")]

@@ -315,6 +315,16 @@ def read_dicom_seg(path: Path, image: Geometry | None) -> tuple[np.ndarray, tupl
     return np.asarray(pixels), (slice_step, *row_col)
 
 
+def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A UTF-8 CSV table (a BOM is allowed) as its columns and rows; :class:`DataError` naming the file if unreadable."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            return list(reader.fieldnames or []), list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(path.parent, [DataProblem(path.name, f"not a readable CSV table: {err}")]) from None
+
+
 def _mm(spacing: tuple[float, ...]) -> str:
     return " x ".join(f"{v:.4g}" for v in spacing)
 

@@ -39,7 +39,16 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import DSfloat
 
-__all__ = ["Scan", "file_stem", "read_scan", "write_dicom_seg", "write_dicom_series", "write_nifti_mask"]
+__all__ = [
+    "Scan",
+    "file_stem",
+    "read_dicom_series",
+    "read_scan",
+    "write_dicom_seg",
+    "write_dicom_series",
+    "write_nifti",
+    "write_nifti_mask",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 EXPECTED_FORMATS = "expected PNG/JPEG/BMP/TIFF, .npy, .nii(.gz), .dcm or a DICOM series folder"
@@ -97,12 +106,16 @@ def write_nifti_mask(mask: np.ndarray, scan: Scan, path: str | Path) -> Path:
     A 2D mask is written as a 3D volume with a singleton last axis, which is what NIfTI tools expect.
     """
     labels = _check_mask(mask, scan)
-    data = labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16)
+    return write_nifti(labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16), scan.affine, path)
+
+
+def write_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
+    """Write ``data`` with ``affine`` as qform and sform (code 1, millimetres); 2D data gets a singleton last axis."""
     if data.ndim == 2:
         data = data[..., np.newaxis]
-    img = nib.Nifti1Image(data, scan.affine)
-    img.set_qform(scan.affine, code=1)
-    img.set_sform(scan.affine, code=1)
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
     path = Path(path)
     nib.save(img, path)

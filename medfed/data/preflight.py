@@ -105,7 +105,7 @@ def run_preflight(
     preprocess: Preprocess = DEFAULT_PREPROCESS,
 ) -> Preflight:
     """Read and validate a site folder as :func:`read_site` does, then look for what would make the
-    site's training or evaluation useless or misleading (see :func:`site_warnings`)."""
+    site's training or evaluation useless or misleading (see :func:`site_findings`)."""
     handler = _Collect()
     data_log = logging.getLogger("medfed.data")
     data_log.addHandler(handler)
