@@ -499,3 +499,31 @@ def site_status(
     else:
         table.add_row("budget", "not set here: each run's privacy.budget applies")
     console.print(table)
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A benchmark in benchmarks/ (e.g. scale, spine, detection_bccd)")],
+    quick: Annotated[bool, typer.Option(help="The short version (minutes), where the benchmark has one")] = False,
+) -> None:
+    """Run a benchmark: it writes benchmarks/results/NAME.json (and plots) and prints a table.
+    Extra arguments go to the benchmark (see its --help)."""
+    import runpy
+    import sys
+
+    available = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in ("harness", "readme_table"))
+    script = BENCHMARKS / f"{name.replace('-', '_')}.py"
+    if name not in available and script.stem not in available:
+        raise _fail(f"no benchmark {name!r} in {BENCHMARKS}: expected one of {available}")
+    argv = sys.argv
+    sys.argv = [str(script), *(["--quick"] if quick else []), *ctx.args]
+    sys.path.insert(0, str(BENCHMARKS.parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+        sys.path.remove(str(BENCHMARKS.parent))

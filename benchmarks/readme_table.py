@@ -1,0 +1,127 @@
+"""The README's results table, generated from benchmarks/results/*.json (never typed by hand).
+
+    .venv/bin/python benchmarks/readme_table.py          # rewrite the table in README.md
+    .venv/bin/python benchmarks/readme_table.py --check  # exit 1 if README.md is out of date
+
+The table sits between the ``<!-- results:start -->`` and ``<!-- results:end -->`` lines. Each
+result file with a known ``benchmark`` gives a few rows: what was run, the number, and the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+Row = tuple[str, str, str]  # setting, measure, value
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _spine(r: dict[str, Any]) -> Iterator[Row]:
+    for run in r["runs"]:
+        setting = f"PneumoniaMNIST, {run['setup']}, {'DP ε=' + _f(run['epsilon'], 1) if run['dp'] else 'no DP'}"
+        yield setting, "test AUROC / accuracy", f"{_f(run['test_auroc'])} / {_f(run['test_accuracy'])}"
+    yield "PneumoniaMNIST CNN", "DP / non-DP samples/s", _f(r["throughput"]["dp_over_non_dp"], 2)
+
+
+def _pooled_vs_fedavg(dataset: str, metric: str) -> Callable[[dict[str, Any]], Iterator[Row]]:
+    def rows(r: dict[str, Any]) -> Iterator[Row]:
+        for key, label in (("pooled_nodp", "pooled, no DP"), ("fedavg_nodp", "FedAvg 3 sites, no DP")):
+            yield f"{dataset}, {label}", f"test {metric} (mean of sites)", _f(r[key]["mean"])
+        yield f"{dataset}, local-only, no DP", f"test {metric} (own site)", _f(r["fedavg_nodp"]["local_only_mean"])
+        yield f"{dataset}, FedAvg / pooled", "ratio, no DP", _f(r["fedavg_nodp"]["mean"] / r["pooled_nodp"]["mean"], 2)
+        for key, label in (("pooled_dp", "pooled, DP ε=8"), ("fedavg_dp", "FedAvg 3 sites, DP ε=8")):
+            yield f"{dataset}, {label}", f"test {metric} (mean of sites)", _f(r[key]["mean"])
+
+    return rows
+
+
+def _data_loading(r: dict[str, Any]) -> Iterator[Row]:
+    speed = r["slices_per_second"]
+    yield (
+        "64 x 256² CT, DICOM series / NIfTI",
+        "read, slices/s",
+        f"{speed['dicom_series_read']:.0f} / {speed['nifti_gz_read']:.0f}",
+    )
+    if "dicom_import" in speed:
+        yield "64 x 256² CT, PACS export import", "slices/s", f"{speed['dicom_import']:.0f}"
+    yield "60 volumes 32³", "reading share of read + 1 DP epoch", f"{r['epoch']['read_share_of_epoch']:.0%}"
+
+
+def _scale(r: dict[str, Any]) -> Iterator[Row]:
+    for run in r["runs"]:
+        yield (
+            f"{run['sites']} simulated sites",
+            "s/round, s/round/site, peak RSS MiB",
+            f"{run['seconds_per_round']:.1f}, {run['seconds_per_round_per_site']:.2f}, {run['peak_rss_mib']:.0f}",
+        )
+
+
+def _overhead(r: dict[str, Any]) -> Iterator[Row]:
+    for mode, values in r.get("modes", {}).items():
+        yield (
+            f"{mode}, 3 sites",
+            "round / slowest local training; bytes up per site per round / model",
+            f"{_f(values.get('round_over_slowest_local'), 2)}; {_f(values.get('bytes_up_per_site_over_model'), 2)}",
+        )
+
+
+FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
+    "spine": _spine,
+    "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
+    "segmentation-chasedb1": _pooled_vs_fedavg("CHASE_DB1 vessels", "Dice"),
+    "data-loading": _data_loading,
+    "scale": _scale,
+    "deployment-overhead": _overhead,
+}
+
+
+def table() -> str:
+    """The markdown table of every known result file, in file-name order."""
+    lines = ["| benchmark | setting | measure | value |", "| --- | --- | --- | --- |"]
+    for path in sorted(RESULTS.glob("*.json")):
+        result = json.loads(path.read_text())
+        name = str(result.get("benchmark", path.stem)).replace("_", "-")
+        if name not in FORMATS or result.get("quick"):
+            continue
+        for setting, measure, value in FORMATS[name](result):
+            lines.append(f"| [{path.stem}](benchmarks/results/{path.name}) | {setting} | {measure} | {value} |")
+    return "\n".join(lines)
+
+
+def updated(readme: str) -> str:
+    """``readme`` with the table between the markers replaced by :func:`table`."""
+    if START not in readme or END not in readme:
+        raise ValueError(f"README.md needs the lines {START} and {END} around the results table")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{table()}\n{END}{tail}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
+    args = parser.parse_args()
+    readme = REPO / "README.md"
+    current = readme.read_text()
+    new = updated(current)
+    if args.check:
+        if new != current:
+            print("README.md results table is out of date: run .venv/bin/python benchmarks/readme_table.py")
+            sys.exit(1)
+        return
+    readme.write_text(new)
+    print(f"updated {readme}")
+
+
+if __name__ == "__main__":
+    main()
