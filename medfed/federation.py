@@ -33,6 +33,7 @@ from medfed.tasks import get_task
 from medfed.weights import (
     UpdateRejected,
     array_bytes,
+    decompress_update,
     load_checkpoint,
     model_to_arrays,
     save_checkpoint,
@@ -362,7 +363,7 @@ def _screen_train_replies(
         except (MalformedReply, UpdateRejected) as err:
             log.warning("round %d: reply left out: %s", server_round, err)
             continue
-        traffic.up += array_bytes(update)
+        traffic.up += array_bytes(parsed.arrays)  # as received: compressed when the run compresses
         local_seconds[parsed.site] = parsed.metrics.get("local-seconds", math.nan)
         reply.content = RecordDict(
             {"arrays": update, "metrics": MetricRecord({"num-examples": parsed.metrics["num-examples"]})}
@@ -381,17 +382,23 @@ def _checked_update(
     """
     if parsed.arrays is None:
         raise UpdateRejected(f"site {parsed.site} sent no weights")
+    try:
+        arrays = decompress_update(reference, parsed.arrays, state.config.run.update_compression)
+    except UpdateRejected as err:
+        raise UpdateRejected(f"update from site {parsed.site} rejected: {err}") from err
+    except (ValueError, TypeError) as err:
+        raise UpdateRejected(f"update from site {parsed.site} is undecodable: {err}") from err
     count = parsed.metrics.get("num-examples", math.nan)
     if not (math.isfinite(count) and 0 < count <= MAX_EXAMPLES):
         raise UpdateRejected(f"site {parsed.site}: num-examples = {count} is not in (0, {MAX_EXAMPLES:.0e}]")
     try:
-        check = validate_update(reference, parsed.arrays, max_norm or state.config.run.max_update_norm)
+        check = validate_update(reference, arrays, max_norm or state.config.run.max_update_norm)
     except UpdateRejected as err:
         raise UpdateRejected(f"update from site {parsed.site} rejected: {err}") from err
     except (ValueError, TypeError) as err:  # undecodable array bytes
         raise UpdateRejected(f"update from site {parsed.site} is undecodable: {err}") from err
     log.debug("site %s update norm %.3g", parsed.site, check.update_norm)
-    return parsed.arrays
+    return arrays
 
 
 def _record_privacy(state: _RunState, parsed: _Reply) -> None:

@@ -35,7 +35,7 @@ from medfed.data.preflight import Preflight, run_preflight
 from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private
 from medfed.tasks import get_task
 from medfed.training import build_optimizer, evaluate, resolve_device, train
-from medfed.weights import model_to_arrays, set_model_arrays
+from medfed.weights import compress_update, model_to_arrays, set_model_arrays
 
 __all__ = ["Site", "handle_evaluate", "handle_train", "resolve_site"]
 
@@ -325,7 +325,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     metrics = {"num-examples": n, "steps": stats.steps, "local-seconds": time.perf_counter() - started, **privacy}
     if ledger is None:
         metrics["train-loss"] = stats.loss  # an un-noised statistic of the data: only sent without DP
-    arrays = model_to_arrays(trained.cpu())
+    arrays = compress_update(msg.content["arrays"], model_to_arrays(trained.cpu()), config.run.update_compression)
     return _reply(msg, site.name, "ok", "", metrics, arrays, privacy_unit=unit, notes=site.notes)
 
 

@@ -16,6 +16,8 @@ from torch import nn
 __all__ = [
     "UpdateRejected",
     "array_bytes",
+    "compress_update",
+    "decompress_update",
     "load_checkpoint",
     "model_to_arrays",
     "save_checkpoint",
@@ -41,6 +43,60 @@ def set_model_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
 def array_bytes(arrays: ArrayRecord) -> int:
     """Serialized bytes of an ArrayRecord's tensors (what one transfer of it moves, headers included)."""
     return int(sum(len(array.data) for array in arrays.values()))
+
+
+SCALE_SUFFIX = "::int8-scale"
+
+
+def compress_update(reference: ArrayRecord, trained: ArrayRecord, kind: str) -> ArrayRecord:
+    """What a site sends: its trained weights (``none``), or their difference from the model it
+    received as float16 (``fp16``, half the bytes) or as int8 with one float32 scale per tensor
+    (``int8``, about a quarter: symmetric, round to nearest). Non-float tensors go as they are."""
+    if kind == "none":
+        return trained
+    out: dict[str, torch.Tensor] = {}
+    ref = reference.to_torch_state_dict()
+    for key, value in trained.to_torch_state_dict().items():
+        if not value.is_floating_point():
+            out[key] = value
+            continue
+        delta = value.double() - ref[key].double()
+        if kind == "fp16":
+            out[key] = delta.to(torch.float16)
+            continue
+        scale = float(delta.abs().max()) / 127.0 if delta.numel() else 0.0
+        out[key] = torch.round(delta / scale).to(torch.int8) if scale > 0 else torch.zeros_like(delta, dtype=torch.int8)
+        out[key + SCALE_SUFFIX] = torch.tensor([scale], dtype=torch.float32)
+    return ArrayRecord(out)
+
+
+def decompress_update(reference: ArrayRecord, received: ArrayRecord, kind: str) -> ArrayRecord:
+    """The weights a site trained, from what :func:`compress_update` sent (in the reference's key order).
+
+    Raises :class:`UpdateRejected` when the record does not have the compressed form's names or dtypes.
+    """
+    if kind == "none":
+        return received
+    got = received.to_torch_state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in reference.to_torch_state_dict().items():
+        if key not in got:
+            raise UpdateRejected(f"compressed update lacks tensor {key}")
+        value = got[key]
+        if not ref.is_floating_point():
+            out[key] = value
+            continue
+        expected = torch.float16 if kind == "fp16" else torch.int8
+        if value.dtype != expected or value.shape != ref.shape:
+            raise UpdateRejected(f"tensor {key}: got {value.dtype}{list(value.shape)}, expected {expected} ({kind})")
+        delta = value.double()
+        if kind == "int8":
+            scale = got.get(key + SCALE_SUFFIX)
+            if scale is None or scale.numel() != 1:
+                raise UpdateRejected(f"compressed update lacks the scale of tensor {key}")
+            delta = delta * float(scale)
+        out[key] = (ref.double() + delta).to(ref.dtype)
+    return ArrayRecord(out)
 
 
 @dataclass(frozen=True)

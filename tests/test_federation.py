@@ -180,3 +180,24 @@ def test_segmentation_federation_with_dp(tmp_path: Path) -> None:
     assert {"dice", "iou", "hd95"} <= set(report["final"]["per_site"]["alpha"])
     assert report["final"]["cross_site"]["models"] == ["alpha", "beta", "global"]
     assert all(0 < p["epsilon"] <= p["budget"] + 1e-6 for p in report["privacy"].values())
+
+
+def test_compressed_updates_shrink_uploads_and_still_train(nodes: dict, tmp_path: Path) -> None:
+    for node in nodes.values():
+        node["allow-training-without-privacy"] = True
+    reports = {}
+    for kind in ("none", "int8"):
+        config = tiny_config(
+            **{
+                "run.rounds": 1,
+                "evaluation.cross-site": False,
+                "privacy.enabled": False,
+                "run.update-compression": kind,
+            }
+        )
+        reports[kind] = run_federation(InProcessGrid(nodes), config, tmp_path / kind)
+    plain, packed = reports["none"]["rounds"][1], reports["int8"]["rounds"][1]
+    assert packed["sites_aggregated"] == plain["sites_aggregated"] == ["alpha", "beta", "gamma"]
+    assert packed["bytes_up"] < 0.65 * plain["bytes_up"]  # 1 byte for 4, plus a 128-byte header per small tensor
+    for site, metrics in reports["none"]["final"]["per_site"].items():
+        assert reports["int8"]["final"]["per_site"][site]["loss"] == pytest.approx(metrics["loss"], rel=0.05)

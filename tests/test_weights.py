@@ -64,3 +64,31 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     (tmp_path / "ck" / "round-001.json").unlink()
     with pytest.raises(FileNotFoundError, match="metadata not found"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize(("kind", "size_ratio", "tolerance"), [("fp16", 0.5, 1e-3), ("int8", 0.25, 2e-2)])
+def test_compressed_updates_are_smaller_and_restore_the_weights(kind: str, size_ratio: float, tolerance: float) -> None:
+    from medfed.weights import array_bytes, compress_update, decompress_update
+
+    torch.manual_seed(0)
+    reference = ArrayRecord({"w": torch.randn(256, 128), "b": torch.randn(128), "steps": torch.tensor([3])})
+    trained = ArrayRecord({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+                           for k, v in reference.to_torch_state_dict().items()})  # fmt: skip
+    sent = compress_update(reference, trained, kind)
+    assert array_bytes(sent) < size_ratio * 1.1 * array_bytes(trained)
+    restored = decompress_update(reference, sent, kind).to_torch_state_dict()
+    original = trained.to_torch_state_dict()
+    assert list(restored) == list(original) and torch.equal(restored["steps"], original["steps"])
+    change = (original["w"] - reference.to_torch_state_dict()["w"]).abs().max()
+    assert (restored["w"] - original["w"]).abs().max() <= tolerance * change * 10
+    assert restored["w"].dtype == torch.float32
+
+
+def test_a_compressed_update_of_the_wrong_form_is_rejected() -> None:
+    from medfed.weights import UpdateRejected, compress_update, decompress_update
+
+    reference = ArrayRecord({"w": torch.zeros(4, 4)})
+    with pytest.raises(UpdateRejected, match="expected torch.int8"):
+        decompress_update(reference, compress_update(reference, reference, "fp16"), "int8")
+    with pytest.raises(UpdateRejected, match="lacks the scale"):
+        decompress_update(reference, ArrayRecord({"w": torch.zeros(4, 4, dtype=torch.int8)}), "int8")
