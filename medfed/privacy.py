@@ -10,6 +10,7 @@ Flower calls), but its noise comes from the run's one calibration and its spend 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import os
@@ -31,6 +32,21 @@ LEDGER_FILE = "privacy.json"
 
 class BudgetExceeded(RuntimeError):
     """Training would take the site past its privacy budget; the site refuses the round."""
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Opacus' noise calibration (a binary search over σ, seconds on CPU), once per process per setting:
+    simulated sites of equal size share it."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
 
 
 def default_delta(num_samples: int) -> float:
@@ -96,21 +112,18 @@ class PrivacyLedger:
         entries = [tuple(e) for e in self.history + (extra or []) if e[2] > 0]
         if not entries:
             return 0.0
+        merged: dict[tuple[float, float], int] = {}  # the same mechanism n1 then n2 times = n1 + n2 times
+        for sigma, q, n in entries:
+            merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(n)
         acc = RDPAccountant() if self.accountant == "rdp" else PRVAccountant()
-        acc.history = [(float(s), float(q), int(n)) for s, q, n in entries]
+        acc.history = [(sigma, q, n) for (sigma, q), n in merged.items()]
         return float(acc.get_epsilon(delta=self.delta))
 
     def noise_for_run(self, run_id: str, target_epsilon: float, sample_rate: float, steps: int) -> float:
         """The noise multiplier for this run: calibrated once so ``steps`` steps spend ``target_epsilon``."""
         if run_id not in self.calibrations:
-            self.calibrations[run_id] = float(
-                get_noise_multiplier(
-                    target_epsilon=target_epsilon,
-                    target_delta=self.delta,
-                    sample_rate=sample_rate,
-                    steps=max(steps, 1),
-                    accountant=self.accountant,
-                )
+            self.calibrations[run_id] = _calibrate(
+                target_epsilon, self.delta, sample_rate, max(steps, 1), self.accountant
             )
             self.save()
         return self.calibrations[run_id]
