@@ -1,0 +1,167 @@
+"""The deployment happy path with each hospital on its own network: every site's SuperNode runs in
+its own Linux network namespace, joined to the coordinator's host by a veth pair (10.231.N.0/30),
+and reaches the SuperLink only at that link's address, over TLS with node authentication.
+
+Needs root and ``ip netns`` (skipped otherwise; tests/test_deployment.py then runs the same
+federation over loopback instead). About 5 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from medfed.data import write_site
+from medfed.data.synthetic import synthetic_site
+from tests.test_deployment import (
+    CONNECTION,
+    DEPLOY,
+    SESSION,
+    SITES,
+    VENV_BIN,
+    Deployment,
+    Proc,
+    _free_port,
+    _pids_with_marker,
+    _run,
+    _stop_pids,
+    _wait_healthy,
+    netns_available,
+)
+
+NETNS = netns_available()
+pytestmark = pytest.mark.skipif(not NETNS, reason="network namespaces need root and `ip netns`")
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, f"ip {' '.join(args)}: {result.stderr}"
+
+
+class SiteNetwork:
+    """One namespace per site, each linked to the host by a veth pair: host 10.231.N.1, site 10.231.N.2."""
+
+    def __init__(self, count: int) -> None:
+        tag = uuid.uuid4().hex[:4]
+        self.namespaces = [f"medfed-{tag}-{i}" for i in range(count)]
+        self.host_links = [f"mfh{tag}{i}" for i in range(count)]
+        self.host_addresses = [f"10.231.{i + 1}.1" for i in range(count)]
+        for i, (ns, link) in enumerate(zip(self.namespaces, self.host_links, strict=True)):
+            peer = f"mfs{tag}{i}"
+            _ip("netns", "add", ns)
+            _ip("link", "add", link, "type", "veth", "peer", "name", peer)
+            _ip("link", "set", peer, "netns", ns)
+            _ip("addr", "add", f"{self.host_addresses[i]}/30", "dev", link)
+            _ip("link", "set", link, "up")
+            _ip("-n", ns, "addr", "add", f"10.231.{i + 1}.2/30", "dev", peer)
+            _ip("-n", ns, "link", "set", peer, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")  # the SuperNode's own runtime port is on its loopback
+
+    def remove(self) -> None:
+        for ns, link in zip(self.namespaces, self.host_links, strict=True):
+            subprocess.run(["ip", "link", "del", link], capture_output=True, timeout=20)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+@pytest.fixture(scope="module")
+def networked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment, SiteNetwork]]:
+    base = tmp_path_factory.mktemp("netns-deployment")
+    (base / "logs").mkdir()
+    network = SiteNetwork(len(SITES))
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(base / "coordinator-flwr-home"),
+        "UV_CACHE_DIR": str(base / "uv-cache"),
+        "RAY_TMPDIR": str(base / "ray-tmp"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "VENV_BIN": str(VENV_BIN),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    certs = base / "certs"
+    sans = [arg for address in network.host_addresses for arg in ("--san", f"IP:{address}")]
+    port = _free_port()
+    deployment = None
+    try:
+        made = _run([str(DEPLOY / "make-certificates.sh"), "--out", str(certs), *sans, "--site", *SITES], env)
+        assert made.returncode == 0, made.stdout + made.stderr
+        superlink = Proc(
+            "superlink",
+            [str(DEPLOY / "superlink.sh"), "start", "--certs", str(certs / "superlink"), "--state",
+             str(base / "superlink"), "--host", "0.0.0.0", "--port", str(port)],
+            base / "logs" / "superlink.log",
+            env,
+        )  # fmt: skip
+        deployment = Deployment(base, certs, port, env, superlink)
+        _wait_healthy(superlink, port, certs / "ca" / "ca.crt")
+        added = _run([str(DEPLOY / "superlink.sh"), "add-connection", CONNECTION, "--address", deployment.address,
+                      "--ca", str(certs / "ca" / "ca.crt"), "--default"], env)  # fmt: skip
+        assert added.returncode == 0, added.stdout + added.stderr
+        yield deployment, network
+    finally:
+        if deployment is not None:
+            for proc in deployment.procs:
+                proc.stop()
+            deployment.superlink.stop()
+        leftovers = _pids_with_marker(SESSION)
+        if leftovers:
+            _stop_pids(leftovers, SESSION, 5.0)
+        network.remove()
+
+
+def test_three_sites_on_their_own_networks_federate_over_tls(
+    networked: tuple[Deployment, SiteNetwork], tmp_path: Path
+) -> None:
+    deployment, network = networked
+    sites = []
+    for index, name in enumerate(SITES):
+        data = write_site(tmp_path / name, synthetic_site(index, 40, image_size=16, seed=index))
+        deployment.register(deployment.certs / "sites" / name / f"{name}.pub", name)
+        cmd = [
+            "ip", "netns", "exec", network.namespaces[index], str(DEPLOY / "site.sh"),
+            "--site-name", name, "--data", str(data), "--state", str(deployment.base / "sites" / name),
+            "--superlink", f"{network.host_addresses[index]}:{deployment.port}",
+            "--ca", str(deployment.certs / "ca" / "ca.crt"),
+            "--key", str(deployment.certs / "sites" / name / f"{name}.key"),
+            "--port", "9094",  # each namespace has its own loopback: the same port at every site
+            "--privacy-budget", "20", "--allowed-tasks", "classification",
+        ]  # fmt: skip
+        sites.append(deployment.start(name, cmd))
+    deadline = time.monotonic() + 180
+    while sum(node["status"] == "online" for node in deployment.nodes()) < len(SITES):
+        for site in sites:
+            assert site.alive(), "a site exited\n" + site.tail()
+        assert time.monotonic() < deadline, "the sites did not come online\n" + "\n".join(s.tail() for s in sites)
+        time.sleep(2)
+
+    out = deployment.base / "run-out"
+    overrides = "run.rounds=2;run.min-sites=3;data.image-size=16;train.local-epochs=1;evaluation.cross-site=false;evaluation.example-images=0"
+    run_config = f'config-file="configs/classification-synthetic.toml" out-dir="{out}" overrides="{overrides}"'
+    run = deployment.start("flwr-run", [str(VENV_BIN / "flwr"), "run", ".", CONNECTION, "--stream",
+                                        "--run-config", run_config])  # fmt: skip
+    report_path, report = out / "report.json", None
+    deadline = time.monotonic() + 900
+    while report is None:
+        if report_path.exists():
+            try:
+                report = json.loads(report_path.read_text())
+                break
+            except json.JSONDecodeError:
+                pass  # still being written
+        for proc in (deployment.superlink, *sites):
+            assert proc.alive(), f"{proc.name} exited during the run\n" + proc.tail() + "\n" + run.tail()
+        assert time.monotonic() < deadline, "no report after 900 s\n" + run.tail() + deployment.superlink.tail()
+        time.sleep(2)
+    assert report["sites"] == list(SITES)
+    assert [entry["round"] for entry in report["rounds"]] == [0, 1, 2]
+    assert all(entry["sites_aggregated"] == list(SITES) for entry in report["rounds"][1:])
+    for name in SITES:
+        assert 0 < report["privacy"][name]["epsilon"] <= 8.0 + 1e-6 and report["privacy"][name]["budget"] == 20.0
+    assert run.wait(timeout=120) == 0, run.tail()
