@@ -67,12 +67,21 @@ def _scale(r: dict[str, Any]) -> Iterator[Row]:
 
 
 def _overhead(r: dict[str, Any]) -> Iterator[Row]:
-    for mode, values in r.get("modes", {}).items():
+    for mode in ("simulation", "deployment"):
+        rounds = [x for x in r[mode]["rounds"] if x["round"] > 0 and x["wall_over_local"]]
+        ratio = sum(x["wall_over_local"] for x in rounds) / len(rounds)
+        up = sum(x["up_models_per_site"] for x in rounds) / len(rounds)
         yield (
-            f"{mode}, 3 sites",
-            "round / slowest local training; bytes up per site per round / model",
-            f"{_f(values.get('round_over_slowest_local'), 2)}; {_f(values.get('bytes_up_per_site_over_model'), 2)}",
+            f"{mode}, {r['sites']} sites, tiny DP CNN",
+            "round wall / slowest local training; bytes up per site per round / float32 model",
+            f"{ratio:.1f}; {up:.2f}",
         )
+    wire = r["deployment"]["wire"]["whole_run"]
+    yield (
+        "deployment over TLS, whole run",
+        "bytes on the wire / report payload (down; up)",
+        f"{wire['wire_over_payload_down']:.2f}; {wire['wire_over_payload_up']:.2f}",
+    )
 
 
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {

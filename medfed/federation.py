@@ -362,6 +362,9 @@ def _screen_train_replies(
             update = _checked_update(state, reference, parsed)
         except (MalformedReply, UpdateRejected) as err:
             log.warning("round %d: reply left out: %s", server_round, err)
+            site = state.site_of(reply)
+            if not any(n.startswith("update left out") for n in state.notes.get(site, [])):
+                state.note(site, f"update left out (first in round {server_round}): {err}")
             continue
         traffic.up += array_bytes(parsed.arrays)  # as received: compressed when the run compresses
         local_seconds[parsed.site] = parsed.metrics.get("local-seconds", math.nan)

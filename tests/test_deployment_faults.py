@@ -15,11 +15,13 @@ What Flower does when a process dies:
   (2 x its 30 s heartbeat interval); from then on the SuperLink answers every message to it with
   an error reply ("Node Unavailable"), which the server leaves out of the round, and no longer
   lists it among the run's nodes. The round waits at most that long, never ``run.round-timeout``.
-- a ServerApp process killed with SIGKILL: its task stops sending heartbeats and the SuperLink
-  marks the run ``finished:failed`` once the task's token expires (about 2 x 30 s); until then
-  ``flwr list`` shows it ``running``. ``flwr stop`` on a run that is still ``running`` ends it at once.
-  The SuperNodes are not affected; a new ``flwr run`` with ``resume=true`` continues from
-  ``out-dir/checkpoints``.
+- a ServerApp process killed with SIGKILL: ``flwr list`` shows the run ``running`` until its task's
+  heartbeat expires (2 x 30 s; about 50 s after the kill here), then ``finished:failed`` ("No
+  heartbeat received from the task"). SuperNodes then ignore the run's pending messages ("not in
+  RUNNING status") and the SuperLink refuses their object pulls ("Run is finished"); the SuperNodes
+  stay online. ``flwr stop`` on that run fails ("[code: 18] Run is already finished"); on a run
+  still ``running`` it would stop it at once. A new ``flwr run`` with ``resume=true`` and the same
+  ``out-dir`` continues from ``out-dir/checkpoints`` as a new run id.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,11 +111,15 @@ def _start_sites(
              "--port", str(_free_port()), "--privacy-budget", SITE_BUDGET, "--allowed-tasks", "classification"],
         )  # fmt: skip
     deadline = time.monotonic() + ONLINE_DEADLINE
-    while sum(node["status"] == "online" for node in deployment.nodes()) < len(SITES):
-        for site in sites.values():
-            assert site.alive(), "a site exited\n" + site.tail()
-        assert time.monotonic() < deadline, "the sites did not come online\n" + _tails(sites.values())
-        time.sleep(2)
+    try:
+        while sum(node["status"] == "online" for node in deployment.nodes()) < len(SITES):
+            for site in sites.values():
+                assert site.alive(), "a site exited\n" + site.tail()
+            assert time.monotonic() < deadline, "the sites did not come online\n" + _tails(sites.values())
+            time.sleep(2)
+    except BaseException:
+        _stop(list(sites.values()))
+        raise
     return sites
 
 
@@ -121,7 +128,7 @@ def _stop(procs: list[Proc]) -> None:
         proc.stop()
 
 
-def _tails(procs, chars: int = 3000) -> str:  # noqa: ANN001
+def _tails(procs: Iterable[Proc], chars: int = 3000) -> str:
     return "\n".join(proc.tail(chars) for proc in procs)
 
 
@@ -278,6 +285,7 @@ def test_a_site_killed_mid_run_is_left_out_and_the_run_completes(
     assert set(report["final"]["per_site"]) == {"site-a", "site-b"}
     # Flower reported the dead node (heartbeat expiry, 2 x 30 s) long before run.round-timeout.
     assert report["rounds"][2]["seconds"] < ROUND_TIMEOUT
+    assert "Node Unavailable" in run.text()  # Flower's error reply for the dead node, logged by the server
     assert "offline" in statuses  # site-c, once its heartbeat expired
 
 
@@ -401,6 +409,9 @@ def test_a_site_sending_huge_or_nan_updates_is_left_out(
     assert [entry["round"] for entry in report["rounds"]] == list(range(ROUNDS + 1))
     assert all(entry["sites_aggregated"] == ["site-a", "site-b"] for entry in report["rounds"][1:])
     assert set(report["final"]["per_site"]) == set(SITES)  # site-c still evaluates the global model
+    log = run.text()  # the ServerApp's log, streamed by `flwr run --stream`
+    assert "round 1: reply left out: update from site site-c rejected: update norm" in log, run.tail()
+    assert "round 2: reply left out: update from site site-c rejected: tensor" in log and "NaN or Inf" in log
     tampered, clean = _mean_test_loss(report), _mean_test_loss(clean_run.report)
     print(f"\n[bad updates] mean final test loss {tampered:.4f}, clean run {clean:.4f}")
     assert np.isfinite(tampered)

@@ -162,6 +162,8 @@ def test_a_huge_update_is_rejected_and_the_result_stays_close_to_a_clean_run(nod
     fresh = _copy_nodes(nodes, tmp_path / "state-2")
     attacked = run_federation(InProcessGrid(fresh, _faulty(12, scale=1e6)), config, tmp_path / "attacked")
     assert all(r["sites_aggregated"] == ["alpha", "beta"] for r in attacked["rounds"][1:])
+    (note,) = attacked["site_notes"]["gamma"]  # the report says why, once
+    assert note.startswith("update left out (first in round 1): update from site gamma rejected: update norm")
     clean_loss = np.mean([m["loss"] for m in clean["final"]["per_site"].values()])
     attacked_loss = np.mean([m["loss"] for m in attacked["final"]["per_site"].values()])
     assert attacked_loss == pytest.approx(clean_loss, rel=0.05)
