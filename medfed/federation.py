@@ -84,6 +84,14 @@ class _RunState:
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     privacy_units: dict[str, str] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
+    sent_to: dict[str, int] = field(default_factory=dict)
+
+    def exchange(self, messages: list[Message], timeout: float) -> list[Message]:
+        """Send and wait for the replies, remembering which node each message went to: Flower answers
+        for a node that died with an error reply from the SuperLink's own node id."""
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id})
+        return replies
 
     def note(self, site: str, text: str) -> None:
         """Remember what a site said about itself (pre-flight warnings, refusals, failures) for the report."""
@@ -103,6 +111,8 @@ class _RunState:
     def site_of(self, reply: Message) -> str:
         """The reporting site's name, made unique per node (two sites may pick the same name)."""
         node = reply.metadata.src_node_id
+        if reply.has_error():  # possibly on behalf of a node that is gone: name the node it was sent to
+            node = self.sent_to.get(reply.metadata.reply_to_message_id, node)
         if node not in self.sites:
             try:
                 name = str(reply.content["site"]["name"])
@@ -212,7 +222,7 @@ def run_federation(
             strategy.configure_train(server_round, arrays, state.message_config(phase=PHASE_FEDERATED), grid)
         )
         traffic.down += array_bytes(arrays) * len(messages)
-        replies = list(grid.send_and_receive(messages, timeout=config.run.round_timeout))
+        replies = state.exchange(messages, config.run.round_timeout)
         accepted, local_seconds = _screen_train_replies(state, arrays, replies, traffic, server_round)
         aggregated_sites: list[str] = []
         if len(accepted) >= config.run.min_sites:
@@ -427,7 +437,7 @@ def _evaluate(state: _RunState, arrays: ArrayRecord, split: str, traffic: _Traff
     messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids]
     traffic.down += array_bytes(arrays) * len(messages)
     results: dict[str, dict[str, float]] = {}
-    for reply in state.grid.send_and_receive(messages, timeout=state.config.run.round_timeout):
+    for reply in state.exchange(messages, state.config.run.round_timeout):
         try:
             parsed = _parse_reply(state, reply)
         except MalformedReply as err:
@@ -449,9 +459,7 @@ def _cross_site(
     content = RecordDict({"arrays": initial, "config": state.message_config(phase=PHASE_LOCAL, **{"server-round": 0})})
     messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
     local_models: dict[str, ArrayRecord] = {}
-    for reply in state.grid.send_and_receive(
-        messages, timeout=state.config.run.round_timeout * state.config.run.rounds
-    ):
+    for reply in state.exchange(messages, state.config.run.round_timeout * state.config.run.rounds):
         try:
             parsed = _parse_reply(state, reply)
             _record_privacy(state, parsed)
