@@ -286,6 +286,8 @@ def test_a_site_killed_mid_run_is_left_out_and_the_run_completes(
     # Flower reported the dead node (heartbeat expiry, 2 x 30 s) long before run.round-timeout.
     assert report["rounds"][2]["seconds"] < ROUND_TIMEOUT
     assert "Node Unavailable" in run.text()  # Flower's error reply for the dead node, logged by the server
+    assert "site site-c failed" in run.text()  # named after the node it was sent to, not the SuperLink's id
+    assert any("Node Unavailable" in note for note in report["site_notes"]["site-c"])
     assert "offline" in statuses  # site-c, once its heartbeat expired
 
 
