@@ -58,6 +58,7 @@ from tests.test_deployment import (  # noqa: E402
     _run,
     _stop_pids,
     _wait_healthy,
+    deployment_env,
 )
 
 CONFIG_FILE = "configs/classification-synthetic.toml"
@@ -176,15 +177,7 @@ def run_simulation(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
 def run_deployment(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
     names = simulated_site_names(config)
     (base / "logs").mkdir(parents=True)
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(base / "coordinator-flwr-home"),
-        "UV_CACHE_DIR": str(base / "uv-cache"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "VENV_BIN": str(VENV_BIN),
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = deployment_env(base)  # (it also sends Ray's temp folder under base)
     certs = base / "certs"
     made = _run([str(DEPLOY / "make-certificates.sh"), "--out", str(certs), "--san", "IP:127.0.0.1", "--site", *names],
                 env, timeout=120)  # fmt: skip

@@ -297,11 +297,12 @@ def data_check(
 
     from medfed.data import SPLITS
     from medfed.data.card import data_card
+    from medfed.data.manifest import DEFAULT_PREPROCESS
     from medfed.data.preflight import run_preflight
     from medfed.tasks import TASKS, get_task
 
     names = tuple(n.strip() for n in class_names.split(",") if n.strip())
-    preprocess = None
+    preprocess = DEFAULT_PREPROCESS
     if config_file is not None:
         try:
             config = load_config(config_file)
@@ -314,8 +315,7 @@ def data_check(
     if names:
         num_classes = len(names)
     target = get_task(task).SAMPLE_KEYS[1]
-    extra = {"preprocess": preprocess} if preprocess is not None else {}
-    result = run_preflight(site_dir, image_size, num_classes, target, spatial_dims, names, **extra)
+    result = run_preflight(site_dir, image_size, num_classes, target, spatial_dims, names, preprocess)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(str(warning))}")
     if result.site is None:

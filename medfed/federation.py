@@ -299,7 +299,7 @@ def _wait_for_sites(grid: Grid, minimum: int, timeout: float) -> None:
                 "check that the sites are running and registered, or lower run.min-sites"
             )
         log.info("waiting for sites: %d connected, run.min-sites = %d", connected, minimum)
-        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)) or 0.05)
+        time.sleep(1.0)
 
 
 PROGRESS = "progress.json"

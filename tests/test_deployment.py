@@ -41,6 +41,14 @@ MARKER = "MEDFED_DEPLOYMENT_TEST"
 SESSION = uuid.uuid4().hex[:12]
 SITES = ("site-a", "site-b", "site-c")
 CONNECTION = "medfed-test"
+TINY_RUN = [  # overrides of configs/classification-synthetic.toml for a federation of minutes
+    "run.rounds=2",
+    "run.min-sites=3",
+    "data.image-size=16",
+    "train.local-epochs=1",
+    "evaluation.cross-site=false",
+    "evaluation.example-images=0",
+]
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed (needed for the TLS CA)"),
@@ -231,6 +239,42 @@ class Deployment:
         self.procs.append(proc)
         return proc
 
+    def wait_online(self, sites: list[Proc], timeout: float = 180) -> None:
+        """Until every one of ``sites`` is listed online by the SuperLink; fails at once if one exits."""
+        deadline = time.monotonic() + timeout
+        while sum(node["status"] == "online" for node in self.nodes()) < len(sites):
+            for site in sites:
+                assert site.alive(), "a site exited\n" + site.tail()
+            assert time.monotonic() < deadline, "the sites did not come online\n" + "\n".join(s.tail() for s in sites)
+            time.sleep(2)
+
+    def run_to_report(self, sites: list[Proc], out: Path, overrides: list[str], timeout: float = 900) -> dict:
+        """``flwr run`` a job of configs/classification-synthetic.toml; its report.json once written,
+        after `flwr run --stream` has exited with 0."""
+        run_config = (
+            f'config-file="configs/classification-synthetic.toml" out-dir="{out}" overrides="{";".join(overrides)}"'
+        )
+        run = self.start("flwr-run", [str(VENV_BIN / "flwr"), "run", ".", CONNECTION, "--stream",
+                                      "--run-config", run_config])  # fmt: skip
+        report_path, report = out / "report.json", None
+        deadline = time.monotonic() + timeout
+        while report is None:
+            if report_path.exists():
+                try:
+                    report = json.loads(report_path.read_text())
+                    break
+                except json.JSONDecodeError:
+                    pass  # still being written
+            for proc in (self.superlink, *sites):
+                assert proc.alive(), f"{proc.name} exited during the run\n" + proc.tail() + "\n" + run.tail()
+            if not run.alive() and not report_path.exists():
+                time.sleep(2)  # the report may land just after the stream ends
+                assert report_path.exists(), "the run ended without a report\n" + run.tail() + "\n" + sites[0].tail()
+            assert time.monotonic() < deadline, f"no report after {timeout} s\n" + run.tail() + self.superlink.tail()
+            time.sleep(2)
+        assert run.wait(timeout=120) == 0, run.tail()
+        return report
+
     def site(self, name: str, data: Path, key: Path, *extra: str) -> Proc:
         cmd = [
             str(DEPLOY / "site.sh"),
@@ -262,13 +306,12 @@ def _wait_healthy(superlink: Proc, port: int, ca: Path, timeout: float = 90) -> 
     raise AssertionError(f"the SuperLink was not healthy after {timeout} s\n" + superlink.tail())
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    base = tmp_path_factory.mktemp("deployment")
-    (base / "logs").mkdir()
-    env = {
+def deployment_env(base: Path) -> dict[str, str]:
+    """The environment of every deployment process: the coordinator's flwr CLI home, caches and temp
+    folders under ``base``, Flower's telemetry and update check off, the venv first on PATH."""
+    return {
         **os.environ,
-        "FLWR_HOME": str(base / "coordinator-flwr-home"),  # the coordinator's flwr CLI
+        "FLWR_HOME": str(base / "coordinator-flwr-home"),
         "UV_CACHE_DIR": str(base / "uv-cache"),
         "RAY_TMPDIR": str(base / "ray-tmp"),
         "FLWR_TELEMETRY_ENABLED": "0",
@@ -276,6 +319,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         "VENV_BIN": str(VENV_BIN),
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    base = tmp_path_factory.mktemp("deployment")
+    (base / "logs").mkdir()
+    env = deployment_env(base)
     certs = base / "certs"
     made = _run([str(DEPLOY / "make-certificates.sh"), "--out", str(certs), "--san", "IP:127.0.0.1",
                  "--site", *SITES, "intruder", "probe"], env, timeout=60)  # fmt: skip
@@ -433,44 +483,8 @@ def test_three_sites_federate_over_tls(deployment: Deployment, site_folders: dic
                         "--privacy-budget", "20", "--allowed-tasks", "classification")
         for name in SITES
     ]  # fmt: skip
-    deadline = time.monotonic() + 180
-    while sum(node["status"] == "online" for node in deployment.nodes()) < len(SITES):
-        for site in sites:
-            assert site.alive(), "a site exited\n" + site.tail()
-        assert time.monotonic() < deadline, "the sites did not come online\n" + "\n".join(s.tail() for s in sites)
-        time.sleep(2)
-
-    out = deployment.base / "run-out"
-    overrides = ";".join(
-        [
-            "run.rounds=2",
-            "run.min-sites=3",
-            "data.image-size=16",
-            "train.local-epochs=1",
-            "evaluation.cross-site=false",
-            "evaluation.example-images=0",
-        ]
-    )
-    run_config = f'config-file="configs/classification-synthetic.toml" out-dir="{out}" overrides="{overrides}"'
-    run = deployment.start("flwr-run", [str(VENV_BIN / "flwr"), "run", ".", CONNECTION, "--stream",
-                                        "--run-config", run_config])  # fmt: skip
-    report_path, report = out / "report.json", None
-    deadline = time.monotonic() + 900
-    while report is None:
-        if report_path.exists():
-            try:
-                report = json.loads(report_path.read_text())
-                break
-            except json.JSONDecodeError:
-                pass  # still being written
-        processes = [deployment.superlink, *sites]
-        for proc in processes:
-            assert proc.alive(), f"{proc.name} exited during the run\n" + proc.tail() + "\n" + run.tail()
-        if not run.alive() and not report_path.exists():
-            time.sleep(2)  # the report may land just after the stream ends
-            assert report_path.exists(), "the run ended without a report\n" + run.tail() + "\n" + sites[0].tail()
-        assert time.monotonic() < deadline, "no report after 900 s\n" + run.tail() + deployment.superlink.tail()
-        time.sleep(2)
+    deployment.wait_online(sites)
+    report = deployment.run_to_report(sites, deployment.base / "run-out", TINY_RUN)
 
     assert report["sites"] == list(SITES)
     assert [entry["round"] for entry in report["rounds"]] == [0, 1, 2]
@@ -484,4 +498,3 @@ def test_three_sites_federate_over_tls(deployment: Deployment, site_folders: dic
     # Nothing was installed at run time: no uv cache at the SuperLink or the sites.
     for uv_cache in [deployment.base / "superlink" / "uv-cache", *(deployment.base / "sites").glob("*/uv-cache")]:
         assert not any(uv_cache.iterdir()), uv_cache
-    assert run.wait(timeout=120) == 0, run.tail()

@@ -8,10 +8,7 @@ federation over loopback instead). About 5 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +22,7 @@ from tests.test_deployment import (
     DEPLOY,
     SESSION,
     SITES,
-    VENV_BIN,
+    TINY_RUN,
     Deployment,
     Proc,
     _free_port,
@@ -33,6 +30,7 @@ from tests.test_deployment import (
     _run,
     _stop_pids,
     _wait_healthy,
+    deployment_env,
     netns_available,
 )
 
@@ -75,16 +73,7 @@ def networked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deploy
     base = tmp_path_factory.mktemp("netns-deployment")
     (base / "logs").mkdir()
     network = SiteNetwork(len(SITES))
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(base / "coordinator-flwr-home"),
-        "UV_CACHE_DIR": str(base / "uv-cache"),
-        "RAY_TMPDIR": str(base / "ray-tmp"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "VENV_BIN": str(VENV_BIN),
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = deployment_env(base)
     certs = base / "certs"
     sans = [arg for address in network.host_addresses for arg in ("--san", f"IP:{address}")]
     port = _free_port()
@@ -134,34 +123,10 @@ def test_three_sites_on_their_own_networks_federate_over_tls(
             "--privacy-budget", "20", "--allowed-tasks", "classification",
         ]  # fmt: skip
         sites.append(deployment.start(name, cmd))
-    deadline = time.monotonic() + 180
-    while sum(node["status"] == "online" for node in deployment.nodes()) < len(SITES):
-        for site in sites:
-            assert site.alive(), "a site exited\n" + site.tail()
-        assert time.monotonic() < deadline, "the sites did not come online\n" + "\n".join(s.tail() for s in sites)
-        time.sleep(2)
-
-    out = deployment.base / "run-out"
-    overrides = "run.rounds=2;run.min-sites=3;data.image-size=16;train.local-epochs=1;evaluation.cross-site=false;evaluation.example-images=0"
-    run_config = f'config-file="configs/classification-synthetic.toml" out-dir="{out}" overrides="{overrides}"'
-    run = deployment.start("flwr-run", [str(VENV_BIN / "flwr"), "run", ".", CONNECTION, "--stream",
-                                        "--run-config", run_config])  # fmt: skip
-    report_path, report = out / "report.json", None
-    deadline = time.monotonic() + 900
-    while report is None:
-        if report_path.exists():
-            try:
-                report = json.loads(report_path.read_text())
-                break
-            except json.JSONDecodeError:
-                pass  # still being written
-        for proc in (deployment.superlink, *sites):
-            assert proc.alive(), f"{proc.name} exited during the run\n" + proc.tail() + "\n" + run.tail()
-        assert time.monotonic() < deadline, "no report after 900 s\n" + run.tail() + deployment.superlink.tail()
-        time.sleep(2)
+    deployment.wait_online(sites)
+    report = deployment.run_to_report(sites, deployment.base / "run-out", TINY_RUN)
     assert report["sites"] == list(SITES)
     assert [entry["round"] for entry in report["rounds"]] == [0, 1, 2]
     assert all(entry["sites_aggregated"] == list(SITES) for entry in report["rounds"][1:])
     for name in SITES:
         assert 0 < report["privacy"][name]["epsilon"] <= 8.0 + 1e-6 and report["privacy"][name]["budget"] == 20.0
-    assert run.wait(timeout=120) == 0, run.tail()
