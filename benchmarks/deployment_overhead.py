@@ -42,12 +42,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the process helpers of tests/test_deployment.py
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from harness import model_bytes, per_round  # noqa: E402
 
 from medfed.config import load_config, parse_override  # noqa: E402
 from medfed.data import write_site  # noqa: E402
 from medfed.data.sites import load_simulated_site, simulated_site_names  # noqa: E402
 from medfed.simulation import simulate  # noqa: E402
-from medfed.tasks import get_task  # noqa: E402
 from tests.test_deployment import (  # noqa: E402
     DEPLOY,
     SESSION,
@@ -134,29 +136,6 @@ class CountingRelay:
 def _config():  # noqa: ANN202
     overrides = dict(parse_override(item) for item in OVERRIDES)
     return load_config(REPO / CONFIG_FILE, overrides)
-
-
-def model_bytes(config) -> int:  # noqa: ANN001
-    model = get_task(config.run.task).build_model(config)
-    return int(sum(t.numel() * 4 for t in model.state_dict().values()))
-
-
-def per_round(report: dict[str, Any], sites: int, model: int) -> list[dict[str, Any]]:
-    rows = []
-    for entry in report["rounds"]:
-        local = max(entry["local_seconds"].values()) if entry["local_seconds"] else None
-        rows.append(
-            {
-                "round": entry["round"],
-                "wall_seconds": entry["seconds"],
-                "slowest_local_seconds": local,
-                "wall_over_local": entry["seconds"] / local if local else None,
-                "down_models_per_site": entry["bytes_down"] / sites / model,
-                "up_models_per_site": entry["bytes_up"] / sites / model,
-                "sites_aggregated": entry["sites_aggregated"],
-            }
-        )
-    return rows
 
 
 def _proc_io(pid: int) -> dict[str, int]:

@@ -84,6 +84,64 @@ def _overhead(r: dict[str, Any]) -> Iterator[Row]:
     )
 
 
+def _ci(score: dict[str, Any], digits: int = 3) -> str:
+    return f"{_f(score['value'], digits)} [{_f(score['low'], digits)}, {_f(score['high'], digits)}]"
+
+
+def _utility(r: dict[str, Any]) -> Iterator[Row]:
+    for name, d in r["datasets"].items():
+        setups = d["setups"]
+        measure = f"test {d['metric']}, mean of 3 sites [95% CI]"
+        yield (
+            f"{name}: pooled / local-only",
+            measure,
+            f"{_ci(setups['pooled']['mean'])} / {_ci(setups['local-only']['mean'])}",
+        )
+        yield (
+            f"{name}: FedAvg / FedProx / FedAdam",
+            measure,
+            " / ".join(_ci(setups[s]["mean"]) for s in ("fedavg", "fedprox", "fedadam")),
+        )
+        yield f"{name}: FedAvg / pooled", "ratio [95% CI]", _ci(d["fedavg_over_pooled"], 2)
+
+
+def _privacy(r: dict[str, Any]) -> Iterator[Row]:
+    for run in r.get("utility", []):
+        eps = run["epsilon_target"]
+        setting = f"PneumoniaMNIST FedAvg 3 sites, {'ε=' + format(eps, 'g') if eps else 'no DP'}"
+        yield setting, "test AUROC [95% CI] / accuracy", f"{_ci(run['test_auroc'])} / {_f(run['test_accuracy'])}"
+    for name, c in r.get("cost", {}).items():
+        yield (
+            name,
+            "DP / non-DP: samples/s; peak training memory",
+            f"{c['dp_over_non_dp_samples_per_s']:.2f}; {c['dp_over_non_dp_peak_memory']:.1f}x",
+        )
+
+
+def _sim_overhead(r: dict[str, Any]) -> Iterator[Row]:
+    for run in r["runs"]:
+        yield (
+            f"simulation, PneumoniaMNIST 3 sites DP, update compression {run['compression']}",
+            "round wall / slowest local; bytes down, up per site per round / float32 model; test AUROC change",
+            f"{run['wall_over_slowest_local']:.2f}; {run['down_models_per_site_per_round']:.2f}, "
+            f"{run['up_models_per_site_per_round']:.2f}; {run['auroc_change']['absolute']:+.4f}",
+        )
+
+
+def _generalization(r: dict[str, Any]) -> Iterator[Row]:
+    for name, d in r["datasets"].items():
+        yield (
+            f"{name}: local models, own site / other sites",
+            "test AUROC (gap)",
+            f"{d['local_own_site']:.3f} / {d['local_other_sites']:.3f} ({d['local_gap']:+.3f})",
+        )
+        yield (
+            f"{name}: FedAvg all sites / leave-one-site-out, at the site",
+            "test AUROC (gap)",
+            f"{d['fedavg_all_mean']:.3f} / {d['loso_mean']:.3f} ({d['loso_gap']:+.3f})",
+        )
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -91,6 +149,10 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "data-loading": _data_loading,
     "scale": _scale,
     "deployment-overhead": _overhead,
+    "utility": _utility,
+    "privacy": _privacy,
+    "overhead": _sim_overhead,
+    "generalization": _generalization,
 }
 
 

@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
 import time
 from pathlib import Path
+
+from harness import RESULTS, PeakMemory, pyplot, save_figure
 
 from medfed.config import Config
 from medfed.simulation import simulate
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 
 
 def tiny_federation(sites: int, rounds: int) -> Config:
@@ -42,51 +42,6 @@ def tiny_federation(sites: int, rounds: int) -> Config:
             "evaluation.example-images": 0,
         }
     )
-
-
-def _tree_rss_mib(root: int) -> float:
-    """Resident memory of ``root`` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
-        line = next((x for x in status.splitlines() if x.startswith("VmRSS:")), "VmRSS: 0 kB")
-        rss[int(entry.name)] = int(line.split()[1])
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo.extend(children.get(pid, []))
-    return total / 1024
-
-
-class PeakMemory:
-    """Samples the process tree's resident memory in a thread; ``peak_mib`` once stopped."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        self.interval, self.peak_mib = interval, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, _tree_rss_mib(os.getpid()))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def measure(sites: int, rounds: int, out: Path) -> dict[str, float]:
@@ -109,21 +64,13 @@ def measure(sites: int, rounds: int, out: Path) -> dict[str, float]:
 
 
 def plot(rows: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(9, 3.5))
     sites = [r["sites"] for r in rows]
     left.plot(sites, [r["seconds_per_round"] for r in rows], "o-")
     left.set(xlabel="simulated sites", ylabel="seconds per round", title="Round time")
     right.plot(sites, [r["peak_rss_mib"] for r in rows], "o-")
     right.set(xlabel="simulated sites", ylabel="peak RSS (MiB)", title="Memory (driver + workers)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

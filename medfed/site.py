@@ -32,7 +32,7 @@ from medfed.config import Config
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
 from medfed.data.manifest import DataProblem, Preprocess
 from medfed.data.preflight import Preflight, run_preflight
-from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private
+from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private, plan_privacy
 from medfed.tasks import get_task
 from medfed.training import build_optimizer, evaluate, resolve_device, train
 from medfed.weights import compress_update, model_to_arrays, set_model_arrays
@@ -290,10 +290,26 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     ledger = None
     if config.privacy.enabled:
         ledger = PrivacyLedger.open(site.state_dir, config.privacy.delta or default_delta(n), config.privacy.accountant)
-        sample_rate = 1.0 / len(loader)
-        per_round = config.train.local_steps or config.train.local_epochs * len(loader)
-        run_steps = per_round * config.run.rounds * (2 if config.evaluation.cross_site else 1)
-        sigma = ledger.noise_for_run(run_key, config.privacy.target_epsilon, sample_rate, run_steps)
+        plan = plan_privacy(
+            n,
+            config.train.batch_size,
+            config.run.rounds,
+            config.privacy.target_epsilon,
+            local_epochs=config.train.local_epochs,
+            local_steps=config.train.local_steps,
+            delta=ledger.delta,
+            accountant=config.privacy.accountant,
+            runs_per_round=2 if config.evaluation.cross_site else 1,
+        )
+        sample_rate = plan.sample_rate
+        if run_key not in ledger.calibrations:  # the first round of this run here: say what DP will do
+            spent = ledger.epsilon()
+            log.info("site %s, privacy plan for this run (%s units):", site.name, unit)
+            for line in plan.lines():
+                (log.warning if line.startswith("WARNING") else log.info)("  %s", line)
+            if spent:
+                log.info("  earlier runs spent ε %.2f at this site (budget %.2f)", spent, site.budget)
+        sigma = ledger.noise_for_run(run_key, config.privacy.target_epsilon, sample_rate, plan.run_steps)
         privacy = {
             "noise-multiplier": sigma,
             "max-grad-norm": config.privacy.max_grad_norm,

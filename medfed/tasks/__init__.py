@@ -37,6 +37,9 @@ class Task(Protocol):
 
     NAME: str
     PRIMARY_METRIC: str
+    # the primary metric is a mean of per-image values; if not (computed over the whole split), the
+    # task's metrics provide ``resampled(indices)``: the same metrics over those cases (a bootstrap draw)
+    PRIMARY_METRIC_PER_IMAGE: bool
     SAMPLE_KEYS: tuple[str, ...]
 
     def build_model(self, config: Config) -> nn.Module: ...

@@ -20,6 +20,7 @@ from medfed.models import ConvClassifier
 __all__ = [
     "NAME",
     "PRIMARY_METRIC",
+    "PRIMARY_METRIC_PER_IMAGE",
     "SAMPLE_KEYS",
     "ClassificationMetrics",
     "build_model",
@@ -32,6 +33,7 @@ __all__ = [
 
 NAME = "classification"
 PRIMARY_METRIC = "auroc"
+PRIMARY_METRIC_PER_IMAGE = False  # AUROC is computed over the whole split
 SAMPLE_KEYS = ("image", "label")
 EXPLAIN_LAYER = "features"
 
@@ -79,6 +81,13 @@ class ClassificationMetrics:
     def update(self, predictions: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         self._probs.append(predictions.detach().cpu().double().numpy())
         self._labels.append(batch["label"].detach().cpu().numpy())
+
+    def resampled(self, indices: np.ndarray) -> ClassificationMetrics:
+        """These metrics as if updated with the cases at ``indices`` (repeats allowed): a bootstrap draw."""
+        other = ClassificationMetrics(self.num_classes)
+        other._probs = [np.concatenate(self._probs)[indices]]
+        other._labels = [np.concatenate(self._labels)[indices]]
+        return other
 
     def compute(self) -> dict[str, float]:
         if not self._labels:

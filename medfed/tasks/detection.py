@@ -41,6 +41,7 @@ __all__ = [
     "FROC_FP_RATES",
     "NAME",
     "PRIMARY_METRIC",
+    "PRIMARY_METRIC_PER_IMAGE",
     "SAMPLE_KEYS",
     "DetectionMetrics",
     "RandomFlip",
@@ -55,6 +56,7 @@ __all__ = [
 
 NAME = "detection"
 PRIMARY_METRIC = "map50"
+PRIMARY_METRIC_PER_IMAGE = False  # mAP is computed over the whole split
 SAMPLE_KEYS = ("image", "boxes")
 
 MAX_DETECTIONS = 100
@@ -227,6 +229,13 @@ class DetectionMetrics:
             max_detections=MAX_DETECTIONS,
         )
         self._num_images += len(preds)
+
+    def resampled(self, indices: np.ndarray) -> DetectionMetrics:
+        """These metrics as if updated with the images at ``indices`` (repeats allowed): a bootstrap draw."""
+        other = DetectionMetrics(self.num_classes)
+        other._matches = [self._matches[i] for i in indices]
+        other._num_images = len(indices)
+        return other
 
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -34,6 +34,7 @@ from medfed.evaluation.quantify import quantify_case
 __all__ = [
     "NAME",
     "PRIMARY_METRIC",
+    "PRIMARY_METRIC_PER_IMAGE",
     "SAMPLE_KEYS",
     "SegmentationMetrics",
     "build_model",
@@ -46,6 +47,7 @@ __all__ = [
 
 NAME = "segmentation"
 PRIMARY_METRIC = "dice"
+PRIMARY_METRIC_PER_IMAGE = True  # Dice is the mean of per-image Dice
 SAMPLE_KEYS = ("image", "mask")
 
 _LOSS = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)

@@ -1,0 +1,190 @@
+"""How well a model carries to a hospital it never saw: leave-one-site-out FedAvg against the
+cross-site matrix of local models.
+
+Per dataset (``DATASETS``: PneumoniaMNIST and BreastMNIST split into 3 sites by a Dirichlet(1.0)
+label skew, as in the ``utility`` benchmark; 4 synthetic hospitals, each with its own scanner
+shift and class prevalence), the sites are written once as site folders and every model below is
+trained and scored on exactly those folders, no DP:
+
+- **local models**: each site trains alone (rounds x local epochs); the cross-site matrix scores
+  model i on site j's test split. Its generalization gap: own-site score (diagonal) minus the
+  mean score at the other sites (off-diagonal).
+- **leave-one-site-out (LOSO)**: for each site j, ``medfed simulate`` FedAvg over the other sites;
+  the global model is scored on site j, which it never saw. Its gap: FedAvg over all sites scored
+  at site j (seen) minus the LOSO model at site j (unseen).
+
+Scores: the task's primary metric (AUROC) on each test split with a 95% bootstrap interval (200
+resamples of the split's cases).
+
+    .venv/bin/medfed bench generalization [--quick] [--datasets synthetic pneumoniamnist breastmnist]
+
+Writes benchmarks/results/generalization.json (``--quick``: 3 small synthetic sites, 2 rounds:
+generalization-quick.json) and plots/generalization.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from harness import RESULTS, bootstrap_scores, federated_model, pyplot, save_figure, train_central, without_draws
+
+from medfed.config import Config, load_config
+from medfed.data import write_site
+from medfed.data.sites import load_simulated_site, simulated_site_names
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+COMMON = {"privacy.enabled": False, "evaluation.cross-site": False, "evaluation.example-images": 0}
+DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "synthetic": ("classification-synthetic.toml", {"data.sites": 4, "run.rounds": 4, "train.local-epochs": 2}),
+    "pneumoniamnist": (
+        "classification-pneumoniamnist.toml",
+        {
+            "data.path": str(SHARED / "medmnist" / "pneumoniamnist.npz"),
+            "data.alpha": 1.0,
+            "run.rounds": 3,
+            "train.local-epochs": 2,
+        },
+    ),  # fmt: skip
+    "breastmnist": (
+        "classification-breastmnist.toml",
+        {"data.path": str(SHARED / "medmnist" / "breastmnist.npz"), "data.alpha": 1.0},
+    ),
+}
+QUICK = {"data.sites": 3, "data.samples-per-site": 200, "run.rounds": 2}
+
+
+def site_folders(config: Config, root: Path) -> Config:
+    """Write ``config``'s simulated sites as site folders under ``root``; the config that reads them."""
+    shutil.rmtree(root, ignore_errors=True)
+    for i in range(config.data.sites):
+        name, site = load_simulated_site(config, i)
+        write_site(root / name, site)
+    return config.with_overrides({"data.source": "sites", "data.path": str(root)})
+
+
+def without(config: Config, held_out: str, root: Path) -> Config:
+    """``config`` reading every site folder but ``held_out`` (links under ``root``)."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    sites = Path(config.data.path)
+    for folder in sorted(sites.iterdir()):
+        if folder.is_dir() and folder.name != held_out:
+            (root / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
+    return config.with_overrides({"data.path": str(root), "run.min-sites": 2})
+
+
+def run_dataset(name: str, config: Config, out: Path, replicates: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    config = site_folders(config, out / name / "sites")
+    sites = dict(load_simulated_site(config, i) for i in range(len(simulated_site_names(config))))
+    names = list(sites)
+
+    local = {}
+    for site_name, site in sites.items():
+        model, _ = train_central(config, [site], private=False)
+        local[site_name] = bootstrap_scores(config, model, sites, replicates)["per_site"]
+    matrix = [[local[i][j]["value"] for j in names] for i in names]
+    own = [matrix[k][k] for k in range(len(names))]
+    others = [np.mean([matrix[i][j] for i in range(len(names)) if i != j]) for j in range(len(names))]
+    print(f"{name}: local own {np.mean(own):.3f}, at other sites {np.mean(others):.3f}", flush=True)
+
+    model, _ = federated_model(config, out / name / "fedavg-all")
+    seen = bootstrap_scores(config, model, sites, replicates)["per_site"]
+    unseen = {}
+    for held_out in names:
+        loso = without(config, held_out, out / name / f"without-{held_out}" / "sites")
+        model, _ = federated_model(loso, out / name / f"without-{held_out}")
+        unseen[held_out] = bootstrap_scores(config, model, {held_out: sites[held_out]}, replicates)["per_site"][
+            held_out
+        ]
+        print(f"{name}: FedAvg without {held_out}, at {held_out}: {unseen[held_out]['value']:.3f} "
+              f"(with it: {seen[held_out]['value']:.3f})", flush=True)  # fmt: skip
+
+    def mean(values: list[float]) -> float:
+        return float(np.mean(values))
+
+    return {
+        "metric": "auroc",
+        "sites": names,
+        "train_cases": {s: int((a.splits == "train").sum()) for s, a in sites.items()},
+        "local_matrix": {"models": names, "sites": names, "values": matrix, "scores": local},
+        "local_own_site": mean(own),
+        "local_other_sites": mean(others),
+        "local_gap": mean(own) - mean(others),
+        "fedavg_all_at_site": seen,
+        "loso_at_held_out_site": unseen,
+        "fedavg_all_mean": mean([seen[s]["value"] for s in names]),
+        "loso_mean": mean([unseen[s]["value"] for s in names]),
+        "loso_gap": mean([seen[s]["value"] - unseen[s]["value"] for s in names]),
+        "loso_minus_local_other_sites": mean([unseen[s]["value"] for s in names]) - mean(others),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Per dataset: the local models' cross-site matrix, and the four scores side by side."""
+    fig, axes = pyplot().subplots(2, len(results), figsize=(3.8 * len(results), 6.6), squeeze=False)
+    for k, (name, r) in enumerate(results.items()):
+        top, bottom = axes[0][k], axes[1][k]
+        values = np.array(r["local_matrix"]["values"])
+        image = top.imshow(values, vmin=0.5, vmax=1.0, cmap="viridis")
+        for (i, j), v in np.ndenumerate(values):
+            top.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
+        top.set_xticks(range(len(r["sites"])), r["sites"], rotation=30, fontsize=7)
+        top.set_yticks(range(len(r["sites"])), r["sites"], fontsize=7)
+        top.set(title=f"{name}: local models", xlabel="tested at", ylabel="trained at")
+        fig.colorbar(image, ax=top, fraction=0.046)
+        bars = {
+            "local,\nown site": r["local_own_site"],
+            "local,\nother sites": r["local_other_sites"],
+            "FedAvg\nall sites": r["fedavg_all_mean"],
+            "FedAvg without\nthe site (LOSO)": r["loso_mean"],
+        }
+        bottom.bar(range(len(bars)), list(bars.values()), color=["#9ab", "#9ab", "#58a", "#58a"])
+        bottom.set_xticks(range(len(bars)), list(bars), fontsize=7)
+        bottom.set(ylabel="test AUROC (mean of sites)", ylim=(0.5, 1.0))
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 small synthetic sites, 2 rounds (under 2 minutes)")
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=None)
+    parser.add_argument("--replicates", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-generalization")
+    args = parser.parse_args()
+    names = args.datasets or (["synthetic"] if args.quick else list(DATASETS))
+    started, results = time.perf_counter(), {}
+    for name in names:
+        file, overrides = DATASETS[name]
+        if "data.path" in overrides and not Path(overrides["data.path"]).exists():
+            raise SystemExit(f"{name}: data not found at {overrides['data.path']} (../shared/data beside the repo)")
+        config = load_config(REPO / "configs" / file, overrides | COMMON | (QUICK if args.quick else {}))
+        results[name] = run_dataset(name, config, args.out, args.replicates)
+        r = results[name]
+        print(f"{name}: local gap {r['local_gap']:.3f}, LOSO gap {r['loso_gap']:.3f}", flush=True)
+    stem = "generalization-quick" if args.quick else "generalization"
+    summary = {
+        "benchmark": "generalization",
+        "quick": args.quick,
+        "machine": f"{os.cpu_count()} CPU cores, CPU only",
+        "replicates": args.replicates,
+        "seconds": time.perf_counter() - started,
+        "datasets": without_draws(results),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=1, default=float))
+    plot(results, RESULTS / "plots" / f"{stem}.png")
+    print(f"written {RESULTS / f'{stem}.json'} in {summary['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

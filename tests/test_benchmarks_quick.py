@@ -1,0 +1,50 @@
+"""Each benchmark's ``--quick`` version runs end to end through ``medfed bench`` and writes a
+results file and a plot the README table can format (results go to a temporary folder)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SHARED_DATA
+
+_spec = importlib.util.spec_from_file_location("readme_table", REPO / "benchmarks" / "readme_table.py")
+readme_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(readme_table)
+
+
+def _bench(name: str, tmp_path: Path) -> dict:
+    env = os.environ | {"MEDFED_BENCH_RESULTS": str(tmp_path / "results")}
+    command = [str(Path(sys.executable).parent / "medfed"), "bench", name, "--quick", "--out", str(tmp_path / "runs")]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stem = f"{name}-quick"
+    assert (tmp_path / "results" / "plots" / f"{stem}.png").stat().st_size > 1000
+    result = json.loads((tmp_path / "results" / f"{stem}.json").read_text())
+    assert result["benchmark"] == name and result["quick"] is True
+    rows = list(readme_table.FORMATS[name](result))
+    assert rows and all(len(row) == 3 and "nan" not in row[2] for row in rows)
+    return result
+
+
+def test_generalization_quick_on_synthetic_hospitals(tmp_path: Path) -> None:
+    """Needs no real data: 3 synthetic hospitals, local models' matrix and leave-one-site-out."""
+    result = _bench("generalization", tmp_path)["datasets"]["synthetic"]
+    assert len(result["local_matrix"]["values"]) == 3 and set(result["loso_at_held_out_site"]) == set(result["sites"])
+    for entry in result["loso_at_held_out_site"].values():
+        assert entry["low"] <= entry["value"] <= entry["high"]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", ["utility", "privacy", "overhead"])
+def test_quick_benchmarks_on_real_data(name: str, tmp_path: Path) -> None:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATA}")
+    _bench(name, tmp_path)
