@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -86,6 +87,13 @@ def simulate(
         config = load_config(config_file, overrides)
     except ConfigError as err:
         raise _fail(str(err)) from err
+    if config.run.initial_model:
+        from medfed.federation import initial_model
+
+        try:
+            initial_model(config)
+        except ValueError as err:
+            raise _fail(str(err)) from err
     from medfed.data import DataError, load_simulated_site, simulated_site_names
     from medfed.evaluation.report import write_report
     from medfed.simulation import simulate as run_simulation
@@ -504,6 +512,56 @@ def site_status(
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Option(help="Checkpoint to write (.safetensors; a .json with provenance beside it)")],
+    task: Annotated[
+        str | None, typer.Option(help="classification, segmentation or detection (default: the config's)")
+    ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="The run config the model is for ([model], [data], [train] settings)"),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Public site folder(s) holding no patient (default: synthetic hospitals)")
+    ] = None,
+    phantom: Annotated[
+        str, typer.Option(help="Synthetic segmentation data: lesions, or vessels (2D fundus-like)")
+    ] = "lesions",
+    sites: Annotated[int, typer.Option(help="Synthetic hospitals (each its own scanner)")] = 3,
+    samples: Annotated[int, typer.Option(help="Synthetic images per hospital")] = 200,
+    epochs: Annotated[int, typer.Option(help="Passes over the pre-training data")] = 5,
+    steps: Annotated[int, typer.Option(help="Train exactly this many steps instead of --epochs (0: use epochs)")] = 0,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value")] = None,
+    verbose: bool = False,
+) -> None:
+    """Build a starting model from data that holds no patient; start a federation from it with
+    --set run.initial-model=OUT (the report records where it came from)."""
+    _setup_logging(verbose)
+    from medfed.pretrain import pretrain as run_pretrain
+
+    overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
+    if task is not None:
+        overrides["run.task"] = task
+    try:
+        config = load_config(config_file, overrides) if config_file else Config().with_overrides(overrides)
+    except ConfigError as err:
+        raise _fail(str(err)) from err
+    if phantom not in ("lesions", "vessels"):
+        raise _fail(f"--phantom {phantom!r}: expected lesions or vessels")
+    if data is not None and not data.is_dir():
+        raise _fail(f"--data {data}: not a folder (a public site folder, or a folder of them, expected)")
+    try:
+        path = run_pretrain(config, out, data, epochs=epochs, steps=steps, sites=sites, samples_per_site=samples,
+                            phantom=phantom)  # type: ignore[arg-type]  # fmt: skip
+    except (ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from err
+    meta = json.loads(path.with_suffix(".json").read_text())["provenance"]
+    console.print(f"wrote {path}: {meta['data']}; {meta['images']} images, {meta['steps']} steps, "
+                  f"final loss {meta['final_train_loss']:.3f}")  # fmt: skip
+    console.print(f"start a run from it: --set run.initial-model={path}")
 
 
 @privacy_app.command("plan")

@@ -47,6 +47,8 @@ class RunConfig:
     start and whenever fewer are connected, then fails with a clear message.
     ``update-compression`` (``fp16``, ``int8``) makes sites send their weight change in half or
     about a quarter of the bytes; the server restores the weights before validating them.
+    ``initial-model`` (a checkpoint on the server, e.g. from ``medfed pretrain`` on data that holds
+    no patient) is where the global and the local-only models start instead of random weights.
     """
 
     name: str = "medfed"
@@ -62,6 +64,7 @@ class RunConfig:
     trim_fraction: float = 0.2
     site_wait: float = 600.0
     update_compression: Literal["none", "fp16", "int8"] = "none"
+    initial_model: str = ""
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "run.rounds", self.rounds, "an integer >= 1")
@@ -218,7 +221,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local training at each site, per round."""
+    """Local training at each site, per round.
+
+    ``trainable = "bias-norm"`` trains only the biases and normalisation scales (a few hundred to a
+    few thousand numbers, the rest frozen at the starting model): with a public starting model
+    (``run.initial-model``) it adapts to the site's scanner while DP noise is spread over far fewer
+    coordinates.
+    """
 
     local_epochs: int = 1
     local_steps: int = 0
@@ -229,6 +238,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = False
+    trainable: Literal["all", "bias-norm"] = "all"
 
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "an integer >= 1")
@@ -245,7 +255,10 @@ class PrivacyConfig:
 
     ``target_epsilon`` is what this run may spend at a site; ``budget`` (0: equal to the target)
     is the site's lifetime cap, enforced across rounds and runs by the persisted accountant.
-    ``delta`` 0 means 1/(10 n) for a site with n training samples.
+    ``delta`` 0 means 1/(10 n) for a site with n training samples. ``unit`` is what one guarantee
+    protects: ``patient`` (all of a patient's images together, where the site gives patient ids;
+    otherwise the image) or ``image`` (each image alone: weaker when a patient has several images,
+    but with more units less noise).
     """
 
     enabled: bool = True
@@ -254,6 +267,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     budget: float = 0.0
     accountant: Literal["rdp", "prv"] = "rdp"
+    unit: Literal["patient", "image"] = "patient"
 
     def __post_init__(self) -> None:
         _check(self.target_epsilon > 0, "privacy.target-epsilon", self.target_epsilon, "a number > 0")

@@ -197,8 +197,7 @@ def run_federation(
         first_round = progress["round"] + 1
         log.info("resuming run %s after round %d", state.run_key[:8], progress["round"])
     else:
-        torch.manual_seed(config.run.seed)
-        arrays = model_to_arrays(task.build_model(config))
+        arrays = model_to_arrays(initial_model(config))
         traffic = _Traffic()
         metrics = _evaluate(state, arrays, "val", traffic)
         rounds = [
@@ -274,10 +273,51 @@ def run_federation(
         "privacy": _privacy_section(state),
         "site_notes": dict(sorted(state.notes.items())),
     }
+    if config.run.initial_model:
+        report["initial_model"] = initial_model_provenance(config.run.initial_model)
     if progress is not None:
         report["resumed_after_round"] = progress["round"]
     write_report(report, out_dir)
     return report
+
+
+def initial_model(config: Config) -> torch.nn.Module:
+    """The model a run starts from: seeded random weights, or the checkpoint ``run.initial-model``."""
+    torch.manual_seed(config.run.seed)
+    model = get_task(config.run.task).build_model(config)
+    if not config.run.initial_model:
+        return model
+    path = Path(config.run.initial_model)
+    try:
+        state, meta = load_checkpoint(path)
+    except FileNotFoundError as err:
+        raise ValueError(f"run.initial-model = {path}: {err}") from err
+    if meta.get("task", config.run.task) != config.run.task:
+        raise ValueError(f"run.initial-model = {path} is a {meta.get('task')} model; run.task is {config.run.task}")
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]  # fmt: skip
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if wrong or missing or extra:
+        detail = "; ".join(filter(None, [
+            f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
+            f"missing: {', '.join(missing[:3])}" if missing else "",
+            f"unexpected: {', '.join(extra[:3])}" if extra else "",
+        ]))  # fmt: skip
+        raise ValueError(
+            f"run.initial-model = {path} does not fit this run's model ({detail}): build it with the same "
+            "[model] and [data] settings (medfed pretrain --config RUN.toml)"
+        )
+    model.load_state_dict(state)
+    return model
+
+
+def initial_model_provenance(path: str | Path) -> dict[str, Any]:
+    """What the report says of a starting checkpoint: its file name, digest and recorded provenance."""
+    path = Path(path)
+    _, meta = load_checkpoint(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"file": path.name, "sha256": digest, "provenance": meta.get("provenance", "not recorded")}
 
 
 def run_key(config: Config) -> str:
@@ -455,7 +495,7 @@ def _cross_site(
 ) -> dict[str, Any]:
     """Each site's local-only model (same epochs, same privacy settings) and the global model, at every site."""
     node_ids = list(state.grid.get_node_ids())
-    initial = model_to_arrays(get_task(state.config.run.task).build_model(state.config))
+    initial = model_to_arrays(initial_model(state.config))
     content = RecordDict({"arrays": initial, "config": state.message_config(phase=PHASE_LOCAL, **{"server-round": 0})})
     messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
     local_models: dict[str, ArrayRecord] = {}

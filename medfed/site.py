@@ -276,7 +276,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     transform = task.train_transform(config)
     if hasattr(transform, "set_random_state"):
         transform.set_random_state(seed)
-    unit, units = site.data.privacy_units("train")
+    unit, units = site.data.privacy_units("train", config.privacy.unit)
     dataset = PrivacyUnitDataset(site.data.split("train"), units, transform)
     n = len(dataset)
     if n == 0:

@@ -36,10 +36,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def set_trainable(model: nn.Module, trainable: str) -> list[nn.Parameter]:
+    """Freeze what ``train.trainable`` leaves out (``all``: nothing; ``bias-norm``: all but biases
+    and normalisation parameters) and return the parameters that train."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            param.requires_grad_(trainable == "all" or name == "bias" or isinstance(module, NORM_LAYERS))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
+    """The configured optimizer over the parameters ``train.trainable`` lets train (others are frozen)."""
+    params = set_trainable(model, config.trainable)
     if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def train(

@@ -81,14 +81,15 @@ class SiteArrays:
             return self.targets
         return self.targets.reshape(len(self.targets), -1).max(axis=1)
 
-    def privacy_units(self, split: str = "train") -> tuple[str, list[np.ndarray]]:
+    def privacy_units(self, split: str = "train", unit: str = "patient") -> tuple[str, list[np.ndarray]]:
         """The privacy unit of ``split`` and its samples grouped by unit (indices into the split).
 
-        The unit is the patient when every sample of the split has a patient id, else the image.
+        With ``unit = "patient"`` the unit is the patient when every sample of the split has a
+        patient id, else the image; with ``unit = "image"`` it is always the image.
         """
         keep = self.splits == split
         ids = None if self.patient_ids is None else self.patient_ids[keep]
-        if ids is None or len(ids) == 0 or any(not str(i) for i in ids):
+        if unit == "image" or ids is None or len(ids) == 0 or any(not str(i) for i in ids):
             return "image", [np.array([i]) for i in range(int(keep.sum()))]
         _, inverse = np.unique(ids, return_inverse=True)
         return "patient", [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]

@@ -276,6 +276,15 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
             "<h2>What the sites reported</h2><p>Pre-flight data warnings, refusals and failures, as kinds and "
             f"counts; each site's own log has the files and reasons.</p><ul>{items}</ul>"
         ]
+    if report.get("initial_model"):
+        start = report["initial_model"]
+        origin = start["provenance"]
+        origin = origin.get("data", "not recorded") if isinstance(origin, dict) else origin
+        sections += [
+            "<h2>Starting model</h2>"
+            f"<p>{html.escape(start['file'])} (sha256 {html.escape(start['sha256'][:16])}…), trained on "
+            f"{html.escape(str(origin))}.</p>"
+        ]
     round_rows = [[r["round"], r["seconds"], r["bytes_up"], r["bytes_down"]] for r in report["rounds"]]
     sections += ["<h2>Rounds</h2>", _table(["round", "seconds", "bytes up", "bytes down"], round_rows)]
     style = (

@@ -1,0 +1,121 @@
+"""Public initialisation: a starting model trained on data that holds no patient.
+
+Under DP-SGD the noise a small site must add grows as its data shrinks; a federation that starts
+from a model which already knows what vessels, lesions or cells look like needs far fewer noisy
+steps. ``pretrain`` trains the run's own model (same ``[model]`` and ``[data]`` settings, so the
+checkpoint fits ``run.initial-model``) without DP on either seeded synthetic hospitals (the
+generators of :mod:`medfed.data.synthetic`, with scanner shifts; for segmentation ``lesions`` or
+fundus-like ``vessels``), or public site folders the coordinator points at (e.g. a public dataset
+written by ``medfed data import``). It never reads the run's own data source, and nothing is
+downloaded. The checkpoint's metadata records its provenance; a run's report repeats it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from medfed.config import Config
+from medfed.data import PrivacyUnitDataset, SiteArrays
+from medfed.data.manifest import MANIFEST, read_site
+from medfed.data.synthetic import (
+    synthetic_detection_site,
+    synthetic_segmentation_site,
+    synthetic_site,
+    synthetic_vessel_site,
+)
+from medfed.tasks import get_task
+from medfed.training import build_optimizer, resolve_device, train
+from medfed.weights import model_to_arrays, save_checkpoint
+
+__all__ = ["Phantom", "pretrain", "public_sites"]
+
+Phantom = Literal["lesions", "vessels"]
+SYNTHETIC_SITE_OFFSET = 100  # synthetic pre-training hospitals are not the simulated run's sites 0, 1, 2...
+
+
+def public_sites(
+    config: Config, data: Path | None, sites: int, samples_per_site: int, phantom: Phantom
+) -> tuple[list[SiteArrays], str]:
+    """The pre-training data and a one-line description of it: public site folders under ``data``
+    (one site folder, or a folder of them), else ``sites`` synthetic hospitals."""
+    task = config.run.task
+    target = get_task(task).SAMPLE_KEYS[1]
+    d = config.data
+    if data is not None:
+        folders = (
+            [data] if (data / MANIFEST).is_file() else sorted(p for p in data.iterdir() if (p / MANIFEST).is_file())
+        )
+        if not folders:
+            raise FileNotFoundError(f"--data {data}: no {MANIFEST} in it or in its subfolders (site folders expected)")
+        arrays = [
+            read_site(f, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.preprocess)
+            for f in folders
+        ]
+        counts = ", ".join(f"{f.name} ({len(a.targets)})" for f, a in zip(folders, arrays, strict=True))
+        return arrays, f"public site folders at {data.resolve()}: {counts}"
+    seed = config.run.seed
+    indices = range(SYNTHETIC_SITE_OFFSET, SYNTHETIC_SITE_OFFSET + sites)
+    if phantom == "vessels":
+        if task != "segmentation" or d.spatial_dims != 2 or d.num_classes != 2:
+            raise ValueError("vessel phantoms are 2D binary segmentation data (run.task = 'segmentation', 2 classes)")
+        arrays = [synthetic_vessel_site(i, samples_per_site, d.image_size, seed) for i in indices]
+    elif task == "detection":
+        arrays = [synthetic_detection_site(i, samples_per_site, d.image_size, d.num_classes, seed) for i in indices]
+    elif task == "segmentation":
+        arrays = [synthetic_segmentation_site(i, samples_per_site, d.image_size, d.num_classes, seed,
+                                              spatial_dims=d.spatial_dims) for i in indices]  # fmt: skip
+    else:
+        arrays = [synthetic_site(i, samples_per_site, d.image_size, d.num_classes, seed,
+                                 spatial_dims=d.spatial_dims) for i in indices]  # fmt: skip
+    kind = "vessel" if phantom == "vessels" else {"segmentation": "lesion", "detection": "object"}.get(task, "lesion")
+    return arrays, f"synthetic {kind} phantoms: {sites} simulated scanners x {samples_per_site} images, seed {seed}"
+
+
+def pretrain(
+    config: Config,
+    out: str | Path,
+    data: Path | None = None,
+    *,
+    epochs: int = 5,
+    steps: int = 0,
+    sites: int = 3,
+    samples_per_site: int = 200,
+    phantom: Phantom = "lesions",
+) -> Path:
+    """Train ``config``'s model without DP on public data (see module doc); write the checkpoint
+    ``out`` (.safetensors + .json with provenance) and return its path."""
+    task = get_task(config.run.task)
+    arrays, description = public_sites(config, data, sites, samples_per_site, phantom)
+    datasets = [PrivacyUnitDataset(a.split(s), a.privacy_units(s)[1], task.train_transform(config))
+                for a in arrays for s in ("train", "val") if (a.splits == s).any()]  # fmt: skip
+    dataset = torch.utils.data.ConcatDataset(datasets)
+    torch.manual_seed(config.run.seed)
+    model = task.build_model(config)
+    device = resolve_device(config.train.device)
+    model.to(device)
+    loader = DataLoader(dataset, batch_size=min(config.train.batch_size, len(dataset)), shuffle=True, drop_last=True)
+    stats = train(task, model, loader, build_optimizer(model, config.train), device, epochs=epochs, max_steps=steps)
+    model_settings = {"model": config.to_public_dict()["model"], "data": config.to_public_dict()["data"]}
+    provenance: dict[str, Any] = {
+        "data": description,
+        "images": len(dataset),
+        "epochs": epochs if not steps else None,
+        "steps": stats.steps,
+        "final_train_loss": stats.loss,
+        "task": config.run.task,
+        "model_settings_sha256": hashlib.sha256(json.dumps(model_settings, sort_keys=True).encode()).hexdigest(),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "patient_data": False,
+    }
+    return save_checkpoint(
+        Path(out),
+        model_to_arrays(model.cpu()),
+        {"round": 0, "task": config.run.task, "config": config.to_public_dict(), "provenance": provenance},
+    )
