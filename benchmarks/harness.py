@@ -67,7 +67,7 @@ def union(sites: list[SiteArrays]) -> SiteArrays:
 
 def _loader(config: Config, site: SiteArrays) -> DataLoader:
     task = get_task(config.run.task)
-    _, units = site.privacy_units("train")
+    _, units = site.privacy_units("train", config.privacy.unit)
     data = PrivacyUnitDataset(site.split("train"), units, task.train_transform(config))
     return DataLoader(data, batch_size=min(config.train.batch_size, len(data)), shuffle=True)
 
@@ -87,7 +87,7 @@ def train_central(
     pool = union(sites) if len(sites) > 1 else sites[0]
     loader = _loader(config, pool)
     units = len(loader.dataset)
-    unit, _ = pool.privacy_units("train")
+    unit, _ = pool.privacy_units("train", config.privacy.unit)
     optimizer = build_optimizer(model, config.train)
     epochs = epochs or config.run.rounds * config.train.local_epochs
     steps = config.run.rounds * config.train.local_steps if config.train.local_steps else epochs * len(loader)

@@ -12,7 +12,9 @@ and memory for each task's model.
    training steps' peak memory, without and with DP-SGD (Opacus hooks, Poisson sampling, same
    model, batch and data: the config's first site), each in a fresh process: peak resident memory
    minus the resident memory once model and data are built (Linux resets the high-water mark
-   through ``/proc/self/clear_refs``), and ``torch.cuda.max_memory_allocated`` on a GPU.
+   through ``/proc/self/clear_refs``), and ``torch.cuda.max_memory_allocated`` on a GPU. The U-Net
+   is measured a second time with only its biases and normalisation parameters trained
+   (``train.trainable = "bias-norm"``, for fine-tuning a public starting model).
 
     .venv/bin/medfed bench privacy [--quick]
 
@@ -43,11 +45,16 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 PNEUMONIA = SHARED / "medmnist" / "pneumoniamnist.npz"
 EPSILONS = (1.0, 3.0, 8.0, None)  # None: no DP
-MODELS = {  # each task's model as its config builds it, on that config's data (None: synthetic)
-    "classification CNN, PneumoniaMNIST 28 px": ("classification-pneumoniamnist.toml", PNEUMONIA),
-    "segmentation 2D U-Net, CHASE_DB1 96 px patches": ("segmentation-chasedb1.toml", SHARED / "chasedb1"),
-    "segmentation 3D U-Net, synthetic 24³ patches": ("segmentation-synthetic3d.toml", None),
-    "detection CenterNet, BCCD 256 px": ("detection-bccd.toml", SHARED / "bccd" / "BCCD"),
+MODELS: dict[str, tuple[str, Path | None, dict[str, Any]]] = {  # config, its data (None: synthetic), overrides
+    "classification CNN, PneumoniaMNIST 28 px": ("classification-pneumoniamnist.toml", PNEUMONIA, {}),
+    "segmentation 2D U-Net, CHASE_DB1 96 px patches": ("segmentation-chasedb1.toml", SHARED / "chasedb1", {}),
+    "segmentation 2D U-Net, CHASE_DB1 96 px patches, biases + norms trained": (
+        "segmentation-chasedb1.toml",
+        SHARED / "chasedb1",
+        {"train.trainable": "bias-norm"},
+    ),
+    "segmentation 3D U-Net, synthetic 24³ patches": ("segmentation-synthetic3d.toml", None, {}),
+    "detection CenterNet, BCCD 256 px": ("detection-bccd.toml", SHARED / "bccd" / "BCCD", {}),
 }
 
 
@@ -101,8 +108,8 @@ def worker(name: str, private: bool, steps: int) -> dict[str, Any]:
     from medfed.privacy import make_private
     from medfed.training import build_optimizer, train
 
-    file, data = MODELS[name]
-    config = _config(file, data)
+    file, data, overrides = MODELS[name]
+    config = _config(file, data, overrides)
     task = get_task(config.run.task)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, site = load_simulated_site(config, 0)
@@ -125,6 +132,7 @@ def worker(name: str, private: bool, steps: int) -> dict[str, Any]:
         "device": device.type,
         "batch_size": config.train.batch_size,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "trained_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps": steps,
         "samples_per_s": stats.examples / stats.seconds,
         "peak_minus_baseline_mib": peak - baseline,
