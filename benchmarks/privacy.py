@@ -119,11 +119,11 @@ def worker(name: str, private: bool, steps: int) -> dict[str, Any]:
     optimizer = build_optimizer(model, config.train)
     if private:
         model, optimizer, loader = make_private(model, optimizer, loader, 1.0, config.privacy.max_grad_norm)
-    train(task, model, loader, optimizer, device, epochs=1, max_steps=2)  # warm-up
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     baseline, _ = _high_water_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    train(task, model, loader, optimizer, device, epochs=1, max_steps=2)  # warm-up (its memory counts)
     stats = train(task, model, loader, optimizer, device, epochs=1, max_steps=steps)
     _, peak = _high_water_mib()
     return {

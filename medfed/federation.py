@@ -291,7 +291,9 @@ def initial_model(config: Config) -> torch.nn.Module:
     try:
         state, meta = load_checkpoint(path)
     except FileNotFoundError as err:
-        raise ValueError(f"run.initial-model = {path}: {err}") from err
+        raise ValueError(
+            f"run.initial-model = {path}: {err} (build one with: medfed pretrain --config RUN.toml --out {path})"
+        ) from err
     if meta.get("task", config.run.task) != config.run.task:
         raise ValueError(f"run.initial-model = {path} is a {meta.get('task')} model; run.task is {config.run.task}")
     own = model.state_dict()
