@@ -18,7 +18,7 @@ resamples of the split's cases).
 
     .venv/bin/medfed bench generalization [--quick] [--datasets synthetic pneumoniamnist breastmnist]
 
-Writes benchmarks/results/generalization.json (``--quick``: 3 small synthetic sites, 2 rounds:
+Writes benchmarks/results/generalization.json (``--quick``: 3 small synthetic sites, 1 round:
 generalization-quick.json) and plots/generalization.png.
 """
 
@@ -58,7 +58,7 @@ DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
         {"data.path": str(SHARED / "medmnist" / "breastmnist.npz"), "data.alpha": 1.0},
     ),
 }
-QUICK = {"data.sites": 3, "data.samples-per-site": 200, "run.rounds": 2}
+QUICK = {"data.sites": 3, "data.samples-per-site": 120, "run.rounds": 1, "train.local-epochs": 1}
 
 
 def site_folders(config: Config, root: Path) -> Config:
@@ -156,7 +156,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 small synthetic sites, 2 rounds (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="3 small synthetic sites, 1 round (under 2 minutes)")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=None)
     parser.add_argument("--replicates", type=int, default=200)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-generalization")
