@@ -51,16 +51,12 @@ from medfed.data import write_site  # noqa: E402
 from medfed.data.sites import load_simulated_site, simulated_site_names  # noqa: E402
 from medfed.simulation import simulate  # noqa: E402
 from tests.test_deployment import (  # noqa: E402
+    CONNECTION,
     DEPLOY,
-    SESSION,
     VENV_BIN,
     Proc,
     _free_port,
-    _pids_with_marker,
-    _run,
-    _stop_pids,
-    _wait_healthy,
-    deployment_env,
+    coordinator,
 )
 
 CONFIG_FILE = "configs/classification-synthetic.toml"
@@ -75,7 +71,6 @@ OVERRIDES = (
     "evaluation.cross-site=false",
     "evaluation.example-images=0",
 )
-CONNECTION = "medfed-bench"
 RESULTS = REPO / "benchmarks" / "results" / "deployment_overhead.json"
 RUN_DEADLINE = 1800
 
@@ -155,94 +150,56 @@ def run_simulation(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
 
 def run_deployment(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
     names = simulated_site_names(config)
-    (base / "logs").mkdir(parents=True)
-    env = deployment_env(base)  # (it also sends Ray's temp folder under base)
-    certs = base / "certs"
-    made = _run([str(DEPLOY / "make-certificates.sh"), "--out", str(certs), "--san", "IP:127.0.0.1", "--site", *names],
-                env, timeout=120)  # fmt: skip
-    assert made.returncode == 0, made.stdout + made.stderr
-    port = _free_port()
-    procs: list[Proc] = []
     relays: dict[str, CountingRelay] = {}
-
-    def start(name: str, cmd: list[str]) -> Proc:
-        proc = Proc(name, cmd, base / "logs" / f"{name}.log", env)
-        procs.append(proc)
-        return proc
-
-    def flwr(*args: str) -> Any:
-        return _run([str(VENV_BIN / "flwr"), *args], env, timeout=120)
-
-    def online() -> int:
-        listed = flwr("supernode", "list", CONNECTION, "--format", "json")
-        assert listed.returncode == 0, listed.stdout + listed.stderr
-        return sum(n["status"] == "online" for n in json.loads(listed.stdout[listed.stdout.index("{") :])["nodes"])
-
     try:
-        superlink = start("superlink", [str(DEPLOY / "superlink.sh"), "start", "--certs", str(certs / "superlink"),
-                                        "--state", str(base / "superlink"), "--host", "127.0.0.1", "--port", str(port)])  # fmt: skip
-        _wait_healthy(superlink, port, certs / "ca" / "ca.crt")
-        added = _run([str(DEPLOY / "superlink.sh"), "add-connection", CONNECTION, "--address", f"127.0.0.1:{port}",
-                      "--ca", str(certs / "ca" / "ca.crt"), "--default"], env)  # fmt: skip
-        assert added.returncode == 0, added.stdout + added.stderr
-        sites: dict[str, Proc] = {}
-        for index, name in enumerate(names):
-            registered = _run([str(DEPLOY / "superlink.sh"), "register", CONNECTION,
-                               str(certs / "sites" / name / f"{name}.pub"), "--name", name], env)  # fmt: skip
-            assert registered.returncode == 0, registered.stdout + registered.stderr
-            folder = write_site(base / "data" / name, load_simulated_site(config, index)[1])
-            relays[name] = CountingRelay(("127.0.0.1", port))
-            sites[name] = start(name, [str(DEPLOY / "site.sh"), "--site-name", name, "--data", str(folder),
-                                       "--state", str(base / "sites" / name),
-                                       "--superlink", f"127.0.0.1:{relays[name].port}",
-                                       "--ca", str(certs / "ca" / "ca.crt"),
-                                       "--key", str(certs / "sites" / name / f"{name}.key"),
-                                       "--port", str(_free_port())])  # fmt: skip
-        deadline = time.monotonic() + 300
-        while online() < len(names):
-            assert all(s.alive() for s in sites.values()), "a site exited\n" + "\n".join(
-                s.tail() for s in sites.values()
-            )
-            assert time.monotonic() < deadline, "sites not online"
-            time.sleep(2)
+        with coordinator(base, names, ["IP:127.0.0.1"]) as deployment:  # (Ray's temp folder goes under base)
+            certs, port = deployment.certs, deployment.port
+            sites: dict[str, Proc] = {}
+            for index, name in enumerate(names):
+                deployment.register(certs / "sites" / name / f"{name}.pub", name)
+                folder = write_site(base / "data" / name, load_simulated_site(config, index)[1])
+                relays[name] = CountingRelay(("127.0.0.1", port))
+                sites[name] = deployment.start(name, [str(DEPLOY / "site.sh"), "--site-name", name,
+                                                      "--data", str(folder), "--state", str(base / "sites" / name),
+                                                      "--superlink", f"127.0.0.1:{relays[name].port}",
+                                                      "--ca", str(certs / "ca" / "ca.crt"),
+                                                      "--key", str(certs / "sites" / name / f"{name}.key"),
+                                                      "--port", str(_free_port())])  # fmt: skip
+            deployment.wait_online(list(sites.values()), timeout=300)
 
-        out = base / "deployment"
-        run_config = f'config-file="{CONFIG_FILE}" out-dir="{out}" overrides="{";".join(OVERRIDES)}"'
-        marks = [{"event": "start", "t": 0.0, "relays": {n: r.snapshot() for n, r in relays.items()}}]
-        started = time.perf_counter()
-        run = start("flwr-run", [str(VENV_BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream",
-                                 "--run-config", run_config])  # fmt: skip
-        pending = [
-            (f"round-{r}", out / "checkpoints" / f"round-{r:03d}.safetensors") for r in range(1, config.run.rounds + 1)
-        ]
-        pending.append(("report", out / "report.json"))
-        deadline = time.monotonic() + RUN_DEADLINE
-        while pending:
-            if pending[0][1].exists():
-                event, _ = pending.pop(0)
-                marks.append({"event": event, "t": time.perf_counter() - started,
-                              "relays": {n: r.snapshot() for n, r in relays.items()}})  # fmt: skip
-                continue
-            assert superlink.alive() and all(s.alive() for s in sites.values()), "a process exited"
-            assert run.alive() or pending[0][1].exists(), "the run ended early\n" + run.tail()
-            assert time.monotonic() < deadline, "the deployment run took too long\n" + run.tail()
-            time.sleep(0.2)
-        total = time.perf_counter() - started
-        code = run.wait(timeout=120)
-        assert code == 0, run.tail()
-        report = json.loads((out / "report.json").read_text())  # whole: the run has exited
-        marks.append({"event": "run exited", "t": time.perf_counter() - started,
-                      "relays": {n: r.snapshot() for n, r in relays.items()}})  # fmt: skip
-        proc_io = {name: _proc_io(site.popen.pid) for name, site in sites.items()}
-        return {"total_seconds": total, "report": report, "marks": marks, "supernode_proc_io": proc_io}
+            out = base / "deployment"
+            run_config = f'config-file="{CONFIG_FILE}" out-dir="{out}" overrides="{";".join(OVERRIDES)}"'
+            marks = [{"event": "start", "t": 0.0, "relays": {n: r.snapshot() for n, r in relays.items()}}]
+            started = time.perf_counter()
+            run = deployment.start("flwr-run", [str(VENV_BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream",
+                                                "--run-config", run_config])  # fmt: skip
+            pending = [
+                (f"round-{r}", out / "checkpoints" / f"round-{r:03d}.safetensors")
+                for r in range(1, config.run.rounds + 1)
+            ]
+            pending.append(("report", out / "report.json"))
+            deadline = time.monotonic() + RUN_DEADLINE
+            while pending:
+                if pending[0][1].exists():
+                    event, _ = pending.pop(0)
+                    marks.append({"event": event, "t": time.perf_counter() - started,
+                                  "relays": {n: r.snapshot() for n, r in relays.items()}})  # fmt: skip
+                    continue
+                assert deployment.superlink.alive() and all(s.alive() for s in sites.values()), "a process exited"
+                assert run.alive() or pending[0][1].exists(), "the run ended early\n" + run.tail()
+                assert time.monotonic() < deadline, "the deployment run took too long\n" + run.tail()
+                time.sleep(0.2)
+            total = time.perf_counter() - started
+            code = run.wait(timeout=120)
+            assert code == 0, run.tail()
+            report = json.loads((out / "report.json").read_text())  # whole: the run has exited
+            marks.append({"event": "run exited", "t": time.perf_counter() - started,
+                          "relays": {n: r.snapshot() for n, r in relays.items()}})  # fmt: skip
+            proc_io = {name: _proc_io(site.popen.pid) for name, site in sites.items()}
+            return {"total_seconds": total, "report": report, "marks": marks, "supernode_proc_io": proc_io}
     finally:
-        for proc in reversed(procs):
-            proc.stop()
         for relay in relays.values():
             relay.close()
-        leftovers = _pids_with_marker(SESSION)
-        if leftovers:
-            _stop_pids(leftovers, SESSION, 5.0)
 
 
 def wire_summary(deployment: dict[str, Any], report: dict[str, Any], sites: int, model: int) -> dict[str, Any]:

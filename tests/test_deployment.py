@@ -321,20 +321,26 @@ def deployment_env(base: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    base = tmp_path_factory.mktemp("deployment")
-    (base / "logs").mkdir()
+@contextlib.contextmanager
+def coordinator(
+    base: Path, sites: list[str], sans: list[str], host: str = "127.0.0.1", cert_timeout: float = 120
+) -> Iterator[Deployment]:
+    """A coordinator as the deploy scripts set it up: certificates for ``sites`` (server names
+    ``sans``), the SuperLink on ``host`` with TLS and site authentication, and the default flwr
+    connection to it. On exit every process the deployment started, then the SuperLink and
+    anything else left of this test session, is stopped."""
+    (base / "logs").mkdir(parents=True, exist_ok=True)
     env = deployment_env(base)
     certs = base / "certs"
-    made = _run([str(DEPLOY / "make-certificates.sh"), "--out", str(certs), "--san", "IP:127.0.0.1",
-                 "--site", *SITES, "intruder", "probe"], env, timeout=60)  # fmt: skip
+    san_args = [arg for san in sans for arg in ("--san", san)]
+    made = _run([str(DEPLOY / "make-certificates.sh"), "--out", str(certs), *san_args, "--site", *sites], env,
+                timeout=cert_timeout)  # fmt: skip
     assert made.returncode == 0, made.stdout + made.stderr
     port = _free_port()
     superlink = Proc(
         "superlink",
         [str(DEPLOY / "superlink.sh"), "start", "--certs", str(certs / "superlink"), "--state",
-         str(base / "superlink"), "--host", "127.0.0.1", "--port", str(port)],
+         str(base / "superlink"), "--host", host, "--port", str(port)],
         base / "logs" / "superlink.log",
         env,
     )  # fmt: skip
@@ -352,6 +358,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         leftovers = _pids_with_marker(SESSION)
         if leftovers:
             _stop_pids(leftovers, SESSION, 5.0)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    base = tmp_path_factory.mktemp("deployment")
+    with coordinator(base, [*SITES, "intruder", "probe"], ["IP:127.0.0.1"], cert_timeout=60) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -18,19 +18,11 @@ import pytest
 from medfed.data import write_site
 from medfed.data.synthetic import synthetic_site
 from tests.test_deployment import (
-    CONNECTION,
     DEPLOY,
-    SESSION,
     SITES,
     TINY_RUN,
     Deployment,
-    Proc,
-    _free_port,
-    _pids_with_marker,
-    _run,
-    _stop_pids,
-    _wait_healthy,
-    deployment_env,
+    coordinator,
     netns_available,
 )
 
@@ -71,37 +63,12 @@ class SiteNetwork:
 @pytest.fixture(scope="module")
 def networked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Deployment, SiteNetwork]]:
     base = tmp_path_factory.mktemp("netns-deployment")
-    (base / "logs").mkdir()
     network = SiteNetwork(len(SITES))
-    env = deployment_env(base)
-    certs = base / "certs"
-    sans = [arg for address in network.host_addresses for arg in ("--san", f"IP:{address}")]
-    port = _free_port()
-    deployment = None
     try:
-        made = _run([str(DEPLOY / "make-certificates.sh"), "--out", str(certs), *sans, "--site", *SITES], env)
-        assert made.returncode == 0, made.stdout + made.stderr
-        superlink = Proc(
-            "superlink",
-            [str(DEPLOY / "superlink.sh"), "start", "--certs", str(certs / "superlink"), "--state",
-             str(base / "superlink"), "--host", "0.0.0.0", "--port", str(port)],
-            base / "logs" / "superlink.log",
-            env,
-        )  # fmt: skip
-        deployment = Deployment(base, certs, port, env, superlink)
-        _wait_healthy(superlink, port, certs / "ca" / "ca.crt")
-        added = _run([str(DEPLOY / "superlink.sh"), "add-connection", CONNECTION, "--address", deployment.address,
-                      "--ca", str(certs / "ca" / "ca.crt"), "--default"], env)  # fmt: skip
-        assert added.returncode == 0, added.stdout + added.stderr
-        yield deployment, network
+        sans = [f"IP:{address}" for address in network.host_addresses]
+        with coordinator(base, SITES, sans, host="0.0.0.0") as deployment:
+            yield deployment, network
     finally:
-        if deployment is not None:
-            for proc in deployment.procs:
-                proc.stop()
-            deployment.superlink.stop()
-        leftovers = _pids_with_marker(SESSION)
-        if leftovers:
-            _stop_pids(leftovers, SESSION, 5.0)
         network.remove()
 
 
