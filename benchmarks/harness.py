@@ -68,7 +68,7 @@ def union(sites: list[SiteArrays]) -> SiteArrays:
 def _loader(config: Config, site: SiteArrays) -> DataLoader:
     task = get_task(config.run.task)
     _, units = site.privacy_units("train", config.privacy.unit)
-    data = PrivacyUnitDataset(site.split("train"), units, task.train_transform(config))
+    data = PrivacyUnitDataset(site.split("train"), units, task.train_transform(config), config.train.augmentations)
     return DataLoader(data, batch_size=min(config.train.batch_size, len(data)), shuffle=True)
 
 
@@ -104,7 +104,8 @@ def train_central(
         )
         model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
     started = time.perf_counter()
-    train(task, model, loader, optimizer, torch.device("cpu"), epochs=epochs, max_steps=steps)
+    train(task, model, loader, optimizer, torch.device("cpu"), epochs=epochs, max_steps=steps,
+          views=config.train.augmentations, physical_batch_size=config.train.physical_batch_size)  # fmt: skip
     info = {"units": units, "unit": unit, "steps": steps, "noise_multiplier": sigma,
             "seconds": time.perf_counter() - started}  # fmt: skip
     return getattr(model, "_module", model), info

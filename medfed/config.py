@@ -49,6 +49,10 @@ class RunConfig:
     about a quarter of the bytes; the server restores the weights before validating them.
     ``initial-model`` (a checkpoint on the server, e.g. from ``medfed pretrain`` on data that holds
     no patient) is where the global and the local-only models start instead of random weights.
+    ``ema`` in (0, 1) makes the released model (evaluated each round, checkpointed as the global
+    model, reported) the exponential moving average of the rounds' global models with that decay,
+    while sites go on training from the latest one: under DP it averages out part of the noise
+    of the last rounds at no privacy cost (it only post-processes what sites sent). 0: off.
     """
 
     name: str = "medfed"
@@ -65,6 +69,7 @@ class RunConfig:
     site_wait: float = 600.0
     update_compression: Literal["none", "fp16", "int8"] = "none"
     initial_model: str = ""
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "run.rounds", self.rounds, "an integer >= 1")
@@ -75,6 +80,7 @@ class RunConfig:
         _check(self.round_timeout > 0, "run.round-timeout", self.round_timeout, "seconds > 0")
         _check(0 <= self.trim_fraction < 0.5, "run.trim-fraction", self.trim_fraction, "a fraction in [0, 0.5)")
         _check(self.site_wait > 0, "run.site-wait", self.site_wait, "seconds > 0")
+        _check(0 <= self.ema < 1, "run.ema", self.ema, "a decay in [0, 1) (0: off), e.g. 0.5")
 
 
 @dataclass(frozen=True)
@@ -227,6 +233,15 @@ class TrainConfig:
     few thousand numbers, the rest frozen at the starting model): with a public starting model
     (``run.initial-model``) it adapts to the site's scanner while DP noise is spread over far fewer
     coordinates.
+
+    ``augmentations`` = K > 1 shows every sampled image K times per step, each a different random
+    view (the task's training transform: random patches for segmentation, flips for detection,
+    ``augment`` shifts and rotations for classification). Under DP each image's K per-view gradients
+    are averaged before clipping (augmentation multiplicity): the image still counts once in the
+    accounting, and the averaged gradient is less noisy relative to the clipping norm.
+    ``physical-batch-size`` (0: the whole batch) splits each batch into parts of at most that many
+    images (times K views) computed one after the other, the gradients accumulated into one step:
+    large batches, which DP needs, within a small GPU's memory.
     """
 
     local_epochs: int = 1
@@ -239,6 +254,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = False
     trainable: Literal["all", "bias-norm"] = "all"
+    augment: bool = False
+    augmentations: int = 1
+    physical_batch_size: int = 0
 
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "an integer >= 1")
@@ -247,6 +265,13 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "a number >= 0")
+        _check(self.augmentations >= 1, "train.augmentations", self.augmentations, "an integer >= 1 (1: off)")
+        _check(
+            self.physical_batch_size >= 0,
+            "train.physical-batch-size",
+            self.physical_batch_size,
+            "an integer >= 0 (0: the whole batch at once)",
+        )
 
 
 @dataclass(frozen=True)
@@ -313,6 +338,23 @@ class Config:
                 self.data.num_classes,
                 f"an integer >= 2 for run.task = '{self.run.task}'"
                 + (" (background counts as class 0)" if self.run.task == "segmentation" else ""),
+            )
+        if self.train.augmentations > 1:
+            random_views = {
+                "classification": self.train.augment,
+                "segmentation": self.data.patch_size > 0,
+                "detection": True,
+            }[self.run.task]
+            needed = {
+                "classification": "train.augment = true",
+                "segmentation": "data.patch-size > 0 (random patches)",
+                "detection": "",
+            }[self.run.task]
+            _check(
+                random_views,
+                "train.augmentations",
+                self.train.augmentations,
+                f"1 unless the views differ: set {needed}",
             )
         if self.run.task == "detection":
             _check(self.data.spatial_dims == 2, "data.spatial-dims", self.data.spatial_dims, "2: detection is 2D")

@@ -36,6 +36,7 @@ from medfed.weights import (
     decompress_update,
     load_checkpoint,
     model_to_arrays,
+    moving_average,
     save_checkpoint,
     validate_update,
 )
@@ -184,10 +185,14 @@ def run_federation(
     state = _RunState(config, grid, str(state_root), progress["run_key"] if progress else run_key(config))
     _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
 
+    released: ArrayRecord | None = None  # the run.ema average of the global models, when on
     if progress is not None:
         model = task.build_model(config)  # the model's own key order, as every site sends it
         model.load_state_dict(load_checkpoint(checkpoints / f"round-{progress['round']:03d}.safetensors")[0])
         arrays = model_to_arrays(model)
+        if config.run.ema:
+            model.load_state_dict(load_checkpoint(checkpoints / f"round-{progress['round']:03d}-ema.safetensors")[0])
+            released = model_to_arrays(model)
         rounds: list[dict[str, Any]] = progress["rounds"]
         state.privacy, state.privacy_units, state.notes = (
             progress["privacy"],
@@ -236,7 +241,11 @@ def run_federation(
                 len(accepted),
                 config.run.min_sites,
             )
-        metrics = _evaluate(state, arrays, "val", traffic)
+        if config.run.ema:
+            released = moving_average(released, arrays, config.run.ema)
+            save_checkpoint(checkpoints / f"round-{server_round:03d}-ema.safetensors", released,
+                            {"round": server_round, "ema": config.run.ema})  # fmt: skip
+        metrics = _evaluate(state, released or arrays, "val", traffic)
         entry = {
             "round": server_round,
             "seconds": time.perf_counter() - started,
@@ -256,6 +265,7 @@ def run_federation(
         _save_progress(checkpoints, state, strategy, server_round, rounds)
         _log_round(server_round, metrics, task.PRIMARY_METRIC)
 
+    arrays = released or arrays
     save_checkpoint(
         checkpoints / "global.safetensors",
         arrays,

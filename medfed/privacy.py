@@ -208,7 +208,9 @@ class PrivacyPlan:
             f"noise σ/batch = {level:.3f} (σ {self.noise_multiplier:.2f} over batches of {self.batch_size}): {verdict}. "
             "Options: a larger batch (train.batch-size; the noise grows more slowly than the batch), fewer "
             "steps (run.rounds, train.local-epochs or train.local-steps), a larger privacy.target-epsilon, "
-            "starting from a public model (medfed pretrain, run.initial-model), or more units "
+            "starting from a public model (medfed pretrain, run.initial-model) and training only part of it "
+            "(train.trainable = 'bias-norm'), averaging each image's gradient over random views "
+            "(train.augmentations), releasing a moving average of the rounds' models (run.ema), or more units "
             "(more images per site; the patient as unit means fewer units)."
         ]
 

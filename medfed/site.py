@@ -277,7 +277,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     if hasattr(transform, "set_random_state"):
         transform.set_random_state(seed)
     unit, units = site.data.privacy_units("train", config.privacy.unit)
-    dataset = PrivacyUnitDataset(site.data.split("train"), units, transform)
+    dataset = PrivacyUnitDataset(site.data.split("train"), units, transform, config.train.augmentations)
     n = len(dataset)
     if n == 0:
         return _failure(msg, site.name, ValueError("the site has no training samples"))
@@ -334,6 +334,8 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
         max_steps=max_steps,
         proximal_mu=proximal_mu,
         amp=config.train.amp and not config.privacy.enabled,
+        views=config.train.augmentations,
+        physical_batch_size=config.train.physical_batch_size,
     )
     if stats.steps != steps_planned:
         raise RuntimeError(f"trained {stats.steps} steps but {steps_planned} were accounted for")

@@ -8,6 +8,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
@@ -67,8 +68,15 @@ def train(
     max_steps: int = 0,
     proximal_mu: float = 0.0,
     amp: bool = False,
+    views: int = 1,
+    physical_batch_size: int = 0,
 ) -> TrainStats:
     """Train for ``epochs`` passes over ``loader`` (or exactly ``max_steps`` steps when > 0).
+
+    ``views`` > 1: batches hold that many random views of each image (``(B, views, ...)``); with
+    DP the per-view gradients of an image are averaged before clipping. ``physical_batch_size``
+    > 0 computes each batch in parts of at most that many images and accumulates them into one
+    step (under DP: clipped per part, noised once; the same update as one whole batch).
 
     FedProx's proximal term is applied as a decoupled step ``w -= lr * mu * (w - w_global)`` after
     each optimizer step: it involves no data, so it adds nothing to the privacy cost and works the
@@ -89,16 +97,7 @@ def train(
             if size == 0:  # an empty Poisson batch still takes a (noise-only) DP step, as the accounting assumes
                 _noise_only_step(model, optimizer)
             else:
-                with torch.autocast(device.type, enabled=use_amp):
-                    loss = task.loss(model(batch["image"]), batch)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                loss_sum += float(loss.detach()) * size
+                loss_sum += _step(task, model, optimizer, batch, views, physical_batch_size or size, use_amp, scaler)
             if reference is not None:
                 with torch.no_grad():
                     for param, ref in zip(model.parameters(), reference, strict=True):
@@ -109,6 +108,55 @@ def train(
                 break
         epoch += 1
     return TrainStats(steps, examples, loss_sum / max(examples, 1), time.perf_counter() - start)
+
+
+def _step(
+    task: ModuleType | Any,
+    model: nn.Module,
+    optimizer: Optimizer,
+    batch: dict[str, torch.Tensor],
+    views: int,
+    part_size: int,
+    use_amp: bool,
+    scaler: torch.amp.GradScaler | None,
+) -> float:
+    """One optimizer step on ``batch``, computed in parts of ``part_size`` images; returns the summed loss."""
+    private = isinstance(optimizer, DPOptimizer)
+    size = len(batch["image"])
+    loss_sum = 0.0
+    for first in range(0, size, part_size):
+        part = {k: v[first : first + part_size] for k, v in batch.items()}
+        count = len(part["image"])
+        if views > 1:
+            part = {k: v.flatten(0, 1) for k, v in part.items()}
+        if private and first > 0:
+            optimizer.zero_grad(set_to_none=True)  # drops the last part's per-sample grads, keeps the clipped sum
+        with torch.autocast(batch["image"].device.type, enabled=use_amp):
+            loss = task.loss(model(part["image"]), part)
+        # without DP the parts' mean losses are weighted to the batch mean; DP clips per sample instead
+        scaled = loss if private else loss * (count / size)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if private:
+            if views > 1:
+                _average_views(model, views)
+            optimizer.signal_skip_step(do_skip=first + part_size < size)  # clip and add up; noise at the last part
+            optimizer.step()
+        loss_sum += float(loss.detach()) * count
+    if not private:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    return loss_sum
+
+
+def _average_views(model: nn.Module, views: int) -> None:
+    """Per-sample gradients of ``B * views`` rows to ``B`` rows: each image's mean over its views."""
+    for param in model.parameters():
+        grad_sample = getattr(param, "grad_sample", None)
+        if param.requires_grad and isinstance(grad_sample, torch.Tensor):
+            param.grad_sample = grad_sample.reshape(-1, views, *grad_sample.shape[1:]).mean(dim=1)
 
 
 def _noise_only_step(model: nn.Module, optimizer: Optimizer) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "decompress_update",
     "load_checkpoint",
     "model_to_arrays",
+    "moving_average",
     "save_checkpoint",
     "set_model_arrays",
     "validate_update",
@@ -38,6 +39,19 @@ def model_to_arrays(model: nn.Module) -> ArrayRecord:
 def set_model_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
     """Load an ArrayRecord into ``model``; keys and shapes must match exactly."""
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+
+
+def moving_average(average: ArrayRecord | None, latest: ArrayRecord, decay: float) -> ArrayRecord:
+    """``decay * average + (1 - decay) * latest`` for floating arrays (others: latest); ``latest``
+    when there is no average yet."""
+    if average is None:
+        return latest
+    out = {}
+    for (key, old), new in zip(
+        average.to_torch_state_dict().items(), latest.to_torch_state_dict().values(), strict=True
+    ):
+        out[key] = torch.lerp(new, old, decay) if new.is_floating_point() else new
+    return ArrayRecord(out)
 
 
 def array_bytes(arrays: ArrayRecord) -> int:

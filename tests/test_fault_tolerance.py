@@ -193,3 +193,24 @@ def test_robust_aggregation_shrugs_off_a_bad_update_within_the_norm_bound(
     clean = run_federation(InProcessGrid(nodes), tiny_config(**overrides), tmp_path / "clean")
     clean_loss = np.mean([m["loss"] for m in clean["final"]["per_site"].values()])
     assert results["robust"] < clean_loss * 1.5 < results["mean"]
+
+
+def test_the_released_moving_average_is_checkpointed_and_survives_a_resume(nodes: dict, tmp_path: Path) -> None:
+    """run.ema: the global checkpoint is the average of the rounds' models (sites here also train
+    with 2 views per image in parts of 8 images under DP), and a resumed run ends with the same one."""
+    config = tiny_config(**{"run.rounds": 3, "run.ema": 0.5, "evaluation.cross-site": False, "train.augment": True,
+                            "train.augmentations": 2, "train.physical-batch-size": 8})  # fmt: skip
+    clean = run_federation(InProcessGrid(nodes), config, tmp_path / "clean")
+    rounds = [load_checkpoint(tmp_path / "clean" / "checkpoints" / f"round-00{r}.safetensors")[0] for r in (1, 2, 3)]
+    expected = {k: 0.25 * rounds[0][k] + 0.25 * rounds[1][k] + 0.5 * rounds[2][k] for k in rounds[0]}
+    released = _global(tmp_path / "clean")
+    assert all(torch.allclose(released[k], expected[k], atol=1e-6) for k in expected)
+    assert any(not torch.allclose(released[k], rounds[2][k]) for k in expected)
+    assert clean["rounds"][-1]["sites_aggregated"] == ["alpha", "beta", "gamma"]
+
+    copies = _copy_nodes(nodes, tmp_path / "state-2")
+    with pytest.raises(ServerCrash):
+        run_federation(CrashingGrid(copies, crash_round=3), config, tmp_path / "resumed")
+    run_federation(InProcessGrid(copies), config, tmp_path / "resumed", resume=True)
+    resumed = _global(tmp_path / "resumed")
+    assert all(torch.allclose(resumed[k].float(), released[k].float(), rtol=0, atol=1e-5) for k in released)

@@ -125,6 +125,10 @@ class PrivacyUnitDataset(Dataset):
     With Poisson sampling over this dataset a unit (patient or image) contributes at most one
     sample (one image, one patch) to a step, so per-sample clipping bounds the unit's influence
     and the DP accounting over ``len(self)`` units holds at the unit level.
+
+    ``views`` > 1 returns that many random views of the picked image, each value stacked along a
+    new first axis (batches come out ``(B, views, ...)``): augmentation multiplicity, where the
+    train loop averages a unit's per-view gradients before clipping.
     """
 
     def __init__(
@@ -132,10 +136,14 @@ class PrivacyUnitDataset(Dataset):
         dataset: Dataset,
         units: list[np.ndarray],
         transform: Callable[[Sample], Sample] | None = None,
+        views: int = 1,
     ) -> None:
+        if views > 1 and transform is None:
+            raise ValueError("several views of an image need a random transform")
         self.dataset = dataset
         self.units = units
         self.transform = transform
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.units)
@@ -144,4 +152,9 @@ class PrivacyUnitDataset(Dataset):
         members = self.units[index]
         pick = members[int(torch.randint(len(members), ()))] if len(members) > 1 else members[0]
         sample = self.dataset[int(pick)]
-        return self.transform(sample) if self.transform is not None else sample
+        if self.transform is None:
+            return sample
+        if self.views == 1:
+            return self.transform(sample)
+        views = [self.transform(sample) for _ in range(self.views)]
+        return {key: torch.stack([torch.as_tensor(view[key]) for view in views]) for key in views[0]}

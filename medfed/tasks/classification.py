@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.transforms import RandAffine
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn import functional as F
@@ -23,6 +24,7 @@ __all__ = [
     "PRIMARY_METRIC_PER_IMAGE",
     "SAMPLE_KEYS",
     "ClassificationMetrics",
+    "RandomShiftRotate",
     "build_model",
     "loss",
     "decode",
@@ -61,9 +63,31 @@ def decode(outputs: torch.Tensor) -> torch.Tensor:
     return torch.softmax(outputs, dim=1)
 
 
-def train_transform(config: Config) -> None:
-    """Whole images are used as they are."""
-    return None
+def train_transform(config: Config) -> RandomShiftRotate | None:
+    """Whole images as they are, or (``train.augment``) randomly shifted and rotated a little."""
+    return RandomShiftRotate(config.data.image_size, config.data.spatial_dims) if config.train.augment else None
+
+
+class RandomShiftRotate:
+    """A random shift of up to 6 % of the image size and rotation of up to 10 degrees, borders
+    repeated: a patient positioned a little differently. No flips, since left and right differ in
+    anatomy (a heart on the right side is a finding)."""
+
+    def __init__(self, image_size: int, spatial_dims: int) -> None:
+        self._affine = RandAffine(
+            prob=1.0,
+            rotate_range=(0.17,) * (1 if spatial_dims == 2 else 3),
+            translate_range=(0.06 * image_size,) * spatial_dims,
+            padding_mode="border",
+        )
+
+    def set_random_state(self, seed: int) -> None:
+        """Make the views repeatable (the site seeds each round's training)."""
+        self._affine.set_random_state(seed=seed % 2**32)
+
+    def __call__(self, sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image = torch.as_tensor(self._affine(sample["image"])).as_subclass(torch.Tensor).contiguous()
+        return {**sample, "image": image}
 
 
 def metrics(config: Config) -> ClassificationMetrics:
