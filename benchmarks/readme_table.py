@@ -142,6 +142,28 @@ def _generalization(r: dict[str, Any]) -> Iterator[Row]:
         )
 
 
+def _dp_small_sites(r: dict[str, Any]) -> Iterator[Row]:
+    for row in r.get("chasedb1", {}).get("rows", []):
+        sites = " / ".join(_f(site["value"]) for site in row["per_site"].values())
+        yield (
+            f"CHASE_DB1 3 sites, ε=8 per image: {row['name']}",
+            "test Dice per site (worst)",
+            f"{sites} ({_f(row['worst'])})",
+        )
+    for row in r.get("pneumoniamnist", {}).get("rows", []):
+        yield (
+            f"PneumoniaMNIST 3 sites, ε=8: {row['name']}",
+            "test AUROC [95% CI]; / no DP",
+            f"{_ci(row['test_auroc'])}; {_ci(row['auroc_over_no_dp'], 3)}",
+        )
+    for row in r.get("speed", []):
+        yield (
+            row["name"],
+            "images/s without / with DP (ratio)",
+            (f"{row['samples_per_s']:.0f} / {row['dp_samples_per_s']:.0f} ({row['dp_ratio']:.2f})"),
+        )
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -153,6 +175,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "privacy": _privacy,
     "overhead": _sim_overhead,
     "generalization": _generalization,
+    "dp_small_sites": _dp_small_sites,
 }
 
 

@@ -528,7 +528,10 @@ def pretrain(
         Path | None, typer.Option(help="Public site folder(s) holding no patient (default: synthetic hospitals)")
     ] = None,
     phantom: Annotated[
-        str, typer.Option(help="Synthetic segmentation data: lesions, or vessels (2D fundus-like)")
+        str,
+        typer.Option(
+            help="Synthetic segmentation data: lesions, vessels (2D fundus-like), nuclei (microscopy-like) or organs"
+        ),
     ] = "lesions",
     sites: Annotated[int, typer.Option(help="Synthetic hospitals (each its own scanner)")] = 3,
     samples: Annotated[int, typer.Option(help="Synthetic images per hospital")] = 200,
@@ -549,8 +552,10 @@ def pretrain(
         config = load_config(config_file, overrides) if config_file else Config().with_overrides(overrides)
     except ConfigError as err:
         raise _fail(str(err)) from err
-    if phantom not in ("lesions", "vessels"):
-        raise _fail(f"--phantom {phantom!r}: expected lesions or vessels")
+    from medfed.pretrain import PHANTOMS
+
+    if phantom not in PHANTOMS:
+        raise _fail(f"--phantom {phantom!r}: expected one of {', '.join(PHANTOMS)}")
     if data is not None and not data.is_dir():
         raise _fail(f"--data {data}: not a folder (a public site folder, or a folder of them, expected)")
     try:

@@ -4,8 +4,8 @@ Under DP-SGD the noise a small site must add grows as its data shrinks; a federa
 from a model which already knows what vessels, lesions or cells look like needs far fewer noisy
 steps. ``pretrain`` trains the run's own model (same ``[model]`` and ``[data]`` settings, so the
 checkpoint fits ``run.initial-model``) without DP on either seeded synthetic hospitals (the
-generators of :mod:`medfed.data.synthetic`, with scanner shifts; for segmentation ``lesions`` or
-fundus-like ``vessels``), or public site folders the coordinator points at (e.g. a public dataset
+generators of :mod:`medfed.data.synthetic`, with scanner shifts; for segmentation ``lesions``,
+fundus-like ``vessels``, microscopy-like ``nuclei`` or ``organs``), or public site folders the coordinator points at (e.g. a public dataset
 written by ``medfed data import``). It never reads the run's own data source, and nothing is
 downloaded. The checkpoint's metadata records its provenance; a run's report repeats it.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,8 @@ from medfed.data import PrivacyUnitDataset, SiteArrays
 from medfed.data.manifest import MANIFEST, read_site
 from medfed.data.synthetic import (
     synthetic_detection_site,
+    synthetic_nuclei_site,
+    synthetic_organ_site,
     synthetic_segmentation_site,
     synthetic_site,
     synthetic_vessel_site,
@@ -34,9 +37,10 @@ from medfed.tasks import get_task
 from medfed.training import build_optimizer, resolve_device, train
 from medfed.weights import model_to_arrays, save_checkpoint
 
-__all__ = ["Phantom", "pretrain", "public_sites"]
+__all__ = ["PHANTOMS", "Phantom", "pretrain", "public_sites"]
 
-Phantom = Literal["lesions", "vessels"]
+Phantom = Literal["lesions", "vessels", "nuclei", "organs"]
+PHANTOMS: tuple[str, ...] = typing.get_args(Phantom)
 SYNTHETIC_SITE_OFFSET = 100  # synthetic pre-training hospitals are not the simulated run's sites 0, 1, 2...
 
 
@@ -66,6 +70,12 @@ def public_sites(
         if task != "segmentation" or d.spatial_dims != 2 or d.num_classes != 2:
             raise ValueError("vessel phantoms are 2D binary segmentation data (run.task = 'segmentation', 2 classes)")
         arrays = [synthetic_vessel_site(i, samples_per_site, d.image_size, seed) for i in indices]
+    elif phantom in ("nuclei", "organs"):
+        if task != "segmentation":
+            raise ValueError(f"{phantom} phantoms are segmentation data (run.task = 'segmentation')")
+        draw = synthetic_nuclei_site if phantom == "nuclei" else synthetic_organ_site
+        arrays = [draw(i, samples_per_site, d.image_size, d.num_classes, seed, spatial_dims=d.spatial_dims)
+                  for i in indices]  # fmt: skip
     elif task == "detection":
         arrays = [synthetic_detection_site(i, samples_per_site, d.image_size, d.num_classes, seed) for i in indices]
     elif task == "segmentation":
@@ -74,7 +84,9 @@ def public_sites(
     else:
         arrays = [synthetic_site(i, samples_per_site, d.image_size, d.num_classes, seed,
                                  spatial_dims=d.spatial_dims) for i in indices]  # fmt: skip
-    kind = "vessel" if phantom == "vessels" else {"segmentation": "lesion", "detection": "object"}.get(task, "lesion")
+    kind = {"vessels": "vessel", "nuclei": "nucleus", "organs": "organ"}.get(phantom) or (
+        "object" if task == "detection" else "lesion"
+    )
     return arrays, f"synthetic {kind} phantoms: {sites} simulated scanners x {samples_per_site} images, seed {seed}"
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from typer.testing import CliRunner
 
 from medfed.cli import app
 from medfed.data.arrays import SiteArrays
-from medfed.data.synthetic import synthetic_vessel_site
+from medfed.data.synthetic import synthetic_nuclei_site, synthetic_organ_site, synthetic_vessel_site
 from medfed.federation import initial_model, run_federation
 from medfed.pretrain import pretrain
 from medfed.privacy import make_private
@@ -96,6 +97,40 @@ def test_vessel_phantoms_are_branching_trees_inside_the_field_of_view() -> None:
     assert not masks[:, 0, :].any() or masks[:, 0, :].mean() < 0.05  # the corners lie outside the field of view
     vessel, background = site.images[:, 0][masks].mean(), site.images[:, 0][~masks].mean()
     assert vessel < background + 0.2  # drawn darker than the retina around them (shift may rescale)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_nuclei_phantoms_are_many_small_blobs_of_each_class(dims: int) -> None:
+    site = synthetic_nuclei_site(0, 3, 32, num_classes=3, seed=2, spatial_dims=dims)
+    assert site.images.shape == (3, 1, *(32,) * dims) and site.targets.shape == site.images.shape
+    assert set(np.unique(site.targets)) == {0, 1, 2}
+    for mask in site.targets[:, 0]:
+        blobs = ndimage.label(mask > 0)[1]
+        assert blobs >= 3 and 0.01 < (mask > 0).mean() < 0.6  # several small nuclei, not one large region
+    assert site.images[site.targets > 0].mean() < site.images[site.targets == 0].mean()  # stained darker
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_organ_phantoms_are_large_smooth_shapes_one_per_class(dims: int) -> None:
+    site = synthetic_organ_site(1, 4, 32, num_classes=4, seed=2, spatial_dims=dims)
+    assert site.images.shape == (4, 1, *(32,) * dims)
+    for image, mask in zip(site.images[:, 0], site.targets[:, 0], strict=True):
+        present = [k for k in (1, 2, 3) if (mask == k).any()]
+        assert len(present) >= 2  # organs may hide one another where they overlap, rarely wholly
+        for k in present:
+            assert ndimage.label(mask == k)[1] <= 2  # one organ, perhaps cut by another
+        means = [image[mask == k].mean() for k in present]
+        assert np.std(means) > 0.02  # classes have their own intensities
+
+
+def test_pretraining_on_nuclei_and_organ_phantoms(tmp_path: Path) -> None:
+    config = tiny_config(**{"run.task": "segmentation", "data.image-size": 32, "data.num-classes": 3})
+    for phantom in ("nuclei", "organs"):
+        path = pretrain(config, tmp_path / f"{phantom}.safetensors", epochs=1, samples_per_site=12, phantom=phantom)
+        provenance = json.loads(path.with_suffix(".json").read_text())["provenance"]
+        assert provenance["data"].startswith(f"synthetic {'nucleus' if phantom == 'nuclei' else 'organ'} phantoms")
+    with pytest.raises(ValueError, match="nuclei phantoms are segmentation data"):
+        pretrain(tiny_config(), tmp_path / "x.safetensors", epochs=1, samples_per_site=12, phantom="nuclei")
 
 
 def test_cli_pretrain_writes_a_checkpoint_and_refuses_bad_input(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ the problem federation addresses. Classes are lesion shapes on a smooth anatomic
 class 0 has no lesion, class 1 a bright blob, class 2 a ring, class 3 a bar, and so on. Detection
 sites hold several such objects per image, with their bounding boxes. Vessel sites hold
 fundus-like images: a field of view with an optic disc and a branching tree of dark vessels whose
-masks are the segmentation target (public pre-training for retinal vessel segmentation).
+masks are the segmentation target (public pre-training for retinal vessel segmentation). Nuclei
+sites hold microscopy-like fields crowded with small textured blobs; organ sites hold a body with a
+few large smooth organ-like shapes of distinct intensities (2D or 3D).
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ __all__ = [
     "ScannerShift",
     "site_shift",
     "synthetic_detection_site",
+    "synthetic_nuclei_site",
+    "synthetic_organ_site",
     "synthetic_segmentation_site",
     "synthetic_site",
     "synthetic_vessel_site",
 ]
 
 MAX_OBJECTS = 5
+NUCLEUS_SEMI_AXES = {2: (0.02, 0.05), 3: (0.05, 0.1)}  # fractions of the image size
 
 
 @dataclass(frozen=True)
@@ -249,6 +254,86 @@ def synthetic_vessel_site(
     return SiteArrays(
         np.stack(images)[:, None], np.stack(masks)[:, None].astype(np.int64), splits, target_key="mask", spacing=spacing
     )
+
+
+def synthetic_nuclei_site(
+    site_index: int,
+    num_samples: int,
+    image_size: int = 64,
+    num_classes: int = 2,
+    seed: int = 0,
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    spatial_dims: int = 2,
+) -> SiteArrays:
+    """Microscopy-like fields crowded with nuclei, and their masks ``(N, 1, *spatial)``.
+
+    Each image holds 8-40 (2D; 4-16 in 3D) small ellipses or ellipsoids (semi-axes 2-5 % of the image
+    in 2D, 5-10 % in 3D, at least 1.5 pixels; randomly oriented, touching allowed) with grainy interiors on a textured background; a nucleus
+    of class k (1 to ``num_classes`` - 1) is darker the larger k, and its pixels are k in the mask.
+    """
+    shift = site_shift(site_index, 2, seed)
+    rng = np.random.default_rng([seed, site_index, 23])
+    images, masks = [], []
+    for _ in range(num_samples):
+        grid = np.mgrid[(slice(0, image_size),) * spatial_dims].astype(np.float32)
+        texture = ndimage.gaussian_filter(rng.normal(0, 1, grid.shape[1:]), sigma=image_size / 16)
+        image = 0.75 + 0.08 * texture / (np.abs(texture).max() + 1e-6)
+        mask = np.zeros(grid.shape[1:], dtype=np.int64)
+        grain = ndimage.gaussian_filter(rng.normal(0, 1, grid.shape[1:]), sigma=0.8)
+        count = rng.integers(8, 41) if spatial_dims == 2 else rng.integers(4, 17)
+        for _ in range(count):
+            label = int(rng.integers(1, num_classes))
+            centre = rng.uniform(0, image_size, spatial_dims)
+            axes = np.maximum(image_size * rng.uniform(*NUCLEUS_SEMI_AXES[spatial_dims], spatial_dims), 1.5)
+            rotation, _ = np.linalg.qr(rng.normal(0, 1, (spatial_dims, spatial_dims)))
+            local = np.tensordot(rotation.T, grid - centre.reshape((spatial_dims,) + (1,) * spatial_dims), axes=1)
+            inside = sum((axis / a) ** 2 for axis, a in zip(local, axes, strict=True)) <= 1.0
+            mask[inside] = label
+            image[inside] = 0.45 - 0.25 * (label - 1) / max(num_classes - 1, 1) + 0.05 * grain[inside]
+        images.append(_apply_shift(ndimage.gaussian_filter(image, 0.7), shift, rng))
+        masks.append(mask)
+    splits = _splits(num_samples, split_fractions, rng)
+    spacing = np.tile(np.asarray(shift.spacing(spatial_dims), dtype=np.float32), (num_samples, 1))
+    return SiteArrays(np.stack(images)[:, None], np.stack(masks)[:, None], splits, target_key="mask", spacing=spacing)
+
+
+def synthetic_organ_site(
+    site_index: int,
+    num_samples: int,
+    image_size: int = 64,
+    num_classes: int = 2,
+    seed: int = 0,
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    spatial_dims: int = 2,
+) -> SiteArrays:
+    """A body with one organ per class 1 to ``num_classes`` - 1, and its masks ``(N, 1, *spatial)``.
+
+    Organs are large smooth shapes (a sphere whose radius wobbles with a few random harmonics,
+    10-25 % of the image across) at random places inside the body, each class with its own
+    intensity and texture; a later organ covers an earlier one where they meet, as in the mask.
+    """
+    shift = site_shift(site_index, 2, seed)
+    rng = np.random.default_rng([seed, site_index, 29])
+    images, masks = [], []
+    for _ in range(num_samples):
+        image, body, grid, centre, radii = _background(image_size, rng, spatial_dims)
+        mask = np.zeros(body.shape, dtype=np.int64)
+        for label in range(1, num_classes):
+            organ_centre = centre + rng.uniform(-0.45, 0.45, spatial_dims) * radii
+            offsets = grid - organ_centre.reshape((spatial_dims,) + (1,) * spatial_dims)
+            distance = np.sqrt((offsets**2).sum(axis=0))
+            angle = np.arctan2(offsets[-2], offsets[-1])
+            wobble = sum(rng.uniform(0, 0.15) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+            inside = body & (distance <= image_size * rng.uniform(0.05, 0.125) * (1 + wobble))
+            texture = ndimage.gaussian_filter(rng.normal(0, 1, body.shape), sigma=1.5)
+            level = 0.15 + 0.7 * label / num_classes + rng.normal(0, 0.03)
+            mask[inside] = label
+            image = np.where(inside, level + 0.04 * texture, image)
+        images.append(_apply_shift(ndimage.gaussian_filter(image, 0.8), shift, rng))
+        masks.append(mask)
+    splits = _splits(num_samples, split_fractions, rng)
+    spacing = np.tile(np.asarray(shift.spacing(spatial_dims), dtype=np.float32), (num_samples, 1))
+    return SiteArrays(np.stack(images)[:, None], np.stack(masks)[:, None], splits, target_key="mask", spacing=spacing)
 
 
 def _fundus(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
