@@ -12,6 +12,7 @@ downloaded. The checkpoint's metadata records its provenance; a run's report rep
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -100,9 +101,15 @@ def pretrain(
     sites: int = 3,
     samples_per_site: int = 200,
     phantom: Phantom = "lesions",
+    lr: float = 0.0,
+    momentum: float = 0.9,
 ) -> Path:
     """Train ``config``'s model without DP on public data (see module doc); write the checkpoint
-    ``out`` (.safetensors + .json with provenance) and return its path."""
+    ``out`` (.safetensors + .json with provenance) and return its path.
+
+    All weights train, with SGD at ``lr`` (0: the config's ``train.lr``) and ``momentum``: the run's
+    own ``[train]`` settings are often those of private fine-tuning (only biases and norms, no
+    momentum), which cannot build a model from random weights."""
     task = get_task(config.run.task)
     arrays, description = public_sites(config, data, sites, samples_per_site, phantom)
     datasets = [PrivacyUnitDataset(a.split(s), a.privacy_units(s)[1], task.train_transform(config))
@@ -113,7 +120,11 @@ def pretrain(
     device = resolve_device(config.train.device)
     model.to(device)
     loader = DataLoader(dataset, batch_size=min(config.train.batch_size, len(dataset)), shuffle=True, drop_last=True)
-    stats = train(task, model, loader, build_optimizer(model, config.train), device, epochs=epochs, max_steps=steps)
+    settings = dataclasses.replace(
+        config.train, trainable="all", optimizer="sgd", lr=lr or config.train.lr, momentum=momentum,
+        augmentations=1, physical_batch_size=0,
+    )  # fmt: skip
+    stats = train(task, model, loader, build_optimizer(model, settings), device, epochs=epochs, max_steps=steps)
     model_settings = {"model": config.to_public_dict()["model"], "data": config.to_public_dict()["data"]}
     provenance: dict[str, Any] = {
         "data": description,
@@ -121,6 +132,7 @@ def pretrain(
         "epochs": epochs if not steps else None,
         "steps": stats.steps,
         "final_train_loss": stats.loss,
+        "optimizer": {"name": "sgd", "lr": settings.lr, "momentum": momentum, "batch_size": loader.batch_size},
         "task": config.run.task,
         "model_settings_sha256": hashlib.sha256(json.dumps(model_settings, sort_keys=True).encode()).hexdigest(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -5,6 +5,9 @@ sample_rate, steps)`` entry per round trained, and the noise multiplier calibrat
 ε is always recomputed from the whole history, so it composes across rounds and across runs. A
 new Opacus ``PrivacyEngine`` is built for each round (live Opacus objects cannot be kept between
 Flower calls), but its noise comes from the run's one calibration and its spend goes to the ledger.
+
+Importing this module also teaches Opacus to skip the per-sample weight gradients of convolutions
+whose weight is frozen (``train.trainable = "bias-norm"``): only the bias's are computed.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -261,6 +269,29 @@ def plan_privacy(
     return PrivacyPlan(units, batch, sample_rate, per_round, rounds, run_steps, target_epsilon, delta, accountant)
 
 
+def _bias_only_when_weight_frozen(full_sampler: Callable[..., dict]) -> Callable[..., dict]:
+    """A per-sample gradient function for a convolution that, when its weight is frozen
+    (``train.trainable = "bias-norm"``), computes only the bias's: the output gradient summed over
+    positions. Opacus would otherwise unfold the layer's input (kernel-size times its memory) or
+    re-run it per sample, for a weight gradient it then throws away."""
+
+    def sampler(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+        if layer.weight.requires_grad:
+            return full_sampler(layer, activations, backprops)
+        if layer.bias is None or not layer.bias.requires_grad:
+            return {}
+        return {layer.bias: backprops.flatten(2).sum(dim=2)}
+
+    return sampler
+
+
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    GradSampleModule.GRAD_SAMPLERS[_conv] = _bias_only_when_weight_frozen(compute_conv_grad_sample)
+TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+for _conv in TRANSPOSED_CONVS:  # Opacus' default for these: functorch (see make_private)
+    GradSampleModule.GRAD_SAMPLERS[_conv] = _bias_only_when_weight_frozen(ft_compute_per_sample_gradient)
+
+
 def make_private(
     model: nn.Module,
     optimizer: Optimizer,
@@ -274,6 +305,9 @@ def make_private(
     ``grad_sample_mode`` is how Opacus computes per-sample gradients (``hooks``, ``functorch``, ...;
     ``benchmarks/segmentation_dp.py`` compares them).
     """
+    for module in model.modules():
+        if isinstance(module, TRANSPOSED_CONVS) and module.weight.requires_grad:
+            prepare_layer(module)  # functorch's copy of the layer, made before Opacus hooks the layer
     engine = PrivacyEngine(accountant="rdp")
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,

@@ -130,3 +130,39 @@ def test_a_unit_yields_several_different_views_of_one_image() -> None:
 def test_views_without_randomness_and_bad_part_sizes_are_refused(overrides: dict, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("trainable", ["all", "bias-norm"])
+def test_unet_dp_step_is_the_mean_clipped_per_sample_gradient(trainable: str) -> None:
+    """Per-sample gradients of convolutions, transposed convolutions and GroupNorm, also when only
+    biases and norms train (then no weight gradient is computed at all): one noiseless DP-SGD step
+    equals clipping each image's own gradient, computed image by image."""
+    segmentation = get_task("segmentation")
+    config = tiny_config(**{"run.task": "segmentation", "data.image-size": 16, "train.lr": LR,
+                            "train.momentum": 0.0, "train.trainable": trainable})  # fmt: skip
+    generator = torch.Generator().manual_seed(5)
+    batch = {"image": torch.rand(3, 1, 16, 16, generator=generator),
+             "mask": (torch.rand(3, 1, 16, 16, generator=generator) > 0.7).long()}  # fmt: skip
+    torch.manual_seed(0)
+    reference = segmentation.build_model(config)
+    build_optimizer(reference, config.train)  # freezes what train.trainable leaves out
+    start = {name: p.detach().clone() for name, p in reference.named_parameters()}
+    trained = {name for name, p in reference.named_parameters() if p.requires_grad}
+    clipped_sum = {name: torch.zeros_like(start[name]) for name in trained}
+    for b in range(3):
+        reference.zero_grad()
+        segmentation.loss(reference(batch["image"][b : b + 1]), {"mask": batch["mask"][b : b + 1]}).backward()
+        grads = {name: p.grad.detach().clone() for name, p in reference.named_parameters() if name in trained}
+        norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+        for name in trained:
+            clipped_sum[name] += grads[name] * min(1.0, 0.05 / (float(norm) + 1e-6))
+
+    torch.manual_seed(0)
+    model = segmentation.build_model(config)
+    optimizer = build_optimizer(model, config.train)
+    placeholder = DataLoader([{k: v[0] for k, v in batch.items()}] * 3, batch_size=3)
+    model, optimizer, _ = make_private(model, optimizer, placeholder, 0.0, 0.05)
+    train(segmentation, model, [batch], optimizer, torch.device("cpu"), epochs=1)
+    for name, param in model._module.named_parameters():
+        expected = start[name] - LR * clipped_sum[name] / 3 if name in trained else start[name]
+        torch.testing.assert_close(param.detach(), expected, atol=1e-6, rtol=1e-4, msg=name)
