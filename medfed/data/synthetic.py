@@ -249,11 +249,7 @@ def synthetic_vessel_site(
         image, mask = _fundus(image_size, rng)
         images.append(_apply_shift(image, shift, rng))
         masks.append(mask)
-    splits = _splits(num_samples, split_fractions, rng)
-    spacing = np.tile(np.asarray(shift.spacing(2), dtype=np.float32), (num_samples, 1))
-    return SiteArrays(
-        np.stack(images)[:, None], np.stack(masks)[:, None].astype(np.int64), splits, target_key="mask", spacing=spacing
-    )
+    return _mask_site(images, masks, shift, rng, split_fractions, 2)
 
 
 def synthetic_nuclei_site(
@@ -292,9 +288,7 @@ def synthetic_nuclei_site(
             image[inside] = 0.45 - 0.25 * (label - 1) / max(num_classes - 1, 1) + 0.05 * grain[inside]
         images.append(_apply_shift(ndimage.gaussian_filter(image, 0.7), shift, rng))
         masks.append(mask)
-    splits = _splits(num_samples, split_fractions, rng)
-    spacing = np.tile(np.asarray(shift.spacing(spatial_dims), dtype=np.float32), (num_samples, 1))
-    return SiteArrays(np.stack(images)[:, None], np.stack(masks)[:, None], splits, target_key="mask", spacing=spacing)
+    return _mask_site(images, masks, shift, rng, split_fractions, spatial_dims)
 
 
 def synthetic_organ_site(
@@ -331,9 +325,22 @@ def synthetic_organ_site(
             image = np.where(inside, level + 0.04 * texture, image)
         images.append(_apply_shift(ndimage.gaussian_filter(image, 0.8), shift, rng))
         masks.append(mask)
-    splits = _splits(num_samples, split_fractions, rng)
-    spacing = np.tile(np.asarray(shift.spacing(spatial_dims), dtype=np.float32), (num_samples, 1))
-    return SiteArrays(np.stack(images)[:, None], np.stack(masks)[:, None], splits, target_key="mask", spacing=spacing)
+    return _mask_site(images, masks, shift, rng, split_fractions, spatial_dims)
+
+
+def _mask_site(
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+    shift: ScannerShift,
+    rng: np.random.Generator,
+    split_fractions: tuple[float, float, float],
+    spatial_dims: int,
+) -> SiteArrays:
+    """A segmentation site of ``images`` and label ``masks`` seen through ``shift``'s scanner."""
+    splits = _splits(len(images), split_fractions, rng)
+    spacing = np.tile(np.asarray(shift.spacing(spatial_dims), dtype=np.float32), (len(images), 1))
+    targets = np.stack(masks)[:, None].astype(np.int64)
+    return SiteArrays(np.stack(images)[:, None], targets, splits, target_key="mask", spacing=spacing)
 
 
 def _fundus(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
