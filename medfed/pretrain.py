@@ -91,6 +91,15 @@ def public_sites(
     return arrays, f"synthetic {kind} phantoms: {sites} simulated scanners x {samples_per_site} images, seed {seed}"
 
 
+def _seeded_transform(task: Any, config: Config, index: int) -> Any:
+    """The task's training transform with its own random state seeded from ``run.seed`` (MONAI's
+    random transforms are otherwise seeded afresh in every process: pre-training would differ run to run)."""
+    transform = task.train_transform(config)
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(config.run.seed * 1000 + index)
+    return transform
+
+
 def pretrain(
     config: Config,
     out: str | Path,
@@ -112,8 +121,9 @@ def pretrain(
     momentum), which cannot build a model from random weights."""
     task = get_task(config.run.task)
     arrays, description = public_sites(config, data, sites, samples_per_site, phantom)
-    datasets = [PrivacyUnitDataset(a.split(s), a.privacy_units(s)[1], task.train_transform(config))
-                for a in arrays for s in ("train", "val") if (a.splits == s).any()]  # fmt: skip
+    parts = [(a, s) for a in arrays for s in ("train", "val") if (a.splits == s).any()]
+    datasets = [PrivacyUnitDataset(a.split(s), a.privacy_units(s)[1], _seeded_transform(task, config, i))
+                for i, (a, s) in enumerate(parts)]  # fmt: skip
     dataset = torch.utils.data.ConcatDataset(datasets)
     torch.manual_seed(config.run.seed)
     model = task.build_model(config)

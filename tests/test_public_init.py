@@ -145,3 +145,13 @@ def test_cli_pretrain_writes_a_checkpoint_and_refuses_bad_input(tmp_path: Path) 
     assert bad.exit_code == 2 and "vessel phantoms are 2D binary segmentation" in " ".join(bad.output.split())
     missing = runner.invoke(app, [*args, "--data", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "public site folder" in " ".join(missing.output.split())
+
+
+def test_pretraining_is_repeatable(tmp_path: Path) -> None:
+    """Random patches included: the same config and seed give the same starting model."""
+    config = tiny_config(**{"run.task": "segmentation", "data.image-size": 32, "data.patch-size": 16})
+    first, second = (
+        load_checkpoint(pretrain(config, tmp_path / f"{name}.safetensors", epochs=1, samples_per_site=12))[0]
+        for name in ("a", "b")
+    )
+    assert all(torch.allclose(first[k], second[k], atol=1e-5) for k in first)
