@@ -11,8 +11,9 @@
    the public model untrained and the config's federation without DP. Dice per test image, each
    site's mean with a 95 % bootstrap interval (200 resamples), the worst site, the mean of sites.
 2. **PneumoniaMNIST** (3 hospitals, Dirichlet(0.5); ε = 8 per image): the federation of
-   ``configs/classification-pneumoniamnist-dp.toml`` without DP, with DP, + 4 random views per
-   image (``train.augment``: shifts and rotations; ``train.augmentations = 4``), + ``run.ema``.
+   ``configs/classification-pneumoniamnist-dp.toml`` without its DP switches, without and with DP;
+   + 4 random views per image (``train.augment``: shifts and rotations; ``train.augmentations = 4``);
+   + ``run.ema`` 0.5 (the config); and DP with only the moving average.
    Test AUROC on all 624 official test images with a paired 95 % bootstrap interval of DP / no DP.
 3. **Speed**: training samples/s with and without DP-SGD (same model, batch and data: the first
    site) for both DP configs, with 1 and with 4 views per image (images/s: a view is not a sample).
@@ -48,6 +49,8 @@ from harness import (
 from medfed.config import Config, load_config
 from medfed.data.sites import load_simulated_site
 from medfed.federation import initial_model
+from medfed.tasks import get_task
+from medfed.weights import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -63,12 +66,13 @@ CHASE_LADDER: list[tuple[str, dict[str, Any]]] = [
     ("+ moving average (run.ema 0.5)", {"run.ema": 0.5}),
     ("config without DP", {"privacy.enabled": False}),
 ]
+PLAIN = {"train.augment": False, "train.augmentations": 1, "run.ema": 0.0}  # the config without its DP switches
 PNEUMONIA_LADDER: list[tuple[str, dict[str, Any]]] = [
-    ("no DP", {"privacy.enabled": False}),
-    ("DP (config)", {}),
-    ("+ 4 views per image", {"train.augment": True, "train.augmentations": 4}),
-    ("+ moving average (run.ema 0.5)", {"train.augment": True, "train.augmentations": 4, "run.ema": 0.5}),
-    ("DP + moving average only", {"run.ema": 0.5}),
+    ("no DP", PLAIN | {"privacy.enabled": False}),
+    ("DP", PLAIN),
+    ("+ 4 views per image", {"run.ema": 0.0}),
+    ("+ moving average (run.ema 0.5): config", {}),
+    ("DP + moving average only", PLAIN | {"run.ema": 0.5}),
 ]
 
 
@@ -79,13 +83,13 @@ def _config(file: str, data: Path, overrides: dict[str, Any]) -> Config:
     return load_config(REPO / "configs" / file, base | overrides)
 
 
-def public_model(out: Path) -> tuple[Path, float]:
+def public_model(out: Path) -> tuple[Path, float | None]:
     """The CHASE_DB1 config's public starting model, built once into ``out`` (no patient data)."""
     from medfed.pretrain import pretrain
 
     path = out / "public" / "chasedb1-vessels.safetensors"
     if path.is_file():
-        return path, 0.0
+        return path, None  # built earlier: its time is not known here
     started = time.perf_counter()
     pretrain(_config("segmentation-chasedb1-dp.toml", CHASE, {}), path, **PRETRAIN)
     return path, time.perf_counter() - started
@@ -95,7 +99,30 @@ def _worst(scores: dict[str, Any]) -> float:
     return min(site["value"] for site in scores["per_site"].values())
 
 
-def chasedb1(out: Path, replicates: int) -> dict[str, Any]:
+def _federation(config: Config, out: Path, reuse: bool) -> tuple[torch.nn.Module, dict[str, Any], float | None]:
+    """The federation of ``config`` in ``out``: simulated now (with its seconds), or with ``reuse``
+    the one already there (same config required; seconds unknown)."""
+    if reuse and (out / "report.json").is_file():
+        report = json.loads((out / "report.json").read_text())
+        if _comparable(report["config"]) != _comparable(config.to_public_dict()):
+            raise SystemExit(f"--reuse: {out} holds a run of another config")
+        model = get_task(config.run.task).build_model(config)
+        model.load_state_dict(load_checkpoint(out / "checkpoints" / "global.safetensors")[0])
+        return model, report, None
+    started = time.perf_counter()
+    model, report = federated_model(config, out)
+    return model, report, time.perf_counter() - started
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as JSON with the starting checkpoint's path resolved (``out`` may be reached by a link)."""
+    plain = json.loads(json.dumps(config))
+    if plain["run"].get("initial-model"):
+        plain["run"]["initial-model"] = str(Path(plain["run"]["initial-model"]).resolve())
+    return plain
+
+
+def chasedb1(out: Path, replicates: int, reuse: bool) -> dict[str, Any]:
     """The CHASE_DB1 ladder: per-site test Dice of each rung's final global model."""
     checkpoint, pretrain_seconds = public_model(out)
     base = {"run.initial-model": str(checkpoint)}
@@ -106,29 +133,27 @@ def chasedb1(out: Path, replicates: int) -> dict[str, Any]:
     rows[0]["worst"] = _worst(rows[0])
     for name, overrides in CHASE_LADDER:
         config = _config("segmentation-chasedb1-dp.toml", CHASE, base | overrides)
-        started = time.perf_counter()
-        model, report = federated_model(config, out / f"chasedb1-{len(rows)}")
+        model, report, seconds = _federation(config, out / f"chasedb1-{len(rows)}", reuse)
         scores = bootstrap_scores(config, model, sites, replicates)
         rows.append({"name": name, "overrides": overrides, **without_draws(scores), "worst": _worst(scores),
-                     **_privacy(report), "seconds": time.perf_counter() - started})  # fmt: skip
+                     **_privacy(report), "seconds": seconds})  # fmt: skip
         _print(rows[-1], "Dice")
     return {"pretrain_seconds": pretrain_seconds, "pretrain": PRETRAIN, "rows": rows}
 
 
-def pneumoniamnist(out: Path, replicates: int, quick: bool) -> dict[str, Any]:
+def pneumoniamnist(out: Path, replicates: int, quick: bool, reuse: bool) -> dict[str, Any]:
     """The PneumoniaMNIST ladder: test AUROC of each rung's global model on all test images."""
     scale = {"run.rounds": 1, "data.max-samples-per-site": 400} if quick else {}
-    ladder = PNEUMONIA_LADDER[:3] if quick else PNEUMONIA_LADDER
+    ladder = PNEUMONIA_LADDER[:2] if quick else PNEUMONIA_LADDER
     rows, draws = [], []
     for name, overrides in ladder:
         config = _config("classification-pneumoniamnist-dp.toml", PNEUMONIA, scale | overrides)
-        started = time.perf_counter()
-        model, report = federated_model(config, out / f"pneumoniamnist-{len(rows)}")
+        model, report, seconds = _federation(config, out / f"pneumoniamnist-{len(rows)}", reuse)
         everyone = union([load_simulated_site(config, i)[1] for i in range(config.data.sites)])
         scores = bootstrap_scores(config, model, {"all": everyone}, replicates)["per_site"]["all"]
         draws.append(scores)
         rows.append({"name": name, "overrides": overrides, "test_auroc": without_draws(scores), **_privacy(report),
-                     "seconds": time.perf_counter() - started})  # fmt: skip
+                     "seconds": seconds})  # fmt: skip
         rows[-1]["auroc_over_no_dp"] = paired_ratio(scores, draws[0])
         _print(rows[-1], "AUROC")
     return {"rows": rows}
@@ -137,12 +162,10 @@ def pneumoniamnist(out: Path, replicates: int, quick: bool) -> dict[str, Any]:
 def speed(steps: int) -> list[dict[str, Any]]:
     """DP / non-DP training speed of both DP configs, with 1 and 4 views per image."""
     cases = [
-        ("CHASE_DB1 U-Net, biases and norms", "segmentation-chasedb1-dp.toml", CHASE, {}),
-        ("CHASE_DB1 U-Net, biases and norms, 4 views", "segmentation-chasedb1-dp.toml", CHASE,
-         {"train.augmentations": 4}),
-        ("PneumoniaMNIST CNN", "classification-pneumoniamnist-dp.toml", PNEUMONIA, {}),
-        ("PneumoniaMNIST CNN, 4 views", "classification-pneumoniamnist-dp.toml", PNEUMONIA,
-         {"train.augment": True, "train.augmentations": 4}),
+        ("CHASE_DB1 U-Net, biases and norms", "segmentation-chasedb1-dp.toml", CHASE, {"train.augmentations": 1}),
+        ("CHASE_DB1 U-Net, biases and norms, 4 views", "segmentation-chasedb1-dp.toml", CHASE, {}),
+        ("PneumoniaMNIST CNN", "classification-pneumoniamnist-dp.toml", PNEUMONIA, PLAIN),
+        ("PneumoniaMNIST CNN, 4 views", "classification-pneumoniamnist-dp.toml", PNEUMONIA, {}),
     ]  # fmt: skip
     rows = []
     for name, file, data, overrides in cases:
@@ -197,6 +220,7 @@ def main() -> None:
     parser.add_argument("--replicates", type=int, default=200)
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per speed measurement")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-dp-small-sites")
+    parser.add_argument("--reuse", action="store_true", help="score the federations already in --out (same configs)")
     args = parser.parse_args()
     parts = ["pneumoniamnist"] if args.quick else args.only or ["chasedb1", "pneumoniamnist", "speed"]
     stem = "dp_small_sites-quick" if args.quick else "dp_small_sites"
@@ -205,9 +229,9 @@ def main() -> None:
     summary |= {"benchmark": "dp_small_sites", "quick": args.quick, "machine": f"{os.cpu_count()} CPU cores"}
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     if "chasedb1" in parts:
-        summary["chasedb1"] = chasedb1(args.out, args.replicates)
+        summary["chasedb1"] = chasedb1(args.out, args.replicates, args.reuse)
     if "pneumoniamnist" in parts:
-        summary["pneumoniamnist"] = pneumoniamnist(args.out, args.replicates, args.quick)
+        summary["pneumoniamnist"] = pneumoniamnist(args.out, args.replicates, args.quick, args.reuse)
     if "speed" in parts:
         summary["speed"] = speed(args.steps)
     RESULTS.mkdir(parents=True, exist_ok=True)

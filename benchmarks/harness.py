@@ -249,8 +249,9 @@ def throughput(config: Config, site: SiteArrays, steps: int = 20) -> dict[str, f
         optimizer = build_optimizer(model, config.train)
         if private:
             model, optimizer, loader = make_private(model, optimizer, loader, 1.0, config.privacy.max_grad_norm)
-        train(task, model, loader, optimizer, torch.device("cpu"), epochs=1, max_steps=2)  # warm-up
-        stats = train(task, model, loader, optimizer, torch.device("cpu"), epochs=1, max_steps=steps)
+        options = {"views": config.train.augmentations, "physical_batch_size": config.train.physical_batch_size}
+        train(task, model, loader, optimizer, torch.device("cpu"), epochs=1, max_steps=2, **options)  # warm-up
+        stats = train(task, model, loader, optimizer, torch.device("cpu"), epochs=1, max_steps=steps, **options)
         result["dp_samples_per_s" if private else "samples_per_s"] = stats.examples / stats.seconds
     result["dp_ratio"] = result["dp_samples_per_s"] / result["samples_per_s"]
     return result
