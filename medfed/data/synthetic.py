@@ -13,6 +13,7 @@ few large smooth organ-like shapes of distinct intensities (2D or 3D).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -242,14 +243,7 @@ def synthetic_vessel_site(
     vessel trunks leaving the disc that wander, thin out and branch (children 60-80 % as wide),
     drawn darker than the background. Widths scale with the image (1.3-1.9 % of it for a trunk).
     """
-    shift = site_shift(site_index, 2, seed)
-    rng = np.random.default_rng([seed, site_index, 19])
-    images, masks = [], []
-    for _ in range(num_samples):
-        image, mask = _fundus(image_size, rng)
-        images.append(_apply_shift(image, shift, rng))
-        masks.append(mask)
-    return _mask_site(images, masks, shift, rng, split_fractions, 2)
+    return _mask_site(site_index, num_samples, seed, 19, lambda rng: _fundus(image_size, rng), split_fractions, 2)
 
 
 def synthetic_nuclei_site(
@@ -263,32 +257,20 @@ def synthetic_nuclei_site(
 ) -> SiteArrays:
     """Microscopy-like fields crowded with nuclei, and their masks ``(N, 1, *spatial)``.
 
-    Each image holds 8-40 (2D; 4-16 in 3D) small ellipses or ellipsoids (semi-axes 2-5 % of the image
-    in 2D, 5-10 % in 3D, at least 1.5 pixels; randomly oriented, touching allowed) with grainy interiors on a textured background; a nucleus
-    of class k (1 to ``num_classes`` - 1) is darker the larger k, and its pixels are k in the mask.
+    Each image holds 8-40 (2D; 4-16 in 3D) small ellipses or ellipsoids (semi-axes 2-5 % of the
+    image in 2D, 5-10 % in 3D, at least 1.5 pixels; randomly oriented, touching allowed) with grainy
+    interiors on a textured background; a nucleus of class k (1 to ``num_classes`` - 1) is darker
+    the larger k, and its pixels are k in the mask.
     """
-    shift = site_shift(site_index, 2, seed)
-    rng = np.random.default_rng([seed, site_index, 23])
-    images, masks = [], []
-    for _ in range(num_samples):
-        grid = np.mgrid[(slice(0, image_size),) * spatial_dims].astype(np.float32)
-        texture = ndimage.gaussian_filter(rng.normal(0, 1, grid.shape[1:]), sigma=image_size / 16)
-        image = 0.75 + 0.08 * texture / (np.abs(texture).max() + 1e-6)
-        mask = np.zeros(grid.shape[1:], dtype=np.int64)
-        grain = ndimage.gaussian_filter(rng.normal(0, 1, grid.shape[1:]), sigma=0.8)
-        count = rng.integers(8, 41) if spatial_dims == 2 else rng.integers(4, 17)
-        for _ in range(count):
-            label = int(rng.integers(1, num_classes))
-            centre = rng.uniform(0, image_size, spatial_dims)
-            axes = np.maximum(image_size * rng.uniform(*NUCLEUS_SEMI_AXES[spatial_dims], spatial_dims), 1.5)
-            rotation, _ = np.linalg.qr(rng.normal(0, 1, (spatial_dims, spatial_dims)))
-            local = np.tensordot(rotation.T, grid - centre.reshape((spatial_dims,) + (1,) * spatial_dims), axes=1)
-            inside = sum((axis / a) ** 2 for axis, a in zip(local, axes, strict=True)) <= 1.0
-            mask[inside] = label
-            image[inside] = 0.45 - 0.25 * (label - 1) / max(num_classes - 1, 1) + 0.05 * grain[inside]
-        images.append(_apply_shift(ndimage.gaussian_filter(image, 0.7), shift, rng))
-        masks.append(mask)
-    return _mask_site(images, masks, shift, rng, split_fractions, spatial_dims)
+    return _mask_site(
+        site_index,
+        num_samples,
+        seed,
+        23,
+        lambda rng: _nuclei(image_size, num_classes, spatial_dims, rng),
+        split_fractions,
+        spatial_dims,
+    )
 
 
 def synthetic_organ_site(
@@ -306,41 +288,77 @@ def synthetic_organ_site(
     10-25 % of the image across) at random places inside the body, each class with its own
     intensity and texture; a later organ covers an earlier one where they meet, as in the mask.
     """
-    shift = site_shift(site_index, 2, seed)
-    rng = np.random.default_rng([seed, site_index, 29])
-    images, masks = [], []
-    for _ in range(num_samples):
-        image, body, grid, centre, radii = _background(image_size, rng, spatial_dims)
-        mask = np.zeros(body.shape, dtype=np.int64)
-        for label in range(1, num_classes):
-            organ_centre = centre + rng.uniform(-0.45, 0.45, spatial_dims) * radii
-            offsets = grid - organ_centre.reshape((spatial_dims,) + (1,) * spatial_dims)
-            distance = np.sqrt((offsets**2).sum(axis=0))
-            angle = np.arctan2(offsets[-2], offsets[-1])
-            wobble = sum(rng.uniform(0, 0.15) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
-            inside = body & (distance <= image_size * rng.uniform(0.05, 0.125) * (1 + wobble))
-            texture = ndimage.gaussian_filter(rng.normal(0, 1, body.shape), sigma=1.5)
-            level = 0.15 + 0.7 * label / num_classes + rng.normal(0, 0.03)
-            mask[inside] = label
-            image = np.where(inside, level + 0.04 * texture, image)
-        images.append(_apply_shift(ndimage.gaussian_filter(image, 0.8), shift, rng))
-        masks.append(mask)
-    return _mask_site(images, masks, shift, rng, split_fractions, spatial_dims)
+    return _mask_site(
+        site_index,
+        num_samples,
+        seed,
+        29,
+        lambda rng: _organs(image_size, num_classes, spatial_dims, rng),
+        split_fractions,
+        spatial_dims,
+    )
 
 
 def _mask_site(
-    images: list[np.ndarray],
-    masks: list[np.ndarray],
-    shift: ScannerShift,
-    rng: np.random.Generator,
+    site_index: int,
+    num_samples: int,
+    seed: int,
+    stream: int,
+    draw: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]],
     split_fractions: tuple[float, float, float],
     spatial_dims: int,
 ) -> SiteArrays:
-    """A segmentation site of ``images`` and label ``masks`` seen through ``shift``'s scanner."""
-    splits = _splits(len(images), split_fractions, rng)
-    spacing = np.tile(np.asarray(shift.spacing(spatial_dims), dtype=np.float32), (len(images), 1))
+    """A segmentation site of ``num_samples`` (image, label mask) pairs from ``draw``, each image seen
+    through the site's scanner (:func:`site_shift`); ``stream`` keeps each phantom kind's draws apart."""
+    shift = site_shift(site_index, 2, seed)
+    rng = np.random.default_rng([seed, site_index, stream])
+    images, masks = [], []
+    for _ in range(num_samples):
+        image, mask = draw(rng)
+        images.append(_apply_shift(image, shift, rng))
+        masks.append(mask)
+    splits = _splits(num_samples, split_fractions, rng)
+    spacing = np.tile(np.asarray(shift.spacing(spatial_dims), dtype=np.float32), (num_samples, 1))
     targets = np.stack(masks)[:, None].astype(np.int64)
     return SiteArrays(np.stack(images)[:, None], targets, splits, target_key="mask", spacing=spacing)
+
+
+def _nuclei(size: int, num_classes: int, ndim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One microscopy-like field of nuclei and its label mask (see :func:`synthetic_nuclei_site`)."""
+    grid = np.mgrid[(slice(0, size),) * ndim].astype(np.float32)
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, grid.shape[1:]), sigma=size / 16)
+    image = 0.75 + 0.08 * texture / (np.abs(texture).max() + 1e-6)
+    mask = np.zeros(grid.shape[1:], dtype=np.int64)
+    grain = ndimage.gaussian_filter(rng.normal(0, 1, grid.shape[1:]), sigma=0.8)
+    count = rng.integers(8, 41) if ndim == 2 else rng.integers(4, 17)
+    for _ in range(count):
+        label = int(rng.integers(1, num_classes))
+        centre = rng.uniform(0, size, ndim)
+        axes = np.maximum(size * rng.uniform(*NUCLEUS_SEMI_AXES[ndim], ndim), 1.5)
+        rotation, _ = np.linalg.qr(rng.normal(0, 1, (ndim, ndim)))
+        local = np.tensordot(rotation.T, grid - centre.reshape((ndim,) + (1,) * ndim), axes=1)
+        inside = sum((axis / a) ** 2 for axis, a in zip(local, axes, strict=True)) <= 1.0
+        mask[inside] = label
+        image[inside] = 0.45 - 0.25 * (label - 1) / max(num_classes - 1, 1) + 0.05 * grain[inside]
+    return ndimage.gaussian_filter(image, 0.7), mask
+
+
+def _organs(size: int, num_classes: int, ndim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One body with an organ per class and its label mask (see :func:`synthetic_organ_site`)."""
+    image, body, grid, centre, radii = _background(size, rng, ndim)
+    mask = np.zeros(body.shape, dtype=np.int64)
+    for label in range(1, num_classes):
+        organ_centre = centre + rng.uniform(-0.45, 0.45, ndim) * radii
+        offsets = grid - organ_centre.reshape((ndim,) + (1,) * ndim)
+        distance = np.sqrt((offsets**2).sum(axis=0))
+        angle = np.arctan2(offsets[-2], offsets[-1])
+        wobble = sum(rng.uniform(0, 0.15) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+        inside = body & (distance <= size * rng.uniform(0.05, 0.125) * (1 + wobble))
+        texture = ndimage.gaussian_filter(rng.normal(0, 1, body.shape), sigma=1.5)
+        level = 0.15 + 0.7 * label / num_classes + rng.normal(0, 0.03)
+        mask[inside] = label
+        image = np.where(inside, level + 0.04 * texture, image)
+    return ndimage.gaussian_filter(image, 0.8), mask
 
 
 def _fundus(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
