@@ -5,8 +5,8 @@ from a model which already knows what vessels, lesions or cells look like needs 
 steps. ``pretrain`` trains the run's own model (same ``[model]`` and ``[data]`` settings, so the
 checkpoint fits ``run.initial-model``) without DP on either seeded synthetic hospitals (the
 generators of :mod:`medfed.data.synthetic`, with scanner shifts; for segmentation ``lesions``,
-fundus-like ``vessels``, microscopy-like ``nuclei`` or ``organs``), or public site folders the coordinator points at (e.g. a public dataset
-written by ``medfed data import``). It never reads the run's own data source, and nothing is
+fundus-like ``vessels``, microscopy-like ``nuclei`` or ``organs``), or public site folders the
+coordinator points at (e.g. a public dataset written by ``medfed data import``). It never reads the run's own data source, and nothing is
 downloaded. The checkpoint's metadata records its provenance; a run's report repeats it.
 """
 
@@ -34,7 +34,7 @@ from medfed.data.synthetic import (
     synthetic_site,
     synthetic_vessel_site,
 )
-from medfed.tasks import get_task
+from medfed.tasks import get_task, seeded_train_transform
 from medfed.training import build_optimizer, resolve_device, train
 from medfed.weights import model_to_arrays, save_checkpoint
 
@@ -91,15 +91,6 @@ def public_sites(
     return arrays, f"synthetic {kind} phantoms: {sites} simulated scanners x {samples_per_site} images, seed {seed}"
 
 
-def _seeded_transform(task: Any, config: Config, index: int) -> Any:
-    """The task's training transform with its own random state seeded from ``run.seed`` (MONAI's
-    random transforms are otherwise seeded afresh in every process: pre-training would differ run to run)."""
-    transform = task.train_transform(config)
-    if hasattr(transform, "set_random_state"):
-        transform.set_random_state(config.run.seed * 1000 + index)
-    return transform
-
-
 def pretrain(
     config: Config,
     out: str | Path,
@@ -122,7 +113,7 @@ def pretrain(
     task = get_task(config.run.task)
     arrays, description = public_sites(config, data, sites, samples_per_site, phantom)
     parts = [(a, s) for a in arrays for s in ("train", "val") if (a.splits == s).any()]
-    datasets = [PrivacyUnitDataset(a.split(s), a.privacy_units(s)[1], _seeded_transform(task, config, i))
+    datasets = [PrivacyUnitDataset(a.split(s), a.privacy_units(s)[1], seeded_train_transform(task, config, config.run.seed * 1000 + i))
                 for i, (a, s) in enumerate(parts)]  # fmt: skip
     dataset = torch.utils.data.ConcatDataset(datasets)
     torch.manual_seed(config.run.seed)

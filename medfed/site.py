@@ -33,7 +33,7 @@ from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulate
 from medfed.data.manifest import DataProblem, Preprocess
 from medfed.data.preflight import Preflight, run_preflight
 from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private, plan_privacy
-from medfed.tasks import get_task
+from medfed.tasks import get_task, seeded_train_transform
 from medfed.training import build_optimizer, evaluate, resolve_device, train
 from medfed.weights import compress_update, model_to_arrays, set_model_arrays
 
@@ -273,9 +273,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     phase = str(message_config.get("phase", PHASE_FEDERATED))
     seed = training_seed(site.state_dir, run_key, int(message_config.get("server-round", 0)), phase, site.data)
     seed_everything(seed)
-    transform = task.train_transform(config)
-    if hasattr(transform, "set_random_state"):
-        transform.set_random_state(seed)
+    transform = seeded_train_transform(task, config, seed)
     unit, units = site.data.privacy_units("train", config.privacy.unit)
     dataset = PrivacyUnitDataset(site.data.split("train"), units, transform, config.train.augmentations)
     n = len(dataset)

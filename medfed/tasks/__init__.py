@@ -12,7 +12,7 @@ from torch import nn
 
 from medfed.config import Config
 
-__all__ = ["TASKS", "MetricAccumulator", "Task", "get_task", "predict"]
+__all__ = ["TASKS", "MetricAccumulator", "Task", "get_task", "predict", "seeded_train_transform"]
 
 TASKS: dict[str, str] = {
     "classification": "medfed.tasks.classification",
@@ -66,6 +66,15 @@ def get_task(name: str) -> Any:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
     return importlib.import_module(TASKS[name])
+
+
+def seeded_train_transform(task: Any, config: Config, seed: int) -> Callable[[Sample], Sample] | None:
+    """The task's training transform with its random state seeded (MONAI's random transforms are
+    otherwise seeded afresh in every process, so training would not repeat)."""
+    transform = task.train_transform(config)
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed)
+    return transform
 
 
 @torch.no_grad()
