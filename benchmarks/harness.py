@@ -22,7 +22,7 @@ from medfed.data import PrivacyUnitDataset, SiteArrays
 from medfed.privacy import default_delta, make_private
 from medfed.simulation import simulate
 from medfed.tasks import get_task
-from medfed.training import build_optimizer, evaluate, train
+from medfed.training import build_optimizer, evaluate, loop_options, train
 from medfed.weights import load_checkpoint
 
 # where benchmarks write NAME.json and plots/NAME.png (tests point it at a temporary folder)
@@ -105,7 +105,7 @@ def train_central(
         model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
     started = time.perf_counter()
     train(task, model, loader, optimizer, torch.device("cpu"), epochs=epochs, max_steps=steps,
-          views=config.train.augmentations, physical_batch_size=config.train.physical_batch_size)  # fmt: skip
+          **loop_options(config.train))  # fmt: skip
     info = {"units": units, "unit": unit, "steps": steps, "noise_multiplier": sigma,
             "seconds": time.perf_counter() - started}  # fmt: skip
     return getattr(model, "_module", model), info
@@ -249,7 +249,7 @@ def throughput(config: Config, site: SiteArrays, steps: int = 20) -> dict[str, f
         optimizer = build_optimizer(model, config.train)
         if private:
             model, optimizer, loader = make_private(model, optimizer, loader, 1.0, config.privacy.max_grad_norm)
-        options = {"views": config.train.augmentations, "physical_batch_size": config.train.physical_batch_size}
+        options = loop_options(config.train)
         train(task, model, loader, optimizer, torch.device("cpu"), epochs=1, max_steps=2, **options)  # warm-up
         stats = train(task, model, loader, optimizer, torch.device("cpu"), epochs=1, max_steps=steps, **options)
         result["dp_samples_per_s" if private else "samples_per_s"] = stats.examples / stats.seconds

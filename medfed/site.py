@@ -34,7 +34,7 @@ from medfed.data.manifest import DataProblem, Preprocess
 from medfed.data.preflight import Preflight, run_preflight
 from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private, plan_privacy
 from medfed.tasks import get_task, seeded_train_transform
-from medfed.training import build_optimizer, evaluate, resolve_device, train
+from medfed.training import build_optimizer, evaluate, loop_options, resolve_device, train
 from medfed.weights import compress_update, model_to_arrays, set_model_arrays
 
 __all__ = ["Site", "handle_evaluate", "handle_train", "resolve_site"]
@@ -332,8 +332,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
         max_steps=max_steps,
         proximal_mu=proximal_mu,
         amp=config.train.amp and not config.privacy.enabled,
-        views=config.train.augmentations,
-        physical_batch_size=config.train.physical_batch_size,
+        **loop_options(config.train),
     )
     if stats.steps != steps_planned:
         raise RuntimeError(f"trained {stats.steps} steps but {steps_planned} were accounted for")

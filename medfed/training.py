@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from medfed.config import Config, TrainConfig
 
-__all__ = ["TrainStats", "build_optimizer", "evaluate", "resolve_device", "train"]
+__all__ = ["TrainStats", "build_optimizer", "evaluate", "loop_options", "resolve_device", "train"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def loop_options(settings: TrainConfig) -> dict[str, int]:
+    """The :func:`train` arguments ``[train]`` sets besides the optimizer: views per image, part size."""
+    return {"views": settings.augmentations, "physical_batch_size": settings.physical_batch_size}
 
 
 def train(
