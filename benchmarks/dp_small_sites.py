@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from harness import (
     RESULTS,
+    bench_config,
     bootstrap_scores,
     federated_model,
     paired_ratio,
@@ -46,7 +47,7 @@ from harness import (
     without_draws,
 )
 
-from medfed.config import Config, load_config
+from medfed.config import Config
 from medfed.data.sites import load_simulated_site
 from medfed.federation import initial_model
 from medfed.tasks import get_task
@@ -76,13 +77,6 @@ PNEUMONIA_LADDER: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def _config(file: str, data: Path, overrides: dict[str, Any]) -> Config:
-    if not data.exists():
-        raise SystemExit(f"data not found at {data} (the benchmarks read ../shared/data beside the repo)")
-    base = {"data.path": str(data), "evaluation.cross-site": False, "evaluation.example-images": 0}
-    return load_config(REPO / "configs" / file, base | overrides)
-
-
 def public_model(out: Path) -> tuple[Path, float | None]:
     """The CHASE_DB1 config's public starting model, built once into ``out`` (no patient data)."""
     from medfed.pretrain import pretrain
@@ -91,7 +85,7 @@ def public_model(out: Path) -> tuple[Path, float | None]:
     if path.is_file():
         return path, None  # built earlier: its time is not known here
     started = time.perf_counter()
-    pretrain(_config("segmentation-chasedb1-dp.toml", CHASE, {}), path, **PRETRAIN)
+    pretrain(bench_config("segmentation-chasedb1-dp.toml", CHASE, {}), path, **PRETRAIN)
     return path, time.perf_counter() - started
 
 
@@ -126,13 +120,13 @@ def chasedb1(out: Path, replicates: int, reuse: bool) -> dict[str, Any]:
     """The CHASE_DB1 ladder: per-site test Dice of each rung's final global model."""
     checkpoint, pretrain_seconds = public_model(out)
     base = {"run.initial-model": str(checkpoint)}
-    config = _config("segmentation-chasedb1-dp.toml", CHASE, base)
+    config = bench_config("segmentation-chasedb1-dp.toml", CHASE, base)
     sites = dict(load_simulated_site(config, i) for i in range(config.data.sites))
     rows = [{"name": "public model, untrained at sites", **without_draws(
         bootstrap_scores(config, initial_model(config), sites, replicates))}]  # fmt: skip
     rows[0]["worst"] = _worst(rows[0])
     for name, overrides in CHASE_LADDER:
-        config = _config("segmentation-chasedb1-dp.toml", CHASE, base | overrides)
+        config = bench_config("segmentation-chasedb1-dp.toml", CHASE, base | overrides)
         model, report, seconds = _federation(config, out / f"chasedb1-{len(rows)}", reuse)
         scores = bootstrap_scores(config, model, sites, replicates)
         rows.append({"name": name, "overrides": overrides, **without_draws(scores), "worst": _worst(scores),
@@ -147,7 +141,7 @@ def pneumoniamnist(out: Path, replicates: int, quick: bool, reuse: bool) -> dict
     ladder = PNEUMONIA_LADDER[:2] if quick else PNEUMONIA_LADDER
     rows, draws = [], []
     for name, overrides in ladder:
-        config = _config("classification-pneumoniamnist-dp.toml", PNEUMONIA, scale | overrides)
+        config = bench_config("classification-pneumoniamnist-dp.toml", PNEUMONIA, scale | overrides)
         model, report, seconds = _federation(config, out / f"pneumoniamnist-{len(rows)}", reuse)
         everyone = union([load_simulated_site(config, i)[1] for i in range(config.data.sites)])
         scores = bootstrap_scores(config, model, {"all": everyone}, replicates)["per_site"]["all"]
@@ -169,7 +163,7 @@ def speed(steps: int) -> list[dict[str, Any]]:
     ]  # fmt: skip
     rows = []
     for name, file, data, overrides in cases:
-        config = _config(file, data, {"run.initial-model": ""} | overrides)
+        config = bench_config(file, data, {"run.initial-model": ""} | overrides)
         measured = throughput(config, load_simulated_site(config, 0)[1], steps)
         rows.append({"name": name, "batch_size": config.train.batch_size, **measured})
         print(f"{name}: {measured['samples_per_s']:.1f} images/s without DP, {measured['dp_samples_per_s']:.1f} "

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from medfed.config import Config
+from medfed.config import Config, load_config
 from medfed.data import PrivacyUnitDataset, SiteArrays
 from medfed.privacy import default_delta, make_private
 from medfed.simulation import simulate
@@ -27,10 +27,12 @@ from medfed.weights import load_checkpoint
 
 # where benchmarks write NAME.json and plots/NAME.png (tests point it at a temporary folder)
 RESULTS = Path(os.environ.get("MEDFED_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 __all__ = [
     "RESULTS",
     "PeakMemory",
+    "bench_config",
     "bootstrap_scores",
     "fedavg",
     "federated_model",
@@ -46,6 +48,17 @@ __all__ = [
     "union",
     "without_draws",
 ]
+
+
+def bench_config(file: str, data: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """``configs/FILE`` for a benchmark: cross-site matrix and example images off, ``data.path`` at
+    ``data`` (None: the config's own synthetic data), then ``overrides``."""
+    base: dict[str, Any] = {"evaluation.cross-site": False, "evaluation.example-images": 0}
+    if data is not None:
+        if not data.exists():
+            raise SystemExit(f"data not found at {data} (the benchmarks read ../shared/data beside the repo)")
+        base["data.path"] = str(data)
+    return load_config(CONFIGS / file, base | (overrides or {}))
 
 
 def union(sites: list[SiteArrays]) -> SiteArrays:

@@ -34,9 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import RESULTS, bootstrap_scores, federated_model, paired_ratio, pyplot, save_figure, union, without_draws
+from harness import (
+    RESULTS,
+    bench_config,
+    bootstrap_scores,
+    federated_model,
+    paired_ratio,
+    pyplot,
+    save_figure,
+    union,
+    without_draws,
+)
 
-from medfed.config import Config, load_config
 from medfed.data.sites import load_simulated_site
 from medfed.tasks import get_task
 from medfed.training import evaluate
@@ -58,15 +67,6 @@ MODELS: dict[str, tuple[str, Path | None, dict[str, Any]]] = {  # config, its da
 }
 
 
-def _config(file: str, data: Path | None, overrides: dict[str, Any] | None = None) -> Config:
-    base = {"evaluation.cross-site": False, "evaluation.example-images": 0}
-    if data is not None:
-        if not data.exists():
-            raise SystemExit(f"data not found at {data} (the benchmarks read ../shared/data beside the repo)")
-        base["data.path"] = str(data)
-    return load_config(REPO / "configs" / file, base | (overrides or {}))
-
-
 def utility(epsilon: float | None, quick: bool, out: Path, replicates: int) -> dict[str, Any]:
     """One PneumoniaMNIST federation at ``epsilon`` (None: no DP), its global model scored."""
     overrides: dict[str, Any] = {"privacy.enabled": epsilon is not None}
@@ -74,7 +74,7 @@ def utility(epsilon: float | None, quick: bool, out: Path, replicates: int) -> d
         overrides["privacy.target-epsilon"] = epsilon
     if quick:
         overrides |= {"run.rounds": 1, "data.max-samples-per-site": 800}
-    config = _config("classification-pneumoniamnist.toml", PNEUMONIA, overrides)
+    config = bench_config("classification-pneumoniamnist.toml", PNEUMONIA, overrides)
     started = time.perf_counter()
     model, report = federated_model(config, out / f"epsilon-{epsilon or 'none'}")
     sites = dict(load_simulated_site(config, i) for i in range(config.data.sites))
@@ -109,7 +109,7 @@ def worker(name: str, private: bool, steps: int) -> dict[str, Any]:
     from medfed.training import build_optimizer, train
 
     file, data, overrides = MODELS[name]
-    config = _config(file, data, overrides)
+    config = bench_config(file, data, overrides)
     task = get_task(config.run.task)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, site = load_simulated_site(config, 0)
