@@ -22,7 +22,7 @@ from medfed.data import PrivacyUnitDataset, SiteArrays
 from medfed.privacy import default_delta, make_private
 from medfed.simulation import simulate
 from medfed.tasks import get_task
-from medfed.training import build_optimizer, evaluate, loop_options, train
+from medfed.training import build_optimizer, evaluate, loop_options, lr_schedule, train
 from medfed.weights import load_checkpoint
 
 # where benchmarks write NAME.json and plots/NAME.png (tests point it at a temporary folder)
@@ -116,9 +116,10 @@ def train_central(
             accountant="rdp",
         )
         model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
+    schedule = lr_schedule(optimizer, config.train, 0, steps, steps // config.run.rounds)
     started = time.perf_counter()
     train(task, model, loader, optimizer, torch.device("cpu"), epochs=epochs, max_steps=steps,
-          **loop_options(config.train))  # fmt: skip
+          schedule=schedule, **loop_options(config.train))  # fmt: skip
     info = {"units": units, "unit": unit, "steps": steps, "noise_multiplier": sigma,
             "seconds": time.perf_counter() - started}  # fmt: skip
     return getattr(model, "_module", model), info

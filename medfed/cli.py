@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import typer
 from rich.console import Console
@@ -144,16 +144,30 @@ def _print_summary(report: dict[str, Any]) -> None:
     table.add_column(f"{metric} round 0 (val)", justify="right")
     table.add_column(f"{metric} final (test)", justify="right")
     finals = report["final"]["per_site"].values()
-    second = next((m for m in ("accuracy", "iou", "map") if any(m in v for v in finals)), "loss")
-    table.add_column(f"{second} (test)", justify="right")
+    point = report["final"].get("operating_point")
+    if point:  # a binary classifier: what a clinician reads at the operating threshold
+        others = ["sensitivity", "specificity"]
+    else:
+        others = [next((m for m in ("accuracy", "iou", "map") if any(m in v for v in finals)), "loss")]
+    for other in others:
+        table.add_column(f"{other} (test)", justify="right")
     table.add_column("ε spent / budget", justify="right")
     for site in report["sites"]:
         start = report["rounds"][0]["metrics"].get(site, {}).get(metric)
         final = report["final"]["per_site"].get(site, {})
         privacy = report["privacy"].get(site)
         spent = f"{privacy['epsilon']:.2f} / {privacy['budget']:.2f}" if privacy else "DP off"
-        table.add_row(site, _num(start), _num(final.get(metric)), _num(final.get(second)), spent)
+        table.add_row(site, _num(start), _num(final.get(metric)), *[_num(final.get(o)) for o in others], spent)
     console.print(table)
+    if point:
+        console.print(f"operating threshold {point['threshold']:.3f} ({point['method']})")
+        if point.get("per_site"):
+            own = ", ".join(f"{site} {p['threshold']:.3f}" for site, p in point["per_site"].items())
+            console.print(f"each site's own, chosen on its validation split and used above: {own}")
+    pooled = report["final"].get("pooled")
+    if pooled:
+        shown = ", ".join(f"{k} {_num(v)}" for k, v in pooled.items() if k in (metric, "sensitivity", "specificity"))
+        console.print(f"all sites' test cases together: {shown}")
     cross = report["final"].get("cross_site")
     if cross:
         matrix = Table(title=f"Cross-site {cross['metric']} (rows: model, columns: test site)")
@@ -178,6 +192,9 @@ def evaluate(
         Path | None,
         typer.Option(help="Write metrics.json, per-case quantification and example images here (stays at the site)"),
     ] = None,
+    site: Annotated[
+        str, typer.Option(help="This site's name in the run: score at the threshold chosen on its own validation split")
+    ] = "",
 ) -> None:
     """Evaluate a global model on this site's own data (nothing leaves the machine)."""
     import json
@@ -185,6 +202,7 @@ def evaluate(
     from medfed.data import ArrayDataset, DataError, read_site
     from medfed.evaluation.explain import example_images
     from medfed.evaluation.report import json_safe
+    from medfed.predict import with_site_threshold
     from medfed.tasks import get_task
     from medfed.training import evaluate as evaluate_model
     from medfed.training import resolve_device
@@ -192,7 +210,7 @@ def evaluate(
 
     try:
         state, meta = load_checkpoint(model)
-        config = Config.from_dict(meta["config"], source=f"{model} metadata")
+        config = with_site_threshold(Config.from_dict(meta["config"], source=f"{model} metadata"), meta, site)
         task = get_task(config.run.task)
         site = read_site(
             data,
@@ -202,8 +220,9 @@ def evaluate(
             config.data.spatial_dims,
             config.data.class_names,
             config.data.preprocess,
+            config.data.channels,
         )
-    except (FileNotFoundError, DataError, ConfigError, KeyError) as err:
+    except (FileNotFoundError, DataError, ConfigError, KeyError, ValueError) as err:
         raise _fail(str(err)) from err
     if split == "all":
         dataset = ArrayDataset(site.images, site.targets, site.target_key, site.spacing)
@@ -252,7 +271,7 @@ def _write_cases(path: Path, cases: list[dict[str, Any]], spatial_dims: int) -> 
 @app.command()
 def predict(
     model: Annotated[
-        Path, typer.Option(help="Segmentation or detection checkpoint (.safetensors with its .json beside it)")
+        Path, typer.Option(help="A medfed checkpoint (.safetensors with its .json beside it), e.g. the global model")
     ],
     input: Annotated[
         Path, typer.Option(help="An image, NIfTI volume, DICOM file or DICOM series folder, or a folder of them")
@@ -262,28 +281,43 @@ def predict(
         typer.Option(help="Folder for masks (NIfTI, DICOM-SEG) and quantification.csv, or detections.csv; overlays"),
     ],
     min_score: Annotated[float, typer.Option(help="Detection: keep boxes scoring at least this")] = 0.3,
+    site: Annotated[
+        str, typer.Option(help="Classification: this site's name in the run, to call at its own threshold")
+    ] = "",
 ) -> None:
     """Apply a model to new scans at this site: masks aligned with the input, structure count and size;
-    or boxes in the input's pixels (detection); overlays."""
+    boxes in the input's pixels (detection); or class probabilities and the call at the model's
+    operating threshold (classification)."""
     from medfed.predict import predict_cases
 
     try:
-        results = predict_cases(model, input, out, min_score)
+        results = predict_cases(model, input, out, min_score, site)
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise _fail(str(err)) from err
     table = Table(title=f"{model.name} on {input}")
-    detection = bool(results) and results[0].unit == "boxes"
-    columns = ("case", "detections", "written") if detection else ("case", "structures", "size", "written")
+    kind = "segmentation"
+    if results and results[0].unit == "boxes":
+        kind = "detection"
+    elif results and results[0].call:
+        kind = "classification"
+    columns = {
+        "detection": ("case", "detections", "written"),
+        "classification": ("case", "call", "probability"),
+        "segmentation": ("case", "structures", "size", "written"),
+    }[kind]
     for column in columns:
-        table.add_column(column, justify="left" if column in ("case", "written") else "right")
+        table.add_column(column, justify="left" if column in ("case", "written", "call") else "right")
     for r in results:
         written = ", ".join(p.name for p in r.outputs)
-        if detection:
+        if kind == "detection":
             table.add_row(r.case, str(r.count), written)
+        elif kind == "classification":
+            table.add_row(r.case, r.call, f"{r.probability:.3f}")
         else:
             table.add_row(r.case, str(r.count), f"{r.size:.3f} {r.unit}", written)
     console.print(table)
-    console.print(f"table: {out / ('detections.csv' if detection else 'quantification.csv')}")
+    written = {"detection": "detections.csv", "classification": "predictions.csv"}.get(kind, "quantification.csv")
+    console.print(f"table: {out / written}")
 
 
 @data_app.command("check")
@@ -291,18 +325,66 @@ def data_check(
     site_dir: Annotated[Path, typer.Argument(help="A site folder (manifest.csv + images)")],
     config_file: Annotated[
         Path | None,
-        typer.Option("--config", help="Run config (TOML) to check against: task, sizes, classes, CT window, spacing"),
+        typer.Option(
+            "--config", help="Run config (TOML) to check against: task, sizes, classes, channels, CT window, spacing"
+        ),
     ] = None,
     task: Annotated[str, typer.Option(help="Task the data is for")] = "classification",
     num_classes: Annotated[int, typer.Option(help="Number of classes")] = 2,
     image_size: Annotated[int, typer.Option(help="Model input size")] = 28,
     spatial_dims: Annotated[int, typer.Option(help="2: images, 3: volumes")] = 2,
+    channels: Annotated[int, typer.Option(help="Image channels: 1 grey, 3 colour (RGB), N scans per case")] = 1,
     class_names: Annotated[
         str, typer.Option(help="Detection: comma-separated class names, in class-index order (e.g. RBC,WBC,Platelets)")
     ] = "",
 ) -> None:
     """Pre-flight check of a site folder: a data card, every error with its file and reason (exit
     code 1), and warnings that do not block. The site client runs the same check before it trains."""
+    names = tuple(n.strip() for n in class_names.split(",") if n.strip())
+    settings = _CheckSettings(task, num_classes, image_size, spatial_dims, channels, names)
+    if not _preflight_report(site_dir, _with_config(settings, config_file)):
+        raise typer.Exit(code=1)
+
+
+class _CheckSettings(NamedTuple):
+    """What a site folder is checked against: the task's settings (``[run]``/``[data]`` of a config)."""
+
+    task: str
+    num_classes: int
+    image_size: int
+    spatial_dims: int
+    channels: int
+    class_names: tuple[str, ...] = ()
+    preprocess: Any = None  # medfed.data.manifest.Preprocess; None: the default
+
+    def command(self, site_dir: Path, config_file: Path | None) -> str:
+        """The ``medfed data check`` command line that checks ``site_dir`` with these settings."""
+        if config_file is not None:
+            return f"medfed data check {site_dir} --config {config_file}"
+        names = f" --class-names {','.join(self.class_names)}" if self.class_names else ""
+        return (
+            f"medfed data check {site_dir} --task {self.task} --num-classes {self.num_classes} "
+            f"--image-size {self.image_size} --spatial-dims {self.spatial_dims} --channels {self.channels}{names}"
+        )
+
+
+def _with_config(settings: _CheckSettings, config_file: Path | None) -> _CheckSettings:
+    """``settings``, or those of the run config ``config_file`` when one is given."""
+    if config_file is None:
+        return settings
+    try:
+        config = load_config(config_file)
+    except ConfigError as err:
+        raise _fail(str(err)) from err
+    d = config.data
+    return _CheckSettings(
+        config.run.task, d.num_classes, d.image_size, d.spatial_dims, d.channels, d.class_names, d.preprocess
+    )
+
+
+def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
+    """Run the pre-flight check on ``site_dir`` and print it: warnings, then every error (False) or
+    the data card and the samples per split and class (True)."""
     import numpy as np
 
     from medfed.data import SPLITS
@@ -311,29 +393,29 @@ def data_check(
     from medfed.data.preflight import run_preflight
     from medfed.tasks import TASKS, get_task
 
-    names = tuple(n.strip() for n in class_names.split(",") if n.strip())
-    preprocess = DEFAULT_PREPROCESS
-    if config_file is not None:
-        try:
-            config = load_config(config_file)
-        except ConfigError as err:
-            raise _fail(str(err)) from err
-        task, num_classes, image_size = config.run.task, config.data.num_classes, config.data.image_size
-        spatial_dims, names, preprocess = config.data.spatial_dims, config.data.class_names, config.data.preprocess
-    if task not in TASKS:
-        raise _fail(f"--task {task!r}: expected one of {sorted(TASKS)}")
-    if names:
-        num_classes = len(names)
-    target = get_task(task).SAMPLE_KEYS[1]
-    result = run_preflight(site_dir, image_size, num_classes, target, spatial_dims, names, preprocess)
+    if settings.task not in TASKS:
+        raise _fail(f"--task {settings.task!r}: expected one of {sorted(TASKS)}")
+    names = settings.class_names
+    num_classes = len(names) if names else settings.num_classes
+    target = get_task(settings.task).SAMPLE_KEYS[1]
+    result = run_preflight(
+        site_dir,
+        settings.image_size,
+        num_classes,
+        target,
+        settings.spatial_dims,
+        names,
+        settings.preprocess or DEFAULT_PREPROCESS,
+        settings.channels,
+    )
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {escape(str(warning))}")
     if result.site is None:
         for error in result.errors[:200]:
             console.print(f"[bold red]error:[/] {escape(str(error))}")
         more = " (first 200 shown)" if len(result.errors) > 200 else ""
-        console.print(f"[bold red]{site_dir}: {len(result.errors)} error(s){more}: {result.summary()}[/]")
-        raise typer.Exit(code=1)
+        console.print(f"[bold red]{escape(str(site_dir))}: {len(result.errors)} error(s){more}: {result.summary()}[/]")
+        return False
     site = result.site
     unit, units = site.privacy_units("train")
     console.print(
@@ -341,7 +423,7 @@ def data_check(
         f"{len(result.warnings)} warning(s)"
     )
     for line in data_card(site_dir, site).lines():
-        console.print(f"  {line}")
+        console.print(f"  {escape(line)}")
     if site.target_key == "boxes":
         table = Table(title="images and boxes per split and class")
         table.add_column("split")
@@ -356,7 +438,7 @@ def data_check(
             counts = [str(int(np.sum(classes == k))) for k in range(num_classes)]
             table.add_row(split, str(len(boxes)), str(empty), *counts)
         console.print(table)
-        return
+        return True
     table = Table(
         title="samples per split and class" + (" (largest class in the mask)" if site.target_key == "mask" else "")
     )
@@ -367,6 +449,7 @@ def data_check(
         labels = site.class_labels()[site.splits == split]
         table.add_row(split, *[str(int(np.sum(labels == k))) for k in range(num_classes)])
     console.print(table)
+    return True
 
 
 @data_app.command("import")
@@ -401,34 +484,84 @@ def data_import(
     val: Annotated[float, typer.Option(help="Fraction of patients (images, for boxes) for validation")] = 0.2,
     test: Annotated[float, typer.Option(help="Fraction of patients (images, for boxes) for testing")] = 0.2,
     seed: int = 0,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Run config (TOML) whose task and [data] settings the new folder is checked with"
+        ),
+    ] = None,
+    num_classes: Annotated[int, typer.Option(help="Number of classes, for the check")] = 2,
+    image_size: Annotated[int, typer.Option(help="Model input size, for the check")] = 28,
+    spatial_dims: Annotated[
+        int, typer.Option(help="2: images, 3: volumes, for the check (default: as the first image is)")
+    ] = 0,
+    channels: Annotated[
+        int, typer.Option(help="Image channels: 1 grey (colour photos turned grey), 3 colour (RGB), N scans per case")
+    ] = 1,
+    class_names: Annotated[
+        str, typer.Option(help="Detection: class names in class-index order (default: those found, sorted)")
+    ] = "",
 ) -> None:
-    """Make a site folder from a known layout, with patient-level train/val/test splits.
+    """Make a site folder from a known layout, with patient-level train/val/test splits, then run
+    the pre-flight check of `medfed data check` on it (exit code 1 when it fails; the folder stays).
 
     DICOM exports are grouped by SeriesInstanceUID and written as NIfTI (no DICOM header is kept),
     with DICOM-SEG masks from the export (segmentation) or labels from --labels (classification).
     """
     from medfed.data import DataError
+    from medfed.data.boxes import BOXES
     from medfed.data.importers import import_site
+    from medfed.data.manifest import read_table
 
+    names = tuple(n.strip() for n in class_names.split(",") if n.strip())
+    settings = _with_config(_CheckSettings(task, num_classes, image_size, spatial_dims, channels, names), config_file)
     try:
         imported = import_site(
             from_,
             src,
             out,
-            task,
+            task or (settings.task if config_file is not None else ""),
             images=images,
             masks=masks,
             labels=labels,
             patient_pattern=patient_pattern,
             seed=seed,
             fractions=(val, test),
+            channels=settings.channels,
         )
     except (DataError, FileExistsError, FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from err
     for note in imported.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     folder = imported.folder
-    console.print(f"wrote {folder / 'manifest.csv'}; check it with: medfed data check {folder} --task {imported.task}")
+    settings = settings._replace(task=imported.task, spatial_dims=settings.spatial_dims or _spatial_dims(folder))
+    if imported.task == "detection" and not settings.class_names:
+        _, rows = read_table(folder / BOXES)
+        settings = settings._replace(class_names=tuple(sorted({row["label"] for row in rows})))
+        found = escape(str(list(settings.class_names)))
+        console.print(f"class names found (checked in this order; set data.class-names): {found}")
+    console.print(f"wrote {escape(str(folder / 'manifest.csv'))}; its pre-flight check:")
+    check = settings.command(folder, config_file)
+    if not _preflight_report(folder, settings):
+        console.print(
+            f"[bold red]{escape(str(folder))} was written but fails the pre-flight check[/]: a run would refuse it. "
+            f"Fix the files or the settings above (--config, --num-classes, --channels, ...), then: {escape(check)}"
+        )
+        raise typer.Exit(code=1)
+    console.print(f"check it again after any change with: {escape(check)}")
+
+
+def _spatial_dims(site_dir: Path) -> int:
+    """3 when the first image of a site folder is a volume, else 2 (also when it cannot be read: the check says why)."""
+    from medfed.data.manifest import MANIFEST, image_paths, read_table
+    from medfed.data.medical_io import read_scan
+
+    _, rows = read_table(site_dir / MANIFEST)
+    try:
+        shape = read_scan(site_dir / image_paths(rows[0]["image"])[0]).array.shape
+    except (ValueError, IndexError, KeyError):
+        return 2
+    return 3 if sum(n > 1 for n in shape) == 3 else 2
 
 
 @data_app.command("synth")
@@ -442,11 +575,17 @@ def data_synth(
     image_size: int = 28,
     num_classes: int = 2,
     spatial_dims: Annotated[int, typer.Option(help="2: images (PNG), 3: volumes (NIfTI)")] = 2,
+    channels: Annotated[int, typer.Option(help="Image channels: contrasts of one phantom, as scans of a case")] = 1,
     seed: int = 0,
 ) -> None:
     """Write synthetic hospitals (scanner shift, prevalence, voxel size) as site folders."""
     from medfed.data import write_site
-    from medfed.data.synthetic import synthetic_detection_site, synthetic_segmentation_site, synthetic_site
+    from medfed.data.synthetic import (
+        synthetic_detection_site,
+        synthetic_segmentation_site,
+        synthetic_site,
+        with_channels,
+    )
 
     if task not in ("classification", "segmentation", "detection"):
         raise _fail(f"--task {task!r}: expected classification, segmentation or detection")
@@ -458,7 +597,7 @@ def data_synth(
         else:
             make = synthetic_segmentation_site if task == "segmentation" else synthetic_site
             site = make(index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims)
-        console.print(f"wrote {write_site(out / f'hospital-{index + 1}', site)}")
+        console.print(f"wrote {write_site(out / f'hospital-{index + 1}', with_channels(site, channels))}")
 
 
 @site_app.command("status")

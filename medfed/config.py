@@ -25,9 +25,39 @@ __all__ = [
     "PrivacyConfig",
     "RunConfig",
     "TrainConfig",
+    "MODEL_NAMES",
+    "RECIPES",
     "load_config",
     "parse_override",
 ]
+
+# The networks ``model.name`` may pick, per task; the first is the task's default.
+# ``medfed.models.zoo`` builds them (a test keeps the two lists equal).
+MODEL_NAMES: dict[str, tuple[str, ...]] = {
+    "classification": ("cnn", "resnet18", "resnet34", "resnet50", "densenet121", "efficientnet-b0", "seresnet50"),
+    "segmentation": ("unet", "basicunet", "segresnet", "dynunet", "attentionunet", "swinunetr"),
+    "detection": ("centernet", "centernet-resnet18"),
+}
+
+# What ``[train]`` takes from the recipe of the run's task and mode (with / without DP) when a
+# config leaves the key out or sets it to "auto". Measured on this project's benchmarks (README,
+# "Recipes"); a run without DP never inherits the settings tuned for DP, nor the reverse.
+RECIPE_KEYS = ("optimizer", "lr", "momentum", "weight-decay", "schedule", "warmup-rounds", "logit-adjust")
+RECIPES: dict[tuple[str, bool], dict[str, Any]] = {
+    # (task, DP on)
+    ("classification", False): {"optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "weight-decay": 0.0,
+                                "schedule": "cosine", "warmup-rounds": 0, "logit-adjust": True},
+    ("classification", True): {"optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "weight-decay": 0.0,
+                               "schedule": "constant", "warmup-rounds": 0, "logit-adjust": False},
+    ("segmentation", False): {"optimizer": "adam", "lr": 2e-3, "momentum": 0.9, "weight-decay": 0.0,
+                              "schedule": "cosine", "warmup-rounds": 0, "logit-adjust": False},
+    ("segmentation", True): {"optimizer": "sgd", "lr": 0.3, "momentum": 0.0, "weight-decay": 0.0,
+                             "schedule": "constant", "warmup-rounds": 0, "logit-adjust": False},
+    ("detection", False): {"optimizer": "adam", "lr": 2e-3, "momentum": 0.9, "weight-decay": 0.0,
+                           "schedule": "cosine", "warmup-rounds": 0, "logit-adjust": False},
+    ("detection", True): {"optimizer": "adam", "lr": 2e-3, "momentum": 0.9, "weight-decay": 0.0,
+                          "schedule": "constant", "warmup-rounds": 0, "logit-adjust": False},
+}  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -105,6 +135,9 @@ class DataConfig:
     the stored order), and then crops or pads it to ``image-size``: a millimetre spans the same
     voxels at every site. Without it scans are resized whole to ``image-size``.
 
+    ``channels`` is the number of image channels a model takes: 1 (grey; colour photos are turned
+    grey), 3 (colour photos keep their RGB) or N (N scans of a case stacked, e.g. T1, T1c, T2, FLAIR).
+
     ``num-classes`` counts the classes a model tells apart: for segmentation including background
     (class 0), for detection the object classes only. ``class-names`` (optional; required by
     detection data that name their classes, e.g. VOC) gives one name per class index.
@@ -133,9 +166,11 @@ class DataConfig:
     modality: Literal["auto", "CT", "other"] = "auto"
     target_spacing: tuple[float, ...] = ()
     orientation: str = ""
+    channels: int = 1
 
     def __post_init__(self) -> None:
         _check(self.sites >= 1, "data.sites", self.sites, "an integer >= 1")
+        _check(1 <= self.channels <= 16, "data.channels", self.channels, "an integer in [1, 16] (1: grey, 3: colour)")
         _check(self.alpha > 0, "data.alpha", self.alpha, "a number > 0")
         _check(self.spatial_dims in (2, 3), "data.spatial-dims", self.spatial_dims, "2 (images) or 3 (volumes)")
         _check(self.image_size >= 8, "data.image-size", self.image_size, "an integer >= 8")
@@ -205,13 +240,21 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Network size. ``width`` channels in the first block, doubled at each of ``depth`` blocks."""
+    """The network: ``name`` picks it from the model zoo (:data:`MODEL_NAMES`; "" is the task's
+    default, ``cnn`` / ``unet`` / ``centernet``). ``width`` channels in the first block, doubled at
+    each of ``depth`` blocks (the zoo's networks that have fixed sizes ignore what does not apply).
+    ``input-norm`` standardises each image, channel by channel, to zero mean and unit variance as
+    the network's first step: a scanner's brightness and contrast then do not move the scores, so
+    one operating threshold fits every site. Leave it off where absolute intensity is the finding
+    (CT densities in Hounsfield units)."""
 
+    name: str = ""
     width: int = 16
     depth: int = 3
     norm_groups: int = 4
     dropout: float = 0.0
     norm: Literal["group", "none"] = "group"
+    input_norm: bool = False
 
     def __post_init__(self) -> None:
         _check(self.width >= 1, "model.width", self.width, "an integer >= 1")
@@ -242,23 +285,42 @@ class TrainConfig:
     ``physical-batch-size`` (0: the whole batch) splits each batch into parts of at most that many
     images (times K views) computed one after the other, the gradients accumulated into one step:
     large batches, which DP needs, within a small GPU's memory.
+
+    ``schedule`` sets the learning rate over the whole run (all rounds' local steps end to end):
+    ``constant``, or ``cosine`` (from ``lr`` down to 0 at the last step of the last round), after a
+    linear warm-up over the first ``warmup-rounds`` rounds' steps.
+
+    ``logit-adjust`` (classification without DP) adds the site's log class frequencies to the logits
+    in its training loss (logit adjustment, as in FedLC): a site whose patients are mostly of one
+    class then learns class-balanced scores instead of drifting to its majority class, and the
+    averaged model is not pulled to each site's majority. Not under DP: the offsets are computed
+    from all of a site's labels, which the privacy accounting does not cover.
+
+    In a config file, ``optimizer``, ``lr``, ``momentum``, ``weight-decay``, ``schedule``,
+    ``warmup-rounds`` and ``logit-adjust`` left out (or set to "auto") come from the recipe of the
+    run's task and mode (:data:`RECIPES`); ``recipe`` lists the keys that did.
     """
 
     local_epochs: int = 1
     local_steps: int = 0
     batch_size: int = 32
     lr: float = 0.05
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = False
     trainable: Literal["all", "bias-norm"] = "all"
     augment: bool = False
+    logit_adjust: bool = False
     augmentations: int = 1
     physical_batch_size: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_rounds: int = 0
+    recipe: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _check(self.warmup_rounds >= 0, "train.warmup-rounds", self.warmup_rounds, "an integer >= 0 (0: none)")
         _check(self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "an integer >= 1")
         _check(self.local_steps >= 0, "train.local-steps", self.local_steps, ">= 0 (0: use local-epochs)")
         _check(self.batch_size >= 1, "train.batch-size", self.batch_size, "an integer >= 1")
@@ -308,13 +370,48 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Evaluation at the end of a run."""
+    """Evaluation at the end of a run.
+
+    Binary classification is reported at an operating point: ``threshold`` on the probability of
+    class 1, or 0 to choose it at the end of the run on the sites' validation splits (pooled):
+    Youden's J (sensitivity + specificity - 1) at its highest, or, with ``target-sensitivity`` > 0,
+    the highest threshold whose sensitivity reaches that target. The chosen value is written into
+    the global model's checkpoint, so ``medfed evaluate`` and ``medfed predict`` use it.
+    ``operating-point = "site"`` also chooses each site's own threshold the same way on its own
+    validation split (a scanner may shift every score a little), used for that site's test
+    metrics and kept in the checkpoint by site name (``--site`` of ``medfed evaluate``/``predict``);
+    a site whose validation split holds one class uses the pooled one. ``"pooled"``: one for all.
+    ``min-structure-size`` (pixels or voxels; 0: off) removes smaller connected components from
+    predicted segmentation masks before structures are counted and measured.
+    """
 
     cross_site: bool = True
     example_images: int = 3
     batch_size: int = 128
+    threshold: float = 0.0
+    target_sensitivity: float = 0.0
+    operating_point: Literal["site", "pooled"] = "site"
+    min_structure_size: int = 0
 
     def __post_init__(self) -> None:
+        _check(
+            0 <= self.threshold < 1,
+            "evaluation.threshold",
+            self.threshold,
+            "0 (chosen on validation data) or a probability in (0, 1)",
+        )
+        _check(
+            0 <= self.target_sensitivity < 1,
+            "evaluation.target-sensitivity",
+            self.target_sensitivity,
+            "0 (Youden's J) or a sensitivity in (0, 1), e.g. 0.9",
+        )
+        _check(
+            self.min_structure_size >= 0,
+            "evaluation.min-structure-size",
+            self.min_structure_size,
+            "an integer >= 0 (0: off)",
+        )
         _check(self.example_images >= 0, "evaluation.example-images", self.example_images, ">= 0")
         _check(self.batch_size >= 1, "evaluation.batch-size", self.batch_size, "an integer >= 1")
 
@@ -331,6 +428,15 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
+        names = MODEL_NAMES[self.run.task]
+        if not self.model.name:  # the task's default network, named so that reports say which
+            object.__setattr__(self, "model", dataclasses.replace(self.model, name=names[0]))
+        _check(
+            self.model.name in names,
+            "model.name",
+            self.model.name,
+            f"one of {list(names)} for run.task = '{self.run.task}'",
+        )
         if self.run.task in ("classification", "segmentation"):
             _check(
                 self.data.num_classes >= 2,
@@ -356,6 +462,14 @@ class Config:
                 self.train.augmentations,
                 f"1 unless the views differ: set {needed}",
             )
+        if self.train.logit_adjust:
+            _check(
+                self.run.task == "classification" and not self.privacy.enabled,
+                "train.logit-adjust",
+                True,
+                "false unless run.task = 'classification' with privacy.enabled = false (under DP the class "
+                "counts it uses are not covered by the privacy accounting)",
+            )
         if self.run.task == "detection":
             _check(self.data.spatial_dims == 2, "data.spatial-dims", self.data.spatial_dims, "2: detection is 2D")
             _check(
@@ -366,17 +480,29 @@ class Config:
             )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Nested plain dict with dashed keys, as in the TOML file."""
-        return {
+        """Nested plain dict with dashed keys, as in the TOML file (recipe keys as "auto", the task's
+        default network as "")."""
+        raw = self._resolved_dict()
+        for key in self.train.recipe:
+            raw["train"][key] = "auto"
+        if self.model.name == MODEL_NAMES[self.run.task][0]:
+            raw["model"]["name"] = ""  # the task's default, whichever task an override picks
+        return raw
+
+    def to_public_dict(self) -> dict[str, dict[str, Any]]:
+        """For reports and checkpoints: every value as used (recipe keys resolved), and ``data.path``
+        keeps only its last component."""
+        public = self._resolved_dict()
+        public["data"]["path"] = Path(self.data.path).name
+        return public
+
+    def _resolved_dict(self) -> dict[str, dict[str, Any]]:
+        raw = {
             section.name: {k.replace("_", "-"): v for k, v in dataclasses.asdict(getattr(self, section.name)).items()}
             for section in dataclasses.fields(self)
         }
-
-    def to_public_dict(self) -> dict[str, dict[str, Any]]:
-        """As :meth:`to_dict`, for reports and checkpoints: ``data.path`` keeps only its last component."""
-        public = self.to_dict()
-        public["data"]["path"] = Path(self.data.path).name
-        return public
+        del raw["train"]["recipe"]
+        return raw
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -394,7 +520,12 @@ class Config:
             values = raw.get(name, {})
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: [{name}] must be a table of keys")
-            built[name] = _build_section(section_cls, name, values, source)
+            if "recipe" in values and name == "train":
+                raise ConfigError(f"{source}: train.recipe is not a setting; leave a key out for its recipe value")
+            recipe = _recipe_keys(values) if name == "train" else ()
+            built[name] = _build_section(section_cls, name, {**values, **_recipe(raw, recipe)}, source)
+            if recipe:
+                built[name] = dataclasses.replace(built[name], recipe=recipe)
         return cls(**built)
 
     @classmethod
@@ -435,6 +566,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         parsed = value
     return key.strip(), parsed
+
+
+def _recipe_keys(train: dict[str, Any]) -> tuple[str, ...]:
+    """The ``[train]`` keys a config leaves to the recipe: left out, or "auto"."""
+    return tuple(key for key in RECIPE_KEYS if train.get(key, "auto") == "auto")
+
+
+def _recipe(raw: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The recipe's values of ``keys`` for the raw config's task and mode (an invalid task or
+    privacy.enabled is left for its own section to refuse)."""
+    run, privacy = raw.get("run", {}), raw.get("privacy", {})
+    task = run.get("task", "classification") if isinstance(run, dict) else None
+    private = privacy.get("enabled", True) is not False if isinstance(privacy, dict) else True
+    recipe = RECIPES.get((task, private), RECIPES[("classification", private)])  # type: ignore[arg-type]
+    return {key: recipe[key] for key in keys}
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

@@ -266,12 +266,20 @@ def run_federation(
         _log_round(server_round, metrics, task.PRIMARY_METRIC)
 
     arrays = released or arrays
+    operating = _operating_point(state, arrays)
+    released_config = config.with_overrides({"evaluation.threshold": operating["threshold"]}) if operating else config
+    site_thresholds = {site: p["threshold"] for site, p in operating.get("per_site", {}).items()}
     save_checkpoint(
         checkpoints / "global.safetensors",
         arrays,
-        {"round": config.run.rounds, "task": config.run.task, "config": config.to_public_dict(), "metrics": metrics},
-    )
-    per_site = _evaluate(state, arrays, "test", _Traffic())
+        {"round": config.run.rounds, "task": config.run.task, "config": released_config.to_public_dict(),
+         "metrics": metrics, "site_thresholds": site_thresholds},
+    )  # fmt: skip
+    thresholds = {site: {"threshold": t} for site, t in site_thresholds.items()}
+    at_threshold = {"threshold": operating["threshold"]} if operating else {}
+    per_site = _evaluate(state, arrays, "test", _Traffic(), thresholds, **at_threshold, **{"score-counts": True})
+    pooled = task.pooled_metrics(per_site, released_config)
+    per_site = {site: {k: v for k, v in m.items() if not k.startswith("score_")} for site, m in per_site.items()}
     cross_site = _cross_site(state, arrays, per_site, task.PRIMARY_METRIC) if config.evaluation.cross_site else None
     report = {
         "task": config.run.task,
@@ -279,7 +287,12 @@ def run_federation(
         "sites": sorted(set(state.sites.values())),
         "config": config.to_public_dict(),
         "rounds": rounds,
-        "final": {"per_site": per_site, "cross_site": cross_site},
+        "final": {
+            "per_site": per_site,
+            "pooled": pooled or None,
+            "cross_site": cross_site,
+            "operating_point": operating or None,
+        },
         "privacy": _privacy_section(state),
         "site_notes": dict(sorted(state.notes.items())),
     }
@@ -482,11 +495,44 @@ def _with_dtypes_of(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     return ArrayRecord(converted)
 
 
-def _evaluate(state: _RunState, arrays: ArrayRecord, split: str, traffic: _Traffic) -> dict[str, dict[str, float]]:
-    """Send ``arrays`` to every site for evaluation on ``split``; metrics by site name."""
+def _operating_point(state: _RunState, arrays: ArrayRecord) -> dict[str, Any]:
+    """The released model's operating threshold (binary tasks): ``evaluation.threshold`` when set,
+    else chosen by the task from the sites' validation splits (counts of cases per score bin,
+    summed here); {} for tasks without one."""
+    settings = state.config.evaluation
+    if settings.threshold:
+        return {"threshold": settings.threshold, "method": "evaluation.threshold"}
+    counts = _evaluate(state, arrays, "val", _Traffic(), **{"score-counts": True})
+    task = get_task(state.config.run.task)
+    chosen = task.operating_point(counts, state.config)
+    if not chosen:
+        return {}
+    target = settings.target_sensitivity
+    method = f"highest threshold with sensitivity >= {target:g}" if target else "Youden's J"
+    log.info("operating threshold %.4f (%s on the validation splits)", chosen["threshold"], method)
+    chosen["method"] = f"{method}, validation splits of {len(counts)} site(s) pooled"
+    if settings.operating_point == "site":  # each site's own, where its validation split allows
+        per_site = {site: task.operating_point({site: values}, state.config) for site, values in counts.items()}
+        chosen["per_site"] = {site: point for site, point in per_site.items() if point}
+    return chosen
+
+
+def _evaluate(
+    state: _RunState,
+    arrays: ArrayRecord,
+    split: str,
+    traffic: _Traffic,
+    per_site: dict[str, dict[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, dict[str, float]]:
+    """Send ``arrays`` to every site for evaluation on ``split`` (``extra``: more message settings,
+    ``per_site``: settings for the named sites only, e.g. their own thresholds); metrics by site name."""
     node_ids = list(state.grid.get_node_ids())
-    content = RecordDict({"arrays": arrays, "config": state.message_config(split=split)})
-    messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in node_ids]
+    messages = []
+    for node in node_ids:
+        settings = {**extra, **(per_site or {}).get(state.sites.get(node, ""), {})}
+        content = RecordDict({"arrays": arrays, "config": state.message_config(split=split, **settings)})
+        messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
     traffic.down += array_bytes(arrays) * len(messages)
     results: dict[str, dict[str, float]] = {}
     for reply in state.exchange(messages, state.config.run.round_timeout):

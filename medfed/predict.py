@@ -11,6 +11,10 @@ segmentation model writes, under the output folder:
 - one row of ``quantification.csv``: structure count and area (mm²) or volume (mL) measured
   with the input's real voxel size.
 
+A classification model writes one row of ``predictions.csv`` per case: the probability of each
+class and the call, made at the operating threshold stored with the model (binary tasks: the
+threshold chosen on the sites' validation splits, ``evaluation.threshold``).
+
 A detection model writes ``<case>_overlay.png`` (the boxes over the image) and rows of
 ``detections.csv``: case, class, score and the box corners in the input image's own pixels, for
 every detection scoring at least ``min_score``.
@@ -26,42 +30,61 @@ import numpy as np
 import torch
 
 from medfed.config import Config
-from medfed.data.manifest import from_model_grid, is_photo, model_input
-from medfed.data.medical_io import Scan, read_scan, write_dicom_seg, write_nifti_mask
-from medfed.evaluation.quantify import quantify_case, size_unit
+from medfed.data.manifest import Geometry, from_model_grid, is_photo, load_image, model_input
+from medfed.data.medical_io import Scan, read_channels, write_dicom_seg, write_nifti_mask
+from medfed.evaluation.quantify import quantify_case, remove_small_structures, size_unit
 from medfed.tasks import get_task, predict
+from medfed.tasks.classification import DEFAULT_THRESHOLD
 from medfed.training import resolve_device
 from medfed.weights import load_checkpoint
 
-__all__ = ["CaseResult", "detect_scan", "find_cases", "load_model", "predict_cases", "segment_scan"]
-
-APPLICABLE_TASKS = ("segmentation", "detection")
+__all__ = [
+    "CaseResult",
+    "classify_scan",
+    "with_site_threshold",
+    "detect_scan",
+    "find_cases",
+    "load_model",
+    "predict_cases",
+    "segment_scan",
+]
 
 
 @dataclass(frozen=True)
 class CaseResult:
     """What was written for one case and what was measured on it: structures (segmentation) or
-    detections (detection), and their total size (segmentation; NaN for detection)."""
+    detections (detection), and their total size (segmentation; NaN otherwise); for
+    classification the class called and its probability."""
 
     case: str
     outputs: list[Path]
     count: int
     size: float
     unit: str
+    call: str = ""
+    probability: float = float("nan")
 
 
-def load_model(checkpoint: str | Path) -> tuple[Config, torch.nn.Module]:
-    """The config and model stored in a medfed checkpoint; a segmentation or detection model."""
+def load_model(checkpoint: str | Path, site: str = "") -> tuple[Config, torch.nn.Module]:
+    """The config (with the model's operating threshold: ``site``'s own when given) and the model
+    stored in a medfed checkpoint."""
     state, meta = load_checkpoint(checkpoint)
-    config = Config.from_dict(meta["config"], source=f"{checkpoint} metadata")
-    if config.run.task not in APPLICABLE_TASKS:
-        raise ValueError(
-            f"{checkpoint} holds a {config.run.task} model; medfed predict applies {' or '.join(APPLICABLE_TASKS)} "
-            "models (use medfed evaluate for classification)"
-        )
+    config = with_site_threshold(Config.from_dict(meta["config"], source=f"{checkpoint} metadata"), meta, site)
     model = get_task(config.run.task).build_model(config)
     model.load_state_dict(state)
     return config, model.eval()
+
+
+def with_site_threshold(config: Config, meta: dict, site: str) -> Config:
+    """``config`` at the operating threshold chosen for ``site`` on its own validation split (kept in
+    the checkpoint's ``site_thresholds``); the checkpoint's own threshold when ``site`` is ""."""
+    if not site:
+        return config
+    thresholds = meta.get("site_thresholds") or {}
+    if site not in thresholds:
+        known = ", ".join(sorted(thresholds)) or "none (a pooled threshold only)"
+        raise ValueError(f"--site {site!r}: the checkpoint has no threshold for that site; it has: {known}")
+    return config.with_overrides({"evaluation.threshold": float(thresholds[site])})
 
 
 def find_cases(path: str | Path) -> list[Path]:
@@ -81,23 +104,44 @@ def _is_dicom_folder(path: Path) -> bool:
     return path.is_dir() and any(p.suffix.lower() == ".dcm" or p.suffix == "" for p in path.iterdir() if p.is_file())
 
 
+def _model_image(case: Path, scan: Scan, config: Config) -> tuple[np.ndarray, Geometry]:
+    """``case`` as the model takes it, ``(data.channels, *spatial)``, and the grid it was resampled
+    from: the grey ``scan`` itself, or the case's channels read as training reads them."""
+    d = config.data
+    if d.channels == 1:
+        image, _, geometry = model_input(scan, d.image_size, d.spatial_dims, is_photo(case), preprocess=d.preprocess)
+        return image, geometry
+    image, _, geometry = load_image(case, d.image_size, d.spatial_dims, preprocess=d.preprocess, channels=d.channels)
+    return image, geometry
+
+
 @torch.no_grad()
-def segment_scan(scan: Scan, config: Config, model: torch.nn.Module, photo: bool) -> np.ndarray:
-    """The label map of ``scan`` on its own grid (``scan.array.shape``), integer classes."""
+def segment_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module) -> np.ndarray:
+    """The label map of ``scan`` (read from ``case``) on its own grid (``scan.array.shape``), integer classes."""
     dims = config.data.spatial_dims
     preprocess = config.data.preprocess
-    image, _, geometry = model_input(scan, config.data.image_size, dims, photo, preprocess=preprocess)
+    image, geometry = _model_image(case, scan, config)
     device = next(model.parameters()).device
     labels = predict(get_task(config.run.task), model, torch.as_tensor(image)[None].to(device), config)[0]
-    one_hot = (labels.cpu().numpy() == np.arange(config.data.num_classes).reshape(-1, *[1] * dims)).astype(np.float32)
+    labels = remove_small_structures(labels.cpu().numpy(), config.evaluation.min_structure_size)
+    one_hot = (labels == np.arange(config.data.num_classes).reshape(-1, *[1] * dims)).astype(np.float32)
     back = from_model_grid(one_hot, geometry, preprocess).argmax(axis=0)
     return back.astype(np.int64).reshape(scan.array.shape)
 
 
 @torch.no_grad()
-def detect_scan(scan: Scan, config: Config, model: torch.nn.Module, photo: bool) -> np.ndarray:
-    """Detections ``(K, 6)``: ``[x1, y1, x2, y2, score, class]`` in the pixels of ``scan``, best first."""
-    image, _, geometry = model_input(scan, config.data.image_size, 2, photo, preprocess=config.data.preprocess)
+def classify_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module) -> np.ndarray:
+    """The class probabilities ``(num_classes,)`` of ``scan`` (read from ``case``)."""
+    image, _ = _model_image(case, scan, config)
+    device = next(model.parameters()).device
+    return predict(get_task(config.run.task), model, torch.as_tensor(image)[None].to(device), config)[0].cpu().numpy()
+
+
+@torch.no_grad()
+def detect_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module) -> np.ndarray:
+    """Detections ``(K, 6)``: ``[x1, y1, x2, y2, score, class]`` in the pixels of ``scan`` (read from
+    ``case``), best first."""
+    image, geometry = _model_image(case, scan, config)
     device = next(model.parameters()).device
     boxes = predict(get_task("detection"), model, torch.as_tensor(image)[None].to(device), config)[0].cpu().numpy()
     boxes = boxes[boxes[:, 5] >= 0].astype(np.float64)
@@ -108,18 +152,19 @@ def detect_scan(scan: Scan, config: Config, model: torch.nn.Module, photo: bool)
 
 
 def predict_cases(
-    checkpoint: str | Path, input_path: str | Path, out_dir: str | Path, min_score: float = 0.3
+    checkpoint: str | Path, input_path: str | Path, out_dir: str | Path, min_score: float = 0.3, site: str = ""
 ) -> list[CaseResult]:
     """Apply the model to every case under ``input_path``: masks, overlays and ``quantification.csv``
     (segmentation), or overlays and ``detections.csv`` with boxes scoring at least ``min_score`` (detection)."""
-    config, model = load_model(checkpoint)
+    config, model = load_model(checkpoint, site)
     model.to(resolve_device(config.train.device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = find_cases(input_path)
     scans = []
     for case in cases:
-        scan = read_scan(case)
+        # the first channel stands for the case (grid, overlay); the model gets all of them
+        scan = read_channels(case, config.data.channels, config.data.spatial_dims)[0]
         if scan.array.squeeze().ndim != config.data.spatial_dims:
             what = "volumes" if config.data.spatial_dims == 3 else "images"
             raise ValueError(
@@ -128,10 +173,12 @@ def predict_cases(
         scans.append((case, scan))
     if config.run.task == "detection":
         return _detect_cases(scans, config, model, out_dir, min_score)
+    if config.run.task == "classification":
+        return _classify_cases(scans, config, model, out_dir)
     names = {k: f"class {k}" for k in range(1, config.data.num_classes)}
     results = []
     for case, scan in scans:
-        mask = segment_scan(scan, config, model, is_photo(case))
+        mask = segment_scan(case, scan, config, model)
         outputs = [write_nifti_mask(mask, scan, out_dir / f"{scan.name}_seg.nii.gz")]
         if scan.dicom is not None:
             outputs.append(write_dicom_seg(mask, scan, out_dir / f"{scan.name}_seg.dcm", names, algorithm="medfed"))
@@ -141,6 +188,27 @@ def predict_cases(
         unit = size_unit(config.data.spatial_dims)
         results.append(CaseResult(scan.name, outputs, int(measured["count"]), measured["size"], unit))
     _write_table(out_dir / "quantification.csv", results)
+    return results
+
+
+def _classify_cases(
+    scans: list[tuple[Path, Scan]], config: Config, model: torch.nn.Module, out_dir: Path
+) -> list[CaseResult]:
+    """``predictions.csv``: per case the class probabilities and the call at the model's threshold."""
+    names = config.data.class_names or tuple(f"class {k}" for k in range(config.data.num_classes))
+    binary = config.data.num_classes == 2
+    threshold = config.evaluation.threshold or DEFAULT_THRESHOLD
+    results, rows = [], []
+    for case, scan in scans:
+        probs = classify_scan(case, scan, config, model)
+        call = int(probs[1] >= threshold) if binary else int(probs.argmax())
+        rows.append([scan.name, names[call], *(f"{p:.4f}" for p in probs), f"{threshold:.4f}" if binary else ""])
+        table = out_dir / "predictions.csv"
+        results.append(CaseResult(scan.name, [table], 1, float("nan"), "cases", names[call], float(probs[call])))
+    with (out_dir / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case", "call", *(f"p_{name.replace(' ', '_')}" for name in names), "threshold"])
+        writer.writerows(rows)
     return results
 
 
@@ -154,7 +222,7 @@ def _detect_cases(
     names = config.data.class_names
     results, rows = [], []
     for case, scan in scans:
-        boxes = detect_scan(scan, config, model, is_photo(case))
+        boxes = detect_scan(case, scan, config, model)
         boxes = boxes[boxes[:, 4] >= min_score]
         gray = scan.array.squeeze().astype(np.float32)
         fig = boxes_figure(_display_levels(gray), boxes, None, names, min_score)

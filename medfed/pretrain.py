@@ -33,6 +33,7 @@ from medfed.data.synthetic import (
     synthetic_segmentation_site,
     synthetic_site,
     synthetic_vessel_site,
+    with_channels,
 )
 from medfed.tasks import get_task, seeded_train_transform
 from medfed.training import build_optimizer, resolve_device, train
@@ -60,7 +61,7 @@ def public_sites(
         if not folders:
             raise FileNotFoundError(f"--data {data}: no {MANIFEST} in it or in its subfolders (site folders expected)")
         arrays = [
-            read_site(f, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.preprocess)
+            read_site(f, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.preprocess, d.channels)
             for f in folders
         ]
         counts = ", ".join(f"{f.name} ({len(a.targets)})" for f, a in zip(folders, arrays, strict=True))
@@ -85,6 +86,7 @@ def public_sites(
     else:
         arrays = [synthetic_site(i, samples_per_site, d.image_size, d.num_classes, seed,
                                  spatial_dims=d.spatial_dims) for i in indices]  # fmt: skip
+    arrays = [with_channels(a, d.channels) for a in arrays]
     kind = {"vessels": "vessel", "nuclei": "nucleus", "organs": "organ"}.get(phantom) or (
         "object" if task == "detection" else "lesion"
     )

@@ -273,16 +273,29 @@ def _bias_only_when_weight_frozen(full_sampler: Callable[..., dict]) -> Callable
     """A per-sample gradient function for a convolution that, when its weight is frozen
     (``train.trainable = "bias-norm"``), computes only the bias's: the output gradient summed over
     positions. Opacus would otherwise unfold the layer's input (kernel-size times its memory) or
-    re-run it per sample, for a weight gradient it then throws away."""
+    re-run it per sample, for a weight gradient it then throws away.
+    """
 
     def sampler(layer: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
         if layer.weight.requires_grad:
-            return full_sampler(layer, activations, backprops)
+            # Opacus' unfold gives wrong per-sample gradients for a channels-last input (a feature map
+            # permuted before the layer, as in SwinUNETR): hand it the standard layout
+            return full_sampler(layer, [_standard_layout(a) for a in activations], backprops)
         if layer.bias is None or not layer.bias.requires_grad:
             return {}
         return {layer.bias: backprops.flatten(2).sum(dim=2)}
 
     return sampler
+
+
+def _standard_layout(activation: torch.Tensor) -> torch.Tensor:
+    """A 4D activation copied to standard strides when it is (or may be taken for) channels-last;
+    ``.contiguous()`` alone keeps the strides of a 1 x 1 map. Others are returned as they are."""
+    if activation.dim() == 4 and (
+        not activation.is_contiguous() or activation.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return activation.clone(memory_format=torch.contiguous_format)
+    return activation
 
 
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

@@ -34,7 +34,7 @@ from medfed.data.manifest import DataProblem, Preprocess
 from medfed.data.preflight import Preflight, run_preflight
 from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private, plan_privacy
 from medfed.tasks import get_task, seeded_train_transform
-from medfed.training import build_optimizer, evaluate, loop_options, resolve_device, train
+from medfed.training import build_optimizer, evaluate, loop_options, lr_schedule, resolve_device, train
 from medfed.weights import compress_update, model_to_arrays, set_model_arrays
 
 __all__ = ["Site", "handle_evaluate", "handle_train", "resolve_site"]
@@ -83,7 +83,15 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         target = get_task(config.run.task).SAMPLE_KEYS[1]
         d = config.data
         checked = _checked_site(
-            data_path, state_dir, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.preprocess
+            data_path,
+            state_dir,
+            d.image_size,
+            d.num_classes,
+            target,
+            d.spatial_dims,
+            d.class_names,
+            d.preprocess,
+            d.channels,
         )
         if checked.site is None:
             raise PreflightFailed(f"site data failed the pre-flight check: {checked.summary()}")
@@ -119,6 +127,7 @@ def _checked_site(
     spatial_dims: int,
     class_names: tuple[str, ...],
     preprocess: Preprocess,
+    channels: int,
 ) -> Preflight:
     """The site folder's pre-flight check (:func:`run_preflight`, as ``medfed data check`` runs it),
     done once while the folder's files and the settings stay the same.
@@ -130,7 +139,7 @@ def _checked_site(
     re-reading and resampling every scan took as long as a local DP epoch
     (benchmarks/data_loading.py).
     """
-    settings = (image_size, num_classes, target, spatial_dims, class_names, preprocess)
+    settings = (image_size, num_classes, target, spatial_dims, class_names, preprocess, channels)
     key = (str(folder.resolve()), *settings)
     signature = folder_signature(folder, state_dir)
     cached = _SITE_CACHE.get(key)
@@ -139,7 +148,9 @@ def _checked_site(
     digest = hashlib.sha256(repr((key, signature)).encode()).hexdigest()[:24]
     checked = _load_cached(state_dir / CACHE_FOLDER / f"{digest}.npz")
     if checked is None:
-        checked = run_preflight(folder, image_size, num_classes, target, spatial_dims, class_names, preprocess)
+        checked = run_preflight(
+            folder, image_size, num_classes, target, spatial_dims, class_names, preprocess, channels
+        )
         for problem in checked.errors:
             log.error("pre-flight check: %s", problem)
         for problem in checked.warnings:
@@ -274,6 +285,9 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     seed = training_seed(site.state_dir, run_key, int(message_config.get("server-round", 0)), phase, site.data)
     seed_everything(seed)
     transform = seeded_train_transform(task, config, seed)
+    if config.train.logit_adjust:  # classification without DP (the config refuses it otherwise)
+        train_labels = site.data.targets[site.data.splits == "train"]
+        transform = task.LogitAdjustment(transform, train_labels, config.data.num_classes)
     unit, units = site.data.privacy_units("train", config.privacy.unit)
     dataset = PrivacyUnitDataset(site.data.split("train"), units, transform, config.train.augmentations)
     n = len(dataset)
@@ -322,6 +336,10 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
             return _reply(msg, site.name, "refused", str(err), {"epsilon": ledger.epsilon(), **privacy})
         model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
     proximal_mu = float(message_config.get("proximal-mu", 0.0)) if phase == PHASE_FEDERATED else 0.0
+    # the local-only model trains all rounds in one pass; a federated round is one slice of the run
+    per_round = steps_planned // config.run.rounds if phase == PHASE_LOCAL else steps_planned
+    first_step = 0 if phase == PHASE_LOCAL else (int(message_config.get("server-round", 1)) - 1) * per_round
+    schedule = lr_schedule(optimizer, config.train, first_step, per_round * config.run.rounds, per_round)
     stats = train(
         task,
         model,
@@ -332,6 +350,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
         max_steps=max_steps,
         proximal_mu=proximal_mu,
         amp=config.train.amp and not config.privacy.enabled,
+        schedule=schedule,
         **loop_options(config.train),
     )
     if stats.steps != steps_planned:
@@ -356,11 +375,14 @@ def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
     dataset = site.data.split(split)
     if len(dataset) == 0:
         return _reply(msg, site.name, "empty", f"no samples in the {split} split", {"num-examples": 0})
+    if "threshold" in message_config:  # the operating point the server chose on the validation splits
+        config = config.with_overrides({"evaluation.threshold": float(message_config["threshold"])})
     task = get_task(config.run.task)
     device = resolve_device(config.train.device)
     model = task.build_model(config)
     set_model_arrays(model, msg.content["arrays"])
-    results = evaluate(task, model.to(device), dataset, config, device)
+    score_counts = message_config.get("score-counts", False) is True
+    results = evaluate(task, model.to(device), dataset, config, device, score_counts=score_counts)
     return _reply(msg, site.name, "ok", "", {"num-examples": len(dataset), **results})
 
 

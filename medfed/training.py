@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from types import ModuleType
@@ -11,11 +12,20 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from medfed.config import Config, TrainConfig
 
-__all__ = ["TrainStats", "build_optimizer", "evaluate", "loop_options", "resolve_device", "train"]
+__all__ = [
+    "TrainStats",
+    "build_optimizer",
+    "evaluate",
+    "loop_options",
+    "lr_schedule",
+    "resolve_device",
+    "train",
+]
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,31 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> Optimizer:
     params = set_trainable(model, config.trainable)
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def lr_schedule(
+    optimizer: Optimizer, settings: TrainConfig, first_step: int, total_steps: int, steps_per_round: int
+) -> LambdaLR | None:
+    """The learning rate of ``train.schedule`` over the whole run, for a training pass that starts at
+    the run's step ``first_step`` (of ``total_steps``, all rounds end to end): a linear warm-up over
+    ``train.warmup-rounds`` rounds of ``steps_per_round`` steps, then constant or cosine to 0.
+    None when the rate is constant throughout (nothing to schedule)."""
+    warmup = settings.warmup_rounds * steps_per_round
+    if settings.schedule == "constant" and warmup == 0:
+        return None
+
+    def factor(step: int) -> float:
+        done = first_step + step
+        if done < warmup:
+            return (done + 1) / warmup
+        if settings.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(done - warmup, total_steps) / max(total_steps - warmup, 1)))
+        return 1.0
+
+    return LambdaLR(optimizer, factor)
 
 
 def loop_options(settings: TrainConfig) -> dict[str, int]:
@@ -75,6 +109,7 @@ def train(
     amp: bool = False,
     views: int = 1,
     physical_batch_size: int = 0,
+    schedule: LambdaLR | None = None,
 ) -> TrainStats:
     """Train for ``epochs`` passes over ``loader`` (or exactly ``max_steps`` steps when > 0).
 
@@ -82,6 +117,7 @@ def train(
     DP the per-view gradients of an image are averaged before clipping. ``physical_batch_size``
     > 0 computes each batch in parts of at most that many images and accumulates them into one
     step (under DP: clipped per part, noised once; the same update as one whole batch).
+    ``schedule`` (:func:`lr_schedule`) is stepped after every optimizer step.
 
     FedProx's proximal term is applied as a decoupled step ``w -= lr * mu * (w - w_global)`` after
     each optimizer step: it involves no data, so it adds nothing to the privacy cost and works the
@@ -89,7 +125,6 @@ def train(
     """
     model.train()
     reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    lr = optimizer.param_groups[0]["lr"]
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     steps, examples, loss_sum, start = 0, 0, 0.0, time.perf_counter()
@@ -103,6 +138,9 @@ def train(
                 _noise_only_step(model, optimizer)
             else:
                 loss_sum += _step(task, model, optimizer, batch, views, physical_batch_size or size, use_amp, scaler)
+            lr = optimizer.param_groups[0]["lr"]
+            if schedule is not None:
+                schedule.step()
             if reference is not None:
                 with torch.no_grad():
                     for param, ref in zip(model.parameters(), reference, strict=True):
@@ -180,11 +218,14 @@ def evaluate(
     config: Config,
     device: torch.device,
     cases: list[dict[str, float]] | None = None,
+    score_counts: bool = False,
 ) -> dict[str, float]:
     """The task's metrics of ``model`` on ``dataset`` (plus ``loss``).
 
     ``cases``, when given, receives the per-case rows of tasks that keep them (segmentation
     quantification); they stay where this runs (the site), only the aggregates are returned.
+    ``score_counts`` adds the counts of cases per score bin of tasks that choose an operating point
+    from them (binary classification), for the server to sum over sites.
     """
     model.eval()
     accumulator = task.metrics(config)
@@ -198,6 +239,8 @@ def evaluate(
         accumulator.update(task.decode(outputs), batch)
     results = accumulator.compute()
     results["loss"] = loss_sum / max(count, 1)
+    if score_counts and hasattr(accumulator, "score_counts"):
+        results.update(accumulator.score_counts())
     if cases is not None:
         cases.extend(getattr(accumulator, "cases", []))
     return results

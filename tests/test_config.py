@@ -72,3 +72,31 @@ def test_overrides_and_json_round_trip() -> None:
 def test_privacy_budget_defaults_to_target() -> None:
     assert Config().privacy.site_budget == 8.0
     assert Config().with_overrides({"privacy.budget": 20}).privacy.site_budget == 20.0
+
+
+def test_train_settings_left_out_come_from_the_recipe_of_the_task_and_mode(tmp_path) -> None:
+    from medfed.config import RECIPES, ConfigError, load_config
+
+    path = tmp_path / "run.toml"
+    path.write_text('[run]\ntask = "segmentation"\n[train]\nlr = 0.01\nschedule = "auto"\n')
+    private = load_config(path)
+    dp_recipe = RECIPES[("segmentation", True)]
+    assert private.train.lr == 0.01  # set in the file
+    assert private.train.optimizer == dp_recipe["optimizer"] and private.train.schedule == dp_recipe["schedule"]
+    assert "lr" not in private.train.recipe and "schedule" in private.train.recipe
+    # switching DP off switches the recipe, not the explicit lr
+    plain = private.with_overrides({"privacy.enabled": False})
+    assert plain.train.optimizer == RECIPES[("segmentation", False)]["optimizer"] and plain.train.lr == 0.01
+    assert plain.to_dict()["train"]["optimizer"] == "auto"
+    assert plain.to_public_dict()["train"]["optimizer"] == RECIPES[("segmentation", False)]["optimizer"]
+    path.write_text("[train]\nrecipe = []\n")
+    with pytest.raises(ConfigError, match="train.recipe"):
+        load_config(path)
+
+
+def test_model_names_are_checked_per_task() -> None:
+    from medfed.config import MODEL_NAMES, ConfigError
+
+    assert Config().model.name == MODEL_NAMES["classification"][0]
+    with pytest.raises(ConfigError, match="model.name"):
+        Config.from_dict({"run": {"task": "segmentation"}, "model": {"name": "resnet18"}})

@@ -136,3 +136,17 @@ def test_data_check_cli_lists_problems_and_counts(site_dir: Path) -> None:
     (site_dir / "images" / "000003.png").unlink()
     bad = runner.invoke(app, ["data", "check", str(site_dir)])
     assert bad.exit_code == 1 and "images/000003.png: file not found" in bad.output
+
+
+def test_dirichlet_partition_keeps_every_class_in_every_split_of_every_site() -> None:
+    rng = np.random.default_rng(0)
+    labels = (rng.random(900) < 0.3).astype(int)
+    strata = rng.choice(np.array(["train", "val", "test"]), size=900, p=[0.7, 0.1, 0.2])
+    parts = dirichlet_partition(labels, 3, alpha=0.5, seed=2, strata=strata, min_per_class=3)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(900))
+    for part in parts:
+        for split in ("train", "val", "test"):
+            held = labels[part][strata[part] == split]
+            assert np.sum(held == 0) >= 3 and np.sum(held == 1) >= 3
+    with pytest.raises(ValueError, match="class/split groups"):
+        dirichlet_partition(labels[:30], 3, alpha=0.5, seed=0, strata=strata[:30], min_per_class=10)

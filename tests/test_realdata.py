@@ -43,8 +43,9 @@ def test_chasedb1_loads_as_three_hospitals_split_by_child(shared_data: Path) -> 
     children: list[set[str]] = []
     for index in range(3):
         name, site = load_simulated_site(config, index)
-        assert name == f"site-{index + 1}" and site.images.shape[1:] == (1, 128, 128)
+        assert name == f"site-{index + 1}" and site.images.shape[1:] == (3, 128, 128)  # RGB fundus photos
         assert set(np.unique(site.targets)) == {0, 1}
+        assert not np.allclose(site.images[:, 0], site.images[:, 1])  # the colour is kept
         assert 0.03 < site.targets.mean() < 0.12  # vessels are 5-9 % of a fundus photo
         assert site.privacy_units("train")[0] == "patient"
         for child in set(site.patient_ids):  # both eyes of a child stay in one split

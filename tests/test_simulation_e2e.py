@@ -50,6 +50,18 @@ def test_report_schema(run: dict) -> None:
         assert set(entry["local_seconds"]) == set(report["sites"])
         assert set(entry["metrics"]) == set(report["sites"])
     assert set(report["final"]["per_site"]) == set(report["sites"])
+    point = report["final"]["operating_point"]
+    assert point["method"].startswith("Youden") and point["val_positives"] > 0 and point["val_negatives"] > 0
+    # test metrics at each site's own threshold (chosen on its validation split), no bin counts sent on
+    for site, values in report["final"]["per_site"].items():
+        own = point["per_site"].get(site, point)
+        assert values["threshold"] == own["threshold"] and 0 <= values["ece"] <= 1
+        assert not any(k.startswith("score_") for k in values)
+    assert set(point["per_site"]) <= set(report["sites"])
+    pooled = report["final"]["pooled"]
+    assert 0.5 < pooled["auroc"] <= 1 and pooled["positives"] + pooled["negatives"] == sum(
+        v["num_samples"] for v in report["final"]["per_site"].values()
+    )
     cross = report["final"]["cross_site"]
     assert cross["models"] == ["hospital-1", "hospital-2", "global"]
     assert cross["sites"] == report["sites"] and cross["metric"] == "auroc"
@@ -104,6 +116,35 @@ def test_site_evaluates_the_global_model_on_its_own_data(run: dict, tmp_path: Pa
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0.0 <= metrics["auroc"] <= 1.0
+    # the operating threshold chosen on the validation splits travels with the checkpoint
+    chosen = run["report"]["final"]["operating_point"]["threshold"]
+    assert 0 < chosen < 1 and chosen != 0.5
+    assert json.loads(model.with_suffix(".json").read_text())["config"]["evaluation"]["threshold"] == chosen
+    assert metrics["threshold"] == chosen
+    site_threshold = run["report"]["final"]["operating_point"]["per_site"]["hospital-1"]["threshold"]
+    args += ["--site", "hospital-1"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["threshold"] == site_threshold
+    assert runner.invoke(app, [*args[:-1], "hospital-9"]).exit_code == 2
     assert list(tmp_path.glob("example-*.png"))
     bad = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "nope.safetensors"), "--data", str(run["sites"])])
     assert bad.exit_code == 2 and "checkpoint not found" in bad.output
+
+
+def test_site_predicts_new_images_at_the_models_threshold(run: dict, tmp_path: Path) -> None:
+    import csv
+
+    model = run["out"] / "checkpoints" / "global.safetensors"
+    images = sorted((run["sites"] / "hospital-1").rglob("*.png"))[:3]
+    scans = tmp_path / "new"
+    scans.mkdir()
+    for image in images:
+        (scans / image.name).write_bytes(image.read_bytes())
+    result = runner.invoke(app, ["predict", "--model", str(model), "--input", str(scans), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "o" / "predictions.csv").open()))
+    threshold = run["report"]["final"]["operating_point"]["threshold"]
+    assert len(rows) == 3 and all(float(r["threshold"]) == pytest.approx(threshold, abs=1e-4) for r in rows)
+    for row in rows:
+        positive = float(row["p_class_1"]) >= float(row["threshold"])
+        assert row["call"] == ("class 1" if positive else "class 0")

@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -66,3 +68,39 @@ def test_an_empty_poisson_batch_takes_a_noise_only_dp_step_with_group_norm_3d() 
     stats = train(seg, model, [empty, empty], optimizer, torch.device("cpu"), epochs=1)
     assert stats.steps == 2 and stats.examples == 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # noise was added
+
+
+def test_cosine_schedule_runs_over_all_rounds_with_warm_up() -> None:
+    from medfed.config import TrainConfig
+    from medfed.training import lr_schedule
+
+    settings = TrainConfig(lr=1.0, schedule="cosine", warmup_rounds=1)
+    rates = []
+    for server_round in range(1, 4):  # 3 rounds of 4 steps, a fresh optimizer each round as at a site
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = lr_schedule(optimizer, settings, (server_round - 1) * 4, 12, 4)
+        for _ in range(4):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+    assert rates[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warm-up over the first round
+    assert rates[4] == 1.0 and all(a > b for a, b in zip(rates[4:], rates[5:], strict=False))
+    assert 0 < rates[-1] < 0.1
+    assert lr_schedule(optimizer, TrainConfig(), 0, 12, 4) is None  # constant: nothing to schedule
+
+
+def test_logit_adjustment_adds_the_site_log_prior_in_training_only() -> None:
+    from medfed.config import ConfigError
+    from medfed.tasks import classification
+
+    adjust = classification.LogitAdjustment(None, np.array([0, 0, 0, 1]), 2)
+    assert torch.allclose(adjust.offset, torch.log(torch.tensor([4 / 6, 2 / 6])))
+    sample = adjust({"image": torch.zeros(1, 4, 4), "label": torch.tensor(1)})
+    logits = torch.tensor([[0.5, -0.5]])
+    batch = {"label": torch.tensor([1]), "logit_offset": sample["logit_offset"][None]}
+    expected = torch.nn.functional.cross_entropy(logits + adjust.offset, torch.tensor([1]))
+    assert torch.isclose(classification.loss(logits, batch), expected)
+    assert not torch.isclose(classification.loss(logits, {"label": torch.tensor([1])}), expected)
+    with pytest.raises(ConfigError, match="train.logit-adjust"):
+        tiny_config(**{"train.logit-adjust": True})  # DP is on by default
+    assert tiny_config(**{"train.logit-adjust": True, "privacy.enabled": False}).train.logit_adjust

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from medfed.data.arrays import SiteArrays
-from medfed.data.manifest import DEFAULT_PREPROCESS, MANIFEST, DataError, DataProblem, Preprocess, is_photo, model_input
+from medfed.data.manifest import DEFAULT_PREPROCESS, MANIFEST, DataError, DataProblem, Preprocess, load_image
 from medfed.data.medical_io import read_scan
 from medfed.data.pairs import assign_splits
 
@@ -264,8 +264,10 @@ def load_box_site(
     origin: str | Path | None = None,
     problems: list[DataProblem] | None = None,
     preprocess: Preprocess = DEFAULT_PREPROCESS,
+    channels: int = 1,
 ) -> SiteArrays:
-    """Load images as ``(N, 1, S, S)`` in [0, 1] and their boxes as ``(N, M, 5)`` model-input targets.
+    """Load images as ``(N, channels, S, S)`` in [0, 1] (3: a colour photo's RGB, see
+    :func:`medfed.data.manifest.load_image`) and their boxes as ``(N, M, 5)`` model-input targets.
 
     Each box is checked against the image file's real size (:func:`validate_boxes`: broken ones
     are dropped with a warning), its label mapped by :func:`class_index`, and its corners scaled
@@ -279,8 +281,8 @@ def load_box_site(
     images, spacings, rows, kept_splits, patients = [], [], [], [], []
     for record, split in zip(records, splits, strict=True):
         try:
-            array, spacing, geometry = model_input(
-                read_scan(record.image), image_size, 2, is_photo(record.image), record.spacing, preprocess
+            array, spacing, geometry = load_image(
+                record.image, image_size, 2, record.spacing, preprocess, channels=channels
             )
         except Exception as err:  # noqa: BLE001 - every unreadable file is reported
             problems.append(DataProblem(record.where, f"image unreadable: {err}"))

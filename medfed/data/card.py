@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from medfed.data.arrays import SiteArrays
-from medfed.data.manifest import MANIFEST, is_photo
-from medfed.data.medical_io import read_scan
+from medfed.data.manifest import MANIFEST, image_paths, is_photo
+from medfed.data.medical_io import GREY_BANDS, read_channels
 
 __all__ = ["DataCard", "data_card"]
 
@@ -26,6 +27,7 @@ class DataCard:
     modalities: Counter[str] = field(default_factory=Counter)
     shapes: list[tuple[int, ...]] = field(default_factory=list)
     spacings: list[tuple[float, ...]] = field(default_factory=list)
+    channels: str = ""
     target_notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -33,6 +35,7 @@ class DataCard:
         out = [
             "formats: " + ", ".join(f"{k} {v}" for k, v in self.formats.most_common()),
             "modalities: " + ", ".join(f"{k} {v}" for k, v in self.modalities.most_common()),
+            f"channels: {self.channels}",
         ]
         if self.shapes:
             out.append(f"image sizes: {_range(self.shapes, '{:d}')} (pixels per axis, as stored)")
@@ -42,23 +45,47 @@ class DataCard:
 
 
 def data_card(site_dir: str | Path, site: SiteArrays) -> DataCard:
-    """The data card of a site folder that :func:`medfed.data.read_site` has loaded as ``site``."""
+    """The data card of a site folder that :func:`medfed.data.read_site` has loaded as ``site``
+    (its channel count is that of ``site``'s images; sizes are the first channel's)."""
     site_dir = Path(site_dir)
     with (site_dir / MANIFEST).open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     card = DataCard()
+    channels, spatial_dims = site.images.shape[1], site.images.ndim - 2
+    kinds: Counter[str] = Counter()
     for row in rows:
-        path = site_dir / row["image"]
-        scan = read_scan(path)
-        card.formats[_format(path)] += 1
+        paths = [site_dir / p for p in image_paths(row["image"])]
+        path = paths[0]
+        scan = read_channels(path, 1 if len(paths) > 1 else channels, spatial_dims)[0]
+        kinds[_channel_kind(paths, channels)] += 1
+        card.formats.update(_format(p) for p in paths)
         stated_modality = (row.get("modality") or "").strip().upper()
         card.modalities[scan.modality or stated_modality or ("photo" if is_photo(path) else "not stated")] += 1
         card.shapes.append(tuple(int(n) for n in scan.array.shape if n > 1))
         stated = [float(v) for v in (row.get("spacing") or "").lower().split("x") if v.strip()]
         own = tuple(float(s) for s, n in zip(scan.spacing, scan.array.shape, strict=False) if n > 1)
         card.spacings.append(tuple(stated * len(own)) if len(stated) == 1 else tuple(stated) or own)
+    shown = ", ".join(kind if len(kinds) == 1 else f"{kind} {n}" for kind, n in kinds.most_common())
+    card.channels = f"{channels} ({shown})"
     card.target_notes = _target_notes(site)
     return card
+
+
+def _channel_kind(paths: list[Path], channels: int) -> str:
+    """How one case's files give its channels, for the card (a colour photo turned grey is worth saying)."""
+    if channels == 1:
+        return "colour photos turned grey" if any(_is_colour(p) for p in paths) else "grey"
+    if len(paths) > 1:
+        return "one file per channel"
+    return "RGB" if is_photo(paths[0]) else "in one file"
+
+
+def _is_colour(path: Path) -> bool:
+    """A colour photo (from its header only)."""
+    if not is_photo(path):
+        return False
+    with Image.open(path) as img:
+        return not set(img.getbands()) <= GREY_BANDS
 
 
 def _format(path: Path) -> str:

@@ -62,10 +62,13 @@ def import_site(
     patient_pattern: str = "",
     seed: int = 0,
     fractions: tuple[float, float] = (0.2, 0.2),
+    channels: int = 1,
 ) -> Imported:
     """Make the site folder ``out`` from ``src`` in the layout ``source`` (see the module docstring).
 
     ``task`` defaults to the source's usual one (classification when a ``labels`` table is given).
+    ``channels`` is what MedMNIST images are written with (3 keeps a colour set's RGB); the other
+    layouts are copied file by file, as they are.
     Raises ValueError for settings that do not fit the source, :class:`DataError` for bad input files.
     """
     if source not in IMPORT_SOURCES:
@@ -80,7 +83,7 @@ def import_site(
         raise FileNotFoundError(f"{src} does not exist")
     _check_empty(out)
     if source == "medmnist":
-        write_site(out, read_medmnist(src))
+        write_site(out, read_medmnist(src, channels))
         return Imported(out, task)
     if source == "voc":
         annotations_dir = src / "Annotations" if (src / "Annotations").is_dir() else src

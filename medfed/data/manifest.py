@@ -5,6 +5,9 @@ Columns: ``image`` (path relative to the folder), the target (``label``: a class
 (train/val/test) and optional ``patient_id`` (used only to keep a patient in one split; it never
 leaves the site), ``spacing`` (mm per pixel, for files that do not state it) and ``modality``
 (e.g. ``CT``, for files that do not state it: NIfTI converted from DICOM). Images may be PNG/JPEG, NumPy ``.npy``, DICOM ``.dcm`` or NIfTI ``.nii(.gz)``.
+With ``data.channels`` = N > 1 an ``image`` cell names one file holding the N channels (a colour
+photo for N = 3, a 4D NIfTI, a ``.npy`` with a channel axis) or N files, one per channel in order,
+joined by ``;`` (``t1.nii.gz;t1c.nii.gz;t2.nii.gz;flair.nii.gz``).
 Box targets (detection) have no manifest column: they sit in ``boxes.csv`` beside it
 (see :mod:`medfed.data.boxes`).
 """
@@ -12,6 +15,7 @@ Box targets (detection) have no manifest column: they sit in ``boxes.csv`` besid
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from medfed.data.arrays import SPLITS, SiteArrays
-from medfed.data.medical_io import Scan, read_scan
+from medfed.data.medical_io import ChannelError, Scan, read_channels
 
 __all__ = [
     "DataError",
@@ -30,6 +34,7 @@ __all__ = [
     "Preprocess",
     "fit_to_model",
     "from_model_grid",
+    "image_paths",
     "load_image",
     "load_mask",
     "read_site",
@@ -40,6 +45,7 @@ MANIFEST = "manifest.csv"
 REQUIRED_COLUMNS = ("image", "split")
 T = TypeVar("T")
 CT_WINDOW = (-1000.0, 1000.0)  # Hounsfield units: air to dense bone
+log = logging.getLogger("medfed.data")
 
 
 @dataclass(frozen=True)
@@ -102,26 +108,62 @@ class DataError(ValueError):
 
 
 def load_image(
-    path: Path,
+    path: Path | Sequence[Path],
     image_size: int,
     spatial_dims: int = 2,
     spacing: tuple[float, ...] | None = None,
     preprocess: Preprocess = DEFAULT_PREPROCESS,
     modality: str = "",
+    channels: int = 1,
 ) -> tuple[np.ndarray, tuple[float, ...], Geometry]:
-    """Read one image (2D) or volume (3D) as ``(1, *[image_size] * spatial_dims)`` float32 in [0, 1].
+    """Read one image (2D) or volume (3D) as ``(channels, *[image_size] * spatial_dims)`` float32 in [0, 1].
 
     Returns the array, its voxel size in mm after resampling and the file's own :class:`Geometry`,
     against which a mask is checked and resampled. ``spacing`` (mm per input pixel) replaces the
     file's own; a file without one (PNG) counts 1 mm per pixel. ``modality`` (e.g. "CT") stands in
     for a file that does not state its own (NIfTI). See :func:`model_input` for the values.
+
+    ``path`` is one file holding the ``channels`` channels (:func:`read_channels`: with 1, a colour
+    photo is turned grey) or ``channels`` files, one channel each (a colour photo among them is
+    turned grey), which must share the first file's grid. Each channel is scaled on its own (its own
+    CT window or percentiles: MR sequences differ in range); an RGB photo's three by the same 1/255.
     """
-    scan = read_scan(path)
+    paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
+    if len(paths) > 1 and len(paths) != channels:
+        raise ChannelError(
+            f"{len(paths)} files ({', '.join(p.name for p in paths)}) for data.channels = {channels}: "
+            f"expected {channels} file(s), one per channel, or one file holding all {channels}"
+        )
     if spacing is not None and len(spacing) != spatial_dims:
         raise ValueError(f"spacing {spacing} has {len(spacing)} values; the image has {spatial_dims} axes")
-    if modality and not scan.modality:
-        scan.modality = modality.strip().upper()
-    return model_input(scan, image_size, spatial_dims, is_photo(path), spacing, preprocess)
+    per_file = 1 if len(paths) > 1 else channels
+    arrays, fitted = [], []
+    for file in paths:
+        for scan in read_channels(file, per_file, spatial_dims):
+            if modality and not scan.modality:
+                scan.modality = modality.strip().upper()
+            array, fitted_spacing, geometry = model_input(
+                scan, image_size, spatial_dims, is_photo(file), spacing, preprocess
+            )
+            if fitted and not _same_grid(geometry, fitted[0][1]):
+                first = fitted[0][1]
+                raise ChannelError(
+                    f"{file} is {_shape(geometry.shape)} pixels of {_mm(geometry.spacing)} mm but {paths[0]}, the "
+                    f"first channel, is {_shape(first.shape)} of {_mm(first.spacing)} mm: "
+                    "the channels of a case must share one grid"
+                )
+            arrays.append(array)
+            fitted.append((fitted_spacing, geometry))
+    return np.concatenate(arrays), *fitted[0]
+
+
+def _same_grid(a: Geometry, b: Geometry) -> bool:
+    return a.shape == b.shape and np.allclose(a.spacing, b.spacing, rtol=1e-3)
+
+
+def image_paths(cell: str) -> list[str]:
+    """The file(s) of a manifest ``image`` cell: one, or one per channel joined by ``;``."""
+    return [part.strip() for part in cell.split(";")]
 
 
 def is_photo(path: Path) -> bool:
@@ -246,13 +288,17 @@ def load_mask(
     spatial_dims: int = 2,
     image: Geometry | None = None,
     preprocess: Preprocess = DEFAULT_PREPROCESS,
+    rescaled: list[Path] | None = None,
 ) -> np.ndarray:
     """Read a label mask as ``(1, *[image_size] * spatial_dims)`` int64, on its image's model grid.
 
-    1-bit PNGs are read as 0/1; a DICOM Segmentation (DICOM-SEG) referencing the image's DICOM
-    instances gives its segment numbers as classes; other files must hold class indices in
-    ``[0, num_classes - 1]``. ``image`` (the image's own geometry) is what the mask must match in
-    shape, and in voxel size when the mask file states one (NIfTI, DICOM-SEG).
+    1-bit PNGs are read as 0/1, and so is a binary mask stored as 0/255 (the usual export; with
+    fewer than 256 classes 255 can be no class index), which is then appended to ``rescaled`` for
+    the caller's notice; a grey mask stored as an RGB(A) PNG is read from its one grey channel. A
+    DICOM Segmentation (DICOM-SEG) referencing the image's DICOM instances gives its segment
+    numbers as classes; other files must hold class indices in ``[0, num_classes - 1]``. ``image``
+    (the image's own geometry) is what the mask must match in shape, and in voxel size when the
+    mask file states one (NIfTI, DICOM-SEG).
     """
     name = path.name.lower()
     mask_spacing: tuple[float, ...] | None = None
@@ -269,6 +315,8 @@ def load_mask(
     else:
         with Image.open(path) as img:
             mask = (np.asarray(img.convert("L")) > 0).astype(np.int64) if img.mode == "1" else np.asarray(img)
+            if img.mode in ("LA", "RGB", "RGBA"):
+                mask = _grey_mask(mask[..., : 1 if img.mode == "LA" else 3])
     mask, mask_spacing = _squeeze(mask, mask_spacing or (1.0,) * mask.ndim, spatial_dims, "mask")
     if image is not None and mask.shape != tuple(image.shape):
         raise ValueError(f"mask shape {mask.shape} does not match its image's shape {tuple(image.shape)}")
@@ -278,11 +326,22 @@ def load_mask(
         and not np.allclose(mask_spacing, image.spacing, rtol=1e-3, atol=1e-4)
     ):
         raise ValueError(f"mask voxel size {_mm(mask_spacing)} mm does not match its image's {_mm(image.spacing)} mm")
+    if num_classes <= 255 and mask.size and mask.max() == 255 and np.isin(mask, (0, 255)).all():
+        mask = (mask == 255).astype(np.int64)
+        if rescaled is not None:
+            rescaled.append(path)
     if not np.array_equal(mask, np.round(mask)) or mask.min() < 0 or mask.max() >= num_classes:
         raise ValueError(f"mask values must be class indices in [0, {num_classes - 1}], found {np.unique(mask)[:8]}")
     geometry = image or Geometry(mask.shape, mask_spacing, np.diag([*mask_spacing, 1.0]))
     fitted, _ = fit_to_model(mask.astype(np.float32), geometry, image_size, preprocess, labels=True)
     return fitted.astype(np.int64)[None]
+
+
+def _grey_mask(pixels: np.ndarray) -> np.ndarray:
+    """A mask saved as a colour image ``(H, W, C)``: its one channel when all C are equal, else ValueError."""
+    if not (pixels == pixels[..., :1]).all():
+        raise ValueError("mask is a colour image whose channels differ: expected class indices in one grey channel")
+    return pixels[..., 0]
 
 
 def read_dicom_seg(path: Path, image: Geometry | None) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -329,6 +388,10 @@ def _mm(spacing: tuple[float, ...]) -> str:
     return " x ".join(f"{v:.4g}" for v in spacing)
 
 
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in shape)
+
+
 def read_site(
     site_dir: str | Path,
     image_size: int,
@@ -337,10 +400,14 @@ def read_site(
     spatial_dims: int = 2,
     class_names: Sequence[str] = (),
     preprocess: Preprocess = DEFAULT_PREPROCESS,
+    channels: int = 1,
 ) -> SiteArrays:
     """Load and validate a site folder; raise :class:`DataError` listing every bad row.
 
     CT images are windowed in Hounsfield units as ``preprocess`` says, see :func:`model_input`.
+    Images are ``(N, channels, *spatial)``: an ``image`` cell names one file holding ``channels``
+    channels or ``channels`` files joined by ``;`` (see :func:`load_image`); a row whose images hold
+    another number is an error. Masks stored as 0/255 are read as 0/1 with one warning per site.
 
     ``target`` is what the task learns: the manifest column ``label`` or ``mask``, or ``boxes``
     (2D only), read from ``boxes.csv`` beside the manifest with labels that are names from
@@ -368,10 +435,11 @@ def read_site(
     if not rows:
         raise DataError(site_dir, [DataProblem(MANIFEST, "no rows")])
     if boxes:
-        return _read_box_site(site_dir, rows, image_size, num_classes, class_names, preprocess)
+        return _read_box_site(site_dir, rows, image_size, num_classes, class_names, preprocess, channels)
 
     problems: list[DataProblem] = []
     images, targets, splits, patients, spacings = [], [], [], [], []
+    rescaled: list[Path] = []
     for line, row in enumerate(rows, start=2):
         where = f"{MANIFEST} line {line}"
         if row["split"] not in SPLITS:
@@ -384,13 +452,13 @@ def read_site(
                 )
         pixel_mm = _parse_spacing(row.get("spacing") or "", spatial_dims, where, problems)
         stated_modality = row.get("modality") or ""
-        loaded = _read_file(
+        loaded = _read_files(
             site_dir,
-            row["image"],
+            image_paths(row["image"]),
             where,
             problems,
-            lambda p, mm=pixel_mm, modality=stated_modality: load_image(
-                p, image_size, spatial_dims, mm, preprocess, modality
+            lambda paths, mm=pixel_mm, modality=stated_modality: load_image(
+                paths, image_size, spatial_dims, mm, preprocess, modality, channels
             ),
         )
         if target == "mask":
@@ -400,7 +468,7 @@ def read_site(
                 where,
                 problems,
                 lambda p, geometry=loaded and loaded[2]: load_mask(
-                    p, image_size, num_classes, spatial_dims, geometry, preprocess
+                    p, image_size, num_classes, spatial_dims, geometry, preprocess, rescaled
                 ),
             )
         if loaded is None or value is None:
@@ -413,6 +481,7 @@ def read_site(
     problems.extend(_patient_leaks(rows))
     if problems:
         raise DataError(site_dir, problems)
+    note_rescaled(site_dir, rescaled, len(targets))
     return SiteArrays(
         np.stack(images).astype(np.float32),
         np.asarray(targets, dtype=np.int64),
@@ -423,6 +492,19 @@ def read_site(
     )
 
 
+def note_rescaled(origin: Path, rescaled: list[Path], masks: int) -> None:
+    """Warn once (the pre-flight check lists it) that masks stored as 0/255 were read as 0/1."""
+    if rescaled:
+        log.warning(
+            "%s: %d of %d masks (e.g. %s) hold only the values 0 and 255: read as 0/1 (255 = class 1)",
+            origin,
+            len(rescaled),
+            masks,
+            rescaled[0].name,
+            extra={"data_notice": True},
+        )
+
+
 def _read_box_site(
     site_dir: Path,
     rows: list[dict[str, str]],
@@ -430,6 +512,7 @@ def _read_box_site(
     num_classes: int,
     class_names: Sequence[str],
     preprocess: Preprocess,
+    channels: int,
 ) -> SiteArrays:
     """The box site of :func:`read_site`: manifest rows checked here, boxes from ``boxes.csv``."""
     from medfed.data.boxes import BOXES, AnnotatedImage, load_box_site, read_box_table  # boxes imports this module
@@ -450,7 +533,15 @@ def _read_box_site(
             splits.append(row["split"])
     problems.extend(_patient_leaks(rows))
     return load_box_site(
-        records, splits, image_size, class_names, num_classes, origin=site_dir, problems=problems, preprocess=preprocess
+        records,
+        splits,
+        image_size,
+        class_names,
+        num_classes,
+        origin=site_dir,
+        problems=problems,
+        preprocess=preprocess,
+        channels=channels,
     )
 
 
@@ -458,29 +549,47 @@ def _read_file(
     site_dir: Path, relative: str, where: str, problems: list[DataProblem], reader: Callable[[Path], T]
 ) -> T | None:
     """Read one file named in the manifest, or record why it cannot be used."""
-    path = site_dir / relative
+    if ";" in relative:
+        problems.append(DataProblem(where, f"{relative} names several files joined by ';': expected one file here"))
+        return None
+    return _read_files(site_dir, [relative], where, problems, lambda paths: reader(paths[0]))
+
+
+def _read_files(
+    site_dir: Path, relatives: list[str], where: str, problems: list[DataProblem], reader: Callable[[list[Path]], T]
+) -> T | None:
+    """Read the file(s) of one manifest cell together, or record why they cannot be used."""
+    paths = []
+    for relative in relatives:
+        path = site_dir / relative
+        try:
+            inside = path.resolve().is_relative_to(site_dir.resolve())
+        except (ValueError, OSError) as err:  # e.g. a NUL byte in the name
+            problems.append(DataProblem(where, f"{relative!r} is not a usable file name: {err}"))
+            return None
+        if not inside:
+            problems.append(DataProblem(where, f"{relative} leaves the site folder"))
+            return None
+        if not (relative and (path.is_file() or path.is_dir())):  # a folder is a DICOM series
+            problems.append(DataProblem(where, f"{relative or 'an empty path'}: file not found"))
+            return None
+        paths.append(path)
+    cell = ";".join(relatives)
     try:
-        inside = path.resolve().is_relative_to(site_dir.resolve())
-    except (ValueError, OSError) as err:  # e.g. a NUL byte in the name
-        problems.append(DataProblem(where, f"{relative!r} is not a usable file name: {err}"))
-        return None
-    if not inside:
-        problems.append(DataProblem(where, f"{relative} leaves the site folder"))
-        return None
-    if not (path.is_file() or path.is_dir()):  # a folder is a DICOM series
-        problems.append(DataProblem(where, f"{relative}: file not found"))
-        return None
-    try:
-        return reader(path)
+        return reader(paths)
+    except ChannelError as err:
+        problems.append(DataProblem(where, str(err)))
     except Exception as err:  # noqa: BLE001 - any reader failure is reported per file
-        problems.append(DataProblem(where, f"{relative} unreadable: {err}"))
-        return None
+        problems.append(DataProblem(where, f"{cell} unreadable: {err}"))
+    return None
 
 
 def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
     """Write a site folder from arrays: manifest.csv plus 8-bit PNG images and PNG masks (2D) with a
     ``spacing`` column, or NIfTI images and masks whose header holds the spacing (3D). Box targets
-    go to ``boxes.csv`` with class indices as labels, in the written image's pixels."""
+    go to ``boxes.csv`` with class indices as labels, in the written image's pixels. Several image
+    channels become an RGB PNG (3 channels, 2D), one PNG per channel joined by ``;`` (other counts,
+    2D) or a 4D NIfTI with the channels last (3D), as :func:`read_site` reads them back."""
     from medfed.data.boxes import BOXES, Box, write_box_table  # boxes imports this module
 
     site_dir = Path(site_dir)
@@ -496,12 +605,17 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
         writer.writerow(["image", *(() if boxes else (site.target_key,)), "split", "patient_id", "spacing"])
         for i, (image, target, split) in enumerate(zip(site.images, site.targets, site.splits, strict=True)):
             spacing = tuple(float(v) for v in site.spacing[i])
+            stored = image[0] if len(image) == 1 else np.moveaxis(image, 0, -1)  # channels last: RGB, 4D NIfTI
             if volumes:
                 rel = f"images/{i:06d}.nii.gz"
-                _save_nifti(image[0].astype(np.float32), spacing, site_dir / rel)
-            else:
+                _save_nifti(stored.astype(np.float32), spacing, site_dir / rel)
+            elif len(image) in (1, 3):
                 rel = f"images/{i:06d}.png"
-                Image.fromarray(np.clip(np.round(image[0] * 255), 0, 255).astype(np.uint8)).save(site_dir / rel)
+                Image.fromarray(_png_pixels(stored)).save(site_dir / rel)
+            else:
+                rel = ";".join(f"images/{i:06d}_{k}.png" for k in range(len(image)))
+                for k, channel in enumerate(image):
+                    Image.fromarray(_png_pixels(channel)).save(site_dir / f"images/{i:06d}_{k}.png")
             if masks and volumes:
                 value = f"masks/{i:06d}.nii.gz"
                 _save_nifti(target[0].astype(np.uint8), spacing, site_dir / value)
@@ -518,6 +632,11 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
     if boxes:
         write_box_table(site_dir / BOXES, box_rows)
     return site_dir
+
+
+def _png_pixels(image: np.ndarray) -> np.ndarray:
+    """[0, 1] values as 8-bit pixels."""
+    return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
 
 
 def _save_nifti(array: np.ndarray, spacing: tuple[float, ...], path: Path) -> None:

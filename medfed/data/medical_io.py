@@ -40,8 +40,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, 
 from pydicom.valuerep import DSfloat
 
 __all__ = [
+    "ChannelError",
     "Scan",
     "file_stem",
+    "read_channels",
     "read_dicom_series",
     "read_scan",
     "write_dicom_seg",
@@ -57,6 +59,12 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # column index -> LPS +x, as ITK reads such files.
 DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SOP_CLASSES = {"CT": CTImageStorage, "MR": MRImageStorage}
+GREY_BANDS = {"1", "L", "I", "F", "A", "a"}  # PIL bands of grey photos, with or without alpha
+ONE_FILE_PER_CHANNEL = "or give one file per channel, joined by ';' in the manifest's image cell"
+
+
+class ChannelError(ValueError):
+    """A file holds another number of image channels than ``data.channels`` asks for."""
 
 
 @dataclass
@@ -97,6 +105,51 @@ def read_scan(path: str | Path) -> Scan:
     if suffix == ".dcm":
         return _read_dicom_file(path)
     raise ValueError(f"unsupported format {suffix or '(no extension)'} of {path}: {EXPECTED_FORMATS}")
+
+
+def read_channels(path: str | Path, channels: int, spatial_dims: int) -> list[Scan]:
+    """The ``channels`` image channels of one file, one :class:`Scan` each, all on the file's grid.
+
+    ``channels = 1`` is :func:`read_scan` (a colour photo is turned grey). Otherwise a colour photo
+    gives its R, G and B (``channels = 3``; alpha is dropped), a NIfTI file a 4th axis of
+    ``channels`` volumes (channel-last, as the Medical Segmentation Decathlon stores BraTS), a
+    ``.npy`` array ``spatial_dims`` + 1 axes with ``channels`` first (else last). Any other file
+    (DICOM, a grey photo, a plain 2D/3D array) holds one channel. Raises :class:`ChannelError`
+    naming the file when it holds another number of channels.
+    """
+    path = Path(path)
+    if channels == 1:
+        return [read_scan(path)]
+    name = path.name.lower()
+    if path.is_dir() or name.endswith(".dcm"):
+        raise ChannelError(
+            f"{path} is DICOM, 1 channel: data.channels = {channels} expects {channels}, {ONE_FILE_PER_CHANNEL}"
+        )
+    if not path.is_file() or not name.endswith((*IMAGE_SUFFIXES, ".npy", ".nii", ".nii.gz")):
+        read_scan(path)  # raises: a missing file or an unknown format
+    if name.endswith(IMAGE_SUFFIXES):
+        array = _photo_pixels(path, channels)
+        affine = _plane_affine(DEFAULT_ORIENTATION, (0.0, 0.0, 0.0), (1.0, 1.0), 1.0)
+        return [Scan(file_stem(path), array[..., k], affine, (1.0, 1.0)) for k in range(channels)]
+    if name.endswith(".npy"):
+        array = _load_npy(path)
+        shape = tuple(n for n in array.shape if n > 1)
+        if len(shape) == spatial_dims + 1 and channels in (shape[0], shape[-1]):
+            array = np.moveaxis(array.reshape(shape), 0 if shape[0] == channels else -1, 0)
+            return [Scan(file_stem(path), a, np.eye(4), (1.0,) * spatial_dims) for a in array]
+        raise ChannelError(
+            f"{path} holds an array of shape {array.shape}: data.channels = {channels} expects {channels} "
+            f"{'images' if spatial_dims == 2 else 'volumes'} along its first or last axis, {ONE_FILE_PER_CHANNEL}"
+        )
+    img, array = _load_nifti(path)
+    if array.ndim == 4 and array.shape[3] == channels:
+        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        affine = np.asarray(img.affine, dtype=np.float64)
+        return [Scan(file_stem(path), array[..., k], affine, spacing) for k in range(channels)]
+    raise ChannelError(
+        f"{path} holds an array of shape {array.shape}: data.channels = {channels} expects {channels} volumes "
+        f"along a 4th axis, {ONE_FILE_PER_CHANNEL}"
+    )
 
 
 def write_nifti_mask(mask: np.ndarray, scan: Scan, path: str | Path) -> Path:
@@ -296,32 +349,61 @@ def _check_mask(mask: np.ndarray, scan: Scan) -> np.ndarray:
 
 
 def _read_image(path: Path) -> Scan:
+    affine = _plane_affine(DEFAULT_ORIENTATION, (0.0, 0.0, 0.0), (1.0, 1.0), 1.0)
+    return Scan(name=file_stem(path), array=_photo_pixels(path, 1), affine=affine, spacing=(1.0, 1.0))
+
+
+def _photo_pixels(path: Path, channels: int) -> np.ndarray:
+    """A photo's pixels: ``(H, W)`` for ``channels = 1`` (colour turned grey, 16-bit grey kept), else
+    ``(H, W, 3)`` RGB from a colour photo; :class:`ChannelError` when the photo has another count."""
     try:
         with Image.open(path) as img:
             if getattr(img, "n_frames", 1) > 1:
                 raise ValueError(f"{path} holds {img.n_frames} frames: expected a single 2D image")
-            keeps_values = img.mode in ("L", "I", "F") or img.mode.startswith("I;16")
-            array = np.asarray(img if keeps_values else img.convert("L"), dtype=np.float32)
+            if channels == 1:
+                keeps_values = img.mode in ("L", "I", "F") or img.mode.startswith("I;16")
+                return np.asarray(img if keeps_values else img.convert("L"), dtype=np.float32)
+            grey = set(img.getbands()) <= GREY_BANDS
+            if channels != (1 if grey else 3):
+                found = "1 channel (grey)" if grey else "3 channels (RGB)"
+                raise ChannelError(
+                    f"{path} has {found}: data.channels = {channels} expects {channels}"
+                    + ("" if channels == 3 else f", {ONE_FILE_PER_CHANNEL}")
+                )
+            return np.asarray(img.convert("RGB"), dtype=np.float32)
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path} is not a readable PNG/JPEG/BMP/TIFF image: {err}") from err
-    affine = _plane_affine(DEFAULT_ORIENTATION, (0.0, 0.0, 0.0), (1.0, 1.0), 1.0)
-    return Scan(name=file_stem(path), array=array, affine=affine, spacing=(1.0, 1.0))
 
 
 def _read_npy(path: Path) -> Scan:
+    array = _load_npy(path)
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{path} holds an array of shape {array.shape}: expected a numeric 2D or 3D array")
+    return Scan(name=file_stem(path), array=array, affine=np.eye(4), spacing=(1.0,) * array.ndim)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` file's numeric (or boolean) array as float32."""
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"{path} is not a readable .npy array: {err}") from err
     real = np.issubdtype(array.dtype, np.number) and not np.issubdtype(array.dtype, np.complexfloating)
-    if array.ndim not in (2, 3) or not (real or array.dtype == np.bool_):
-        raise ValueError(
-            f"{path} holds a {array.dtype} array of shape {array.shape}: expected a numeric 2D or 3D array"
-        )
-    return Scan(name=file_stem(path), array=array.astype(np.float32), affine=np.eye(4), spacing=(1.0,) * array.ndim)
+    if not (real or array.dtype == np.bool_):
+        raise ValueError(f"{path} holds a {array.dtype} array of shape {array.shape}: expected a numeric array")
+    return array.astype(np.float32)
 
 
 def _read_nifti(path: Path) -> Scan:
+    img, array = _load_nifti(path)
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{path} holds an array of shape {img.shape}: expected a 2D or 3D NIfTI image")
+    spacing = tuple(float(z) for z in img.header.get_zooms()[: array.ndim])
+    return Scan(name=file_stem(path), array=array, affine=np.asarray(img.affine, dtype=np.float64), spacing=spacing)
+
+
+def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
+    """A NIfTI image and its float32 array, trailing axes of length 1 dropped."""
     try:
         img = nib.load(path)
         array = img.get_fdata(dtype=np.float32)
@@ -329,10 +411,7 @@ def _read_nifti(path: Path) -> Scan:
         raise ValueError(f"{path} is not a readable NIfTI file: {err}") from err
     while array.ndim > 3 and array.shape[-1] == 1:  # a trailing time/vector axis of 1 carries no geometry
         array = array[..., 0]
-    if array.ndim not in (2, 3):
-        raise ValueError(f"{path} holds an array of shape {img.shape}: expected a 2D or 3D NIfTI image")
-    spacing = tuple(float(z) for z in img.header.get_zooms()[: array.ndim])
-    return Scan(name=file_stem(path), array=array, affine=np.asarray(img.affine, dtype=np.float64), spacing=spacing)
+    return img, array
 
 
 def _read_dicom_file(path: Path, ds: pydicom.Dataset | None = None) -> Scan:

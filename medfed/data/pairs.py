@@ -18,7 +18,16 @@ from typing import NamedTuple
 import numpy as np
 
 from medfed.data.arrays import SiteArrays
-from medfed.data.manifest import DEFAULT_PREPROCESS, MANIFEST, DataError, DataProblem, Preprocess, load_image, load_mask
+from medfed.data.manifest import (
+    DEFAULT_PREPROCESS,
+    MANIFEST,
+    DataError,
+    DataProblem,
+    Preprocess,
+    load_image,
+    load_mask,
+    note_rescaled,
+)
 from medfed.data.medical_io import file_stem
 
 __all__ = ["ImagePair", "assign_splits", "deal_to_sites", "find_pairs", "import_pairs", "read_pairs"]
@@ -104,13 +113,18 @@ def read_pairs(
     num_classes: int,
     spatial_dims: int = 2,
     preprocess: Preprocess = DEFAULT_PREPROCESS,
+    channels: int = 1,
 ) -> SiteArrays:
-    """Load matched pairs into arrays; raise :class:`DataError` listing every unreadable file."""
+    """Load matched pairs into arrays (images with ``channels`` channels: 3 keeps a colour photo's
+    RGB); raise :class:`DataError` listing every unreadable file."""
     images, masks, spacings, problems = [], [], [], []
+    rescaled: list[Path] = []
     for pair in pairs:
         try:
-            image, spacing, geometry = load_image(pair.image, image_size, spatial_dims, preprocess=preprocess)
-            mask = load_mask(pair.mask, image_size, num_classes, spatial_dims, geometry, preprocess)
+            image, spacing, geometry = load_image(
+                pair.image, image_size, spatial_dims, preprocess=preprocess, channels=channels
+            )
+            mask = load_mask(pair.mask, image_size, num_classes, spatial_dims, geometry, preprocess, rescaled)
         except Exception as err:  # noqa: BLE001 - every unreadable file is reported
             problems.append(DataProblem(f"{pair.image.name} / {pair.mask.name}", str(err)))
             continue
@@ -119,6 +133,7 @@ def read_pairs(
         spacings.append(spacing)
     if problems:
         raise DataError(pairs[0].image.parent.parent, problems)
+    note_rescaled(pairs[0].mask.parent, rescaled, len(masks))
     return SiteArrays(
         np.stack(images),
         np.stack(masks),

@@ -15,29 +15,45 @@ def iid_partition(labels: np.ndarray, num_sites: int, seed: int) -> list[np.ndar
 
 
 def dirichlet_partition(
-    labels: np.ndarray, num_sites: int, alpha: float, seed: int, min_per_site: int = 2
+    labels: np.ndarray,
+    num_sites: int,
+    alpha: float,
+    seed: int,
+    min_per_site: int = 2,
+    strata: np.ndarray | None = None,
+    min_per_class: int = 0,
 ) -> list[np.ndarray]:
     """Label-skewed split: for each class, site shares are drawn from Dirichlet(alpha).
 
     Small ``alpha`` (e.g. 0.1) gives sites dominated by one class; large ``alpha`` tends to IID.
-    Draws are repeated (seeded) until every site has at least ``min_per_site`` samples.
+    ``strata`` (e.g. each sample's official train/val/test split) deals each class's samples of
+    every stratum by the same shares, so a site keeps the official split of its samples. Draws are
+    repeated (seeded) until every site has at least ``min_per_site`` samples and, in every stratum,
+    at least ``min_per_class`` samples of every class: a site whose test split held one class could
+    not be scored by AUROC, sensitivity or specificity.
     """
     _check_sites(len(labels), num_sites)
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels).ravel()
+    strata = np.zeros(len(labels), dtype=int) if strata is None else np.asarray(strata).ravel()
+    groups = [(cls, stratum) for cls in np.unique(labels) for stratum in np.unique(strata)]
     for _ in range(1000):
         parts: list[list[int]] = [[] for _ in range(num_sites)]
+        enough = True
         for cls in np.unique(labels):
-            idx = rng.permutation(np.flatnonzero(labels == cls))
             shares = rng.dirichlet(np.full(num_sites, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-            for site, chunk in enumerate(np.split(idx, cuts)):
-                parts[site].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_per_site:
+            for stratum in np.unique(strata):
+                idx = rng.permutation(np.flatnonzero((labels == cls) & (strata == stratum)))
+                cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+                for site, chunk in enumerate(np.split(idx, cuts)):
+                    parts[site].extend(chunk.tolist())
+                    enough &= len(chunk) >= min_per_class
+        if enough and min(len(p) for p in parts) >= min_per_site:
             return [np.sort(np.asarray(p, dtype=int)) for p in parts]
+    per_class = f" and >= {min_per_class} of each of {len(groups)} class/split groups" if min_per_class else ""
     raise ValueError(
         f"could not draw a Dirichlet(alpha={alpha}) split of {len(labels)} samples into {num_sites} "
-        f"sites with >= {min_per_site} samples each; raise data.alpha or lower data.sites"
+        f"sites with >= {min_per_site} samples each{per_class}; raise data.alpha or lower data.sites"
     )
 
 

@@ -25,6 +25,9 @@ __all__ = ["Preflight", "problem_kind", "run_preflight"]
 # A problem's kind from its reason: (phrase in the reason, kind). First match wins, so specific first.
 KINDS = (
     ("nothing to learn", "no foreground in any training mask"),
+    ("read as 0/1", "masks stored as 0/255 read as 0/1"),
+    ("data.channels", "wrong number of image channels"),
+    ("share one grid", "channel files on different grids"),
     ("box dropped", "boxes dropped"),
     ("empty val split", "empty val split"),
     ("empty test split", "empty test split"),
@@ -85,14 +88,16 @@ class Preflight:
 
 
 class _Collect(logging.Handler):
-    """Collects the data layer's warnings (e.g. dropped boxes) while a site folder is read."""
+    """Collects the data layer's warnings (dropped boxes, masks read as 0/1) while a site folder is read."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.messages: list[str] = []
+        self.warnings: list[DataProblem] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        where, _, reason = record.getMessage().partition(": ")
+        notice = getattr(record, "data_notice", False)  # else a dropped box, the other warning while reading
+        self.warnings.append(DataProblem(where, reason if notice else "box dropped: " + reason))
 
 
 def run_preflight(
@@ -103,23 +108,24 @@ def run_preflight(
     spatial_dims: int = 2,
     class_names: Sequence[str] = (),
     preprocess: Preprocess = DEFAULT_PREPROCESS,
+    channels: int = 1,
 ) -> Preflight:
     """Read and validate a site folder as :func:`read_site` does, then look for what would make the
-    site's training or evaluation useless or misleading (see :func:`site_findings`)."""
+    site's training or evaluation useless or misleading (see :func:`site_findings`). Images holding
+    another number of channels than ``channels`` are errors naming the file."""
     handler = _Collect()
     data_log = logging.getLogger("medfed.data")
     data_log.addHandler(handler)
     propagate, data_log.propagate = data_log.propagate, False  # the caller decides where warnings go
     try:
-        site = read_site(site_dir, image_size, num_classes, target, spatial_dims, class_names, preprocess)
+        site = read_site(site_dir, image_size, num_classes, target, spatial_dims, class_names, preprocess, channels)
     except DataError as err:
         return Preflight(None, err.problems)
     finally:
         data_log.removeHandler(handler)
         data_log.propagate = propagate
-    dropped = [DataProblem(m.split(": ", 1)[0], "box dropped: " + m.split(": ", 1)[-1]) for m in handler.messages]
     errors, warnings = site_findings(site, num_classes, preprocess)
-    return Preflight(None if errors else site, errors, dropped + warnings)
+    return Preflight(None if errors else site, errors, handler.warnings + warnings)
 
 
 def site_findings(

@@ -13,7 +13,12 @@ from medfed.data.manifest import MANIFEST, read_site
 from medfed.data.medmnist import read_medmnist
 from medfed.data.pairs import assign_splits, deal_to_sites, find_pairs, read_pairs
 from medfed.data.partition import dirichlet_partition, iid_partition
-from medfed.data.synthetic import synthetic_detection_site, synthetic_segmentation_site, synthetic_site
+from medfed.data.synthetic import (
+    synthetic_detection_site,
+    synthetic_segmentation_site,
+    synthetic_site,
+    with_channels,
+)
 from medfed.tasks import get_task
 
 __all__ = ["load_simulated_site", "simulated_site_names"]
@@ -27,7 +32,8 @@ def simulated_site_names(config: Config) -> list[str]:
 
 
 def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
-    """Return ``(name, data)`` of simulated site ``index`` (deterministic in the run seed)."""
+    """Return ``(name, data)`` of simulated site ``index`` (deterministic in the run seed), with
+    ``data.channels`` image channels (synthetic sites: see :func:`with_channels`)."""
     data = config.data
     names = simulated_site_names(config)
     if not 0 <= index < len(names):
@@ -56,6 +62,7 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
             data.spatial_dims,
             class_names=data.class_names,
             preprocess=data.preprocess,
+            channels=data.channels,
         )
     elif data.source == "voc":
         if target != "boxes":
@@ -71,21 +78,26 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
         pairs = deal_to_sites(find_pairs(root / data.images, root / data.masks, data.patient_pattern), data.sites)
         mine = pairs[index]
         splits = assign_splits(mine, config.run.seed + index)
-        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, data.preprocess)
+        site = read_pairs(
+            mine, splits, data.image_size, data.num_classes, data.spatial_dims, data.preprocess, data.channels
+        )
     elif target != "label":
         raise ValueError(
             f"data.source = 'medmnist' holds class labels, not {'masks' if target == 'mask' else target}: "
             f"it cannot feed run.task = '{config.run.task}'"
         )
     else:
-        pooled = read_medmnist(data.path)
+        pooled = read_medmnist(data.path, data.channels)
         if pooled.images.shape[-1] != data.image_size:
             raise ValueError(
                 f"data.image-size = {data.image_size} but {data.path} holds "
                 f"{pooled.images.shape[-1]}px images: set data.image-size = {pooled.images.shape[-1]}"
             )
         if data.partitioner == "dirichlet":
-            parts = dirichlet_partition(pooled.class_labels(), data.sites, data.alpha, config.run.seed)
+            # every site keeps both classes in its val and test splits, or it could not be scored
+            parts = dirichlet_partition(
+                pooled.class_labels(), data.sites, data.alpha, config.run.seed, strata=pooled.splits, min_per_class=3
+            )
         elif data.partitioner == "iid":
             parts = iid_partition(pooled.class_labels(), data.sites, config.run.seed)
         else:
@@ -93,6 +105,8 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
         mask = np.zeros(len(pooled.targets), dtype=bool)
         mask[parts[index]] = True
         site = pooled.subset(mask)
+    if data.source == "synthetic":
+        site = with_channels(site, data.channels)
     return names[index], _cap(site, data.max_samples_per_site, config.run.seed + index)
 
 
@@ -111,7 +125,14 @@ def _voc_site(config: Config, index: int) -> SiteArrays:
     mine = deal_to_sites(records, data.sites)[index]  # deals by .patient: the image name when no patient id
     splits = assign_splits(mine, config.run.seed + index)
     return load_box_site(
-        mine, splits, data.image_size, data.class_names, data.num_classes, origin=root, preprocess=data.preprocess
+        mine,
+        splits,
+        data.image_size,
+        data.class_names,
+        data.num_classes,
+        origin=root,
+        preprocess=data.preprocess,
+        channels=data.channels,
     )
 
 

@@ -14,7 +14,7 @@ few large smooth organ-like shapes of distinct intensities (2D or 3D).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -30,6 +30,7 @@ __all__ = [
     "synthetic_segmentation_site",
     "synthetic_site",
     "synthetic_vessel_site",
+    "with_channels",
 ]
 
 MAX_OBJECTS = 5
@@ -297,6 +298,23 @@ def synthetic_organ_site(
         split_fractions,
         spatial_dims,
     )
+
+
+def with_channels(site: SiteArrays, channels: int) -> SiteArrays:
+    """A grey synthetic site seen in ``channels`` contrasts, as N scans (T1, T2, ...) of one case.
+
+    Channel 0 is the grey image itself; channel k > 0 is that image through a gamma curve:
+    1.5 ** (k / 2) for even k, and 1.5 ** -ceil(k / 2) then inverted for odd k (tissue bright in
+    one sequence is dark in the next). Masks, labels and boxes stay as they are.
+    """
+    if channels == 1:
+        return site
+    grey = site.images[:, :1]
+    stacked = [grey]
+    for k in range(1, channels):
+        curved = grey ** (1.5 ** (((k + 1) // 2) * (-1) ** k))
+        stacked.append(1 - curved if k % 2 else curved)
+    return replace(site, images=np.concatenate(stacked, axis=1).astype(np.float32))
 
 
 def _mask_site(

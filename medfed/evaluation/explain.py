@@ -25,7 +25,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from medfed.config import Config  # noqa: E402
 from medfed.tasks import predict  # noqa: E402
 
-__all__ = ["EXAMPLE_CAPTIONS", "boxes_figure", "busiest_slice", "example_images", "mask_overlay_figure"]
+__all__ = ["EXAMPLE_CAPTIONS", "boxes_figure", "busiest_slice", "display_gray", "example_images", "mask_overlay_figure"]
 
 SHOWN_SCORE = 0.3
 
@@ -63,9 +63,9 @@ def example_images(
             fig = _mask_figure(task, model, sample, config)
         elif target == "boxes":
             detections = predict(task, model, image, config)[0].numpy()
-            fig = boxes_figure(image[0, 0].numpy(), detections, sample["boxes"].numpy(), config.data.class_names)
-        elif getattr(task, "EXPLAIN_LAYER", None):
-            fig = _gradcam_figure(model, task.EXPLAIN_LAYER, image, int(sample["label"]))
+            fig = boxes_figure(display_gray(image[0]), detections, sample["boxes"].numpy(), config.data.class_names)
+        elif hasattr(task, "explain_layer"):
+            fig = _gradcam_figure(model, task.explain_layer(config), image, int(sample["label"]))
         else:
             return []
         path = out_dir / f"{prefix}-{index}.png"
@@ -80,9 +80,10 @@ def _gradcam_figure(model: nn.Module, layer: str, image: torch.Tensor, label: in
     predicted = int(probs.argmax())
     saliency = GradCAM(nn_module=model, target_layers=layer)(x=image, class_idx=predicted)[0, 0].detach().numpy()
     fig, axes = plt.subplots(1, 2, figsize=(4, 2.2))
-    axes[0].imshow(image[0, 0].numpy(), cmap="gray")
+    gray = display_gray(image[0])
+    axes[0].imshow(gray, cmap="gray")
     axes[0].set_title(f"label {label}", fontsize=8)
-    axes[1].imshow(image[0, 0].numpy(), cmap="gray")
+    axes[1].imshow(gray, cmap="gray")
     axes[1].imshow(saliency, cmap="jet", alpha=0.45)
     axes[1].set_title(f"pred {predicted} (p={float(probs[predicted]):.2f})", fontsize=8)
     for ax in axes:
@@ -94,12 +95,21 @@ def _gradcam_figure(model: nn.Module, layer: str, image: torch.Tensor, label: in
 def _mask_figure(task: ModuleType | Any, model: nn.Module, sample: dict[str, torch.Tensor], config: Config) -> Any:
     predicted = predict(task, model, sample["image"][None], config)[0, 0].numpy() > 0
     reference = sample["mask"][0].numpy() > 0
-    gray = sample["image"][0].numpy()
+    gray = display_gray(sample["image"])
     title = "image"
     if gray.ndim == 3:  # a volume: show the slice with the most reference (else predicted) foreground
         z = busiest_slice(reference if reference.any() else predicted)
         gray, predicted, reference, title = gray[z], predicted[z], reference[z], f"slice {z}"
     return mask_overlay_figure(gray, predicted, reference, title)
+
+
+def display_gray(image: torch.Tensor) -> np.ndarray:
+    """A model input ``(C, *spatial)`` as one grey picture: the luminance of an RGB image
+    (0.299 R + 0.587 G + 0.114 B), else its first channel."""
+    array = image.detach().cpu().numpy()
+    if len(array) == 3:
+        return np.tensordot(np.array([0.299, 0.587, 0.114], dtype=array.dtype), array, axes=1)
+    return array[0]
 
 
 def busiest_slice(mask: np.ndarray) -> int:

@@ -20,7 +20,7 @@ from medfed.tasks import get_task  # noqa: E402
 __all__ = ["class_name", "json_safe", "write_report"]
 
 HEADLINE_METRICS = (
-    *("auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision"),
+    *("auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "ece"),
     *("dice", "iou", "hd95", "dice_pooled", "rel_size_error_median", "count_error_mean"),
     *("map50", "map", "froc"),
 )
@@ -55,6 +55,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, examples: dict[str
         "cross-site matrix": _plot_cross_site(report, plots / "cross_site.png"),
         "precision-recall curves at IoU 0.5": _plot_pr(report, plots / "precision_recall.png"),
         "FROC curve": _plot_froc(report, plots / "froc.png"),
+        "reliability of the predicted probabilities": _plot_reliability(report, plots / "reliability.png"),
     }
     page = _render_html(report, {k: v.relative_to(out_dir) for k, v in figures.items() if v}, examples or {})
     path = out_dir / "report.html"
@@ -124,6 +125,32 @@ def _plot_cross_site(report: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
+    """Per site: accuracy against mean confidence in each confidence bin of the test split (a
+    calibrated model lies on the diagonal), marker area by the bin's share of cases."""
+    per_site = report["final"]["per_site"]
+    if not any("ece" in v for v in per_site.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    for site in report["sites"]:
+        values = per_site.get(site, {})
+        bins = sorted(int(k.split("@")[1]) for k in values if k.startswith("calibration_acc@"))
+        if not bins:
+            continue
+        total = sum(values.get(f"calibration_n@{b}", 0.0) for b in bins) or 1.0
+        xs = [values[f"calibration_conf@{b}"] for b in bins]
+        ys = [values[f"calibration_acc@{b}"] for b in bins]
+        sizes = [400 * values.get(f"calibration_n@{b}", 0.0) / total for b in bins]
+        line = ax.plot(xs, ys, marker="", label=f"{site} (ECE {_fmt(values.get('ece'))})")[0]
+        ax.scatter(xs, ys, s=sizes, color=line.get_color(), alpha=0.7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    return _save_round_plot(
+        fig, ax, path, "fraction correct", "Reliability on each site's test split", "confidence of the call"
+    )
 
 
 def class_name(report: dict[str, Any], index: int) -> str:
@@ -215,6 +242,34 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
         "<h2>Final global model on each site's test split</h2>",
         _table(["site", *metric_names, "privacy ε spent"], site_rows),
     ]
+    point = report["final"].get("operating_point")
+    if point:
+        pooled = report["final"].get("pooled") or {}
+        own = point.get("per_site") or {}
+        listed = ", ".join(f"{html.escape(site)} {values['threshold']:.3f}" for site, values in own.items())
+        where = (
+            "each site's own threshold on the probability of class 1, chosen the same way on its own validation "
+            f"split ({listed}; "
+            "<code>--site NAME</code> of <code>medfed evaluate</code> and <code>medfed predict</code>), or where a "
+            "site's validation split holds one class, "
+            if own
+            else ""
+        )
+        sections.append(
+            f"<p>Sensitivity, specificity, precision and accuracy are at {where}the operating threshold "
+            f"<b>{point['threshold']:.3f}</b> on the probability of class 1 ({html.escape(point['method'])}; "
+            f"validation sensitivity {_fmt(point.get('val_sensitivity'))}, specificity "
+            f"{_fmt(point.get('val_specificity'))}), which is stored in the global model's checkpoint and used by "
+            "<code>medfed evaluate</code> and <code>medfed predict</code>. ECE: expected calibration "
+            "error over 10 confidence bins.</p>"
+        )
+        if pooled:
+            sections.append(
+                f"<p>All sites' test cases together ({_fmt(pooled.get('positives'))} positive, "
+                f"{_fmt(pooled.get('negatives'))} negative): AUROC {_fmt(pooled.get('auroc'))}, sensitivity "
+                f"{_fmt(pooled.get('sensitivity'))}, specificity {_fmt(pooled.get('specificity'))} (from "
+                "counts per score bin that the sites sent).</p>"
+            )
     classes = sorted({int(m[1]) for v in per_site.values() for k in v if (m := re.match(r"^ap50_class_(\d+)$", k))})
     if classes:
         sections += [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import Convolution
@@ -35,6 +36,9 @@ class CenterNet(nn.Module):
         depth: stride-2 blocks below 1/4 resolution (receptive field grows with it).
         norm_groups: GroupNorm groups (must divide ``width``).
         norm: ``"group"`` (GroupNorm) or ``"none"``.
+        encoder: another encoder instead of the strided blocks (``in_channels``, ``width`` and ``depth`` are then
+            unused): a stem to 1/2 resolution, the stages after it (the first to 1/4, each next
+            one to half the previous resolution) and the stages' output channels.
     """
 
     def __init__(
@@ -45,6 +49,8 @@ class CenterNet(nn.Module):
         depth: int = 2,
         norm_groups: int = 4,
         norm: str = "group",
+        *,
+        encoder: tuple[nn.Module, Sequence[nn.Module], Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -55,12 +61,15 @@ class CenterNet(nn.Module):
                 2, cin, cout, strides=stride, kernel_size=3, act=("relu", {"inplace": False}), norm=norm_layer
             )
 
-        self.stem = nn.Sequential(block(in_channels, width, 2), block(width, width))
-        channels = [2 * width * 2**level for level in range(depth + 1)]  # at 1/4, 1/8, ...
-        stages, previous = [], width
-        for out in channels:
-            stages.append(nn.Sequential(block(previous, out, 2), block(out, out)))
-            previous = out
+        if encoder is None:
+            self.stem = nn.Sequential(block(in_channels, width, 2), block(width, width))
+            channels = [2 * width * 2**level for level in range(depth + 1)]  # at 1/4, 1/8, ...
+            stages, previous = [], width
+            for out in channels:
+                stages.append(nn.Sequential(block(previous, out, 2), block(out, out)))
+                previous = out
+        else:
+            self.stem, stages, channels = encoder[0], list(encoder[1]), list(encoder[2])
         self.stages = nn.ModuleList(stages)
         top = channels[0]
         self.laterals = nn.ModuleList(nn.Conv2d(c, top, kernel_size=1) for c in channels)

@@ -60,6 +60,15 @@ class Task(Protocol):
 
     def metrics(self, config: Config) -> MetricAccumulator: ...
 
+    def operating_point(self, val_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
+        """The operating threshold chosen from the sites' validation metrics (``{"threshold": t, ...}``),
+        or {} for tasks that have none."""
+        ...
+
+    def pooled_metrics(self, test_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
+        """Metrics over all sites' test cases together, from sum-reducible counts the sites sent; or {}."""
+        ...
+
 
 def get_task(name: str) -> Any:
     """The task module registered as ``name`` (typed loosely: modules satisfy :class:`Task`)."""

@@ -2,11 +2,19 @@
 
 Samples: ``{"image": (C, *spatial) float, "label": long}``. Predictions: class probabilities.
 Metrics: macro AUROC (the primary metric), accuracy, balanced accuracy, sensitivity,
-specificity, precision (macro over classes for more than two classes), and per-class AUROC and
-sensitivity. A metric that is undefined on the data (AUROC with one class present) is NaN.
+specificity, precision (macro over classes for more than two classes), per-class AUROC and
+sensitivity, and the expected calibration error (ECE) with its reliability bins. A metric that is
+undefined on the data (AUROC with one class present) is NaN.
+
+Binary tasks call a case positive when its probability of class 1 reaches the operating threshold
+(``evaluation.threshold``; 0.5 until one is chosen). :func:`operating_point` chooses it at the end
+of a run from the sites' validation splits: each site sends only counts of its cases per score bin
+(:data:`SCORE_EDGES`), never a score of its own.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from medfed.config import Config
-from medfed.models import ConvClassifier
+from medfed.models.zoo import build_network
 
 __all__ = [
     "NAME",
@@ -24,12 +32,16 @@ __all__ = [
     "PRIMARY_METRIC_PER_IMAGE",
     "SAMPLE_KEYS",
     "ClassificationMetrics",
+    "LogitAdjustment",
     "RandomShiftRotate",
     "build_model",
     "loss",
     "decode",
+    "explain_layer",
     "infer",
     "metrics",
+    "operating_point",
+    "pooled_metrics",
     "train_transform",
 ]
 
@@ -37,20 +49,57 @@ NAME = "classification"
 PRIMARY_METRIC = "auroc"
 PRIMARY_METRIC_PER_IMAGE = False  # AUROC is computed over the whole split
 SAMPLE_KEYS = ("image", "label")
-EXPLAIN_LAYER = "features"
+# The layer whose activations Grad-CAM explains, per network (its last feature maps)
+EXPLAIN_LAYERS = {
+    "cnn": "features",
+    "resnet18": "layer4",
+    "resnet34": "layer4",
+    "resnet50": "layer4",
+    "seresnet50": "layer4",
+    "densenet121": "features",
+    "efficientnet-b0": "_conv_head",
+}
+
+
+def explain_layer(config: Config) -> str:
+    """The name of the layer Grad-CAM explains in the configured network."""
+    return EXPLAIN_LAYERS[config.model.name]
 
 
 def build_model(config: Config) -> nn.Module:
-    """The configured :class:`ConvClassifier` for 1-channel images or volumes (``data.spatial-dims``)."""
-    m = config.model
-    return ConvClassifier(
-        1, config.data.num_classes, config.data.spatial_dims, m.width, m.depth, m.norm_groups, m.dropout, m.norm
-    )
+    """The ``model.name`` classifier of the model zoo (default: :class:`medfed.models.ConvClassifier`)
+    for ``data.channels``-channel images or volumes (``data.spatial-dims``)."""
+    return build_network(NAME, config)
 
 
 def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy, mean over the batch (each term depends on one sample only, as DP requires)."""
-    return F.cross_entropy(outputs, batch["label"])
+    """Cross-entropy, mean over the batch (each term depends on one sample only, as DP requires).
+
+    A ``logit_offset`` in the batch (``train.logit-adjust``: the site's log class frequencies, see
+    :class:`LogitAdjustment`) is added to the logits first, at training time only."""
+    offset = batch.get("logit_offset")
+    return F.cross_entropy(outputs if offset is None else outputs + offset, batch["label"])
+
+
+class LogitAdjustment:
+    """Adds a site's log class frequencies to every training sample, as ``logit_offset``, after the
+    training ``transform``. Trained through :func:`loss`, the model's own logits then estimate
+    class-balanced scores (logit adjustment, Menon et al. 2021; FedLC, Zhang et al. 2022), so a
+    site with few patients of one class does not drag the federated model to its majority."""
+
+    def __init__(self, transform: Any, labels: np.ndarray, num_classes: int) -> None:
+        self._transform = transform
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes]
+        self.offset = torch.log(torch.as_tensor((counts + 1.0) / (counts.sum() + num_classes), dtype=torch.float32))
+
+    def set_random_state(self, seed: int) -> None:
+        """Seed the wrapped transform, if it is random."""
+        if hasattr(self._transform, "set_random_state"):
+            self._transform.set_random_state(seed)
+
+    def __call__(self, sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sample = self._transform(sample) if self._transform is not None else sample
+        return {**sample, "logit_offset": self.offset}
 
 
 def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
@@ -90,15 +139,121 @@ class RandomShiftRotate:
         return {**sample, "image": image}
 
 
+DEFAULT_THRESHOLD = 0.5
+CALIBRATION_BINS = 10
+# Score bins for choosing a threshold: 121 edges evenly spaced in log-odds over [-12, 12] (a step of
+# 0.2), so that well-separated models, whose probabilities crowd near 0 and 1, keep their resolution.
+SCORE_EDGES = 1.0 / (1.0 + np.exp(-np.linspace(-12.0, 12.0, 121)))
+
+
 def metrics(config: Config) -> ClassificationMetrics:
-    return ClassificationMetrics(config.data.num_classes)
+    """The accumulator at the run's operating threshold (``evaluation.threshold``, else 0.5)."""
+    return ClassificationMetrics(config.data.num_classes, config.evaluation.threshold or DEFAULT_THRESHOLD)
+
+
+def operating_point(val_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
+    """The threshold for binary tasks, chosen on the sites' validation splits pooled: Youden's J at
+    its highest or, with ``evaluation.target-sensitivity``, the highest threshold reaching that
+    sensitivity. ``val_metrics`` holds each site's score-bin counts; {} for other tasks or when the
+    validation data hold only one class."""
+    counts = _summed_counts(val_metrics)
+    if config.data.num_classes != 2 or counts is None:
+        return {}
+    pos, neg = counts
+    threshold, sensitivity, specificity = choose_threshold(pos, neg, config.evaluation.target_sensitivity)
+    return {
+        "threshold": threshold,
+        "val_sensitivity": sensitivity,
+        "val_specificity": specificity,
+        "val_positives": float(pos.sum()),
+        "val_negatives": float(neg.sum()),
+    }
+
+
+def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
+    """Binary tasks: AUROC, sensitivity and specificity over all sites' cases together, from the
+    counts of cases per score bin that each site sent, each site's cases called at the threshold it
+    reported using (exact at a threshold on a bin edge, as a chosen one is; AUROC counts two cases
+    in one bin as a tie). In a simulation of one dataset split
+    into sites, that is the whole dataset's test split: the figure the literature reports."""
+    counts = _summed_counts(test_metrics)
+    if config.data.num_classes != 2 or counts is None:
+        return {}
+    pos, neg = counts
+    below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+    true_pos = true_neg = 0.0
+    for values in test_metrics.values():  # each site's cases called at the threshold it used
+        site_pos, site_neg = _summed_counts({"": values}, both_classes=False)
+        threshold = values.get("threshold", config.evaluation.threshold or DEFAULT_THRESHOLD)
+        called = np.searchsorted(SCORE_EDGES, threshold, side="left") + 1
+        true_pos += site_pos[called:].sum()
+        true_neg += site_neg[:called].sum()
+    return {
+        "auroc": float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum())),
+        "sensitivity": float(true_pos / pos.sum()),
+        "specificity": float(true_neg / neg.sum()),
+        "positives": float(pos.sum()),
+        "negatives": float(neg.sum()),
+    }
+
+
+def _summed_counts(
+    site_metrics: dict[str, dict[str, float]], both_classes: bool = True
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Positive and negative cases per score bin summed over sites; None unless both classes occur
+    (or, with ``both_classes`` false, always)."""
+    bins = len(SCORE_EDGES) + 1
+    pos, neg = np.zeros(bins), np.zeros(bins)
+    for values in site_metrics.values():
+        pos += [values.get(f"score_pos@{i}", 0.0) for i in range(bins)]
+        neg += [values.get(f"score_neg@{i}", 0.0) for i in range(bins)]
+    return (pos, neg) if not both_classes or (pos.sum() > 0 and neg.sum() > 0) else None
+
+
+def choose_threshold(pos: np.ndarray, neg: np.ndarray, target_sensitivity: float = 0.0) -> tuple[float, float, float]:
+    """``(threshold, sensitivity, specificity)`` from counts of positive and negative cases per score
+    bin (bin ``i`` holds scores in ``[SCORE_EDGES[i-1], SCORE_EDGES[i])``; a case is called positive
+    when its score >= the threshold, one of :data:`SCORE_EDGES`). Youden's J when
+    ``target_sensitivity`` is 0 (ties: the middle of the best range), else the highest threshold
+    whose sensitivity reaches the target."""
+    # calling positive from edge k on means bins k+1.. are positive
+    sensitivity = np.array([pos[k + 1 :].sum() for k in range(len(SCORE_EDGES))]) / pos.sum()
+    specificity = np.array([neg[: k + 1].sum() for k in range(len(SCORE_EDGES))]) / neg.sum()
+    if target_sensitivity > 0:
+        reaching = np.flatnonzero(sensitivity >= target_sensitivity)
+        k = int(reaching[-1]) if len(reaching) else 0
+    else:
+        youden = sensitivity + specificity
+        best = np.flatnonzero(np.isclose(youden, youden.max()))
+        k = int(best[len(best) // 2])
+    return float(SCORE_EDGES[k]), float(sensitivity[k]), float(specificity[k])
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, float]:
+    """Expected calibration error of top-label ``confidence`` against ``correct`` (0/1), over ``bins``
+    equal-width bins of confidence (Guo et al. 2017): sum over bins of (cases in bin / cases) times
+    |accuracy - mean confidence| in the bin; plus each bin's count, accuracy and mean confidence
+    (``calibration_n@b``, ``calibration_acc@b``, ``calibration_conf@b``) for a reliability plot."""
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    out, ece = {}, 0.0
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        out[f"calibration_n@{b}"] = float(count)
+        if count:
+            accuracy, mean_confidence = float(correct[members].mean()), float(confidence[members].mean())
+            out[f"calibration_acc@{b}"], out[f"calibration_conf@{b}"] = accuracy, mean_confidence
+            ece += count / len(confidence) * abs(accuracy - mean_confidence)
+    out["ece"] = ece
+    return out
 
 
 class ClassificationMetrics:
     """Accumulates probabilities and labels over a split; computes the metrics at the end."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, threshold: float = DEFAULT_THRESHOLD) -> None:
         self.num_classes = num_classes
+        self.threshold = threshold
         self._probs: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
 
@@ -108,7 +263,7 @@ class ClassificationMetrics:
 
     def resampled(self, indices: np.ndarray) -> ClassificationMetrics:
         """These metrics as if updated with the cases at ``indices`` (repeats allowed): a bootstrap draw."""
-        other = ClassificationMetrics(self.num_classes)
+        other = ClassificationMetrics(self.num_classes, self.threshold)
         other._probs = [np.concatenate(self._probs)[indices]]
         other._labels = [np.concatenate(self._labels)[indices]]
         return other
@@ -118,12 +273,28 @@ class ClassificationMetrics:
             return {}
         probs = np.concatenate(self._probs)
         labels = np.concatenate(self._labels)
-        return classification_metrics(probs, labels, self.num_classes)
+        return classification_metrics(probs, labels, self.num_classes, self.threshold)
+
+    def score_counts(self) -> dict[str, float]:
+        """Binary tasks: positive and negative cases per score bin (``score_pos@i``, ``score_neg@i``,
+        bins between :data:`SCORE_EDGES`), what :func:`operating_point` sums over sites; {} otherwise."""
+        if self.num_classes != 2 or not self._labels:
+            return {}
+        labels = np.concatenate(self._labels)
+        bins = np.searchsorted(SCORE_EDGES, np.concatenate(self._probs)[:, 1], side="right")
+        out = {}
+        for i in range(len(SCORE_EDGES) + 1):
+            out[f"score_pos@{i}"] = float(np.sum((bins == i) & (labels == 1)))
+            out[f"score_neg@{i}"] = float(np.sum((bins == i) & (labels != 1)))
+        return out
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """All classification metrics from ``(N, K)`` probabilities and ``(N,)`` labels."""
-    pred = probs.argmax(axis=1)
+def classification_metrics(
+    probs: np.ndarray, labels: np.ndarray, num_classes: int, threshold: float = DEFAULT_THRESHOLD
+) -> dict[str, float]:
+    """All classification metrics from ``(N, K)`` probabilities and ``(N,)`` labels; binary tasks
+    call class 1 when its probability reaches ``threshold``, others take the most probable class."""
+    pred = (probs[:, 1] >= threshold).astype(int) if num_classes == 2 else probs.argmax(axis=1)
     per_class_auc, sens, spec, prec = [], [], [], []
     for k in range(num_classes):
         truth, called = labels == k, pred == k
@@ -141,6 +312,10 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: i
         "precision": prec[1] if num_classes == 2 else _nanmean(prec),
         "num_samples": float(len(labels)),
     }
+    if num_classes == 2:
+        out["threshold"] = float(threshold)
+    confidence = np.where(pred == 1, probs[:, 1], 1 - probs[:, 1]) if num_classes == 2 else probs.max(axis=1)
+    out.update(calibration(confidence, (pred == labels).astype(float)))
     for k in range(num_classes):
         out[f"auroc_class_{k}"] = per_class_auc[k]
         out[f"sensitivity_class_{k}"] = sens[k]

@@ -35,7 +35,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from medfed.config import Config
-from medfed.models import OUTPUT_STRIDE, CenterNet
+from medfed.models import OUTPUT_STRIDE
+from medfed.models.zoo import build_network
 
 __all__ = [
     "FROC_FP_RATES",
@@ -51,6 +52,8 @@ __all__ = [
     "infer",
     "loss",
     "metrics",
+    "operating_point",
+    "pooled_metrics",
     "train_transform",
 ]
 
@@ -70,9 +73,9 @@ GAUSSIAN_ALPHA = 0.54  # centre heatmap: sigma = alpha * box side / 6 (TTFNet)
 
 
 def build_model(config: Config) -> nn.Module:
-    """A :class:`CenterNet` for 1-channel images; ``data.image-size`` must be a multiple of its total stride."""
-    m = config.model
-    return CenterNet(1, config.data.num_classes, m.width, m.depth, m.norm_groups, m.norm)
+    """The ``model.name`` :class:`medfed.models.CenterNet` of the model zoo for ``data.channels``-channel
+    images; ``data.image-size`` must be a multiple of its total stride."""
+    return build_network(NAME, config)
 
 
 def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
@@ -313,3 +316,13 @@ def _froc_key(rate: float) -> str:
 def _nan_mean(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
+
+
+def operating_point(val_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
+    """Detection has no threshold to choose here (mAP and FROC sweep every score): {}."""
+    return {}
+
+
+def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
+    """Detection pools nothing across sites yet: {}."""
+    return {}

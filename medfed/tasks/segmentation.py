@@ -23,13 +23,13 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
-from monai.networks.nets import UNet
 from monai.networks.utils import one_hot
 from monai.transforms import RandCropByPosNegLabeld
 from torch import nn
 
 from medfed.config import Config
-from medfed.evaluation.quantify import quantify_case
+from medfed.evaluation.quantify import quantify_case, remove_small_structures
+from medfed.models.zoo import build_network
 
 __all__ = [
     "NAME",
@@ -42,6 +42,8 @@ __all__ = [
     "infer",
     "loss",
     "metrics",
+    "operating_point",
+    "pooled_metrics",
     "train_transform",
 ]
 
@@ -57,23 +59,14 @@ warnings.filterwarnings("ignore", message="Num foregrounds 0")
 
 
 def build_model(config: Config) -> nn.Module:
-    """A MONAI U-Net (2D or 3D from ``data.spatial-dims``) with GroupNorm and ReLU (not in place): Opacus-valid.
+    """The ``model.name`` network of the model zoo for ``data.channels``-channel images or volumes.
 
-    ``model.width`` channels at full resolution, doubled at each of ``model.depth`` levels.
+    The default, ``unet``, is a MONAI U-Net (2D or 3D from ``data.spatial-dims``) with GroupNorm and
+    ReLU (not in place): ``model.width`` channels at full resolution, doubled at each of
+    ``model.depth`` levels. ``data.patch-size`` (or ``data.image-size``) must be a multiple of the
+    network's total downsampling.
     """
-    m = config.model
-    channels = tuple(m.width * 2**level for level in range(m.depth))
-    return UNet(
-        spatial_dims=config.data.spatial_dims,
-        in_channels=1,
-        out_channels=config.data.num_classes,
-        channels=channels,
-        strides=(2,) * (len(channels) - 1),
-        num_res_units=0,
-        act=("relu", {"inplace": False}),
-        norm=("group", {"num_groups": m.norm_groups}) if m.norm == "group" else None,
-        dropout=m.dropout,
-    )
+    return build_network(NAME, config)
 
 
 def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -119,14 +112,19 @@ class _RandomPatch:
 
 
 def metrics(config: Config) -> SegmentationMetrics:
-    return SegmentationMetrics(config.data.num_classes)
+    return SegmentationMetrics(config.data.num_classes, config.evaluation.min_structure_size)
 
 
 class SegmentationMetrics:
-    """Accumulates per-image Dice, IoU, HD95 and quantification, and pooled voxel counts, over a split."""
+    """Accumulates per-image Dice, IoU, HD95 and quantification, and pooled voxel counts, over a split.
 
-    def __init__(self, num_classes: int) -> None:
+    Predicted structures smaller than ``min_structure_size`` pixels (voxels) are removed first
+    (``evaluation.min-structure-size``), as ``medfed predict`` removes them.
+    """
+
+    def __init__(self, num_classes: int, min_structure_size: int = 0) -> None:
         self.num_classes = num_classes
+        self.min_structure_size = min_structure_size
         self._dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
         self._iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)
         self._hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
@@ -135,6 +133,9 @@ class SegmentationMetrics:
 
     def update(self, predictions: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         truth = batch["mask"].to(predictions.device)
+        if self.min_structure_size:
+            cleaned = [remove_small_structures(p, self.min_structure_size) for p in predictions.cpu().numpy()]
+            predictions = torch.as_tensor(np.stack(cleaned)).to(truth.device)
         if "spacing" in batch:
             spacing = batch["spacing"].double().cpu().numpy()
         else:  # no voxel size known: sizes and distances in pixels
@@ -188,3 +189,13 @@ class SegmentationMetrics:
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
+
+
+def operating_point(val_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
+    """Segmentation has no threshold to choose (a pixel takes its most probable class): {}."""
+    return {}
+
+
+def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
+    """Segmentation pools nothing beyond ``dice_pooled``, which each site reports: {}."""
+    return {}
