@@ -28,8 +28,14 @@ def _f(value: float | None, digits: int = 3) -> str:
 
 def _spine(r: dict[str, Any]) -> Iterator[Row]:
     for run in r["runs"]:
-        setting = f"PneumoniaMNIST, {run['setup']}, {'DP ε=' + _f(run['epsilon'], 1) if run['dp'] else 'no DP'}"
-        yield setting, "test AUROC / accuracy", f"{_f(run['test_auroc'])} / {_f(run['test_accuracy'])}"
+        delta = f" δ={run['delta']:.0e}" if run.get("delta") else ""
+        setting = f"PneumoniaMNIST, {run['setup']}, {'DP ε=' + _f(run['epsilon'], 1) + delta if run['dp'] else 'no DP'}"
+        at = run.get("pooled_sites")
+        if at:
+            value = f"{_f(run['test_auroc'])} / {_f(at['sensitivity'])} / {_f(at['specificity'])}"
+            yield setting, "official test AUROC / sensitivity / specificity", value
+        else:
+            yield setting, "test AUROC / accuracy", f"{_f(run['test_auroc'])} / {_f(run['test_accuracy'])}"
     yield "PneumoniaMNIST CNN", "DP / non-DP samples/s", _f(r["throughput"]["dp_over_non_dp"], 2)
 
 
