@@ -34,7 +34,7 @@ from medfed.data.manifest import Geometry, from_model_grid, is_photo, load_image
 from medfed.data.medical_io import Scan, read_channels, write_dicom_seg, write_nifti_mask
 from medfed.evaluation.quantify import quantify_case, remove_small_structures, size_unit
 from medfed.tasks import get_task, predict
-from medfed.tasks.classification import DEFAULT_THRESHOLD
+from medfed.tasks.classification import calls, operating_threshold
 from medfed.training import resolve_device
 from medfed.weights import load_checkpoint
 
@@ -197,15 +197,15 @@ def _classify_cases(
     """``predictions.csv``: per case the class probabilities and the call at the model's threshold."""
     names = config.data.class_names or tuple(f"class {k}" for k in range(config.data.num_classes))
     binary = config.data.num_classes == 2
-    threshold = config.evaluation.threshold or DEFAULT_THRESHOLD
+    threshold = operating_threshold(config)
+    table = out_dir / "predictions.csv"
     results, rows = [], []
     for case, scan in scans:
         probs = classify_scan(case, scan, config, model)
-        call = int(probs[1] >= threshold) if binary else int(probs.argmax())
+        call = int(calls(probs[None], config.data.num_classes, threshold)[0])
         rows.append([scan.name, names[call], *(f"{p:.4f}" for p in probs), f"{threshold:.4f}" if binary else ""])
-        table = out_dir / "predictions.csv"
         results.append(CaseResult(scan.name, [table], 1, float("nan"), "cases", names[call], float(probs[call])))
-    with (out_dir / "predictions.csv").open("w", newline="") as handle:
+    with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["case", "call", *(f"p_{name.replace(' ', '_')}" for name in names), "threshold"])
         writer.writerows(rows)

@@ -35,12 +35,14 @@ __all__ = [
     "LogitAdjustment",
     "RandomShiftRotate",
     "build_model",
+    "calls",
     "loss",
     "decode",
     "explain_layer",
     "infer",
     "metrics",
     "operating_point",
+    "operating_threshold",
     "pooled_metrics",
     "train_transform",
 ]
@@ -146,9 +148,20 @@ CALIBRATION_BINS = 10
 SCORE_EDGES = 1.0 / (1.0 + np.exp(-np.linspace(-12.0, 12.0, 121)))
 
 
+def operating_threshold(config: Config) -> float:
+    """The threshold binary calls are made at: ``evaluation.threshold``, else 0.5 (none chosen yet)."""
+    return config.evaluation.threshold or DEFAULT_THRESHOLD
+
+
+def calls(probs: np.ndarray, num_classes: int, threshold: float) -> np.ndarray:
+    """The class called for each row of ``(N, K)`` probabilities: class 1 when its probability
+    reaches ``threshold`` (binary tasks), else the most probable class."""
+    return (probs[:, 1] >= threshold).astype(int) if num_classes == 2 else probs.argmax(axis=1)
+
+
 def metrics(config: Config) -> ClassificationMetrics:
-    """The accumulator at the run's operating threshold (``evaluation.threshold``, else 0.5)."""
-    return ClassificationMetrics(config.data.num_classes, config.evaluation.threshold or DEFAULT_THRESHOLD)
+    """The accumulator at the run's operating threshold (:func:`operating_threshold`)."""
+    return ClassificationMetrics(config.data.num_classes, operating_threshold(config))
 
 
 def operating_point(val_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
@@ -184,7 +197,7 @@ def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) ->
     true_pos = true_neg = 0.0
     for values in test_metrics.values():  # each site's cases called at the threshold it used
         site_pos, site_neg = _summed_counts({"": values}, both_classes=False)
-        threshold = values.get("threshold", config.evaluation.threshold or DEFAULT_THRESHOLD)
+        threshold = values.get("threshold", operating_threshold(config))
         called = np.searchsorted(SCORE_EDGES, threshold, side="left") + 1
         true_pos += site_pos[called:].sum()
         true_neg += site_neg[:called].sum()
@@ -294,7 +307,7 @@ def classification_metrics(
 ) -> dict[str, float]:
     """All classification metrics from ``(N, K)`` probabilities and ``(N,)`` labels; binary tasks
     call class 1 when its probability reaches ``threshold``, others take the most probable class."""
-    pred = (probs[:, 1] >= threshold).astype(int) if num_classes == 2 else probs.argmax(axis=1)
+    pred = calls(probs, num_classes, threshold)
     per_class_auc, sens, spec, prec = [], [], [], []
     for k in range(num_classes):
         truth, called = labels == k, pred == k
