@@ -197,10 +197,11 @@ def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) ->
     true_pos = true_neg = 0.0
     for values in test_metrics.values():  # each site's cases called at the threshold it used
         site_pos, site_neg = _summed_counts({"": values}, both_classes=False)
-        threshold = values.get("threshold", operating_threshold(config))
-        called = np.searchsorted(SCORE_EDGES, threshold, side="left") + 1
-        true_pos += site_pos[called:].sum()
-        true_neg += site_neg[:called].sum()
+        site_true_pos, site_true_neg = _true_calls(
+            site_pos, site_neg, values.get("threshold", operating_threshold(config))
+        )
+        true_pos += site_true_pos
+        true_neg += site_true_neg
     return {
         "auroc": float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum())),
         "sensitivity": float(true_pos / pos.sum()),
@@ -229,9 +230,8 @@ def choose_threshold(pos: np.ndarray, neg: np.ndarray, target_sensitivity: float
     when its score >= the threshold, one of :data:`SCORE_EDGES`). Youden's J when
     ``target_sensitivity`` is 0 (ties: the middle of the best range), else the highest threshold
     whose sensitivity reaches the target."""
-    # calling positive from edge k on means bins k+1.. are positive
-    sensitivity = np.array([pos[k + 1 :].sum() for k in range(len(SCORE_EDGES))]) / pos.sum()
-    specificity = np.array([neg[: k + 1].sum() for k in range(len(SCORE_EDGES))]) / neg.sum()
+    true_calls = np.array([_true_calls(pos, neg, edge) for edge in SCORE_EDGES])
+    sensitivity, specificity = true_calls[:, 0] / pos.sum(), true_calls[:, 1] / neg.sum()
     if target_sensitivity > 0:
         reaching = np.flatnonzero(sensitivity >= target_sensitivity)
         k = int(reaching[-1]) if len(reaching) else 0
@@ -240,6 +240,13 @@ def choose_threshold(pos: np.ndarray, neg: np.ndarray, target_sensitivity: float
         best = np.flatnonzero(np.isclose(youden, youden.max()))
         k = int(best[len(best) // 2])
     return float(SCORE_EDGES[k]), float(sensitivity[k]), float(specificity[k])
+
+
+def _true_calls(pos: np.ndarray, neg: np.ndarray, threshold: float) -> tuple[float, float]:
+    """True positives and true negatives among cases counted per score bin, called positive at
+    ``threshold`` (exact when it is one of :data:`SCORE_EDGES`: bins above it are called positive)."""
+    first_positive_bin = int(np.searchsorted(SCORE_EDGES, threshold, side="left")) + 1
+    return float(pos[first_positive_bin:].sum()), float(neg[:first_positive_bin].sum())
 
 
 def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, float]:
