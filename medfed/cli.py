@@ -419,7 +419,7 @@ def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
     site = result.site
     unit, units = site.privacy_units("train")
     console.print(
-        f"{site_dir}: {len(site.targets)} samples, all readable; privacy unit: {unit} ({len(units)} in train); "
+        f"{escape(str(site_dir))}: {len(site.targets)} samples, all readable; privacy unit: {unit} ({len(units)} in train); "
         f"{len(result.warnings)} warning(s)"
     )
     for line in data_card(site_dir, site).lines():
@@ -501,15 +501,29 @@ def data_import(
     class_names: Annotated[
         str, typer.Option(help="Detection: class names in class-index order (default: those found, sorted)")
     ] = "",
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MEDFED_KEY_FILE",
+            help="DICOM: the site's secret key for patient pseudonyms, created on first use (mode 600); "
+            "default ~/.config/medfed/pseudonym.key ($XDG_CONFIG_HOME/medfed). Keep it, outside any site folder",
+        ),
+    ] = None,
 ) -> None:
     """Make a site folder from a known layout, with patient-level train/val/test splits, then run
     the pre-flight check of `medfed data check` on it (exit code 1 when it fails; the folder stays).
 
-    DICOM exports are grouped by SeriesInstanceUID and written as NIfTI (no DICOM header is kept),
-    with DICOM-SEG masks from the export (segmentation) or labels from --labels (classification).
+    DICOM exports are grouped by SeriesInstanceUID and written as NIfTI with DICOM-SEG masks from
+    the export (segmentation) or labels from --labels (classification). No free-text header (names,
+    dates, descriptions) is kept: patients become pseudonyms keyed with the site key (--key-file),
+    and import-sources.csv keeps only each series' UIDs and number, for the site's own staff.
+
+    Every file read must lie inside SRC (or --images / --masks), every file written inside --out.
+    Exit code 2: a setting is wrong; 1: the input data is.
     """
     from medfed.data import DataError
     from medfed.data.boxes import BOXES
+    from medfed.data.import_guard import UnsafePath
     from medfed.data.importers import import_site
     from medfed.data.manifest import read_table
 
@@ -528,19 +542,24 @@ def data_import(
             seed=seed,
             fractions=(val, test),
             channels=settings.channels,
+            key_file=key_file,
         )
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as err:
-        raise _fail(str(err)) from err
+    except (DataError, UnsafePath) as err:
+        raise _import_error(str(err), 1) from err
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        raise _import_error(str(err), 2) from err
+    except OSError as err:
+        raise _import_error(f"{err.filename or src}: {err.strerror or err}", 1) from err
     for note in imported.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        console.print(f"[yellow]note:[/] {_literal(note)}", emoji=False)
     folder = imported.folder
     settings = settings._replace(task=imported.task, spatial_dims=settings.spatial_dims or _spatial_dims(folder))
     if imported.task == "detection" and not settings.class_names:
         _, rows = read_table(folder / BOXES)
         settings = settings._replace(class_names=tuple(sorted({row["label"] for row in rows})))
-        found = escape(str(list(settings.class_names)))
-        console.print(f"class names found (checked in this order; set data.class-names): {found}")
-    console.print(f"wrote {escape(str(folder / 'manifest.csv'))}; its pre-flight check:")
+        found = _literal(str(list(settings.class_names)))
+        console.print(f"class names found (checked in this order; set data.class-names): {found}", emoji=False)
+    console.print(f"wrote {_literal(str(folder / 'manifest.csv'))}; its pre-flight check:", emoji=False)
     check = settings.command(folder, config_file)
     if not _preflight_report(folder, settings):
         console.print(
@@ -549,6 +568,18 @@ def data_import(
         )
         raise typer.Exit(code=1)
     console.print(f"check it again after any change with: {escape(check)}")
+
+
+def _literal(text: str) -> str:
+    """User text (file names, folder names, DICOM values) for Rich, shown as written: markup escaped,
+    undecodable characters as backslash escapes (print with ``emoji=False``: no ``:name:`` codes)."""
+    return escape(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
+def _import_error(message: str, code: int) -> typer.Exit:
+    """Print an import error literally; exit ``code`` (2: a setting is wrong, 1: the input data is)."""
+    console.print(f"[bold red]error:[/] {_literal(message)}", emoji=False)
+    return typer.Exit(code=code)
 
 
 def _spatial_dims(site_dir: Path) -> int:

@@ -9,6 +9,10 @@ still good. A class that cannot be mapped is an error: dropping it would silentl
 model learns. A site folder of boxes holds ``manifest.csv`` (``image``, ``split``, optional
 ``patient_id``, ``spacing``) and ``boxes.csv`` (``image``, ``label``, ``xmin``, ``ymin``,
 ``xmax``, ``ymax``, one row per box); an image without rows in ``boxes.csv`` is a negative.
+
+Annotation files name their images; a name is read only when it resolves inside the images folder
+(no ``../``, absolute path or symlink out: :func:`~medfed.data.import_guard.resolve_inside`), and
+an import copies each image once, inside the output folder.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import csv
 import json
 import logging
 import math
-import shutil
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from medfed.data.arrays import SiteArrays
+from medfed.data.import_guard import UnsafePath, copy_inside, folder_files, require_training, resolve_inside
 from medfed.data.manifest import DEFAULT_PREPROCESS, MANIFEST, DataError, DataProblem, Preprocess, load_image
 from medfed.data.medical_io import read_scan
 from medfed.data.pairs import assign_splits
@@ -148,14 +153,17 @@ def read_voc(annotations_dir: str | Path, images_dir: str | Path) -> list[Annota
     Reads ``<filename>``, ``<size>`` and each ``<object>``'s ``<name>`` and ``<bndbox>`` corners
     as written. Objects marked ``<difficult>1</difficult>`` are kept as ordinary boxes (ignore
     regions are not supported yet). Box geometry is checked later, against the image file. Raises
-    :class:`DataError` listing every unparsable file, malformed object and missing image.
+    :class:`DataError` listing every unparsable file, malformed object, missing image, and every
+    annotation or image name that leads outside its folder.
     """
-    annotations_dir, images_dir = Path(annotations_dir), Path(images_dir)
-    files = sorted(annotations_dir.glob("*.xml")) if annotations_dir.is_dir() else []
-    if not files:
+    annotations_dir = Path(os.path.realpath(annotations_dir))
+    images_dir = Path(os.path.realpath(images_dir))
+    files, problems = (
+        folder_files(annotations_dir, (".xml",), annotations_dir.name) if annotations_dir.is_dir() else ([], [])
+    )
+    if not files and not problems:
         raise DataError(annotations_dir, [DataProblem(str(annotations_dir), "no Pascal VOC *.xml files found")])
     records: list[AnnotatedImage] = []
-    problems: list[DataProblem] = []
     for path in files:
         record = _parse_voc(path, images_dir, problems)
         if record is not None:
@@ -168,16 +176,19 @@ def read_voc(annotations_dir: str | Path, images_dir: str | Path) -> list[Annota
 def _parse_voc(path: Path, images_dir: Path, problems: list[DataProblem]) -> AnnotatedImage | None:
     try:
         root = ET.parse(path).getroot()
-    except (ET.ParseError, OSError) as err:
+    except (ET.ParseError, OSError, RecursionError) as err:
         problems.append(DataProblem(path.name, f"not a readable Pascal VOC xml file: {err}"))
         return None
     filename = (root.findtext("filename") or "").strip()
     if not filename:
         problems.append(DataProblem(path.name, "no <filename>: cannot tell which image it annotates"))
         return None
-    image = images_dir / filename
-    if not image.is_file():
-        problems.append(DataProblem(path.name, f"its image {filename} is not in {images_dir}"))
+    try:
+        image = resolve_inside(images_dir, filename)
+        if not image.is_file():
+            raise UnsafePath("is not a file")
+    except UnsafePath as err:
+        problems.append(DataProblem(path.name, f"its image {filename} is not in {images_dir}: it {err}"))
         return None
     boxes = []
     for number, obj in enumerate(root.findall("object"), start=1):
@@ -212,14 +223,14 @@ def read_coco(json_path: str | Path, images_dir: str | Path) -> list[AnnotatedIm
     Labels are the category names; an image without annotations is a negative. Raises
     :class:`DataError` listing every malformed annotation, unknown id and missing image.
     """
-    json_path, images_dir = Path(json_path), Path(images_dir)
+    json_path, images_dir = Path(json_path), Path(os.path.realpath(images_dir))
     where = json_path.name
     try:
-        data = json.loads(json_path.read_text())
+        data = json.loads(json_path.read_text(encoding="utf-8"))
         categories = {c["id"]: str(c["name"]) for c in data["categories"]}
         images = {i["id"]: i for i in data["images"]}
         annotations = list(data["annotations"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         expected = "JSON with lists 'images' (id, file_name), 'categories' (id, name) and 'annotations'"
         raise DataError(
             json_path.parent, [DataProblem(where, f"not a COCO detection file ({expected}): {err!r}")]
@@ -241,11 +252,13 @@ def read_coco(json_path: str | Path, images_dir: str | Path) -> list[AnnotatedIm
             boxes[image_id].append(Box(categories[category], x, y, x + w, y + h))
     records = []
     for image_id, entry in images.items():
-        image = images_dir / str(entry.get("file_name", ""))
-        if not image.is_file():
-            problems.append(
-                DataProblem(where, f"image {entry.get('file_name')!r} (id {image_id!r}) not found in {images_dir}")
-            )
+        name = entry.get("file_name")
+        try:
+            image = resolve_inside(images_dir, name if isinstance(name, str) else "")
+            if not image.is_file():
+                raise UnsafePath("is not a file")
+        except UnsafePath as err:
+            problems.append(DataProblem(where, f"image {name!r} (id {image_id!r}) not found in {images_dir}: it {err}"))
             continue
         width, height = (_positive_int(str(entry.get(key, ""))) for key in ("width", "height"))
         size = (width, height) if width and height else None
@@ -409,16 +422,26 @@ def import_coco(
 def _write_box_folder(
     records: list[AnnotatedImage], images_dir: Path, out_dir: Path, seed: int, fractions: tuple[float, float]
 ) -> Path:
+    """The box site folder of ``records`` (resolved images inside ``images_dir``), each image copied once."""
+    images_dir, out_dir = Path(os.path.realpath(images_dir)), Path(os.path.realpath(out_dir))
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty: choose a new or empty output folder")
     problems: list[DataProblem] = []
+    if not records:
+        problems.append(DataProblem(str(images_dir), "no annotated images"))
+    first: dict[Path, AnnotatedImage] = {}
     kept = []
     for record in records:
+        if record.image in first:
+            problems.append(DataProblem(record.where, f"annotated again: also in {first[record.image].source}"))
+            continue
+        first[record.image] = record
         size = _width_height(record, problems)
         kept.append(_usable_boxes(record, *size, problems) if size else [])
     if problems:
         raise DataError(images_dir, problems)
     splits = assign_splits(records, seed, fractions)  # reads only .patient, which AnnotatedImage has
+    require_training(records, splits, fractions, images_dir)
     table = []
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / MANIFEST).open("w", newline="") as handle:
@@ -426,8 +449,7 @@ def _write_box_folder(
         writer.writerow(["image", "split", "patient_id"])
         for record, boxes, split in zip(records, kept, splits, strict=True):
             entry = Path("images") / record.image.relative_to(images_dir)
-            (out_dir / entry).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(record.image, out_dir / entry)
+            copy_inside(record.image, images_dir, out_dir, entry)
             writer.writerow([entry.as_posix(), split, record.patient_id])
             table.extend((entry.as_posix(), box) for box in boxes)
     write_box_table(out_dir / BOXES, table)

@@ -4,22 +4,26 @@ The export may be any folder tree of DICOM files (with or without ``.dcm`` exten
 DICOMDIR, several patients, studies and series mixed). Files are grouped by SeriesInstanceUID;
 each image series is read as one scan (slices ordered along the slice normal, rescale applied,
 geometry kept) and written as a NIfTI file with its affine, so that the site folder holds no DICOM
-header and so no patient name, date or free text. Targets come from:
+header and so no patient name, date or free text (nor does any message print one). Targets come from:
 
 - segmentation: DICOM-SEG objects in the export, each read onto the series it references and
   written as a NIfTI label map aligned with the image (segment number = class index);
 - classification: a CSV table with a ``label`` column and one key column named after a DICOM
   attribute (``PatientID``, ``StudyInstanceUID``, ``SeriesInstanceUID`` or ``AccessionNumber``).
 
-Patients are pseudonymised (a hash of PatientID) before they reach the manifest, where they only
-keep a patient in one split. ``import-sources.csv`` links each sample back to its series UIDs for
-the site's own staff; like every file of the site folder it never leaves the site.
+Patients are pseudonymised before they reach the manifest, where they only keep a patient in one
+split: an HMAC of PatientID keyed with the site's secret key (:mod:`medfed.data.pseudonyms`), so
+that hashing candidate ids does not reverse it. ``import-sources.csv`` links each sample back to
+its series and study UIDs and series number (each written only when it has the syntax DICOM gives
+it, so no free text slips in through a malformed header) for the site's own staff; like every file
+of the site folder it never leaves the site. Files are read only inside the export folder: a
+symlink leading out of it is an error (:mod:`medfed.data.import_guard`).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +32,11 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from medfed.data.import_guard import real_folder, require_training, tree_files
 from medfed.data.manifest import MANIFEST, DataError, DataProblem, read_dicom_seg, read_table, scan_geometry
 from medfed.data.medical_io import Scan, read_dicom_series, write_nifti, write_nifti_mask
 from medfed.data.pairs import assign_splits
+from medfed.data.pseudonyms import default_key_file, pseudonym, site_key
 
 __all__ = ["LABEL_KEYS", "DicomSeries", "find_series", "import_dicom"]
 
@@ -38,11 +44,14 @@ LABEL_KEYS = ("SeriesInstanceUID", "StudyInstanceUID", "AccessionNumber", "Patie
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC")
 SOURCES = "import-sources.csv"
+UID_SYNTAX = re.compile(r"[0-9]+(\.[0-9]+)*")  # DICOM UI: digits and dots, at most 64 characters
+CODE_SYNTAX = re.compile(r"[A-Z0-9_ ]+")  # DICOM CS (Modality): upper-case letters, digits, _ and space, at most 16
 
 
 @dataclass
 class DicomSeries:
-    """The files of one series in an export and the header values the import needs."""
+    """The files of one series in an export and the header values the import needs (no free text:
+    neither descriptions nor names are read, so none can be written or printed)."""
 
     uid: str
     modality: str
@@ -50,14 +59,12 @@ class DicomSeries:
     study: str
     accession: str
     number: str
-    description: str
     files: list[Path] = field(default_factory=list)
 
     @property
     def where(self) -> str:
-        """How the series is named in messages at the site: number, description and first file."""
-        label = f"series {self.number or '?'}" + (f" ({self.description})" if self.description else "")
-        return f"{label}, {len(self.files)} file(s) from {self.files[0].name}"
+        """How the series is named in messages at the site: its number and first file."""
+        return f"series {self.number or '?'}, {len(self.files)} file(s) from {self.files[0].name}"
 
     def key(self, name: str) -> str:
         return {
@@ -70,15 +77,16 @@ class DicomSeries:
 
 def find_series(root: str | Path) -> tuple[list[DicomSeries], list[DicomSeries], list[str]]:
     """Image series and DICOM-SEG series under ``root`` (headers only), and notes on what was skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"DICOM export folder not found: {root}")
+    root = real_folder(root, "DICOM export folder")
+    paths, problems = tree_files(root)
+    if problems:
+        raise DataError(root, problems)
     series: dict[str, DicomSeries] = {}
     skipped: defaultdict[str, int] = defaultdict(int)
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in paths:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
+        except (InvalidDicomError, OSError, ValueError, EOFError, RecursionError):
             skipped["files that are not DICOM"] += 1
             continue
         if str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")) == DICOMDIR_CLASS:
@@ -99,8 +107,7 @@ def find_series(root: str | Path) -> tuple[list[DicomSeries], list[DicomSeries],
                 str(ds.get("PatientID") or ""),
                 str(ds.get("StudyInstanceUID") or ""),
                 str(ds.get("AccessionNumber") or ""),
-                str(ds.get("SeriesNumber") or ""),
-                str(ds.get("SeriesDescription") or ""),
+                _number(str(ds.get("SeriesNumber") or "")),
             )
         entry.files.append(path)
     images = [s for s in series.values() if s.modality != "SEG"]
@@ -115,15 +122,20 @@ def import_dicom(
     labels_csv: str | Path | None = None,
     seed: int = 0,
     fractions: tuple[float, float] = (0.2, 0.2),
+    key_file: str | Path | None = None,
 ) -> tuple[Path, list[str]]:
     """Make a site folder from a DICOM export for ``task`` (segmentation: DICOM-SEG masks in the export;
     classification: ``labels_csv``). Returns the folder and notes on series left out and why.
 
-    Raises :class:`DataError` listing every series that cannot be read or labelled unambiguously.
+    Patients are pseudonymised with the site key in ``key_file`` (default
+    :func:`~medfed.data.pseudonyms.default_key_file`; created when missing). Raises
+    :class:`DataError` listing every series that cannot be read or labelled unambiguously, and
+    every file of the export that leads outside it; ValueError for an unusable key file.
     """
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty: choose a new or empty output folder")
+    key = site_key(key_file or default_key_file(), out_dir)
     images, segs, notes = find_series(export_dir)
     if not images:
         raise DataError(export_dir, [DataProblem(str(export_dir), "no DICOM image series found (searched all files)")])
@@ -147,7 +159,7 @@ def import_dicom(
             problems.append(DataProblem(series.where, str(err)))
     if problems:
         raise DataError(export_dir, problems)
-    _write(scans, targets, out_dir, task, seed, fractions)
+    _write(scans, targets, out_dir, task, seed, fractions, key)
     return out_dir, notes
 
 
@@ -233,10 +245,12 @@ def _write(
     task: str,
     seed: int,
     fractions: tuple[float, float],
+    key: bytes,
 ) -> None:
     """NIfTI images (and masks), ``manifest.csv`` with pseudonymous patient-level splits, ``import-sources.csv``."""
-    patients = [_pseudonym(series) for series, _ in scans]
-    splits = assign_splits([_Patient(p) for p in patients], seed, fractions)
+    patients = [_Patient(_pseudonym(series, key)) for series, _ in scans]
+    splits = assign_splits(patients, seed, fractions)
+    require_training(patients, splits, fractions, out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     if task == "segmentation":
         (out_dir / "masks").mkdir()
@@ -244,7 +258,7 @@ def _write(
     with (out_dir / MANIFEST).open("w", newline="") as manifest, (out_dir / SOURCES).open("w", newline="") as sources:
         rows, links = csv.writer(manifest), csv.writer(sources)
         rows.writerow(["image", target_column, "split", "patient_id", "modality"])
-        links.writerow(["image", "SeriesInstanceUID", "StudyInstanceUID", "SeriesNumber", "SeriesDescription"])
+        links.writerow(["image", "SeriesInstanceUID", "StudyInstanceUID", "SeriesNumber"])
         for index, ((series, scan), patient, split) in enumerate(zip(scans, patients, splits, strict=True)):
             image = f"images/series-{index + 1:04d}.nii.gz"
             _write_image(scan, out_dir / image)
@@ -255,8 +269,8 @@ def _write(
                 write_nifti_mask(segments.reshape(scan.array.shape), scan, out_dir / target)
             else:
                 target = str(targets[series.uid])
-            rows.writerow([image, target, split, patient, scan.modality])
-            links.writerow([image, series.uid, series.study, series.number, series.description])
+            rows.writerow([image, target, split, patient.patient, _code(scan.modality)])
+            links.writerow([image, _uid(series.uid), _uid(series.study), series.number])
 
 
 class _Patient:
@@ -264,10 +278,24 @@ class _Patient:
         self.patient = patient
 
 
-def _pseudonym(series: DicomSeries) -> str:
-    """A stable patient pseudonym (the study stands in when PatientID is empty)."""
-    source = series.patient or f"study:{series.study or series.uid}"
-    return "p-" + hashlib.sha256(source.encode()).hexdigest()[:12]
+def _pseudonym(series: DicomSeries, key: bytes) -> str:
+    """The patient's keyed pseudonym (the study stands in when PatientID is empty)."""
+    return pseudonym(key, series.patient or f"study:{series.study or series.uid}")
+
+
+def _uid(value: str) -> str:
+    """A UID as written in ``import-sources.csv``: itself when it has UID syntax, else a placeholder."""
+    return value if len(value) <= 64 and UID_SYNTAX.fullmatch(value) else "(not a valid UID)"
+
+
+def _number(value: str) -> str:
+    """A SeriesNumber (IS): itself when it is an integer, else empty."""
+    return value if value.lstrip("+-").isdigit() and len(value) <= 12 else ""
+
+
+def _code(value: str) -> str:
+    """A code string (Modality) as written in the manifest: itself when it has CS syntax, else empty."""
+    return value if len(value) <= 16 and CODE_SYNTAX.fullmatch(value) else ""
 
 
 def _write_image(scan: Scan, path: Path) -> None:

@@ -15,13 +15,25 @@ the source has no patients) and refuses to write into a non-empty folder. The ki
 from __future__ import annotations
 
 import csv
-import re
-import shutil
+import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medfed.data.arrays import SiteArrays
 from medfed.data.boxes import import_coco, import_voc
 from medfed.data.dicom_import import import_dicom
+from medfed.data.import_guard import (
+    MAX_NAME_BYTES,
+    PatientPattern,
+    UnsafePath,
+    check_fractions,
+    copy_inside,
+    real_folder,
+    require_training,
+    resolve_inside,
+    tree_to_copy,
+)
 from medfed.data.manifest import MANIFEST, DataError, DataProblem, read_table, write_site
 from medfed.data.medical_io import file_stem
 from medfed.data.medmnist import read_medmnist
@@ -63,13 +75,19 @@ def import_site(
     seed: int = 0,
     fractions: tuple[float, float] = (0.2, 0.2),
     channels: int = 1,
+    key_file: str | Path | None = None,
 ) -> Imported:
     """Make the site folder ``out`` from ``src`` in the layout ``source`` (see the module docstring).
 
     ``task`` defaults to the source's usual one (classification when a ``labels`` table is given).
     ``channels`` is what MedMNIST images are written with (3 keeps a colour set's RGB); the other
-    layouts are copied file by file, as they are.
-    Raises ValueError for settings that do not fit the source, :class:`DataError` for bad input files.
+    layouts are copied file by file, as they are. ``key_file`` holds the site key of DICOM patient
+    pseudonyms (:mod:`medfed.data.pseudonyms`).
+
+    Every file read must resolve inside its source folder (``src``, or the ``images`` / ``masks``
+    folder given) and every file written lands inside ``out`` (:mod:`medfed.data.import_guard`).
+    Raises ValueError, FileNotFoundError or FileExistsError naming the setting that does not fit,
+    :class:`DataError` for bad input files (or a split that leaves nothing to train on).
     """
     if source not in IMPORT_SOURCES:
         raise ValueError(f"--from {source!r}: expected one of {list(IMPORT_SOURCES)}")
@@ -78,90 +96,117 @@ def import_site(
         raise ValueError(f"--from {source} makes {' or '.join(IMPORT_SOURCES[source])} sites, not {task}")
     if task == "classification" and source != "medmnist" and labels is None:
         raise ValueError(f"classification from --from {source} needs --labels: a CSV table of image and label")
-    src, out = Path(src), Path(out)
+    check_fractions(*fractions)
+    pattern = PatientPattern(patient_pattern) if patient_pattern else None
+    for option, path in (("SRC", src), ("--out", out), ("--images", images), ("--masks", masks), ("--labels", labels)):
+        _check_name_lengths(option, path)
+    src = Path(src)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
-    _check_empty(out)
+    if labels is not None and not Path(labels).is_file():
+        raise FileNotFoundError(f"--labels {labels} is not a file: expected a CSV table")
+    out = _output_folder(out)
     if source == "medmnist":
-        write_site(out, read_medmnist(src, channels))
+        if not src.is_file():
+            raise ValueError(f"--from medmnist: {src} should be a MedMNIST .npz file")
+        write_site(out, _medmnist(src, channels))
         return Imported(out, task)
-    if source == "voc":
-        annotations_dir = src / "Annotations" if (src / "Annotations").is_dir() else src
-        images_dir = Path(images) if images else src / "JPEGImages"
-        return Imported(import_voc(annotations_dir, images_dir, out, seed, fractions), task)
     if source == "coco":
         if not src.is_file():
             raise ValueError(f"--from coco: {src} should be the COCO .json file of the boxes")
-        images_dir = Path(images) if images else _coco_images(src)
+        folder = real_folder(src.parent, "the folder of the COCO file,")
+        images_dir = real_folder(images, "--images") if images else _subfolder(folder, "images") or folder
         return Imported(import_coco(src, images_dir, out, seed, fractions), task)
     if source == "dicom":
-        folder, notes = import_dicom(src, out, task, labels, seed, fractions)
+        folder, notes = import_dicom(src, out, task, labels, seed, fractions, key_file)
         return Imported(folder, task, notes)
+    root = real_folder(src, f"--from {source}")
+    if source == "voc":
+        annotations_dir = _subfolder(root, "Annotations") or root
+        images_dir = (
+            real_folder(images, "--images") if images else _subfolder(root, "JPEGImages") or root / "JPEGImages"
+        )
+        return Imported(import_voc(annotations_dir, images_dir, out, seed, fractions), task)
     if task == "classification":
         assert labels is not None
-        images_dir = Path(images) if images else src
-        folder = import_labelled(images_dir, Path(labels), out, patient_pattern, seed, fractions, source == "nifti")
+        images_dir = real_folder(images, "--images") if images else root
+        folder = import_labelled(images_dir, Path(labels), out, pattern, seed, fractions, source == "nifti")
         return Imported(folder, task)
-    images_dir, masks_dir = _pair_folders(src, images, masks)
+    images_dir, masks_dir = _pair_folders(root, images, masks)
     if source == "nifti":
         _only_nifti(images_dir, masks_dir)
-    return Imported(import_pairs(images_dir, masks_dir, out, patient_pattern, seed, fractions), task)
+    return Imported(import_pairs(images_dir, masks_dir, out, pattern or "", seed, fractions), task)
 
 
 def import_labelled(
     images_dir: Path,
     labels_csv: Path,
     out: Path,
-    patient_pattern: str = "",
+    patient_pattern: str | PatientPattern | None = None,
     seed: int = 0,
     fractions: tuple[float, float] = (0.2, 0.2),
     nifti_only: bool = False,
 ) -> Path:
     """A classification site from an image folder and a table with ``image`` (file name in the
     folder) and ``label`` (class index) columns, optional ``patient_id``; else patients come from
-    ``patient_pattern`` in the file name, else each image is its own patient."""
+    ``patient_pattern`` in the file name, else each image is its own patient.
+
+    An ``image`` must resolve inside ``images_dir`` (:func:`~medfed.data.import_guard.resolve_inside`)
+    and be listed once; it is copied to ``out/images/`` under its path relative to the folder.
+    """
+    if isinstance(patient_pattern, str):
+        patient_pattern = PatientPattern(patient_pattern) if patient_pattern else None
+    images_dir, out = Path(os.path.realpath(images_dir)), Path(os.path.realpath(out))
     columns, rows = read_table(labels_csv)
     if "image" not in columns or "label" not in columns:
         raise DataError(
             labels_csv.parent, [DataProblem(labels_csv.name, f"needs image and label columns, has {columns}")]
         )
-    pattern = re.compile(patient_pattern) if patient_pattern else None
-    problems, entries = [], []
+    problems: list[DataProblem] = []
+    entries: list[_Entry] = []
+    seen: dict[Path, int] = {}
     for line, row in enumerate(rows, start=2):
         where = f"{labels_csv.name} line {line}"
         name, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
-        path = images_dir / name
-        if not name or not path.exists() or not path.resolve().is_relative_to(images_dir.resolve()):
-            problems.append(DataProblem(where, f"image {name!r} is not a file in {images_dir}"))
+        try:
+            path = resolve_inside(images_dir, name)
+        except UnsafePath as err:
+            problems.append(DataProblem(where, f"image {name!r} {err}"))
             continue
+        if path == images_dir or not (path.is_file() or path.is_dir()):
+            problems.append(DataProblem(where, f"image {name!r} is not an image file (or series folder) in it"))
+            continue
+        try:
+            tree_to_copy(path, images_dir)
+        except UnsafePath as err:
+            problems.append(DataProblem(where, f"image folder {name!r} {err}"))
+            continue
+        if path in seen:
+            problems.append(DataProblem(where, f"image {name!r} is listed again (first on line {seen[path]})"))
+            continue
+        seen[path] = line
         if not label.isdigit():
             problems.append(DataProblem(where, f"label {label!r} is not a class index (0, 1, ...)"))
             continue
-        if nifti_only and not name.lower().endswith((".nii", ".nii.gz")):
-            problems.append(DataProblem(where, f"{name} is not a NIfTI file (.nii or .nii.gz)"))
+        if nifti_only and not path.name.lower().endswith((".nii", ".nii.gz")):
+            problems.append(DataProblem(where, f"{name!r} is not a NIfTI file (.nii or .nii.gz)"))
             continue
-        patient = (row.get("patient_id") or "").strip()
-        if not patient and pattern is not None:
-            match = pattern.search(file_stem(path))
-            if match is None:
-                problems.append(DataProblem(where, f"patient pattern {patient_pattern!r} finds no patient id"))
-                continue
-            patient = match.group(1) if match.groups() else match.group(0)
-        entries.append(_Entry(path, name, label, patient or file_stem(path)))
+        entries.append(
+            _Entry(path, path.relative_to(images_dir).as_posix(), label, (row.get("patient_id") or "").strip(), where)
+        )
+    _fill_patients(entries, patient_pattern, problems)
     if not entries and not problems:
         problems.append(DataProblem(labels_csv.name, "no rows"))
     if problems:
         raise DataError(images_dir, problems)
     splits = assign_splits(entries, seed, fractions)
+    require_training(entries, splits, fractions, images_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / MANIFEST).open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "label", "split", "patient_id"])
         for entry, split in zip(entries, splits, strict=True):
-            target = out / "images" / entry.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            copy = shutil.copytree if entry.path.is_dir() else shutil.copy2
-            copy(entry.path, target)
+            copy_inside(entry.path, images_dir, out, f"images/{entry.name}")
             writer.writerow([f"images/{entry.name}", entry.label, split, entry.patient])
     return out
 
@@ -172,28 +217,69 @@ class _Entry:
     name: str
     label: str
     patient: str
+    where: str
 
 
-def _check_empty(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+def _fill_patients(entries: list[_Entry], pattern: PatientPattern | None, problems: list[DataProblem]) -> None:
+    """Give each entry without the table's patient one: found by ``pattern`` in its file name, else the file name."""
+    unknown = [entry for entry in entries if not entry.patient]
+    found = pattern.patients([file_stem(entry.path) for entry in unknown]) if pattern else [None] * len(unknown)
+    for entry, patient in zip(unknown, found, strict=True):
+        if pattern is not None and patient is None:
+            problems.append(DataProblem(entry.where, f"{pattern.option} {pattern.pattern!r} finds no patient id"))
+        entry.patient = patient or file_stem(entry.path)
+
+
+def _check_name_lengths(option: str, path: str | Path | None) -> None:
+    """ValueError naming ``option`` when a name in ``path`` is longer than a file system allows."""
+    longest = max((len(os.fsencode(part)) for part in Path(path or "").parts), default=0)
+    if longest > MAX_NAME_BYTES:
+        raise ValueError(f"{option} {path}: a name of {longest} bytes; file names are at most {MAX_NAME_BYTES} bytes")
+
+
+def _output_folder(out: str | Path) -> Path:
+    """``out`` resolved: a new or empty folder, whose nearest existing parent is a folder."""
+    real = Path(os.path.realpath(out))
+    if os.path.lexists(real) and not real.exists():
+        raise ValueError(f"--out {out} is a broken symlink or a symlink loop: choose a new or empty output folder")
+    if real.exists() and (not real.is_dir() or any(real.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty: choose a new or empty output folder")
+    parent = next(p for p in (real, *real.parents) if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    return real
 
 
-def _coco_images(json_path: Path) -> Path:
-    """COCO images beside the .json: an ``images`` folder, else the .json's own folder."""
-    beside = json_path.parent / "images"
-    return beside if beside.is_dir() else json_path.parent
+def _medmnist(path: Path, channels: int) -> SiteArrays:
+    """:func:`read_medmnist`, with a file that is not a MedMNIST ``.npz`` (or whose images do not fit
+    ``channels``) as a :class:`DataError` naming it."""
+    try:
+        return read_medmnist(path, channels)
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as err:
+        raise DataError(path.parent, [DataProblem(path.name, f"not a readable MedMNIST .npz: {err}")]) from None
 
 
-def _pair_folders(src: Path, images: str | Path | None, masks: str | Path | None) -> tuple[Path, Path]:
-    """The image and mask folders: given, or ``src``'s ``images``/``masks`` (``imagesTr``/``labelsTr``)."""
+def _subfolder(root: Path, name: str) -> Path | None:
+    """The folder ``root/name`` resolved, None when there is none; a :class:`DataError` when it leads out of ``root``."""
+    if not os.path.lexists(root / name):
+        return None
+    try:
+        real = resolve_inside(root, name)
+    except UnsafePath as err:
+        raise DataError(root, [DataProblem(name, str(err))]) from None
+    return real if real.is_dir() else None
+
+
+def _pair_folders(root: Path, images: str | Path | None, masks: str | Path | None) -> tuple[Path, Path]:
+    """The image and mask folders: given, or ``root``'s ``images``/``masks`` (``imagesTr``/``labelsTr``)."""
     if masks is not None:
-        return Path(images) if images else src, Path(masks)
+        return real_folder(images, "--images") if images else root, real_folder(masks, "--masks")
     for image_name, mask_name in FOLDER_PAIRS:
-        if (src / image_name).is_dir() and (src / mask_name).is_dir():
-            return src / image_name, src / mask_name
+        image_dir, mask_dir = _subfolder(root, image_name), _subfolder(root, mask_name)
+        if image_dir and mask_dir:
+            return image_dir, mask_dir
     layouts = " or ".join(f"{a}/ + {b}/" for a, b in FOLDER_PAIRS)
-    raise ValueError(f"{src} has no {layouts} folders: give the mask folder with --masks")
+    raise ValueError(f"{root} has no {layouts} folders: give the mask folder with --masks")
 
 
 def _only_nifti(*folders: Path) -> None:

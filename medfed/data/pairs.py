@@ -3,21 +3,24 @@
 A mask belongs to the image whose name it repeats: ``case7.nii.gz`` <-> ``case7.nii.gz``,
 ``case7_0000.nii.gz`` <-> ``case7.nii.gz`` (nnU-Net layout) or ``Image_01L.jpg`` <->
 ``Image_01L_1stHO.png`` (a suffix after ``_`` or ``-``). Patients are read from file names with
-a regular expression (its first group, or the whole match), so that splits, sites and the DP
-privacy unit are patient-level; without one every image is its own patient.
+a regular expression (its first group, or the whole match; matched without the risk of a hang, see
+:class:`~medfed.data.import_guard.PatientPattern`), so that splits, sites and the DP privacy unit
+are patient-level; without one every image is its own patient. A file that is a symlink leading
+out of its folder, a broken link or a symlink loop is an error, never read.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import re
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from medfed.data.arrays import SiteArrays
+from medfed.data.import_guard import PatientPattern, copy_inside, folder_files, require_training
 from medfed.data.manifest import (
     DEFAULT_PREPROCESS,
     MANIFEST,
@@ -43,22 +46,31 @@ class ImagePair(NamedTuple):
     patient: str
 
 
-def _files(folder: Path, what: str) -> list[Path]:
-    if not folder.is_dir():
+def _files(folder: Path, what: str, problems: list[DataProblem]) -> list[Path]:
+    """The image files of ``folder`` (resolved), adding those that lead out of it to ``problems``."""
+    real = Path(os.path.realpath(folder))
+    if not real.is_dir():
         raise DataError(folder, [DataProblem(str(folder), f"{what} folder not found")])
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
+    files, unsafe = folder_files(real, IMAGE_SUFFIXES, what)
+    if not files and not unsafe:
         raise DataError(folder, [DataProblem(str(folder), f"no image files in the {what} folder ({IMAGE_SUFFIXES})")])
+    problems += unsafe
     return files
 
 
-def find_pairs(images_dir: str | Path, masks_dir: str | Path, patient_pattern: str = "") -> list[ImagePair]:
-    """Match every image to exactly one mask; raise :class:`DataError` listing every unmatched file."""
+def find_pairs(
+    images_dir: str | Path, masks_dir: str | Path, patient_pattern: str | PatientPattern = ""
+) -> list[ImagePair]:
+    """Match every image to exactly one mask; raise :class:`DataError` listing every unmatched file
+    and every file that is not safe to read. ValueError for a patient pattern that is invalid or
+    too slow (:class:`~medfed.data.import_guard.PatientPattern`)."""
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
-    masks = {file_stem(m): m for m in _files(masks_dir, "masks")}
-    pattern = re.compile(patient_pattern) if patient_pattern else None
-    pairs, problems, used = [], [], set()
-    for image in _files(images_dir, "images"):
+    if isinstance(patient_pattern, str):
+        patient_pattern = PatientPattern(patient_pattern, "patient pattern") if patient_pattern else None
+    problems: list[DataProblem] = []
+    masks = {file_stem(m): m for m in _files(masks_dir, "masks", problems)}
+    matched, used = [], set()
+    for image in _files(images_dir, "images", problems):
         stem = file_stem(image)
         base = re.sub(r"_0000$", "", stem)
         candidates = [m for s, m in masks.items() if s in (stem, base) or re.match(re.escape(base) + r"[_-]", s)]
@@ -68,15 +80,17 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path, patient_pattern: s
             )
             problems.append(DataProblem(image.name, f"{found} in {masks_dir.name}/ match this image's name"))
             continue
-        patient = base
-        if pattern is not None:
-            match = pattern.search(stem)
-            if match is None:
-                problems.append(DataProblem(image.name, f"patient pattern {patient_pattern!r} finds no patient id"))
-                continue
-            patient = match.group(1) if match.groups() else match.group(0)
         used.add(candidates[0])
-        pairs.append(ImagePair(image, candidates[0], patient))
+        matched.append((image, candidates[0], base))
+    stems = [file_stem(image) for image, _, _ in matched]
+    patients = patient_pattern.patients(stems) if patient_pattern else [base for _, _, base in matched]
+    no_patient = f"{patient_pattern.option} {patient_pattern.pattern!r} finds no patient id" if patient_pattern else ""
+    pairs = []
+    for (image, mask, _), patient in zip(matched, patients, strict=True):
+        if patient is None:
+            problems.append(DataProblem(image.name, no_patient))
+        else:
+            pairs.append(ImagePair(image, mask, patient))
     problems += [DataProblem(m.name, "mask without an image") for m in masks.values() if m not in used]
     if problems:
         raise DataError(images_dir.parent, problems)
@@ -148,14 +162,16 @@ def import_pairs(
     images_dir: str | Path,
     masks_dir: str | Path,
     site_dir: str | Path,
-    patient_pattern: str = "",
+    patient_pattern: str | PatientPattern = "",
     seed: int = 0,
     fractions: tuple[float, float] = (0.2, 0.2),
 ) -> Path:
-    """Make a site folder (copies under ``images/`` and ``masks/`` plus ``manifest.csv``) from two folders."""
+    """Make a site folder (copies under ``images/`` and ``masks/`` plus ``manifest.csv``) from two
+    folders; :class:`DataError` when the split would leave no patient to train on."""
     pairs = find_pairs(images_dir, masks_dir, patient_pattern)
     splits = assign_splits(pairs, seed, fractions)
-    site_dir = Path(site_dir)
+    require_training(pairs, splits, fractions, Path(images_dir))
+    site_dir = Path(os.path.realpath(site_dir))
     if (site_dir / MANIFEST).exists():
         raise FileExistsError(f"{site_dir / MANIFEST} exists: choose an empty output folder")
     for sub in ("images", "masks"):
@@ -164,7 +180,7 @@ def import_pairs(
         writer = csv.writer(handle)
         writer.writerow(["image", "mask", "split", "patient_id"])
         for pair, split in zip(pairs, splits, strict=True):
-            shutil.copy2(pair.image, site_dir / "images" / pair.image.name)
-            shutil.copy2(pair.mask, site_dir / "masks" / pair.mask.name)
+            copy_inside(pair.image, pair.image.parent, site_dir, f"images/{pair.image.name}")
+            copy_inside(pair.mask, pair.mask.parent, site_dir, f"masks/{pair.mask.name}")
             writer.writerow([f"images/{pair.image.name}", f"masks/{pair.mask.name}", split, pair.patient])
     return site_dir
