@@ -11,10 +11,10 @@ from typing import Annotated, Any, NamedTuple
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
 from rich.table import Table
 
 from medfed.config import Config, ConfigError, load_config, parse_override
+from medfed.display import plain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
 data_app = typer.Typer(
@@ -25,7 +25,7 @@ site_app = typer.Typer(no_args_is_help=True, help="A deployed site, as its opera
 app.add_typer(site_app, name="site")
 privacy_app = typer.Typer(no_args_is_help=True, help="Differential privacy: plan the noise before a run.")
 app.add_typer(privacy_app, name="privacy")
-console = Console()
+console = Console(emoji=False)  # user text (file names, DICOM fields) prints as itself: see medfed.display
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    console.print(f"[bold red]error:[/] {plain(message)}")
     return typer.Exit(code=2)
 
 
@@ -106,14 +106,14 @@ def simulate(
             load_simulated_site(config, index)
     except (FileNotFoundError, ValueError, DataError) as err:
         raise _fail(str(err)) from err
-    console.print(f"[bold]medfed[/] simulating [cyan]{config.run.name}[/] -> {out}")
+    console.print(f"[bold]medfed[/] simulating [cyan]{plain(config.run.name)}[/] -> {plain(out)}")
     try:
         report = run_simulation(config, out, state_dir, verbose, resume)
     except (FileNotFoundError, ValueError) as err:  # --resume without a checkpoint, or another config
         raise _fail(str(err)) from err
     html = write_report(report, out, _simulated_examples(config, out))
     _print_summary(report)
-    console.print(f"report: {out / 'report.json'}  {html}")
+    console.print(f"report: {plain(out / 'report.json')}  {plain(html)}")
 
 
 def _simulated_examples(config: Config, out: Path) -> dict[str, list[str]]:
@@ -157,12 +157,12 @@ def _print_summary(report: dict[str, Any]) -> None:
         final = report["final"]["per_site"].get(site, {})
         privacy = report["privacy"].get(site)
         spent = f"{privacy['epsilon']:.2f} / {privacy['budget']:.2f}" if privacy else "DP off"
-        table.add_row(site, _num(start), _num(final.get(metric)), *[_num(final.get(o)) for o in others], spent)
+        table.add_row(plain(site), _num(start), _num(final.get(metric)), *[_num(final.get(o)) for o in others], spent)
     console.print(table)
     if point:
         console.print(f"operating threshold {point['threshold']:.3f} ({point['method']})")
         if point.get("per_site"):
-            own = ", ".join(f"{site} {p['threshold']:.3f}" for site, p in point["per_site"].items())
+            own = ", ".join(f"{plain(site)} {p['threshold']:.3f}" for site, p in point["per_site"].items())
             console.print(f"each site's own, chosen on its validation split and used above: {own}")
     pooled = report["final"].get("pooled")
     if pooled:
@@ -173,9 +173,9 @@ def _print_summary(report: dict[str, Any]) -> None:
         matrix = Table(title=f"Cross-site {cross['metric']} (rows: model, columns: test site)")
         matrix.add_column("model")
         for site in cross["sites"]:
-            matrix.add_column(site, justify="right")
+            matrix.add_column(plain(site), justify="right")
         for model, row in zip(cross["models"], cross["matrix"], strict=True):
-            matrix.add_row(model, *[_num(v) for v in row])
+            matrix.add_row(plain(model), *[_num(v) for v in row])
         console.print(matrix)
 
 
@@ -202,15 +202,13 @@ def evaluate(
     from medfed.data import ArrayDataset, DataError, read_site
     from medfed.evaluation.explain import example_images
     from medfed.evaluation.report import json_safe
-    from medfed.predict import with_site_threshold
+    from medfed.predict import read_checkpoint_model
     from medfed.tasks import get_task
     from medfed.training import evaluate as evaluate_model
     from medfed.training import resolve_device
-    from medfed.weights import load_checkpoint
 
     try:
-        state, meta = load_checkpoint(model)
-        config = with_site_threshold(Config.from_dict(meta["config"], source=f"{model} metadata"), meta, site)
+        config, net, meta = read_checkpoint_model(model, site)
         task = get_task(config.run.task)
         site = read_site(
             data,
@@ -232,16 +230,15 @@ def evaluate(
         raise _fail(f"--split {split!r}: expected train, val, test or all")
     if len(dataset) == 0:
         raise _fail(f"{data}: no samples in the {split} split")
-    net = task.build_model(config)
-    net.load_state_dict(state)
     device = resolve_device("auto")
     cases: list[dict[str, float]] = []
     results = evaluate_model(task, net.to(device), dataset, config, device, cases)
-    table = Table(title=f"{model.name} (round {meta.get('round')}) on {data.name} [{split}], n={len(dataset)}")
+    title = f"{model.name} (round {meta.get('round')}) on {data.name} [{split}], n={len(dataset)}"
+    table = Table(title=plain(title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in results.items():
-        table.add_row(name, _num(value))
+        table.add_row(plain(name), _num(value))
     console.print(table)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -249,7 +246,7 @@ def evaluate(
         if cases:
             _write_cases(out / "cases.csv", cases, config.data.spatial_dims)
         example_images(task, net.cpu(), dataset, config, out, "example")
-        console.print(f"written: {out / 'metrics.json'}{', cases.csv' if cases else ''} and example images")
+        console.print(f"written: {plain(out / 'metrics.json')}{', cases.csv' if cases else ''} and example images")
 
 
 def _write_cases(path: Path, cases: list[dict[str, Any]], spatial_dims: int) -> None:
@@ -292,9 +289,9 @@ def predict(
 
     try:
         results = predict_cases(model, input, out, min_score, site)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError) as err:  # OSError: an unwritable --out, a missing file
         raise _fail(str(err)) from err
-    table = Table(title=f"{model.name} on {input}")
+    table = Table(title=f"{plain(model.name)} on {plain(input)}")
     kind = "segmentation"
     if results and results[0].unit == "boxes":
         kind = "detection"
@@ -308,16 +305,16 @@ def predict(
     for column in columns:
         table.add_column(column, justify="left" if column in ("case", "written", "call") else "right")
     for r in results:
-        written = ", ".join(p.name for p in r.outputs)
+        written = plain(", ".join(p.name for p in r.outputs))
         if kind == "detection":
-            table.add_row(r.case, str(r.count), written)
+            table.add_row(plain(r.case), str(r.count), written)
         elif kind == "classification":
-            table.add_row(r.case, r.call, f"{r.probability:.3f}")
+            table.add_row(plain(r.case), plain(r.call), f"{r.probability:.3f}")
         else:
-            table.add_row(r.case, str(r.count), f"{r.size:.3f} {r.unit}", written)
+            table.add_row(plain(r.case), str(r.count), f"{r.size:.3f} {r.unit}", written)
     console.print(table)
     written = {"detection": "detections.csv", "classification": "predictions.csv"}.get(kind, "quantification.csv")
-    console.print(f"table: {out / written}")
+    console.print(f"table: {plain(out / written)}")
 
 
 @data_app.command("check")
@@ -409,28 +406,29 @@ def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
         settings.channels,
     )
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {escape(str(warning))}")
+        console.print(f"[yellow]warning:[/] {plain(warning)}")
     if result.site is None:
         for error in result.errors[:200]:
-            console.print(f"[bold red]error:[/] {escape(str(error))}")
+            console.print(f"[bold red]error:[/] {plain(error)}")
         more = " (first 200 shown)" if len(result.errors) > 200 else ""
-        console.print(f"[bold red]{escape(str(site_dir))}: {len(result.errors)} error(s){more}: {result.summary()}[/]")
+        console.print(f"[bold red]{plain(site_dir)}: {len(result.errors)} error(s){more}: {plain(result.summary())}[/]")
         return False
     site = result.site
     unit, units = site.privacy_units("train")
     console.print(
-        f"{escape(str(site_dir))}: {len(site.targets)} samples, all readable; privacy unit: {unit} ({len(units)} in train); "
+        f"{plain(site_dir)}: {len(site.targets)} samples, all readable; privacy unit: {unit} ({len(units)} in train); "
         f"{len(result.warnings)} warning(s)"
     )
-    for line in data_card(site_dir, site).lines():
-        console.print(f"  {escape(line)}")
+    preprocess = settings.preprocess or DEFAULT_PREPROCESS
+    for line in data_card(site_dir, site, preprocess.max_pixels).lines():
+        console.print(f"  {plain(line)}")
     if site.target_key == "boxes":
         table = Table(title="images and boxes per split and class")
         table.add_column("split")
         table.add_column("images", justify="right")
         table.add_column("without boxes", justify="right")
         for k in range(num_classes):
-            table.add_column(names[k] if k < len(names) else f"class {k}", justify="right")
+            table.add_column(plain(names[k]) if k < len(names) else f"class {k}", justify="right")
         for split in SPLITS:
             boxes = site.targets[site.splits == split]
             classes = boxes[..., 4]
@@ -563,17 +561,17 @@ def data_import(
     check = settings.command(folder, config_file)
     if not _preflight_report(folder, settings):
         console.print(
-            f"[bold red]{escape(str(folder))} was written but fails the pre-flight check[/]: a run would refuse it. "
-            f"Fix the files or the settings above (--config, --num-classes, --channels, ...), then: {escape(check)}"
+            f"[bold red]{plain(folder)} was written but fails the pre-flight check[/]: a run would refuse it. "
+            f"Fix the files or the settings above (--config, --num-classes, --channels, ...), then: {plain(check)}"
         )
         raise typer.Exit(code=1)
-    console.print(f"check it again after any change with: {escape(check)}")
+    console.print(f"check it again after any change with: {plain(check)}")
 
 
 def _literal(text: str) -> str:
     """User text (file names, folder names, DICOM values) for Rich, shown as written: markup escaped,
     undecodable characters as backslash escapes (print with ``emoji=False``: no ``:name:`` codes)."""
-    return escape(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+    return plain(text.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _import_error(message: str, code: int) -> typer.Exit:
@@ -628,7 +626,7 @@ def data_synth(
         else:
             make = synthetic_segmentation_site if task == "segmentation" else synthetic_site
             site = make(index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims)
-        console.print(f"wrote {write_site(out / f'hospital-{index + 1}', with_channels(site, channels))}")
+        console.print(f"wrote {plain(write_site(out / f'hospital-{index + 1}', with_channels(site, channels)))}")
 
 
 @site_app.command("status")
@@ -656,11 +654,11 @@ def site_status(
         raise _fail("give --node-config (with state-dir) or --state-dir")
     lifetime = budget if budget is not None else settings.get("privacy-budget")
     ledger_path = folder / LEDGER_FILE
-    table = Table(title=f"site {settings.get('site-name', folder.name)}: privacy ledger {ledger_path}")
+    table = Table(title=plain(f"site {settings.get('site-name', folder.name)}: privacy ledger {ledger_path}"))
     table.add_column("")
     table.add_column("value", justify="right")
     if not ledger_path.is_file():
-        console.print(f"no ledger at {ledger_path}: this site has not trained with differential privacy yet")
+        console.print(f"no ledger at {plain(ledger_path)}: this site has not trained with differential privacy yet")
         raise typer.Exit(code=0)
     try:
         ledger = PrivacyLedger.open(folder, 0.0)
@@ -669,7 +667,7 @@ def site_status(
     spent = ledger.epsilon()
     table.add_row("ε spent (all runs)", f"{spent:.3f}")
     table.add_row("δ", f"{ledger.delta:.2e}")
-    table.add_row("accountant", ledger.accountant)
+    table.add_row("accountant", plain(ledger.accountant))
     table.add_row("runs", str(len(ledger.calibrations)))
     table.add_row("rounds trained", str(len(ledger.history)))
     table.add_row("optimizer steps", str(sum(int(steps) for _, _, steps in ledger.history)))
@@ -738,9 +736,9 @@ def pretrain(
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
     meta = json.loads(path.with_suffix(".json").read_text())["provenance"]
-    console.print(f"wrote {path}: {meta['data']}; {meta['images']} images, {meta['steps']} steps, "
+    console.print(f"wrote {plain(path)}: {plain(meta['data'])}; {meta['images']} images, {meta['steps']} steps, "
                   f"final loss {meta['final_train_loss']:.3f}")  # fmt: skip
-    console.print(f"start a run from it: --set run.initial-model={path}")
+    console.print(f"start a run from it: --set run.initial-model={plain(path)}")
 
 
 @privacy_app.command("plan")
@@ -783,7 +781,7 @@ def privacy_plan(
     except ValueError as err:
         raise _fail(str(err)) from err
     for line in plan.lines():
-        console.print(line, style="bold red" if line.startswith("WARNING") else None, highlight=False)
+        console.print(plain(line), style="bold red" if line.startswith("WARNING") else None, highlight=False)
     if plan.warnings() and plan.batch_size < site_size:
         table = Table(title="the same run with larger batches")
         for column in ("batch", "σ", "σ/batch", "steps"):

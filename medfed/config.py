@@ -135,6 +135,10 @@ class DataConfig:
     the stored order), and then crops or pads it to ``image-size``: a millimetre spans the same
     voxels at every site. Without it scans are resized whole to ``image-size``.
 
+    ``max-pixels`` caps the pixels (voxels) one image file may decode to, read from its header before
+    decoding: a small compressed file can claim gigabytes. The default, 64 M (a 400^3 volume, an
+    8000 x 8000 photo), keeps one scan's arrays well under a gigabyte.
+
     ``channels`` is the number of image channels a model takes: 1 (grey; colour photos are turned
     grey), 3 (colour photos keep their RGB) or N (N scans of a case stacked, e.g. T1, T1c, T2, FLAIR).
 
@@ -167,9 +171,11 @@ class DataConfig:
     target_spacing: tuple[float, ...] = ()
     orientation: str = ""
     channels: int = 1
+    max_pixels: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _check(self.sites >= 1, "data.sites", self.sites, "an integer >= 1")
+        _check(self.max_pixels >= 1, "data.max-pixels", self.max_pixels, "an integer >= 1 (pixels per image file)")
         _check(1 <= self.channels <= 16, "data.channels", self.channels, "an integer in [1, 16] (1: grey, 3: colour)")
         _check(self.alpha > 0, "data.alpha", self.alpha, "a number > 0")
         _check(self.spatial_dims in (2, 3), "data.spatial-dims", self.spatial_dims, "2 (images) or 3 (volumes)")
@@ -235,7 +241,7 @@ class DataConfig:
         """The :class:`medfed.data.manifest.Preprocess` of ``ct-window`` and ``modality``."""
         from medfed.data.manifest import Preprocess  # the data package imports this module
 
-        return Preprocess(self.ct_window, self.modality, self.target_spacing, self.orientation.upper())
+        return Preprocess(self.ct_window, self.modality, self.target_spacing, self.orientation.upper(), self.max_pixels)
 
 
 @dataclass(frozen=True)

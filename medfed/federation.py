@@ -31,10 +31,12 @@ from medfed.evaluation.report import json_safe, write_report
 from medfed.site import PHASE_FEDERATED, PHASE_LOCAL
 from medfed.tasks import get_task
 from medfed.weights import (
+    CheckpointError,
     UpdateRejected,
     array_bytes,
     decompress_update,
     load_checkpoint,
+    load_state,
     model_to_arrays,
     moving_average,
     save_checkpoint,
@@ -313,27 +315,17 @@ def initial_model(config: Config) -> torch.nn.Module:
     path = Path(config.run.initial_model)
     try:
         state, meta = load_checkpoint(path)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, CheckpointError) as err:
         raise ValueError(
             f"run.initial-model = {path}: {err} (build one with: medfed pretrain --config RUN.toml --out {path})"
         ) from err
     if meta.get("task", config.run.task) != config.run.task:
         raise ValueError(f"run.initial-model = {path} is a {meta.get('task')} model; run.task is {config.run.task}")
-    own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]  # fmt: skip
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if wrong or missing or extra:
-        detail = "; ".join(filter(None, [
-            f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
-            f"missing: {', '.join(missing[:3])}" if missing else "",
-            f"unexpected: {', '.join(extra[:3])}" if extra else "",
-        ]))  # fmt: skip
-        raise ValueError(
-            f"run.initial-model = {path} does not fit this run's model ({detail}): build it with the same "
-            "[model] and [data] settings (medfed pretrain --config RUN.toml)"
-        )
-    model.load_state_dict(state)
+    remedy = "build it with the same [model] and [data] settings (medfed pretrain --config RUN.toml)"
+    try:
+        load_state(model, state, path, "this run's model", remedy)
+    except CheckpointError as err:
+        raise CheckpointError(f"run.initial-model = {err}") from None
     return model
 
 

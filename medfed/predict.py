@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from medfed.evaluation.quantify import quantify_case, remove_small_structures, s
 from medfed.tasks import get_task, predict
 from medfed.tasks.classification import calls, operating_threshold
 from medfed.training import resolve_device
-from medfed.weights import load_checkpoint
+from medfed.weights import CheckpointError, checkpoint_config, load_checkpoint, load_state
 
 __all__ = [
     "CaseResult",
@@ -46,6 +47,7 @@ __all__ = [
     "find_cases",
     "load_model",
     "predict_cases",
+    "read_checkpoint_model",
     "segment_scan",
 ]
 
@@ -67,12 +69,22 @@ class CaseResult:
 
 def load_model(checkpoint: str | Path, site: str = "") -> tuple[Config, torch.nn.Module]:
     """The config (with the model's operating threshold: ``site``'s own when given) and the model
-    stored in a medfed checkpoint."""
+    stored in a medfed checkpoint; :class:`CheckpointError` naming the file when it is not one."""
+    config, model, _ = read_checkpoint_model(checkpoint, site)
+    return config, model
+
+
+def read_checkpoint_model(checkpoint: str | Path, site: str = "") -> tuple[Config, torch.nn.Module, dict[str, Any]]:
+    """:func:`load_model` with the checkpoint's metadata (round, metrics, thresholds)."""
     state, meta = load_checkpoint(checkpoint)
-    config = with_site_threshold(Config.from_dict(meta["config"], source=f"{checkpoint} metadata"), meta, site)
-    model = get_task(config.run.task).build_model(config)
-    model.load_state_dict(state)
-    return config, model.eval()
+    config = with_site_threshold(checkpoint_config(meta, checkpoint), meta, site)
+    try:
+        model = get_task(config.run.task).build_model(config)
+    except (ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{checkpoint}: its metadata describes no buildable model: {err}") from None
+    remedy = f"expected the {Path(checkpoint).with_suffix('.json').name} written with this checkpoint"
+    load_state(model, state, checkpoint, "the model its metadata describes", remedy)
+    return config, model.eval(), meta
 
 
 def with_site_threshold(config: Config, meta: dict, site: str) -> Config:
@@ -81,10 +93,15 @@ def with_site_threshold(config: Config, meta: dict, site: str) -> Config:
     if not site:
         return config
     thresholds = meta.get("site_thresholds") or {}
+    if not isinstance(thresholds, dict):
+        raise CheckpointError(f"the checkpoint's site_thresholds is a {type(thresholds).__name__}: expected a table")
     if site not in thresholds:
-        known = ", ".join(sorted(thresholds)) or "none (a pooled threshold only)"
+        known = ", ".join(sorted(map(str, thresholds))) or "none (a pooled threshold only)"
         raise ValueError(f"--site {site!r}: the checkpoint has no threshold for that site; it has: {known}")
-    return config.with_overrides({"evaluation.threshold": float(thresholds[site])})
+    try:
+        return config.with_overrides({"evaluation.threshold": float(thresholds[site])})
+    except (TypeError, ValueError) as err:  # ConfigError is a ValueError
+        raise CheckpointError(f"the checkpoint's threshold for site {site!r} is unusable: {err}") from None
 
 
 def find_cases(path: str | Path) -> list[Path]:
@@ -108,10 +125,17 @@ def _model_image(case: Path, scan: Scan, config: Config) -> tuple[np.ndarray, Ge
     """``case`` as the model takes it, ``(data.channels, *spatial)``, and the grid it was resampled
     from: the grey ``scan`` itself, or the case's channels read as training reads them."""
     d = config.data
-    if d.channels == 1:
-        image, _, geometry = model_input(scan, d.image_size, d.spatial_dims, is_photo(case), preprocess=d.preprocess)
-        return image, geometry
-    image, _, geometry = load_image(case, d.image_size, d.spatial_dims, preprocess=d.preprocess, channels=d.channels)
+    try:
+        if d.channels == 1:
+            image, _, geometry = model_input(
+                scan, d.image_size, d.spatial_dims, is_photo(case), preprocess=d.preprocess
+            )
+        else:
+            image, _, geometry = load_image(
+                case, d.image_size, d.spatial_dims, preprocess=d.preprocess, channels=d.channels
+            )
+    except ValueError as err:  # e.g. NaN pixels: say which case
+        raise ValueError(str(err) if case.name in str(err) else f"{case}: {err}") from None
     return image, geometry
 
 
@@ -252,10 +276,10 @@ def _overlay(scan: Scan, mask: np.ndarray, path: Path) -> Path:
     from medfed.evaluation.explain import busiest_slice, mask_overlay_figure
 
     gray, labels = scan.array.squeeze().astype(np.float32), mask.reshape(scan.array.squeeze().shape) > 0
-    title = scan.name
+    title = scan.name.replace("$", r"\$")  # a file name is text, not matplotlib mathtext
     if gray.ndim == 3:
         z = busiest_slice(labels)
-        gray, labels, title = gray[z], labels[z], f"{scan.name} slice {z}"
+        gray, labels, title = gray[z], labels[z], f"{title} slice {z}"
     fig = mask_overlay_figure(_display_levels(gray), labels, None, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -13,12 +13,17 @@ from flwr.app import ArrayRecord
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medfed.config import Config, ConfigError
+
 __all__ = [
+    "CheckpointError",
     "UpdateRejected",
     "array_bytes",
+    "checkpoint_config",
     "compress_update",
     "decompress_update",
     "load_checkpoint",
+    "load_state",
     "model_to_arrays",
     "moving_average",
     "save_checkpoint",
@@ -158,12 +163,80 @@ def save_checkpoint(path: str | Path, arrays: ArrayRecord, metadata: dict[str, A
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the file and what was expected."""
+
+
+CHECKPOINT_FORM = "a medfed checkpoint: a .safetensors file with the .json metadata written beside it"
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint written by :func:`save_checkpoint`: ``(state_dict, metadata)``."""
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(state_dict, metadata)``.
+
+    Only the safetensors format is read (never a pickle, whatever the file's name); a file that is
+    not one, or metadata that is not a JSON object, is a :class:`CheckpointError` naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
         raise FileNotFoundError(f"checkpoint metadata not found: {meta_path} (written beside every checkpoint)")
-    return load_file(str(path)), json.loads(meta_path.read_text())
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors and torch raise several types for a foreign file
+        raise CheckpointError(f"{path} is not a safetensors file ({err}): expected {CHECKPOINT_FORM}") from None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{meta_path} is not readable JSON ({err}): expected {CHECKPOINT_FORM}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} holds a JSON {type(meta).__name__}: expected {CHECKPOINT_FORM}")
+    return state, meta
+
+
+def checkpoint_config(meta: dict[str, Any], path: str | Path) -> Config:
+    """The run config stored in a checkpoint's metadata, validated; :class:`CheckpointError` naming
+    the metadata file when it is missing or invalid."""
+    meta_path = Path(path).with_suffix(".json")
+    raw = meta.get("config")
+    if not isinstance(raw, dict) or not raw:
+        raise CheckpointError(f"{meta_path} has no 'config' table: expected {CHECKPOINT_FORM}")
+    try:
+        return Config.from_dict(raw, source=str(meta_path))
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{err} (in the metadata of checkpoint {Path(path).name})") from None
+
+
+def load_state(
+    model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, model_name: str, remedy: str
+) -> None:
+    """Load ``state`` (read from checkpoint ``path``) into ``model`` (``model_name`` in messages):
+    the same tensor names and shapes, finite values. Otherwise a :class:`CheckpointError` naming
+    the file, what differs and the ``remedy``, and the model is left as it was."""
+    own = model.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if wrong or missing or extra:
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
+                    f"missing: {', '.join(missing[:3])}" if missing else "",
+                    f"unexpected: {', '.join(extra[:3])}" if extra else "",
+                ],
+            )
+        )
+        raise CheckpointError(f"{path} does not fit {model_name} ({detail}): {remedy}")
+    not_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not_finite:
+        raise CheckpointError(f"{path} holds NaN or Inf weights in {', '.join(not_finite[:3])}: {remedy}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as err:  # e.g. a tensor of a dtype the parameter cannot take
+        raise CheckpointError(f"{path} does not fit {model_name} ({err}): {remedy}") from None

@@ -242,8 +242,6 @@ def test_bccd_loads_as_three_detection_sites(shared_data: Path, caplog: pytest.L
             assert 115 <= len(site.images) <= 125  # 364 images in 3 contiguous blocks
             corners = site.targets[valid][:, :4]
             assert (corners >= 0).all() and (corners <= 64).all()
-    dropped = [r.getMessage() for r in caplog.records]
-    assert len(dropped) == 2
-    assert "BloodImage_00338.xml" in dropped[0] and "RBC (504, 337, 504, 337)" in dropped[0]
-    assert "BloodImage_00343.xml" in dropped[1] and "RBC (181, 329, 181, 329)" in dropped[1]
+    dropped = [r.getMessage() for r in caplog.records]  # training's log: counts, no file (a coordinator sees it)
+    assert dropped == ["2 box(es) dropped at this site: 2 empty"]
     assert counts.sum() == 4888 - 2 and counts[0] > 10 * counts[1] and counts[0] > 10 * counts[2]

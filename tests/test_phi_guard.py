@@ -113,3 +113,66 @@ def test_no_sentinel_phi_leaves_the_sites(tmp_path: Path, caplog: pytest.LogCapt
         content = path.read_bytes()
         for sentinel in SENTINELS:
             assert sentinel.encode() not in content, f"{sentinel} in {path.relative_to(out)}"
+
+
+def _detection_site_with_phi(folder: Path, index: int) -> Path:
+    """A detection site folder whose file names, sub-folder and patient ids carry sentinels, with
+    boxes that will be dropped (outside the image, empty) while the site trains."""
+    import csv
+
+    from medfed.data import write_site
+    from medfed.data.synthetic import synthetic_detection_site
+
+    write_site(folder, synthetic_detection_site(index, 40, 32, seed=3))
+    (folder / "images" / PATH_MARK).mkdir()
+    with (folder / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    boxes = (folder / "boxes.csv").read_text()
+    for k, row in enumerate(rows):
+        new = f"images/{PATH_MARK}/{PATIENT_NAME}_{k:03d}.png"
+        (folder / row["image"]).rename(folder / new)
+        boxes = boxes.replace(f"{row['image']},", f"{new},")
+        row.update(image=new, patient_id=f"{PATIENT_ID}-{k}")
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    first = rows[0]["image"]
+    (folder / "boxes.csv").write_text(boxes + f"{first},0,20,20,90,90\n{first},1,5,5,5,9\n")  # outside; empty
+    return folder
+
+
+@pytest.mark.slow
+def test_a_simulated_run_shows_the_coordinator_no_file_name_or_patient_id(tmp_path: Path) -> None:
+    """`medfed simulate` as a researcher runs it (a subprocess: the Ray site actors' log lines reach
+    the coordinator's console): dropped boxes are counted there, never named."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    data = tmp_path / PATH_MARK / "sites"
+    for i, name in enumerate(["north", "south"]):
+        _detection_site_with_phi(data / name, i)
+    assert PATIENT_ID in (data / "north" / "manifest.csv").read_text()  # the sentinels are really there
+    out = tmp_path / "run"
+    args = [
+        sys.executable, "-c", "from medfed.cli import main; main()", "simulate", str(REPO / "configs" / "detection-synthetic.toml"),
+        "--data", str(data), "--rounds", "1", "--out", str(out),
+        "--set", "data.image-size=32", "--set", "model.width=8", "--set", "evaluation.example-images=1",
+    ]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "300", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    assert "box(es) dropped at this site" in console  # the sites' warnings did reach the coordinator
+    for sentinel in SENTINELS:
+        assert sentinel not in console, f"{sentinel} on the coordinator's console"
+    # the report, plots and checkpoints; not the sites' state, nor progress.json, the coordinator's own
+    # resume state, which keeps the config as given (its --data path) to refuse resuming another run
+    files = [p for p in out.rglob("*") if p.is_file() and "state" not in p.relative_to(out).parts]
+    for path in (p for p in files if p.name != "progress.json"):
+        content = path.read_bytes()
+        for sentinel in SENTINELS:
+            assert sentinel.encode() not in content, f"{sentinel} in {path.relative_to(out)}"

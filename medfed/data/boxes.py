@@ -4,8 +4,9 @@ Annotations give boxes in the ORIGINAL image's pixels; the model sees the image 
 ``image_size`` x ``image_size``. Boxes stay in original pixels (and are checked there, against the
 image file's real size) until :func:`load_box_site` scales each with its image, so one rule serves
 every source. Public sets carry broken boxes (BCCD has two of zero area); a box with unusable
-geometry is dropped with a warning naming the file and the box, since the rest of the image is
-still good. A class that cannot be mapped is an error: dropping it would silently change what the
+geometry is dropped, since the rest of the image is still good: named with its file for the
+site's operator (``medfed data check``, ``medfed data import``), counted by kind only in the log
+of training and evaluation, which a simulation's coordinator sees. A class that cannot be mapped is an error: dropping it would silently change what the
 model learns. A site folder of boxes holds ``manifest.csv`` (``image``, ``split``, optional
 ``patient_id``, ``spacing``) and ``boxes.csv`` (``image``, ``label``, ``xmin``, ``ymin``,
 ``xmax``, ``ymax``, one row per box); an image without rows in ``boxes.csv`` is a negative.
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,9 +103,12 @@ class AnnotatedImage:
         return f"{self.image.name} (boxes from {self.source})" if self.source else self.image.name
 
 
-def validate_boxes(boxes: Iterable[Box], width: float, height: float, where: str) -> list[Box]:
-    """The boxes with usable geometry in a ``width`` x ``height`` image; the others are dropped with
-    a warning naming ``where`` and the box.
+def validate_boxes(
+    boxes: Iterable[Box], width: float, height: float, where: str, dropped: list[DataProblem] | None = None
+) -> list[Box]:
+    """The boxes with usable geometry in a ``width`` x ``height`` image. The others are dropped:
+    appended to ``dropped`` (``where``, the box and why), or, without it, each logged as a warning
+    naming ``where`` (for the site's operator, as ``medfed data import`` does).
 
     Usable: finite corners, ``xmin < xmax`` and ``ymin < ymax``, every corner inside
     ``[0, width] x [0, height]`` (pixel edges: a box may end at ``width``).
@@ -111,21 +116,40 @@ def validate_boxes(boxes: Iterable[Box], width: float, height: float, where: str
     kept = []
     for box in boxes:
         problem = _geometry_problem(box, width, height)
-        if problem:
-            log.warning("%s: dropped box %s: %s", where, box, problem)
-        else:
+        if not problem:
             kept.append(box)
+        elif dropped is not None:
+            dropped.append(DataProblem(where, f"{DROPPED} {box}: {problem}"))
+        else:
+            log.warning("%s: dropped box %s: %s", where, box, problem)
     return kept
+
+
+DROPPED = "box dropped:"
+NOT_FINITE = "a coordinate is not a finite number"
+EMPTY = "empty: needs xmin < xmax and ymin < ymax"
 
 
 def _geometry_problem(box: Box, width: float, height: float) -> str:
     if not all(math.isfinite(v) for v in box.corners):
-        return "a coordinate is not a finite number"
+        return NOT_FINITE
     if box.xmin >= box.xmax or box.ymin >= box.ymax:
-        return "empty: needs xmin < xmax and ymin < ymax"
+        return EMPTY
     if min(box.corners) < 0 or box.xmax > width or box.ymax > height:
         return f"outside the {width:g}x{height:g} image"
     return ""
+
+
+def dropped_summary(dropped: Sequence[DataProblem]) -> str:
+    """Dropped boxes (from :func:`validate_boxes`) counted by kind, naming no file or value: e.g.
+    ``12 box(es) dropped at this site: 10 outside the image, 2 empty``. What training and
+    evaluation log, which a simulation's coordinator sees."""
+    kinds = Counter(
+        "not finite" if p.reason.endswith(NOT_FINITE) else "empty" if p.reason.endswith(EMPTY) else "outside the image"
+        for p in dropped
+    )
+    shown = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+    return f"{len(dropped)} box(es) dropped at this site: {shown}"
 
 
 def class_index(label: str | int, class_names: Sequence[str], num_classes: int) -> int | None:
@@ -278,6 +302,7 @@ def load_box_site(
     problems: list[DataProblem] | None = None,
     preprocess: Preprocess = DEFAULT_PREPROCESS,
     channels: int = 1,
+    notices: list[DataProblem] | None = None,
 ) -> SiteArrays:
     """Load images as ``(N, channels, S, S)`` in [0, 1] (3: a colour photo's RGB, see
     :func:`medfed.data.manifest.load_image`) and their boxes as ``(N, M, 5)`` model-input targets.
@@ -288,8 +313,11 @@ def load_box_site(
     :class:`DataError` (headed by ``origin``, default the first image's folder) listing every
     unreadable image, size mismatch and unknown class, together with ``problems`` found before.
     Pixel values become model inputs as ``preprocess`` says (CT window), as in :func:`read_site`.
+    Dropped boxes are appended to ``notices`` with their files (the pre-flight check's warnings);
+    without it they are logged as one count-only warning (:func:`dropped_summary`).
     """
     problems = [] if problems is None else problems
+    dropped: list[DataProblem] = []
     origin = Path(origin) if origin else Path(records[0].image.parent if records else ".")
     images, spacings, rows, kept_splits, patients = [], [], [], [], []
     for record, split in zip(records, splits, strict=True):
@@ -310,7 +338,7 @@ def load_box_site(
         rows.append(
             [
                 [*(np.array(box.corners) * scale), index]
-                for box in _usable_boxes(record, width, height, problems)
+                for box in _usable_boxes(record, width, height, problems, dropped)
                 if (index := class_index(box.label, class_names, num_classes)) is not None
             ]
         )
@@ -322,6 +350,10 @@ def load_box_site(
         problems.append(DataProblem(str(origin), "no images to load"))
     if problems:
         raise DataError(origin, problems)
+    if notices is not None:
+        notices.extend(dropped)
+    elif dropped:
+        log.warning("%s", dropped_summary(dropped))
     targets = np.zeros((len(rows), max([1, *map(len, rows)]), 5), dtype=np.float32)
     targets[:, :, 4] = -1
     for i, image_rows in enumerate(rows):
@@ -337,32 +369,43 @@ def load_box_site(
     )
 
 
-def _usable_boxes(record: AnnotatedImage, width: int, height: int, problems: list[DataProblem]) -> list[Box]:
-    """The record's boxes with usable geometry in its real ``width`` x ``height`` image."""
+def _usable_boxes(
+    record: AnnotatedImage,
+    width: int,
+    height: int,
+    problems: list[DataProblem],
+    dropped: list[DataProblem] | None = None,
+) -> list[Box]:
+    """The record's boxes with usable geometry in its real ``width`` x ``height`` image (the others
+    go to ``dropped``, or are logged with the file: see :func:`validate_boxes`)."""
     if record.size is not None and record.size != (width, height):
         stated = "x".join(map(str, record.size))
         problems.append(
             DataProblem(record.where, f"the annotation is for a {stated} image; the file is {width}x{height}")
         )
         return []
-    return validate_boxes(record.boxes, width, height, record.where)
+    return validate_boxes(record.boxes, width, height, record.where, dropped)
 
 
 def read_box_table(path: Path, images: Collection[str]) -> tuple[dict[str, list[Box]], list[DataProblem]]:
     """The boxes of a site folder's ``boxes.csv`` by ``image`` entry, and the problems found.
 
     ``images`` are the manifest's ``image`` entries; a row naming another image is a problem.
+    The table is read as the manifest is: UTF-8, with or without the BOM that Excel writes.
     """
     if not path.is_file():
         return {}, [
             DataProblem(path.name, f"missing: a box site needs {BOXES} beside {MANIFEST} (columns {list(BOX_COLUMNS)})")
         ]
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in BOX_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            return {}, [DataProblem(path.name, f"missing column(s) {missing}; found {reader.fieldnames}")]
-        rows = list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in BOX_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                return {}, [DataProblem(path.name, f"missing column(s) {missing}; found {reader.fieldnames}")]
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        return {}, [DataProblem(path.name, f"not a UTF-8 box table (save it as CSV UTF-8): {err}")]
     boxes: dict[str, list[Box]] = {}
     problems = []
     for line, row in enumerate(rows, start=2):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from medfed.data.arrays import SiteArrays
 from medfed.data.manifest import MANIFEST, image_paths, is_photo
-from medfed.data.medical_io import GREY_BANDS, read_channels
+from medfed.data.medical_io import DEFAULT_MAX_PIXELS, GREY_BANDS, read_channels
 
 __all__ = ["DataCard", "data_card"]
 
@@ -44,9 +44,10 @@ class DataCard:
         return out + self.target_notes
 
 
-def data_card(site_dir: str | Path, site: SiteArrays) -> DataCard:
+def data_card(site_dir: str | Path, site: SiteArrays, max_pixels: int = DEFAULT_MAX_PIXELS) -> DataCard:
     """The data card of a site folder that :func:`medfed.data.read_site` has loaded as ``site``
-    (its channel count is that of ``site``'s images; sizes are the first channel's)."""
+    (its channel count is that of ``site``'s images; sizes are the first channel's), its files read
+    again under the same ``max_pixels`` (``data.max-pixels``)."""
     site_dir = Path(site_dir)
     with (site_dir / MANIFEST).open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
@@ -56,7 +57,7 @@ def data_card(site_dir: str | Path, site: SiteArrays) -> DataCard:
     for row in rows:
         paths = [site_dir / p for p in image_paths(row["image"])]
         path = paths[0]
-        scan = read_channels(path, 1 if len(paths) > 1 else channels, spatial_dims)[0]
+        scan = read_channels(path, 1 if len(paths) > 1 else channels, spatial_dims, max_pixels)[0]
         kinds[_channel_kind(paths, channels)] += 1
         card.formats.update(_format(p) for p in paths)
         stated_modality = (row.get("modality") or "").strip().upper()

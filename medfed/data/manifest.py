@@ -25,7 +25,16 @@ import numpy as np
 from PIL import Image
 
 from medfed.data.arrays import SPLITS, SiteArrays
-from medfed.data.medical_io import ChannelError, Scan, read_channels
+from medfed.data.medical_io import (
+    DEFAULT_MAX_PIXELS,
+    ChannelError,
+    Scan,
+    check_pixels,
+    load_npy,
+    open_nifti,
+    open_photo,
+    read_channels,
+)
 
 __all__ = [
     "DataError",
@@ -62,12 +71,16 @@ class Preprocess:
     such as "RAS"; "" keeps the stored order), resampled to that voxel size and then centre-cropped
     or zero-padded to the model's size, so that a millimetre is the same number of voxels at every
     site (MONAI ``Orientation``, ``Spacing``, ``ResizeWithPadOrCrop``).
+
+    ``max_pixels`` (``data.max-pixels``) is the most pixels or voxels one file may decode to, checked
+    from its header before decoding.
     """
 
     ct_window: tuple[float, float] = CT_WINDOW
     modality: str = "auto"
     spacing: tuple[float, ...] = ()
     orientation: str = ""
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def is_ct(self, scan: Scan) -> bool:
         return scan.modality == "CT" if self.modality == "auto" else self.modality == "CT"
@@ -139,7 +152,7 @@ def load_image(
     per_file = 1 if len(paths) > 1 else channels
     arrays, fitted = [], []
     for file in paths:
-        for scan in read_channels(file, per_file, spatial_dims):
+        for scan in read_channels(file, per_file, spatial_dims, preprocess.max_pixels):
             if modality and not scan.modality:
                 scan.modality = modality.strip().upper()
             array, fitted_spacing, geometry = model_input(
@@ -303,17 +316,15 @@ def load_mask(
     name = path.name.lower()
     mask_spacing: tuple[float, ...] | None = None
     if name.endswith(".npy"):
-        mask = np.load(path, allow_pickle=False)
+        mask = load_npy(path, preprocess.max_pixels)
     elif name.endswith((".nii", ".nii.gz")):
-        import nibabel
-
-        nifti = nibabel.load(path)
+        nifti = open_nifti(path, preprocess.max_pixels)
         mask = np.asarray(nifti.dataobj)
         mask_spacing = tuple(float(z) for z in nifti.header.get_zooms()[: mask.ndim])
     elif name.endswith(".dcm"):
-        mask, mask_spacing = read_dicom_seg(path, image)
+        mask, mask_spacing = read_dicom_seg(path, image, preprocess.max_pixels)
     else:
-        with Image.open(path) as img:
+        with open_photo(path, preprocess.max_pixels) as img:
             mask = (np.asarray(img.convert("L")) > 0).astype(np.int64) if img.mode == "1" else np.asarray(img)
             if img.mode in ("LA", "RGB", "RGBA"):
                 mask = _grey_mask(mask[..., : 1 if img.mode == "LA" else 3])
@@ -344,14 +355,19 @@ def _grey_mask(pixels: np.ndarray) -> np.ndarray:
     return pixels[..., 0]
 
 
-def read_dicom_seg(path: Path, image: Geometry | None) -> tuple[np.ndarray, tuple[float, ...]]:
-    """A DICOM-SEG's segment numbers on the grid of the DICOM image it references (slice order of ``image``)."""
+def read_dicom_seg(
+    path: Path, image: Geometry | None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A DICOM-SEG's segment numbers on the grid of the DICOM image it references (slice order of ``image``);
+    its frames (NumberOfFrames x Rows x Columns) are checked against ``max_pixels`` before decoding."""
     import highdicom as hd
 
     try:
         seg = hd.seg.segread(path)
+        frames = (int(seg.get("NumberOfFrames") or 1), int(seg.Rows), int(seg.Columns))
     except Exception as err:  # noqa: BLE001 - pydicom/highdicom raise many types for non-SEG or broken files
         raise ValueError(f"not a readable DICOM Segmentation (DICOM-SEG): {err}") from None
+    check_pixels(path, frames, max_pixels)
     if image is None or not image.source_uids or not all(image.source_uids):
         raise ValueError("a DICOM-SEG mask is read onto the DICOM image it references, which is missing or not DICOM")
     if len(image.source_uids) == 1 and len(image.shape) == 3:
@@ -401,6 +417,7 @@ def read_site(
     class_names: Sequence[str] = (),
     preprocess: Preprocess = DEFAULT_PREPROCESS,
     channels: int = 1,
+    notices: list[DataProblem] | None = None,
 ) -> SiteArrays:
     """Load and validate a site folder; raise :class:`DataError` listing every bad row.
 
@@ -413,6 +430,10 @@ def read_site(
     (2D only), read from ``boxes.csv`` beside the manifest with labels that are names from
     ``class_names`` or class indices. An optional ``spacing`` column gives the pixel size in mm for
     files that do not carry it (``0.5`` for isotropic pixels, or one value per axis: ``2.5x0.7x0.7``).
+
+    What is read but worth a look (dropped boxes, masks read as 0/1) is appended to ``notices``
+    naming the files, for the site's operator (the pre-flight check); without it, it is logged
+    counted only, since training and evaluation logs reach a simulation's coordinator.
     """
     site_dir = Path(site_dir)
     manifest = site_dir / MANIFEST
@@ -435,7 +456,7 @@ def read_site(
     if not rows:
         raise DataError(site_dir, [DataProblem(MANIFEST, "no rows")])
     if boxes:
-        return _read_box_site(site_dir, rows, image_size, num_classes, class_names, preprocess, channels)
+        return _read_box_site(site_dir, rows, image_size, num_classes, class_names, preprocess, channels, notices)
 
     problems: list[DataProblem] = []
     images, targets, splits, patients, spacings = [], [], [], [], []
@@ -481,7 +502,7 @@ def read_site(
     problems.extend(_patient_leaks(rows))
     if problems:
         raise DataError(site_dir, problems)
-    note_rescaled(site_dir, rescaled, len(targets))
+    note_rescaled(site_dir, rescaled, len(targets), notices)
     return SiteArrays(
         np.stack(images).astype(np.float32),
         np.asarray(targets, dtype=np.int64),
@@ -492,17 +513,16 @@ def read_site(
     )
 
 
-def note_rescaled(origin: Path, rescaled: list[Path], masks: int) -> None:
-    """Warn once (the pre-flight check lists it) that masks stored as 0/255 were read as 0/1."""
-    if rescaled:
-        log.warning(
-            "%s: %d of %d masks (e.g. %s) hold only the values 0 and 255: read as 0/1 (255 = class 1)",
-            origin,
-            len(rescaled),
-            masks,
-            rescaled[0].name,
-            extra={"data_notice": True},
-        )
+def note_rescaled(origin: Path, rescaled: list[Path], masks: int, notices: list[DataProblem] | None = None) -> None:
+    """Say once that masks stored as 0/255 were read as 0/1: in ``notices`` naming ``origin`` and an
+    example file (the pre-flight check lists it), else as a warning that names no file."""
+    if not rescaled:
+        return
+    said = f"{len(rescaled)} of {masks} masks hold only the values 0 and 255: read as 0/1 (255 = class 1)"
+    if notices is None:
+        log.warning("%s", said)
+    else:
+        notices.append(DataProblem(str(origin), f"{said}, e.g. {rescaled[0].name}"))
 
 
 def _read_box_site(
@@ -513,6 +533,7 @@ def _read_box_site(
     class_names: Sequence[str],
     preprocess: Preprocess,
     channels: int,
+    notices: list[DataProblem] | None,
 ) -> SiteArrays:
     """The box site of :func:`read_site`: manifest rows checked here, boxes from ``boxes.csv``."""
     from medfed.data.boxes import BOXES, AnnotatedImage, load_box_site, read_box_table  # boxes imports this module
@@ -542,6 +563,7 @@ def _read_box_site(
         problems=problems,
         preprocess=preprocess,
         channels=channels,
+        notices=notices,
     )
 
 

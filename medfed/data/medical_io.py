@@ -22,15 +22,19 @@ DICOM geometry is in LPS; it is converted to RAS by negating x and y.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
+from nibabel.openers import ImageOpener
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -39,10 +43,18 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import DSfloat
 
+from medfed.config import DataConfig
+
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "ChannelError",
+    "ImageTooLarge",
     "Scan",
+    "check_pixels",
     "file_stem",
+    "load_npy",
+    "open_nifti",
+    "open_photo",
     "read_channels",
     "read_dicom_series",
     "read_scan",
@@ -61,10 +73,28 @@ DEFAULT_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 SOP_CLASSES = {"CT": CTImageStorage, "MR": MRImageStorage}
 GREY_BANDS = {"1", "L", "I", "F", "A", "a"}  # PIL bands of grey photos, with or without alpha
 ONE_FILE_PER_CHANNEL = "or give one file per channel, joined by ';' in the manifest's image cell"
+T = TypeVar("T")
+DEFAULT_MAX_PIXELS = DataConfig.max_pixels  # data.max-pixels: the voxels one file may decode to
 
 
 class ChannelError(ValueError):
     """A file holds another number of image channels than ``data.channels`` asks for."""
+
+
+class ImageTooLarge(ValueError):
+    """A file would decode to more pixels than ``data.max-pixels`` allows (found from its header,
+    before decoding: a small compressed file can claim gigabytes)."""
+
+
+def check_pixels(path: str | Path, shape: Sequence[int], max_pixels: int) -> None:
+    """Raise :class:`ImageTooLarge` naming ``path`` when ``shape`` (as its header states it) holds
+    more than ``max_pixels`` pixels or voxels."""
+    count = math.prod(max(int(n), 0) for n in shape)
+    if count > max_pixels:
+        raise ImageTooLarge(
+            f"{path} is {'x'.join(str(int(n)) for n in shape)} = {count:,} pixels by its header, more than "
+            f"data.max-pixels = {max_pixels:,}: refused before decoding (raise data.max-pixels for genuine large scans)"
+        )
 
 
 @dataclass
@@ -85,29 +115,33 @@ class Scan:
     modality: str = ""
 
 
-def read_scan(path: str | Path) -> Scan:
+def read_scan(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Scan:
     """Read an image file, a NIfTI volume, a DICOM file or a DICOM series folder into a :class:`Scan`.
 
-    Raises ValueError naming the file and what was expected when the input cannot be read.
+    Raises ValueError naming the file and what was expected when the input cannot be read, and
+    :class:`ImageTooLarge` when its header states more than ``max_pixels`` pixels (checked before
+    decoding). Voxel sizes that are not finite and > 0 are refused naming the header field.
     """
     path = Path(path)
     if path.is_dir():
-        return _read_dicom_series(path)
+        return _read_dicom_series(path, max_pixels)
     if not path.is_file():
         raise ValueError(f"{path} does not exist: {EXPECTED_FORMATS}")
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
-        return _read_image(path)
+        return _read_image(path, max_pixels)
     if suffix == ".npy":
-        return _read_npy(path)
+        return _read_npy(path, max_pixels)
     if suffix == ".nii" or path.name.lower().endswith(".nii.gz"):
-        return _read_nifti(path)
+        return _read_nifti(path, max_pixels)
     if suffix == ".dcm":
-        return _read_dicom_file(path)
+        return _read_dicom_file(path, max_pixels=max_pixels)
     raise ValueError(f"unsupported format {suffix or '(no extension)'} of {path}: {EXPECTED_FORMATS}")
 
 
-def read_channels(path: str | Path, channels: int, spatial_dims: int) -> list[Scan]:
+def read_channels(
+    path: str | Path, channels: int, spatial_dims: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Scan]:
     """The ``channels`` image channels of one file, one :class:`Scan` each, all on the file's grid.
 
     ``channels = 1`` is :func:`read_scan` (a colour photo is turned grey). Otherwise a colour photo
@@ -115,24 +149,25 @@ def read_channels(path: str | Path, channels: int, spatial_dims: int) -> list[Sc
     ``channels`` volumes (channel-last, as the Medical Segmentation Decathlon stores BraTS), a
     ``.npy`` array ``spatial_dims`` + 1 axes with ``channels`` first (else last). Any other file
     (DICOM, a grey photo, a plain 2D/3D array) holds one channel. Raises :class:`ChannelError`
-    naming the file when it holds another number of channels.
+    naming the file when it holds another number of channels, :class:`ImageTooLarge` as
+    :func:`read_scan` does.
     """
     path = Path(path)
     if channels == 1:
-        return [read_scan(path)]
+        return [read_scan(path, max_pixels)]
     name = path.name.lower()
     if path.is_dir() or name.endswith(".dcm"):
         raise ChannelError(
             f"{path} is DICOM, 1 channel: data.channels = {channels} expects {channels}, {ONE_FILE_PER_CHANNEL}"
         )
     if not path.is_file() or not name.endswith((*IMAGE_SUFFIXES, ".npy", ".nii", ".nii.gz")):
-        read_scan(path)  # raises: a missing file or an unknown format
+        read_scan(path, max_pixels)  # raises: a missing file or an unknown format
     if name.endswith(IMAGE_SUFFIXES):
-        array = _photo_pixels(path, channels)
+        array = _photo_pixels(path, channels, max_pixels)
         affine = _plane_affine(DEFAULT_ORIENTATION, (0.0, 0.0, 0.0), (1.0, 1.0), 1.0)
         return [Scan(file_stem(path), array[..., k], affine, (1.0, 1.0)) for k in range(channels)]
     if name.endswith(".npy"):
-        array = _load_npy(path)
+        array = _load_npy(path, max_pixels)
         shape = tuple(n for n in array.shape if n > 1)
         if len(shape) == spatial_dims + 1 and channels in (shape[0], shape[-1]):
             array = np.moveaxis(array.reshape(shape), 0 if shape[0] == channels else -1, 0)
@@ -141,9 +176,9 @@ def read_channels(path: str | Path, channels: int, spatial_dims: int) -> list[Sc
             f"{path} holds an array of shape {array.shape}: data.channels = {channels} expects {channels} "
             f"{'images' if spatial_dims == 2 else 'volumes'} along its first or last axis, {ONE_FILE_PER_CHANNEL}"
         )
-    img, array = _load_nifti(path)
+    img, array = _load_nifti(path, max_pixels)
     if array.ndim == 4 and array.shape[3] == channels:
-        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+        spacing = _nifti_spacing(img, path, array.shape[:3])
         affine = np.asarray(img.affine, dtype=np.float64)
         return [Scan(file_stem(path), array[..., k], affine, spacing) for k in range(channels)]
     raise ChannelError(
@@ -348,91 +383,161 @@ def _check_mask(mask: np.ndarray, scan: Scan) -> np.ndarray:
     return mask
 
 
-def _read_image(path: Path) -> Scan:
+def _read_image(path: Path, max_pixels: int) -> Scan:
     affine = _plane_affine(DEFAULT_ORIENTATION, (0.0, 0.0, 0.0), (1.0, 1.0), 1.0)
-    return Scan(name=file_stem(path), array=_photo_pixels(path, 1), affine=affine, spacing=(1.0, 1.0))
+    return Scan(name=file_stem(path), array=_photo_pixels(path, 1, max_pixels), affine=affine, spacing=(1.0, 1.0))
 
 
-def _photo_pixels(path: Path, channels: int) -> np.ndarray:
+@contextmanager
+def open_photo(path: Path, max_pixels: int) -> Iterator[Image.Image]:
+    """A PNG/JPEG/BMP/TIFF opened lazily, its size checked against ``max_pixels`` before any
+    decoding; ValueError naming the file when it is not a readable image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # data.max-pixels decides
+            img = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(
+            f"{path} is refused before decoding, more pixels than data.max-pixels = {max_pixels:,} and than PIL "
+            f"allows: {err}"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable PNG/JPEG/BMP/TIFF image: {err}") from None
+    with img:
+        check_pixels(path, (img.height, img.width), max_pixels)
+        yield img
+
+
+def _photo_pixels(path: Path, channels: int, max_pixels: int) -> np.ndarray:
     """A photo's pixels: ``(H, W)`` for ``channels = 1`` (colour turned grey, 16-bit grey kept), else
     ``(H, W, 3)`` RGB from a colour photo; :class:`ChannelError` when the photo has another count."""
+    with open_photo(path, max_pixels) as img:
+        frames, grey = _decoded(path, lambda: (getattr(img, "n_frames", 1), set(img.getbands()) <= GREY_BANDS))
+        if frames > 1:
+            raise ValueError(f"{path} holds {frames} frames: expected a single 2D image")
+        if channels == 1:
+            keeps_values = img.mode in ("L", "I", "F") or img.mode.startswith("I;16")
+            return _decoded(path, lambda: np.asarray(img if keeps_values else img.convert("L"), dtype=np.float32))
+        if channels != (1 if grey else 3):
+            found = "1 channel (grey)" if grey else "3 channels (RGB)"
+            raise ChannelError(
+                f"{path} has {found}: data.channels = {channels} expects {channels}"
+                + ("" if channels == 3 else f", {ONE_FILE_PER_CHANNEL}")
+            )
+        return _decoded(path, lambda: np.asarray(img.convert("RGB"), dtype=np.float32))
+
+
+def _decoded(path: Path, decode: Callable[[], T]) -> T:
+    """``decode()`` of a photo, any decoder failure a ValueError naming the file."""
     try:
-        with Image.open(path) as img:
-            if getattr(img, "n_frames", 1) > 1:
-                raise ValueError(f"{path} holds {img.n_frames} frames: expected a single 2D image")
-            if channels == 1:
-                keeps_values = img.mode in ("L", "I", "F") or img.mode.startswith("I;16")
-                return np.asarray(img if keeps_values else img.convert("L"), dtype=np.float32)
-            grey = set(img.getbands()) <= GREY_BANDS
-            if channels != (1 if grey else 3):
-                found = "1 channel (grey)" if grey else "3 channels (RGB)"
-                raise ChannelError(
-                    f"{path} has {found}: data.channels = {channels} expects {channels}"
-                    + ("" if channels == 3 else f", {ONE_FILE_PER_CHANNEL}")
-                )
-            return np.asarray(img.convert("RGB"), dtype=np.float32)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path} is not a readable PNG/JPEG/BMP/TIFF image: {err}") from err
+        return decode()
+    except Exception as err:  # noqa: BLE001 - PIL's decoders raise many types on broken data
+        raise ValueError(f"{path} is not a readable PNG/JPEG/BMP/TIFF image: {err}") from None
 
 
-def _read_npy(path: Path) -> Scan:
-    array = _load_npy(path)
+def _read_npy(path: Path, max_pixels: int) -> Scan:
+    array = _load_npy(path, max_pixels)
     if array.ndim not in (2, 3):
         raise ValueError(f"{path} holds an array of shape {array.shape}: expected a numeric 2D or 3D array")
     return Scan(name=file_stem(path), array=array, affine=np.eye(4), spacing=(1.0,) * array.ndim)
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _load_npy(path: Path, max_pixels: int) -> np.ndarray:
     """A ``.npy`` file's numeric (or boolean) array as float32."""
+    return load_npy(path, max_pixels).astype(np.float32)
+
+
+def load_npy(path: Path, max_pixels: int) -> np.ndarray:
+    """A ``.npy`` file's numeric (or boolean) array as stored; its header (shape, dtype) is checked
+    before the data is read: ValueError naming the file for another dtype (never unpickled) and
+    :class:`ImageTooLarge` for more than ``max_pixels`` values."""
     try:
-        array = np.load(path, allow_pickle=False)
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(handle)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable .npy array: {err}") from None
+    real = np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating)
+    if not (real or dtype == np.bool_):
+        raise ValueError(f"{path} holds a {dtype} array of shape {shape}: expected a numeric array")
+    check_pixels(path, shape, max_pixels)
+    try:
+        return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable .npy array: {err}") from err
-    real = np.issubdtype(array.dtype, np.number) and not np.issubdtype(array.dtype, np.complexfloating)
-    if not (real or array.dtype == np.bool_):
-        raise ValueError(f"{path} holds a {array.dtype} array of shape {array.shape}: expected a numeric array")
-    return array.astype(np.float32)
+        raise ValueError(f"{path} is not a readable .npy array: {err}") from None
 
 
-def _read_nifti(path: Path) -> Scan:
-    img, array = _load_nifti(path)
+def _read_nifti(path: Path, max_pixels: int) -> Scan:
+    img, array = _load_nifti(path, max_pixels)
     if array.ndim not in (2, 3):
         raise ValueError(f"{path} holds an array of shape {img.shape}: expected a 2D or 3D NIfTI image")
-    spacing = tuple(float(z) for z in img.header.get_zooms()[: array.ndim])
+    spacing = _nifti_spacing(img, path, array.shape)
     return Scan(name=file_stem(path), array=array, affine=np.asarray(img.affine, dtype=np.float64), spacing=spacing)
 
 
-def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
-    """A NIfTI image and its float32 array, trailing axes of length 1 dropped."""
+def open_nifti(path: Path, max_pixels: int) -> Any:
+    """A NIfTI image with its header read and checked (shape against ``max_pixels``, a finite
+    affine), its data not yet decoded."""
     try:
         img = nib.load(path)
+        shape, affine, dtype = img.shape, img.affine, img.get_data_dtype()
+    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib/gzip errors, ...)
+        raise ValueError(f"{path} is not a readable NIfTI file: {err}") from None
+    check_pixels(path, shape, max_pixels)
+    if dtype.kind not in "biuf":
+        raise ValueError(f"{path} holds {dtype} voxels: expected real numbers (not complex, RGB or text)")
+    if affine is None or not np.isfinite(affine).all():
+        raise ValueError(f"{path}: its NIfTI header's qform/sform affine is not finite: expected a voxel-to-mm mapping")
+    return img
+
+
+def _load_nifti(path: Path, max_pixels: int) -> tuple[Any, np.ndarray]:
+    """A NIfTI image and its float32 array, trailing axes of length 1 dropped."""
+    img = open_nifti(path, max_pixels)
+    try:
         array = img.get_fdata(dtype=np.float32)
     except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib/gzip errors, ...)
-        raise ValueError(f"{path} is not a readable NIfTI file: {err}") from err
+        raise ValueError(f"{path} is not a readable NIfTI file: {err}") from None
     while array.ndim > 3 and array.shape[-1] == 1:  # a trailing time/vector axis of 1 carries no geometry
         array = array[..., 0]
     return img, array
 
 
-def _read_dicom_file(path: Path, ds: pydicom.Dataset | None = None) -> Scan:
+def _nifti_spacing(img: Any, path: Path, shape: tuple[int, ...]) -> tuple[float, ...]:
+    """The voxel size (mm) of each of ``shape``'s axes from the header's pixdim as written (nibabel
+    would silently turn 0 into 1 and -2 into 2); an axis of length 1 measures nothing and may hold any."""
+    with ImageOpener(path) as handle:  # the header as written: nibabel's own copy is already fixed
+        written = type(img.header).from_fileobj(handle, check=False)
+    pixdim = [float(v) for v in written["pixdim"][1 : len(shape) + 1]]
+    _positive_mm([v for v, n in zip(pixdim, shape, strict=True) if n > 1], "NIfTI pixdim", path)
+    return tuple(v if n > 1 else (v if math.isfinite(v) and v > 0 else 1.0) for v, n in zip(pixdim, shape, strict=True))
+
+
+def _read_dicom_file(path: Path, ds: pydicom.Dataset | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Scan:
     if ds is None:
         try:
             ds = pydicom.dcmread(path)
         except (InvalidDicomError, OSError) as err:
             raise ValueError(f"{path} is not a readable DICOM file: {err}") from err
-    if int(ds.get("NumberOfFrames") or 1) > 1:
-        return _read_multiframe(path, ds)
-    array = _dicom_pixels(ds, path)
-    orientation = ds.get("ImageOrientationPatient") or DEFAULT_ORIENTATION
-    position = ds.get("ImagePositionPatient") or (0.0, 0.0, 0.0)
-    pixel_spacing = _pixel_spacing(ds)
-    affine = _plane_affine(orientation, position, pixel_spacing, float(ds.get("SliceThickness") or 1.0))
+    if _dicom_count(ds, "NumberOfFrames", path, 1) > 1:
+        return _read_multiframe(path, ds, max_pixels)
+    array = _dicom_pixels(ds, path, max_pixels)
+    orientation = _dicom_vector(
+        ds.get("ImageOrientationPatient") or DEFAULT_ORIENTATION, 6, "ImageOrientationPatient", path
+    )
+    position = _dicom_vector(ds.get("ImagePositionPatient") or (0.0, 0.0, 0.0), 3, "ImagePositionPatient", path)
+    pixel_spacing = _pixel_spacing(ds, path)
+    thickness = _positive_mm([_dicom_number(ds, "SliceThickness", path, 1.0)], "SliceThickness", path)[0]
+    affine = _plane_affine(orientation, position, pixel_spacing, thickness)
     return Scan(
         name=file_stem(path), array=array, affine=affine, spacing=pixel_spacing, dicom=[ds], modality=_modality(ds)
     )
 
 
-def _read_dicom_series(folder: Path) -> Scan:
+def _read_dicom_series(folder: Path, max_pixels: int) -> Scan:
     datasets = []
     for file in sorted(folder.iterdir()):
         if not file.is_file() or file.name.startswith("."):
@@ -448,35 +553,45 @@ def _read_dicom_series(folder: Path) -> Scan:
     series = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets})
     if len(series) > 1:
         raise ValueError(f"folder {folder}: series has {len(series)} SeriesInstanceUIDs {series}: expected one series")
-    return read_dicom_series(datasets, folder.name, f"folder {folder}")
+    return read_dicom_series(datasets, folder.name, f"folder {folder}", max_pixels)
 
 
-def read_dicom_series(datasets: list[tuple[Path, pydicom.Dataset]], name: str, where: str) -> Scan:
+def read_dicom_series(
+    datasets: list[tuple[Path, pydicom.Dataset]], name: str, where: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Scan:
     """One series from its (file, dataset) pairs: slices of one size, orientation and pixel spacing,
-    ordered along the slice normal; a single multi-frame file is read as its own volume."""
+    ordered along the slice normal; a single multi-frame file is read as its own volume. The whole
+    volume's size (slices x Rows x Columns) is checked against ``max_pixels`` before any decoding."""
     if len(datasets) == 1:  # a multi-frame volume, or a single image (e.g. a radiograph without a position)
-        scan = _read_dicom_file(*datasets[0])
+        scan = _read_dicom_file(*datasets[0], max_pixels=max_pixels)
         scan.name = name
         return scan
     first_file, first = datasets[0]
+    rows, columns = _dicom_size(first, first_file)
+    check_pixels(where, (len(datasets), rows, columns), max_pixels)
+    first_spacing = _pixel_spacing(first, first_file)
     for file, ds in datasets:
         for keyword in ("ImageOrientationPatient", "ImagePositionPatient"):
             if keyword not in ds:
                 raise ValueError(f"{file} has no {keyword}: a DICOM series needs it to place its slices")
-        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
-            raise ValueError(f"{file} is {ds.Rows}x{ds.Columns} but {first_file} is {first.Rows}x{first.Columns}")
-        if not np.allclose(ds.ImageOrientationPatient, first.ImageOrientationPatient, atol=1e-4):
+        if _dicom_size(ds, file) != (rows, columns):
+            raise ValueError(f"{file} is {ds.Rows}x{ds.Columns} but {first_file} is {rows}x{columns}")
+        orientation = _dicom_vector(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", file)
+        if not np.allclose(orientation, first.ImageOrientationPatient, atol=1e-4):
             raise ValueError(f"{file} has another ImageOrientationPatient than {first_file}: expected one orientation")
-        if not np.allclose(_pixel_spacing(ds), _pixel_spacing(first)):
+        if not np.allclose(_pixel_spacing(ds, file), first_spacing):
             raise ValueError(f"{file} has another PixelSpacing than {first_file}: expected one pixel spacing")
 
-    positions = [ds.ImagePositionPatient for _, ds in datasets]
-    thickness = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    positions = [_dicom_vector(ds.ImagePositionPatient, 3, "ImagePositionPatient", file) for file, ds in datasets]
     order, affine, spacing = _stack_geometry(
-        first.ImageOrientationPatient, positions, _pixel_spacing(first), thickness, where
+        first.ImageOrientationPatient,
+        positions,
+        first_spacing,
+        1.0,
+        where,  # 2+ positions give the slice step
     )
     datasets = [datasets[i] for i in order]
-    array = np.stack([_dicom_pixels(ds, file) for file, ds in datasets])
+    array = np.stack([_dicom_pixels(ds, file, max_pixels) for file, ds in datasets])
     return Scan(
         name=name,
         array=array,
@@ -499,9 +614,13 @@ def _stack_geometry(
     ``positions`` are the planes' ImagePositionPatient (LPS); ``thickness`` is the step used for a
     single plane. Planes must be distinct and evenly spaced.
     """
-    orientation = np.asarray(orientation, dtype=np.float64)
+    orientation = np.asarray(_dicom_vector(orientation, 6, "ImageOrientationPatient", where), dtype=np.float64)
     normal = np.cross(orientation[:3], orientation[3:])
+    if not np.linalg.norm(normal) > 1e-3:
+        raise ValueError(f"{where}: ImageOrientationPatient {list(orientation)} has parallel row and column directions")
     points = np.asarray(positions, dtype=np.float64)
+    if not np.isfinite(points).all():
+        raise ValueError(f"{where}: an ImagePositionPatient is not finite: expected positions in mm")
     order = [int(i) for i in np.argsort(points @ normal, kind="stable")]
     points = points[order]
     gaps = np.diff(points @ normal)
@@ -522,14 +641,16 @@ def _stack_geometry(
     return order, LPS_TO_RAS @ lps, (float(np.linalg.norm(step)), row_spacing, col_spacing)
 
 
-def _read_multiframe(path: Path, ds: pydicom.Dataset) -> Scan:
+def _read_multiframe(path: Path, ds: pydicom.Dataset, max_pixels: int) -> Scan:
     """A multi-frame image (enhanced CT/MR, or legacy multi-frame) as a volume ordered along the slice normal.
 
     Geometry and rescale come from the shared and per-frame functional groups where present
     (enhanced objects), else from the top-level attributes, with frames ``SpacingBetweenSlices``
-    (or ``SliceThickness``) apart.
+    (or ``SliceThickness``) apart. The frames' size is checked against ``max_pixels`` before decoding.
     """
-    frames = int(ds.NumberOfFrames)
+    frames = _dicom_count(ds, "NumberOfFrames", path, 1)
+    rows, columns = _dicom_size(ds, path)
+    check_pixels(path, (frames, rows, columns), max_pixels)
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
     orientation = _group_value(shared, "PlaneOrientationSequence", "ImageOrientationPatient") or ds.get(
@@ -537,20 +658,24 @@ def _read_multiframe(path: Path, ds: pydicom.Dataset) -> Scan:
     )
     measures = _first_item(shared, "PixelMeasuresSequence") if shared is not None else None
     source = measures if measures is not None and "PixelSpacing" in measures else ds
-    pixel_spacing = _pixel_spacing(source)
+    pixel_spacing = _pixel_spacing(source, path)
     spacing_source = measures if measures is not None and "SliceThickness" in measures else ds
-    thickness = float(spacing_source.get("SpacingBetweenSlices") or spacing_source.get("SliceThickness") or 1.0)
-    orientation = list(orientation or DEFAULT_ORIENTATION)
+    thickness = _slice_step(spacing_source, path)
+    orientation = _dicom_vector(orientation or DEFAULT_ORIENTATION, 6, "ImageOrientationPatient", path)
     normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
     positions = [_group_value(frame, "PlanePositionSequence", "ImagePositionPatient") for frame in per_frame[:frames]]
     if len(positions) != frames or any(p is None for p in positions):
-        origin = np.asarray(ds.get("ImagePositionPatient") or (0.0, 0.0, 0.0), dtype=np.float64)
+        origin = np.asarray(
+            _dicom_vector(ds.get("ImagePositionPatient") or (0.0, 0.0, 0.0), 3, "ImagePositionPatient", path)
+        )
         positions = [origin + k * thickness * normal for k in range(frames)]
+    else:
+        positions = [_dicom_vector(p, 3, "ImagePositionPatient", path) for p in positions]
     order, affine, spacing = _stack_geometry(orientation, positions, pixel_spacing, thickness, str(path))
     if int(ds.get("SamplesPerPixel") or 1) != 1:
         raise ValueError(f"{path} has {ds.SamplesPerPixel} samples per pixel: expected a grayscale image")
     try:
-        pixels = ds.pixel_array.astype(np.float32).reshape(frames, int(ds.Rows), int(ds.Columns))
+        pixels = ds.pixel_array.astype(np.float32).reshape(frames, rows, columns)
     except Exception as err:  # decoders raise many types (missing codec, truncated data, ...)
         raise ValueError(f"{path}: cannot decode its pixel data: {err}") from err
     for k in range(frames):
@@ -585,10 +710,12 @@ def _rescale(frame: pydicom.Dataset | None, shared: pydicom.Dataset | None, ds: 
     return float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
 
 
-def _dicom_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
-    """Decode one grayscale frame with rescale slope/intercept applied, then drop Pixel Data from ``ds``."""
+def _dicom_pixels(ds: pydicom.Dataset, path: Path, max_pixels: int) -> np.ndarray:
+    """Decode one grayscale frame with rescale slope/intercept applied, then drop Pixel Data from ``ds``;
+    its Rows x Columns are checked against ``max_pixels`` first."""
     if int(ds.get("SamplesPerPixel") or 1) != 1:
         raise ValueError(f"{path} has {ds.SamplesPerPixel} samples per pixel: expected a grayscale image")
+    check_pixels(path, _dicom_size(ds, path), max_pixels)
     try:
         array = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
     except Exception as err:  # decoders raise many types (missing codec, truncated data, ...)
@@ -597,10 +724,63 @@ def _dicom_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
     return array
 
 
-def _pixel_spacing(ds: pydicom.Dataset) -> tuple[float, float]:
+def _dicom_size(ds: pydicom.Dataset, path: Path) -> tuple[int, int]:
+    """(Rows, Columns) as the header states them."""
+    return _dicom_count(ds, "Rows", path, 0), _dicom_count(ds, "Columns", path, 0)
+
+
+def _dicom_count(ds: pydicom.Dataset, keyword: str, path: Path, default: int) -> int:
+    """A count in the header (Rows, Columns, NumberOfFrames): a whole number >= 0, or ValueError naming it."""
+    value = _dicom_number(ds, keyword, path, default)
+    if not (math.isfinite(value) and value >= 0 and value == int(value)):
+        raise ValueError(f"{path}: DICOM {keyword} = {value:g}: expected a whole number >= 0")
+    return int(value)
+
+
+def _dicom_number(ds: pydicom.Dataset, keyword: str, path: Path, default: float) -> float:
+    """A numeric header field (``default`` when absent or empty); ValueError naming the file and field otherwise."""
+    try:
+        value = ds.get(keyword)
+        return float(default if value is None or value == "" else value)
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types for a malformed element
+        raise ValueError(f"{path}: DICOM {keyword} is not a number: {err}") from None
+
+
+def _dicom_vector(values: Any, length: int, keyword: str, where: str | Path) -> tuple[float, ...]:
+    """A multi-valued numeric header field with ``length`` finite values, or ValueError naming it."""
+    try:
+        numbers = tuple(float(v) for v in values)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{where}: DICOM {keyword} is not a list of numbers: {err}") from None
+    if len(numbers) != length or not all(math.isfinite(v) for v in numbers):
+        raise ValueError(f"{where}: DICOM {keyword} {list(numbers)}: expected {length} finite numbers")
+    return numbers
+
+
+def _positive_mm(values: Sequence[float], field: str, where: str | Path) -> tuple[float, ...]:
+    """``values`` when each is a voxel size in mm (finite, > 0); else ValueError naming the file and
+    the field, since a volume or area measured with it would be wrong."""
+    sizes = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) and v > 0 for v in sizes):
+        raise ValueError(
+            f"{where}: {field} {', '.join(f'{v:g}' for v in sizes)}: expected voxel sizes in mm, finite and > 0"
+        )
+    return sizes
+
+
+def _slice_step(ds: pydicom.Dataset, path: Path) -> float:
+    """The slice step of a stack whose positions do not give it: SpacingBetweenSlices, else SliceThickness, else 1 mm."""
+    keyword = next((k for k in ("SpacingBetweenSlices", "SliceThickness") if _dicom_number(ds, k, path, 0.0)), "")
+    return _positive_mm([_dicom_number(ds, keyword, path, 0.0)], keyword, path)[0] if keyword else 1.0
+
+
+def _pixel_spacing(ds: pydicom.Dataset, path: str | Path) -> tuple[float, float]:
     """(row spacing, col spacing) in mm: PixelSpacing, else ImagerPixelSpacing (projection X-ray), else 1 mm."""
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (1.0, 1.0)
-    return float(spacing[0]), float(spacing[1])
+    keyword = next((k for k in ("PixelSpacing", "ImagerPixelSpacing") if ds.get(k)), "")
+    if not keyword:
+        return 1.0, 1.0
+    row, col = _positive_mm(_dicom_vector(ds.get(keyword), 2, keyword, path), keyword, path)
+    return row, col
 
 
 def _plane_affine(

@@ -9,7 +9,6 @@ The full list, with files and reasons, stays in the site's own log.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ __all__ = ["Preflight", "problem_kind", "run_preflight"]
 KINDS = (
     ("nothing to learn", "no foreground in any training mask"),
     ("read as 0/1", "masks stored as 0/255 read as 0/1"),
+    ("data.max-pixels", "image larger than data.max-pixels"),
+    ("expected voxel sizes in mm", "bad voxel size in a file header"),
     ("data.channels", "wrong number of image channels"),
     ("share one grid", "channel files on different grids"),
     ("box dropped", "boxes dropped"),
@@ -56,6 +57,7 @@ KINDS = (
     ("is not in manifest.csv", "box for an image not in the manifest"),
     ("no rows", "manifest empty"),
     ("not a UTF-8 CSV", "manifest unreadable"),
+    ("not a UTF-8 box table", "box table unreadable"),
     ("expected a 2D image", "wrong dimensionality"),
     ("expected a 3D volume", "wrong dimensionality"),
     ("unreadable", "unreadable or truncated file"),
@@ -87,19 +89,6 @@ class Preflight:
         return "; ".join(f"{n} {kind}" for kind, n in counts.most_common())
 
 
-class _Collect(logging.Handler):
-    """Collects the data layer's warnings (dropped boxes, masks read as 0/1) while a site folder is read."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.warnings: list[DataProblem] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        where, _, reason = record.getMessage().partition(": ")
-        notice = getattr(record, "data_notice", False)  # else a dropped box, the other warning while reading
-        self.warnings.append(DataProblem(where, reason if notice else "box dropped: " + reason))
-
-
 def run_preflight(
     site_dir: str | Path,
     image_size: int,
@@ -113,19 +102,15 @@ def run_preflight(
     """Read and validate a site folder as :func:`read_site` does, then look for what would make the
     site's training or evaluation useless or misleading (see :func:`site_findings`). Images holding
     another number of channels than ``channels`` are errors naming the file."""
-    handler = _Collect()
-    data_log = logging.getLogger("medfed.data")
-    data_log.addHandler(handler)
-    propagate, data_log.propagate = data_log.propagate, False  # the caller decides where warnings go
+    notices: list[DataProblem] = []  # dropped boxes, masks read as 0/1: with their files, for the operator
     try:
-        site = read_site(site_dir, image_size, num_classes, target, spatial_dims, class_names, preprocess, channels)
+        site = read_site(
+            site_dir, image_size, num_classes, target, spatial_dims, class_names, preprocess, channels, notices
+        )
     except DataError as err:
         return Preflight(None, err.problems)
-    finally:
-        data_log.removeHandler(handler)
-        data_log.propagate = propagate
     errors, warnings = site_findings(site, num_classes, preprocess)
-    return Preflight(None if errors else site, errors, handler.warnings + warnings)
+    return Preflight(None if errors else site, errors, notices + warnings)
 
 
 def site_findings(

@@ -87,7 +87,12 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
             f"it cannot feed run.task = '{config.run.task}'"
         )
     else:
-        pooled = read_medmnist(data.path, data.channels)
+        pooled = read_medmnist(data.path, data.channels, data.max_pixels)
+        if len(pooled.targets) and not 0 <= pooled.targets.min() <= pooled.targets.max() < data.num_classes:
+            raise ValueError(
+                f"{data.path} holds labels {pooled.targets.min()}..{pooled.targets.max()}: expected class indices "
+                f"in [0, data.num-classes - 1 = {data.num_classes - 1}]"
+            )
         if pooled.images.shape[-1] != data.image_size:
             raise ValueError(
                 f"data.image-size = {data.image_size} but {data.path} holds "
