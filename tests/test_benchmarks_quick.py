@@ -33,8 +33,10 @@ def _bench(name: str, tmp_path: Path) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_generalization_quick_on_synthetic_hospitals(tmp_path: Path) -> None:
-    """Needs no real data: 3 synthetic hospitals, local models' matrix and leave-one-site-out."""
+    """Needs no real data: 3 synthetic hospitals, local models' matrix and leave-one-site-out (five
+    simulations: in -m slow, to keep the default suite under 15 minutes)."""
     result = _bench("generalization", tmp_path)["datasets"]["synthetic"]
     assert len(result["local_matrix"]["values"]) == 3 and set(result["loso_at_held_out_site"]) == set(result["sites"])
     for entry in result["loso_at_held_out_site"].values():

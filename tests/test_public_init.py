@@ -133,6 +133,15 @@ def test_pretraining_on_nuclei_and_organ_phantoms(tmp_path: Path) -> None:
         pretrain(tiny_config(), tmp_path / "x.safetensors", epochs=1, samples_per_site=12, phantom="nuclei")
 
 
+def test_pretraining_a_detector_on_object_phantoms_of_sites_with_different_box_counts(tmp_path: Path) -> None:
+    """Synthetic detection sites pad their boxes to their own most objects per image; pooled for
+    pre-training they share batches all the same."""
+    config = tiny_config(**{"run.task": "detection", "data.image-size": 32, "data.num-classes": 3})
+    path = pretrain(config, tmp_path / "objects.safetensors", epochs=1, samples_per_site=12)
+    provenance = json.loads(path.with_suffix(".json").read_text())["provenance"]
+    assert provenance["data"].startswith("synthetic object phantoms") and provenance["images"] > 12
+
+
 def test_cli_pretrain_writes_a_checkpoint_and_refuses_bad_input(tmp_path: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "p.safetensors"
