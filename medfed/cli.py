@@ -40,9 +40,22 @@ def _setup_logging(verbose: bool) -> None:
     logger.propagate = False
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``message`` as an error; the exit to raise: code 2 for usage and config errors, 1 for
+    data and state errors."""
     console.print(f"[bold red]error:[/] {plain(message)}")
-    return typer.Exit(code=2)
+    return typer.Exit(code=code)
+
+
+def _with_options(config: Config, options: dict[str, tuple[str, Any]]) -> Config:
+    """``config`` with the command-line options that were given (not None; 0 is a value) applied
+    as overrides ``{"--option": ("section.key", value)}`` and validated as a config file is: a
+    value out of range exits with code 2 naming the option and what was expected."""
+    try:
+        return config.with_overrides({key: value for key, value in options.values() if value is not None})
+    except ConfigError as err:
+        option = next((name for name, (key, _) in options.items() if key == err.key), "")
+        raise _fail(f"{option}: {err}" if option else str(err)) from err
 
 
 def _data_overrides(data: Path) -> dict[str, Any]:
@@ -76,14 +89,14 @@ def simulate(
 ) -> None:
     """Run a simulated multi-hospital federation on this machine and write its report."""
     _setup_logging(verbose)
-    overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
-    if data is not None:
-        overrides.update(_data_overrides(data))
-    if sites is not None:
-        overrides["data.sites"] = sites
-    if rounds is not None:
-        overrides["run.rounds"] = rounds
     try:
+        overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
+        if data is not None:
+            overrides.update(_data_overrides(data))
+        if sites is not None:
+            overrides["data.sites"] = sites
+        if rounds is not None:
+            overrides["run.rounds"] = rounds
         config = load_config(config_file, overrides)
     except ConfigError as err:
         raise _fail(str(err)) from err
@@ -96,6 +109,8 @@ def simulate(
             raise _fail(str(err)) from err
     from medfed.data import DataError, load_simulated_site, simulated_site_names
     from medfed.evaluation.report import write_report
+    from medfed.federation import untrained_reason
+    from medfed.privacy import LedgerError, PrivacyLedger
     from medfed.simulation import simulate as run_simulation
 
     try:  # check the data here, before any site starts, so a mistake gets one clear message
@@ -103,14 +118,24 @@ def simulate(
         if len(names) < config.run.min_sites:
             raise ValueError(f"the data has {len(names)} site(s) but run.min-sites = {config.run.min_sites}")
         for index in range(len(names)):
-            load_simulated_site(config, index)
+            _, site_data = load_simulated_site(config, index)
+            if not (site_data.splits == "train").any():
+                raise ValueError(f"site {names[index]} has no training samples (no manifest row with split train)")
     except (FileNotFoundError, ValueError, DataError) as err:
         raise _fail(str(err)) from err
+    try:  # and the sites' privacy ledgers: one that cannot be read is never taken for "nothing spent"
+        for name in names if state_dir is not None else []:
+            PrivacyLedger.open(state_dir / name, 0.0)
+    except LedgerError as err:
+        raise _fail(str(err), code=1) from err
     console.print(f"[bold]medfed[/] simulating [cyan]{plain(config.run.name)}[/] -> {plain(out)}")
     try:
         report = run_simulation(config, out, state_dir, verbose, resume)
     except (FileNotFoundError, ValueError) as err:  # --resume without a checkpoint, or another config
         raise _fail(str(err)) from err
+    failure = untrained_reason(report)
+    if failure:
+        raise _fail(f"{failure} (report: {out / 'report.json'})", code=1)
     html = write_report(report, out, _simulated_examples(config, out))
     _print_summary(report)
     console.print(f"report: {plain(out / 'report.json')}  {plain(html)}")
@@ -152,11 +177,15 @@ def _print_summary(report: dict[str, Any]) -> None:
     for other in others:
         table.add_column(f"{other} (test)", justify="right")
     table.add_column("ε spent / budget", justify="right")
+    private = report["config"]["privacy"]["enabled"]
     for site in report["sites"]:
         start = report["rounds"][0]["metrics"].get(site, {}).get(metric)
         final = report["final"]["per_site"].get(site, {})
         privacy = report["privacy"].get(site)
-        spent = f"{privacy['epsilon']:.2f} / {privacy['budget']:.2f}" if privacy else "DP off"
+        if privacy:
+            spent = f"{privacy['epsilon']:.2f} / {privacy['budget']:.2f}"
+        else:  # a site that never reported its spending under DP did not train
+            spent = "not trained" if private else "DP off"
         table.add_row(plain(site), _num(start), _num(final.get(metric)), *[_num(final.get(o)) for o in others], spent)
     console.print(table)
     if point:
@@ -366,8 +395,20 @@ class _CheckSettings(NamedTuple):
 
 
 def _with_config(settings: _CheckSettings, config_file: Path | None) -> _CheckSettings:
-    """``settings``, or those of the run config ``config_file`` when one is given."""
+    """``settings``, or those of the run config ``config_file`` when one is given. Options are checked
+    as the config keys they stand for (exit code 2 naming the option and the range)."""
     if config_file is None:
+        _with_options(
+            Config(),
+            {
+                "--task": ("run.task", settings.task or None),
+                "--num-classes": ("data.num-classes", len(settings.class_names) or settings.num_classes),
+                "--image-size": ("data.image-size", settings.image_size),
+                "--spatial-dims": ("data.spatial-dims", settings.spatial_dims or None),
+                "--channels": ("data.channels", settings.channels),
+                "--class-names": ("data.class-names", list(settings.class_names)),
+            },
+        )
         return settings
     try:
         config = load_config(config_file)
@@ -641,29 +682,35 @@ def site_status(
     """Privacy spent at this site over all runs, the budget and what remains (read from its ledger)."""
     import tomllib
 
-    from medfed.privacy import LEDGER_FILE, PrivacyLedger
+    from medfed.privacy import LEDGER_FILE, LedgerError, PrivacyLedger
 
     settings: dict[str, Any] = {}
     if node_config is not None:
         try:
-            settings = tomllib.loads(node_config.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise _fail(f"--node-config {node_config}: not a readable TOML file ({err})") from err
+            settings = tomllib.loads(node_config.read_bytes().decode("utf-8-sig"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as err:
+            raise _fail(
+                f"--node-config {node_config}: not a readable TOML file ({type(err).__name__})", code=1
+            ) from err
     folder = state_dir or (Path(str(settings["state-dir"])) if "state-dir" in settings else None)
     if folder is None:
         raise _fail("give --node-config (with state-dir) or --state-dir")
     lifetime = budget if budget is not None else settings.get("privacy-budget")
+    if lifetime is not None and (
+        isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or not 0 < lifetime < math.inf
+    ):
+        raise _fail(f"--budget / privacy-budget = {str(lifetime)[:40]!r}: expected a finite number > 0")
     ledger_path = folder / LEDGER_FILE
-    table = Table(title=plain(f"site {settings.get('site-name', folder.name)}: privacy ledger {ledger_path}"))
-    table.add_column("")
-    table.add_column("value", justify="right")
+    try:
+        ledger = PrivacyLedger.open(folder, 0.0)
+    except LedgerError as err:
+        raise _fail(str(err), code=1) from err
     if not ledger_path.is_file():
         console.print(f"no ledger at {plain(ledger_path)}: this site has not trained with differential privacy yet")
         raise typer.Exit(code=0)
-    try:
-        ledger = PrivacyLedger.open(folder, 0.0)
-    except RuntimeError as err:
-        raise _fail(str(err)) from err
+    table = Table(title=plain(f"site {settings.get('site-name', folder.name)}: privacy ledger {ledger_path}"))
+    table.add_column("")
+    table.add_column("value", justify="right")
     spent = ledger.epsilon()
     table.add_row("ε spent (all runs)", f"{spent:.3f}")
     table.add_row("δ", f"{ledger.delta:.2e}")
@@ -715,10 +762,10 @@ def pretrain(
     _setup_logging(verbose)
     from medfed.pretrain import pretrain as run_pretrain
 
-    overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
-    if task is not None:
-        overrides["run.task"] = task
     try:
+        overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
+        if task is not None:
+            overrides["run.task"] = task
         config = load_config(config_file, overrides) if config_file else Config().with_overrides(overrides)
     except ConfigError as err:
         raise _fail(str(err)) from err
@@ -759,28 +806,47 @@ def privacy_plan(
 ) -> None:
     """The noise multiplier, ε after each round and a warning when the noise is too large to learn,
     computed exactly as a site computes them before it trains (it logs the same lines)."""
-    from medfed.privacy import plan_privacy
+    from medfed.privacy import MAX_COUNT, check_delta, plan_privacy
 
     try:
         config = load_config(config_file) if config_file else Config()
     except ConfigError as err:
         raise _fail(str(err)) from err
-    if site_size < 1:
-        raise _fail(f"--site-size {site_size}: expected the number of training units at the site (>= 1)")
+    if not 1 <= site_size <= MAX_COUNT:
+        raise _fail(
+            f"--site-size {site_size}: expected the number of training units at the site, in [1, {MAX_COUNT:g}]"
+        )
+    config = _with_options(
+        config,
+        {
+            "--rounds": ("run.rounds", rounds),
+            "--batch": ("train.batch-size", batch),
+            "--epsilon": ("privacy.target-epsilon", epsilon),
+            "--local-epochs": ("train.local-epochs", local_epochs),
+            "--local-steps": ("train.local-steps", local_steps),
+            "--delta": ("privacy.delta", delta),
+            "--cross-site": ("evaluation.cross-site", cross_site),
+        },
+    )
     settings = {
-        "rounds": rounds or config.run.rounds,
-        "target_epsilon": epsilon or config.privacy.target_epsilon,
-        "local_epochs": local_epochs or config.train.local_epochs,
-        "local_steps": config.train.local_steps if local_steps is None else local_steps,
-        "delta": config.privacy.delta if delta is None else delta,
+        "rounds": config.run.rounds,
+        "target_epsilon": config.privacy.target_epsilon,
+        "local_epochs": config.train.local_epochs,
+        "local_steps": config.train.local_steps,
+        "delta": config.privacy.delta,
         "accountant": config.privacy.accountant,
-        "runs_per_round": 2 if (config.evaluation.cross_site if cross_site is None else cross_site) else 1,
+        "runs_per_round": 2 if config.evaluation.cross_site else 1,
     }
     try:
-        plan = plan_privacy(site_size, batch or config.train.batch_size, **settings)
+        check_delta(config.privacy.delta, site_size)
+    except ValueError as err:
+        raise _fail(f"--delta {delta}: {err}" if delta is not None else str(err)) from err
+    try:
+        plan = plan_privacy(site_size, config.train.batch_size, **settings)
+        lines = plan.lines()  # calibrates σ: an ε that cannot be met is a ValueError
     except ValueError as err:
         raise _fail(str(err)) from err
-    for line in plan.lines():
+    for line in lines:
         console.print(plain(line), style="bold red" if line.startswith("WARNING") else None, highlight=False)
     if plan.warnings() and plan.batch_size < site_size:
         table = Table(title="the same run with larger batches")

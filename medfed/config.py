@@ -3,15 +3,24 @@
 A run is described by one TOML file with the sections below (keys use dashes, as in Flower's
 ``run_config``). Loading checks every key and value and raises :class:`ConfigError` naming the
 key, the value it got and what was expected, so a typo never silently falls back to a default.
+
+Every input is hostile until checked: numbers must be finite and within a sane range (an ε of
+``inf`` or a learning rate of ``1e308`` is refused, not run), text settings are short and hold no
+control characters, and a file that is not UTF-8 TOML, too large or nested too deeply is refused
+with a :class:`ConfigError`, never another exception. Values are shown shortened in messages.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import re
+import reprlib
 import tomllib
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,8 +69,30 @@ RECIPES: dict[tuple[str, bool], dict[str, Any]] = {
 }  # fmt: skip
 
 
+# Limits of what a config may say (see the module docstring): generous for real runs, small enough
+# that no value can make a run hang, overflow or print megabytes.
+MAX_TEXT = 200  # characters of a name-like setting (run.name, class names, patterns)
+MAX_PATH = 4096  # characters of a path setting
+MAX_CONFIG_BYTES = 1_000_000  # a config file larger than this is not a config
+MAX_CLASSES = 1000
+MAX_ROUNDS = 10_000
+MAX_SITES = 1000
+MAX_BATCH = 65_536
+MAX_EPSILON = 100.0  # beyond this DP protects nothing
+MIN_EPSILON = 0.01  # below this the accountant's bounds lose meaning (its ε may even come out negative)
+MAX_DELTA = 0.1
+MAX_SEED = 2**31 - 1
+
+
 class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key."""
+    """A configuration file or override is invalid; the message names the key.
+
+    ``key`` is the dotted key at fault (``run.rounds``), or "" when the file as a whole is.
+    """
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -102,14 +133,17 @@ class RunConfig:
     ema: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.rounds >= 1, "run.rounds", self.rounds, "an integer >= 1")
-        _check(self.min_sites >= 1, "run.min-sites", self.min_sites, "an integer >= 1")
-        _check(self.proximal_mu >= 0, "run.proximal-mu", self.proximal_mu, "a number >= 0")
-        _check(self.server_lr > 0, "run.server-lr", self.server_lr, "a number > 0")
-        _check(self.max_update_norm > 0, "run.max-update-norm", self.max_update_norm, "> 0")
-        _check(self.round_timeout > 0, "run.round-timeout", self.round_timeout, "seconds > 0")
+        _check_text("run.name", self.name)
+        _check_text("run.initial-model", self.initial_model, MAX_PATH)
+        _check_range("run.seed", self.seed, 0, MAX_SEED, "an integer")
+        _check_range("run.rounds", self.rounds, 1, MAX_ROUNDS, "an integer")
+        _check_range("run.min-sites", self.min_sites, 1, MAX_SITES, "an integer")
+        _check_range("run.proximal-mu", self.proximal_mu, 0, 1000)
+        _check_range("run.server-lr", self.server_lr, 0, 10, low_open=True)
+        _check_range("run.max-update-norm", self.max_update_norm, 0, 1e12, low_open=True)
+        _check_range("run.round-timeout", self.round_timeout, 0, 1e6, "seconds", low_open=True)
         _check(0 <= self.trim_fraction < 0.5, "run.trim-fraction", self.trim_fraction, "a fraction in [0, 0.5)")
-        _check(self.site_wait > 0, "run.site-wait", self.site_wait, "seconds > 0")
+        _check_range("run.site-wait", self.site_wait, 0, 1e6, "seconds", low_open=True)
         _check(0 <= self.ema < 1, "run.ema", self.ema, "a decay in [0, 1) (0: off), e.g. 0.5")
 
 
@@ -174,31 +208,38 @@ class DataConfig:
     max_pixels: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        _check(self.sites >= 1, "data.sites", self.sites, "an integer >= 1")
-        _check(self.max_pixels >= 1, "data.max-pixels", self.max_pixels, "an integer >= 1 (pixels per image file)")
+        for key, text in (("data.path", self.path), ("data.images", self.images), ("data.masks", self.masks)):
+            _check_text(key, text, MAX_PATH)
+        _check_text("data.patient-pattern", self.patient_pattern)
+        _check_text("data.orientation", self.orientation)
+        for name in self.class_names:
+            _check_text("data.class-names", name)
+        _check_range("data.sites", self.sites, 1, MAX_SITES, "an integer")
+        _check_range("data.max-pixels", self.max_pixels, 1, 2**36, "an integer (pixels per image file)")
         _check(1 <= self.channels <= 16, "data.channels", self.channels, "an integer in [1, 16] (1: grey, 3: colour)")
-        _check(self.alpha > 0, "data.alpha", self.alpha, "a number > 0")
+        _check_range("data.alpha", self.alpha, 0, 1e6, low_open=True)
         _check(self.spatial_dims in (2, 3), "data.spatial-dims", self.spatial_dims, "2 (images) or 3 (volumes)")
-        _check(self.image_size >= 8, "data.image-size", self.image_size, "an integer >= 8")
+        largest = 4096 if self.spatial_dims == 2 else 1024
+        _check_range("data.image-size", self.image_size, 8, largest, f"an integer ({self.spatial_dims}D)")
         _check(
             self.patch_size == 0 or 8 <= self.patch_size <= self.image_size,
             "data.patch-size",
             self.patch_size,
             f"0 (whole images) or an integer in [8, data.image-size = {self.image_size}]",
         )
-        _check(self.num_classes >= 1, "data.num-classes", self.num_classes, "an integer >= 1")
+        _check_range("data.num-classes", self.num_classes, 1, MAX_CLASSES, "an integer")
         _check(
-            len(self.ct_window) == 2 and self.ct_window[0] < self.ct_window[1],
+            len(self.ct_window) == 2 and -1e6 <= self.ct_window[0] < self.ct_window[1] <= 1e6,
             "data.ct-window",
             list(self.ct_window),
-            "[low, high] Hounsfield units with low < high, e.g. [-160, 240] for soft tissue",
+            "[low, high] Hounsfield units with -1e6 <= low < high <= 1e6, e.g. [-160, 240] for soft tissue",
         )
         _check(
             not self.target_spacing
-            or (len(self.target_spacing) == self.spatial_dims and all(v > 0 for v in self.target_spacing)),
+            or (len(self.target_spacing) == self.spatial_dims and all(1e-3 <= v <= 1e3 for v in self.target_spacing)),
             "data.target-spacing",
             list(self.target_spacing),
-            f"[] (off) or {self.spatial_dims} voxel sizes in mm > 0, one per axis (data.spatial-dims)",
+            f"[] (off) or {self.spatial_dims} voxel sizes in mm in [0.001, 1000], one per axis (data.spatial-dims)",
         )
         _check(
             not self.orientation or (self.spatial_dims == 3 and _is_axis_codes(self.orientation)),
@@ -224,8 +265,8 @@ class DataConfig:
             list(self.class_names),
             "unique names",
         )
-        _check(self.samples_per_site >= 10, "data.samples-per-site", self.samples_per_site, ">= 10")
-        _check(self.max_samples_per_site >= 0, "data.max-samples-per-site", self.max_samples_per_site, ">= 0 (0: all)")
+        _check_range("data.samples-per-site", self.samples_per_site, 10, 100_000, "an integer")
+        _check_range("data.max-samples-per-site", self.max_samples_per_site, 0, 10**9, "an integer", note=" (0: all)")
         if self.patient_pattern:
             try:
                 re.compile(self.patient_pattern)
@@ -263,7 +304,8 @@ class ModelConfig:
     input_norm: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.width >= 1, "model.width", self.width, "an integer >= 1")
+        _check_text("model.name", self.name)
+        _check_range("model.width", self.width, 1, 1024, "an integer")
         _check(1 <= self.depth <= 6, "model.depth", self.depth, "an integer in [1, 6]")
         _check(
             self.norm_groups >= 1 and self.width % self.norm_groups == 0,
@@ -326,19 +368,21 @@ class TrainConfig:
     recipe: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check(self.warmup_rounds >= 0, "train.warmup-rounds", self.warmup_rounds, "an integer >= 0 (0: none)")
-        _check(self.local_epochs >= 1, "train.local-epochs", self.local_epochs, "an integer >= 1")
-        _check(self.local_steps >= 0, "train.local-steps", self.local_steps, ">= 0 (0: use local-epochs)")
-        _check(self.batch_size >= 1, "train.batch-size", self.batch_size, "an integer >= 1")
-        _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _check_range("train.warmup-rounds", self.warmup_rounds, 0, MAX_ROUNDS, "an integer", note=" (0: none)")
+        _check_range("train.local-epochs", self.local_epochs, 1, 1000, "an integer")
+        _check_range("train.local-steps", self.local_steps, 0, 10**6, "an integer", note=" (0: use local-epochs)")
+        _check_range("train.batch-size", self.batch_size, 1, MAX_BATCH, "an integer")
+        _check_range("train.lr", self.lr, 0, 10, low_open=True)
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
-        _check(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "a number >= 0")
-        _check(self.augmentations >= 1, "train.augmentations", self.augmentations, "an integer >= 1 (1: off)")
-        _check(
-            self.physical_batch_size >= 0,
+        _check_range("train.weight-decay", self.weight_decay, 0, 1)
+        _check_range("train.augmentations", self.augmentations, 1, 64, "an integer", note=" (1: off)")
+        _check_range(
             "train.physical-batch-size",
             self.physical_batch_size,
-            "an integer >= 0 (0: the whole batch at once)",
+            0,
+            MAX_BATCH,
+            "an integer",
+            note=" (0: the whole batch at once)",
         )
 
 
@@ -363,10 +407,17 @@ class PrivacyConfig:
     unit: Literal["patient", "image"] = "patient"
 
     def __post_init__(self) -> None:
-        _check(self.target_epsilon > 0, "privacy.target-epsilon", self.target_epsilon, "a number > 0")
-        _check(0 <= self.delta < 1, "privacy.delta", self.delta, "a number in [0, 1) (0: automatic)")
-        _check(self.max_grad_norm > 0, "privacy.max-grad-norm", self.max_grad_norm, "a number > 0")
-        _check(self.budget >= 0, "privacy.budget", self.budget, "a number >= 0 (0: target-epsilon)")
+        _check_range("privacy.target-epsilon", self.target_epsilon, MIN_EPSILON, MAX_EPSILON)
+        _check_range(
+            "privacy.delta", self.delta, 0, MAX_DELTA, note=" (0: automatic, 1/(10 n); it must also be below 1/n)"
+        )
+        _check_range("privacy.max-grad-norm", self.max_grad_norm, 0, 1000, low_open=True)
+        _check(
+            self.budget == 0 or MIN_EPSILON <= self.budget <= 10 * MAX_EPSILON,
+            "privacy.budget",
+            self.budget,
+            f"0 (target-epsilon) or a number in [{MIN_EPSILON:g}, {10 * MAX_EPSILON:g}]",
+        )
 
     @property
     def site_budget(self) -> float:
@@ -412,14 +463,9 @@ class EvaluationConfig:
             self.target_sensitivity,
             "0 (Youden's J) or a sensitivity in (0, 1), e.g. 0.9",
         )
-        _check(
-            self.min_structure_size >= 0,
-            "evaluation.min-structure-size",
-            self.min_structure_size,
-            "an integer >= 0 (0: off)",
-        )
-        _check(self.example_images >= 0, "evaluation.example-images", self.example_images, ">= 0")
-        _check(self.batch_size >= 1, "evaluation.batch-size", self.batch_size, "an integer >= 1")
+        _check_range("evaluation.min-structure-size", self.min_structure_size, 0, 10**9, "an integer", note=" (0: off)")
+        _check_range("evaluation.example-images", self.example_images, 0, 100, "an integer")
+        _check_range("evaluation.batch-size", self.batch_size, 1, MAX_BATCH, "an integer")
 
 
 @dataclass(frozen=True)
@@ -515,17 +561,20 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
-        """Build and validate a config from a nested dict (TOML layout)."""
+        """Build and validate a config from a nested dict (TOML layout); anything else, or any
+        invalid key or value, raises :class:`ConfigError`."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a table of sections such as [run], got {_shown(raw)}")
         sections = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(sections))
+        unknown = sorted((_shown_key(k) for k in raw if k not in sections), key=str)
         if unknown:
             raise ConfigError(f"{source}: unknown section [{unknown[0]}]; expected one of {sorted(sections)}")
         built = {}
         for name in sections:
-            section_cls = typing.get_type_hints(cls)[name]
+            section_cls = _type_hints(cls)[name]
             values = raw.get(name, {})
             if not isinstance(values, dict):
-                raise ConfigError(f"{source}: [{name}] must be a table of keys")
+                raise ConfigError(f"{source}: [{name}] must be a table of keys, got {_shown(values)}", name)
             if "recipe" in values and name == "train":
                 raise ConfigError(f"{source}: train.recipe is not a setting; leave a key out for its recipe value")
             recipe = _recipe_keys(values) if name == "train" else ()
@@ -535,29 +584,45 @@ class Config:
         return cls(**built)
 
     @classmethod
-    def from_json(cls, text: str) -> Config:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: str = "config") -> Config:
+        """Build from :meth:`to_json` text (e.g. a message from the server): invalid JSON, nesting
+        too deep for the parser, or an invalid config all raise :class:`ConfigError`."""
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise ConfigError(f"{source}: not a JSON config ({type(err).__name__})") from None
+        return cls.from_dict(raw, source)
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """Return a copy with ``{"section.key": value}`` overrides applied and validated."""
         raw = self.to_dict()
         for dotted, value in overrides.items():
-            section, _, key = dotted.partition(".")
+            section, _, key = dotted.partition(".") if isinstance(dotted, str) else ("", "", "")
             if not key:
-                raise ConfigError(f"override '{dotted}': expected 'section.key', e.g. 'run.rounds'")
+                raise ConfigError(f"override {_shown(dotted)}: expected 'section.key', e.g. 'run.rounds'")
             raw.setdefault(section, {})[key] = value
         return Config.from_dict(raw, source="override")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    """Load a TOML run config, apply overrides, validate everything."""
+    """Load a TOML run config (UTF-8, a byte-order mark allowed), apply overrides, validate everything."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise ConfigError(f"config file {what}: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes is too large for a config (at most {MAX_CONFIG_BYTES})")
+        raw = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}): expected a TOML file") from None
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from err
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     config = Config.from_dict(raw, source=str(path))
     return config.with_overrides(overrides) if overrides else config
 
@@ -565,12 +630,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``section.key=value`` where value is TOML (bare words are taken as strings)."""
     key, sep, value = text.partition("=")
-    if not sep:
-        raise ConfigError(f"override '{text}': expected 'section.key=value'")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {_shown(text)}: expected 'section.key=value', e.g. run.rounds=5")
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value
+    except RecursionError:
+        raise ConfigError(f"--set {_shown(text)}: the value is nested too deeply") from None
     return key.strip(), parsed
 
 
@@ -584,25 +651,72 @@ def _recipe(raw: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     privacy.enabled is left for its own section to refuse)."""
     run, privacy = raw.get("run", {}), raw.get("privacy", {})
     task = run.get("task", "classification") if isinstance(run, dict) else None
+    task = task if isinstance(task, str) else None
     private = privacy.get("enabled", True) is not False if isinstance(privacy, dict) else True
     recipe = RECIPES.get((task, private), RECIPES[("classification", private)])  # type: ignore[arg-type]
     return {key: recipe[key] for key in keys}
 
 
+# The type hints of a config class: evaluating them (postponed annotations) took most of a load.
+_type_hints = functools.cache(typing.get_type_hints)
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlong, _REPR.maxlevel = 40, 3
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` shortened for a message: a 5 MB string or a deeply nested list fits in a line."""
+    return _REPR.repr(value)
+
+
+def _shown_key(key: Any) -> str:
+    """A key as written when it is short, printable text, else shortened like a value."""
+    return key if isinstance(key, str) and key.isprintable() and len(key) <= 80 else _shown(key)
+
+
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")
+        raise ConfigError(f"{key} = {_shown(value)} is invalid: expected {expected}", key)
+
+
+def _check_range(
+    key: str, value: float, low: float, high: float, kind: str = "a number", low_open: bool = False, note: str = ""
+) -> None:
+    """``value`` in ``[low, high]`` (``(low, high]`` when ``low_open``); NaN and infinities never are."""
+    inside = (low < value if low_open else low <= value) and value <= high
+    bounds = f"{'(' if low_open else '['}{_bound(low)}, {_bound(high)}]"
+    _check(inside, key, value, f"{kind} in {bounds}{note}")
+
+
+def _bound(limit: float) -> str:
+    return str(limit) if isinstance(limit, int) else f"{limit:g}"
+
+
+def _check_text(key: str, text: str, limit: int = MAX_TEXT) -> None:
+    """A text setting: at most ``limit`` characters and no control characters (they would corrupt
+    logs and terminals; megabytes of text made the console hang)."""
+    _check(len(text) <= limit, key, text, f"text of at most {limit} characters (got {len(text)})")
+    _check(
+        not any(unicodedata.category(c) == "Cc" for c in text),
+        key,
+        text,
+        "text without control characters (newlines, tabs, escape codes)",
+    )
 
 
 def _build_section(section_cls: type, name: str, values: dict[str, Any], source: str) -> Any:
-    hints = typing.get_type_hints(section_cls)
+    hints = _type_hints(section_cls)
     known = {f.name for f in dataclasses.fields(section_cls)}
     kwargs = {}
     for raw_key, value in values.items():
-        attr = raw_key.replace("-", "_")
+        attr = raw_key.replace("-", "_") if isinstance(raw_key, str) else ""
         if attr not in known:
             expected = ", ".join(sorted(k.replace("_", "-") for k in known))
-            raise ConfigError(f"{source}: unknown key '{name}.{raw_key}'; [{name}] accepts: {expected}")
+            raise ConfigError(
+                f"{source}: unknown key '{name}.{_shown_key(raw_key)}'; [{name}] accepts: {expected}", name
+            )
         kwargs[attr] = _coerce(hints[attr], value, f"{name}.{raw_key}", source)
     return section_cls(**kwargs)
 
@@ -614,43 +728,60 @@ def _is_axis_codes(codes: str) -> bool:
 
 
 def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    def invalid(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} = {_shown(value)} is invalid: expected {expected}", key)
+
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected one of {list(choices)}")
+        if not isinstance(value, str) or value not in choices:
+            raise invalid(f"one of {list(choices)}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected true or false")
+            raise invalid("true or false")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected an integer")
+            raise invalid("an integer")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a number")
-        return float(value)
+            raise invalid("a number")
+        number = _finite(value)
+        if number is None:
+            raise invalid("a finite number")
+        return number
     if hint == tuple[float, float]:
+        numbers = [_finite(v) for v in value] if isinstance(value, (list, tuple)) and len(value) == 2 else [None]
+        if any(v is None for v in numbers):
+            raise invalid("two finite numbers [low, high]")
+        return tuple(numbers)
+    if hint == tuple[float, ...]:
+        numbers = [_finite(v) for v in value] if isinstance(value, (list, tuple)) and len(value) <= 3 else [None]
+        if any(v is None for v in numbers):
+            raise invalid("a list of at most 3 finite numbers")
+        return tuple(numbers)
+    if hint == tuple[str, ...]:
         if (
             not isinstance(value, (list, tuple))
-            or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            or len(value) > MAX_CLASSES
+            or not all(isinstance(v, str) for v in value)
         ):
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected two numbers [low, high]")
-        return (float(value[0]), float(value[1]))
-    if hint == tuple[float, ...]:
-        if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-        ):
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a list of numbers")
-        return tuple(float(v) for v in value)
-    if hint == tuple[str, ...]:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a list of strings")
+            raise invalid(f"a list of at most {MAX_CLASSES} strings")
         return tuple(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected a string")
+            raise invalid("a string")
         return value
     raise TypeError(f"unsupported config type for {key}: {hint}")  # pragma: no cover
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None when it is not a number (a bool is not) or not finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        return None
+    return number if math.isfinite(number) else None

@@ -43,7 +43,7 @@ from medfed.weights import (
     validate_update,
 )
 
-__all__ = ["build_strategy", "run_federation"]
+__all__ = ["build_strategy", "run_federation", "untrained_reason"]
 
 log = logging.getLogger("medfed.server")
 
@@ -306,6 +306,19 @@ def run_federation(
     return report
 
 
+def untrained_reason(report: dict[str, Any]) -> str:
+    """Why a finished run trained nothing, or "" when it did: when no round aggregated an update
+    (every update rejected, every site failed or refused, or fewer than ``run.min-sites`` usable),
+    the released model is the starting model and the run must not pass for a result."""
+    if any(entry.get("sites_aggregated") for entry in report["rounds"][1:]):
+        return ""
+    notes = "; ".join(f"{site}: {' / '.join(lines)}" for site, lines in report.get("site_notes", {}).items())
+    min_sites = report["config"]["run"]["min-sites"]
+    return f"no round aggregated an update (run.min-sites = {min_sites}): the model is the starting model. " + (
+        f"What the sites said: {notes}" if notes else "No site explained why: see the log above."
+    )
+
+
 def initial_model(config: Config) -> torch.nn.Module:
     """The model a run starts from: seeded random weights, or the checkpoint ``run.initial-model``."""
     torch.manual_seed(config.run.seed)
@@ -394,8 +407,13 @@ def _load_progress(checkpoints: Path, config: Config, strategy: FedAvg) -> dict[
     path = checkpoints / PROGRESS
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: {path} does not exist (no round of this run was checkpointed)")
-    progress = json.loads(path.read_text())
-    saved = Config.from_json(progress["config"]).to_dict()
+    try:
+        progress = json.loads(path.read_text())
+        saved = Config.from_json(progress["config"]).to_dict()
+    except (OSError, KeyError, TypeError, ValueError, RecursionError) as err:
+        raise ValueError(
+            f"cannot resume: {path} is not the progress file medfed writes ({type(err).__name__})"
+        ) from None
     changed = [
         f"{section}.{key}"
         for section, values in config.to_dict().items()

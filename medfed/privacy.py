@@ -6,6 +6,15 @@ sample_rate, steps)`` entry per round trained, and the noise multiplier calibrat
 new Opacus ``PrivacyEngine`` is built for each round (live Opacus objects cannot be kept between
 Flower calls), but its noise comes from the run's one calibration and its spend goes to the ledger.
 
+Spending is recorded before the data is touched and is never given back: a round that fails
+after training, or whose update the site refuses to send because it is not finite, stays
+charged. The DP steps did run on the data, and the failure the site reports is itself computed
+from their noisy result (post-processing, covered by the charge); refunding it would release
+that signal unaccounted. The ledger can only over-count, never under-count.
+
+Every number the accountant is given (σ, sample rate, steps, ε, δ) is checked first, and the noise
+search is bounded, so a hostile setting is a clear ``ValueError`` rather than a hang or a NaN ε.
+
 Importing this module also teaches Opacus to skip the per-sample weight gradients of convolutions
 whose weight is frozen (``train.trainable = "bias-norm"``): only the bias's are computed.
 """
@@ -18,6 +27,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +35,6 @@ from pathlib import Path
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
@@ -33,33 +42,99 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-__all__ = ["BudgetExceeded", "PrivacyLedger", "PrivacyPlan", "default_delta", "make_private", "plan_privacy"]
+# The accountant's note that a tighter bound exists outside its orders: harmless, and not for a user's screen.
+warnings.filterwarnings("ignore", message="Optimal order is the")
+
+__all__ = [
+    "BudgetExceeded",
+    "LedgerError",
+    "PrivacyLedger",
+    "PrivacyPlan",
+    "check_delta",
+    "default_delta",
+    "make_private",
+    "plan_privacy",
+]
 
 LEDGER_FILE = "privacy.json"
+MAX_LEDGER_BYTES = 16_000_000  # a ledger grows by one short entry per round trained
+MAX_SIGMA = 1e6  # as Opacus' search: a larger noise multiplier means the target ε cannot be met
+MAX_SEARCH_STEPS = 60  # bisection steps of the noise search (it needs about 20; 60 halve σ's range to 1e-12)
+MAX_TARGET_EPSILON = 1000.0  # a target beyond this is no privacy (config.py allows at most 100)
+EPSILON_TOLERANCE = 0.01  # as Opacus' search
+MAX_COUNT = 10**12  # most units, steps or rounds a plan or ledger may hold: beyond it no real setting
 
 
 class BudgetExceeded(RuntimeError):
     """Training would take the site past its privacy budget; the site refuses the round."""
 
 
+class LedgerError(RuntimeError):
+    """The site's state folder or privacy ledger is not what it must be; the message names the file."""
+
+
+def _check_mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    """σ finite and > 0, sample rate in (0, 1], steps a whole number in [0, 10^12]."""
+    if not (math.isfinite(noise_multiplier) and 0 < noise_multiplier <= MAX_SIGMA):
+        raise ValueError(f"noise multiplier {noise_multiplier!r}: expected a number in (0, {MAX_SIGMA:g}]")
+    if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
+        raise ValueError(f"sample rate {sample_rate!r}: expected a number in (0, 1]")
+    if not (float(steps).is_integer() and 0 <= steps <= MAX_COUNT):
+        raise ValueError(f"steps {steps!r}: expected a whole number in [0, {MAX_COUNT:g}]")
+
+
+def _check_target(target_epsilon: float, delta: float) -> None:
+    """ε in (0, 1000], δ in (0, 1)."""
+    if not 0 < target_epsilon <= MAX_TARGET_EPSILON:
+        raise ValueError(f"target ε {target_epsilon!r}: expected a number in (0, {MAX_TARGET_EPSILON:g}]")
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        raise ValueError(f"δ {delta!r}: expected a number in (0, 1)")
+
+
 @functools.lru_cache(maxsize=256)
 def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """Opacus' noise calibration (a binary search over σ, seconds on CPU), once per process per setting:
-    simulated sites of equal size share it."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-        )
-    )
+    """The smallest noise multiplier (within Opacus' tolerance) at which ``steps`` steps spend at most
+    ``target_epsilon``: Opacus' own search (:func:`opacus.accountants.utils.get_noise_multiplier`,
+    same steps, same result), with its bisection bounded so that no setting can make it loop for
+    ever. Seconds on CPU, so once per process per setting: simulated sites of equal size share it."""
+    _check_target(target_epsilon, delta)
+    _check_mechanism(1.0, sample_rate, steps)
+    ledger = PrivacyLedger(path=Path(os.devnull), delta=delta, accountant=accountant)
+    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        sigma_high *= 2
+        if sigma_high > MAX_SIGMA:
+            raise ValueError(
+                f"ε = {target_epsilon:g} at δ = {delta:.1e} cannot be met over {steps} steps at sample rate "
+                f"{sample_rate:.4g} (it would take a noise multiplier above {MAX_SIGMA:g}): raise the target ε, "
+                "or take fewer steps or smaller batches"
+            )
+        eps_high = ledger.epsilon([[sigma_high, sample_rate, steps]])
+    for _ in range(MAX_SEARCH_STEPS):
+        if target_epsilon - eps_high <= EPSILON_TOLERANCE:
+            break
+        sigma = (sigma_low + sigma_high) / 2
+        eps = ledger.epsilon([[sigma, sample_rate, steps]])
+        if eps < target_epsilon:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    return sigma_high
 
 
 def default_delta(num_samples: int) -> float:
     """δ = 1/(10 n): well below 1/n, the usual ceiling for a meaningful guarantee."""
     return 1.0 / (10.0 * max(num_samples, 1))
+
+
+def check_delta(delta: float, units: int) -> None:
+    """Refuse a chosen δ (0: automatic) that is not below 1/n for a site of ``units`` privacy units:
+    with δ >= 1/n, releasing one unit's data outright would meet the guarantee."""
+    if delta and not delta < 1 / max(units, 1):
+        raise ValueError(
+            f"privacy.delta = {delta:g} is not below 1/n = 1/{units} (n: the site's privacy units): the "
+            "guarantee would mean nothing. Set it lower, or 0 for 1/(10 n)"
+        )
 
 
 @dataclass
@@ -82,24 +157,28 @@ class PrivacyLedger:
 
     @classmethod
     def open(cls, state_dir: str | Path, delta: float, accountant: str = "rdp") -> PrivacyLedger:
-        """Load the site's ledger, or start one with ``delta`` and ``accountant``."""
-        path = Path(state_dir) / LEDGER_FILE
-        if not path.exists():
+        """Load the site's ledger, or start one with ``delta`` and ``accountant`` when the state
+        folder holds none yet. :class:`LedgerError` (naming the file) when the state folder is not a
+        folder or the ledger is not a readable, well-formed ledger file: never taken for "no spending"."""
+        folder = Path(state_dir)
+        path = folder / LEDGER_FILE
+        _check_state_folder(folder)
+        if not os.path.lexists(path):
             return cls(path=path, delta=delta, accountant=accountant)
         try:
-            raw = json.loads(path.read_text())
-            return cls(
-                path=path,
-                delta=float(raw["delta"]),
-                accountant=str(raw["accountant"]),
-                history=[[float(s), float(q), int(n)] for s, q, n in raw["history"]],
-                calibrations={str(k): float(v) for k, v in raw["calibrations"].items()},
-            )
-        except (KeyError, ValueError, TypeError, json.JSONDecodeError) as err:
-            raise RuntimeError(
-                f"privacy ledger {path} is unreadable ({err}); refusing to train rather than "
-                "forget past privacy spending. Restore it from backup."
-            ) from err
+            if not path.is_file():
+                raise ValueError("it is not a regular file (a folder, link to nowhere or device?)")
+            if path.stat().st_size > MAX_LEDGER_BYTES:
+                raise ValueError(f"it is larger than {MAX_LEDGER_BYTES} bytes")
+            raw = json.loads(path.read_bytes().decode("utf-8"))
+            return cls(path=path, **_parsed_ledger(raw))
+        except (KeyError, ValueError, TypeError, OverflowError, OSError, RecursionError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise LedgerError(
+                f"privacy ledger {path} is unreadable ({type(err).__name__}: {reason}); refusing to train rather "
+                "than forget past privacy spending. Expected the JSON file medfed writes ({delta, accountant, "
+                "history, calibrations}): restore it from backup."
+            ) from None
 
     def save(self) -> None:
         """Write atomically, so a crash never leaves a half-written ledger."""
@@ -116,7 +195,8 @@ class PrivacyLedger:
         os.replace(tmp, self.path)
 
     def epsilon(self, extra: list[list[float]] | None = None) -> float:
-        """ε spent by the whole history (plus ``extra`` planned entries)."""
+        """ε spent by the whole history (plus ``extra`` planned entries); never negative (the RDP
+        conversion can dip below 0 at huge noise, which would read as credit)."""
         entries = [tuple(e) for e in self.history + (extra or []) if e[2] > 0]
         if not entries:
             return 0.0
@@ -125,7 +205,10 @@ class PrivacyLedger:
             merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(n)
         acc = RDPAccountant() if self.accountant == "rdp" else PRVAccountant()
         acc.history = [(sigma, q, n) for (sigma, q), n in merged.items()]
-        return float(acc.get_epsilon(delta=self.delta))
+        epsilon = float(acc.get_epsilon(delta=self.delta))
+        if math.isnan(epsilon):
+            raise ValueError(f"the accountant returned ε = nan for {acc.history} at δ = {self.delta}")
+        return max(epsilon, 0.0)
 
     def noise_for_run(self, run_id: str, target_epsilon: float, sample_rate: float, steps: int) -> float:
         """The noise multiplier for this run: calibrated once so ``steps`` steps spend ``target_epsilon``."""
@@ -144,6 +227,9 @@ class PrivacyLedger:
         else append and save. Spending is recorded before the data is touched, so a crash during
         training can only over-count, never under-count.
         """
+        _check_mechanism(noise_multiplier, sample_rate, steps)
+        if not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"privacy budget {budget!r}: expected a finite number > 0")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -198,9 +284,12 @@ class PrivacyPlan:
 
     @functools.cached_property
     def epsilon_after_round(self) -> tuple[float, ...]:
+        return tuple(self.epsilon_after(r) for r in range(1, self.rounds + 1))
+
+    def epsilon_after(self, server_round: int) -> float:
+        """ε spent once round ``server_round`` is trained (an accountant call: a fraction of a second)."""
         ledger = PrivacyLedger(path=Path(os.devnull), delta=self.delta, accountant=self.accountant)
-        sigma, q = self.noise_multiplier, self.sample_rate
-        return tuple(ledger.epsilon([[sigma, q, self.steps_per_round * r]]) for r in range(1, self.rounds + 1))
+        return ledger.epsilon([[self.noise_multiplier, self.sample_rate, self.steps_per_round * server_round]])
 
     @property
     def noise_per_batch(self) -> float:
@@ -223,9 +312,11 @@ class PrivacyPlan:
         ]
 
     def lines(self) -> list[str]:
-        """The plan as short lines, for the CLI and the site's log."""
-        eps = self.epsilon_after_round
-        shown = ", ".join(f"{e:.2f}" for e in (eps if len(eps) <= 8 else (*eps[:4], *eps[-3:])))
+        """The plan as short lines, for the CLI and the site's log (ε of at most 7 rounds computed)."""
+        rounds = range(1, self.rounds + 1)
+        shown = ", ".join(
+            f"{self.epsilon_after(r):.2f}" for r in (rounds if len(rounds) <= 8 else (*rounds[:4], *rounds[-3:]))
+        )
         local_only = (
             " x 2 (local-only models for the cross-site matrix too)"
             if self.run_steps > self.steps_per_round * self.rounds
@@ -236,7 +327,7 @@ class PrivacyPlan:
             f"{self.steps_per_round} steps per round x {self.rounds} rounds{local_only} = {self.run_steps} steps",
             f"noise multiplier σ = {self.noise_multiplier:.3f} for ε = {self.target_epsilon:g} at δ = {self.delta:.1e}; "
             f"σ/batch = {self.noise_per_batch:.4f}",
-            f"ε after each federated round: {shown}" + (" (first 4 ... last 3)" if len(eps) > 8 else ""),
+            f"ε after each federated round: {shown}" + (" (first 4 ... last 3)" if len(rounds) > 8 else ""),
             *(f"WARNING: {w}" for w in self.warnings()),
         ]
 
@@ -257,9 +348,16 @@ def plan_privacy(
     batches of ``min(batch_size, units)`` drawn with Poisson sampling at rate 1/number of batches,
     ``local_steps`` (or ``local_epochs`` passes) per round, noise calibrated so the whole run
     (``runs_per_round`` = 2 when local-only models are also trained for the cross-site matrix)
-    spends ``target_epsilon`` at ``delta`` (0: 1/(10 units))."""
-    if units < 1 or batch_size < 1 or rounds < 1 or target_epsilon <= 0:
-        raise ValueError("units, batch size and rounds must be >= 1 and target epsilon > 0")
+    spends ``target_epsilon`` at ``delta`` (0: 1/(10 units)). ``ValueError`` for a setting out of range."""
+    counts = {"units": units, "batch size": batch_size, "rounds": rounds, "local epochs": local_epochs}
+    for what, value in counts.items():
+        if not 1 <= value <= MAX_COUNT:
+            raise ValueError(f"{what} {value!r}: expected a whole number in [1, {MAX_COUNT:g}]")
+    if not 0 <= local_steps <= MAX_COUNT:
+        raise ValueError(f"local steps {local_steps!r}: expected a whole number in [0, {MAX_COUNT:g}]")
+    if runs_per_round not in (1, 2):
+        raise ValueError(f"runs per round {runs_per_round!r}: expected 1, or 2 with local-only models")
+    _check_target(target_epsilon, delta or default_delta(units))
     batch = min(batch_size, units)
     batches = math.ceil(units / batch)
     sample_rate = 1.0 / batches
@@ -267,6 +365,46 @@ def plan_privacy(
     run_steps = per_round * rounds * runs_per_round
     delta = delta or default_delta(units)
     return PrivacyPlan(units, batch, sample_rate, per_round, rounds, run_steps, target_epsilon, delta, accountant)
+
+
+def _check_state_folder(folder: Path) -> None:
+    """The state folder, or its nearest existing parent, must be a folder."""
+    for existing in (folder, *folder.parents):
+        if os.path.lexists(existing):
+            if not existing.is_dir():
+                raise LedgerError(
+                    f"state folder {folder}: {existing} is not a folder; expected a folder holding the site's "
+                    f"privacy ledger ({LEDGER_FILE}). Refusing to train rather than start a new ledger elsewhere."
+                )
+            return
+
+
+def _parsed_ledger(raw: object) -> dict[str, object]:
+    """The fields of a ledger file's JSON, checked: ValueError/TypeError/KeyError naming what is wrong."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+    delta = float(raw["delta"])
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        raise ValueError(f"delta {delta!r} is not in (0, 1)")
+    accountant = raw["accountant"]
+    if accountant not in ("rdp", "prv"):
+        raise ValueError(f"accountant {str(accountant)[:20]!r} is not 'rdp' or 'prv'")
+    if not isinstance(raw["history"], list) or not isinstance(raw["calibrations"], dict):
+        raise TypeError("history must be a list and calibrations an object")
+    history = []
+    for entry in raw["history"]:
+        if not isinstance(entry, list) or len(entry) != 3 or any(isinstance(v, (bool, str)) for v in entry):
+            raise ValueError(f"history entry {str(entry)[:60]} is not [noise multiplier, sample rate, steps]")
+        sigma, q, steps = (float(v) for v in entry)
+        _check_mechanism(sigma, q, steps)
+        history.append([sigma, q, int(steps)])
+    calibrations = {}
+    for run, sigma in raw["calibrations"].items():
+        if isinstance(sigma, (bool, str)):
+            raise ValueError(f"calibration {str(sigma)[:20]!r} is not a number")
+        _check_mechanism(float(sigma), 1.0, 0)
+        calibrations[str(run)] = float(sigma)
+    return {"delta": delta, "accountant": accountant, "history": history, "calibrations": calibrations}
 
 
 def _bias_only_when_weight_frozen(full_sampler: Callable[..., dict]) -> Callable[..., dict]:

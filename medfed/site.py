@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -32,7 +33,7 @@ from medfed.config import Config
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
 from medfed.data.manifest import DataProblem, Preprocess
 from medfed.data.preflight import Preflight, run_preflight
-from medfed.privacy import BudgetExceeded, PrivacyLedger, default_delta, make_private, plan_privacy
+from medfed.privacy import BudgetExceeded, PrivacyLedger, check_delta, default_delta, make_private, plan_privacy
 from medfed.tasks import get_task, seeded_train_transform
 from medfed.training import build_optimizer, evaluate, loop_options, lr_schedule, resolve_device, train
 from medfed.weights import compress_update, model_to_arrays, set_model_arrays
@@ -101,8 +102,20 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         name, data = load_simulated_site(config, index)
         state_dir = Path(str(message_config["simulation-state-root"])) / name
         notes = ""
-    budget = float(node_config.get("privacy-budget", config.privacy.site_budget))
-    return Site(name, data, state_dir, budget, notes)
+    return Site(name, data, state_dir, site_budget(node_config, config), notes)
+
+
+def site_budget(node_config: dict[str, Any], config: Config) -> float:
+    """The site's lifetime ε cap: its own ``privacy-budget`` (node config), else the run's. A value
+    that is not a finite number > 0 is refused: a NaN cap would never be exceeded."""
+    value = node_config.get("privacy-budget", config.privacy.site_budget)
+    try:
+        budget = float(value)
+    except (TypeError, ValueError, OverflowError):
+        budget = math.nan
+    if isinstance(value, bool) or not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"node config privacy-budget = {str(value)[:40]!r}: expected a finite number > 0")
+    return budget
 
 
 def folder_signature(folder: Path, state_dir: Path | None = None) -> tuple[tuple[str, int, int], ...]:
@@ -301,6 +314,11 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     privacy: dict[str, float] = {}
     ledger = None
     if config.privacy.enabled:
+        try:
+            check_delta(config.privacy.delta, n)
+        except ValueError as err:
+            log.warning("site %s refuses the run: %s", site.name, err)
+            return _reply(msg, site.name, "refused", str(err), {})
         ledger = PrivacyLedger.open(site.state_dir, config.privacy.delta or default_delta(n), config.privacy.accountant)
         plan = plan_privacy(
             n,
@@ -356,6 +374,11 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     if stats.steps != steps_planned:
         raise RuntimeError(f"trained {stats.steps} steps but {steps_planned} were accounted for")
     trained = getattr(model, "_module", model)
+    if not all(torch.isfinite(v).all() for v in trained.state_dict().values() if v.is_floating_point()):
+        # Not sent: the server would reject it anyway. The ledger keeps the charge (see medfed.privacy).
+        reason = "local training diverged (NaN/Inf weights); update not sent: lower train.lr or privacy.max-grad-norm"
+        log.error("site %s: %s", site.name, reason)
+        return _reply(msg, site.name, "error", reason, privacy)
     metrics = {"num-examples": n, "steps": stats.steps, "local-seconds": time.perf_counter() - started, **privacy}
     if ledger is None:
         metrics["train-loss"] = stats.loss  # an un-noised statistic of the data: only sent without DP

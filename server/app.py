@@ -8,7 +8,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from medfed.config import load_config, parse_override
-from medfed.federation import run_federation
+from medfed.federation import run_federation, untrained_reason
 
 app = ServerApp()
 
@@ -29,4 +29,7 @@ def main(grid: Grid, context: Context) -> None:
     resume = run_config.get("resume", False)
     if not isinstance(resume, bool):
         raise ValueError(f"run config resume = {resume!r}: expected true or false")
-    run_federation(grid, config, Path(str(run_config["out-dir"])), resume=resume)
+    report = run_federation(grid, config, Path(str(run_config["out-dir"])), resume=resume)
+    failure = untrained_reason(report)
+    if failure:  # the report is written; the run must still not end as a success
+        raise RuntimeError(failure)

@@ -31,7 +31,7 @@ def test_unknown_section(tmp_path: Path) -> None:
     ("text", "match"),
     [
         ('[run]\nstrategy = "fedsgd"\n', r"run.strategy = 'fedsgd' is invalid: expected one of \['fedavg'"),
-        ("[run]\nrounds = 0\n", r"run.rounds = 0 is invalid: expected an integer >= 1"),
+        ("[run]\nrounds = 0\n", r"run.rounds = 0 is invalid: expected an integer in \[1, 10000\]"),
         ('[train]\nlr = "fast"\n', r"train.lr = 'fast' is invalid: expected a number"),
         ("[privacy]\nenabled = 1\n", r"privacy.enabled = 1 is invalid: expected true or false"),
         (

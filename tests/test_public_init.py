@@ -81,7 +81,7 @@ def test_bias_norm_training_under_dp_leaves_the_weights_frozen() -> None:
 
 def test_privacy_unit_is_the_patient_unless_the_image_is_asked_for() -> None:
     site = SiteArrays(
-        np.zeros((4, 1, 8, 8), np.float32), np.zeros(4, np.int64), np.array(["train"] * 4),
+        np.arange(4 * 64, dtype=np.float32).reshape(4, 1, 8, 8), np.zeros(4, np.int64), np.array(["train"] * 4),
         np.array(["p1", "p1", "p2", "p3"]),
     )  # fmt: skip
     assert site.privacy_units("train")[0] == "patient" and len(site.privacy_units("train")[1]) == 3

@@ -112,7 +112,7 @@ def test_any_site_error_reaches_the_server_without_paths(site_dir: Path, tmp_pat
     (state / "privacy.json").write_text("{broken")
     reply = handle_train(_request(tiny_config(), MessageType.TRAIN), _node(site_dir, tmp_path), run_id=1)
     assert reply.content["site"]["status"] == "error"
-    assert reply.content["site"]["reason"] == "RuntimeError; details are in the site's log"
+    assert reply.content["site"]["reason"] == "LedgerError; details are in the site's log"
     _no_paths(reply, site_dir, tmp_path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,14 +86,52 @@ class SiteArrays:
         """The privacy unit of ``split`` and its samples grouped by unit (indices into the split).
 
         With ``unit = "patient"`` the unit is the patient when every sample of the split has a
-        patient id, else the image; with ``unit = "image"`` it is always the image.
+        patient id, else the image; with ``unit = "image"`` it is always the image. Units that
+        hold the same image (identical pixels: a copied file, an image listed under two names or
+        two patients) are one unit, so that copies cannot make the stated ε weaker than it says.
         """
         keep = self.splits == split
         ids = None if self.patient_ids is None else self.patient_ids[keep]
         if unit == "image" or ids is None or len(ids) == 0 or any(not str(i) for i in ids):
-            return "image", [np.array([i]) for i in range(int(keep.sum()))]
+            return "image", _merge_copies([np.array([i]) for i in range(int(keep.sum()))], self.images[keep])
         _, inverse = np.unique(ids, return_inverse=True)
-        return "patient", [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+        units = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+        return "patient", _merge_copies(units, self.images[keep])
+
+
+def image_copies(images: np.ndarray) -> int:
+    """How many of ``images`` are exact copies (identical pixels) of an earlier one."""
+    return len(images) - len({_pixels_digest(image) for image in images})
+
+
+def _pixels_digest(image: np.ndarray) -> bytes:
+    digest = hashlib.blake2b(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image))
+    return digest.digest()
+
+
+def _merge_copies(units: list[np.ndarray], images: np.ndarray) -> list[np.ndarray]:
+    """``units`` (sample indices into ``images``) with every set of units that share an identical
+    image merged into one, in the order of their first unit; unchanged when nothing is copied."""
+    root = list(range(len(units)))
+
+    def find(unit: int) -> int:
+        while root[unit] != unit:
+            root[unit] = root[root[unit]]
+            unit = root[unit]
+        return unit
+
+    first_with: dict[bytes, int] = {}
+    for unit, members in enumerate(units):
+        for index in members:
+            earlier = find(first_with.setdefault(_pixels_digest(images[index]), unit))
+            root[max(earlier, find(unit))] = min(earlier, find(unit))
+    if all(find(unit) == unit for unit in range(len(units))):
+        return units
+    merged: dict[int, list[np.ndarray]] = {}
+    for unit, members in enumerate(units):
+        merged.setdefault(find(unit), []).append(members)
+    return [np.sort(np.concatenate(parts)) for parts in merged.values()]
 
 
 class ArrayDataset(Dataset):

@@ -15,8 +15,9 @@ Box targets (detection) have no manifest column: they sit in ``boxes.csv`` besid
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -500,6 +501,7 @@ def read_site(
         splits.append(row["split"])
         patients.append(row.get("patient_id") or "")
     problems.extend(_patient_leaks(rows))
+    problems.extend(_repeated_images(site_dir, rows, images if len(images) == len(rows) else []))
     if problems:
         raise DataError(site_dir, problems)
     note_rescaled(site_dir, rescaled, len(targets), notices)
@@ -553,6 +555,7 @@ def _read_box_site(
             )
             splits.append(row["split"])
     problems.extend(_patient_leaks(rows))
+    problems.extend(_repeated_images(site_dir, rows, []))
     return load_box_site(
         records,
         splits,
@@ -702,6 +705,65 @@ def _patient_leaks(rows: list[dict[str, str]]) -> list[DataProblem]:
         for s in seen.values()
         if len(s) > 1
     ]
+
+
+def _repeated_images(site_dir: Path, rows: list[dict[str, str]], images: Sequence[np.ndarray]) -> list[DataProblem]:
+    """Rows that would count one image as several privacy units: the same file on several rows (any
+    split), or, in the train split, files holding the same bytes that the manifest makes into
+    different model inputs (its ``spacing`` or ``modality`` cells; ``images``: the model input of
+    every row, when all were read). One problem per repeated image, naming its lines. Copies read
+    alike are one privacy unit (:meth:`SiteArrays.privacy_units`), not an error."""
+    same_file: dict[tuple[Path, ...], list[int]] = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            paths = tuple((site_dir / p).resolve() for p in image_paths(row["image"]))
+        except (OSError, ValueError):  # an unusable name: the reader reports it
+            continue
+        same_file.setdefault(paths, []).append(line)
+    repeated = [(lines, "is listed again on line(s) {others}") for lines in same_file.values() if len(lines) > 1]
+    train = {lines[0]: paths for paths, lines in same_file.items() if rows[lines[0] - 2]["split"] == "train"}
+    try:
+        files = {line: paths for line, paths in train.items() if images and all(p.is_file() for p in paths)}
+        sizes = {line: tuple(p.stat().st_size for p in paths) for line, paths in files.items()}
+        same_size = [line for lines in _groups(sizes) for line in lines]  # only these can hold the same bytes
+        same_bytes = _groups({line: _digest(p.read_bytes() for p in files[line]) for line in same_size})
+    except OSError:  # an unreadable file: the reader reports it
+        same_bytes = []
+    repeated += [
+        (
+            lines,
+            "holds the same bytes as line(s) {others} in the train split, read differently (spacing or modality cells)",
+        )
+        for lines in same_bytes
+        if not all(np.array_equal(images[lines[0] - 2], images[line - 2]) for line in lines[1:])
+    ]
+    problems = []
+    for lines, how in repeated:
+        others = ", ".join(str(n) for n in lines[1:11]) + (f" and {len(lines) - 11} more" if len(lines) > 11 else "")
+        problems.append(
+            DataProblem(
+                f"{MANIFEST} line {lines[0]}",
+                f"{rows[lines[0] - 2]['image']} {how.format(others=others)}: each copy would count as one more "
+                "privacy unit and weaken the stated ε; list each image once",
+            )
+        )
+    return problems
+
+
+def _groups(keys: dict[int, Any]) -> list[list[int]]:
+    """The lines that share a key, in groups of two or more (lines in order)."""
+    groups: dict[Any, list[int]] = {}
+    for line, key in sorted(keys.items()):
+        groups.setdefault(key, []).append(line)
+    return [lines for lines in groups.values() if len(lines) > 1]
+
+
+def _digest(chunks: Iterable[Any]) -> bytes:
+    """A digest of the bytes of ``chunks`` (bytes or contiguous arrays)."""
+    digest = hashlib.blake2b()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.digest()
 
 
 def _normalise(array: np.ndarray) -> np.ndarray:

@@ -16,13 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.data.arrays import SPLITS, SiteArrays
+from medfed.data.arrays import SPLITS, SiteArrays, image_copies
 from medfed.data.manifest import DEFAULT_PREPROCESS, DataError, DataProblem, Preprocess, read_site
 
 __all__ = ["Preflight", "problem_kind", "run_preflight"]
 
 # A problem's kind from its reason: (phrase in the reason, kind). First match wins, so specific first.
 KINDS = (
+    ("no training samples", "no training split"),
+    ("is listed again on line", "image listed on several rows"),
+    ("in the train split, read differently", "copies of an image read differently"),
+    ("copies of another training image", "copied training images"),
     ("nothing to learn", "no foreground in any training mask"),
     ("read as 0/1", "masks stored as 0/255 read as 0/1"),
     ("data.max-pixels", "image larger than data.max-pixels"),
@@ -116,15 +120,27 @@ def run_preflight(
 def site_findings(
     site: SiteArrays, num_classes: int, preprocess: Preprocess = DEFAULT_PREPROCESS
 ) -> tuple[list[DataProblem], list[DataProblem]]:
-    """Errors and warnings about data that loads: no foreground in any training mask (error); empty
+    """Errors and warnings about data that loads: no training samples, no foreground in any training
+    mask (errors); copies of an image within the training split (one privacy unit), empty val/test
     splits, tiny training sets, classes never seen in training, masks without foreground, the same
     image in two splits, voxel sizes that differ a lot while scans are resized whole (warnings)."""
     errors: list[DataProblem] = []
     found: list[DataProblem] = []
     counts = {split: int(np.sum(site.splits == split)) for split in SPLITS}
+    if counts["train"] == 0:
+        errors.append(DataProblem("train", "no training samples: the site needs manifest rows with split train"))
     for split in ("val", "test"):
         if counts[split] == 0:
             found.append(DataProblem(split, f"empty {split} split: the server gets no {split} metrics from this site"))
+    copies = image_copies(site.images[site.splits == "train"])
+    if copies:
+        found.append(
+            DataProblem(
+                "train",
+                f"{copies} image(s) are copies of another training image (identical pixels): each image and "
+                "its copies count as one privacy unit",
+            )
+        )
     if 0 < counts["train"] < MIN_TRAIN_SAMPLES:
         found.append(DataProblem("train", f"only {counts['train']} training samples: DP noise will dominate"))
     train = site.splits == "train"
