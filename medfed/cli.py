@@ -317,15 +317,11 @@ def predict(
     from medfed.predict import predict_cases
 
     try:
-        results = predict_cases(model, input, out, min_score, site)
+        predictions = predict_cases(model, input, out, min_score, site)
     except (OSError, ValueError, KeyError) as err:  # OSError: an unwritable --out, a missing file
         raise _fail(str(err)) from err
     table = Table(title=f"{plain(model.name)} on {plain(input)}")
-    kind = "segmentation"
-    if results and results[0].unit == "boxes":
-        kind = "detection"
-    elif results and results[0].call:
-        kind = "classification"
+    kind = predictions.task
     columns = {
         "detection": ("case", "detections", "written"),
         "classification": ("case", "call", "probability"),
@@ -333,7 +329,7 @@ def predict(
     }[kind]
     for column in columns:
         table.add_column(column, justify="left" if column in ("case", "written", "call") else "right")
-    for r in results:
+    for r in predictions.cases:
         written = plain(", ".join(p.name for p in r.outputs))
         if kind == "detection":
             table.add_row(plain(r.case), str(r.count), written)
@@ -342,8 +338,7 @@ def predict(
         else:
             table.add_row(plain(r.case), str(r.count), f"{r.size:.3f} {r.unit}", written)
     console.print(table)
-    written = {"detection": "detections.csv", "classification": "predictions.csv"}.get(kind, "quantification.csv")
-    console.print(f"table: {plain(out / written)}")
+    console.print(f"table: {plain(predictions.table)}")
 
 
 @data_app.command("check")

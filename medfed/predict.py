@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ __all__ = [
     "detect_scan",
     "find_cases",
     "load_model",
+    "Predictions",
     "predict_cases",
     "read_checkpoint_model",
     "segment_scan",
@@ -65,6 +66,18 @@ class CaseResult:
     unit: str
     call: str = ""
     probability: float = float("nan")
+
+
+# The table ``predict_cases`` writes in its output folder, per task.
+TABLES = {"segmentation": "quantification.csv", "classification": "predictions.csv", "detection": "detections.csv"}
+
+
+class Predictions(NamedTuple):
+    """What :func:`predict_cases` did: the model's task, one result per case, the table written."""
+
+    task: str
+    cases: list[CaseResult]
+    table: Path
 
 
 def load_model(checkpoint: str | Path, site: str = "") -> tuple[Config, torch.nn.Module]:
@@ -177,9 +190,10 @@ def detect_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module) 
 
 def predict_cases(
     checkpoint: str | Path, input_path: str | Path, out_dir: str | Path, min_score: float = 0.3, site: str = ""
-) -> list[CaseResult]:
+) -> Predictions:
     """Apply the model to every case under ``input_path``: masks, overlays and ``quantification.csv``
-    (segmentation), or overlays and ``detections.csv`` with boxes scoring at least ``min_score`` (detection)."""
+    (segmentation), overlays and ``detections.csv`` with boxes scoring at least ``min_score``
+    (detection), or ``predictions.csv`` with the call at the operating threshold (classification)."""
     config, model = load_model(checkpoint, site)
     model.to(resolve_device(config.train.device))
     out_dir = Path(out_dir)
@@ -195,10 +209,20 @@ def predict_cases(
                 f"{case}: a {scan.array.squeeze().ndim}D input, but the model takes {config.data.spatial_dims}D {what}"
             )
         scans.append((case, scan))
-    if config.run.task == "detection":
-        return _detect_cases(scans, config, model, out_dir, min_score)
-    if config.run.task == "classification":
-        return _classify_cases(scans, config, model, out_dir)
+    task, table = config.run.task, out_dir / TABLES[config.run.task]
+    if task == "detection":
+        return Predictions(task, _detect_cases(scans, config, model, table, min_score), table)
+    if task == "classification":
+        return Predictions(task, _classify_cases(scans, config, model, table), table)
+    return Predictions(task, _segment_cases(scans, config, model, table), table)
+
+
+def _segment_cases(
+    scans: list[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path
+) -> list[CaseResult]:
+    """Per case a mask (NIfTI; DICOM-SEG for DICOM input) and an overlay beside ``table``; the
+    structures' count and size in ``table``."""
+    out_dir = table.parent
     names = {k: f"class {k}" for k in range(1, config.data.num_classes)}
     results = []
     for case, scan in scans:
@@ -211,18 +235,17 @@ def predict_cases(
         measured = quantify_case(mask.squeeze(), None, squeezed)
         unit = size_unit(config.data.spatial_dims)
         results.append(CaseResult(scan.name, outputs, int(measured["count"]), measured["size"], unit))
-    _write_table(out_dir / "quantification.csv", results)
+    _write_table(table, results)
     return results
 
 
 def _classify_cases(
-    scans: list[tuple[Path, Scan]], config: Config, model: torch.nn.Module, out_dir: Path
+    scans: list[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path
 ) -> list[CaseResult]:
-    """``predictions.csv``: per case the class probabilities and the call at the model's threshold."""
+    """``table``: per case the class probabilities and the call at the model's threshold."""
     names = config.data.class_names or tuple(f"class {k}" for k in range(config.data.num_classes))
     binary = config.data.num_classes == 2
     threshold = operating_threshold(config)
-    table = out_dir / "predictions.csv"
     results, rows = [], []
     for case, scan in scans:
         probs = classify_scan(case, scan, config, model)
@@ -237,8 +260,9 @@ def _classify_cases(
 
 
 def _detect_cases(
-    scans: list[tuple[Path, Scan]], config: Config, model: torch.nn.Module, out_dir: Path, min_score: float
+    scans: list[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path, min_score: float
 ) -> list[CaseResult]:
+    """Per case an overlay beside ``table``; every box scoring at least ``min_score`` in ``table``."""
     import matplotlib.pyplot as plt
 
     from medfed.evaluation.explain import boxes_figure
@@ -250,14 +274,14 @@ def _detect_cases(
         boxes = boxes[boxes[:, 4] >= min_score]
         gray = scan.array.squeeze().astype(np.float32)
         fig = boxes_figure(_display_levels(gray), boxes, None, names, min_score)
-        overlay = out_dir / f"{scan.name}_overlay.png"
+        overlay = table.parent / f"{scan.name}_overlay.png"
         fig.savefig(overlay, dpi=120)
         plt.close(fig)
         for x1, y1, x2, y2, score, cls in boxes:
             label = names[int(cls)] if int(cls) < len(names) else str(int(cls))
             rows.append([scan.name, label, f"{score:.4f}", *(f"{v:.1f}" for v in (x1, y1, x2, y2))])
         results.append(CaseResult(scan.name, [overlay], len(boxes), float("nan"), "boxes"))
-    with (out_dir / "detections.csv").open("w", newline="") as handle:
+    with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["case", "class", "score", "xmin", "ymin", "xmax", "ymax"])
         writer.writerows(rows)
