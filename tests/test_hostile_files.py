@@ -951,6 +951,7 @@ def test_the_simulation_summary_prints_site_names_as_themselves(text: str) -> No
             "cross_site": {"metric": "auroc", "models": [f"north{text}", "global"], "sites": [f"north{text}", "south"], "matrix": [[0.5, 0.6], [0.7, 0.8]]},
         },
         "privacy": {},
+        "config": {"privacy": {"enabled": True}},
     }  # fmt: skip
     recorded = Console(file=io.StringIO(), width=300, emoji=False, color_system=None)
     previous, cli.console = cli.console, recorded
