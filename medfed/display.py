@@ -15,6 +15,9 @@ __all__ = ["plain"]
 _TAG = re.compile(r"\[[a-z#/@][^[]*?]")  # what Rich reads as a tag (rich.markup.RE_TAGS)
 _BRACKET = re.compile(r"(\\*)\[")  # a "[" and the backslashes before it
 _EMPTY_TAG = "[i][/i]"  # an active tag that renders nothing: ends a run of backslashes
+# C0 and C1 control characters but tab and newline: a terminal would act on them (ESC sequences
+# recolour, move the cursor, retitle the window), so they print as escapes such as \x1b.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def plain(value: object) -> str:
@@ -22,9 +25,10 @@ def plain(value: object) -> str:
 
     Rich halves the backslashes before a tag and lets an odd count escape it, and drops one
     backslash before any other ``[``; :func:`rich.markup.escape` covers the first case only and
-    leaves trailing backslashes to escape the next tag of the line.
+    leaves trailing backslashes to escape the next tag of the line. Terminal control characters
+    (but tab and newline) print as their escapes.
     """
-    text = str(value)
+    text = _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), str(value))
 
     def bracket(match: re.Match[str]) -> str:
         backslashes = len(match.group(1))

@@ -803,6 +803,13 @@ def test_plain_prints_any_text_as_itself_whatever_markup_surrounds_it(text: str,
     assert _render(template.format(plain(text))) == expected
 
 
+def test_plain_shows_terminal_control_characters_as_escapes() -> None:
+    """A DICOM field or file name holding ESC sequences must not recolour or move the terminal."""
+    shown = _render(plain("a\x1b[31mred\x07\x9b2J b\nc"))
+    assert "\x1b" not in shown and "\x07" not in shown and "\x9b" not in shown
+    assert shown == "a\\x1b[31mred\\x07\\x9b2J b\nc"
+
+
 @settings(max_examples=100, deadline=500)
 @given(text=st.text(max_size=30))
 def test_plain_text_in_a_table_never_breaks_rendering(text: str) -> None:
