@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA} (they sit beside the repository in CI)")
     return SHARED_DATA
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int, what: str) -> Iterator[None]:
+    """Raise TimeoutError ("``what`` made ... hang") when the body runs over ``seconds``: the
+    per-case hang guard of the bad-input corpora (SIGALRM, main thread)."""
+
+    def _timeout(*_: object) -> None:
+        raise TimeoutError(f"{what} made it hang (over {seconds} s)")
+
+    previous = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

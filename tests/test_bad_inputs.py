@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from medfed.data import DataError, read_site
 from medfed.data.manifest import MANIFEST
 from medfed.data.medical_io import read_scan, write_dicom_series
 from medfed.data.preflight import problem_kind
+from tests.conftest import time_limit
 
 SUFFIXES = (".png", ".jpg", ".bmp", ".tif", ".dcm", ".nii", ".nii.gz", ".npy")
 Case = tuple[str, Callable[[Path], None], dict, str]  # id, writer, read_site kwargs, text the error must hold
@@ -30,15 +30,8 @@ Case = tuple[str, Callable[[Path], None], dict, str]  # id, writer, read_site kw
 @pytest.fixture(autouse=True)
 def _no_hang() -> Iterator[None]:
     """Any single case taking over 30 s is a hang."""
-
-    def _timeout(*_: object) -> None:
-        raise TimeoutError("a bad input made the loader hang")
-
-    previous = signal.signal(signal.SIGALRM, _timeout)
-    signal.alarm(30)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with time_limit(30, "a bad input"):
+        yield
 
 
 def _png(path: Path, size: tuple[int, int] = (8, 8), value: int = 100) -> None:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from typer.main import get_command
 from medfed.cli import app as typer_app
 from medfed.config import Config, ConfigError, load_config, parse_override
 from medfed.privacy import LEDGER_FILE, LedgerError, PrivacyLedger, plan_privacy
+from tests.conftest import time_limit
 
 app = get_command(typer_app)  # built once: Typer builds the command anew at every invoke (0.3 s)
 runner = CliRunner(env={"COLUMNS": "300"})
@@ -36,15 +36,8 @@ HUGE_TEXT = "x" * 5_000_000
 @pytest.fixture(autouse=True)
 def _no_hang() -> Iterator[None]:
     """Any single case taking over 60 s is a hang."""
-
-    def _timeout(*_: object) -> None:
-        raise TimeoutError("a hostile input made medfed hang")
-
-    previous = signal.signal(signal.SIGALRM, _timeout)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with time_limit(60, "a hostile input"):
+        yield
 
 
 def _text(output: str) -> str:

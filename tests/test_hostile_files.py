@@ -16,7 +16,6 @@ import gzip
 import io
 import json
 import pickle
-import signal
 import struct
 import tracemalloc
 import zipfile
@@ -47,7 +46,7 @@ from medfed.data.synthetic import synthetic_detection_site, synthetic_site
 from medfed.display import plain
 from medfed.tasks import get_task
 from medfed.weights import model_to_arrays, save_checkpoint
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, time_limit, tiny_config
 
 runner = CliRunner(env={"COLUMNS": "300"})
 LOW_MEMORY = 64 * 1024 * 1024  # bytes numpy may allocate while refusing a size bomb from its header
@@ -56,15 +55,8 @@ LOW_MEMORY = 64 * 1024 * 1024  # bytes numpy may allocate while refusing a size 
 @pytest.fixture(autouse=True)
 def _per_case_time_limit() -> Iterator[None]:
     """A case over 60 s is a hang."""
-
-    def _timeout(*_: object) -> None:
-        raise TimeoutError("a hostile input made a command hang")
-
-    previous = signal.signal(signal.SIGALRM, _timeout)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with time_limit(60, "a hostile input"):
+        yield
 
 
 # ---------------------------------------------------------------- file builders

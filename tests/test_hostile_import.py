@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import zipfile
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from medfed.cli import app
 from medfed.data.import_guard import PatientPattern, UnsafePath, check_fractions, resolve_inside
 from medfed.data.medical_io import write_dicom_series
 from medfed.data.pseudonyms import pseudonym, site_key
+from tests.conftest import time_limit
 
 SENTINEL = b"ZZOUTSIDE-SECRET-7731"  # planted in every file outside the source: must never reach the output
 PATIENT_ID = "ZZPATIENT-0042"
@@ -58,15 +58,8 @@ class Case:
 @pytest.fixture(autouse=True)
 def _no_hang() -> Iterator[None]:
     """Any single case taking over 60 s is a hang."""
-
-    def _timeout(*_: object) -> None:
-        raise TimeoutError("a hostile input made the import hang")
-
-    previous = signal.signal(signal.SIGALRM, _timeout)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    with time_limit(60, "a hostile input"):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
