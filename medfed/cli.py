@@ -117,10 +117,13 @@ def simulate(
         names = simulated_site_names(config)
         if len(names) < config.run.min_sites:
             raise ValueError(f"the data has {len(names)} site(s) but run.min-sites = {config.run.min_sites}")
+        cards = {}
         for index in range(len(names)):
             _, site_data = load_simulated_site(config, index)
             if not (site_data.splits == "train").any():
                 raise ValueError(f"site {names[index]} has no training samples (no manifest row with split train)")
+            if site_data.card:
+                cards[names[index]] = list(site_data.card)
     except (FileNotFoundError, ValueError, DataError) as err:
         raise _fail(str(err)) from err
     try:  # and the sites' privacy ledgers: one that cannot be read is never taken for "nothing spent"
@@ -136,6 +139,8 @@ def simulate(
     failure = untrained_reason(report)
     if failure:
         raise _fail(f"{failure} (report: {out / 'report.json'})", code=1)
+    if cards:
+        report["data_cards"] = cards
     html = write_report(report, out, _simulated_examples(config, out))
     _print_summary(report)
     console.print(f"report: {plain(out / 'report.json')}  {plain(html)}")

@@ -79,6 +79,7 @@ MAX_CONFIG_BYTES = 1_000_000  # a config file larger than this is not a config
 MAX_CLASSES = 1000
 MAX_ROUNDS = 10_000
 MAX_SITES = 1000
+SITE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 MAX_BATCH = 65_536
 MAX_EPSILON = 100.0  # beyond this DP protects nothing
 MIN_EPSILON = 0.01  # below this the accountant's bounds lose meaning (its ε may even come out negative)
@@ -150,6 +151,39 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class SiteSource:
+    """One hospital's own dataset in a ``pairs`` simulation, a ``[data.site.NAME]`` table: the folder
+    ``folder`` (default: NAME) under ``data.path``, holding its ``images`` and ``masks`` folders (default:
+    the ``[data]`` values) and, optionally, ``fov-masks``: a folder of field-of-view masks matched to
+    the images by name (without it the field of view is found in each photo). ``patient-pattern``
+    (default: the ``[data]`` value) reads patients from file names."""
+
+    name: str
+    folder: str = ""
+    images: str = ""
+    masks: str = ""
+    fov_masks: str = ""
+    patient_pattern: str = ""
+
+    def __post_init__(self) -> None:
+        key = f"data.site.{self.name}"
+        _check(SITE_NAME.fullmatch(self.name) is not None, "data.site", self.name,
+               "a site name of letters, digits, '-', '_' or '.' (at most 64, not starting with '.')")  # fmt: skip
+        for field_name in ("folder", "images", "masks", "fov_masks"):
+            value = getattr(self, field_name)
+            _check_text(f"{key}.{field_name.replace('_', '-')}", value, MAX_PATH)
+            _check(not Path(value).is_absolute() and ".." not in Path(value).parts,
+                   f"{key}.{field_name.replace('_', '-')}", value, "a folder name inside data.path (relative, no '..')")  # fmt: skip
+        _check_text(f"{key}.patient-pattern", self.patient_pattern)
+        if self.patient_pattern:
+            try:
+                re.compile(self.patient_pattern)
+            except re.error as err:
+                raise ConfigError(f"{key}.patient-pattern = {self.patient_pattern!r} is not a regular expression: {err}",
+                                  f"{key}.patient-pattern") from None  # fmt: skip
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the sites' data comes from in a simulation, and how it is split into sites.
 
@@ -185,6 +219,14 @@ class DataConfig:
     Images are resampled to ``image-size`` pixels along each of ``spatial-dims`` axes (2: images,
     3: volumes). ``patch-size`` > 0 trains on one random patch per image per step and evaluates
     with sliding-window inference (segmentation).
+
+    ``site`` tables (``[data.site.NAME]``, source ``pairs``: see :class:`SiteSource`) make each of
+    several datasets under ``path`` one site, as they came from their hospitals (``sites`` is then
+    their number; sites in name order). ``field-of-view`` (2D segmentation of photos with a camera's field of view, e.g.
+    fundus photos): ``whole`` scores the whole image; ``mask`` learns and scores only inside the
+    field of view (a site's field-of-view masks, else found in each photo); ``crop`` also crops each
+    photo to the square around its field of view before resizing, so the field of view spans
+    ``image-size`` pixels at every site: one scale for cameras of any resolution.
     """
 
     source: Literal["synthetic", "medmnist", "sites", "pairs", "voc"] = "synthetic"
@@ -207,6 +249,8 @@ class DataConfig:
     target_spacing: tuple[float, ...] = ()
     orientation: str = ""
     channels: int = 1
+    field_of_view: Literal["whole", "mask", "crop"] = "whole"
+    site: tuple[SiteSource, ...] = ()
     max_pixels: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -278,13 +322,28 @@ class DataConfig:
                 ) from None
         if self.source in ("medmnist", "sites", "pairs", "voc"):
             _check(bool(self.path), "data.path", self.path, f"a path (required when data.source = '{self.source}')")
+        if self.site:
+            _check(self.source == "pairs", "data.site", [s.name for s in self.site],
+                   "no [data.site.NAME] tables unless data.source = 'pairs'")  # fmt: skip
+            _check(self.sites == len(self.site), "data.sites", self.sites,
+                   f"{len(self.site)}, the number of [data.site.NAME] tables (or leave data.sites out)")  # fmt: skip
+        _check(self.field_of_view == "whole" or (self.spatial_dims == 2 and self.source in ("pairs", "sites")),
+               "data.field-of-view", self.field_of_view,
+               "'whole' unless 2D photos come from data.source = 'pairs' or 'sites'")  # fmt: skip
 
     @property
     def preprocess(self) -> Any:
         """The :class:`medfed.data.manifest.Preprocess` of ``ct-window`` and ``modality``."""
         from medfed.data.manifest import Preprocess  # the data package imports this module
 
-        return Preprocess(self.ct_window, self.modality, self.target_spacing, self.orientation.upper(), self.max_pixels)
+        return Preprocess(
+            self.ct_window,
+            self.modality,
+            self.target_spacing,
+            self.orientation.upper(),
+            self.max_pixels,
+            self.field_of_view,
+        )
 
 
 @dataclass(frozen=True)
@@ -556,6 +615,9 @@ class Config:
             for section in dataclasses.fields(self)
         }
         del raw["train"]["recipe"]
+        raw["data"]["site"] = {
+            site.pop("name"): {k.replace("_", "-"): v for k, v in site.items()} for site in raw["data"]["site"]
+        }
         return raw
 
     def to_json(self) -> str:
@@ -579,6 +641,8 @@ class Config:
                 raise ConfigError(f"{source}: [{name}] must be a table of keys, got {_shown(values)}", name)
             if "recipe" in values and name == "train":
                 raise ConfigError(f"{source}: train.recipe is not a setting; leave a key out for its recipe value")
+            if name == "data" and isinstance(values.get("site"), dict) and "sites" not in values:
+                values = {**values, "sites": len(values["site"])}  # one site per [data.site.NAME] table
             recipe = _recipe_keys(values) if name == "train" else ()
             built[name] = _build_section(section_cls, name, {**values, **_recipe(raw, recipe)}, source)
             if recipe:
@@ -603,6 +667,9 @@ class Config:
             if not key:
                 raise ConfigError(f"override {_shown(dotted)}: expected 'section.key', e.g. 'run.rounds'")
             raw.setdefault(section, {})[key] = value
+        tables = overrides.get("data.site")
+        if isinstance(tables, dict) and "data.sites" not in overrides:
+            raw["data"]["sites"] = len(tables)  # one site per [data.site.NAME] table, as in a file
         return Config.from_dict(raw, source="override")
 
 
@@ -775,6 +842,15 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
         if not isinstance(value, str):
             raise invalid("a string")
         return value
+    if hint == tuple[SiteSource, ...]:
+        if not isinstance(value, dict) or len(value) > MAX_SITES:
+            raise invalid(f"[data.site.NAME] tables, at most {MAX_SITES}")
+        sources = []
+        for name, table in value.items():
+            if not isinstance(table, dict) or "name" in table:
+                raise invalid(f"a table [data.site.{_shown_key(name)}] of keys (its name is the site's name)")
+            sources.append(_build_section(SiteSource, f"data.site.{_shown_key(name)}", {**table, "name": name}, source))
+        return tuple(sorted(sources, key=lambda site: site.name))  # name order, as folders of site folders are
     raise TypeError(f"unsupported config type for {key}: {hint}")  # pragma: no cover
 
 

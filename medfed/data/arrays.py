@@ -27,6 +27,8 @@ class SiteArrays:
     padding rows ``[0, 0, 0, 0, -1]``; M is the most boxes of any image (at least 1). ``spacing`` ``(N, spatial_dims)`` is the voxel size in mm along each
     spatial axis after resampling (1 mm where the files do not say). ``patient_ids`` (optional)
     keep a patient in one split and make the patient the privacy unit; they never leave the site.
+    ``card``: lines for the data card on how the files became these arrays (e.g. each camera's
+    scale), aggregate only.
     """
 
     images: np.ndarray
@@ -35,6 +37,7 @@ class SiteArrays:
     patient_ids: np.ndarray | None = None
     target_key: str = "label"
     spacing: np.ndarray | None = None
+    card: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -67,7 +70,13 @@ class SiteArrays:
     def subset(self, mask: np.ndarray) -> SiteArrays:
         pids = None if self.patient_ids is None else self.patient_ids[mask]
         return SiteArrays(
-            self.images[mask], self.targets[mask], self.splits[mask], pids, self.target_key, self.spacing[mask]
+            self.images[mask],
+            self.targets[mask],
+            self.splits[mask],
+            pids,
+            self.target_key,
+            self.spacing[mask],
+            self.card,
         )
 
     def class_labels(self) -> np.ndarray:

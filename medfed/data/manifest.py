@@ -15,6 +15,7 @@ Box targets (detection) have no manifest column: they sit in ``boxes.csv`` besid
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +27,16 @@ import numpy as np
 from PIL import Image
 
 from medfed.data.arrays import SPLITS, SiteArrays
+from medfed.data.field_of_view import (
+    IGNORE,
+    SquareBox,
+    computed_field_of_view,
+    crop_square,
+    field_of_view_card,
+    field_of_view_square,
+    read_field_of_view,
+    read_photo,
+)
 from medfed.data.medical_io import (
     DEFAULT_MAX_PIXELS,
     ChannelError,
@@ -75,6 +86,11 @@ class Preprocess:
 
     ``max_pixels`` (``data.max-pixels``) is the most pixels or voxels one file may decode to, checked
     from its header before decoding.
+
+    ``field_of_view`` (``data.field-of-view``): "whole", "mask" or "crop", see
+    :func:`load_field_of_view_case`. ``crop`` (top, left, side), for one 2D photo: the square (zero-padded where it leaves the photo)
+    that is resized to the model's size instead of the whole photo, e.g. the square around a fundus
+    camera's field of view (:mod:`medfed.data.field_of_view`).
     """
 
     ct_window: tuple[float, float] = CT_WINDOW
@@ -82,6 +98,8 @@ class Preprocess:
     spacing: tuple[float, ...] = ()
     orientation: str = ""
     max_pixels: int = DEFAULT_MAX_PIXELS
+    field_of_view: str = "whole"
+    crop: tuple[int, int, int] = ()
 
     def is_ct(self, scan: Scan) -> bool:
         return scan.modality == "CT" if self.modality == "auto" else self.modality == "CT"
@@ -243,6 +261,9 @@ def fit_to_model(
     resampled to that voxel size and centre-cropped or zero-padded (see :class:`Preprocess`).
     """
     size = (image_size,) * array.ndim
+    if preprocess.crop:
+        array = crop_square(array, SquareBox(*preprocess.crop))
+        geometry = geometry._replace(shape=array.shape)
     if not preprocess.spacing:
         if labels:
             if array.shape != size:
@@ -347,6 +368,49 @@ def load_mask(
     geometry = image or Geometry(mask.shape, mask_spacing, np.diag([*mask_spacing, 1.0]))
     fitted, _ = fit_to_model(mask.astype(np.float32), geometry, image_size, preprocess, labels=True)
     return fitted.astype(np.int64)[None]
+
+
+class FieldOfViewCase(NamedTuple):
+    """One photo and its mask on the model's grid, the mask :data:`~medfed.data.field_of_view.IGNORE`
+    outside the field of view, and the field of view's diameter in the photo's pixels."""
+
+    image: np.ndarray
+    spacing: tuple[float, ...]
+    mask: np.ndarray
+    diameter: int
+
+
+def load_field_of_view_case(
+    image: Path | Sequence[Path],
+    mask: Path,
+    field_of_view: Path | None,
+    image_size: int,
+    num_classes: int,
+    preprocess: Preprocess = DEFAULT_PREPROCESS,
+    channels: int = 1,
+    rescaled: list[Path] | None = None,
+) -> FieldOfViewCase:
+    """A 2D photo and its mask with the field of view marked (``data.field-of-view``): read from
+    ``field_of_view`` (a mask file, non-zero inside) or found in the photo
+    (:func:`~medfed.data.field_of_view.computed_field_of_view`). With ``preprocess.field_of_view``
+    "crop" the square around the field of view, not the whole photo, is resized to ``image_size``:
+    every site's field of view then spans the model's width, one scale for all cameras."""
+    paths = [Path(image)] if isinstance(image, str | Path) else [Path(p) for p in image]
+    pixels = None if field_of_view else read_photo(paths[0], preprocess.max_pixels)
+    if pixels is not None:
+        fov = computed_field_of_view(pixels)
+    else:
+        with open_photo(paths[0], preprocess.max_pixels) as img:
+            shape = (img.height, img.width)
+        fov = read_field_of_view(field_of_view, shape, preprocess.max_pixels)
+    box = field_of_view_square(fov)
+    if preprocess.field_of_view == "crop":
+        preprocess = dataclasses.replace(preprocess, crop=tuple(box))
+    array, spacing, geometry = load_image(paths, image_size, 2, preprocess=preprocess, channels=channels)
+    labels = load_mask(mask, image_size, num_classes, 2, geometry, preprocess, rescaled)
+    inside, _ = fit_to_model(fov.astype(np.float32), geometry, image_size, preprocess, labels=True)
+    labels[0][inside == 0] = IGNORE
+    return FieldOfViewCase(array, spacing, labels, box.side)
 
 
 def _grey_mask(pixels: np.ndarray) -> np.ndarray:
@@ -460,7 +524,7 @@ def read_site(
         return _read_box_site(site_dir, rows, image_size, num_classes, class_names, preprocess, channels, notices)
 
     problems: list[DataProblem] = []
-    images, targets, splits, patients, spacings = [], [], [], [], []
+    images, targets, splits, patients, spacings, diameters = [], [], [], [], [], []
     rescaled: list[Path] = []
     for line, row in enumerate(rows, start=2):
         where = f"{MANIFEST} line {line}"
@@ -474,6 +538,20 @@ def read_site(
                 )
         pixel_mm = _parse_spacing(row.get("spacing") or "", spatial_dims, where, problems)
         stated_modality = row.get("modality") or ""
+        if target == "mask" and preprocess.field_of_view != "whole":
+            files = [*image_paths(row["image"]), row["mask"], *([row["fov"]] if row.get("fov") else [])]
+            n = len(files) - 1 - bool(row.get("fov"))
+            case = _read_files(site_dir, files, where, problems, lambda paths, n=n: load_field_of_view_case(
+                paths[:n], paths[n], paths[n + 1] if len(paths) > n + 1 else None, image_size, num_classes,
+                preprocess, channels, rescaled))  # fmt: skip
+            if case is not None:
+                images.append(case.image)
+                spacings.append(case.spacing)
+                targets.append(case.mask)
+                splits.append(row["split"])
+                patients.append(row.get("patient_id") or "")
+                diameters.append(case.diameter)
+            continue
         loaded = _read_files(
             site_dir,
             image_paths(row["image"]),
@@ -505,6 +583,9 @@ def read_site(
     if problems:
         raise DataError(site_dir, problems)
     note_rescaled(site_dir, rescaled, len(targets), notices)
+    card = ()
+    if diameters:
+        card = field_of_view_card(diameters, image_size, preprocess.field_of_view, given="fov" in columns)
     return SiteArrays(
         np.stack(images).astype(np.float32),
         np.asarray(targets, dtype=np.int64),
@@ -512,6 +593,7 @@ def read_site(
         np.asarray(patients, dtype=str),
         target_key=target,
         spacing=np.asarray(spacings, dtype=np.float32),
+        card=card,
     )
 
 
@@ -614,7 +696,9 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
     ``spacing`` column, or NIfTI images and masks whose header holds the spacing (3D). Box targets
     go to ``boxes.csv`` with class indices as labels, in the written image's pixels. Several image
     channels become an RGB PNG (3 channels, 2D), one PNG per channel joined by ``;`` (other counts,
-    2D) or a 4D NIfTI with the channels last (3D), as :func:`read_site` reads them back."""
+    2D) or a 4D NIfTI with the channels last (3D), as :func:`read_site` reads them back. 2D masks
+    with pixels outside a field of view (:data:`~medfed.data.field_of_view.IGNORE`) get a ``fov``
+    column naming a mask of the field of view (255 inside), read back with ``data.field-of-view``."""
     from medfed.data.boxes import BOXES, Box, write_box_table  # boxes imports this module
 
     site_dir = Path(site_dir)
@@ -625,9 +709,14 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
     boxes = site.target_key == "boxes"
     box_rows: list[tuple[str, Box]] = []
     volumes = site.images.ndim == 5
+    with_fov = masks and not volumes and bool((site.targets == IGNORE).any())  # a field of view: a fov column
+    fov_cells: list[str] = []
+    if with_fov:
+        (site_dir / "fov").mkdir(exist_ok=True)
     with (site_dir / MANIFEST).open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image", *(() if boxes else (site.target_key,)), "split", "patient_id", "spacing"])
+        writer.writerow(["image", *(() if boxes else (site.target_key,)), "split", "patient_id", "spacing",
+                         *(("fov",) if with_fov else ())])  # fmt: skip
         for i, (image, target, split) in enumerate(zip(site.images, site.targets, site.splits, strict=True)):
             spacing = tuple(float(v) for v in site.spacing[i])
             stored = image[0] if len(image) == 1 else np.moveaxis(image, 0, -1)  # channels last: RGB, 4D NIfTI
@@ -646,14 +735,20 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
                 _save_nifti(target[0].astype(np.uint8), spacing, site_dir / value)
             elif masks:
                 value = f"masks/{i:06d}.png"
-                Image.fromarray(target[0].astype(np.uint8)).save(site_dir / value)
+                Image.fromarray(np.maximum(target[0], 0).astype(np.uint8)).save(site_dir / value)
+                if with_fov:
+                    fov_cells.append(f"fov/{i:06d}.png")
+                    Image.fromarray(np.where(target[0] == IGNORE, 0, 255).astype(np.uint8)).save(
+                        site_dir / fov_cells[-1]
+                    )
             elif boxes:
                 box_rows.extend((rel, Box(int(row[4]), *map(float, row[:4]))) for row in target if row[4] >= 0)
             else:
                 value = str(int(target))
             pid = site.patient_ids[i] if site.patient_ids is not None else ""
             values = () if boxes else (value,)
-            writer.writerow([rel, *values, split, pid, "" if volumes else "x".join(f"{v:g}" for v in spacing)])
+            writer.writerow([rel, *values, split, pid, "" if volumes else "x".join(f"{v:g}" for v in spacing),
+                             *(fov_cells[-1:] if with_fov else ())])  # fmt: skip
     if boxes:
         write_box_table(site_dir / BOXES, box_rows)
     return site_dir

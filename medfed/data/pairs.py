@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from medfed.data.arrays import SiteArrays
+from medfed.data.field_of_view import field_of_view_card
 from medfed.data.import_guard import PatientPattern, copy_inside, folder_files, require_training
 from medfed.data.manifest import (
     DEFAULT_PREPROCESS,
@@ -27,13 +28,21 @@ from medfed.data.manifest import (
     DataError,
     DataProblem,
     Preprocess,
+    load_field_of_view_case,
     load_image,
     load_mask,
     note_rescaled,
 )
 from medfed.data.medical_io import file_stem
 
-__all__ = ["ImagePair", "assign_splits", "deal_to_sites", "find_pairs", "import_pairs", "read_pairs"]
+__all__ = [
+    "ImagePair",
+    "assign_splits",
+    "deal_to_sites",
+    "find_pairs",
+    "import_pairs",
+    "read_pairs",
+]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy", ".dcm")
 
@@ -128,17 +137,31 @@ def read_pairs(
     spatial_dims: int = 2,
     preprocess: Preprocess = DEFAULT_PREPROCESS,
     channels: int = 1,
+    fov_masks: dict[Path, Path] | None = None,
 ) -> SiteArrays:
     """Load matched pairs into arrays (images with ``channels`` channels: 3 keeps a colour photo's
-    RGB); raise :class:`DataError` listing every unreadable file."""
-    images, masks, spacings, problems = [], [], [], []
+    RGB); raise :class:`DataError` listing every unreadable file.
+
+    ``preprocess.field_of_view`` (``data.field-of-view``) ``mask`` or ``crop`` marks pixels outside
+    each photo's field of view as not scored (from ``fov_masks``, image -> mask file, else found in the photo;
+    see :func:`~medfed.data.manifest.load_field_of_view_case`); the data card then says each
+    photo's field-of-view diameter and scale."""
+    images, masks, spacings, diameters, problems = [], [], [], [], []
     rescaled: list[Path] = []
+    field_of_view = preprocess.field_of_view
     for pair in pairs:
         try:
-            image, spacing, geometry = load_image(
-                pair.image, image_size, spatial_dims, preprocess=preprocess, channels=channels
-            )
-            mask = load_mask(pair.mask, image_size, num_classes, spatial_dims, geometry, preprocess, rescaled)
+            if field_of_view == "whole":
+                image, spacing, geometry = load_image(
+                    pair.image, image_size, spatial_dims, preprocess=preprocess, channels=channels
+                )
+                mask = load_mask(pair.mask, image_size, num_classes, spatial_dims, geometry, preprocess, rescaled)
+            else:
+                fov = (fov_masks or {}).get(pair.image)
+                case = load_field_of_view_case(pair.image, pair.mask, fov, image_size, num_classes, preprocess,
+                                               channels, rescaled)  # fmt: skip
+                image, spacing, mask = case.image, case.spacing, case.mask
+                diameters.append(case.diameter)
         except Exception as err:  # noqa: BLE001 - every unreadable file is reported
             problems.append(DataProblem(f"{pair.image.name} / {pair.mask.name}", str(err)))
             continue
@@ -148,6 +171,9 @@ def read_pairs(
     if problems:
         raise DataError(pairs[0].image.parent.parent, problems)
     note_rescaled(pairs[0].mask.parent, rescaled, len(masks))
+    card = ()
+    if diameters:
+        card = field_of_view_card(diameters, image_size, field_of_view, given=bool(fov_masks))
     return SiteArrays(
         np.stack(images),
         np.stack(masks),
@@ -155,6 +181,7 @@ def read_pairs(
         np.asarray([p.patient for p in pairs], dtype=str),
         target_key="mask",
         spacing=np.asarray(spacings, dtype=np.float32),
+        card=card,
     )
 
 

@@ -11,7 +11,7 @@ from medfed.data.arrays import SiteArrays
 from medfed.data.boxes import load_box_site, read_voc
 from medfed.data.manifest import MANIFEST, read_site
 from medfed.data.medmnist import read_medmnist
-from medfed.data.pairs import assign_splits, deal_to_sites, find_pairs, read_pairs
+from medfed.data.pairs import ImagePair, assign_splits, deal_to_sites, find_pairs, read_pairs
 from medfed.data.partition import dirichlet_partition, iid_partition
 from medfed.data.synthetic import (
     synthetic_detection_site,
@@ -28,12 +28,50 @@ def simulated_site_names(config: Config) -> list[str]:
     """Names of the simulated sites, in partition order."""
     if config.data.source == "sites":
         return [p.name for p in _site_folders(Path(config.data.path))]
+    if config.data.site:
+        return [source.name for source in config.data.site]
     return [f"site-{i + 1}" for i in range(config.data.sites)]
 
 
 def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
     """Return ``(name, data)`` of simulated site ``index`` (deterministic in the run seed), with
-    ``data.channels`` image channels (synthetic sites: see :func:`with_channels`)."""
+    ``data.channels`` image channels (synthetic sites: see :func:`with_channels`).
+
+    A simulated site answers several messages per round; its arrays are kept in memory for the
+    next one (the last few sites loaded), keyed by the ``[data]`` settings, the seed and the name,
+    size and modification time of every file under ``data.path``: decoding three datasets of
+    full-size photos again for every message would take longer than training on them."""
+    key = (config.data, config.run.seed, config.run.task, index, _files_signature(config))
+    if key not in _LOADED:
+        while len(_LOADED) >= _KEEP_LOADED:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = _load_simulated_site(config, index)
+    return _LOADED[key]
+
+
+_LOADED: dict[tuple, tuple[str, SiteArrays]] = {}
+_KEEP_LOADED = 6
+
+
+def _files_signature(config: Config) -> int:
+    """A hash of the name, size and modification time of the files a simulation reads (none: synthetic)."""
+    data = config.data
+    if data.source == "synthetic":
+        return 0
+    root = Path(data.path)
+    roots = [root / (s.folder or s.name) for s in data.site] if data.site else [root]
+    entries = []
+    for top in roots:
+        for path in sorted(top.rglob("*")) if top.is_dir() else [top]:
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            entries.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return hash(tuple(entries))
+
+
+def _load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
     data = config.data
     names = simulated_site_names(config)
     if not 0 <= index < len(names):
@@ -74,13 +112,10 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
                 "data.source = 'pairs' holds image/mask pairs: it feeds run.task = 'segmentation' only, "
                 f"not '{config.run.task}'"
             )
-        root = Path(data.path)
-        pairs = deal_to_sites(find_pairs(root / data.images, root / data.masks, data.patient_pattern), data.sites)
-        mine = pairs[index]
+        mine, fov_masks = _pairs_of_site(config, index)
         splits = assign_splits(mine, config.run.seed + index)
-        site = read_pairs(
-            mine, splits, data.image_size, data.num_classes, data.spatial_dims, data.preprocess, data.channels
-        )
+        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, data.preprocess,
+                          data.channels, fov_masks)  # fmt: skip
     elif target != "label":
         raise ValueError(
             f"data.source = 'medmnist' holds class labels, not {'masks' if target == 'mask' else target}: "
@@ -113,6 +148,26 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
     if data.source == "synthetic":
         site = with_channels(site, data.channels)
     return names[index], _cap(site, data.max_samples_per_site, config.run.seed + index)
+
+
+def _pairs_of_site(config: Config, index: int) -> tuple[list[ImagePair], dict[Path, Path] | None]:
+    """Site ``index``'s image/mask pairs, and its field-of-view masks by image when it has a folder of
+    them: its own dataset (a ``[data.site.NAME]`` table), else its share of ``data.path``'s patients."""
+    data = config.data
+    if not data.site:
+        root = Path(data.path)
+        return deal_to_sites(find_pairs(root / data.images, root / data.masks, data.patient_pattern), data.sites)[
+            index
+        ], None
+    source = data.site[index]
+    root = Path(data.path) / (source.folder or source.name)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.site.{source.name}: {root} is not a folder (data.path / folder)")
+    images = root / (source.images or data.images)
+    pairs = find_pairs(images, root / (source.masks or data.masks), source.patient_pattern or data.patient_pattern)
+    if not source.fov_masks or data.field_of_view == "whole":
+        return pairs, None
+    return pairs, {pair.image: pair.mask for pair in find_pairs(images, root / source.fov_masks)}
 
 
 def _voc_site(config: Config, index: int) -> SiteArrays:

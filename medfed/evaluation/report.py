@@ -280,6 +280,12 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
                 [[site, *[_pair(per_site.get(site, {}), c) for c in classes]] for site in report["sites"]],
             ),
         ]
+    cards = report.get("data_cards") or {}
+    if cards:
+        sections.append("<h2>How each site's files became model inputs</h2>")
+        for site, lines in cards.items():
+            items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+            sections.append(f"<p><b>{html.escape(site)}</b></p><ul>{items}</ul>")
     cross = report["final"].get("cross_site")
     if cross:
         sections += [

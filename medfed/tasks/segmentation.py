@@ -6,6 +6,9 @@ Predictions: label maps ``(B, 1, *spatial)``. Loss: Dice + cross-entropy compute
 requires. With ``data.patch-size`` > 0 training sees one random patch per image per step (half
 of them centred on foreground) and evaluation runs sliding-window inference over whole images.
 
+Pixels labelled ``IGNORE`` (-1: outside a fundus photo's field of view, ``data.field-of-view``)
+are neither learned nor scored.
+
 Metrics on the foreground classes, averaged over classes and per class (``dice_class_1``, ...):
 Dice (mean over images that contain the class), IoU and the 95th-percentile Hausdorff distance
 in mm (``monai.metrics``); pooled voxel Dice; and from per-case quantification (structure count,
@@ -21,13 +24,14 @@ import warnings
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, MaskedDiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 from monai.networks.utils import one_hot
 from monai.transforms import RandCropByPosNegLabeld
 from torch import nn
 
 from medfed.config import Config
+from medfed.data.field_of_view import IGNORE
 from medfed.evaluation.quantify import quantify_case, remove_small_structures
 from medfed.models.zoo import build_network
 
@@ -53,6 +57,7 @@ PRIMARY_METRIC_PER_IMAGE = True  # Dice is the mean of per-image Dice
 SAMPLE_KEYS = ("image", "mask")
 
 _LOSS = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
+_MASKED_DICE = MaskedDiceLoss(to_onehot_y=True, softmax=True, batch=False)
 
 # A patch drawn from an image without foreground falls back to a background centre: expected.
 warnings.filterwarnings("ignore", message="Num foregrounds 0")
@@ -70,8 +75,18 @@ def build_model(config: Config) -> nn.Module:
 
 
 def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Dice + cross-entropy, per image, averaged over the batch."""
-    return _LOSS(outputs, batch["mask"])
+    """Dice + cross-entropy, per image, averaged over the batch; pixels labelled
+    :data:`~medfed.data.field_of_view.IGNORE` (outside a photo's field of view) do not count."""
+    mask = batch["mask"]
+    if not (mask == IGNORE).any():
+        return _LOSS(outputs, mask)
+    inside = (mask != IGNORE).to(outputs.dtype)
+    target = mask.clamp(min=0)
+    dice = _MASKED_DICE(outputs, target, mask=inside)
+    per_pixel = nn.functional.cross_entropy(outputs, target[:, 0], reduction="none") * inside[:, 0]
+    counted = inside[:, 0].flatten(1).sum(dim=1).clamp(min=1.0)
+    cross_entropy = (per_pixel.flatten(1).sum(dim=1) / counted).mean()  # per image, as DP requires
+    return dice + cross_entropy
 
 
 def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
@@ -133,6 +148,10 @@ class SegmentationMetrics:
 
     def update(self, predictions: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         truth = batch["mask"].to(predictions.device)
+        outside = truth == IGNORE  # outside a photo's field of view: counted as background in both, never scored
+        if outside.any():
+            truth = truth.masked_fill(outside, 0)
+            predictions = predictions.masked_fill(outside, 0)
         if self.min_structure_size:
             cleaned = [remove_small_structures(p, self.min_structure_size) for p in predictions.cpu().numpy()]
             predictions = torch.as_tensor(np.stack(cleaned)).to(truth.device)
