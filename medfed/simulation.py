@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from medfed.config import Config
 from medfed.data import simulated_site_names
+from medfed.data.sites import SIMULATION_CACHE
 from medfed.federation import run_federation
 
 __all__ = ["simulate"]
@@ -66,6 +67,7 @@ def simulate(
         "RAY_TMPDIR": str(scratch / "ray"),
         "UV_CACHE_DIR": str(scratch / "uv"),
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        SIMULATION_CACHE: str(scratch / "sites"),
     }
     previous = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

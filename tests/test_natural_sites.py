@@ -262,3 +262,21 @@ def test_three_real_hospitals_federate_at_one_scale(tmp_path: Path) -> None:
     report = _simulate_retina_config(tmp_path, tmp_path / "run")
     assert report["sites"] == ["chasedb1", "hrf", "stare"]
     assert "field-of-view masks" in report["data_cards"]["hrf"][0]
+
+
+def test_a_simulation_loads_each_site_once_for_all_its_processes(tmp_path: Path, monkeypatch) -> None:
+    """Within a simulation a site's arrays are written to the run's scratch folder and read back by
+    the other processes, exactly as loaded (field of view, patients, card)."""
+    import medfed.data.sites as sites_module
+
+    _three_datasets(tmp_path / "data")
+    config = _natural_config(tmp_path / "data")
+    monkeypatch.setenv(sites_module.SIMULATION_CACHE, str(tmp_path / "scratch"))
+    name, loaded = load_simulated_site(config, 1)
+    assert len(list((tmp_path / "scratch").glob("*.npz"))) == 1
+    sites_module._LOADED.clear()  # another process: nothing in memory
+    monkeypatch.setattr(sites_module, "_load_simulated_site", lambda *_: pytest.fail("loaded again"))
+    again_name, again = load_simulated_site(config, 1)
+    assert again_name == name and again.card == loaded.card
+    for field in ("images", "targets", "splits", "patient_ids", "spacing"):
+        assert np.array_equal(getattr(again, field), getattr(loaded, field))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,24 +42,51 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
     A simulated site answers several messages per round; its arrays are kept in memory for the
     next one (the last few sites loaded), keyed by the ``[data]`` settings, the seed and the name,
     size and modification time of every file under ``data.path``: decoding three datasets of
-    full-size photos again for every message would take longer than training on them."""
+    full-size photos again for every message would take longer than training on them. Within a
+    simulation (:func:`medfed.simulation.simulate`) they are also kept on disk in the run's scratch
+    folder (``MEDFED_SIMULATION_CACHE``), which the simulation's worker processes share and which is
+    deleted when it ends."""
     key = (config.data, config.run.seed, config.run.task, index, _files_signature(config))
     if key not in _LOADED:
         while len(_LOADED) >= _KEEP_LOADED:
             _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = _load_simulated_site(config, index)
+        _LOADED[key] = _shared_copy(key, config, index)
     return _LOADED[key]
 
 
 _LOADED: dict[tuple, tuple[str, SiteArrays]] = {}
 _KEEP_LOADED = 6
+SIMULATION_CACHE = "MEDFED_SIMULATION_CACHE"  # environment: a scratch folder a simulation's processes share
 
 
-def _files_signature(config: Config) -> int:
+def _shared_copy(key: tuple, config: Config, index: int) -> tuple[str, SiteArrays]:
+    """The site from the simulation's scratch folder when another process has loaded it, else loaded
+    (and left there for the others: written to a temporary name, then renamed, so never read half-written)."""
+    folder = os.environ.get(SIMULATION_CACHE)
+    if not folder:
+        return _load_simulated_site(config, index)
+    path = Path(folder) / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as saved:
+            pids = saved.get("patient_ids")
+            site = SiteArrays(saved["images"], saved["targets"], saved["splits"], pids, str(saved["target_key"]),
+                              saved["spacing"], tuple(str(line) for line in saved["card"]))  # fmt: skip
+            return str(saved["name"]), site
+    name, site = _load_simulated_site(config, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    arrays = {"patient_ids": site.patient_ids} if site.patient_ids is not None else {}
+    np.savez(partial, name=name, images=site.images, targets=site.targets, splits=site.splits,
+             target_key=site.target_key, spacing=site.spacing, card=np.asarray(site.card, dtype=str), **arrays)  # fmt: skip
+    os.replace(partial, path)
+    return name, site
+
+
+def _files_signature(config: Config) -> str:
     """A hash of the name, size and modification time of the files a simulation reads (none: synthetic)."""
     data = config.data
     if data.source == "synthetic":
-        return 0
+        return ""
     root = Path(data.path)
     roots = [root / (s.folder or s.name) for s in data.site] if data.site else [root]
     entries = []
@@ -68,7 +97,7 @@ def _files_signature(config: Config) -> int:
             except OSError:
                 continue
             entries.append((str(path), stat.st_size, stat.st_mtime_ns))
-    return hash(tuple(entries))
+    return hashlib.sha256(repr(entries).encode()).hexdigest()  # the same in every process (hash() is not)
 
 
 def _load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
