@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import RESULTS, bootstrap_scores, federated_model, pyplot, save_figure, train_central, without_draws
+from harness import RESULTS, federated_model, pyplot, save_figure
 
+from medfed.central import train_central
 from medfed.config import Config, load_config
 from medfed.data import write_site
 from medfed.data.sites import load_simulated_site, simulated_site_names
+from medfed.evaluation.bootstrap import bootstrap_scores, without_draws
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
