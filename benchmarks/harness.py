@@ -20,10 +20,10 @@ from medfed.central import train_central, train_loader
 from medfed.config import Config, load_config
 from medfed.data import SiteArrays
 from medfed.privacy import make_private
+from medfed.protocol import global_model
 from medfed.simulation import simulate
 from medfed.tasks import get_task
 from medfed.training import build_optimizer, evaluate, loop_options, train
-from medfed.weights import load_checkpoint
 
 # where benchmarks write NAME.json and plots/NAME.png (tests point it at a temporary folder)
 RESULTS = Path(os.environ.get("MEDFED_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
@@ -95,10 +95,7 @@ def fedavg(config: Config, out: Path) -> dict[str, Any]:
 def federated_model(config: Config, out: Path) -> tuple[nn.Module, dict[str, Any]]:
     """``medfed simulate`` with ``config`` into ``out``: the final global model and the report."""
     report = simulate(config, out)
-    model = get_task(config.run.task).build_model(config)
-    state, _ = load_checkpoint(out / "checkpoints" / "global.safetensors")
-    model.load_state_dict(state)
-    return model, report
+    return global_model(config, out), report
 
 
 def throughput(config: Config, site: SiteArrays, steps: int = 20) -> dict[str, float]:

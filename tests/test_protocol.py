@@ -47,7 +47,7 @@ def protocol(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     out = tmp_path_factory.mktemp("protocol")
-    report = run_cross_site_protocol(_tiny(), out, replicates=10, federate=_in_process)
+    report = run_cross_site_protocol(_tiny(**{"data.image-size": 16}), out, replicates=10, federate=_in_process)
     return report, out
 
 
@@ -227,3 +227,44 @@ def test_cli_runs_the_protocol_in_flower_simulation(tmp_path: Path) -> None:
     for site, total in report["privacy"]["total"].items():
         # its local model, the federation, the two LOSO runs it is in, pooled: ε = 30 each at most
         assert 30 < total["epsilon"] <= 5 * 30 + 1e-6, site
+
+
+def test_generalization_benchmark_reads_the_protocol_report(
+    protocol: tuple[dict[str, Any], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/generalization.py lays the protocol's report out as its results file, which its
+    plot and the README table read (the protocol itself stands in, as above)."""
+    import importlib.util
+    import sys
+
+    modules = {}
+    for name in ("harness", "generalization", "readme_table"):
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, modules[name])
+        spec.loader.exec_module(modules[name])
+    generalization = modules["generalization"]
+    report, _ = protocol
+    monkeypatch.setattr(generalization, "run_cross_site_protocol", lambda *_: report)
+    result = generalization.run_dataset("synthetic", _tiny(), tmp_path, 10)
+    assert len(result["local_matrix"]["values"]) == 3 and set(result["loso_at_held_out_site"]) == set(report["sites"])
+    assert result["loso_gap"] == report["gap"]["fedavg"]["gap"]
+    assert result["local_gap"] == pytest.approx(
+        np.mean([report["gap"][f"local:{s}"]["own"] - report["gap"][f"local:{s}"]["other"] for s in report["sites"]])
+    )
+    generalization.plot({"synthetic": result}, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    rows = list(modules["readme_table"].FORMATS["generalization"]({"datasets": {"synthetic": result}}))
+    assert len(rows) == 2 and all("nan" not in row[2] for row in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("task_identity")
+def test_segmentation_protocol(tmp_path: Path) -> None:
+    """Every task: Dice per image, bootstrapped per image (about 35 s on 2 busy cores)."""
+    config = _tiny(**{"run.task": "segmentation", "data.image-size": 16, "data.samples-per-site": 40})
+    report = run_cross_site_protocol(config, tmp_path, replicates=10, federate=_in_process)
+    assert report["metric"] == "dice" and len(report["matrix"]) == 5
+    for cell in [*(c for row in report["matrix"] for c in row), *report["leave_one_site_out"].values()]:
+        _check_cell(cell)
+    assert (tmp_path / "plots" / "cross_site_protocol.png").is_file()

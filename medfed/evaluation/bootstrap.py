@@ -6,6 +6,7 @@ interval, the number of cases and, for pairing, the per-resample values): no cas
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from typing import Any
 
@@ -44,7 +45,9 @@ def _replicates(task: Any, model: nn.Module, site: SiteArrays, config: Config, d
     if task.PRIMARY_METRIC_PER_IMAGE:  # a mean of per-image values: score each image once
         values = np.array([_metric(task, config, predictions[i : i + 1], {k: v[i : i + 1] for k, v in targets.items()})
                            for i in range(len(predictions))])  # fmt: skip
-        return np.array([np.nanmean(values), *(np.nanmean(values[d]) for d in draws)])
+        with warnings.catch_warnings():  # a resample of images that all lack the metric is NaN, and left out
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.array([np.nanmean(values), *(np.nanmean(values[d]) for d in draws)])
     accumulator = task.metrics(config)
     accumulator.update(predictions, targets)
     metric = task.PRIMARY_METRIC
