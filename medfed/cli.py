@@ -201,7 +201,7 @@ def _print_protocol(report: dict[str, Any]) -> None:
     table.add_column("gap", justify="right", no_wrap=True)
     for model, row in zip(report["models"], report["matrix"], strict=True):
         gap = report["gap"][model]["gap"]
-        table.add_row(plain(model), *map(cell, row), "n/a" if gap is None else f"{gap:+.3f}")
+        table.add_row(plain(model), *map(cell, row), "n/a" if gap is None or math.isnan(gap) else f"{gap:+.3f}")
     loso = report["leave_one_site_out"]
     table.add_row("LOSO", *[cell(loso.get(s)) for s in report["sites"]], "")
     console.print(table)

@@ -178,6 +178,7 @@ def test_leave_out_values_are_checked_at_load() -> None:
         (["--protocol", "crosssite"], 2, "cross-site"),
         (["--protocol", "cross-site", "--sites", "2"], 2, "at least 3 sites"),
         (["--protocol", "cross-site", "--resume"], 2, "--resume"),
+        (["--protocol", "cross-site", "--state-dir", "ledgers"], 2, "--state-dir"),
         (["--protocol", "cross-site", "--replicates", "3"], 2, "--replicates"),
     ],
 )
