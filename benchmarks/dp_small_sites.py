@@ -34,21 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import (
-    RESULTS,
-    bench_config,
-    bootstrap_scores,
-    federated_model,
-    paired_ratio,
-    pyplot,
-    save_figure,
-    throughput,
-    union,
-    without_draws,
-)
+from harness import RESULTS, bench_config, federated_model, pyplot, save_figure, throughput
 
+from medfed.central import union
 from medfed.config import Config
 from medfed.data.sites import load_simulated_site
+from medfed.evaluation.bootstrap import bootstrap_scores, paired_ratio, without_draws
 from medfed.federation import initial_model
 from medfed.tasks import get_task
 from medfed.weights import load_checkpoint

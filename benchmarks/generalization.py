@@ -3,23 +3,25 @@ cross-site matrix of local models.
 
 Per dataset (``DATASETS``: PneumoniaMNIST and BreastMNIST split into 3 sites by a Dirichlet(1.0)
 label skew, as in the ``utility`` benchmark; 4 synthetic hospitals, each with its own scanner
-shift and class prevalence), the sites are written once as site folders and every model below is
-trained and scored on exactly those folders, no DP:
+shift and class prevalence), no DP, the cross-site protocol (:mod:`medfed.protocol`, the same as
+``medfed simulate CONFIG --protocol cross-site``) trains and scores:
 
 - **local models**: each site trains alone (rounds x local epochs); the cross-site matrix scores
   model i on site j's test split. Its generalization gap: own-site score (diagonal) minus the
   mean score at the other sites (off-diagonal).
-- **leave-one-site-out (LOSO)**: for each site j, ``medfed simulate`` FedAvg over the other sites;
-  the global model is scored on site j, which it never saw. Its gap: FedAvg over all sites scored
-  at site j (seen) minus the LOSO model at site j (unseen).
+- **leave-one-site-out (LOSO)**: for each site j, FedAvg over the other sites (``data.leave-out``:
+  they keep exactly their data); the global model is scored on site j, which it never saw. Its
+  gap: FedAvg over all sites scored at site j (seen) minus the LOSO model at site j (unseen).
+- **pooled**: one model on all sites' training data, scored at each site.
 
 Scores: the task's primary metric (AUROC) on each test split with a 95% bootstrap interval (200
-resamples of the split's cases).
+resamples of the split's cases, the same for every model at a site).
 
     .venv/bin/medfed bench generalization [--quick] [--datasets synthetic pneumoniamnist breastmnist]
 
 Writes benchmarks/results/generalization.json (``--quick``: 3 small synthetic sites, 1 round:
-generalization-quick.json) and plots/generalization.png.
+generalization-quick.json) and plots/generalization.png; each dataset's protocol report
+(protocol.json, protocol.html, the heatmap) stays under ``--out``/DATASET.
 """
 
 from __future__ import annotations
@@ -27,17 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import RESULTS, bootstrap_scores, federated_model, pyplot, save_figure, train_central, without_draws
+from harness import RESULTS, pyplot, save_figure
 
 from medfed.config import Config, load_config
-from medfed.data import write_site
-from medfed.data.sites import load_simulated_site, simulated_site_names
+from medfed.data.sites import load_simulated_site
+from medfed.protocol import run_cross_site_protocol
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -61,76 +62,46 @@ DATASETS: dict[str, tuple[str, dict[str, Any]]] = {
 QUICK = {"data.sites": 3, "data.samples-per-site": 120, "run.rounds": 1, "train.local-epochs": 1}
 
 
-def site_folders(config: Config, root: Path) -> Config:
-    """Write ``config``'s simulated sites as site folders under ``root``; the config that reads them."""
-    shutil.rmtree(root, ignore_errors=True)
-    for i in range(config.data.sites):
-        name, site = load_simulated_site(config, i)
-        write_site(root / name, site)
-    return config.with_overrides({"data.source": "sites", "data.path": str(root)})
-
-
-def without(config: Config, held_out: str, root: Path) -> Config:
-    """``config`` reading every site folder but ``held_out`` (links under ``root``)."""
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    sites = Path(config.data.path)
-    for folder in sorted(sites.iterdir()):
-        if folder.is_dir() and folder.name != held_out:
-            (root / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
-    return config.with_overrides({"data.path": str(root), "run.min-sites": 2})
-
-
 def run_dataset(name: str, config: Config, out: Path, replicates: int) -> dict[str, Any]:
-    started = time.perf_counter()
-    config = site_folders(config, out / name / "sites")
-    sites = dict(load_simulated_site(config, i) for i in range(len(simulated_site_names(config))))
-    names = list(sites)
-
-    local = {}
-    for site_name, site in sites.items():
-        model, _ = train_central(config, [site], private=False)
-        local[site_name] = bootstrap_scores(config, model, sites, replicates)["per_site"]
+    """The cross-site protocol on ``config``'s sites, in this benchmark's results layout."""
+    report = run_cross_site_protocol(config, out / name, replicates)
+    names, rows = report["sites"], dict(zip(report["models"], report["matrix"], strict=True))
+    local = {s: dict(zip(names, rows[f"local:{s}"], strict=True)) for s in names}
     matrix = [[local[i][j]["value"] for j in names] for i in names]
-    own = [matrix[k][k] for k in range(len(names))]
-    others = [np.mean([matrix[i][j] for i in range(len(names)) if i != j]) for j in range(len(names))]
-    print(f"{name}: local own {np.mean(own):.3f}, at other sites {np.mean(others):.3f}", flush=True)
-
-    model, _ = federated_model(config, out / name / "fedavg-all")
-    seen = bootstrap_scores(config, model, sites, replicates)["per_site"]
-    unseen = {}
-    for held_out in names:
-        loso = without(config, held_out, out / name / f"without-{held_out}" / "sites")
-        model, _ = federated_model(loso, out / name / f"without-{held_out}")
-        unseen[held_out] = bootstrap_scores(config, model, {held_out: sites[held_out]}, replicates)["per_site"][
-            held_out
-        ]
-        print(f"{name}: FedAvg without {held_out}, at {held_out}: {unseen[held_out]['value']:.3f} "
-              f"(with it: {seen[held_out]['value']:.3f})", flush=True)  # fmt: skip
+    seen = dict(zip(names, rows[report["federated"]], strict=True))
+    unseen = report["leave_one_site_out"]
+    gap = report["gap"]
 
     def mean(values: list[float]) -> float:
         return float(np.mean(values))
 
+    own = mean([matrix[k][k] for k in range(len(names))])
+    others = mean([gap[f"local:{s}"]["other"] for s in names])  # the mean of the off-diagonal cells
+    print(f"{name}: local own {own:.3f}, at other sites {others:.3f}", flush=True)
+    sites = [load_simulated_site(config, i)[1] for i in range(len(names))]
     return {
-        "metric": "auroc",
+        "metric": report["metric"],
         "sites": names,
-        "train_cases": {s: int((a.splits == "train").sum()) for s, a in sites.items()},
+        "train_cases": {s: int((a.splits == "train").sum()) for s, a in zip(names, sites, strict=True)},
         "local_matrix": {"models": names, "sites": names, "values": matrix, "scores": local},
-        "local_own_site": mean(own),
-        "local_other_sites": mean(others),
-        "local_gap": mean(own) - mean(others),
+        "local_own_site": own,
+        "local_other_sites": others,
+        "local_gap": own - others,
         "fedavg_all_at_site": seen,
         "loso_at_held_out_site": unseen,
-        "fedavg_all_mean": mean([seen[s]["value"] for s in names]),
-        "loso_mean": mean([unseen[s]["value"] for s in names]),
-        "loso_gap": mean([seen[s]["value"] - unseen[s]["value"] for s in names]),
-        "loso_minus_local_other_sites": mean([unseen[s]["value"] for s in names]) - mean(others),
-        "seconds": time.perf_counter() - started,
+        "pooled_at_site": dict(zip(names, rows["pooled"], strict=True)),
+        "fedavg_all_mean": gap[report["federated"]]["own"],
+        "loso_mean": gap[report["federated"]]["other"],
+        "loso_gap": gap[report["federated"]]["gap"],
+        "pooled_mean": gap["pooled"]["own"],
+        "loso_minus_local_other_sites": gap[report["federated"]]["other"] - others,
+        "gap": gap,
+        "seconds": report["seconds"],
     }
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Per dataset: the local models' cross-site matrix, and the four scores side by side."""
+    """Per dataset: the local models' cross-site matrix, and the four (five, with pooled) scores side by side."""
     fig, axes = pyplot().subplots(2, len(results), figsize=(3.8 * len(results), 6.6), squeeze=False)
     for k, (name, r) in enumerate(results.items()):
         top, bottom = axes[0][k], axes[1][k]
@@ -148,7 +119,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
             "FedAvg\nall sites": r["fedavg_all_mean"],
             "FedAvg without\nthe site (LOSO)": r["loso_mean"],
         }
-        bottom.bar(range(len(bars)), list(bars.values()), color=["#9ab", "#9ab", "#58a", "#58a"])
+        if "pooled_mean" in r:
+            bars["pooled"] = r["pooled_mean"]
+        bottom.bar(range(len(bars)), list(bars.values()), color=["#9ab", "#9ab", "#58a", "#58a", "#a85"][: len(bars)])
         bottom.set_xticks(range(len(bars)), list(bars), fontsize=7)
         bottom.set(ylabel="test AUROC (mean of sites)", ylim=(0.5, 1.0))
     save_figure(fig, path)
@@ -178,7 +151,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU cores, CPU only",
         "replicates": args.replicates,
         "seconds": time.perf_counter() - started,
-        "datasets": without_draws(results),
+        "datasets": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=1, default=float))

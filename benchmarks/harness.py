@@ -1,29 +1,29 @@
-"""What the benchmarks share, for any task (the metric is the task's primary one): training on
-the union of some sites (pooled, or one site alone), a federation run and its global model, the
-metric on each site's test split with a bootstrap 95% confidence interval, DP vs non-DP training
-throughput, traffic per round in float32 models, the peak memory of a process tree, and figures."""
+"""What the benchmarks share, for any task (the metric is the task's primary one): a pooled model's
+metric per site, a federation run and its global model, DP vs non-DP training throughput,
+traffic per round in float32 models, the peak memory of a process tree, and figures. Training on
+the union of sites is :mod:`medfed.central`; bootstrap intervals are
+:mod:`medfed.evaluation.bootstrap`."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
+from medfed.central import train_central, train_loader
 from medfed.config import Config, load_config
-from medfed.data import PrivacyUnitDataset, SiteArrays
-from medfed.privacy import default_delta, make_private
+from medfed.data import SiteArrays
+from medfed.privacy import make_private
+from medfed.protocol import global_model
 from medfed.simulation import simulate
 from medfed.tasks import get_task
-from medfed.training import build_optimizer, evaluate, loop_options, lr_schedule, train
-from medfed.weights import load_checkpoint
+from medfed.training import build_optimizer, evaluate, loop_options, train
 
 # where benchmarks write NAME.json and plots/NAME.png (tests point it at a temporary folder)
 RESULTS = Path(os.environ.get("MEDFED_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
@@ -33,20 +33,14 @@ __all__ = [
     "RESULTS",
     "PeakMemory",
     "bench_config",
-    "bootstrap_scores",
     "fedavg",
     "federated_model",
-    "mean_of_sites",
     "model_bytes",
-    "paired_ratio",
     "per_round",
     "pooled",
     "pyplot",
     "save_figure",
     "throughput",
-    "train_central",
-    "union",
-    "without_draws",
 ]
 
 
@@ -59,70 +53,6 @@ def bench_config(file: str, data: Path | None, overrides: dict[str, Any] | None 
             raise SystemExit(f"data not found at {data} (the benchmarks read ../shared/data beside the repo)")
         base["data.path"] = str(data)
     return load_config(CONFIGS / file, base | (overrides or {}))
-
-
-def union(sites: list[SiteArrays]) -> SiteArrays:
-    """All sites' samples as one site (box targets padded to the longest box list)."""
-    targets = [s.targets for s in sites]
-    if sites[0].target_key == "boxes":
-        rows = max(t.shape[1] for t in targets)
-        targets = [np.pad(t, ((0, 0), (0, rows - t.shape[1]), (0, 0)), constant_values=-1) for t in targets]
-    pids = None if any(s.patient_ids is None for s in sites) else np.concatenate([s.patient_ids for s in sites])
-    return SiteArrays(
-        np.concatenate([s.images for s in sites]),
-        np.concatenate(targets),
-        np.concatenate([s.splits for s in sites]),
-        pids,
-        sites[0].target_key,
-        np.concatenate([s.spacing for s in sites]),
-    )
-
-
-def _loader(config: Config, site: SiteArrays) -> DataLoader:
-    task = get_task(config.run.task)
-    _, units = site.privacy_units("train", config.privacy.unit)
-    data = PrivacyUnitDataset(site.split("train"), units, task.train_transform(config), config.train.augmentations)
-    return DataLoader(data, batch_size=min(config.train.batch_size, len(data)), shuffle=True)
-
-
-def train_central(
-    config: Config, sites: list[SiteArrays], private: bool, epochs: int = 0
-) -> tuple[nn.Module, dict[str, Any]]:
-    """One model trained on the union of ``sites``' training data (all sites: pooled; one: local-only).
-
-    Trains for ``epochs`` passes (default: as many as a site makes in the federation, rounds x
-    local-epochs) or, with ``train.local-steps`` set, rounds x local-steps steps; with DP, noise
-    is calibrated for ε = ``privacy.target-epsilon`` over those steps at δ = 1/(10 n).
-    """
-    task = get_task(config.run.task)
-    torch.manual_seed(config.run.seed)
-    model = task.build_model(config)
-    pool = union(sites) if len(sites) > 1 else sites[0]
-    loader = _loader(config, pool)
-    units = len(loader.dataset)
-    unit, _ = pool.privacy_units("train", config.privacy.unit)
-    optimizer = build_optimizer(model, config.train)
-    epochs = epochs or config.run.rounds * config.train.local_epochs
-    steps = config.run.rounds * config.train.local_steps if config.train.local_steps else epochs * len(loader)
-    sigma = None
-    if private:
-        from opacus.accountants.utils import get_noise_multiplier
-
-        sigma = get_noise_multiplier(
-            target_epsilon=config.privacy.target_epsilon,
-            target_delta=default_delta(units),
-            sample_rate=1 / len(loader),
-            steps=steps,
-            accountant="rdp",
-        )
-        model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
-    schedule = lr_schedule(optimizer, config.train, 0, steps, steps // config.run.rounds)
-    started = time.perf_counter()
-    train(task, model, loader, optimizer, torch.device("cpu"), epochs=epochs, max_steps=steps,
-          schedule=schedule, **loop_options(config.train))  # fmt: skip
-    info = {"units": units, "unit": unit, "steps": steps, "noise_multiplier": sigma,
-            "seconds": time.perf_counter() - started}  # fmt: skip
-    return getattr(model, "_module", model), info
 
 
 def pooled(config: Config, sites: list[SiteArrays], private: bool, epochs: int = 0) -> dict[str, Any]:
@@ -165,91 +95,7 @@ def fedavg(config: Config, out: Path) -> dict[str, Any]:
 def federated_model(config: Config, out: Path) -> tuple[nn.Module, dict[str, Any]]:
     """``medfed simulate`` with ``config`` into ``out``: the final global model and the report."""
     report = simulate(config, out)
-    model = get_task(config.run.task).build_model(config)
-    state, _ = load_checkpoint(out / "checkpoints" / "global.safetensors")
-    model.load_state_dict(state)
-    return model, report
-
-
-@torch.no_grad()
-def _predictions(task: Any, model: nn.Module, dataset: Dataset, config: Config) -> tuple[torch.Tensor, dict]:
-    """Every test case's decoded prediction and its targets (all but the image), in dataset order."""
-    model.eval()
-    predictions, targets = [], []
-    for batch in DataLoader(dataset, batch_size=config.evaluation.batch_size, shuffle=False):
-        predictions.append(task.decode(task.infer(model, batch["image"], config)).cpu())
-        targets.append({k: v for k, v in batch.items() if k != "image"})
-    return torch.cat(predictions), {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
-
-
-def _metric(task: Any, config: Config, predictions: torch.Tensor, targets: dict) -> float:
-    accumulator = task.metrics(config)
-    accumulator.update(predictions, targets)
-    return float(accumulator.compute()[task.PRIMARY_METRIC])
-
-
-def _replicates(task: Any, model: nn.Module, site: SiteArrays, config: Config, draws: np.ndarray) -> np.ndarray:
-    """The primary metric on the test split and on each resample of its cases (``draws``: R x n indices)."""
-    predictions, targets = _predictions(task, model, site.split("test"), config)
-    if task.PRIMARY_METRIC_PER_IMAGE:  # a mean of per-image values: score each image once
-        values = np.array([_metric(task, config, predictions[i : i + 1], {k: v[i : i + 1] for k, v in targets.items()})
-                           for i in range(len(predictions))])  # fmt: skip
-        return np.array([np.nanmean(values), *(np.nanmean(values[d]) for d in draws)])
-    accumulator = task.metrics(config)
-    accumulator.update(predictions, targets)
-    metric = task.PRIMARY_METRIC
-    return np.array([accumulator.compute()[metric], *(accumulator.resampled(d).compute()[metric] for d in draws)])
-
-
-def bootstrap_scores(
-    config: Config, model: nn.Module, sites: dict[str, SiteArrays], replicates: int = 200, seed: int = 0
-) -> dict[str, Any]:
-    """The task's primary metric on each site's test split with a 95% percentile bootstrap interval
-    (the site's test cases resampled with replacement ``replicates`` times), and the mean over the
-    sites with its interval (:func:`mean_of_sites`).
-
-    A site's resamples depend only on ``seed``, the site's name and its number of test cases, so
-    two models scored on the same site see the same resamples: differences and ratios between
-    them can be bootstrapped pairwise (:func:`paired_ratio`). A resample where the metric is
-    undefined (e.g. AUROC with one class drawn) is left out of the interval. Each site entry is
-    ``{value, low, high, n, draws}``; :func:`without_draws` drops the draws for a results file.
-    """
-    task = get_task(config.run.task)
-    per_site = {}
-    for name, site in sites.items():
-        n = int((site.splits == "test").sum())
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        values = _replicates(task, model, site, config, rng.integers(0, n, size=(replicates, n)))
-        per_site[name] = {"value": float(values[0]), **_interval(values[1:]), "n": n, "draws": values[1:]}
-    return {"per_site": per_site, "mean": mean_of_sites(list(per_site.values()))}
-
-
-def mean_of_sites(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean of per-site scores, with the interval of the per-draw mean (sites resampled independently)."""
-    draws = np.mean([e["draws"] for e in entries], axis=0)
-    return {"value": float(np.mean([e["value"] for e in entries])), **_interval(draws), "draws": draws}
-
-
-def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
-    """``a / b`` of two scores bootstrapped on the same resamples, with its 95% interval."""
-    return {"value": a["value"] / b["value"], **_interval(np.asarray(a["draws"]) / np.asarray(b["draws"]))}
-
-
-def without_draws(result: Any) -> Any:
-    """``result`` with every ``draws`` entry removed (for a results file)."""
-    if isinstance(result, dict):
-        return {k: without_draws(v) for k, v in result.items() if k != "draws"}
-    if isinstance(result, list):
-        return [without_draws(v) for v in result]
-    return result
-
-
-def _interval(draws: np.ndarray) -> dict[str, float]:
-    finite = draws[np.isfinite(draws)]
-    if not len(finite):
-        return {"low": float("nan"), "high": float("nan")}
-    low, high = np.percentile(finite, [2.5, 97.5])
-    return {"low": float(low), "high": float(high)}
+    return global_model(config, out), report
 
 
 def throughput(config: Config, site: SiteArrays, steps: int = 20) -> dict[str, float]:
@@ -259,7 +105,7 @@ def throughput(config: Config, site: SiteArrays, steps: int = 20) -> dict[str, f
     for private in (False, True):
         torch.manual_seed(config.run.seed)
         model = task.build_model(config)
-        loader = _loader(config, site)
+        loader = train_loader(config, site)
         optimizer = build_optimizer(model, config.train)
         if private:
             model, optimizer, loader = make_private(model, optimizer, loader, 1.0, config.privacy.max_grad_norm)

@@ -28,21 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import (
-    RESULTS,
-    bootstrap_scores,
-    federated_model,
-    model_bytes,
-    paired_ratio,
-    per_round,
-    pyplot,
-    save_figure,
-    union,
-    without_draws,
-)
+from harness import RESULTS, federated_model, model_bytes, per_round, pyplot, save_figure
 
+from medfed.central import union
 from medfed.config import load_config
 from medfed.data.sites import load_simulated_site
+from medfed.evaluation.bootstrap import bootstrap_scores, paired_ratio, without_draws
 
 REPO = Path(__file__).resolve().parent.parent
 PNEUMONIA = REPO.parent / "shared" / "data" / "medmnist" / "pneumoniamnist.npz"

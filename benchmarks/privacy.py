@@ -34,19 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import (
-    RESULTS,
-    bench_config,
-    bootstrap_scores,
-    federated_model,
-    paired_ratio,
-    pyplot,
-    save_figure,
-    union,
-    without_draws,
-)
+from harness import RESULTS, bench_config, federated_model, pyplot, save_figure
 
+from medfed.central import train_loader, union
 from medfed.data.sites import load_simulated_site
+from medfed.evaluation.bootstrap import bootstrap_scores, paired_ratio, without_draws
 from medfed.tasks import get_task
 from medfed.training import evaluate
 
@@ -103,8 +95,6 @@ def _high_water_mib() -> tuple[float, float]:
 def worker(name: str, private: bool, steps: int) -> dict[str, Any]:
     """Train ``MODELS[name]`` for ``steps`` steps (after 2 warm-up steps), with or without DP-SGD:
     samples/s and the peak memory the training added. Runs in its own process (see ``cost``)."""
-    from harness import _loader
-
     from medfed.privacy import make_private
     from medfed.training import build_optimizer, train
 
@@ -115,7 +105,7 @@ def worker(name: str, private: bool, steps: int) -> dict[str, Any]:
     _, site = load_simulated_site(config, 0)
     torch.manual_seed(0)
     model = task.build_model(config).to(device)
-    loader = _loader(config, site)
+    loader = train_loader(config, site)
     optimizer = build_optimizer(model, config.train)
     if private:
         model, optimizer, loader = make_private(model, optimizer, loader, 1.0, config.privacy.max_grad_norm)

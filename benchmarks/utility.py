@@ -34,20 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import (
-    RESULTS,
-    bootstrap_scores,
-    federated_model,
-    mean_of_sites,
-    paired_ratio,
-    pyplot,
-    save_figure,
-    train_central,
-    without_draws,
-)
+from harness import RESULTS, federated_model, pyplot, save_figure
 
+from medfed.central import train_central
 from medfed.config import Config, load_config
 from medfed.data.sites import load_simulated_site
+from medfed.evaluation.bootstrap import bootstrap_scores, mean_of_sites, paired_ratio, without_draws
 from medfed.tasks import get_task
 
 REPO = Path(__file__).resolve().parent.parent

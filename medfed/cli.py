@@ -85,10 +85,28 @@ def simulate(
     resume: Annotated[
         bool, typer.Option(help="Continue the run checkpointed in OUT after its last completed round")
     ] = False,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="federation: one run (report.json). cross-site: local, federated, leave-one-site-out and pooled "
+            "models, each scored at every site (protocol.json)"
+        ),
+    ] = "federation",
+    replicates: Annotated[
+        int, typer.Option(min=10, max=100_000, help="cross-site: bootstrap resamples of each site's test cases")
+    ] = 200,
     verbose: bool = False,
 ) -> None:
     """Run a simulated multi-hospital federation on this machine and write its report."""
+    from medfed.protocol import MIN_SITES, PROTOCOLS
+
     _setup_logging(verbose)
+    if protocol not in PROTOCOLS:
+        raise _fail(f"--protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    cross_site = protocol == "cross-site"
+    if cross_site and (resume or state_dir is not None):
+        option = "--resume" if resume else "--state-dir"
+        raise _fail(f"{option} applies to one federation run, not to --protocol cross-site (it runs several)")
     try:
         overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
         if data is not None:
@@ -117,6 +135,11 @@ def simulate(
         names = simulated_site_names(config)
         if len(names) < config.run.min_sites:
             raise ValueError(f"the data has {len(names)} site(s) but run.min-sites = {config.run.min_sites}")
+        if cross_site and len(names) < MIN_SITES:
+            raise ValueError(
+                f"--protocol cross-site needs at least {MIN_SITES} sites (leave-one-site-out trains on the "
+                f"others); the data has {len(names)}"
+            )
         cards = {}
         for index in range(len(names)):
             _, site_data = load_simulated_site(config, index)
@@ -126,6 +149,9 @@ def simulate(
                 cards[names[index]] = list(site_data.card)
     except (FileNotFoundError, ValueError, DataError) as err:
         raise _fail(str(err)) from err
+    if cross_site:
+        _run_protocol(config, out, replicates, verbose)
+        return
     try:  # and the sites' privacy ledgers: one that cannot be read is never taken for "nothing spent"
         for name in names if state_dir is not None else []:
             PrivacyLedger.open(state_dir / name, 0.0)
@@ -144,6 +170,51 @@ def simulate(
     html = write_report(report, out, _simulated_examples(config, out))
     _print_summary(report)
     console.print(f"report: {plain(out / 'report.json')}  {plain(html)}")
+
+
+def _run_protocol(config: Config, out: Path, replicates: int, verbose: bool) -> None:
+    """``simulate --protocol cross-site``: run it, print its matrix, name its report."""
+    from medfed import simulation
+    from medfed.protocol import run_cross_site_protocol
+
+    console.print(f"[bold]medfed[/] cross-site protocol [cyan]{plain(config.run.name)}[/] -> {plain(out)}")
+    try:
+        report = run_cross_site_protocol(
+            config, out, replicates, federate=lambda c, run_dir: simulation.simulate(c, run_dir, verbose=verbose)
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
+    except RuntimeError as err:  # a federation that trained nothing
+        raise _fail(str(err), code=1) from err
+    _print_protocol(report)
+    console.print(f"report: {plain(out / 'protocol.json')}  {plain(out / 'protocol.html')}")
+
+
+def _print_protocol(report: dict[str, Any]) -> None:
+    """The protocol's matrix (value and 95% interval per cell), its LOSO row and each model's gap."""
+
+    def cell(entry: dict[str, Any] | None) -> str:
+        if entry is None:
+            return "n/a"
+        low, high = ("n/a" if entry[k] is None else f"{entry[k]:.2f}" for k in ("low", "high"))
+        return f"{_num(entry['value'])} [{low}, {high}]"
+
+    table = Table(title=f"Cross-site protocol, test {report['metric']} [95% interval]", box=None, pad_edge=False)
+    table.add_column("model", no_wrap=True)
+    for site in report["sites"]:
+        table.add_column(plain(site), justify="right")
+    table.add_column("gap", justify="right", no_wrap=True)
+    for model, row in zip(report["models"], report["matrix"], strict=True):
+        gap = report["gap"][model]["gap"]
+        table.add_row(plain(model), *map(cell, row), "n/a" if gap is None or math.isnan(gap) else f"{gap:+.3f}")
+    loso = report["leave_one_site_out"]
+    table.add_row("LOSO", *[cell(loso.get(s)) for s in report["sites"]], "")
+    console.print(table)
+    console.print("LOSO: the federation without the site it is scored at (leave-one-site-out)")
+    console.print("gap: own site minus other sites (local models); mean over sites minus LOSO (federated, pooled)")
+    if report["privacy"]:
+        spent = ", ".join(f"{plain(s)} {t['epsilon']:.2f}" for s, t in report["privacy"]["total"].items())
+        console.print(f"ε spent at each site over all the protocol's models: {spent}")
 
 
 def _simulated_examples(config: Config, out: Path) -> dict[str, list[str]]:

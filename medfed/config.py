@@ -212,6 +212,10 @@ class DataConfig:
     ``channels`` is the number of image channels a model takes: 1 (grey; colour photos are turned
     grey), 3 (colour photos keep their RGB) or N (N scans of a case stacked, e.g. T1, T1c, T2, FLAIR).
 
+    ``leave-out`` names sites the simulation runs without (e.g. ``["site-2"]``: leave-one-site-out),
+    each among the sites the data gives; the others keep exactly the data they have without it
+    (partitions and seeds follow the full list of sites), and at least ``run.min-sites`` remain.
+
     ``num-classes`` counts the classes a model tells apart: for segmentation including background
     (class 0), for detection the object classes only. ``class-names`` (optional; required by
     detection data that name their classes, e.g. VOC) gives one name per class index.
@@ -252,10 +256,14 @@ class DataConfig:
     field_of_view: Literal["whole", "mask", "crop"] = "whole"
     site: tuple[SiteSource, ...] = ()
     max_pixels: int = 64 * 1024 * 1024
+    leave_out: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for key, text in (("data.path", self.path), ("data.images", self.images), ("data.masks", self.masks)):
             _check_text(key, text, MAX_PATH)
+        for name in self.leave_out:
+            _check_text("data.leave-out", name)
+        _check(len(set(self.leave_out)) == len(self.leave_out), "data.leave-out", list(self.leave_out), "unique names")
         _check_text("data.patient-pattern", self.patient_pattern)
         _check_text("data.orientation", self.orientation)
         for name in self.class_names:

@@ -1,5 +1,7 @@
-"""The benchmarks' shared scoring: bootstrap intervals around the same number the evaluation loop
-gives, paired resamples across models, and the per-image shortcut for per-image metrics."""
+"""The scoring the benchmarks and the cross-site protocol share (medfed.central,
+medfed.evaluation.bootstrap): bootstrap intervals around the same number the evaluation loop
+gives, paired resamples across models, the per-image shortcut for per-image metrics; and the
+benchmarks' own harness (traffic per round)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from medfed import central
 from medfed.data.synthetic import synthetic_segmentation_site, synthetic_site
+from medfed.evaluation import bootstrap
 from medfed.tasks import get_task
 from medfed.training import evaluate
 from tests.conftest import REPO, tiny_config
@@ -26,14 +30,14 @@ _spec.loader.exec_module(harness)
 def classification() -> tuple:
     config = tiny_config(**{"train.local-epochs": 1, "run.rounds": 1})
     sites = {f"site-{i + 1}": synthetic_site(i, 120, seed=3) for i in range(2)}
-    model, info = harness.train_central(config, [sites["site-1"]], private=False)
+    model, info = central.train_central(config, [sites["site-1"]], private=False)
     assert info["steps"] > 0 and info["noise_multiplier"] is None
     return config, sites, model
 
 
 def test_bootstrap_value_is_the_evaluation_loop_metric_and_lies_in_its_interval(classification: tuple) -> None:
     config, sites, model = classification
-    scores = harness.bootstrap_scores(config, model, sites, replicates=100)
+    scores = bootstrap.bootstrap_scores(config, model, sites, replicates=100)
     for name, site in sites.items():
         expected = evaluate(get_task("classification"), model, site.split("test"), config, torch.device("cpu"))
         entry = scores["per_site"][name]
@@ -41,17 +45,17 @@ def test_bootstrap_value_is_the_evaluation_loop_metric_and_lies_in_its_interval(
         assert entry["low"] <= entry["value"] <= entry["high"] and entry["high"] - entry["low"] > 0.01
         assert entry["n"] == int((site.splits == "test").sum()) and len(entry["draws"]) == 100
     assert scores["mean"]["value"] == pytest.approx(np.mean([e["value"] for e in scores["per_site"].values()]))
-    assert "draws" not in str(harness.without_draws(scores))
+    assert "draws" not in str(bootstrap.without_draws(scores))
 
 
 def test_two_models_on_one_site_see_the_same_resamples(classification: tuple) -> None:
     config, sites, model = classification
-    other, _ = harness.train_central(config, [sites["site-2"]], private=False)
-    a = harness.bootstrap_scores(config, model, sites, replicates=50)["mean"]
-    same = harness.bootstrap_scores(config, model, sites, replicates=50)["mean"]
-    b = harness.bootstrap_scores(config, other, sites, replicates=50)["mean"]
-    assert harness.paired_ratio(a, same) == {"value": 1.0, "low": 1.0, "high": 1.0}
-    ratio = harness.paired_ratio(b, a)
+    other, _ = central.train_central(config, [sites["site-2"]], private=False)
+    a = bootstrap.bootstrap_scores(config, model, sites, replicates=50)["mean"]
+    same = bootstrap.bootstrap_scores(config, model, sites, replicates=50)["mean"]
+    b = bootstrap.bootstrap_scores(config, other, sites, replicates=50)["mean"]
+    assert bootstrap.paired_ratio(a, same) == {"value": 1.0, "low": 1.0, "high": 1.0}
+    ratio = bootstrap.paired_ratio(b, a)
     assert ratio["low"] <= ratio["value"] <= ratio["high"]
 
 
@@ -60,8 +64,8 @@ def test_segmentation_dice_is_bootstrapped_from_per_image_values() -> None:
         **{"run.task": "segmentation", "data.image-size": 32, "train.local-epochs": 2, "model.depth": 2}
     )
     site = synthetic_segmentation_site(0, 60, 32, 2, seed=2)
-    model, _ = harness.train_central(config, [site], private=False)
-    entry = harness.bootstrap_scores(config, model, {"a": site}, replicates=50)["per_site"]["a"]
+    model, _ = central.train_central(config, [site], private=False)
+    entry = bootstrap.bootstrap_scores(config, model, {"a": site}, replicates=50)["per_site"]["a"]
     expected = evaluate(get_task("segmentation"), model, site.split("test"), config, torch.device("cpu"))["dice"]
     assert entry["value"] == pytest.approx(expected, abs=1e-6)
     assert entry["low"] <= entry["value"] <= entry["high"]
@@ -92,7 +96,7 @@ def test_resampled_metrics_equal_metrics_over_the_resampled_cases(task_name: str
     )
     task = get_task(task_name)
     torch.manual_seed(0)
-    predictions, targets = harness._predictions(task, task.build_model(config), site.split("test"), config)
+    predictions, targets = bootstrap._predictions(task, task.build_model(config), site.split("test"), config)
     filled = task.metrics(config)
     filled.update(predictions, targets)
     draw = np.random.default_rng(0).integers(0, len(predictions), len(predictions))
@@ -102,3 +106,11 @@ def test_resampled_metrics_equal_metrics_over_the_resampled_cases(task_name: str
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, nan_ok=True), key
+
+
+def test_central_training_with_dp_reports_the_guarantee_it_calibrated_for() -> None:
+    config = tiny_config(**{"run.rounds": 1, "privacy.target-epsilon": 4.0})
+    site = synthetic_site(0, 60, seed=1)
+    _, info = central.train_central(config, [site, synthetic_site(1, 60, seed=1)], private=True)
+    assert info["noise_multiplier"] > 0 and info["epsilon"] == pytest.approx(4.0, rel=0.05)
+    assert info["delta"] == pytest.approx(1 / (10 * info["units"]))

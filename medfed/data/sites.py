@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medfed.config import Config
+from medfed.config import Config, ConfigError
 from medfed.data.arrays import SiteArrays
 from medfed.data.boxes import load_box_site, read_voc
 from medfed.data.manifest import MANIFEST, read_site
@@ -27,12 +27,40 @@ __all__ = ["load_simulated_site", "simulated_site_names"]
 
 
 def simulated_site_names(config: Config) -> list[str]:
-    """Names of the simulated sites, in partition order."""
+    """Names of the simulated sites, in partition order, without those ``data.leave-out`` names.
+
+    Raises :class:`ConfigError` (key ``data.leave-out``) when it names a site the data does not
+    give, or leaves fewer than ``run.min-sites`` sites."""
+    names = _all_site_names(config)
+    left_out = config.data.leave_out
+    unknown = [name for name in left_out if name not in names]
+    if unknown:
+        raise ConfigError(
+            f"data.leave-out names {_listed(unknown)}, which the data does not give: its sites are {_listed(names)}",
+            "data.leave-out",
+        )
+    kept = [name for name in names if name not in left_out]
+    if left_out and len(kept) < config.run.min_sites:
+        raise ConfigError(
+            f"data.leave-out = {_listed(list(left_out))} leaves {len(kept)} of the {len(names)} sites, fewer than "
+            f"run.min-sites = {config.run.min_sites}",
+            "data.leave-out",
+        )
+    return kept
+
+
+def _all_site_names(config: Config) -> list[str]:
+    """Every site the data gives, ``data.leave-out`` or not."""
     if config.data.source == "sites":
         return [p.name for p in _site_folders(Path(config.data.path))]
     if config.data.site:
         return [source.name for source in config.data.site]
     return [f"site-{i + 1}" for i in range(config.data.sites)]
+
+
+def _listed(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
 
 
 def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
@@ -45,7 +73,11 @@ def load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
     full-size photos again for every message would take longer than training on them. Within a
     simulation (:func:`medfed.simulation.simulate`) they are also kept on disk in the run's scratch
     folder (``MEDFED_SIMULATION_CACHE``), which the simulation's worker processes share and which is
-    deleted when it ends."""
+    deleted when it ends.
+
+    ``index`` counts the sites :func:`simulated_site_names` gives; a site gets the same data
+    whichever others ``data.leave-out`` names (partitions and seeds use its place among all sites).
+    """
     key = (config.data, config.run.seed, config.run.task, index, _files_signature(config))
     if key not in _LOADED:
         while len(_LOADED) >= _KEEP_LOADED:
@@ -102,9 +134,11 @@ def _files_signature(config: Config) -> str:
 
 def _load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
     data = config.data
-    names = simulated_site_names(config)
-    if not 0 <= index < len(names):
-        raise IndexError(f"site index {index} out of range: this simulation has {len(names)} sites")
+    kept = simulated_site_names(config)
+    if not 0 <= index < len(kept):
+        raise IndexError(f"site index {index} out of range: this simulation has {len(kept)} sites")
+    names = _all_site_names(config)
+    index = names.index(kept[index])
     target = get_task(config.run.task).SAMPLE_KEYS[1]
     if data.source == "synthetic" and target == "boxes":
         site = synthetic_detection_site(
