@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import RESULTS, bench_config, bootstrap_scores, federated_model, pyplot, save_figure, without_draws
+from harness import RESULTS, bench_config, federated_model, pyplot, save_figure
 
 from medfed.config import Config, load_config
 from medfed.data import write_site
 from medfed.data.sites import load_simulated_site
+from medfed.evaluation.bootstrap import bootstrap_scores, without_draws
 from medfed.federation import initial_model
 from medfed.pretrain import pretrain
 from medfed.protocol import run_cross_site_protocol

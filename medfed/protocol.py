@@ -28,7 +28,8 @@ aggregate numbers only.
       "runs": {"fedavg": "fedavg/report.json", "without:SITE": "without-SITE/report.json"},
       "privacy": {"models": {MODEL: {SITE: {"epsilon", "delta"}}},   # {} without DP
                   "total": {SITE: {"epsilon", "delta"}}},
-      "replicates": int, "config": {...}, "seconds": float
+      "replicates": int, "data_cards": {SITE: [str]},         # how files became inputs (e.g. scale)
+      "config": {...}, "seconds": float
     }
 
 ``n`` is the number of test cases at the site; ``low``/``high`` are ``null`` where no resample
@@ -174,6 +175,7 @@ def run_cross_site_protocol(
         "runs": runs,
         "privacy": {"models": privacy, "total": _total(privacy, names)} if private else {},
         "replicates": replicates,
+        "data_cards": {name: list(site.card) for name, site in sites.items() if site.card},
         "config": config.to_public_dict(),
         "seconds": time.perf_counter() - started,
     }
@@ -316,6 +318,9 @@ def _html(report: dict[str, Any], figure: Path) -> str:
             "(basic composition) to what running this protocol on real data would spend at the site.</p>",
             table(["site", "ε, all models", "δ, all models"], rows),
         ]
+    for site, lines in (report.get("data_cards") or {}).items():
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+        sections.append(f"<p>Data at <b>{html.escape(site)}</b>:</p><ul>{items}</ul>")
     runs = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in report["runs"].items())
     sections.append(f"<h2>Federation runs</h2><ul>{runs}</ul>")
     style = (
