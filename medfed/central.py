@@ -24,10 +24,8 @@ __all__ = ["train_central", "train_loader", "union"]
 
 def union(sites: list[SiteArrays]) -> SiteArrays:
     """All sites' samples as one site (box targets padded to the longest box list)."""
-    targets = [s.targets for s in sites]
-    if sites[0].target_key == "boxes":
-        rows = max(t.shape[1] for t in targets)
-        targets = [np.pad(t, ((0, 0), (0, rows - t.shape[1]), (0, 0)), constant_values=-1) for t in targets]
+    rows = max(s.targets.shape[1] for s in sites) if sites[0].target_key == "boxes" else 0
+    targets = [s.with_box_rows(rows).targets for s in sites]
     pids = None if any(s.patient_ids is None for s in sites) else np.concatenate([s.patient_ids for s in sites])
     return SiteArrays(
         np.concatenate([s.images for s in sites]),

@@ -20,7 +20,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -87,24 +86,13 @@ def public_sites(
     else:
         arrays = [synthetic_site(i, samples_per_site, d.image_size, d.num_classes, seed,
                                  spatial_dims=d.spatial_dims) for i in indices]  # fmt: skip
-    arrays = _common_box_rows([with_channels(a, d.channels) for a in arrays])
+    arrays = [with_channels(a, d.channels) for a in arrays]
+    rows = max(a.targets.shape[1] for a in arrays) if task == "detection" else 0
+    arrays = [a.with_box_rows(rows) for a in arrays]  # detection sites' images share batches
     kind = {"vessels": "vessel", "nuclei": "nucleus", "organs": "organ"}.get(phantom) or (
         "object" if task == "detection" else "lesion"
     )
     return arrays, f"synthetic {kind} phantoms: {sites} simulated scanners x {samples_per_site} images, seed {seed}"
-
-
-def _common_box_rows(arrays: list[SiteArrays]) -> list[SiteArrays]:
-    """Detection sites padded to one number of box rows (``[0, 0, 0, 0, -1]``), so that their
-    images can share a batch; other tasks' sites as they are."""
-    if not arrays or arrays[0].target_key != "boxes":
-        return arrays
-    rows = max(a.targets.shape[1] for a in arrays)
-    padding = np.array([0, 0, 0, 0, -1], np.float32)
-    return [
-        dataclasses.replace(a, targets=np.concatenate([a.targets, np.broadcast_to(padding, (len(a.targets), rows - a.targets.shape[1], 5))], axis=1))
-        for a in arrays
-    ]  # fmt: skip
 
 
 def pretrain(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +79,16 @@ class SiteArrays:
             self.spacing[mask],
             self.card,
         )
+
+    def with_box_rows(self, rows: int) -> SiteArrays:
+        """Box targets padded to ``rows`` rows per image with ``[0, 0, 0, 0, -1]`` (so that sites with
+        different most-boxes-per-image can share a batch); other targets as they are."""
+        if self.target_key != "boxes" or self.targets.shape[1] >= rows:
+            return self
+        padding = np.broadcast_to(
+            np.array([0, 0, 0, 0, -1], self.targets.dtype), (len(self.targets), rows - self.targets.shape[1], 5)
+        )
+        return dataclasses.replace(self, targets=np.concatenate([self.targets, padding], axis=1))
 
     def class_labels(self) -> np.ndarray:
         """One class per sample, for stratifying and partitioning: the label, or a mask's largest class.
