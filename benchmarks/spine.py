@@ -1,7 +1,7 @@
 """Pooled vs FedAvg, each without and with DP, on PneumoniaMNIST; and DP vs non-DP training speed.
 
 Every model is trained for the same number of epochs over its data (rounds x local epochs), with
-the config's recipes (without DP: Adam, cosine, logit adjustment; with DP: SGD), and scored on the
+the config's recipes (without DP: Adam, constant lr, logit adjustment; with DP: SGD), and scored on the
 same images: the official MedMNIST test split (624 chest X-rays), AUROC and, at the thresholds the
 run chose on the validation splits, the sensitivity and specificity of all test cases together.
 "Pooled" is one site holding all training data (what centralising the data would give);
