@@ -199,6 +199,8 @@ def main() -> None:
             summary[part] = ladder(args.out, args.replicates)
         summary[f"{part}_seconds"] = time.perf_counter() - started
         RESULTS.mkdir(parents=True, exist_ok=True)
+        if args.only and target.is_file():  # parts another run (--only) wrote meanwhile are kept
+            summary = json.loads(target.read_text()) | summary
         target.write_text(json.dumps(summary, indent=1, default=float))  # each part as soon as it is done
         print(f"{part}: {summary[f'{part}_seconds']:.0f} s", flush=True)
     plot(summary, RESULTS / "plots" / f"{stem}.png")

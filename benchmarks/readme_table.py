@@ -170,6 +170,30 @@ def _dp_small_sites(r: dict[str, Any]) -> Iterator[Row]:
         )
 
 
+def _natural_sites(r: dict[str, Any]) -> Iterator[Row]:
+    for part, privacy in (("protocol", "no DP"), ("protocol-dp", "ε=8 per image")):
+        if part not in r:
+            continue
+        report, sites = r[part], r[part]["sites"]
+        rows = dict(zip(report["models"], report["matrix"], strict=True))
+        at = {s: i for i, s in enumerate(sites)}
+        federated = rows[report["federated"]]
+        own = [rows[f"local:{s}"][at[s]]["value"] for s in sites]
+        best_other = [max(rows[f"local:{m}"][at[s]]["value"] for m in sites if m != s) for s in sites]
+        loso = [report["leave_one_site_out"][s]["value"] for s in sites]
+        label = f"3 real hospitals ({' / '.join(sites)}), {privacy}"
+        yield f"{label}: FedAvg", "test Dice at each site", " / ".join(_f(c["value"]) for c in federated)
+        yield f"{label}: each site's local model", "test Dice at its own site", " / ".join(map(_f, own))
+        yield f"{label}: best other site's local model", "test Dice at the site", " / ".join(map(_f, best_other))
+        yield f"{label}: FedAvg without the site (LOSO)", "test Dice at the unseen site", " / ".join(map(_f, loso))
+        yield f"{label}: pooled", "test Dice at each site", " / ".join(_f(c["value"]) for c in rows["pooled"])
+    for third, result in r.get("ladder", {}).items():
+        for name, row in result["rows"].items():
+            sites = " / ".join(_f(site["value"]) for site in row["per_site"].values())
+            yield (f"{third} as 3 private sites, ε=8 per image: {name}", "test Dice per site (worst)",
+                   f"{sites} ({_f(row['worst'])})")  # fmt: skip
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -181,7 +205,8 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "privacy": _privacy,
     "overhead": _sim_overhead,
     "generalization": _generalization,
-    "dp_small_sites": _dp_small_sites,
+    "dp-small-sites": _dp_small_sites,
+    "natural-sites": _natural_sites,
 }
 
 
