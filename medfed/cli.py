@@ -823,8 +823,11 @@ def pretrain(
     samples: Annotated[int, typer.Option(help="Synthetic images per hospital")] = 200,
     epochs: Annotated[int, typer.Option(help="Passes over the pre-training data")] = 5,
     steps: Annotated[int, typer.Option(help="Train exactly this many steps instead of --epochs (0: use epochs)")] = 0,
-    lr: Annotated[float, typer.Option(help="SGD learning rate for all weights (0: the config's train.lr)")] = 0.0,
+    lr: Annotated[
+        float, typer.Option(help="Learning rate for all weights (0: the config's train.lr for SGD, 2e-3 for Adam)")
+    ] = 0.0,
     momentum: Annotated[float, typer.Option(help="SGD momentum")] = 0.9,
+    optimizer: Annotated[str, typer.Option(help="sgd (phantoms) or adam (real public data)")] = "sgd",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value")] = None,
     verbose: bool = False,
 ) -> None:
@@ -844,13 +847,15 @@ def pretrain(
 
     if phantom not in PHANTOMS:
         raise _fail(f"--phantom {phantom!r}: expected one of {', '.join(PHANTOMS)}")
+    if optimizer not in ("sgd", "adam"):
+        raise _fail(f"--optimizer {optimizer!r}: expected sgd or adam")
     if lr < 0 or not 0 <= momentum < 1:
         raise _fail(f"--lr {lr} / --momentum {momentum}: expected a learning rate >= 0 and a momentum in [0, 1)")
     if data is not None and not data.is_dir():
         raise _fail(f"--data {data}: not a folder (a public site folder, or a folder of them, expected)")
     try:
         path = run_pretrain(config, out, data, epochs=epochs, steps=steps, sites=sites, samples_per_site=samples,
-                            phantom=phantom, lr=lr, momentum=momentum)  # type: ignore[arg-type]  # fmt: skip
+                            phantom=phantom, lr=lr, momentum=momentum, optimizer=optimizer)  # type: ignore[arg-type]  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from err
     meta = json.loads(path.with_suffix(".json").read_text())["provenance"]

@@ -154,6 +154,12 @@ def test_cli_pretrain_writes_a_checkpoint_and_refuses_bad_input(tmp_path: Path) 
     assert bad.exit_code == 2 and "vessel phantoms are 2D binary segmentation" in " ".join(bad.output.split())
     missing = runner.invoke(app, [*args, "--data", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "public site folder" in " ".join(missing.output.split())
+    unknown = runner.invoke(app, [*args, "--optimizer", "lbfgs"])
+    assert unknown.exit_code == 2 and "--optimizer" in unknown.output
+    adam = runner.invoke(app, [*args, "--optimizer", "adam"])
+    assert adam.exit_code == 0, adam.output
+    recorded = json.loads(out.with_suffix(".json").read_text())["provenance"]["optimizer"]
+    assert recorded["name"] == "adam" and recorded["lr"] == 2e-3 and recorded["momentum"] is None
 
 
 def test_pretraining_is_repeatable(tmp_path: Path) -> None:
