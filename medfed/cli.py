@@ -58,13 +58,18 @@ def _with_options(config: Config, options: dict[str, tuple[str, Any]]) -> Config
         raise _fail(f"{option}: {err}" if option else str(err)) from err
 
 
-def _data_overrides(data: Path) -> dict[str, Any]:
-    """``--data``: a MedMNIST .npz (split by the config's partitioner) or a folder of site folders."""
+def _data_overrides(data: Path, source: str) -> dict[str, Any]:
+    """``--data``: a MedMNIST .npz (split by the config's partitioner), a folder of site folders, or,
+    for a config whose ``data.source`` is a layout (``pairs``, ``voc``), a folder in that layout: the
+    config's own source moved there."""
     if data.is_file() and data.suffix == ".npz":
         return {"data.source": "medmnist", "data.path": str(data.resolve())}
     if data.is_dir():
         if (data / "manifest.csv").is_file():
             raise _fail(f"--data {data} is a single site folder; a simulation needs a folder of site folders")
+        site_folders = any((child / "manifest.csv").is_file() for child in data.iterdir() if child.is_dir())
+        if source in ("pairs", "voc") and not site_folders:
+            return {"data.path": str(data.resolve())}
         return {"data.source": "sites", "data.path": str(data.resolve()), "data.partitioner": "natural"}
     raise _fail(f"--data {data}: expected a MedMNIST .npz file or a folder holding one folder per site")
 
@@ -73,7 +78,11 @@ def _data_overrides(data: Path) -> dict[str, Any]:
 def simulate(
     config_file: Annotated[Path, typer.Argument(help="Run config (TOML), e.g. configs/classification-synthetic.toml")],
     data: Annotated[
-        Path | None, typer.Option(help="MedMNIST .npz, or a folder with one site folder per hospital")
+        Path | None,
+        typer.Option(
+            help="MedMNIST .npz, a folder with one site folder per hospital, or the config's own layout "
+            "(data.source pairs / voc) elsewhere"
+        ),
     ] = None,
     sites: Annotated[int | None, typer.Option(help="Number of simulated sites (partitioned data)")] = None,
     rounds: Annotated[int | None, typer.Option(help="Federated rounds")] = None,
@@ -110,7 +119,7 @@ def simulate(
     try:
         overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
         if data is not None:
-            overrides.update(_data_overrides(data))
+            overrides.update(_data_overrides(data, load_config(config_file, overrides).data.source))
         if sites is not None:
             overrides["data.sites"] = sites
         if rounds is not None:

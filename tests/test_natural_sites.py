@@ -200,7 +200,6 @@ def _simulate_retina_config(data: Path, out: Path, **overrides: str) -> dict:
     from medfed.cli import app
 
     settings = {
-        "data.path": str(data),
         "data.image-size": "32",
         "data.patch-size": "16",
         "model.width": "4",
@@ -212,7 +211,8 @@ def _simulate_retina_config(data: Path, out: Path, **overrides: str) -> dict:
         **overrides,
     }
     args = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
-    result = CliRunner().invoke(app, ["simulate", str(RETINA), *args, "--out", str(out)])
+    # --data moves the config's own layout (three dataset folders), as data.path would
+    result = CliRunner().invoke(app, ["simulate", str(RETINA), "--data", str(data), *args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert all(np.isfinite(report["final"]["per_site"][s]["dice"]) for s in report["sites"])
