@@ -178,12 +178,7 @@ class SiteSource:
             _check(not Path(value).is_absolute() and ".." not in Path(value).parts,
                    f"{key}.{field_name.replace('_', '-')}", value, "a folder name inside data.path (relative, no '..')")  # fmt: skip
         _check_text(f"{key}.patient-pattern", self.patient_pattern)
-        if self.patient_pattern:
-            try:
-                re.compile(self.patient_pattern)
-            except re.error as err:
-                raise ConfigError(f"{key}.patient-pattern = {self.patient_pattern!r} is not a regular expression: {err}",
-                                  f"{key}.patient-pattern") from None  # fmt: skip
+        _check_pattern(f"{key}.patient-pattern", self.patient_pattern)
 
 
 @dataclass(frozen=True)
@@ -324,13 +319,7 @@ class DataConfig:
         )
         _check_range("data.samples-per-site", self.samples_per_site, 10, 100_000, "an integer")
         _check_range("data.max-samples-per-site", self.max_samples_per_site, 0, 10**9, "an integer", note=" (0: all)")
-        if self.patient_pattern:
-            try:
-                re.compile(self.patient_pattern)
-            except re.error as err:
-                raise ConfigError(
-                    f"data.patient-pattern = {self.patient_pattern!r} is not a regular expression: {err}"
-                ) from None
+        _check_pattern("data.patient-pattern", self.patient_pattern)
         if self.source in ("medmnist", "sites", "pairs", "voc"):
             _check(bool(self.path), "data.path", self.path, f"a path (required when data.source = '{self.source}')")
         if self.site:
@@ -772,6 +761,15 @@ def _check_range(
 
 def _bound(limit: float) -> str:
     return str(limit) if isinstance(limit, int) else f"{limit:g}"
+
+
+def _check_pattern(key: str, pattern: str) -> None:
+    """A regular-expression setting ("" is none) that compiles."""
+    if pattern:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"{key} = {pattern!r} is not a regular expression: {err}", key) from None
 
 
 def _check_text(key: str, text: str, limit: int = MAX_TEXT) -> None:

@@ -538,39 +538,35 @@ def read_site(
                 )
         pixel_mm = _parse_spacing(row.get("spacing") or "", spatial_dims, where, problems)
         stated_modality = row.get("modality") or ""
-        if target == "mask" and preprocess.field_of_view != "whole":
+        if target == "mask" and preprocess.field_of_view != "whole":  # image and mask read together
+            n = len(image_paths(row["image"]))  # image file(s), then the mask, then the field of view if given
             files = [*image_paths(row["image"]), row["mask"], *([row["fov"]] if row.get("fov") else [])]
-            n = len(files) - 1 - bool(row.get("fov"))
             case = _read_files(site_dir, files, where, problems, lambda paths, n=n: load_field_of_view_case(
                 paths[:n], paths[n], paths[n + 1] if len(paths) > n + 1 else None, image_size, num_classes,
                 preprocess, channels, rescaled))  # fmt: skip
+            loaded, value = (None, None) if case is None else ((case.image, case.spacing), case.mask)
             if case is not None:
-                images.append(case.image)
-                spacings.append(case.spacing)
-                targets.append(case.mask)
-                splits.append(row["split"])
-                patients.append(row.get("patient_id") or "")
                 diameters.append(case.diameter)
-            continue
-        loaded = _read_files(
-            site_dir,
-            image_paths(row["image"]),
-            where,
-            problems,
-            lambda paths, mm=pixel_mm, modality=stated_modality: load_image(
-                paths, image_size, spatial_dims, mm, preprocess, modality, channels
-            ),
-        )
-        if target == "mask":
-            value = _read_file(
+        else:
+            loaded = _read_files(
                 site_dir,
-                row["mask"],
+                image_paths(row["image"]),
                 where,
                 problems,
-                lambda p, geometry=loaded and loaded[2]: load_mask(
-                    p, image_size, num_classes, spatial_dims, geometry, preprocess, rescaled
+                lambda paths, mm=pixel_mm, modality=stated_modality: load_image(
+                    paths, image_size, spatial_dims, mm, preprocess, modality, channels
                 ),
             )
+            if target == "mask":
+                value = _read_file(
+                    site_dir,
+                    row["mask"],
+                    where,
+                    problems,
+                    lambda p, geometry=loaded and loaded[2]: load_mask(
+                        p, image_size, num_classes, spatial_dims, geometry, preprocess, rescaled
+                    ),
+                )
         if loaded is None or value is None:
             continue
         images.append(loaded[0])
