@@ -26,16 +26,30 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _spread(values: list[float]) -> str:
+    """One value, or the mean with the range over runs."""
+    if len(values) == 1:
+        return _f(values[0])
+    return f"{_f(sum(values) / len(values))} ({_f(min(values))}-{_f(max(values))}, {len(values)} draws)"
+
+
 def _spine(r: dict[str, Any]) -> Iterator[Row]:
-    for run in r["runs"]:
-        delta = f" δ={run['delta']:.0e}" if run.get("delta") else ""
-        setting = f"PneumoniaMNIST, {run['setup']}, {'DP ε=' + _f(run['epsilon'], 1) + delta if run['dp'] else 'no DP'}"
-        at = run.get("pooled_sites")
-        if at:
-            value = f"{_f(run['test_auroc'])} / {_f(at['sensitivity'])} / {_f(at['specificity'])}"
-            yield setting, "official test AUROC / sensitivity / specificity", value
+    groups: dict[tuple[str, bool, bool], list[dict[str, Any]]] = {}
+    for run in r["runs"]:  # runs of one setting differ only in run.seed (the partition draw)
+        groups.setdefault((run["setup"], run["dp"], bool(run.get("delta")) and run["delta"] <= 1e-5), []).append(run)
+    for (setup, private, literature_delta), runs in groups.items():
+        mode = "no DP"
+        if private:
+            delta = 1e-5 if literature_delta else max(run["delta"] for run in runs)
+            mode = f"DP ε={_f(max(run['epsilon'] for run in runs), 1)} δ={delta:.0e}"
+        setting = f"PneumoniaMNIST, {setup}, {mode}"
+        if all(run.get("pooled_sites") for run in runs):
+            sensitivity = _f(sum(run["pooled_sites"]["sensitivity"] for run in runs) / len(runs))
+            specificity = _f(sum(run["pooled_sites"]["specificity"] for run in runs) / len(runs))
+            value = f"{_spread([run['test_auroc'] for run in runs])} / {sensitivity} / {specificity}"
+            yield setting, "official test AUROC / sensitivity / specificity (means)", value
         else:
-            yield setting, "test AUROC / accuracy", f"{_f(run['test_auroc'])} / {_f(run['test_accuracy'])}"
+            yield setting, "test AUROC / accuracy", f"{_spread([run['test_auroc'] for run in runs])}"
     yield "PneumoniaMNIST CNN", "DP / non-DP samples/s", _f(r["throughput"]["dp_over_non_dp"], 2)
 
 

@@ -7,9 +7,11 @@ run chose on the validation splits, the sensitivity and specificity of all test 
 "Pooled" is one site holding all training data (what centralising the data would give);
 "FedAvg" is three hospitals with a Dirichlet(0.5) label-skewed split (every site keeps both
 classes in every split). DP runs use δ = 1/(10 n) per site (the default) and, for FedAvg, also
-δ = 1e-5 (what the literature reports), both at ε = 8.
+δ = 1e-5 (what the literature reports), both at ε = 8. The FedAvg runs repeat for each
+``--seeds`` value (``run.seed``: the Dirichlet draw, the initial model and the DP noise), so the
+table shows the spread over partition draws; pooled runs once (seed 0).
 
-    .venv/bin/python benchmarks/spine.py [--npz PATH] [--quick]
+    .venv/bin/python benchmarks/spine.py [--npz PATH] [--quick] [--seeds 0 1 2]
 
 Writes benchmarks/results/spine.json and prints a table.
 """
@@ -64,28 +66,29 @@ def main() -> None:
     parser.add_argument("--npz", type=Path, default=REPO.parent / "shared" / "data" / "medmnist" / "pneumoniamnist.npz")
     parser.add_argument("--quick", action="store_true", help="1 round, 800 samples per site (a smoke run)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-spine")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="run.seed values of the FedAvg runs")
     args = parser.parse_args()
     base = {"data.path": str(args.npz.resolve()), "evaluation.cross-site": False, "evaluation.example-images": 0}
     if args.quick:
         base |= {"run.rounds": 1, "data.max-samples-per-site": 800}
     results = []
     pooled, federated = {"data.sites": 1, "run.min-sites": 1}, {"data.sites": 3}
-    for setup, extra, private in [
-        ("pooled", pooled, False),
-        ("pooled", pooled, True),
-        ("fedavg-3-sites", federated, False),
-        ("fedavg-3-sites", federated, True),
-        ("fedavg-3-sites", federated | {"privacy.delta": 1e-5}, True),
-    ]:
+    fedavg_setups = [
+        ("fedavg-3-sites", federated | delta | {"run.seed": seed}, private)
+        for private, delta in [(False, {}), (True, {}), (True, {"privacy.delta": 1e-5})]
+        for seed in args.seeds
+    ]
+    for setup, extra, private in [("pooled", pooled, False), ("pooled", pooled, True), *fedavg_setups]:
         config = load_config(CONFIG, base | extra | {"privacy.enabled": private})
         delta = "-delta1e-5" if config.privacy.delta else ""
-        out = args.out / f"{setup}-{'dp' if private else 'nodp'}{delta}"
+        out = args.out / f"{setup}-{'dp' if private else 'nodp'}{delta}-seed{config.run.seed}"
         started = time.perf_counter()
         report = simulate(config, out)
         seconds = time.perf_counter() - started
         test = _test_metrics(config, out / "checkpoints" / "global.safetensors", args.npz)
         row = {
             "setup": setup,
+            "seed": config.run.seed,
             "dp": private,
             "epsilon": max((p["epsilon"] for p in report["privacy"].values()), default=None),
             "delta": max((p["delta"] for p in report["privacy"].values()), default=None),
