@@ -162,6 +162,21 @@ def _generalization(r: dict[str, Any]) -> Iterator[Row]:
         )
 
 
+def _repeatability(r: dict[str, Any]) -> Iterator[Row]:
+    for name, result in r["configs"].items():
+        figures = " and ".join(f"{metric} >= {low}" for metric, low in result["figures"].items())
+        worst = " / ".join(
+            f"{metric} {_f(min(site[metric] for run in result['runs'] for site in run['per_site'].values()))}"
+            for metric in result["figures"]
+        )
+        value = f"{result['reached']} of {len(result['runs'])} runs (worst site of any run: {worst})"
+        yield (
+            f"configs/{name}.toml as shipped, run.seed 0..{len(result['runs']) - 1}",
+            f"{figures} at every site",
+            value,
+        )
+
+
 def _dp_small_sites(r: dict[str, Any]) -> Iterator[Row]:
     for row in r.get("chasedb1", {}).get("rows", []):
         sites = " / ".join(_f(site["value"]) for site in row["per_site"].values())
@@ -221,6 +236,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "generalization": _generalization,
     "dp-small-sites": _dp_small_sites,
     "natural-sites": _natural_sites,
+    "repeatability": _repeatability,
 }
 
 

@@ -50,3 +50,14 @@ def test_quick_benchmarks_on_real_data(name: str, tmp_path: Path) -> None:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA}")
     _bench(name, tmp_path)
+
+
+@pytest.mark.slow
+def test_repeatability_quick_checks_every_site_of_every_run(tmp_path: Path) -> None:
+    """Two 1-round demo runs: each run lists every site's figures and whether all reach them."""
+    result = _bench("repeatability", tmp_path)["configs"]["classification-synthetic"]
+    assert [run["seed"] for run in result["runs"]] == [0, 1]
+    for run in result["runs"]:
+        figures = [site[m] >= low for site in run["per_site"].values() for m, low in result["figures"].items()]
+        assert len(run["per_site"]) == 3 and run["reached"] == all(figures)
+    assert result["reached"] == sum(run["reached"] for run in result["runs"])
