@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 from medfed.config import load_config
 from medfed.data import PrivacyUnitDataset, read_site, write_site
+from medfed.data.decode import Preprocess, is_photo, model_input
 from medfed.data.importers import import_site
-from medfed.data.manifest import Preprocess, is_photo, model_input
 from medfed.data.medical_io import read_scan, write_dicom_series
 from medfed.data.synthetic import synthetic_segmentation_site
 from medfed.privacy import make_private

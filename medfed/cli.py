@@ -314,6 +314,7 @@ def evaluate(
     import json
 
     from medfed.data import ArrayDataset, DataError, read_site
+    from medfed.data.decode import Preprocess
     from medfed.evaluation.explain import example_images
     from medfed.evaluation.report import json_safe
     from medfed.predict import read_checkpoint_model
@@ -331,7 +332,7 @@ def evaluate(
             task.SAMPLE_KEYS[1],
             config.data.spatial_dims,
             config.data.class_names,
-            config.data.preprocess,
+            Preprocess.from_config(config.data),
             config.data.channels,
         )
     except (FileNotFoundError, DataError, ConfigError, KeyError, ValueError) as err:
@@ -461,7 +462,7 @@ class _CheckSettings(NamedTuple):
     spatial_dims: int
     channels: int
     class_names: tuple[str, ...] = ()
-    preprocess: Any = None  # medfed.data.manifest.Preprocess; None: the default
+    preprocess: Any = None  # medfed.data.decode.Preprocess; None: the default
 
     def command(self, site_dir: Path, config_file: Path | None) -> str:
         """The ``medfed data check`` command line that checks ``site_dir`` with these settings."""
@@ -490,13 +491,21 @@ def _with_config(settings: _CheckSettings, config_file: Path | None) -> _CheckSe
             },
         )
         return settings
+    from medfed.data.decode import Preprocess
+
     try:
         config = load_config(config_file)
     except ConfigError as err:
         raise _fail(str(err)) from err
     d = config.data
     return _CheckSettings(
-        config.run.task, d.num_classes, d.image_size, d.spatial_dims, d.channels, d.class_names, d.preprocess
+        config.run.task,
+        d.num_classes,
+        d.image_size,
+        d.spatial_dims,
+        d.channels,
+        d.class_names,
+        Preprocess.from_config(d),
     )
 
 
@@ -507,7 +516,7 @@ def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
 
     from medfed.data import SPLITS
     from medfed.data.card import data_card
-    from medfed.data.manifest import DEFAULT_PREPROCESS
+    from medfed.data.decode import DEFAULT_PREPROCESS
     from medfed.data.preflight import run_preflight
     from medfed.tasks import TASKS, get_task
 
@@ -703,8 +712,9 @@ def _import_error(message: str, code: int) -> typer.Exit:
 
 def _spatial_dims(site_dir: Path) -> int:
     """3 when the first image of a site folder is a volume, else 2 (also when it cannot be read: the check says why)."""
-    from medfed.data.manifest import MANIFEST, image_paths, read_table
+    from medfed.data.manifest import image_paths, read_table
     from medfed.data.medical_io import read_scan
+    from medfed.data.vocabulary import MANIFEST
 
     _, rows = read_table(site_dir / MANIFEST)
     try:

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 
 from medfed.config import Config
 from medfed.data import PrivacyUnitDataset, SiteArrays
-from medfed.data.manifest import MANIFEST, read_site
+from medfed.data.decode import Preprocess
+from medfed.data.manifest import read_site
 from medfed.data.synthetic import (
     synthetic_detection_site,
     synthetic_nuclei_site,
@@ -35,6 +36,7 @@ from medfed.data.synthetic import (
     synthetic_vessel_site,
     with_channels,
 )
+from medfed.data.vocabulary import MANIFEST
 from medfed.tasks import get_task, seeded_train_transform
 from medfed.training import build_optimizer, resolve_device, train
 from medfed.weights import model_to_arrays, save_checkpoint
@@ -62,7 +64,16 @@ def public_sites(
         if not folders:
             raise FileNotFoundError(f"--data {data}: no {MANIFEST} in it or in its subfolders (site folders expected)")
         arrays = [
-            read_site(f, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.preprocess, d.channels)
+            read_site(
+                f,
+                d.image_size,
+                d.num_classes,
+                target,
+                d.spatial_dims,
+                d.class_names,
+                Preprocess.from_config(d),
+                d.channels,
+            )
             for f in folders
         ]
         counts = ", ".join(f"{f.name} ({len(a.targets)})" for f, a in zip(folders, arrays, strict=True))

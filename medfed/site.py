@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader
 
 from medfed.config import Config
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
-from medfed.data.manifest import DataProblem, Preprocess
+from medfed.data.decode import Preprocess
 from medfed.data.preflight import Preflight, run_preflight
+from medfed.data.vocabulary import DataProblem
 from medfed.privacy import BudgetExceeded, PrivacyLedger, check_delta, default_delta, make_private, plan_privacy
 from medfed.tasks import get_task, seeded_train_transform
 from medfed.training import build_optimizer, evaluate, loop_options, lr_schedule, resolve_device, train
@@ -91,7 +92,7 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
             target,
             d.spatial_dims,
             d.class_names,
-            d.preprocess,
+            Preprocess.from_config(d),
             d.channels,
         )
         if checked.site is None:

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from medfed.data import DataError, read_site
-from medfed.data.manifest import MANIFEST
 from medfed.data.medical_io import read_scan, write_dicom_series
 from medfed.data.preflight import problem_kind
+from medfed.data.vocabulary import MANIFEST
 from tests.conftest import time_limit
 
 SUFFIXES = (".png", ".jpg", ".bmp", ".tif", ".dcm", ".nii", ".nii.gz", ".npy")

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from medfed.cli import app
 from medfed.data import DataError, SiteArrays, load_simulated_site, read_site, write_site
 from medfed.data.card import data_card
-from medfed.data.manifest import DEFAULT_PREPROCESS, load_image
+from medfed.data.decode import DEFAULT_PREPROCESS, load_image
 from medfed.data.medmnist import read_medmnist
 from medfed.data.preflight import run_preflight
 from medfed.site import _checked_site

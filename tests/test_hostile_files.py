@@ -39,7 +39,7 @@ from typer.testing import CliRunner
 from medfed.cli import _print_summary, app
 from medfed.data import DataError, write_site
 from medfed.data.boxes import read_box_table
-from medfed.data.manifest import DEFAULT_PREPROCESS, load_mask
+from medfed.data.decode import DEFAULT_PREPROCESS, load_mask
 from medfed.data.medical_io import ImageTooLarge, read_scan, write_dicom_series
 from medfed.data.medmnist import read_medmnist
 from medfed.data.synthetic import synthetic_detection_site, synthetic_site

@@ -19,7 +19,8 @@ from medfed.cli import app
 from medfed.config import Config
 from medfed.data import PrivacyUnitDataset, SiteArrays, read_site, write_site
 from medfed.data.medical_io import write_dicom_series
-from medfed.data.pairs import assign_splits, find_pairs
+from medfed.data.pairs import find_pairs
+from medfed.data.partition import assign_splits
 from medfed.data.synthetic import synthetic_segmentation_site
 from medfed.evaluation.quantify import quantify_case, structure_count, structure_size
 from medfed.tasks import segmentation

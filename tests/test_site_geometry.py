@@ -12,7 +12,7 @@ import pytest
 
 from medfed.config import Config, ConfigError
 from medfed.data import DataError, read_site
-from medfed.data.manifest import Preprocess, from_model_grid, load_image, load_mask
+from medfed.data.decode import Preprocess, from_model_grid, load_image, load_mask
 from medfed.data.medical_io import read_scan, write_dicom_seg, write_dicom_series
 
 COMMON = Preprocess(spacing=(2.0, 2.0, 2.0), orientation="RAS")
@@ -142,7 +142,7 @@ def test_resampling_settings_are_checked_when_the_config_loads(data: dict, messa
 
 def test_resampling_settings_reach_the_loaders() -> None:
     config = Config.from_dict({"data": {"spatial-dims": 3, "target-spacing": [1.5, 1.5, 3], "orientation": "las"}})
-    assert config.data.preprocess == Preprocess(spacing=(1.5, 1.5, 3.0), orientation="LAS")
+    assert Preprocess.from_config(config.data) == Preprocess(spacing=(1.5, 1.5, 3.0), orientation="LAS")
 
 
 def test_detection_refuses_a_target_spacing() -> None:

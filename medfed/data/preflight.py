@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from medfed.data.arrays import SPLITS, SiteArrays, image_copies
-from medfed.data.manifest import DEFAULT_PREPROCESS, DataError, DataProblem, Preprocess, read_site
+from medfed.data.decode import DEFAULT_PREPROCESS, Preprocess
+from medfed.data.manifest import read_site
+from medfed.data.vocabulary import DataError, DataProblem
 
 __all__ = ["Preflight", "problem_kind", "run_preflight"]
 

@@ -11,16 +11,18 @@ import numpy as np
 from medfed.config import Config, ConfigError
 from medfed.data.arrays import SiteArrays
 from medfed.data.boxes import load_box_site, read_voc
-from medfed.data.manifest import MANIFEST, read_site
+from medfed.data.decode import Preprocess
+from medfed.data.manifest import read_site
 from medfed.data.medmnist import read_medmnist
-from medfed.data.pairs import ImagePair, assign_splits, deal_to_sites, find_pairs, read_pairs
-from medfed.data.partition import dirichlet_partition, iid_partition
+from medfed.data.pairs import ImagePair, deal_to_sites, find_pairs, read_pairs
+from medfed.data.partition import assign_splits, dirichlet_partition, iid_partition
 from medfed.data.synthetic import (
     synthetic_detection_site,
     synthetic_segmentation_site,
     synthetic_site,
     with_channels,
 )
+from medfed.data.vocabulary import MANIFEST
 from medfed.tasks import get_task
 
 __all__ = ["load_simulated_site", "simulated_site_names"]
@@ -162,7 +164,7 @@ def _load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
             target,
             data.spatial_dims,
             class_names=data.class_names,
-            preprocess=data.preprocess,
+            preprocess=Preprocess.from_config(data),
             channels=data.channels,
         )
     elif data.source == "voc":
@@ -177,7 +179,7 @@ def _load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
             )
         mine, fov_masks = _pairs_of_site(config, index)
         splits = assign_splits(mine, config.run.seed + index)
-        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, data.preprocess,
+        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, Preprocess.from_config(data),
                           data.channels, fov_masks)  # fmt: skip
     elif target != "label":
         raise ValueError(
@@ -254,7 +256,7 @@ def _voc_site(config: Config, index: int) -> SiteArrays:
         data.class_names,
         data.num_classes,
         origin=root,
-        preprocess=data.preprocess,
+        preprocess=Preprocess.from_config(data),
         channels=data.channels,
     )
 
