@@ -40,6 +40,7 @@ from medfed.cli import _print_summary, app
 from medfed.data import DataError, write_site
 from medfed.data.boxes import read_box_table
 from medfed.data.decode import DEFAULT_PREPROCESS, load_mask
+from medfed.data.manifest import SiteReading
 from medfed.data.medical_io import ImageTooLarge, read_scan, write_dicom_series
 from medfed.data.medmnist import read_medmnist
 from medfed.data.synthetic import synthetic_detection_site, synthetic_site
@@ -975,6 +976,6 @@ def test_a_data_error_lists_a_size_bomb_among_the_site_problems(tmp_path: Path) 
     lines[1] = "images/bomb.png" + lines[1][lines[1].index(",") :]
     (site / "manifest.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as raised:
-        read_site(site, 28, 2)
+        read_site(site, SiteReading(28, 2))
     assert "bomb.png" in str(raised.value)
     assert problem_kind(raised.value.problems[0]) == "image larger than data.max-pixels"

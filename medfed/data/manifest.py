@@ -15,14 +15,17 @@ Box targets (detection) have no manifest column: they sit in ``boxes.csv`` besid
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
+from medfed.config import DataConfig
 from medfed.data.arrays import SPLITS, SiteArrays
 from medfed.data.boxes import BOXES, AnnotatedImage, Box, load_box_site, read_box_table, write_box_table
 from medfed.data.decode import (
@@ -37,7 +40,7 @@ from medfed.data.field_of_view import IGNORE, field_of_view_card
 from medfed.data.medical_io import ChannelError
 from medfed.data.vocabulary import MANIFEST, DataError, DataProblem
 
-__all__ = ["image_paths", "read_site", "read_table", "write_site"]
+__all__ = ["SiteReading", "image_paths", "read_site", "read_table", "write_site"]
 
 REQUIRED_COLUMNS = ("image", "split")
 T = TypeVar("T")
@@ -58,33 +61,60 @@ def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise DataError(path.parent, [DataProblem(path.name, f"not a readable CSV table: {err}")]) from None
 
 
-def read_site(
-    site_dir: str | Path,
-    image_size: int,
-    num_classes: int,
-    target: str = "label",
-    spatial_dims: int = 2,
-    class_names: Sequence[str] = (),
-    preprocess: Preprocess = DEFAULT_PREPROCESS,
-    channels: int = 1,
-    notices: list[DataProblem] | None = None,
-) -> SiteArrays:
-    """Load and validate a site folder; raise :class:`DataError` listing every bad row.
+@dataclass(frozen=True)
+class SiteReading:
+    """How a site folder is read (:func:`read_site`, the pre-flight check, a site's cache key).
 
-    CT images are windowed in Hounsfield units as ``preprocess`` says, see :func:`~medfed.data.decode.model_input`.
-    Images are ``(N, channels, *spatial)``: an ``image`` cell names one file holding ``channels``
-    channels or ``channels`` files joined by ``;`` (see :func:`~medfed.data.decode.load_image`); a row whose images hold
-    another number is an error. Masks stored as 0/255 are read as 0/1 with one warning per site.
+    ``image_size`` pixels per axis and ``num_classes`` classes of the model; ``target`` is what the
+    task learns (its ``TARGET``): the manifest column ``label`` or ``mask``, or ``boxes`` (2D only,
+    from ``boxes.csv``, with labels that are names from ``class_names`` or class indices);
+    ``spatial_dims`` 2 (images) or 3 (volumes); ``preprocess`` how files are decoded; ``channels``
+    image channels per case.
+    """
 
-    ``target`` is what the task learns: the manifest column ``label`` or ``mask``, or ``boxes``
-    (2D only), read from ``boxes.csv`` beside the manifest with labels that are names from
-    ``class_names`` or class indices. An optional ``spacing`` column gives the pixel size in mm for
-    files that do not carry it (``0.5`` for isotropic pixels, or one value per axis: ``2.5x0.7x0.7``).
+    image_size: int
+    num_classes: int
+    target: str = "label"
+    spatial_dims: int = 2
+    class_names: tuple[str, ...] = ()
+    preprocess: Preprocess = DEFAULT_PREPROCESS
+    channels: int = 1
+
+    @classmethod
+    def from_config(cls, data: DataConfig, target: str) -> SiteReading:
+        """The reading a run's ``[data]`` section asks for, for a task whose target is ``target``."""
+        return cls(
+            data.image_size,
+            data.num_classes,
+            target,
+            data.spatial_dims,
+            data.class_names,
+            Preprocess.from_config(data),
+            data.channels,
+        )
+
+    def key(self) -> tuple:
+        """The settings as a flat tuple, in field order (a cache key)."""
+        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
+
+
+def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProblem] | None = None) -> SiteArrays:
+    """Load and validate a site folder as ``reading`` says; raise :class:`DataError` listing every bad row.
+
+    CT images are windowed in Hounsfield units as ``reading.preprocess`` says, see
+    :func:`~medfed.data.decode.model_input`. Images are ``(N, channels, *spatial)``: an ``image``
+    cell names one file holding ``channels`` channels or ``channels`` files joined by ``;`` (see
+    :func:`~medfed.data.decode.load_image`); a row whose images hold another number is an error.
+    Masks stored as 0/255 are read as 0/1 with one warning per site. An optional ``spacing`` column
+    gives the pixel size in mm for files that do not carry it (``0.5`` for isotropic pixels, or one
+    value per axis: ``2.5x0.7x0.7``).
 
     What is read but worth a look (dropped boxes, masks read as 0/1) is appended to ``notices``
     naming the files, for the site's operator (the pre-flight check); without it, it is logged
     counted only, since training and evaluation logs reach a simulation's coordinator.
     """
+    image_size, num_classes, target = reading.image_size, reading.num_classes, reading.target
+    spatial_dims, preprocess, channels = reading.spatial_dims, reading.preprocess, reading.channels
     site_dir = Path(site_dir)
     manifest = site_dir / MANIFEST
     if not manifest.is_file():
@@ -106,7 +136,7 @@ def read_site(
     if not rows:
         raise DataError(site_dir, [DataProblem(MANIFEST, "no rows")])
     if boxes:
-        return _read_box_site(site_dir, rows, image_size, num_classes, class_names, preprocess, channels, notices)
+        return _read_box_site(site_dir, rows, reading, notices)
 
     problems: list[DataProblem] = []
     images, targets, splits, patients, spacings, diameters = [], [], [], [], [], []
@@ -179,14 +209,7 @@ def read_site(
 
 
 def _read_box_site(
-    site_dir: Path,
-    rows: list[dict[str, str]],
-    image_size: int,
-    num_classes: int,
-    class_names: Sequence[str],
-    preprocess: Preprocess,
-    channels: int,
-    notices: list[DataProblem] | None,
+    site_dir: Path, rows: list[dict[str, str]], reading: SiteReading, notices: list[DataProblem] | None
 ) -> SiteArrays:
     """The box site of :func:`read_site`: manifest rows checked here, boxes from ``boxes.csv``."""
     boxes, problems = read_box_table(site_dir / BOXES, {row["image"] for row in rows})
@@ -208,13 +231,13 @@ def _read_box_site(
     return load_box_site(
         records,
         splits,
-        image_size,
-        class_names,
-        num_classes,
+        reading.image_size,
+        reading.class_names,
+        reading.num_classes,
         origin=site_dir,
         problems=problems,
-        preprocess=preprocess,
-        channels=channels,
+        preprocess=reading.preprocess,
+        channels=reading.channels,
         notices=notices,
     )
 
