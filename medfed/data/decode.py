@@ -137,9 +137,10 @@ def load_image(
     file's own; a file without one (PNG) counts 1 mm per pixel. ``modality`` (e.g. "CT") stands in
     for a file that does not state its own (NIfTI). See :func:`model_input` for the values.
 
-    ``path`` is one file holding the ``channels`` channels (:func:`~medfed.data.medical_io.read_channels`: with 1, a colour
-    photo is turned grey) or ``channels`` files, one channel each (a colour photo among them is
-    turned grey), which must share the first file's grid. Each channel is scaled on its own (its own
+    ``path`` is one file holding the ``channels`` channels
+    (:func:`~medfed.data.medical_io.read_channels`: with 1, a colour photo is turned grey) or
+    ``channels`` files, one channel each (a colour photo among them is turned grey), which must
+    share the first file's grid. Each channel is scaled on its own (its own
     CT window or percentiles: MR sequences differ in range); an RGB photo's three by the same 1/255.
     """
     paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]

@@ -161,7 +161,8 @@ def _load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
             )
         mine, fov_masks = _pairs_of_site(config, index)
         splits = assign_splits(mine, config.run.seed + index)
-        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, Preprocess.from_config(data),
+        preprocess = Preprocess.from_config(data)
+        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, preprocess,
                           data.channels, fov_masks)  # fmt: skip
     elif target != "label":
         raise ValueError(

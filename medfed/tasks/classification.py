@@ -367,5 +367,6 @@ def _nanmean(values: list[float]) -> float:
 def synthetic_site(
     index: int, samples: int, image_size: int, num_classes: int, seed: int, spatial_dims: int = 2
 ) -> SiteArrays:
-    """Synthetic hospital ``index`` (lesion shapes per class on a smooth background; :mod:`medfed.data.synthetic`), seeded by ``seed``."""
+    """Synthetic hospital ``index``, seeded by ``seed``: lesion shapes per class on a smooth background
+    (:mod:`medfed.data.synthetic`)."""
     return synthetic.synthetic_site(index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims)

@@ -338,7 +338,8 @@ def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) ->
 def synthetic_site(
     index: int, samples: int, image_size: int, num_classes: int, seed: int, spatial_dims: int = 2
 ) -> SiteArrays:
-    """Synthetic hospital ``index`` (several objects per image with their boxes; :mod:`medfed.data.synthetic`), seeded by ``seed``."""
+    """Synthetic hospital ``index``, seeded by ``seed``: several objects per image with their boxes
+    (:mod:`medfed.data.synthetic`)."""
     if spatial_dims not in SPATIAL_DIMS:
         raise ValueError(f"detection makes 2D images only, not spatial_dims = {spatial_dims}")
     return synthetic.synthetic_detection_site(index, samples, image_size, num_classes, seed)

@@ -230,7 +230,8 @@ def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) ->
 def synthetic_site(
     index: int, samples: int, image_size: int, num_classes: int, seed: int, spatial_dims: int = 2
 ) -> SiteArrays:
-    """Synthetic hospital ``index`` (lesions and their label masks; :mod:`medfed.data.synthetic`), seeded by ``seed``."""
+    """Synthetic hospital ``index``, seeded by ``seed``: lesions and their label masks
+    (:mod:`medfed.data.synthetic`)."""
     return synthetic.synthetic_segmentation_site(
         index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims
     )
