@@ -39,7 +39,7 @@ from typer.testing import CliRunner
 from medfed.cli import _print_summary, app
 from medfed.data import DataError, write_site
 from medfed.data.boxes import read_box_table
-from medfed.data.decode import DEFAULT_PREPROCESS, load_mask
+from medfed.data.decode import DEFAULT_PREPROCESS, Preprocess, load_mask
 from medfed.data.manifest import SiteReading
 from medfed.data.medical_io import ImageTooLarge, read_scan, write_dicom_series
 from medfed.data.medmnist import read_medmnist
@@ -285,7 +285,7 @@ def test_a_size_bomb_as_a_mask_is_refused_from_its_header(bomb: Bomb, tmp_path: 
 
 def test_data_max_pixels_is_a_config_key_the_readers_use(tmp_path: Path) -> None:
     config = tiny_config(**{"data.max-pixels": 100})
-    assert config.to_dict()["data"]["max-pixels"] == 100 and config.data.preprocess.max_pixels == 100
+    assert config.to_dict()["data"]["max-pixels"] == 100 and Preprocess.from_config(config.data).max_pixels == 100
     path = tmp_path / "small.png"
     path.write_bytes(_photo(".png", np.zeros((11, 10), np.uint8)))
     with pytest.raises(ImageTooLarge, match="10x11|11x10"):
