@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 
 from medfed.config import load_config
 from medfed.data import PrivacyUnitDataset, read_site, write_site
+from medfed.data.decode import Preprocess, is_photo, model_input
 from medfed.data.importers import import_site
-from medfed.data.manifest import Preprocess, is_photo, model_input
+from medfed.data.manifest import SiteReading
 from medfed.data.medical_io import read_scan, write_dicom_series
 from medfed.data.synthetic import synthetic_segmentation_site
 from medfed.privacy import make_private
@@ -77,8 +78,8 @@ def _labels(root: Path) -> Path:
 def epoch_split(root: Path) -> dict[str, float]:
     config = load_config(REPO / "configs" / "segmentation-synthetic3d.toml", {"train.batch-size": 16})
     site_dir = write_site(root / "site", synthetic_segmentation_site(0, 60, 32, 2, 0, spatial_dims=3))
-    read_seconds = _timed(lambda: read_site(site_dir, 32, 2, "mask", 3), repeats=1)
-    site = read_site(site_dir, 32, 2, "mask", 3)
+    read_seconds = _timed(lambda: read_site(site_dir, SiteReading(32, 2, "mask", 3)), repeats=1)
+    site = read_site(site_dir, SiteReading(32, 2, "mask", 3))
     task = get_task("segmentation")
     model = task.build_model(config)
     _, units = site.privacy_units()

@@ -25,8 +25,9 @@ import numpy as np
 from harness import fedavg, pooled
 
 from medfed.config import Config, load_config
-from medfed.data.manifest import load_mask
-from medfed.data.pairs import assign_splits, deal_to_sites, find_pairs
+from medfed.data.decode import load_mask
+from medfed.data.pairs import deal_to_sites, find_pairs
+from medfed.data.partition import assign_splits
 from medfed.data.sites import load_simulated_site
 
 REPO = Path(__file__).resolve().parent.parent

@@ -314,6 +314,7 @@ def evaluate(
     import json
 
     from medfed.data import ArrayDataset, DataError, read_site
+    from medfed.data.manifest import SiteReading
     from medfed.evaluation.explain import example_images
     from medfed.evaluation.report import json_safe
     from medfed.predict import read_checkpoint_model
@@ -324,16 +325,7 @@ def evaluate(
     try:
         config, net, meta = read_checkpoint_model(model, site)
         task = get_task(config.run.task)
-        site = read_site(
-            data,
-            config.data.image_size,
-            config.data.num_classes,
-            task.SAMPLE_KEYS[1],
-            config.data.spatial_dims,
-            config.data.class_names,
-            config.data.preprocess,
-            config.data.channels,
-        )
+        site = read_site(data, SiteReading.from_config(config.data, task.TARGET))
     except (FileNotFoundError, DataError, ConfigError, KeyError, ValueError) as err:
         raise _fail(str(err)) from err
     if split == "all":
@@ -461,7 +453,7 @@ class _CheckSettings(NamedTuple):
     spatial_dims: int
     channels: int
     class_names: tuple[str, ...] = ()
-    preprocess: Any = None  # medfed.data.manifest.Preprocess; None: the default
+    preprocess: Any = None  # medfed.data.decode.Preprocess; None: the default
 
     def command(self, site_dir: Path, config_file: Path | None) -> str:
         """The ``medfed data check`` command line that checks ``site_dir`` with these settings."""
@@ -490,13 +482,21 @@ def _with_config(settings: _CheckSettings, config_file: Path | None) -> _CheckSe
             },
         )
         return settings
+    from medfed.data.decode import Preprocess
+
     try:
         config = load_config(config_file)
     except ConfigError as err:
         raise _fail(str(err)) from err
     d = config.data
     return _CheckSettings(
-        config.run.task, d.num_classes, d.image_size, d.spatial_dims, d.channels, d.class_names, d.preprocess
+        config.run.task,
+        d.num_classes,
+        d.image_size,
+        d.spatial_dims,
+        d.channels,
+        d.class_names,
+        Preprocess.from_config(d),
     )
 
 
@@ -507,7 +507,8 @@ def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
 
     from medfed.data import SPLITS
     from medfed.data.card import data_card
-    from medfed.data.manifest import DEFAULT_PREPROCESS
+    from medfed.data.decode import DEFAULT_PREPROCESS
+    from medfed.data.manifest import SiteReading
     from medfed.data.preflight import run_preflight
     from medfed.tasks import TASKS, get_task
 
@@ -515,17 +516,17 @@ def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
         raise _fail(f"--task {settings.task!r}: expected one of {sorted(TASKS)}")
     names = settings.class_names
     num_classes = len(names) if names else settings.num_classes
-    target = get_task(settings.task).SAMPLE_KEYS[1]
-    result = run_preflight(
-        site_dir,
+    preprocess = settings.preprocess or DEFAULT_PREPROCESS
+    reading = SiteReading(
         settings.image_size,
         num_classes,
-        target,
+        get_task(settings.task).TARGET,
         settings.spatial_dims,
         names,
-        settings.preprocess or DEFAULT_PREPROCESS,
+        preprocess,
         settings.channels,
     )
+    result = run_preflight(site_dir, reading)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {plain(warning)}")
     if result.site is None:
@@ -540,7 +541,6 @@ def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
         f"{plain(site_dir)}: {len(site.targets)} samples, all readable; privacy unit: {unit} ({len(units)} in train); "
         f"{len(result.warnings)} warning(s)"
     )
-    preprocess = settings.preprocess or DEFAULT_PREPROCESS
     for line in data_card(site_dir, site, preprocess.max_pixels).lines():
         console.print(f"  {plain(line)}")
     if site.target_key == "boxes":
@@ -703,8 +703,9 @@ def _import_error(message: str, code: int) -> typer.Exit:
 
 def _spatial_dims(site_dir: Path) -> int:
     """3 when the first image of a site folder is a volume, else 2 (also when it cannot be read: the check says why)."""
-    from medfed.data.manifest import MANIFEST, image_paths, read_table
+    from medfed.data.manifest import image_paths, read_table
     from medfed.data.medical_io import read_scan
+    from medfed.data.vocabulary import MANIFEST
 
     _, rows = read_table(site_dir / MANIFEST)
     try:
@@ -730,23 +731,17 @@ def data_synth(
 ) -> None:
     """Write synthetic hospitals (scanner shift, prevalence, voxel size) as site folders."""
     from medfed.data import write_site
-    from medfed.data.synthetic import (
-        synthetic_detection_site,
-        synthetic_segmentation_site,
-        synthetic_site,
-        with_channels,
-    )
+    from medfed.data.synthetic import with_channels
+    from medfed.tasks import TASKS, get_task
 
-    if task not in ("classification", "segmentation", "detection"):
+    if task not in TASKS:
         raise _fail(f"--task {task!r}: expected classification, segmentation or detection")
-    if task == "detection" and spatial_dims != 2:
-        raise _fail("--task detection makes 2D images only (--spatial-dims 2)")
+    plugin = get_task(task)
+    if spatial_dims not in plugin.SPATIAL_DIMS:
+        dims, options = " or ".join(f"{n}D" for n in plugin.SPATIAL_DIMS), " or ".join(map(str, plugin.SPATIAL_DIMS))
+        raise _fail(f"--task {task} makes {dims} images only (--spatial-dims {options})")
     for index in range(sites):
-        if task == "detection":
-            site = synthetic_detection_site(index, samples, image_size, num_classes, seed)
-        else:
-            make = synthetic_segmentation_site if task == "segmentation" else synthetic_site
-            site = make(index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims)
+        site = plugin.synthetic_site(index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims)
         console.print(f"wrote {plain(write_site(out / f'hospital-{index + 1}', with_channels(site, channels)))}")
 
 

@@ -334,20 +334,6 @@ class DataConfig:
                "data.field-of-view", self.field_of_view,
                "'whole' unless 2D photos come from data.source = 'pairs' or 'sites'")  # fmt: skip
 
-    @property
-    def preprocess(self) -> Any:
-        """The :class:`medfed.data.manifest.Preprocess` of ``ct-window`` and ``modality``."""
-        from medfed.data.manifest import Preprocess  # the data package imports this module
-
-        return Preprocess(
-            self.ct_window,
-            self.modality,
-            self.target_spacing,
-            self.orientation.upper(),
-            self.max_pixels,
-            self.field_of_view,
-        )
-
 
 @dataclass(frozen=True)
 class ModelConfig:

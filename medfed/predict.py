@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from medfed.config import Config
-from medfed.data.manifest import Geometry, from_model_grid, is_photo, load_image, model_input
+from medfed.data.decode import Geometry, Preprocess, from_model_grid, is_photo, load_image, model_input
 from medfed.data.medical_io import Scan, read_channels, write_dicom_seg, write_nifti_mask
 from medfed.evaluation.quantify import quantify_case, remove_small_structures, size_unit
 from medfed.tasks import get_task, predict
@@ -141,11 +141,11 @@ def _model_image(case: Path, scan: Scan, config: Config) -> tuple[np.ndarray, Ge
     try:
         if d.channels == 1:
             image, _, geometry = model_input(
-                scan, d.image_size, d.spatial_dims, is_photo(case), preprocess=d.preprocess
+                scan, d.image_size, d.spatial_dims, is_photo(case), preprocess=Preprocess.from_config(d)
             )
         else:
             image, _, geometry = load_image(
-                case, d.image_size, d.spatial_dims, preprocess=d.preprocess, channels=d.channels
+                case, d.image_size, d.spatial_dims, preprocess=Preprocess.from_config(d), channels=d.channels
             )
     except ValueError as err:  # e.g. NaN pixels: say which case
         raise ValueError(str(err) if case.name in str(err) else f"{case}: {err}") from None
@@ -156,7 +156,7 @@ def _model_image(case: Path, scan: Scan, config: Config) -> tuple[np.ndarray, Ge
 def segment_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module) -> np.ndarray:
     """The label map of ``scan`` (read from ``case``) on its own grid (``scan.array.shape``), integer classes."""
     dims = config.data.spatial_dims
-    preprocess = config.data.preprocess
+    preprocess = Preprocess.from_config(config.data)
     image, geometry = _model_image(case, scan, config)
     device = next(model.parameters()).device
     labels = predict(get_task(config.run.task), model, torch.as_tensor(image)[None].to(device), config)[0]

@@ -25,16 +25,9 @@ from torch.utils.data import DataLoader
 
 from medfed.config import Config
 from medfed.data import PrivacyUnitDataset, SiteArrays
-from medfed.data.manifest import MANIFEST, read_site
-from medfed.data.synthetic import (
-    synthetic_detection_site,
-    synthetic_nuclei_site,
-    synthetic_organ_site,
-    synthetic_segmentation_site,
-    synthetic_site,
-    synthetic_vessel_site,
-    with_channels,
-)
+from medfed.data.manifest import SiteReading, read_site
+from medfed.data.synthetic import synthetic_nuclei_site, synthetic_organ_site, synthetic_vessel_site, with_channels
+from medfed.data.vocabulary import MANIFEST
 from medfed.tasks import get_task, seeded_train_transform
 from medfed.training import build_optimizer, resolve_device, train
 from medfed.weights import model_to_arrays, save_checkpoint
@@ -52,8 +45,7 @@ def public_sites(
 ) -> tuple[list[SiteArrays], str]:
     """The pre-training data and a one-line description of it: public site folders under ``data``
     (one site folder, or a folder of them), else ``sites`` synthetic hospitals."""
-    task = config.run.task
-    target = get_task(task).SAMPLE_KEYS[1]
+    task = get_task(config.run.task)
     d = config.data
     if data is not None:
         folders = (
@@ -61,37 +53,30 @@ def public_sites(
         )
         if not folders:
             raise FileNotFoundError(f"--data {data}: no {MANIFEST} in it or in its subfolders (site folders expected)")
-        arrays = [
-            read_site(f, d.image_size, d.num_classes, target, d.spatial_dims, d.class_names, d.preprocess, d.channels)
-            for f in folders
-        ]
+        reading = SiteReading.from_config(d, task.TARGET)
+        arrays = [read_site(f, reading) for f in folders]
         counts = ", ".join(f"{f.name} ({len(a.targets)})" for f, a in zip(folders, arrays, strict=True))
         return arrays, f"public site folders at {data.resolve()}: {counts}"
     seed = config.run.seed
     indices = range(SYNTHETIC_SITE_OFFSET, SYNTHETIC_SITE_OFFSET + sites)
     if phantom == "vessels":
-        if task != "segmentation" or d.spatial_dims != 2 or d.num_classes != 2:
+        if task.NAME != "segmentation" or d.spatial_dims != 2 or d.num_classes != 2:
             raise ValueError("vessel phantoms are 2D binary segmentation data (run.task = 'segmentation', 2 classes)")
         arrays = [synthetic_vessel_site(i, samples_per_site, d.image_size, seed) for i in indices]
     elif phantom in ("nuclei", "organs"):
-        if task != "segmentation":
+        if task.NAME != "segmentation":
             raise ValueError(f"{phantom} phantoms are segmentation data (run.task = 'segmentation')")
         draw = synthetic_nuclei_site if phantom == "nuclei" else synthetic_organ_site
         arrays = [draw(i, samples_per_site, d.image_size, d.num_classes, seed, spatial_dims=d.spatial_dims)
                   for i in indices]  # fmt: skip
-    elif task == "detection":
-        arrays = [synthetic_detection_site(i, samples_per_site, d.image_size, d.num_classes, seed) for i in indices]
-    elif task == "segmentation":
-        arrays = [synthetic_segmentation_site(i, samples_per_site, d.image_size, d.num_classes, seed,
-                                              spatial_dims=d.spatial_dims) for i in indices]  # fmt: skip
     else:
-        arrays = [synthetic_site(i, samples_per_site, d.image_size, d.num_classes, seed,
-                                 spatial_dims=d.spatial_dims) for i in indices]  # fmt: skip
+        arrays = [task.synthetic_site(i, samples_per_site, d.image_size, d.num_classes, seed,
+                                      spatial_dims=d.spatial_dims) for i in indices]  # fmt: skip
     arrays = [with_channels(a, d.channels) for a in arrays]
-    rows = max(a.targets.shape[1] for a in arrays) if task == "detection" else 0
+    rows = max((a.targets.shape[1] for a in arrays if a.target_key == "boxes"), default=0)
     arrays = [a.with_box_rows(rows) for a in arrays]  # detection sites' images share batches
     kind = {"vessels": "vessel", "nuclei": "nucleus", "organs": "organ"}.get(phantom) or (
-        "object" if task == "detection" else "lesion"
+        "object" if task.TARGET == "boxes" else "lesion"
     )
     return arrays, f"synthetic {kind} phantoms: {sites} simulated scanners x {samples_per_site} images, seed {seed}"
 

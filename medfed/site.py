@@ -31,10 +31,12 @@ from torch.utils.data import DataLoader
 
 from medfed.config import Config
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
-from medfed.data.manifest import DataProblem, Preprocess
+from medfed.data.manifest import SiteReading
 from medfed.data.preflight import Preflight, run_preflight
+from medfed.data.vocabulary import DataProblem
 from medfed.privacy import BudgetExceeded, PrivacyLedger, check_delta, default_delta, make_private, plan_privacy
 from medfed.tasks import get_task, seeded_train_transform
+from medfed.tasks.classification import LogitAdjustment
 from medfed.training import build_optimizer, evaluate, loop_options, lr_schedule, resolve_device, train
 from medfed.weights import compress_update, model_to_arrays, set_model_arrays
 
@@ -81,19 +83,8 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
             raise ValueError("node_config needs site-name (the name this site reports to the server)")
         name = str(node_config["site-name"])
         state_dir = Path(str(node_config.get("state-dir", data_path / STATE_FOLDER)))
-        target = get_task(config.run.task).SAMPLE_KEYS[1]
-        d = config.data
-        checked = _checked_site(
-            data_path,
-            state_dir,
-            d.image_size,
-            d.num_classes,
-            target,
-            d.spatial_dims,
-            d.class_names,
-            d.preprocess,
-            d.channels,
-        )
+        reading = SiteReading.from_config(config.data, get_task(config.run.task).TARGET)
+        checked = _checked_site(data_path, state_dir, reading)
         if checked.site is None:
             raise PreflightFailed(f"site data failed the pre-flight check: {checked.summary()}")
         data, notes = checked.site, checked.summary()
@@ -131,19 +122,9 @@ def folder_signature(folder: Path, state_dir: Path | None = None) -> tuple[tuple
     return tuple(entries)
 
 
-def _checked_site(
-    folder: Path,
-    state_dir: Path,
-    image_size: int,
-    num_classes: int,
-    target: str,
-    spatial_dims: int,
-    class_names: tuple[str, ...],
-    preprocess: Preprocess,
-    channels: int,
-) -> Preflight:
+def _checked_site(folder: Path, state_dir: Path, reading: SiteReading) -> Preflight:
     """The site folder's pre-flight check (:func:`run_preflight`, as ``medfed data check`` runs it),
-    done once while the folder's files and the settings stay the same.
+    done once while the folder's files and ``reading`` stay the same.
 
     Every error and warning is logged here in full, at the site. A site answers a train and an
     evaluate message every round, and a deployed site (Flower's subprocess isolation) starts a new
@@ -152,8 +133,7 @@ def _checked_site(
     re-reading and resampling every scan took as long as a local DP epoch
     (benchmarks/data_loading.py).
     """
-    settings = (image_size, num_classes, target, spatial_dims, class_names, preprocess, channels)
-    key = (str(folder.resolve()), *settings)
+    key = (str(folder.resolve()), *reading.key())
     signature = folder_signature(folder, state_dir)
     cached = _SITE_CACHE.get(key)
     if cached is not None and cached[0] == signature:
@@ -161,9 +141,7 @@ def _checked_site(
     digest = hashlib.sha256(repr((key, signature)).encode()).hexdigest()[:24]
     checked = _load_cached(state_dir / CACHE_FOLDER / f"{digest}.npz")
     if checked is None:
-        checked = run_preflight(
-            folder, image_size, num_classes, target, spatial_dims, class_names, preprocess, channels
-        )
+        checked = run_preflight(folder, reading)
         for problem in checked.errors:
             log.error("pre-flight check: %s", problem)
         for problem in checked.warnings:
@@ -300,7 +278,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     transform = seeded_train_transform(task, config, seed)
     if config.train.logit_adjust:  # classification without DP (the config refuses it otherwise)
         train_labels = site.data.targets[site.data.splits == "train"]
-        transform = task.LogitAdjustment(transform, train_labels, config.data.num_classes)
+        transform = LogitAdjustment(transform, train_labels, config.data.num_classes)
     unit, units = site.data.privacy_units("train", config.privacy.unit)
     dataset = PrivacyUnitDataset(site.data.split("train"), units, transform, config.train.augmentations)
     n = len(dataset)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -16,6 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from medfed.config import Config, TrainConfig
+from medfed.tasks import Task
 
 __all__ = [
     "TrainStats",
@@ -97,7 +96,7 @@ def loop_options(settings: TrainConfig) -> dict[str, int]:
 
 
 def train(
-    task: ModuleType | Any,
+    task: Task,
     model: nn.Module,
     loader: DataLoader,
     optimizer: Optimizer,
@@ -154,7 +153,7 @@ def train(
 
 
 def _step(
-    task: ModuleType | Any,
+    task: Task,
     model: nn.Module,
     optimizer: Optimizer,
     batch: dict[str, torch.Tensor],
@@ -212,7 +211,7 @@ def _noise_only_step(model: nn.Module, optimizer: Optimizer) -> None:
 
 @torch.no_grad()
 def evaluate(
-    task: ModuleType | Any,
+    task: Task,
     model: nn.Module,
     dataset: Dataset,
     config: Config,

@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from medfed.data import DataError, read_site
-from medfed.data.manifest import MANIFEST
+from medfed.data.manifest import SiteReading
 from medfed.data.medical_io import read_scan, write_dicom_series
 from medfed.data.preflight import problem_kind
+from medfed.data.vocabulary import MANIFEST
 from tests.conftest import time_limit
 
 SUFFIXES = (".png", ".jpg", ".bmp", ".tif", ".dcm", ".nii", ".nii.gz", ".npy")
@@ -213,7 +214,7 @@ def test_bad_input_is_refused_with_a_clear_error(
     site = tmp_path / "site"
     write(site)
     with pytest.raises((DataError, ValueError, FileNotFoundError)) as raised:
-        read_site(site, 8, 2, **kwargs)
+        read_site(site, SiteReading(8, 2, **kwargs))
     assert expected in str(raised.value), f"{name}: {raised.value}"
     if isinstance(raised.value, DataError):  # what a site would tell the server about it: a known kind
         assert all(problem_kind(p) != "other data problem" for p in raised.value.problems), str(raised.value)
@@ -249,7 +250,7 @@ def test_manifest_parser_refuses_or_loads_any_table(tmp_path: Path, rows: list, 
     writer.writerows(rows)
     (site / MANIFEST).write_text(buffer.getvalue())
     try:
-        loaded = read_site(site, 8, 2)
+        loaded = read_site(site, SiteReading(8, 2))
     except DataError as err:
         assert err.problems and all(p.reason for p in err.problems)
     else:

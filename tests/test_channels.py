@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from medfed.cli import app
 from medfed.data import DataError, SiteArrays, load_simulated_site, read_site, write_site
 from medfed.data.card import data_card
-from medfed.data.manifest import DEFAULT_PREPROCESS, load_image
+from medfed.data.decode import DEFAULT_PREPROCESS, load_image
+from medfed.data.manifest import SiteReading
 from medfed.data.medmnist import read_medmnist
 from medfed.data.preflight import run_preflight
 from medfed.site import _checked_site
@@ -55,12 +56,12 @@ def _rise(image: np.ndarray, axis: int) -> float:
 
 def test_rgb_photos_keep_their_colours_and_the_card_says_rgb(tmp_path: Path) -> None:
     site_dir = _photo_site(tmp_path / "site", [(255, 0, 0), (0, 255, 0), (0, 0, 255)] * 2)
-    site = read_site(site_dir, 8, 2, channels=3)
+    site = read_site(site_dir, SiteReading(8, 2, channels=3))
     assert site.images.shape == (6, 3, 8, 8)
     red = site.images[0].mean(axis=(1, 2))
     assert red[0] > 0.95 and red[1] < 0.05 and red[2] < 0.05
     assert site.images[1, 1].mean() > 0.95 and site.images[2, 2].mean() > 0.95
-    checked = run_preflight(site_dir, 8, 2, channels=3)
+    checked = run_preflight(site_dir, SiteReading(8, 2, channels=3))
     assert checked.ok and "channels: 3 (RGB)" in data_card(site_dir, checked.site).lines()
 
 
@@ -72,7 +73,7 @@ def test_channels_1_turns_colour_photos_grey_as_before(tmp_path: Path) -> None:
         grey = np.asarray(img.convert("L"), dtype=np.float32) / 255
     assert image.shape == (1, 16, 16) and np.allclose(image[0], grey)
     site_dir = _photo_site(tmp_path / "site", [(200, 10, 10)] * 6)
-    checked = run_preflight(site_dir, 8, 2)
+    checked = run_preflight(site_dir, SiteReading(8, 2))
     assert checked.site is not None and checked.site.images.shape[1] == 1
     assert "channels: 1 (colour photos turned grey)" in data_card(site_dir, checked.site).lines()
 
@@ -82,12 +83,12 @@ def test_a_grey_image_in_a_colour_site_is_refused_with_its_name(tmp_path: Path) 
     Image.fromarray(np.full((12, 12), 90, np.uint8)).save(site_dir / "grey.png")
     _manifest(site_dir, [*[[f"{i}.png", "0", SPLITS[i]] for i in range(5)], ["grey.png", "1", "test"]])
     with pytest.raises(DataError) as err:
-        read_site(site_dir, 8, 2, channels=3)
+        read_site(site_dir, SiteReading(8, 2, channels=3))
     assert "grey.png has 1 channel (grey): data.channels = 3 expects 3" in str(err.value)
-    checked = run_preflight(site_dir, 8, 2, channels=3)
+    checked = run_preflight(site_dir, SiteReading(8, 2, channels=3))
     assert not checked.ok and checked.summary() == "1 wrong number of image channels"
     with pytest.raises(DataError, match=r"0.png has 3 channels \(RGB\): data.channels = 4 expects 4"):
-        read_site(site_dir, 8, 2, channels=4)
+        read_site(site_dir, SiteReading(8, 2, channels=4))
 
 
 def test_one_file_per_channel_stacks_in_manifest_order(tmp_path: Path) -> None:
@@ -97,7 +98,7 @@ def test_one_file_per_channel_stacks_in_manifest_order(tmp_path: Path) -> None:
         nib.save(nib.Nifti1Image(_ramp(shape, axis), affine), tmp_path / f"{name}.nii.gz")
     nib.save(nib.Nifti1Image(np.stack([_ramp(shape, a) for a in range(3)], axis=-1), affine), tmp_path / "4d.nii.gz")
     _manifest(tmp_path, [["t1.nii.gz;t2.nii.gz; flair.nii.gz", "0", "train"], ["4d.nii.gz", "1", "test"]])
-    site = read_site(tmp_path, 8, 2, spatial_dims=3, channels=3)
+    site = read_site(tmp_path, SiteReading(8, 2, spatial_dims=3, channels=3))
     assert site.images.shape == (2, 3, 8, 8, 8)
     for k in range(3):
         assert _rise(site.images[0, k], k) > 0.8
@@ -114,7 +115,7 @@ def test_npy_channels_as_files_or_as_an_axis(tmp_path: Path) -> None:
     np.save(tmp_path / "last.npy", np.stack([rows, cols], axis=-1))
     cells = ["rows.npy;cols.npy", "first.npy", "last.npy"]
     _manifest(tmp_path, [[cell, "0", "train"] for cell in cells])
-    site = read_site(tmp_path, 10, 2, channels=2)
+    site = read_site(tmp_path, SiteReading(10, 2, channels=2))
     assert site.images.shape == (3, 2, 10, 10)
     assert _rise(site.images[0, 0], 0) > 0.8 and _rise(site.images[0, 1], 1) > 0.8
     assert np.allclose(site.images[0], site.images[1]) and np.allclose(site.images[0], site.images[2])
@@ -134,7 +135,7 @@ def test_channel_files_that_do_not_fit_are_refused_with_their_names(tmp_path: Pa
         ],
     )
     with pytest.raises(DataError) as err:
-        read_site(tmp_path, 8, 2, spatial_dims=3, channels=2)
+        read_site(tmp_path, SiteReading(8, 2, spatial_dims=3, channels=2))
     problems = [str(p) for p in err.value.problems]
     assert len(problems) == 3
     assert "t2_cut.nii.gz is 8x8x5 pixels of 1 x 1 x 1 mm but" in problems[0] and "share one grid" in problems[0]
@@ -142,7 +143,7 @@ def test_channel_files_that_do_not_fit_are_refused_with_their_names(tmp_path: Pa
     assert "t1.nii.gz holds an array of shape (8, 8, 6): data.channels = 2 expects 2 volumes" in problems[2]
     _manifest(tmp_path, [["t1.nii.gz;t1.nii.gz;t1.nii.gz", "0", "train"]])
     with pytest.raises(DataError, match="3 files .* for data.channels = 2"):
-        read_site(tmp_path, 8, 2, spatial_dims=3, channels=2)
+        read_site(tmp_path, SiteReading(8, 2, spatial_dims=3, channels=2))
 
 
 def _pairs(src: Path, n: int = 6, value: int = 255, colour: bool = True) -> Path:
@@ -165,14 +166,14 @@ def test_masks_stored_as_0_255_are_read_as_0_1_with_one_warning(tmp_path: Path) 
     _manifest(src, rows, ("image", "mask", "split"))
     rgb_mask = np.asarray(Image.open(src / "masks" / "case0.png"))
     Image.fromarray(np.stack([rgb_mask] * 3, axis=-1)).save(src / "masks" / "case0.png")  # grey saved as RGB
-    checked = run_preflight(src, 16, 2, "mask", channels=3)
+    checked = run_preflight(src, SiteReading(16, 2, "mask", channels=3))
     assert checked.site is not None and set(np.unique(checked.site.targets)) == {0, 1}
     notes = [w for w in checked.warnings if "read as 0/1" in w.reason]
     assert len(notes) == 1 and "6 of 6 masks" in notes[0].reason
-    many = run_preflight(src, 16, 256, "mask", channels=3)  # 255 is a class index here: nothing to rescale
+    many = run_preflight(src, SiteReading(16, 256, "mask", channels=3))  # 255 is a class index here: nothing to rescale
     assert many.site is not None and many.site.targets.max() == 255
     Image.fromarray(np.where(rgb_mask > 0, 254, 0).astype(np.uint8)).save(src / "masks" / "case1.png")
-    bad = run_preflight(src, 16, 2, "mask", channels=3)
+    bad = run_preflight(src, SiteReading(16, 2, "mask", channels=3))
     assert not bad.ok and "mask values must be class indices in [0, 1]" in str(bad.errors[0])
 
 
@@ -201,10 +202,12 @@ def test_written_sites_read_back_with_their_channels(tmp_path: Path) -> None:
     for channels in (3, 4):
         images = rng.random((6, channels, 12, 12)).astype(np.float32)
         site = SiteArrays(images, np.arange(6) % 2, np.array(SPLITS))
-        back = read_site(write_site(tmp_path / f"c{channels}", site), 12, 2, channels=channels)
+        back = read_site(write_site(tmp_path / f"c{channels}", site), SiteReading(12, 2, channels=channels))
         assert np.allclose(back.images, images, atol=0.5 / 255 + 1e-6)
     volumes = SiteArrays(rng.random((2, 2, 8, 8, 8)).astype(np.float32), np.array([0, 1]), np.array(["train", "test"]))
-    assert read_site(write_site(tmp_path / "v", volumes), 8, 2, spatial_dims=3, channels=2).images.shape == (
+    assert read_site(
+        write_site(tmp_path / "v", volumes), SiteReading(8, 2, spatial_dims=3, channels=2)
+    ).images.shape == (
         2,
         2,
         8,
@@ -232,5 +235,5 @@ def test_a_deployed_site_checks_again_when_the_channels_change(tmp_path: Path) -
     site_dir = _photo_site(tmp_path / "site", [(255, 0, 0), (0, 0, 255)] * 3)
     state = tmp_path / "state"
     for channels in (1, 3, 1):
-        checked = _checked_site(site_dir, state, 8, 2, "label", 2, (), DEFAULT_PREPROCESS, channels)
+        checked = _checked_site(site_dir, state, SiteReading(8, 2, "label", 2, (), DEFAULT_PREPROCESS, channels))
         assert checked.site is not None and checked.site.images.shape[1] == channels

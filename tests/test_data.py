@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from medfed.data import DataError, read_site, write_site
+from medfed.data.manifest import SiteReading
 from medfed.data.medmnist import read_medmnist
 from medfed.data.partition import dirichlet_partition, iid_partition, natural_partition
 from medfed.data.sites import load_simulated_site, simulated_site_names
@@ -30,7 +31,7 @@ def test_synthetic_lesion_class_is_brighter_at_its_peak() -> None:
 
 
 def test_site_folder_round_trip(site_dir: Path) -> None:
-    site = read_site(site_dir, 28, 2)
+    site = read_site(site_dir, SiteReading(28, 2))
     original = synthetic_site(0, 60, seed=1)
     np.testing.assert_array_equal(site.targets, original.targets)
     np.testing.assert_allclose(site.images, original.images, atol=1 / 255)
@@ -48,7 +49,7 @@ def test_read_site_lists_every_problem(site_dir: Path) -> None:
     lines.append("images/000006.png,0,test,p1")
     manifest.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as err:
-        read_site(site_dir, 28, 2)
+        read_site(site_dir, SiteReading(28, 2))
     text = str(err.value)
     assert "is not a class index in [0, 1]" in text
     assert "missing.png" in text and "file not found" in text
@@ -61,10 +62,10 @@ def test_read_site_lists_every_problem(site_dir: Path) -> None:
 
 def test_read_site_missing_manifest_and_columns(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="needs manifest.csv"):
-        read_site(tmp_path, 28, 2)
+        read_site(tmp_path, SiteReading(28, 2))
     (tmp_path / "manifest.csv").write_text("file,label\na.png,0\n")
     with pytest.raises(DataError, match=r"missing column\(s\) \['image', 'split'\]"):
-        read_site(tmp_path, 28, 2)
+        read_site(tmp_path, SiteReading(28, 2))
 
 
 def test_other_image_formats_are_read_and_resized(tmp_path: Path) -> None:
@@ -72,7 +73,7 @@ def test_other_image_formats_are_read_and_resized(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", rng.random((40, 40)).astype(np.float32))
     Image.fromarray((rng.random((56, 56)) * 255).astype(np.uint8)).save(tmp_path / "b.jpg")
     (tmp_path / "manifest.csv").write_text("image,label,split\na.npy,0,train\nb.jpg,1,test\n")
-    site = read_site(tmp_path, 28, 2)
+    site = read_site(tmp_path, SiteReading(28, 2))
     assert site.images.shape == (2, 1, 28, 28)
 
 

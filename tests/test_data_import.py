@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from medfed.cli import app
 from medfed.data import DataError, read_site
 from medfed.data.dicom_import import import_dicom
+from medfed.data.manifest import SiteReading
 from medfed.data.medical_io import read_scan, write_dicom_seg, write_dicom_series
 from tests.test_detection_data import _png, _voc
 
@@ -44,7 +45,7 @@ def test_medmnist_npz_keeps_its_official_splits(tmp_path: Path) -> None:
     np.savez(tmp_path / "tiny.npz", **arrays)
     output = _import(str(tmp_path / "tiny.npz"), "--from", "medmnist", "--out", str(tmp_path / "site"))
     assert "--task classification" in output
-    site = read_site(tmp_path / "site", 28, 2)
+    site = read_site(tmp_path / "site", SiteReading(28, 2))
     assert [int(np.sum(site.splits == s)) for s in ("train", "val", "test")] == [12, 4, 5]
     np.testing.assert_array_equal(site.targets[:12], arrays["train_labels"].ravel())
 
@@ -52,7 +53,7 @@ def test_medmnist_npz_keeps_its_official_splits(tmp_path: Path) -> None:
 def test_voc_folder_and_coco_file_become_box_sites(tmp_path: Path) -> None:
     voc = _voc(tmp_path / "voc", {f"img{i}": [("cell", 2, 3, 12, 13)] for i in range(5)})
     _import(str(voc), "--from", "voc", "--out", str(tmp_path / "voc-site"))
-    site = read_site(tmp_path / "voc-site", 32, 1, "boxes", class_names=("cell",))
+    site = read_site(tmp_path / "voc-site", SiteReading(32, 1, "boxes", class_names=("cell",)))
     assert len(site.targets) == 5 and (site.targets[:, 0, 4] == 0).all()
 
     for name in ("x.png", "y.png", "z.png"):
@@ -62,7 +63,7 @@ def test_voc_folder_and_coco_file_become_box_sites(tmp_path: Path) -> None:
     coco["annotations"].append({"id": 1, "image_id": 0, "category_id": 7, "bbox": [4, 2, 10, 6]})
     (tmp_path / "coco" / "instances.json").write_text(json.dumps(coco))
     _import(str(tmp_path / "coco" / "instances.json"), "--from", "coco", "--out", str(tmp_path / "coco-site"))
-    assert len(read_site(tmp_path / "coco-site", 32, 1, "boxes", class_names=("nodule",)).targets) == 3
+    assert len(read_site(tmp_path / "coco-site", SiteReading(32, 1, "boxes", class_names=("nodule",))).targets) == 3
 
 
 def _nnunet_folder(root: Path, cases: int = 6) -> Path:
@@ -81,7 +82,7 @@ def _nnunet_folder(root: Path, cases: int = 6) -> Path:
 def test_nifti_pairs_in_the_nnunet_layout_become_a_segmentation_site(tmp_path: Path) -> None:
     src = _nnunet_folder(tmp_path / "Dataset001")
     _import(str(src), "--from", "nifti", "--out", str(tmp_path / "site"), "--patient-pattern", r"case_(\d+)")
-    site = read_site(tmp_path / "site", 16, 2, "mask", 3)
+    site = read_site(tmp_path / "site", SiteReading(16, 2, "mask", 3))
     assert site.targets.shape == (6, 1, 16, 16, 16) and set(site.splits) == {"train", "val", "test"}
     np.testing.assert_allclose(site.spacing[0], (0.6, 0.6, 1.25))  # 12 x 0.8 mm and 8 x 2.5 mm over 16 voxels
 
@@ -108,7 +109,7 @@ def test_image_folder_with_a_labels_table_becomes_a_classification_site(tmp_path
     for row in manifest:
         splits_of.setdefault(row["patient_id"], set()).add(row["split"])
     assert len(manifest) == 8 and all(len(s) == 1 for s in splits_of.values()) and len(splits_of) == 4
-    assert read_site(tmp_path / "site", 16, 2).targets.tolist() == [i % 2 for i in range(8)]
+    assert read_site(tmp_path / "site", SiteReading(16, 2)).targets.tolist() == [i % 2 for i in range(8)]
 
 
 def test_import_refuses_a_task_the_layout_cannot_give_and_a_non_empty_folder(tmp_path: Path) -> None:
@@ -187,7 +188,7 @@ def test_dicom_export_becomes_a_nifti_segmentation_site_without_identifying_data
             data = gzip.decompress(data) if path.name.endswith(".gz") else data
             for secret in (SENTINEL_NAME, SENTINEL_ID, "Sentinel General", "19610704", "ACC1", "phantom"):
                 assert secret.encode() not in data, f"{secret} found in {path.name}"
-    site = read_site(tmp_path / "site", 16, 2, "mask", 3)
+    site = read_site(tmp_path / "site", SiteReading(16, 2, "mask", 3))
     assert site.privacy_units("train")[0] == "patient"
     check = CliRunner().invoke(
         app, ["data", "check", str(tmp_path / "site"), "--task", "segmentation", "--spatial-dims", "3"]

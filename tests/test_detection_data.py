@@ -23,6 +23,7 @@ from medfed.data import (
     synthetic_detection_site,
     write_site,
 )
+from medfed.data.manifest import SiteReading
 from medfed.data.sites import load_simulated_site
 
 VOC_OBJECT = "<object><name>{}</name><difficult>0</difficult><bndbox><xmin>{}</xmin><ymin>{}</ymin><xmax>{}</xmax><ymax>{}</ymax></bndbox></object>"
@@ -73,7 +74,7 @@ def test_voc_import_drops_broken_boxes_with_a_warning(tmp_path: Path, caplog: py
     assert {line.split(",")[1] for line in manifest[1:]} == {"train", "val", "test"}
     assert sorted(p.name for p in (site_dir / "images").iterdir()) == ["a.png", "b.png", "c.png"]
 
-    site = read_site(site_dir, 20, 2, "boxes", class_names=("cell", "blob"))
+    site = read_site(site_dir, SiteReading(20, 2, "boxes", class_names=("cell", "blob")))
     order = np.argsort([line.split(",")[0] for line in manifest[1:]])
     scale = np.array([20 / 40, 20 / 30, 20 / 40, 20 / 30])
     np.testing.assert_allclose(site.targets[order[0], 0], [*(np.array([2, 3, 12, 13]) * scale), 0], atol=1e-4)
@@ -128,7 +129,7 @@ def test_coco_import_keeps_images_without_annotations_as_negatives(tmp_path: Pat
         "images/x.png,nodule,20.5,10,25.5,14",
         "images/y.png,nodule,0,0,32,24",
     ]
-    site = read_site(site_dir, 16, 2, "boxes", class_names=("nodule", "mass"))
+    site = read_site(site_dir, SiteReading(16, 2, "boxes", class_names=("nodule", "mass")))
     images_in_order = [line.split(",")[0] for line in (site_dir / "manifest.csv").read_text().splitlines()[1:]]
     x, y, z = (images_in_order.index(f"images/{n}") for n in ("x.png", "y.png", "z.png"))
     assert site.targets.shape == (3, 2, 5) and site.targets.dtype == np.float32
@@ -158,7 +159,7 @@ def test_boxes_scale_with_a_non_square_image(tmp_path: Path) -> None:
 def test_box_site_folder_round_trip_and_problems(tmp_path: Path) -> None:
     original = synthetic_detection_site(1, 30, image_size=32, num_classes=3, seed=2)
     site_dir = write_site(tmp_path / "site", original)
-    site = read_site(site_dir, 32, 3, "boxes")
+    site = read_site(site_dir, SiteReading(32, 3, "boxes"))
     np.testing.assert_allclose(site.targets, original.targets, atol=1e-4)
     np.testing.assert_allclose(site.images, original.images, atol=1 / 255 + 1e-6)
     np.testing.assert_array_equal(site.splits, original.splits)
@@ -167,12 +168,12 @@ def test_box_site_folder_round_trip_and_problems(tmp_path: Path) -> None:
     boxes_csv = site_dir / "boxes.csv"
     boxes_csv.write_text(boxes_csv.read_text() + "images/999999.png,0,1,1,5,5\nimages/000000.png,0,one,1,5,5\n")
     with pytest.raises(DataError) as err:
-        read_site(site_dir, 32, 3, "boxes")
+        read_site(site_dir, SiteReading(32, 3, "boxes"))
     text = str(err.value)
     assert "images/999999.png' is not in manifest.csv" in text and "must be numbers" in text
     boxes_csv.unlink()
     with pytest.raises(DataError, match="boxes.csv: missing"):
-        read_site(site_dir, 32, 3, "boxes")
+        read_site(site_dir, SiteReading(32, 3, "boxes"))
 
 
 def test_synthetic_detection_sites_are_deterministic_and_differ() -> None:

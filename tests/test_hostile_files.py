@@ -39,7 +39,8 @@ from typer.testing import CliRunner
 from medfed.cli import _print_summary, app
 from medfed.data import DataError, write_site
 from medfed.data.boxes import read_box_table
-from medfed.data.manifest import DEFAULT_PREPROCESS, load_mask
+from medfed.data.decode import DEFAULT_PREPROCESS, Preprocess, load_mask
+from medfed.data.manifest import SiteReading
 from medfed.data.medical_io import ImageTooLarge, read_scan, write_dicom_series
 from medfed.data.medmnist import read_medmnist
 from medfed.data.synthetic import synthetic_detection_site, synthetic_site
@@ -284,7 +285,7 @@ def test_a_size_bomb_as_a_mask_is_refused_from_its_header(bomb: Bomb, tmp_path: 
 
 def test_data_max_pixels_is_a_config_key_the_readers_use(tmp_path: Path) -> None:
     config = tiny_config(**{"data.max-pixels": 100})
-    assert config.to_dict()["data"]["max-pixels"] == 100 and config.data.preprocess.max_pixels == 100
+    assert config.to_dict()["data"]["max-pixels"] == 100 and Preprocess.from_config(config.data).max_pixels == 100
     path = tmp_path / "small.png"
     path.write_bytes(_photo(".png", np.zeros((11, 10), np.uint8)))
     with pytest.raises(ImageTooLarge, match="10x11|11x10"):
@@ -975,6 +976,6 @@ def test_a_data_error_lists_a_size_bomb_among_the_site_problems(tmp_path: Path) 
     lines[1] = "images/bomb.png" + lines[1][lines[1].index(",") :]
     (site / "manifest.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as raised:
-        read_site(site, 28, 2)
+        read_site(site, SiteReading(28, 2))
     assert "bomb.png" in str(raised.value)
     assert problem_kind(raised.value.problems[0]) == "image larger than data.max-pixels"

@@ -313,7 +313,7 @@ def test_multiframe_dicom_is_a_volume_sorted_along_the_normal_with_per_frame_res
 
 
 def test_ct_is_windowed_in_hounsfield_units_and_mr_by_percentiles(tmp_path: Path) -> None:
-    from medfed.data.manifest import Preprocess, model_input
+    from medfed.data.decode import Preprocess, model_input
 
     volume = np.full((4, 8, 8), -1000, np.int16)
     volume[:, 2:6, 2:6] = 40  # soft tissue
@@ -331,7 +331,7 @@ def test_ct_is_windowed_in_hounsfield_units_and_mr_by_percentiles(tmp_path: Path
 
 
 def test_nifti_ct_is_windowed_when_the_config_says_the_modality_is_ct(tmp_path: Path) -> None:
-    from medfed.data.manifest import Preprocess, model_input
+    from medfed.data.decode import Preprocess, model_input
 
     volume = np.full((8, 8, 4), -1000.0, np.float32)
     volume[2:6, 2:6] = 40.0

@@ -13,6 +13,7 @@ from PIL import Image
 
 from medfed.config import Config, ConfigError, load_config
 from medfed.data import read_site, write_site
+from medfed.data.decode import Preprocess, load_field_of_view_case
 from medfed.data.field_of_view import (
     IGNORE,
     computed_field_of_view,
@@ -20,7 +21,7 @@ from medfed.data.field_of_view import (
     field_of_view_square,
     read_photo,
 )
-from medfed.data.manifest import Preprocess, load_field_of_view_case
+from medfed.data.manifest import SiteReading
 from medfed.data.sites import load_simulated_site, simulated_site_names
 from medfed.tasks import segmentation
 
@@ -172,7 +173,7 @@ def test_each_dataset_is_one_site_at_one_scale(tmp_path: Path) -> None:
     assert {"train", "val", "test"} <= set(uk.splits)
     # the round trip through a site folder keeps the field of view (a fov column)
     write_site(tmp_path / "written", us)
-    back = read_site(tmp_path / "written", 32, 2, "mask", 2, (), config.data.preprocess, 3)
+    back = read_site(tmp_path / "written", SiteReading(32, 2, "mask", 2, (), Preprocess.from_config(config.data), 3))
     assert ((back.targets == IGNORE) == (us.targets == IGNORE)).mean() > 0.97
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from medfed.cli import app
 from medfed.data import write_site
+from medfed.data.manifest import SiteReading
 from medfed.data.preflight import run_preflight
 from medfed.data.synthetic import synthetic_segmentation_site, synthetic_site
 from medfed.site import handle_train
@@ -50,7 +51,7 @@ def test_every_error_is_listed_with_its_file_and_the_summary_counts_kinds(tmp_pa
     assert code == 1
     assert "000000.png: file not found" in output and "nan.npy unreadable: image contains NaN or Inf pixels" in output
     assert "label '7' is not a class index in [0, 1]" in output and "a patient appears in several splits" in output
-    summary = run_preflight(site, 16, 2).summary()
+    summary = run_preflight(site, SiteReading(16, 2)).summary()
     assert sorted(summary.split("; ")) == [
         "1 NaN/Inf pixels",
         "1 missing file",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from medfed.data import read_site, write_site
+from medfed.data.manifest import SiteReading
 from medfed.data.synthetic import synthetic_segmentation_site
 from medfed.tasks.segmentation import SegmentationMetrics
 
@@ -15,7 +16,7 @@ def test_mask_site_round_trip_and_mask_validation(tmp_path: Path) -> None:
     site = synthetic_segmentation_site(0, 20, image_size=32)
     assert site.targets.shape == (20, 1, 32, 32) and site.targets.max() == 1
     folder = write_site(tmp_path / "s", site)
-    back = read_site(folder, 32, 2, target="mask")
+    back = read_site(folder, SiteReading(32, 2, target="mask"))
     np.testing.assert_array_equal(back.targets, site.targets)
     assert back.target_key == "mask"
     np.save(folder / "masks" / "bad.npy", np.full((32, 32), 5))
@@ -24,7 +25,7 @@ def test_mask_site_round_trip_and_mask_validation(tmp_path: Path) -> None:
     lines[1] = lines[1].replace("masks/000000.png", "masks/bad.npy")
     manifest.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"masks/bad.npy unreadable: mask values must be class indices in \[0, 1\]"):
-        read_site(folder, 32, 2, target="mask")
+        read_site(folder, SiteReading(32, 2, target="mask"))
 
 
 def test_dice_iou_and_pooled_dice_match_hand_counts() -> None:

@@ -18,8 +18,10 @@ from typer.testing import CliRunner
 from medfed.cli import app
 from medfed.config import Config
 from medfed.data import PrivacyUnitDataset, SiteArrays, read_site, write_site
+from medfed.data.manifest import SiteReading
 from medfed.data.medical_io import write_dicom_series
-from medfed.data.pairs import assign_splits, find_pairs
+from medfed.data.pairs import find_pairs
+from medfed.data.partition import assign_splits
 from medfed.data.synthetic import synthetic_segmentation_site
 from medfed.evaluation.quantify import quantify_case, structure_count, structure_size
 from medfed.tasks import segmentation
@@ -84,11 +86,11 @@ def test_synthetic_volumes_have_lesion_masks_and_scanner_voxel_size(tmp_path: Pa
     assert site.images.shape == (12, 1, 16, 16, 16) and site.targets.shape == (12, 1, 16, 16, 16)
     assert site.targets.max() == 1 and site.spacing.shape == (12, 3)
     assert site.spacing[0, 0] != site.spacing[0, 1]  # slice thickness differs from pixel size
-    back = read_site(write_site(tmp_path / "v", site), 16, 2, "mask", spatial_dims=3)
+    back = read_site(write_site(tmp_path / "v", site), SiteReading(16, 2, "mask", spatial_dims=3))
     np.testing.assert_array_equal(back.targets, site.targets)
     np.testing.assert_allclose(back.spacing, site.spacing, rtol=1e-5)
     with pytest.raises(ValueError, match="expected a 2D image"):
-        read_site(tmp_path / "v", 16, 2, "mask", spatial_dims=2)
+        read_site(tmp_path / "v", SiteReading(16, 2, "mask", spatial_dims=2))
 
 
 def test_patient_is_the_privacy_unit_and_a_step_sees_one_patch_of_one_image_per_patient() -> None:
@@ -138,7 +140,7 @@ def test_image_mask_folders_pair_by_name_and_split_by_patient(tmp_path: Path) ->
               "--patient-pattern", r"Image_(\d+)"]
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    site = read_site(out, 16, 2, "mask")
+    site = read_site(out, SiteReading(16, 2, "mask"))
     assert site.targets.max() == 1 and site.privacy_units()[0] == "patient"
     (masks / "Image_05R_1stHO.png").unlink()
     (masks / "stray.png").write_bytes((masks / "Image_01L_1stHO.png").read_bytes())

@@ -12,7 +12,8 @@ import pytest
 
 from medfed.config import Config, ConfigError
 from medfed.data import DataError, read_site
-from medfed.data.manifest import Preprocess, from_model_grid, load_image, load_mask
+from medfed.data.decode import Preprocess, from_model_grid, load_image, load_mask
+from medfed.data.manifest import SiteReading
 from medfed.data.medical_io import read_scan, write_dicom_seg, write_dicom_series
 
 COMMON = Preprocess(spacing=(2.0, 2.0, 2.0), orientation="RAS")
@@ -99,7 +100,7 @@ def _dicom_seg_site(folder: Path) -> np.ndarray:
 
 def test_dicom_seg_masks_are_read_onto_their_series(tmp_path: Path) -> None:
     truth = _dicom_seg_site(tmp_path)
-    site = read_site(tmp_path, 32, 3, "mask", 3)
+    site = read_site(tmp_path, SiteReading(32, 3, "mask", 3))
     assert site.targets.shape == (3, 1, 32, 32, 32)
     for case in range(3):  # depth 10 -> 32 by nearest neighbour along the slices, rows/cols unchanged
         depth_index = (np.arange(32) * 10 / 32).astype(int)
@@ -111,7 +112,7 @@ def test_dicom_seg_of_another_series_is_a_clear_error(tmp_path: Path) -> None:
     with (tmp_path / "manifest.csv").open("w", newline="") as handle:  # case 0's image with case 1's mask
         csv.writer(handle).writerows([["image", "mask", "split"], ["images/case0", "case1_seg.dcm", "train"]])
     with pytest.raises(DataError, match="case1_seg.dcm unreadable: DICOM-SEG does not fit its image"):
-        read_site(tmp_path, 32, 3, "mask", 3)
+        read_site(tmp_path, SiteReading(32, 3, "mask", 3))
 
 
 def test_manifest_modality_column_windows_nifti_ct_in_hounsfield_units(tmp_path: Path) -> None:
@@ -121,7 +122,7 @@ def test_manifest_modality_column_windows_nifti_ct_in_hounsfield_units(tmp_path:
     with (tmp_path / "manifest.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([["image", "label", "split", "modality"], ["ct.nii.gz", "0", "train", "CT"]])
     soft_tissue = Preprocess(ct_window=(-160.0, 240.0))
-    image = read_site(tmp_path, 8, 2, "label", 3, preprocess=soft_tissue).images[0, 0]
+    image = read_site(tmp_path, SiteReading(8, 2, "label", 3, preprocess=soft_tissue)).images[0, 0]
     assert image.min() == 0.0 and image[4, 4, 4] == pytest.approx(0.5)  # 40 HU is the window's middle
 
 
@@ -142,7 +143,7 @@ def test_resampling_settings_are_checked_when_the_config_loads(data: dict, messa
 
 def test_resampling_settings_reach_the_loaders() -> None:
     config = Config.from_dict({"data": {"spatial-dims": 3, "target-spacing": [1.5, 1.5, 3], "orientation": "las"}})
-    assert config.data.preprocess == Preprocess(spacing=(1.5, 1.5, 3.0), orientation="LAS")
+    assert Preprocess.from_config(config.data) == Preprocess(spacing=(1.5, 1.5, 3.0), orientation="LAS")
 
 
 def test_detection_refuses_a_target_spacing() -> None:

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from medfed.data import load_simulated_site
 from medfed.privacy import make_private
-from medfed.tasks import TASKS, get_task, predict
+from medfed.tasks import TASKS, Task, get_task, predict
 from medfed.training import build_optimizer, evaluate, train
 from tests.conftest import tiny_config
 
@@ -26,9 +26,15 @@ def _site(task):
 
 
 def test_interface_names(task) -> None:
-    names = ("NAME", "PRIMARY_METRIC", "SAMPLE_KEYS", "build_model", "loss", "infer", "decode", "train_transform")
-    for name in (*names, "metrics"):
+    protocol = {*Task.__annotations__, *(name for name in vars(Task) if not name.startswith("_"))}
+    for name in sorted(protocol):
         assert hasattr(task, name), name
+    assert task.SAMPLE_KEYS == ("image", task.TARGET)
+
+
+def test_synthetic_site_holds_the_task_target(task) -> None:
+    site = task.synthetic_site(0, 20, 32, 2, seed=0)
+    assert site.target_key == task.TARGET and len(site.targets) == 20
 
 
 def test_model_is_opacus_valid_and_dp_training_runs(task) -> None:

@@ -11,9 +11,10 @@ from medfed.data.boxes import (
     read_voc,
     validate_boxes,
 )
-from medfed.data.manifest import DataError, DataProblem, read_site, write_site
+from medfed.data.manifest import read_site, write_site
 from medfed.data.sites import load_simulated_site, simulated_site_names
 from medfed.data.synthetic import synthetic_detection_site
+from medfed.data.vocabulary import DataError, DataProblem
 
 __all__ = [
     "SPLITS",

@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from medfed.data.arrays import SiteArrays
+from medfed.data.decode import DEFAULT_PREPROCESS, Preprocess, load_image
 from medfed.data.import_guard import UnsafePath, copy_inside, folder_files, require_training, resolve_inside
-from medfed.data.manifest import DEFAULT_PREPROCESS, MANIFEST, DataError, DataProblem, Preprocess, load_image
 from medfed.data.medical_io import read_scan
-from medfed.data.pairs import assign_splits
+from medfed.data.partition import assign_splits
+from medfed.data.vocabulary import MANIFEST, DataError, DataProblem
 
 __all__ = [
     "BOXES",
@@ -305,7 +306,7 @@ def load_box_site(
     notices: list[DataProblem] | None = None,
 ) -> SiteArrays:
     """Load images as ``(N, channels, S, S)`` in [0, 1] (3: a colour photo's RGB, see
-    :func:`medfed.data.manifest.load_image`) and their boxes as ``(N, M, 5)`` model-input targets.
+    :func:`medfed.data.decode.load_image`) and their boxes as ``(N, M, 5)`` model-input targets.
 
     Each box is checked against the image file's real size (:func:`validate_boxes`: broken ones
     are dropped with a warning), its label mapped by :func:`class_index`, and its corners scaled
@@ -483,7 +484,7 @@ def _write_box_folder(
         kept.append(_usable_boxes(record, *size, problems) if size else [])
     if problems:
         raise DataError(images_dir, problems)
-    splits = assign_splits(records, seed, fractions)  # reads only .patient, which AnnotatedImage has
+    splits = assign_splits(records, seed, fractions)
     require_training(records, splits, fractions, images_dir)
     table = []
     out_dir.mkdir(parents=True, exist_ok=True)

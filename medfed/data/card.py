@@ -13,8 +13,10 @@ import numpy as np
 from PIL import Image
 
 from medfed.data.arrays import SiteArrays
-from medfed.data.manifest import MANIFEST, image_paths, is_photo
+from medfed.data.decode import is_photo
+from medfed.data.manifest import image_paths
 from medfed.data.medical_io import DEFAULT_MAX_PIXELS, GREY_BANDS, read_channels
+from medfed.data.vocabulary import MANIFEST
 
 __all__ = ["DataCard", "data_card"]
 

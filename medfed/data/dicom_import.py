@@ -32,11 +32,13 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from medfed.data.decode import read_dicom_seg, scan_geometry
 from medfed.data.import_guard import real_folder, require_training, tree_files
-from medfed.data.manifest import MANIFEST, DataError, DataProblem, read_dicom_seg, read_table, scan_geometry
+from medfed.data.manifest import read_table
 from medfed.data.medical_io import Scan, read_dicom_series, write_nifti, write_nifti_mask
-from medfed.data.pairs import assign_splits
+from medfed.data.partition import assign_splits
 from medfed.data.pseudonyms import default_key_file, pseudonym, site_key
+from medfed.data.vocabulary import MANIFEST, DataError, DataProblem
 
 __all__ = ["LABEL_KEYS", "DicomSeries", "find_series", "import_dicom"]
 

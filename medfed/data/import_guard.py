@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePath
 from typing import Protocol
 
-from medfed.data.manifest import DataError, DataProblem
+from medfed.data.vocabulary import DataError, DataProblem
 
 __all__ = [
     "MAX_NAME_BYTES",

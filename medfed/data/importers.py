@@ -34,10 +34,12 @@ from medfed.data.import_guard import (
     resolve_inside,
     tree_to_copy,
 )
-from medfed.data.manifest import MANIFEST, DataError, DataProblem, read_table, write_site
+from medfed.data.manifest import read_table, write_site
 from medfed.data.medical_io import file_stem
 from medfed.data.medmnist import read_medmnist
-from medfed.data.pairs import IMAGE_SUFFIXES, assign_splits, import_pairs
+from medfed.data.pairs import IMAGE_SUFFIXES, import_pairs
+from medfed.data.partition import assign_splits
+from medfed.data.vocabulary import MANIFEST, DataError, DataProblem
 
 __all__ = ["IMPORT_SOURCES", "Imported", "import_site"]
 

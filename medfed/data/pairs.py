@@ -20,24 +20,22 @@ from typing import NamedTuple
 import numpy as np
 
 from medfed.data.arrays import SiteArrays
-from medfed.data.field_of_view import field_of_view_card
-from medfed.data.import_guard import PatientPattern, copy_inside, folder_files, require_training
-from medfed.data.manifest import (
+from medfed.data.decode import (
     DEFAULT_PREPROCESS,
-    MANIFEST,
-    DataError,
-    DataProblem,
     Preprocess,
     load_field_of_view_case,
     load_image,
     load_mask,
     note_rescaled,
 )
+from medfed.data.field_of_view import field_of_view_card
+from medfed.data.import_guard import PatientPattern, copy_inside, folder_files, require_training
 from medfed.data.medical_io import file_stem
+from medfed.data.partition import assign_splits
+from medfed.data.vocabulary import MANIFEST, DataError, DataProblem
 
 __all__ = [
     "ImagePair",
-    "assign_splits",
     "deal_to_sites",
     "find_pairs",
     "import_pairs",
@@ -116,19 +114,6 @@ def deal_to_sites(pairs: list[ImagePair], sites: int) -> list[list[ImagePair]]:
     return [[p for p in pairs if owner[p.patient] == site] for site in range(sites)]
 
 
-def assign_splits(pairs: list[ImagePair], seed: int, fractions: tuple[float, float] = (0.2, 0.2)) -> list[str]:
-    """Patient-level train/val/test split (``fractions`` = val, test; at least one patient each when >= 3)."""
-    patients = sorted({p.patient for p in pairs})
-    order = np.random.default_rng(seed).permutation(len(patients))
-    n = len(patients)
-    n_val = max(1, round(fractions[0] * n)) if n >= 3 else 0
-    n_test = max(1, round(fractions[1] * n)) if n >= 3 else 0
-    split_of = {}
-    for rank, index in enumerate(order):
-        split_of[patients[index]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
-    return [split_of[p.patient] for p in pairs]
-
-
 def read_pairs(
     pairs: list[ImagePair],
     splits: list[str],
@@ -144,7 +129,7 @@ def read_pairs(
 
     ``preprocess.field_of_view`` (``data.field-of-view``) ``mask`` or ``crop`` marks pixels outside
     each photo's field of view as not scored (from ``fov_masks``, image -> mask file, else found in the photo;
-    see :func:`~medfed.data.manifest.load_field_of_view_case`); the data card then says each
+    see :func:`~medfed.data.decode.load_field_of_view_case`); the data card then says each
     photo's field-of-view diameter and scale."""
     images, masks, spacings, diameters, problems = [], [], [], [], []
     rescaled: list[Path] = []

@@ -1,10 +1,21 @@
-"""Split one dataset into simulated sites: IID, Dirichlet label skew, or a natural site column."""
+"""Split one dataset into simulated sites (IID, Dirichlet label skew, or a natural site column) and a
+site's samples into patient-level train/val/test splits."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import numpy as np
 
-__all__ = ["dirichlet_partition", "iid_partition", "natural_partition"]
+__all__ = ["OfPatient", "assign_splits", "dirichlet_partition", "iid_partition", "natural_partition"]
+
+
+class OfPatient(Protocol):
+    """A sample that belongs to one patient (an image/mask pair, an annotated image, a DICOM series)."""
+
+    @property
+    def patient(self) -> str: ...
 
 
 def iid_partition(labels: np.ndarray, num_sites: int, seed: int) -> list[np.ndarray]:
@@ -55,6 +66,19 @@ def dirichlet_partition(
         f"could not draw a Dirichlet(alpha={alpha}) split of {len(labels)} samples into {num_sites} "
         f"sites with >= {min_per_site} samples each{per_class}; raise data.alpha or lower data.sites"
     )
+
+
+def assign_splits(samples: Sequence[OfPatient], seed: int, fractions: tuple[float, float] = (0.2, 0.2)) -> list[str]:
+    """Patient-level train/val/test split (``fractions`` = val, test; at least one patient each when >= 3)."""
+    patients = sorted({s.patient for s in samples})
+    order = np.random.default_rng(seed).permutation(len(patients))
+    n = len(patients)
+    n_val = max(1, round(fractions[0] * n)) if n >= 3 else 0
+    n_test = max(1, round(fractions[1] * n)) if n >= 3 else 0
+    split_of = {}
+    for rank, index in enumerate(order):
+        split_of[patients[index]] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+    return [split_of[s.patient] for s in samples]
 
 
 def natural_partition(site_column: np.ndarray) -> dict[str, np.ndarray]:

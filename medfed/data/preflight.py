@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medfed.data.arrays import SPLITS, SiteArrays, image_copies
-from medfed.data.manifest import DEFAULT_PREPROCESS, DataError, DataProblem, Preprocess, read_site
+from medfed.data.decode import DEFAULT_PREPROCESS, Preprocess
+from medfed.data.manifest import SiteReading, read_site
+from medfed.data.vocabulary import DataError, DataProblem
 
 __all__ = ["Preflight", "problem_kind", "run_preflight"]
 
@@ -93,27 +94,16 @@ class Preflight:
         return "; ".join(f"{n} {kind}" for kind, n in counts.most_common())
 
 
-def run_preflight(
-    site_dir: str | Path,
-    image_size: int,
-    num_classes: int,
-    target: str = "label",
-    spatial_dims: int = 2,
-    class_names: Sequence[str] = (),
-    preprocess: Preprocess = DEFAULT_PREPROCESS,
-    channels: int = 1,
-) -> Preflight:
+def run_preflight(site_dir: str | Path, reading: SiteReading) -> Preflight:
     """Read and validate a site folder as :func:`read_site` does, then look for what would make the
     site's training or evaluation useless or misleading (see :func:`site_findings`). Images holding
-    another number of channels than ``channels`` are errors naming the file."""
+    another number of channels than ``reading.channels`` are errors naming the file."""
     notices: list[DataProblem] = []  # dropped boxes, masks read as 0/1: with their files, for the operator
     try:
-        site = read_site(
-            site_dir, image_size, num_classes, target, spatial_dims, class_names, preprocess, channels, notices
-        )
+        site = read_site(site_dir, reading, notices)
     except DataError as err:
         return Preflight(None, err.problems)
-    errors, warnings = site_findings(site, num_classes, preprocess)
+    errors, warnings = site_findings(site, reading.num_classes, reading.preprocess)
     return Preflight(None if errors else site, errors, notices + warnings)
 
 

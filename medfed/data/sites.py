@@ -11,16 +11,13 @@ import numpy as np
 from medfed.config import Config, ConfigError
 from medfed.data.arrays import SiteArrays
 from medfed.data.boxes import load_box_site, read_voc
-from medfed.data.manifest import MANIFEST, read_site
+from medfed.data.decode import Preprocess
+from medfed.data.manifest import SiteReading, read_site
 from medfed.data.medmnist import read_medmnist
-from medfed.data.pairs import ImagePair, assign_splits, deal_to_sites, find_pairs, read_pairs
-from medfed.data.partition import dirichlet_partition, iid_partition
-from medfed.data.synthetic import (
-    synthetic_detection_site,
-    synthetic_segmentation_site,
-    synthetic_site,
-    with_channels,
-)
+from medfed.data.pairs import ImagePair, deal_to_sites, find_pairs, read_pairs
+from medfed.data.partition import assign_splits, dirichlet_partition, iid_partition
+from medfed.data.synthetic import with_channels
+from medfed.data.vocabulary import MANIFEST
 from medfed.tasks import get_task
 
 __all__ = ["load_simulated_site", "simulated_site_names"]
@@ -139,14 +136,10 @@ def _load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
         raise IndexError(f"site index {index} out of range: this simulation has {len(kept)} sites")
     names = _all_site_names(config)
     index = names.index(kept[index])
-    target = get_task(config.run.task).SAMPLE_KEYS[1]
-    if data.source == "synthetic" and target == "boxes":
-        site = synthetic_detection_site(
-            index, data.samples_per_site, data.image_size, data.num_classes, config.run.seed
-        )
-    elif data.source == "synthetic":
-        make = synthetic_segmentation_site if target == "mask" else synthetic_site
-        site = make(
+    task = get_task(config.run.task)
+    target = task.TARGET
+    if data.source == "synthetic":
+        site = task.synthetic_site(
             index,
             data.samples_per_site,
             data.image_size,
@@ -155,16 +148,7 @@ def _load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
             spatial_dims=data.spatial_dims,
         )
     elif data.source == "sites":
-        site = read_site(
-            Path(data.path) / names[index],
-            data.image_size,
-            data.num_classes,
-            target,
-            data.spatial_dims,
-            class_names=data.class_names,
-            preprocess=data.preprocess,
-            channels=data.channels,
-        )
+        site = read_site(Path(data.path) / names[index], SiteReading.from_config(data, target))
     elif data.source == "voc":
         if target != "boxes":
             raise ValueError("data.source = 'voc' holds bounding boxes: it feeds run.task = 'detection' only")
@@ -177,7 +161,8 @@ def _load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
             )
         mine, fov_masks = _pairs_of_site(config, index)
         splits = assign_splits(mine, config.run.seed + index)
-        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, data.preprocess,
+        preprocess = Preprocess.from_config(data)
+        site = read_pairs(mine, splits, data.image_size, data.num_classes, data.spatial_dims, preprocess,
                           data.channels, fov_masks)  # fmt: skip
     elif target != "label":
         raise ValueError(
@@ -254,7 +239,7 @@ def _voc_site(config: Config, index: int) -> SiteArrays:
         data.class_names,
         data.num_classes,
         origin=root,
-        preprocess=data.preprocess,
+        preprocess=Preprocess.from_config(data),
         channels=data.channels,
     )
 

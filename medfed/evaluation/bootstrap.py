@@ -17,13 +17,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from medfed.config import Config
 from medfed.data import SiteArrays
-from medfed.tasks import get_task
+from medfed.tasks import Task, get_task
 
 __all__ = ["bootstrap_scores", "interval", "mean_of_sites", "paired_ratio", "site_draws", "without_draws"]
 
 
 @torch.no_grad()
-def _predictions(task: Any, model: nn.Module, dataset: Dataset, config: Config) -> tuple[torch.Tensor, dict]:
+def _predictions(task: Task, model: nn.Module, dataset: Dataset, config: Config) -> tuple[torch.Tensor, dict]:
     """Every test case's decoded prediction and its targets (all but the image), in dataset order."""
     model.eval()
     predictions, targets = [], []
@@ -33,13 +33,13 @@ def _predictions(task: Any, model: nn.Module, dataset: Dataset, config: Config) 
     return torch.cat(predictions), {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
 
 
-def _metric(task: Any, config: Config, predictions: torch.Tensor, targets: dict) -> float:
+def _metric(task: Task, config: Config, predictions: torch.Tensor, targets: dict) -> float:
     accumulator = task.metrics(config)
     accumulator.update(predictions, targets)
     return float(accumulator.compute()[task.PRIMARY_METRIC])
 
 
-def _replicates(task: Any, model: nn.Module, site: SiteArrays, config: Config, draws: np.ndarray) -> np.ndarray:
+def _replicates(task: Task, model: nn.Module, site: SiteArrays, config: Config, draws: np.ndarray) -> np.ndarray:
     """The primary metric on the test split and on each resample of its cases (``draws``: R x n indices)."""
     predictions, targets = _predictions(task, model, site.split("test"), config)
     if task.PRIMARY_METRIC_PER_IMAGE:  # a mean of per-image values: score each image once

@@ -9,7 +9,6 @@ is ever sent to the server.
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import matplotlib
@@ -23,7 +22,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from medfed.config import Config  # noqa: E402
-from medfed.tasks import predict  # noqa: E402
+from medfed.tasks import Task, predict  # noqa: E402
 
 __all__ = ["EXAMPLE_CAPTIONS", "boxes_figure", "busiest_slice", "display_gray", "example_images", "mask_overlay_figure"]
 
@@ -46,7 +45,7 @@ EXAMPLE_CAPTIONS = {
 
 
 def example_images(
-    task: ModuleType | Any, model: nn.Module, dataset: Dataset, config: Config, out_dir: Path, prefix: str
+    task: Task, model: nn.Module, dataset: Dataset, config: Config, out_dir: Path, prefix: str
 ) -> list[Path]:
     """Write up to ``evaluation.example-images`` PNGs for the task's kind of target; return their paths."""
     count = config.evaluation.example_images
@@ -54,7 +53,7 @@ def example_images(
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    target = task.SAMPLE_KEYS[1]
+    target = task.TARGET
     paths = []
     for index in range(min(count, len(dataset))):
         sample = dataset[index]
@@ -92,7 +91,7 @@ def _gradcam_figure(model: nn.Module, layer: str, image: torch.Tensor, label: in
     return fig
 
 
-def _mask_figure(task: ModuleType | Any, model: nn.Module, sample: dict[str, torch.Tensor], config: Config) -> Any:
+def _mask_figure(task: Task, model: nn.Module, sample: dict[str, torch.Tensor], config: Config) -> Any:
     predicted = predict(task, model, sample["image"][None], config)[0, 0].numpy() > 0
     reference = sample["mask"][0].numpy() > 0
     gray = display_gray(sample["image"])

@@ -306,7 +306,7 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
             f"<h2>{html.escape(title.capitalize())}</h2><img src='{html.escape(str(rel))}' alt='{html.escape(title)}'>"
         )
     if examples:
-        title, caption = EXAMPLE_CAPTIONS[get_task(report["task"]).SAMPLE_KEYS[1]]
+        title, caption = EXAMPLE_CAPTIONS[get_task(report["task"]).TARGET]
         sections.append(
             f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)} Made at each site on its own test "
             "images with the final global model; shown here because this was a simulation on data the "

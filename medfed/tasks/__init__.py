@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import nn
 
 from medfed.config import Config
+
+if TYPE_CHECKING:  # medfed.data imports this package (its simulated sites pick a task)
+    from medfed.data.arrays import SiteArrays
 
 __all__ = ["TASKS", "MetricAccumulator", "Task", "get_task", "predict", "seeded_train_transform"]
 
@@ -40,7 +43,9 @@ class Task(Protocol):
     # the primary metric is a mean of per-image values; if not (computed over the whole split), the
     # task's metrics provide ``resampled(indices)``: the same metrics over those cases (a bootstrap draw)
     PRIMARY_METRIC_PER_IMAGE: bool
-    SAMPLE_KEYS: tuple[str, ...]
+    TARGET: str  # what the task learns: the sample key and manifest column "label", "mask" or "boxes"
+    SAMPLE_KEYS: tuple[str, ...]  # ("image", TARGET)
+    SPATIAL_DIMS: tuple[int, ...]  # the image dimensions the task works in (2: images, 3: volumes)
 
     def build_model(self, config: Config) -> nn.Module: ...
 
@@ -69,15 +74,21 @@ class Task(Protocol):
         """Metrics over all sites' test cases together, from sum-reducible counts the sites sent; or {}."""
         ...
 
+    def synthetic_site(
+        self, index: int, samples: int, image_size: int, num_classes: int, seed: int, spatial_dims: int = 2
+    ) -> SiteArrays:
+        """Synthetic hospital ``index`` holding this task's kind of target (its own scanner shift)."""
+        ...
 
-def get_task(name: str) -> Any:
-    """The task module registered as ``name`` (typed loosely: modules satisfy :class:`Task`)."""
+
+def get_task(name: str) -> Task:
+    """The task module registered as ``name``; every registered module provides :class:`Task`."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}")
-    return importlib.import_module(TASKS[name])
+    return cast(Task, importlib.import_module(TASKS[name]))
 
 
-def seeded_train_transform(task: Any, config: Config, seed: int) -> Callable[[Sample], Sample] | None:
+def seeded_train_transform(task: Task, config: Config, seed: int) -> Callable[[Sample], Sample] | None:
     """The task's training transform with its random state seeded (MONAI's random transforms are
     otherwise seeded afresh in every process, so training would not repeat)."""
     transform = task.train_transform(config)
@@ -87,6 +98,6 @@ def seeded_train_transform(task: Any, config: Config, seed: int) -> Callable[[Sa
 
 
 @torch.no_grad()
-def predict(task: Any, model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
+def predict(task: Task, model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
     """The task's predictions for a batch of whole images."""
     return task.decode(task.infer(model, images, config))

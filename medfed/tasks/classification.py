@@ -24,6 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from medfed.config import Config
+from medfed.data import synthetic
+from medfed.data.arrays import SiteArrays
 from medfed.models.zoo import build_network
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "PRIMARY_METRIC",
     "PRIMARY_METRIC_PER_IMAGE",
     "SAMPLE_KEYS",
+    "SPATIAL_DIMS",
+    "TARGET",
     "ClassificationMetrics",
     "LogitAdjustment",
     "RandomShiftRotate",
@@ -44,13 +48,16 @@ __all__ = [
     "operating_point",
     "operating_threshold",
     "pooled_metrics",
+    "synthetic_site",
     "train_transform",
 ]
 
 NAME = "classification"
 PRIMARY_METRIC = "auroc"
 PRIMARY_METRIC_PER_IMAGE = False  # AUROC is computed over the whole split
-SAMPLE_KEYS = ("image", "label")
+TARGET = "label"  # the sample key (and manifest column) of what the task learns
+SAMPLE_KEYS = ("image", TARGET)
+SPATIAL_DIMS = (2, 3)  # the image dimensions the task works in
 # The layer whose activations Grad-CAM explains, per network (its last feature maps)
 EXPLAIN_LAYERS = {
     "cnn": "features",
@@ -355,3 +362,11 @@ def _ratio(num: float, den: float) -> float:
 def _nanmean(values: list[float]) -> float:
     arr = np.asarray(values, dtype=float)
     return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+
+
+def synthetic_site(
+    index: int, samples: int, image_size: int, num_classes: int, seed: int, spatial_dims: int = 2
+) -> SiteArrays:
+    """Synthetic hospital ``index``, seeded by ``seed``: lesion shapes per class on a smooth background
+    (:mod:`medfed.data.synthetic`)."""
+    return synthetic.synthetic_site(index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims)

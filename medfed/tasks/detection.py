@@ -35,6 +35,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from medfed.config import Config
+from medfed.data import synthetic
+from medfed.data.arrays import SiteArrays
 from medfed.models import OUTPUT_STRIDE
 from medfed.models.zoo import build_network
 
@@ -44,6 +46,8 @@ __all__ = [
     "PRIMARY_METRIC",
     "PRIMARY_METRIC_PER_IMAGE",
     "SAMPLE_KEYS",
+    "SPATIAL_DIMS",
+    "TARGET",
     "DetectionMetrics",
     "RandomFlip",
     "box_iou",
@@ -54,13 +58,16 @@ __all__ = [
     "metrics",
     "operating_point",
     "pooled_metrics",
+    "synthetic_site",
     "train_transform",
 ]
 
 NAME = "detection"
 PRIMARY_METRIC = "map50"
 PRIMARY_METRIC_PER_IMAGE = False  # mAP is computed over the whole split
-SAMPLE_KEYS = ("image", "boxes")
+TARGET = "boxes"  # the sample key (and manifest column) of what the task learns
+SAMPLE_KEYS = ("image", TARGET)
+SPATIAL_DIMS = (2,)  # the image dimensions the task works in
 
 MAX_DETECTIONS = 100
 SCORE_THRESHOLD = 0.01
@@ -326,3 +333,13 @@ def operating_point(val_metrics: dict[str, dict[str, float]], config: Config) ->
 def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
     """Detection pools nothing across sites yet: {}."""
     return {}
+
+
+def synthetic_site(
+    index: int, samples: int, image_size: int, num_classes: int, seed: int, spatial_dims: int = 2
+) -> SiteArrays:
+    """Synthetic hospital ``index``, seeded by ``seed``: several objects per image with their boxes
+    (:mod:`medfed.data.synthetic`)."""
+    if spatial_dims not in SPATIAL_DIMS:
+        raise ValueError(f"detection makes 2D images only, not spatial_dims = {spatial_dims}")
+    return synthetic.synthetic_detection_site(index, samples, image_size, num_classes, seed)

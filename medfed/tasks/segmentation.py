@@ -31,6 +31,8 @@ from monai.transforms import RandCropByPosNegLabeld
 from torch import nn
 
 from medfed.config import Config
+from medfed.data import synthetic
+from medfed.data.arrays import SiteArrays
 from medfed.data.field_of_view import IGNORE
 from medfed.evaluation.quantify import quantify_case, remove_small_structures
 from medfed.models.zoo import build_network
@@ -40,6 +42,8 @@ __all__ = [
     "PRIMARY_METRIC",
     "PRIMARY_METRIC_PER_IMAGE",
     "SAMPLE_KEYS",
+    "SPATIAL_DIMS",
+    "TARGET",
     "SegmentationMetrics",
     "build_model",
     "decode",
@@ -48,13 +52,16 @@ __all__ = [
     "metrics",
     "operating_point",
     "pooled_metrics",
+    "synthetic_site",
     "train_transform",
 ]
 
 NAME = "segmentation"
 PRIMARY_METRIC = "dice"
 PRIMARY_METRIC_PER_IMAGE = True  # Dice is the mean of per-image Dice
-SAMPLE_KEYS = ("image", "mask")
+TARGET = "mask"  # the sample key (and manifest column) of what the task learns
+SAMPLE_KEYS = ("image", TARGET)
+SPATIAL_DIMS = (2, 3)  # the image dimensions the task works in
 
 _LOSS = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
 _MASKED_DICE = MaskedDiceLoss(to_onehot_y=True, softmax=True, batch=False)
@@ -218,3 +225,13 @@ def operating_point(val_metrics: dict[str, dict[str, float]], config: Config) ->
 def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
     """Segmentation pools nothing beyond ``dice_pooled``, which each site reports: {}."""
     return {}
+
+
+def synthetic_site(
+    index: int, samples: int, image_size: int, num_classes: int, seed: int, spatial_dims: int = 2
+) -> SiteArrays:
+    """Synthetic hospital ``index``, seeded by ``seed``: lesions and their label masks
+    (:mod:`medfed.data.synthetic`)."""
+    return synthetic.synthetic_segmentation_site(
+        index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims
+    )
