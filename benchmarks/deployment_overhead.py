@@ -49,6 +49,7 @@ from harness import model_bytes, per_round  # noqa: E402
 from medfed.config import load_config, parse_override  # noqa: E402
 from medfed.data import write_site  # noqa: E402
 from medfed.data.sites import load_simulated_site, simulated_site_names  # noqa: E402
+from medfed.run_folder import RunFolder  # noqa: E402
 from medfed.simulation import simulate  # noqa: E402
 from tests.test_deployment import (  # noqa: E402
     CONNECTION,
@@ -167,17 +168,14 @@ def run_deployment(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
                                                       "--port", str(_free_port())])  # fmt: skip
             deployment.wait_online(list(sites.values()), timeout=300)
 
-            out = base / "deployment"
-            run_config = f'config-file="{CONFIG_FILE}" out-dir="{out}" overrides="{";".join(OVERRIDES)}"'
+            out = RunFolder(base / "deployment")
+            run_config = f'config-file="{CONFIG_FILE}" out-dir="{out.root}" overrides="{";".join(OVERRIDES)}"'
             marks = [{"event": "start", "t": 0.0, "relays": {n: r.snapshot() for n, r in relays.items()}}]
             started = time.perf_counter()
             run = deployment.start("flwr-run", [str(VENV_BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream",
                                                 "--run-config", run_config])  # fmt: skip
-            pending = [
-                (f"round-{r}", out / "checkpoints" / f"round-{r:03d}.safetensors")
-                for r in range(1, config.run.rounds + 1)
-            ]
-            pending.append(("report", out / "report.json"))
+            pending = [(f"round-{r}", out.round_model(r)) for r in range(1, config.run.rounds + 1)]
+            pending.append(("report", out.report_json))
             deadline = time.monotonic() + RUN_DEADLINE
             while pending:
                 if pending[0][1].exists():
@@ -192,7 +190,7 @@ def run_deployment(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
             total = time.perf_counter() - started
             code = run.wait(timeout=120)
             assert code == 0, run.tail()
-            report = json.loads((out / "report.json").read_text())  # whole: the run has exited
+            report = json.loads(out.report_json.read_text())  # whole: the run has exited
             marks.append({"event": "run exited", "t": time.perf_counter() - started,
                           "relays": {n: r.snapshot() for n, r in relays.items()}})  # fmt: skip
             proc_io = {name: _proc_io(site.popen.pid) for name, site in sites.items()}

@@ -41,6 +41,7 @@ from medfed.config import Config
 from medfed.data.sites import load_simulated_site
 from medfed.evaluation.bootstrap import bootstrap_scores, paired_ratio, without_draws
 from medfed.federation import initial_model
+from medfed.run_folder import RunFolder
 from medfed.tasks import get_task
 from medfed.weights import load_checkpoint
 
@@ -87,12 +88,13 @@ def _worst(scores: dict[str, Any]) -> float:
 def _federation(config: Config, out: Path, reuse: bool) -> tuple[torch.nn.Module, dict[str, Any], float | None]:
     """The federation of ``config`` in ``out``: simulated now (with its seconds), or with ``reuse``
     the one already there (same config required; seconds unknown)."""
-    if reuse and (out / "report.json").is_file():
-        report = json.loads((out / "report.json").read_text())
+    folder = RunFolder(out)
+    if reuse and folder.report_json.is_file():
+        report = json.loads(folder.report_json.read_text())
         if _comparable(report["config"]) != _comparable(config.to_public_dict()):
             raise SystemExit(f"--reuse: {out} holds a run of another config")
         model = get_task(config.run.task).build_model(config)
-        model.load_state_dict(load_checkpoint(out / "checkpoints" / "global.safetensors")[0])
+        model.load_state_dict(load_checkpoint(folder.global_model)[0])
         return model, report, None
     started = time.perf_counter()
     model, report = federated_model(config, out)

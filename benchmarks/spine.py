@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from medfed.config import load_config
 from medfed.data.medmnist import read_medmnist
 from medfed.privacy import make_private
+from medfed.run_folder import RunFolder
 from medfed.simulation import simulate
 from medfed.tasks import get_task
 from medfed.training import build_optimizer, evaluate, train
@@ -85,7 +86,7 @@ def main() -> None:
         started = time.perf_counter()
         report = simulate(config, out)
         seconds = time.perf_counter() - started
-        test = _test_metrics(config, out / "checkpoints" / "global.safetensors", args.npz)
+        test = _test_metrics(config, RunFolder(out).global_model, args.npz)
         row = {
             "setup": setup,
             "seed": config.run.seed,

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from medfed.config import Config, ConfigError, load_config, parse_override
 from medfed.display import plain
+from medfed.run_folder import ProtocolFolder, RunFolder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_show_locals=False)
 data_app = typer.Typer(
@@ -173,12 +174,12 @@ def simulate(
         raise _fail(str(err)) from err
     failure = untrained_reason(report)
     if failure:
-        raise _fail(f"{failure} (report: {out / 'report.json'})", code=1)
+        raise _fail(f"{failure} (report: {RunFolder(out).report_json})", code=1)
     if cards:
         report["data_cards"] = cards
     html = write_report(report, out, _simulated_examples(config, out))
     _print_summary(report)
-    console.print(f"report: {plain(out / 'report.json')}  {plain(html)}")
+    console.print(f"report: {plain(RunFolder(out).report_json)}  {plain(html)}")
 
 
 def _run_protocol(config: Config, out: Path, replicates: int, verbose: bool) -> None:
@@ -196,7 +197,8 @@ def _run_protocol(config: Config, out: Path, replicates: int, verbose: bool) -> 
     except RuntimeError as err:  # a federation that trained nothing
         raise _fail(str(err), code=1) from err
     _print_protocol(report)
-    console.print(f"report: {plain(out / 'protocol.json')}  {plain(out / 'protocol.html')}")
+    folder = ProtocolFolder(out)
+    console.print(f"report: {plain(folder.protocol_json)}  {plain(folder.protocol_html)}")
 
 
 def _print_protocol(report: dict[str, Any]) -> None:
@@ -237,12 +239,13 @@ def _simulated_examples(config: Config, out: Path) -> dict[str, list[str]]:
         return {}
     task = get_task(config.run.task)
     model = task.build_model(config)
-    state, _ = load_checkpoint(out / "checkpoints" / "global.safetensors")
+    folder = RunFolder(out)
+    state, _ = load_checkpoint(folder.global_model)
     model.load_state_dict(state)
     result = {}
     for index, _ in enumerate(simulated_site_names(config)):
         name, site = load_simulated_site(config, index)
-        paths = example_images(task, model, site.split("test"), config, out / "plots", f"examples-{name}")
+        paths = example_images(task, model, site.split("test"), config, folder.plots, f"examples-{name}")
         result[name] = [str(p.relative_to(out)) for p in paths]
     return result
 

@@ -26,9 +26,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 from safetensors.torch import load_file, save_file
 
+from medfed import wire
 from medfed.config import Config
 from medfed.evaluation.report import json_safe, write_report
-from medfed.site import PHASE_FEDERATED, PHASE_LOCAL
+from medfed.run_folder import RunFolder
 from medfed.tasks import get_task
 from medfed.weights import (
     CheckpointError,
@@ -47,7 +48,6 @@ __all__ = ["build_strategy", "run_federation", "untrained_reason"]
 
 log = logging.getLogger("medfed.server")
 
-PRIVACY_KEYS = ("epsilon", "delta", "budget", "noise-multiplier", "max-grad-norm")
 MAX_EXAMPLES = 1e9
 
 
@@ -101,15 +101,9 @@ class _RunState:
         if text and text not in self.notes.setdefault(site, []):
             self.notes[site].append(text)
 
-    def message_config(self, **extra: Any) -> ConfigRecord:
-        return ConfigRecord(
-            {
-                "medfed-config": self.config.to_json(),
-                "simulation-state-root": self.state_root,
-                "run-key": self.run_key,
-                **extra,
-            }
-        )
+    def message_config(self, settings: dict[str, Any]) -> ConfigRecord:
+        """The config record of a request to the sites, with this message's ``settings``."""
+        return wire.request_config(self.config, self.state_root, self.run_key, settings)
 
     def site_of(self, reply: Message) -> str:
         """The reporting site's name, made unique per node (two sites may pick the same name)."""
@@ -117,9 +111,8 @@ class _RunState:
         if reply.has_error():  # possibly on behalf of a node that is gone: name the node it was sent to
             node = self.sent_to.get(reply.metadata.reply_to_message_id, node)
         if node not in self.sites:
-            try:
-                name = str(reply.content["site"]["name"])
-            except (KeyError, TypeError, ValueError):
+            name = wire.reported_site_name(reply)
+            if name is None:
                 return f"node-{node}"
             if name in self.sites.values():
                 name = f"{name}@{node}"
@@ -127,38 +120,24 @@ class _RunState:
         return self.sites[node]
 
 
-class MalformedReply(ValueError):
-    """A reply that does not have the shape every medfed site sends."""
+def _read_reply(state: _RunState, reply: Message) -> wire.SiteReply:
+    """A site's reply, parsed (:func:`medfed.wire.parse_reply`: a malformed one is rejected, it never
+    crashes the server); what the site said about itself is noted for the report."""
+    parsed = wire.parse_reply(reply, state.site_of(reply))
+    state.note(parsed.site, f"data warnings: {parsed.notes}" if parsed.notes else "")
+    state.note(parsed.site, f"{parsed.status}: {parsed.reason}" if parsed.status not in (wire.OK, wire.EMPTY) else "")
+    return parsed
 
 
 @dataclass
-class _Reply:
-    site: str
-    status: str
-    reason: str
-    metrics: dict[str, float]
-    arrays: ArrayRecord | None
-    privacy_unit: str = ""
-    notes: str = ""
+class _Rounds:
+    """The run so far: the global model, its ``run.ema`` average (when on: the model released),
+    one report entry per round done (round 0: the starting model), and the next round."""
 
-
-def _parse_reply(state: _RunState, reply: Message) -> _Reply:
-    """Read a site's reply defensively: a malformed one is rejected, it never crashes the server."""
-    site = state.site_of(reply)
-    if reply.has_error():
-        raise MalformedReply(f"site {site} failed: {reply.error.reason}")
-    try:
-        status = reply.content["site"]
-        metrics = {str(k): float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
-        arrays = reply.content["arrays"] if "arrays" in reply.content.array_records else None
-        unit = str(status["privacy-unit"]) if "privacy-unit" in status else ""
-        notes = str(status["notes"]) if "notes" in status else ""
-        parsed = _Reply(site, str(status["status"]), str(status["reason"]), metrics, arrays, unit, notes)
-    except (KeyError, TypeError, ValueError) as err:
-        raise MalformedReply(f"site {site} sent a malformed reply ({type(err).__name__}: {err})") from err
-    state.note(site, f"data warnings: {parsed.notes}" if parsed.notes else "")
-    state.note(site, f"{parsed.status}: {parsed.reason}" if parsed.status not in ("ok", "empty") else "")
-    return parsed
+    arrays: ArrayRecord
+    released: ArrayRecord | None
+    history: list[dict[str, Any]]
+    next_round: int
 
 
 def run_federation(
@@ -177,109 +156,136 @@ def run_federation(
     required) with the same weights, round number and run key (:func:`run_key`), so that sites
     calibrate the same noise and, with their seeds, repeat the same local training.
     """
-    out_dir = Path(out_dir).resolve()
-    checkpoints = out_dir / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    state_root = Path(simulation_state_root or out_dir / "state").resolve()
-    task = get_task(config.run.task)
+    folder = RunFolder(Path(out_dir).resolve())
+    folder.checkpoints.mkdir(parents=True, exist_ok=True)
+    state_root = Path(simulation_state_root or folder.site_states).resolve()
     strategy = build_strategy(config)
-    progress = _load_progress(checkpoints, config, strategy) if resume else None
+    progress = _load_progress(folder, config, strategy) if resume else None
     state = _RunState(config, grid, str(state_root), progress["run_key"] if progress else run_key(config))
     _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
-
-    released: ArrayRecord | None = None  # the run.ema average of the global models, when on
-    if progress is not None:
-        model = task.build_model(config)  # the model's own key order, as every site sends it
-        model.load_state_dict(load_checkpoint(checkpoints / f"round-{progress['round']:03d}.safetensors")[0])
-        arrays = model_to_arrays(model)
-        if config.run.ema:
-            model.load_state_dict(load_checkpoint(checkpoints / f"round-{progress['round']:03d}-ema.safetensors")[0])
-            released = model_to_arrays(model)
-        rounds: list[dict[str, Any]] = progress["rounds"]
-        state.privacy, state.privacy_units, state.notes = (
-            progress["privacy"],
-            progress["privacy_units"],
-            progress["notes"],
-        )
-        first_round = progress["round"] + 1
-        log.info("resuming run %s after round %d", state.run_key[:8], progress["round"])
-    else:
-        arrays = model_to_arrays(initial_model(config))
-        traffic = _Traffic()
-        metrics = _evaluate(state, arrays, "val", traffic)
-        rounds = [
-            {
-                "round": 0,
-                "seconds": 0.0,
-                "local_seconds": {},
-                "bytes_up": 0,
-                "bytes_down": traffic.down,
-                "metrics": metrics,
-                "sites_aggregated": [],
-            }
-        ]
-        _log_round(0, metrics, task.PRIMARY_METRIC)
-        first_round = 1
-    metrics = rounds[-1]["metrics"]
-    for server_round in range(first_round, config.run.rounds + 1):
+    run = _resumed_rounds(state, folder, progress) if progress is not None else _first_evaluation(state)
+    for server_round in range(run.next_round, config.run.rounds + 1):
         _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
-        started, traffic = time.perf_counter(), _Traffic()
-        messages = list(
-            strategy.configure_train(server_round, arrays, state.message_config(phase=PHASE_FEDERATED), grid)
-        )
-        traffic.down += array_bytes(arrays) * len(messages)
-        replies = state.exchange(messages, config.run.round_timeout)
-        accepted, local_seconds = _screen_train_replies(state, arrays, replies, traffic, server_round)
-        aggregated_sites: list[str] = []
-        if len(accepted) >= config.run.min_sites:
-            aggregated_sites = sorted(state.sites[r.metadata.src_node_id] for r in accepted)
-            new_arrays, _ = strategy.aggregate_train(server_round, accepted)
-            if new_arrays is not None:
-                arrays = _with_dtypes_of(new_arrays, arrays)
-        else:
-            log.warning(
-                "round %d: %d usable update(s), fewer than run.min-sites = %d; global model kept",
-                server_round,
-                len(accepted),
-                config.run.min_sites,
-            )
-        if config.run.ema:
-            released = moving_average(released, arrays, config.run.ema)
-            save_checkpoint(checkpoints / f"round-{server_round:03d}-ema.safetensors", released,
-                            {"round": server_round, "ema": config.run.ema})  # fmt: skip
-        metrics = _evaluate(state, released or arrays, "val", traffic)
-        entry = {
-            "round": server_round,
-            "seconds": time.perf_counter() - started,
-            "local_seconds": local_seconds,
-            "bytes_up": traffic.up,
-            "bytes_down": traffic.down,
-            "metrics": metrics,
-            "sites_aggregated": aggregated_sites,
-            "epsilon": {site: p.get("epsilon", 0.0) for site, p in state.privacy.items()},
-        }
-        rounds.append(entry)
-        save_checkpoint(
-            checkpoints / f"round-{server_round:03d}.safetensors",
-            arrays,
-            {"round": server_round, "task": config.run.task, "config": config.to_public_dict(), "metrics": metrics},
-        )
-        _save_progress(checkpoints, state, strategy, server_round, rounds)
-        _log_round(server_round, metrics, task.PRIMARY_METRIC)
+        _train_round(state, strategy, folder, run, server_round)
+    report = _final_report(state, folder, run.released or run.arrays, run.history)
+    if progress is not None:
+        report["resumed_after_round"] = progress["round"]
+    write_report(report, folder.root)
+    return report
 
-    arrays = released or arrays
+
+def _resumed_rounds(state: _RunState, folder: RunFolder, progress: dict[str, Any]) -> _Rounds:
+    """Where a checkpointed run stopped: its last round's models, history, privacy and notes."""
+    config = state.config
+    model = get_task(config.run.task).build_model(config)  # the model's own key order, as every site sends it
+    model.load_state_dict(load_checkpoint(folder.round_model(progress["round"]))[0])
+    arrays = model_to_arrays(model)
+    released: ArrayRecord | None = None
+    if config.run.ema:
+        model.load_state_dict(load_checkpoint(folder.round_model(progress["round"], ema=True))[0])
+        released = model_to_arrays(model)
+    state.privacy, state.privacy_units, state.notes = (
+        progress["privacy"],
+        progress["privacy_units"],
+        progress["notes"],
+    )
+    log.info("resuming run %s after round %d", state.run_key[:8], progress["round"])
+    return _Rounds(arrays, released, progress["rounds"], progress["round"] + 1)
+
+
+def _first_evaluation(state: _RunState) -> _Rounds:
+    """Round 0: the starting model, evaluated on every site's validation split."""
+    arrays = model_to_arrays(initial_model(state.config))
+    traffic = _Traffic()
+    metrics = _evaluate(state, arrays, "val", traffic)
+    entry = {
+        "round": 0,
+        "seconds": 0.0,
+        "local_seconds": {},
+        "bytes_up": 0,
+        "bytes_down": traffic.down,
+        "metrics": metrics,
+        "sites_aggregated": [],
+    }
+    _log_round(0, metrics, get_task(state.config.run.task).PRIMARY_METRIC)
+    return _Rounds(arrays, None, [entry], 1)
+
+
+def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Rounds, server_round: int) -> None:
+    """One round: train at the sites, aggregate the updates fit for it, evaluate the model released
+    on the validation splits, checkpoint the round (``run`` is updated)."""
+    config = state.config
+    started, traffic = time.perf_counter(), _Traffic()
+    settings = {wire.PHASE: wire.PHASE_FEDERATED}
+    messages = list(strategy.configure_train(server_round, run.arrays, state.message_config(settings), state.grid))
+    traffic.down += array_bytes(run.arrays) * len(messages)
+    replies = state.exchange(messages, config.run.round_timeout)
+    accepted, local_seconds = _screen_train_replies(state, run.arrays, replies, traffic, server_round)
+    aggregated_sites = _aggregate(state, strategy, run, accepted, server_round)
+    if config.run.ema:
+        run.released = moving_average(run.released, run.arrays, config.run.ema)
+        save_checkpoint(folder.round_model(server_round, ema=True), run.released,
+                        {"round": server_round, "ema": config.run.ema})  # fmt: skip
+    metrics = _evaluate(state, run.released or run.arrays, "val", traffic)
+    entry = {
+        "round": server_round,
+        "seconds": time.perf_counter() - started,
+        "local_seconds": local_seconds,
+        "bytes_up": traffic.up,
+        "bytes_down": traffic.down,
+        "metrics": metrics,
+        "sites_aggregated": aggregated_sites,
+        "epsilon": {site: p.get(wire.EPSILON, 0.0) for site, p in state.privacy.items()},
+    }
+    run.history.append(entry)
+    save_checkpoint(
+        folder.round_model(server_round),
+        run.arrays,
+        {"round": server_round, "task": config.run.task, "config": config.to_public_dict(), "metrics": metrics},
+    )
+    _save_progress(folder, state, strategy, server_round, run.history)
+    _log_round(server_round, metrics, get_task(config.run.task).PRIMARY_METRIC)
+
+
+def _aggregate(
+    state: _RunState, strategy: FedAvg, run: _Rounds, accepted: list[Message], server_round: int
+) -> list[str]:
+    """Aggregate the accepted updates into ``run.arrays`` when at least ``run.min-sites`` remain
+    (else the global model is kept); the sites aggregated."""
+    min_sites = state.config.run.min_sites
+    if len(accepted) < min_sites:
+        log.warning(
+            "round %d: %d usable update(s), fewer than run.min-sites = %d; global model kept",
+            server_round,
+            len(accepted),
+            min_sites,
+        )
+        return []
+    new_arrays, _ = strategy.aggregate_train(server_round, accepted)
+    if new_arrays is not None:
+        run.arrays = _with_dtypes_of(new_arrays, run.arrays)
+    return sorted(state.sites[r.metadata.src_node_id] for r in accepted)
+
+
+def _final_report(
+    state: _RunState, folder: RunFolder, arrays: ArrayRecord, rounds: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Release ``arrays`` (the global model, with its operating threshold), score it on every
+    site's test split and, when asked, against each site's local-only model: the run's report."""
+    config = state.config
+    task = get_task(config.run.task)
     operating = _operating_point(state, arrays)
     released_config = config.with_overrides({"evaluation.threshold": operating["threshold"]}) if operating else config
     site_thresholds = {site: p["threshold"] for site, p in operating.get("per_site", {}).items()}
     save_checkpoint(
-        checkpoints / "global.safetensors",
+        folder.global_model,
         arrays,
         {"round": config.run.rounds, "task": config.run.task, "config": released_config.to_public_dict(),
-         "metrics": metrics, "site_thresholds": site_thresholds},
+         "metrics": rounds[-1]["metrics"], "site_thresholds": site_thresholds},
     )  # fmt: skip
-    thresholds = {site: {"threshold": t} for site, t in site_thresholds.items()}
-    at_threshold = {"threshold": operating["threshold"]} if operating else {}
-    per_site = _evaluate(state, arrays, "test", _Traffic(), thresholds, **at_threshold, **{"score-counts": True})
+    thresholds = {site: {wire.THRESHOLD: t} for site, t in site_thresholds.items()}
+    at_threshold = {wire.THRESHOLD: operating["threshold"]} if operating else {}
+    per_site = _evaluate(state, arrays, "test", _Traffic(), thresholds, {**at_threshold, wire.SCORE_COUNTS: True})
     pooled = task.pooled_metrics(per_site, released_config)
     per_site = {site: {k: v for k, v in m.items() if not k.startswith("score_")} for site, m in per_site.items()}
     cross_site = _cross_site(state, arrays, per_site, task.PRIMARY_METRIC) if config.evaluation.cross_site else None
@@ -300,9 +306,6 @@ def run_federation(
     }
     if config.run.initial_model:
         report["initial_model"] = initial_model_provenance(config.run.initial_model)
-    if progress is not None:
-        report["resumed_after_round"] = progress["round"]
-    write_report(report, out_dir)
     return report
 
 
@@ -372,13 +375,11 @@ def _wait_for_sites(grid: Grid, minimum: int, timeout: float) -> None:
         time.sleep(1.0)
 
 
-PROGRESS = "progress.json"
-STRATEGY_STATE = "strategy.safetensors"
 STRATEGY_KEYS = ("current_arrays", "m_t", "v_t")  # FedOpt-family state (FedAdam); other strategies keep none
 
 
 def _save_progress(
-    checkpoints: Path, state: _RunState, strategy: FedAvg, server_round: int, rounds: list[dict[str, Any]]
+    folder: RunFolder, state: _RunState, strategy: FedAvg, server_round: int, rounds: list[dict[str, Any]]
 ) -> None:
     """What a resumed run needs besides the weights: round, run key, history, privacy, strategy state."""
     tensors = {
@@ -387,8 +388,8 @@ def _save_progress(
         for key, value in (getattr(strategy, name, None) or {}).items()
     }
     if tensors:
-        save_file(tensors, checkpoints / f".{STRATEGY_STATE}")
-        os.replace(checkpoints / f".{STRATEGY_STATE}", checkpoints / STRATEGY_STATE)
+        save_file(tensors, _beside(folder.strategy_state))
+        os.replace(_beside(folder.strategy_state), folder.strategy_state)
     progress = {
         "round": server_round,
         "run_key": state.run_key,
@@ -399,12 +400,19 @@ def _save_progress(
         "notes": state.notes,
         "strategy_state": bool(tensors),
     }
-    (checkpoints / f".{PROGRESS}").write_text(json.dumps(json_safe(progress)))
-    os.replace(checkpoints / f".{PROGRESS}", checkpoints / PROGRESS)  # atomic: a crash leaves the last one whole
+    _beside(folder.progress).write_text(json.dumps(json_safe(progress)))
+    os.replace(_beside(folder.progress), folder.progress)  # atomic: a crash leaves the last one whole
 
 
-def _load_progress(checkpoints: Path, config: Config, strategy: FedAvg) -> dict[str, Any]:
-    path = checkpoints / PROGRESS
+def _beside(path: Path) -> Path:
+    """The hidden file beside ``path`` that an atomic write of ``path`` goes through."""
+    return path.with_name(f".{path.name}")
+
+
+def _load_progress(folder: RunFolder, config: Config, strategy: FedAvg) -> dict[str, Any]:
+    """The progress file of the run checkpointed in ``folder`` (and the strategy's own state, put
+    back into ``strategy``), if it was checkpointed with the same config."""
+    path = folder.progress
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: {path} does not exist (no round of this run was checkpointed)")
     try:
@@ -423,7 +431,7 @@ def _load_progress(checkpoints: Path, config: Config, strategy: FedAvg) -> dict[
     if changed:
         raise ValueError(f"cannot resume: the config differs from the checkpointed run's in {changed}")
     if progress["strategy_state"]:
-        tensors = load_file(checkpoints / STRATEGY_STATE)
+        tensors = load_file(folder.strategy_state)
         for name in STRATEGY_KEYS:
             values = {k.split("/", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith(f"{name}/")}
             if values:
@@ -439,29 +447,29 @@ def _screen_train_replies(
     local_seconds: dict[str, float] = {}
     for reply in replies:
         try:
-            parsed = _parse_reply(state, reply)
+            parsed = _read_reply(state, reply)
             _record_privacy(state, parsed)
-            if parsed.status != "ok":
+            if parsed.status != wire.OK:
                 log.warning("round %d: site %s %s: %s", server_round, parsed.site, parsed.status, parsed.reason)
                 continue
             update = _checked_update(state, reference, parsed)
-        except (MalformedReply, UpdateRejected) as err:
+        except (wire.MalformedReply, UpdateRejected) as err:
             log.warning("round %d: reply left out: %s", server_round, err)
             site = state.site_of(reply)
             if not any(n.startswith("update left out") for n in state.notes.get(site, [])):
                 state.note(site, f"update left out (first in round {server_round}): {err}")
             continue
         traffic.up += array_bytes(parsed.arrays)  # as received: compressed when the run compresses
-        local_seconds[parsed.site] = parsed.metrics.get("local-seconds", math.nan)
+        local_seconds[parsed.site] = parsed.metrics.get(wire.LOCAL_SECONDS, math.nan)
         reply.content = RecordDict(
-            {"arrays": update, "metrics": MetricRecord({"num-examples": parsed.metrics["num-examples"]})}
+            {wire.ARRAYS: update, wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: parsed.metrics[wire.NUM_EXAMPLES]})}
         )
         accepted.append(reply)
     return accepted, local_seconds
 
 
 def _checked_update(
-    state: _RunState, reference: ArrayRecord, parsed: _Reply, max_norm: float | None = None
+    state: _RunState, reference: ArrayRecord, parsed: wire.SiteReply, max_norm: float | None = None
 ) -> ArrayRecord:
     """The reply's weights, if they and the sample count that weighs them are sound.
 
@@ -476,7 +484,7 @@ def _checked_update(
         raise UpdateRejected(f"update from site {parsed.site} rejected: {err}") from err
     except (ValueError, TypeError) as err:
         raise UpdateRejected(f"update from site {parsed.site} is undecodable: {err}") from err
-    count = parsed.metrics.get("num-examples", math.nan)
+    count = parsed.metrics.get(wire.NUM_EXAMPLES, math.nan)
     if not (math.isfinite(count) and 0 < count <= MAX_EXAMPLES):
         raise UpdateRejected(f"site {parsed.site}: num-examples = {count} is not in (0, {MAX_EXAMPLES:.0e}]")
     try:
@@ -489,8 +497,8 @@ def _checked_update(
     return arrays
 
 
-def _record_privacy(state: _RunState, parsed: _Reply) -> None:
-    privacy = {k: parsed.metrics[k] for k in PRIVACY_KEYS if k in parsed.metrics}
+def _record_privacy(state: _RunState, parsed: wire.SiteReply) -> None:
+    privacy = {k: parsed.metrics[k] for k in wire.PRIVACY_METRICS if k in parsed.metrics}
     if privacy:
         state.privacy[parsed.site] = privacy
     if parsed.privacy_unit in ("image", "patient"):
@@ -512,7 +520,7 @@ def _operating_point(state: _RunState, arrays: ArrayRecord) -> dict[str, Any]:
     settings = state.config.evaluation
     if settings.threshold:
         return {"threshold": settings.threshold, "method": "evaluation.threshold"}
-    counts = _evaluate(state, arrays, "val", _Traffic(), **{"score-counts": True})
+    counts = _evaluate(state, arrays, "val", _Traffic(), settings={wire.SCORE_COUNTS: True})
     task = get_task(state.config.run.task)
     chosen = task.operating_point(counts, state.config)
     if not chosen:
@@ -533,28 +541,28 @@ def _evaluate(
     split: str,
     traffic: _Traffic,
     per_site: dict[str, dict[str, Any]] | None = None,
-    **extra: Any,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Send ``arrays`` to every site for evaluation on ``split`` (``extra``: more message settings,
+    """Send ``arrays`` to every site for evaluation on ``split`` (``settings``: more message settings,
     ``per_site``: settings for the named sites only, e.g. their own thresholds); metrics by site name."""
     node_ids = list(state.grid.get_node_ids())
     messages = []
     for node in node_ids:
-        settings = {**extra, **(per_site or {}).get(state.sites.get(node, ""), {})}
-        content = RecordDict({"arrays": arrays, "config": state.message_config(split=split, **settings)})
+        own = {wire.SPLIT: split, **(settings or {}), **(per_site or {}).get(state.sites.get(node, ""), {})}
+        content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: state.message_config(own)})
         messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
     traffic.down += array_bytes(arrays) * len(messages)
     results: dict[str, dict[str, float]] = {}
     for reply in state.exchange(messages, state.config.run.round_timeout):
         try:
-            parsed = _parse_reply(state, reply)
-        except MalformedReply as err:
+            parsed = _read_reply(state, reply)
+        except wire.MalformedReply as err:
             log.warning("evaluation on %s: %s", split, err)
             continue
-        if parsed.status != "ok":
+        if parsed.status != wire.OK:
             log.warning("site %s could not evaluate on %s: %s", parsed.site, split, parsed.reason)
             continue
-        results[parsed.site] = {k: v for k, v in parsed.metrics.items() if k != "num-examples"}
+        results[parsed.site] = {k: v for k, v in parsed.metrics.items() if k != wire.NUM_EXAMPLES}
     return dict(sorted(results.items()))
 
 
@@ -564,19 +572,20 @@ def _cross_site(
     """Each site's local-only model (same epochs, same privacy settings) and the global model, at every site."""
     node_ids = list(state.grid.get_node_ids())
     initial = model_to_arrays(initial_model(state.config))
-    content = RecordDict({"arrays": initial, "config": state.message_config(phase=PHASE_LOCAL, **{"server-round": 0})})
+    settings = {wire.PHASE: wire.PHASE_LOCAL, wire.SERVER_ROUND: 0}
+    content = RecordDict({wire.ARRAYS: initial, wire.CONFIG: state.message_config(settings)})
     messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in node_ids]
     local_models: dict[str, ArrayRecord] = {}
     for reply in state.exchange(messages, state.config.run.round_timeout * state.config.run.rounds):
         try:
-            parsed = _parse_reply(state, reply)
+            parsed = _read_reply(state, reply)
             _record_privacy(state, parsed)
-            if parsed.status != "ok":
-                raise MalformedReply(f"site {parsed.site} {parsed.status}: {parsed.reason}")
+            if parsed.status != wire.OK:
+                raise wire.MalformedReply(f"site {parsed.site} {parsed.status}: {parsed.reason}")
             # A local-only model is a whole run's training away from the initial weights and is never
             # aggregated: it must be well-formed and finite, not close to the starting point.
             local_models[parsed.site] = _checked_update(state, initial, parsed, max_norm=math.inf)
-        except (MalformedReply, UpdateRejected) as err:
+        except (wire.MalformedReply, UpdateRejected) as err:
             log.warning("local-only model not used: %s", err)
     sites = sorted(set(state.sites.values()))
     models = sorted(local_models)
@@ -592,11 +601,11 @@ def _privacy_section(state: _RunState) -> dict[str, dict[str, Any]]:
     if not state.config.privacy.enabled:
         return {}
     keys = {
-        "epsilon": "epsilon",
-        "delta": "delta",
-        "budget": "budget",
-        "noise-multiplier": "noise_multiplier",
-        "max-grad-norm": "max_grad_norm",
+        wire.EPSILON: "epsilon",
+        wire.DELTA: "delta",
+        wire.BUDGET: "budget",
+        wire.NOISE_MULTIPLIER: "noise_multiplier",
+        wire.MAX_GRAD_NORM: "max_grad_norm",
     }
     return {
         site: {**{keys[k]: v for k, v in p.items()}, "unit": state.privacy_units.get(site, "image")}

@@ -61,6 +61,7 @@ from medfed.config import Config
 from medfed.data import SiteArrays, load_simulated_site, simulated_site_names
 from medfed.evaluation.bootstrap import bootstrap_scores, interval
 from medfed.evaluation.report import json_safe
+from medfed.run_folder import ProtocolFolder, RunFolder
 from medfed.tasks import get_task
 from medfed.weights import load_checkpoint
 
@@ -75,9 +76,9 @@ Federate = Callable[[Config, Path], dict[str, Any]]
 
 
 def global_model(config: Config, run_dir: Path) -> nn.Module:
-    """The final global model of the run written into ``run_dir`` (``checkpoints/global.safetensors``)."""
+    """The final global model of the run written into ``run_dir`` (:attr:`RunFolder.global_model`)."""
     model = get_task(config.run.task).build_model(config)
-    state, _ = load_checkpoint(Path(run_dir) / "checkpoints" / "global.safetensors")
+    state, _ = load_checkpoint(RunFolder(Path(run_dir)).global_model)
     model.load_state_dict(state)
     return model
 
@@ -109,7 +110,7 @@ def run_cross_site_protocol(
     if not 10 <= replicates <= 100_000:
         raise ValueError(f"replicates = {replicates}: expected an integer in [10, 100000]")
     started = time.perf_counter()
-    out = Path(out_dir)
+    out = ProtocolFolder(Path(out_dir))
     names = simulated_site_names(config)
     if len(names) < MIN_SITES:
         raise ValueError(
@@ -131,14 +132,15 @@ def run_cross_site_protocol(
         return result
 
     def federation(run: str, folder: str, run_config: Config) -> nn.Module:
-        report = federate(run_config, out / folder)
+        run_folder = out.run(folder)
+        report = federate(run_config, run_folder.root)
         failure = untrained_reason(report)
         if failure:
-            raise RuntimeError(f"{run}: {failure} (report: {out / folder / 'report.json'})")
-        runs[run] = f"{folder}/report.json"
+            raise RuntimeError(f"{run}: {failure} (report: {run_folder.report_json})")
+        runs[run] = run_folder.report_json.relative_to(out.root).as_posix()
         if private:
             privacy[run] = {s: {"epsilon": p["epsilon"], "delta": p["delta"]} for s, p in report["privacy"].items()}
-        return global_model(run_config, out / folder)
+        return global_model(run_config, run_folder.root)
 
     for name, site in sites.items():
         model, info = train_central(config, [site], private)
@@ -179,7 +181,7 @@ def run_cross_site_protocol(
         "config": config.to_public_dict(),
         "seconds": time.perf_counter() - started,
     }
-    write_protocol_report(report, out)
+    write_protocol_report(report, out.root)
     return report
 
 
@@ -218,13 +220,12 @@ def _total(privacy: dict[str, dict[str, dict[str, float]]], names: list[str]) ->
 def write_protocol_report(report: dict[str, Any], out_dir: str | Path) -> Path:
     """Write ``protocol.json``, ``plots/cross_site_protocol.png`` and ``protocol.html`` into
     ``out_dir``; return the HTML path."""
-    out = Path(out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    (out / "protocol.json").write_text(json.dumps(json_safe(report), indent=1))
-    figure = _plot(report, out / "plots" / "cross_site_protocol.png")
-    path = out / "protocol.html"
-    path.write_text(_html(report, figure.relative_to(out)))
-    return path
+    out = ProtocolFolder(Path(out_dir))
+    out.plots.mkdir(parents=True, exist_ok=True)
+    out.protocol_json.write_text(json.dumps(json_safe(report), indent=1))
+    figure = _plot(report, out.plots / "cross_site_protocol.png")
+    out.protocol_html.write_text(_html(report, figure.relative_to(out.root)))
+    return out.protocol_html
 
 
 def _rows(report: dict[str, Any]) -> list[tuple[str, list[dict[str, Any] | None]]]:

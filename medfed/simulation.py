@@ -19,6 +19,7 @@ from medfed.config import Config
 from medfed.data import simulated_site_names
 from medfed.data.sites import SIMULATION_CACHE
 from medfed.federation import run_federation
+from medfed.run_folder import RunFolder
 
 __all__ = ["simulate"]
 
@@ -47,7 +48,7 @@ def simulate(
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if state_dir is None:
-        state_dir = out_dir / "state"
+        state_dir = RunFolder(out_dir).site_states
         if not resume:
             shutil.rmtree(state_dir, ignore_errors=True)
     num_sites = len(simulated_site_names(config))

@@ -26,18 +26,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message
+from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from medfed import wire
 from medfed.config import Config
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
 from medfed.data.manifest import SiteReading
 from medfed.data.preflight import Preflight, run_preflight
 from medfed.data.vocabulary import DataProblem
 from medfed.privacy import BudgetExceeded, PrivacyLedger, check_delta, default_delta, make_private, plan_privacy
-from medfed.tasks import get_task, seeded_train_transform
+from medfed.tasks import Task, get_task, seeded_train_transform
 from medfed.tasks.classification import LogitAdjustment
-from medfed.training import build_optimizer, evaluate, loop_options, lr_schedule, resolve_device, train
+from medfed.training import TrainStats, build_optimizer, evaluate, loop_options, lr_schedule, resolve_device, train
 from medfed.weights import compress_update, model_to_arrays, set_model_arrays
 
 __all__ = ["Site", "handle_evaluate", "handle_train", "resolve_site"]
@@ -54,9 +56,6 @@ STATE_FOLDER = ".medfed-state"
 SECRET_FILE = "site-secret"  # seeds local training; never leaves the site
 CACHE_FOLDER = "cache"  # model-ready arrays of the site's data, under its state folder
 _SITE_CACHE: dict[tuple[Any, ...], tuple[tuple[tuple[str, int, int], ...], Preflight]] = {}
-
-PHASE_FEDERATED = "federated"
-PHASE_LOCAL = "local-baseline"
 
 
 @dataclass
@@ -91,7 +90,7 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
     else:
         index = int(node_config["partition-id"])
         name, data = load_simulated_site(config, index)
-        state_dir = Path(str(message_config["simulation-state-root"])) / name
+        state_dir = Path(str(message_config[wire.STATE_ROOT])) / name
         notes = ""
     return Site(name, data, state_dir, site_budget(node_config, config), notes)
 
@@ -205,8 +204,10 @@ def handle_train(msg: Message, node_config: dict[str, Any], run_id: int) -> Mess
     """
     try:
         return _train(msg, node_config, run_id)
+    except _Refused as refused:
+        return wire.encode_reply(msg, wire.SiteReply(refused.site, wire.REFUSED, refused.reason, refused.metrics))
     except Exception as err:  # noqa: BLE001 - nothing a site raises may reach the server verbatim
-        return _failure(msg, str(node_config.get("site-name", "unknown")), err)
+        return _failure(msg, _node_site_name(node_config), err)
 
 
 def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
@@ -214,7 +215,7 @@ def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
     try:
         return _evaluate(msg, node_config)
     except Exception as err:  # noqa: BLE001 - as in handle_train
-        return _failure(msg, str(node_config.get("site-name", "unknown")), err)
+        return _failure(msg, _node_site_name(node_config), err)
 
 
 def training_seed(state_dir: Path, run_key: str, server_round: int, phase: str, data: SiteArrays) -> int:
@@ -252,167 +253,233 @@ def task_refusal(node_config: dict[str, Any], config: Config) -> str:
     return ""
 
 
+class _Refused(Exception):
+    """The site will not train this message (task, privacy): a ``refused`` reply, logged where raised."""
+
+    def __init__(self, site: str, reason: str, metrics: dict[str, float] | None = None) -> None:
+        super().__init__(reason)
+        self.site, self.reason, self.metrics = site, reason, metrics or {}
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """How much one train message trains: a federated round is one slice of the run (one
+    round's epochs or steps), the local-only model (``wire.PHASE_LOCAL``) all rounds in one pass."""
+
+    epochs: int
+    max_steps: int
+    planned: int  # what is accounted for (privacy) and must be trained
+    per_round: int  # one round's slice, for the learning-rate schedule
+
+    @classmethod
+    def of(cls, config: Config, phase: str, batches: int) -> _Steps:
+        """The steps of ``phase`` over a loader of ``batches`` batches."""
+        rounds = config.run.rounds if phase == wire.PHASE_LOCAL else 1
+        epochs, max_steps = config.train.local_epochs * rounds, config.train.local_steps * rounds
+        planned = max_steps or epochs * batches
+        return cls(epochs, max_steps, planned, planned // config.run.rounds if phase == wire.PHASE_LOCAL else planned)
+
+
 def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
+    """Refuse, or train the received model on the site's train split and reply with the update."""
     started = time.perf_counter()
-    config, message_config = _read_config(msg)
-    refusal = task_refusal(node_config, config)
-    if refusal:
-        log.warning("site refuses run %s: %s", run_id, refusal)
-        return _reply(msg, str(node_config.get("site-name", "unknown")), "refused", refusal, {})
-    site = resolve_site(node_config, message_config, config)
-    deployed = "data-path" in node_config
-    without_privacy = node_config.get("allow-training-without-privacy", False) is True  # a TOML true, not "false"
-    if deployed and not config.privacy.enabled and not without_privacy:
-        reason = "this site trains only with differential privacy (privacy.enabled = false was asked)"
-        log.warning("site %s refuses round: %s", site.name, reason)
-        return _reply(msg, site.name, "refused", reason, {})
+    config, settings = wire.read_request(msg)
+    site = _site_that_trains(node_config, settings, config, run_id)
     task = get_task(config.run.task)
     device = resolve_device(config.train.device)
-    model = task.build_model(config)
-    set_model_arrays(model, msg.content["arrays"])
-    model.to(device)
-    run_key = str(message_config.get("run-key") or run_id)
-    phase = str(message_config.get("phase", PHASE_FEDERATED))
-    seed = training_seed(site.state_dir, run_key, int(message_config.get("server-round", 0)), phase, site.data)
+    model = _received_model(task, config, msg).to(device)
+    run_key = str(settings.get(wire.RUN_KEY) or run_id)
+    phase = str(settings.get(wire.PHASE, wire.PHASE_FEDERATED))
+    seed = training_seed(site.state_dir, run_key, int(settings.get(wire.SERVER_ROUND, 0)), phase, site.data)
     seed_everything(seed)
-    transform = seeded_train_transform(task, config, seed)
-    if config.train.logit_adjust:  # classification without DP (the config refuses it otherwise)
-        train_labels = site.data.targets[site.data.splits == "train"]
-        transform = LogitAdjustment(transform, train_labels, config.data.num_classes)
-    unit, units = site.data.privacy_units("train", config.privacy.unit)
-    dataset = PrivacyUnitDataset(site.data.split("train"), units, transform, config.train.augmentations)
+    unit, dataset = _train_dataset(task, config, site, seed)
     n = len(dataset)
     if n == 0:
         return _failure(msg, site.name, ValueError("the site has no training samples"))
     loader = DataLoader(dataset, batch_size=min(config.train.batch_size, n), shuffle=True)
     optimizer = build_optimizer(model, config.train)
-    epochs = config.train.local_epochs * (config.run.rounds if phase == PHASE_LOCAL else 1)
-    max_steps = config.train.local_steps * (config.run.rounds if phase == PHASE_LOCAL else 1)
-    steps_planned = max_steps or epochs * len(loader)
+    steps = _Steps.of(config, phase, len(loader))
     privacy: dict[str, float] = {}
-    ledger = None
     if config.privacy.enabled:
-        try:
-            check_delta(config.privacy.delta, n)
-        except ValueError as err:
-            log.warning("site %s refuses the run: %s", site.name, err)
-            return _reply(msg, site.name, "refused", str(err), {})
-        ledger = PrivacyLedger.open(site.state_dir, config.privacy.delta or default_delta(n), config.privacy.accountant)
-        plan = plan_privacy(
-            n,
-            config.train.batch_size,
-            config.run.rounds,
-            config.privacy.target_epsilon,
-            local_epochs=config.train.local_epochs,
-            local_steps=config.train.local_steps,
-            delta=ledger.delta,
-            accountant=config.privacy.accountant,
-            runs_per_round=2 if config.evaluation.cross_site else 1,
-        )
-        sample_rate = plan.sample_rate
-        if run_key not in ledger.calibrations:  # the first round of this run here: say what DP will do
-            spent = ledger.epsilon()
-            log.info("site %s, privacy plan for this run (%s units):", site.name, unit)
-            for line in plan.lines():
-                (log.warning if line.startswith("WARNING") else log.info)("  %s", line)
-            if spent:
-                log.info("  earlier runs spent ε %.2f at this site (budget %.2f)", spent, site.budget)
-        sigma = ledger.noise_for_run(run_key, config.privacy.target_epsilon, sample_rate, plan.run_steps)
-        privacy = {
-            "noise-multiplier": sigma,
-            "max-grad-norm": config.privacy.max_grad_norm,
-            "delta": ledger.delta,
-            "budget": site.budget,
-            "sample-rate": sample_rate,
-        }
-        try:
-            privacy["epsilon"] = ledger.reserve(sigma, sample_rate, steps_planned, site.budget)
-        except BudgetExceeded as err:
-            log.warning("site %s refuses round: %s", site.name, err)
-            return _reply(msg, site.name, "refused", str(err), {"epsilon": ledger.epsilon(), **privacy})
+        sigma, privacy = _spend_privacy(site, config, run_key, unit, n, steps.planned)
         model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
-    proximal_mu = float(message_config.get("proximal-mu", 0.0)) if phase == PHASE_FEDERATED else 0.0
-    # the local-only model trains all rounds in one pass; a federated round is one slice of the run
-    per_round = steps_planned // config.run.rounds if phase == PHASE_LOCAL else steps_planned
-    first_step = 0 if phase == PHASE_LOCAL else (int(message_config.get("server-round", 1)) - 1) * per_round
-    schedule = lr_schedule(optimizer, config.train, first_step, per_round * config.run.rounds, per_round)
+    stats = _local_training(task, model, loader, optimizer, device, config, settings, phase, steps)
+    trained = getattr(model, "_module", model)
+    if not _all_finite(trained):
+        return _diverged(msg, site.name, privacy)
+    metrics = {wire.NUM_EXAMPLES: n, wire.STEPS: stats.steps, wire.LOCAL_SECONDS: time.perf_counter() - started}
+    metrics |= privacy
+    if not config.privacy.enabled:
+        metrics[wire.TRAIN_LOSS] = stats.loss  # an un-noised statistic of the data: only sent without DP
+    arrays = compress_update(msg.content[wire.ARRAYS], model_to_arrays(trained.cpu()), config.run.update_compression)
+    return wire.encode_reply(msg, wire.SiteReply(site.name, wire.OK, "", metrics, arrays, unit, site.notes))
+
+
+def _site_that_trains(node_config: dict[str, Any], settings: ConfigRecord, config: Config, run_id: int) -> Site:
+    """The site, once it accepts the run's task and, deployed, its privacy: a deployed site trains
+    only with DP unless its node config says ``allow-training-without-privacy = true``.
+
+    Raises:
+        _Refused: the task is not in the site's ``allowed-tasks``, or DP is off and not allowed.
+    """
+    refusal = task_refusal(node_config, config)
+    if refusal:
+        log.warning("site refuses run %s: %s", run_id, refusal)
+        raise _Refused(_node_site_name(node_config), refusal)
+    site = resolve_site(node_config, settings, config)
+    without_privacy = node_config.get("allow-training-without-privacy", False) is True  # a TOML true, not "false"
+    if "data-path" in node_config and not config.privacy.enabled and not without_privacy:
+        reason = "this site trains only with differential privacy (privacy.enabled = false was asked)"
+        log.warning("site %s refuses round: %s", site.name, reason)
+        raise _Refused(site.name, reason)
+    return site
+
+
+def _received_model(task: Task, config: Config, msg: Message) -> torch.nn.Module:
+    """The run's model holding the weights the server sent."""
+    model = task.build_model(config)
+    set_model_arrays(model, msg.content[wire.ARRAYS])
+    return model
+
+
+def _train_dataset(task: Task, config: Config, site: Site, seed: int) -> tuple[str, PrivacyUnitDataset]:
+    """The privacy unit the site counts in (``image`` or ``patient``) and its train split, one
+    privacy unit per item, with the seeded training transform."""
+    transform = seeded_train_transform(task, config, seed)
+    if config.train.logit_adjust:  # classification without DP (the config refuses it otherwise)
+        train_labels = site.data.targets[site.data.splits == "train"]
+        transform = LogitAdjustment(transform, train_labels, config.data.num_classes)
+    unit, units = site.data.privacy_units("train", config.privacy.unit)
+    return unit, PrivacyUnitDataset(site.data.split("train"), units, transform, config.train.augmentations)
+
+
+def _spend_privacy(
+    site: Site, config: Config, run_key: str, unit: str, n: int, steps: int
+) -> tuple[float, dict[str, float]]:
+    """Calibrate this run's noise (once per run, in the site's ledger) and reserve the ε of
+    ``steps`` more steps; the noise multiplier and the privacy metrics the reply carries.
+
+    Raises:
+        _Refused: δ does not suit ``n`` privacy units, or the steps would exceed the site's budget.
+    """
+    try:
+        check_delta(config.privacy.delta, n)
+    except ValueError as err:
+        log.warning("site %s refuses the run: %s", site.name, err)
+        raise _Refused(site.name, str(err)) from err
+    ledger = PrivacyLedger.open(site.state_dir, config.privacy.delta or default_delta(n), config.privacy.accountant)
+    plan = plan_privacy(
+        n,
+        config.train.batch_size,
+        config.run.rounds,
+        config.privacy.target_epsilon,
+        local_epochs=config.train.local_epochs,
+        local_steps=config.train.local_steps,
+        delta=ledger.delta,
+        accountant=config.privacy.accountant,
+        runs_per_round=2 if config.evaluation.cross_site else 1,
+    )
+    sample_rate = plan.sample_rate
+    if run_key not in ledger.calibrations:  # the first round of this run here: say what DP will do
+        spent = ledger.epsilon()
+        log.info("site %s, privacy plan for this run (%s units):", site.name, unit)
+        for line in plan.lines():
+            (log.warning if line.startswith("WARNING") else log.info)("  %s", line)
+        if spent:
+            log.info("  earlier runs spent ε %.2f at this site (budget %.2f)", spent, site.budget)
+    sigma = ledger.noise_for_run(run_key, config.privacy.target_epsilon, sample_rate, plan.run_steps)
+    privacy = {
+        wire.NOISE_MULTIPLIER: sigma,
+        wire.MAX_GRAD_NORM: config.privacy.max_grad_norm,
+        wire.DELTA: ledger.delta,
+        wire.BUDGET: site.budget,
+        wire.SAMPLE_RATE: sample_rate,
+    }
+    try:
+        privacy[wire.EPSILON] = ledger.reserve(sigma, sample_rate, steps, site.budget)
+    except BudgetExceeded as err:
+        log.warning("site %s refuses round: %s", site.name, err)
+        raise _Refused(site.name, str(err), {wire.EPSILON: ledger.epsilon(), **privacy}) from err
+    return sigma, privacy
+
+
+def _local_training(
+    task: Task,
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: Optimizer,
+    device: torch.device,
+    config: Config,
+    settings: ConfigRecord,
+    phase: str,
+    steps: _Steps,
+) -> TrainStats:
+    """Train ``steps`` (with FedProx's term in a federated round) on the learning-rate schedule's
+    slice of this round; the steps trained must be the steps accounted for."""
+    proximal_mu = float(settings.get(wire.PROXIMAL_MU, 0.0)) if phase == wire.PHASE_FEDERATED else 0.0
+    first_step = 0 if phase == wire.PHASE_LOCAL else (int(settings.get(wire.SERVER_ROUND, 1)) - 1) * steps.per_round
+    schedule = lr_schedule(optimizer, config.train, first_step, steps.per_round * config.run.rounds, steps.per_round)
     stats = train(
         task,
         model,
         loader,
         optimizer,
         device,
-        epochs=epochs,
-        max_steps=max_steps,
+        epochs=steps.epochs,
+        max_steps=steps.max_steps,
         proximal_mu=proximal_mu,
         amp=config.train.amp and not config.privacy.enabled,
         schedule=schedule,
         **loop_options(config.train),
     )
-    if stats.steps != steps_planned:
-        raise RuntimeError(f"trained {stats.steps} steps but {steps_planned} were accounted for")
-    trained = getattr(model, "_module", model)
-    if not all(torch.isfinite(v).all() for v in trained.state_dict().values() if v.is_floating_point()):
-        # Not sent: the server would reject it anyway. The ledger keeps the charge (see medfed.privacy).
-        reason = "local training diverged (NaN/Inf weights); update not sent: lower train.lr or privacy.max-grad-norm"
-        log.error("site %s: %s", site.name, reason)
-        return _reply(msg, site.name, "error", reason, privacy)
-    metrics = {"num-examples": n, "steps": stats.steps, "local-seconds": time.perf_counter() - started, **privacy}
-    if ledger is None:
-        metrics["train-loss"] = stats.loss  # an un-noised statistic of the data: only sent without DP
-    arrays = compress_update(msg.content["arrays"], model_to_arrays(trained.cpu()), config.run.update_compression)
-    return _reply(msg, site.name, "ok", "", metrics, arrays, privacy_unit=unit, notes=site.notes)
+    if stats.steps != steps.planned:
+        raise RuntimeError(f"trained {stats.steps} steps but {steps.planned} were accounted for")
+    return stats
+
+
+def _all_finite(model: torch.nn.Module) -> bool:
+    """Whether every floating-point weight and buffer of ``model`` is finite."""
+    return all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def _diverged(msg: Message, site_name: str, privacy: dict[str, float]) -> Message:
+    """The ``error`` reply of a training that ended with NaN/Inf weights: the update is not sent
+    (the server would reject it anyway); the ledger keeps the charge (see medfed.privacy)."""
+    reason = "local training diverged (NaN/Inf weights); update not sent: lower train.lr or privacy.max-grad-norm"
+    log.error("site %s: %s", site_name, reason)
+    return wire.encode_reply(msg, wire.SiteReply(site_name, wire.ERROR, reason, privacy))
 
 
 def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
-    config, message_config = _read_config(msg)
+    """Refuse, or evaluate the received model on the asked split and reply with the metrics."""
+    config, settings = wire.read_request(msg)
     refusal = task_refusal(node_config, config)
     if refusal:
-        return _reply(msg, str(node_config.get("site-name", "unknown")), "refused", refusal, {})
-    site = resolve_site(node_config, message_config, config)
-    split = str(message_config.get("split", "val"))
+        return wire.encode_reply(msg, wire.SiteReply(_node_site_name(node_config), wire.REFUSED, refusal))
+    site = resolve_site(node_config, settings, config)
+    split = str(settings.get(wire.SPLIT, "val"))
     if split not in ("val", "test"):
-        return _reply(msg, site.name, "refused", f"evaluation is allowed on val or test only, not {split!r}", {})
+        return wire.encode_reply(
+            msg, wire.SiteReply(site.name, wire.REFUSED, f"evaluation is allowed on val or test only, not {split!r}")
+        )
     dataset = site.data.split(split)
     if len(dataset) == 0:
-        return _reply(msg, site.name, "empty", f"no samples in the {split} split", {"num-examples": 0})
-    if "threshold" in message_config:  # the operating point the server chose on the validation splits
-        config = config.with_overrides({"evaluation.threshold": float(message_config["threshold"])})
+        return wire.encode_reply(
+            msg, wire.SiteReply(site.name, wire.EMPTY, f"no samples in the {split} split", {wire.NUM_EXAMPLES: 0})
+        )
+    if wire.THRESHOLD in settings:  # the operating point the server chose on the validation splits
+        config = config.with_overrides({"evaluation.threshold": float(settings[wire.THRESHOLD])})
     task = get_task(config.run.task)
     device = resolve_device(config.train.device)
-    model = task.build_model(config)
-    set_model_arrays(model, msg.content["arrays"])
-    score_counts = message_config.get("score-counts", False) is True
+    model = _received_model(task, config, msg)
+    score_counts = settings.get(wire.SCORE_COUNTS, False) is True
     results = evaluate(task, model.to(device), dataset, config, device, score_counts=score_counts)
-    return _reply(msg, site.name, "ok", "", {"num-examples": len(dataset), **results})
+    return wire.encode_reply(msg, wire.SiteReply(site.name, wire.OK, "", {wire.NUM_EXAMPLES: len(dataset), **results}))
 
 
-def _read_config(msg: Message) -> tuple[Config, ConfigRecord]:
-    record = msg.content["config"]
-    return Config.from_json(str(record["medfed-config"])), record
-
-
-def _reply(
-    msg: Message,
-    site_name: str,
-    status: str,
-    reason: str,
-    metrics: dict[str, float],
-    arrays: ArrayRecord | None = None,
-    privacy_unit: str = "",
-    notes: str = "",
-) -> Message:
-    site = {"name": site_name, "status": status, "reason": reason}
-    if privacy_unit:
-        site["privacy-unit"] = privacy_unit
-    if notes:
-        site["notes"] = notes
-    content = RecordDict(
-        {"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}), "site": ConfigRecord(site)}
-    )
-    if arrays is not None:
-        content["arrays"] = arrays
-    return Message(content=content, reply_to=msg)
+def _node_site_name(node_config: dict[str, Any]) -> str:
+    """The name a site answers with before its data is resolved (a refusal, a failure)."""
+    return str(node_config.get("site-name", "unknown"))
 
 
 def _failure(msg: Message, site_name: str, err: Exception) -> Message:
@@ -424,4 +491,4 @@ def _failure(msg: Message, site_name: str, err: Exception) -> Message:
         reason = f"site data failed validation ({len(err.problems)} problem(s))"
     else:
         reason = type(err).__name__
-    return _reply(msg, site_name, "error", f"{reason}; details are in the site's log", {})
+    return wire.encode_reply(msg, wire.SiteReply(site_name, wire.ERROR, f"{reason}; details are in the site's log"))

@@ -41,6 +41,7 @@ import numpy as np
 import pytest
 import torch
 
+from medfed.run_folder import RunFolder
 from medfed.weights import load_checkpoint
 from tests import test_deployment as _deployment_tests
 from tests.conftest import REPO
@@ -212,7 +213,7 @@ def _serverapp_pids(deployment: Deployment) -> list[int]:
 
 
 def _global(out: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(out / "checkpoints" / "global.safetensors")[0]
+    return load_checkpoint(RunFolder(out).global_model)[0]
 
 
 def _mean_test_loss(report: dict) -> float:
@@ -264,7 +265,7 @@ def test_a_site_killed_mid_run_is_left_out_and_the_run_completes(
     try:
         out = registered.base / "out-kill"
         run = _start_run(registered, "kill-run", out)
-        _wait_for_file(registered, run, sites, out / "checkpoints" / "round-001.safetensors")
+        _wait_for_file(registered, run, sites, RunFolder(out).round_model(1))
         victim = sites["site-c"]
         killed_at = time.monotonic()
         os.killpg(victim.popen.pid, signal.SIGKILL)
@@ -304,10 +305,10 @@ def test_a_server_killed_after_round_1_resumes_to_the_uninterrupted_runs_model(
         out = registered.base / "out-crash"
         run = _start_run(registered, "crash-run", out)
         run_id = _run_id(run)
-        progress = out / "checkpoints" / "progress.json"
+        progress = RunFolder(out).progress
         _wait_for_file(registered, run, sites, progress)
         assert json.loads(progress.read_text())["round"] == 1
-        assert (out / "checkpoints" / "round-001.safetensors").is_file()
+        assert RunFolder(out).round_model(1).is_file()
 
         serverapps = _serverapp_pids(registered)
         assert serverapps, "no flwr-serverapp process found\n" + registered.superlink.tail()

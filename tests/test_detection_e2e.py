@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medfed.cli import app
+from medfed.run_folder import RunFolder
 from tests.conftest import REPO
 
 runner = CliRunner()
@@ -65,7 +66,7 @@ def test_site_evaluates_and_checks_its_box_data(run: dict, tmp_path: Path) -> No
     result = runner.invoke(app, ["data", "check", str(hospital), "--task", "detection", "--image-size", "64"])
     assert result.exit_code == 0, result.output
     assert "images and boxes per split" in result.output
-    model = run["out"] / "checkpoints" / "global.safetensors"
+    model = RunFolder(run["out"]).global_model
     result = runner.invoke(app, ["evaluate", "--model", str(model), "--data", str(hospital), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -86,7 +87,7 @@ def test_predict_writes_boxes_in_the_input_pixels(run: dict, tmp_path: Path) -> 
         small = Image.open(path)
         small.save(scans / path.name)
         small.resize((128, 256), Image.Resampling.NEAREST).save(scans / f"big_{path.name}")  # 2x wide, 4x tall
-    model = run["out"] / "checkpoints" / "global.safetensors"
+    model = RunFolder(run["out"]).global_model
     out = tmp_path / "out"
     result = runner.invoke(app, ["predict", "--model", str(model), "--input", str(scans), "--out", str(out),
                                  "--min-score", "0.05"])  # fmt: skip

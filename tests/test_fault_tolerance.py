@@ -11,7 +11,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MessageType
 
+from medfed import wire
 from medfed.federation import SitesUnavailable, run_federation
+from medfed.run_folder import RunFolder
 from medfed.weights import load_checkpoint
 from tests.conftest import tiny_config
 from tests.test_federation import InProcessGrid
@@ -34,7 +36,7 @@ class CrashingGrid(InProcessGrid):
         messages = list(messages)
         for msg in messages:
             config = msg.content["config"] if "config" in msg.content.config_records else {}
-            if msg.metadata.message_type == MessageType.TRAIN and config.get("server-round") == self.crash_round:
+            if msg.metadata.message_type == MessageType.TRAIN and config.get(wire.SERVER_ROUND) == self.crash_round:
                 raise ServerCrash(f"killed before round {self.crash_round}")
         return super().send_and_receive(messages, timeout=timeout)
 
@@ -53,7 +55,7 @@ def _copy_nodes(nodes: dict, state_root: Path, same_secret: bool = True) -> dict
 
 
 def _global(out: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(out / "checkpoints" / "global.safetensors")[0]
+    return load_checkpoint(RunFolder(out).global_model)[0]
 
 
 def test_a_resumed_run_ends_with_the_uninterrupted_runs_model(nodes: dict, tmp_path: Path) -> None:
@@ -93,7 +95,7 @@ def test_fedadam_state_survives_a_resume(nodes: dict, tmp_path: Path) -> None:
     copies = _copy_nodes(nodes, tmp_path / "state-2")
     with pytest.raises(ServerCrash):
         run_federation(CrashingGrid(copies, crash_round=2), config, tmp_path / "resumed")
-    assert (tmp_path / "resumed" / "checkpoints" / "strategy.safetensors").is_file()
+    assert RunFolder(tmp_path / "resumed").strategy_state.is_file()
     run_federation(InProcessGrid(copies), config, tmp_path / "resumed", resume=True)
     a, b = _global(tmp_path / "clean"), _global(tmp_path / "resumed")
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
@@ -201,7 +203,7 @@ def test_the_released_moving_average_is_checkpointed_and_survives_a_resume(nodes
     config = tiny_config(**{"run.rounds": 3, "run.ema": 0.5, "evaluation.cross-site": False, "train.augment": True,
                             "train.augmentations": 2, "train.physical-batch-size": 8})  # fmt: skip
     clean = run_federation(InProcessGrid(nodes), config, tmp_path / "clean")
-    rounds = [load_checkpoint(tmp_path / "clean" / "checkpoints" / f"round-00{r}.safetensors")[0] for r in (1, 2, 3)]
+    rounds = [load_checkpoint(RunFolder(tmp_path / "clean").round_model(r))[0] for r in (1, 2, 3)]
     expected = {k: 0.25 * rounds[0][k] + 0.25 * rounds[1][k] + 0.5 * rounds[2][k] for k in rounds[0]}
     released = _global(tmp_path / "clean")
     assert all(torch.allclose(released[k], expected[k], atol=1e-6) for k in expected)

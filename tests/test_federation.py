@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from medfed.data import write_site
 from medfed.federation import build_strategy, run_federation
+from medfed.run_folder import RunFolder
 from medfed.site import handle_evaluate, handle_train
 from tests.conftest import tiny_config
 
@@ -160,7 +161,7 @@ def test_cross_site_matrix_and_checkpoints(nodes: dict, tmp_path: Path) -> None:
     cross = report["final"]["cross_site"]
     assert cross["models"] == ["alpha", "beta", "gamma", "global"]
     assert np.asarray(cross["matrix"], dtype=float).shape == (4, 3)
-    meta = json.loads((tmp_path / "out" / "checkpoints" / "round-001.json").read_text())
+    meta = json.loads(RunFolder(tmp_path / "out").round_model(1).with_suffix(".json").read_text())
     assert meta["round"] == 1 and meta["config"]["run"]["rounds"] == 1
     # the local-only baselines spend from the same ledger and stay within the budget
     assert all(p["epsilon"] <= p["budget"] + 1e-6 for p in report["privacy"].values())

@@ -19,6 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from medfed.data.medical_io import write_dicom_series
 from medfed.data.synthetic import synthetic_site
 from medfed.federation import run_federation
+from medfed.run_folder import RunFolder
 from tests.conftest import tiny_config
 from tests.test_federation import InProcessGrid
 
@@ -172,7 +173,7 @@ def test_a_simulated_run_shows_the_coordinator_no_file_name_or_patient_id(tmp_pa
     # the report, plots and checkpoints; not the sites' state, nor progress.json, the coordinator's own
     # resume state, which keeps the config as given (its --data path) to refuse resuming another run
     files = [p for p in out.rglob("*") if p.is_file() and "state" not in p.relative_to(out).parts]
-    for path in (p for p in files if p.name != "progress.json"):
+    for path in (p for p in files if p != RunFolder(out).progress):
         content = path.read_bytes()
         for sentinel in SENTINELS:
             assert sentinel.encode() not in content, f"{sentinel} in {path.relative_to(out)}"

@@ -10,6 +10,7 @@ import pytest
 from flwr.app import MessageType
 from typer.testing import CliRunner
 
+from medfed import wire
 from medfed.cli import app
 from medfed.privacy import NOISE_HOPELESS, PrivacyLedger, plan_privacy
 from medfed.site import handle_train
@@ -45,7 +46,7 @@ def test_the_site_uses_the_plan_and_logs_it_once_per_run(
     node = _node(site_dir, tmp_path)
     with caplog.at_level(logging.INFO, logger="medfed"):
         reply = handle_train(_request(config, MessageType.TRAIN), node, run_id=3)
-        handle_train(_request(config, MessageType.TRAIN, **{"server-round": 2}), node, run_id=3)
+        handle_train(_request(config, MessageType.TRAIN, **{wire.SERVER_ROUND: 2}), node, run_id=3)
     metrics = reply.content["metrics"]
     n = int(metrics["num-examples"])
     plan = plan_privacy(

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medfed.cli import app
+from medfed.run_folder import RunFolder
 from tests.conftest import REPO
 
 runner = CliRunner()
@@ -110,7 +111,7 @@ def test_outputs_and_no_site_paths_leak(run: dict) -> None:
 
 
 def test_site_evaluates_the_global_model_on_its_own_data(run: dict, tmp_path: Path) -> None:
-    model = run["out"] / "checkpoints" / "global.safetensors"
+    model = RunFolder(run["out"]).global_model
     args = ["evaluate", "--model", str(model), "--data", str(run["sites"] / "hospital-1"), "--out", str(tmp_path)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -134,7 +135,7 @@ def test_site_evaluates_the_global_model_on_its_own_data(run: dict, tmp_path: Pa
 def test_site_predicts_new_images_at_the_models_threshold(run: dict, tmp_path: Path) -> None:
     import csv
 
-    model = run["out"] / "checkpoints" / "global.safetensors"
+    model = RunFolder(run["out"]).global_model
     images = sorted((run["sites"] / "hospital-1").rglob("*.png"))[:3]
     scans = tmp_path / "new"
     scans.mkdir()

@@ -6,6 +6,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from medfed import wire
 from medfed.site import handle_evaluate, handle_train
 from medfed.tasks import get_task
 from medfed.weights import model_to_arrays
@@ -19,8 +20,10 @@ def _task_identity() -> None:
 
 def _request(config, message_type: str, **extra) -> Message:
     arrays = model_to_arrays(get_task(config.run.task).build_model(config))
-    record = ConfigRecord({"medfed-config": config.to_json(), "simulation-state-root": "/nonexistent", **extra})
-    return Message(content=RecordDict({"arrays": arrays, "config": record}), dst_node_id=1, message_type=message_type)
+    record = ConfigRecord({wire.MEDFED_CONFIG: config.to_json(), wire.STATE_ROOT: "/nonexistent", **extra})
+    return Message(
+        content=RecordDict({wire.ARRAYS: arrays, wire.CONFIG: record}), dst_node_id=1, message_type=message_type
+    )
 
 
 def _node(site_dir: Path, tmp_path: Path, **extra) -> dict:

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from medfed.evaluation.explain import EXAMPLE_CAPTIONS  # noqa: E402
+from medfed.run_folder import RunFolder  # noqa: E402
 from medfed.tasks import get_task  # noqa: E402
 
 __all__ = ["class_name", "json_safe", "write_report"]
@@ -45,10 +46,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path, examples: dict[str
     ``examples`` maps a site to example figures (PNG paths relative to ``out_dir``) made at that
     site: Grad-CAM for classification, predicted vs reference masks for segmentation.
     """
-    out_dir = Path(out_dir)
-    plots = out_dir / "plots"
+    folder = RunFolder(Path(out_dir))
+    plots = folder.plots
     plots.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(json_safe(report), indent=1))
+    folder.report_json.write_text(json.dumps(json_safe(report), indent=1))
     figures = {
         "metric per round": _plot_rounds(report, plots / "metric_per_round.png"),
         "privacy spent per round": _plot_epsilon(report, plots / "epsilon_per_round.png"),
@@ -57,10 +58,9 @@ def write_report(report: dict[str, Any], out_dir: str | Path, examples: dict[str
         "FROC curve": _plot_froc(report, plots / "froc.png"),
         "reliability of the predicted probabilities": _plot_reliability(report, plots / "reliability.png"),
     }
-    page = _render_html(report, {k: v.relative_to(out_dir) for k, v in figures.items() if v}, examples or {})
-    path = out_dir / "report.html"
-    path.write_text(page)
-    return path
+    page = _render_html(report, {k: v.relative_to(folder.root) for k, v in figures.items() if v}, examples or {})
+    folder.report_html.write_text(page)
+    return folder.report_html
 
 
 def _plot_rounds(report: dict[str, Any], path: Path) -> Path:

@@ -1,0 +1,183 @@
+"""What the server and the sites say to each other: record and key names, phases, statuses, and
+the encode / parse pair of a site's reply.
+
+A request (server to site) is ``RecordDict({ARRAYS: ArrayRecord, CONFIG: ConfigRecord})``: the
+config record holds the run's config as JSON (:data:`MEDFED_CONFIG`, made by :func:`request_config`,
+read by :func:`read_request`) and the message's own settings (:data:`PHASE`, :data:`SPLIT`, ...).
+A reply (site to server) is ``RecordDict({METRICS: MetricRecord, SITE: ConfigRecord[, ARRAYS]})``:
+the site record says who answers and how it went (one of :data:`STATUSES`), made by
+:func:`encode_reply` and read back by :func:`parse_reply`.
+
+Some names are Flower's own and must stay as they are: its strategies read ``"arrays"``,
+``"config"`` and ``"num-examples"`` and write ``"server-round"`` and (FedProx) ``"proximal-mu"``.
+Nothing here may carry a path, an image or a patient id (design.md, non-negotiables).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from medfed.config import Config
+
+__all__ = [
+    "ARRAYS",
+    "BUDGET",
+    "CONFIG",
+    "DELTA",
+    "EMPTY",
+    "EPSILON",
+    "ERROR",
+    "LOCAL_SECONDS",
+    "MAX_GRAD_NORM",
+    "MEDFED_CONFIG",
+    "METRICS",
+    "NOISE_MULTIPLIER",
+    "NUM_EXAMPLES",
+    "OK",
+    "PHASE",
+    "PHASE_FEDERATED",
+    "PHASE_LOCAL",
+    "PRIVACY_METRICS",
+    "PROXIMAL_MU",
+    "REFUSED",
+    "RUN_KEY",
+    "SAMPLE_RATE",
+    "SCORE_COUNTS",
+    "SERVER_ROUND",
+    "SITE",
+    "SPLIT",
+    "STATE_ROOT",
+    "STATUSES",
+    "STEPS",
+    "THRESHOLD",
+    "TRAIN_LOSS",
+    "MalformedReply",
+    "SiteReply",
+    "encode_reply",
+    "parse_reply",
+    "read_request",
+    "reported_site_name",
+    "request_config",
+]
+
+# The records of a message.
+ARRAYS = "arrays"  # the model's weights (both ways)
+CONFIG = "config"  # request: the run's config and the message's settings
+METRICS = "metrics"  # reply: the site's numbers
+SITE = "site"  # reply: who answers, and how it went
+
+# Request settings (keys of the CONFIG record).
+MEDFED_CONFIG = "medfed-config"  # the run's Config as JSON
+STATE_ROOT = "simulation-state-root"  # where simulated sites keep their state; real sites ignore it
+RUN_KEY = "run-key"  # the run's key at the sites (privacy calibration, training seeds)
+PHASE = "phase"  # train: PHASE_FEDERATED or PHASE_LOCAL
+SERVER_ROUND = "server-round"  # train: the round (Flower's strategies set it)
+PROXIMAL_MU = "proximal-mu"  # train: FedProx's proximal term (Flower's FedProx sets it)
+SPLIT = "split"  # evaluate: "val" or "test"
+THRESHOLD = "threshold"  # evaluate: the operating threshold the server chose
+SCORE_COUNTS = "score-counts"  # evaluate: also send counts of cases per score bin
+
+PHASE_FEDERATED = "federated"  # one round of the federation
+PHASE_LOCAL = "local-baseline"  # the site's local-only model, a whole run's training in one pass
+
+# Reply statuses (the SITE record's "status").
+OK = "ok"
+REFUSED = "refused"  # the site will not take part (task, privacy budget, privacy off, split)
+ERROR = "error"  # the site failed; the reason names the kind of failure only
+EMPTY = "empty"  # nothing to evaluate on the asked split
+STATUSES = (OK, REFUSED, ERROR, EMPTY)
+
+# Reply metrics (keys of the METRICS record) that the server reads.
+NUM_EXAMPLES = "num-examples"  # training or evaluation samples: FedAvg weighs updates by it
+LOCAL_SECONDS = "local-seconds"
+STEPS = "steps"
+TRAIN_LOSS = "train-loss"  # sent only without DP (an un-noised statistic of the data)
+EPSILON = "epsilon"
+DELTA = "delta"
+BUDGET = "budget"
+NOISE_MULTIPLIER = "noise-multiplier"
+MAX_GRAD_NORM = "max-grad-norm"
+SAMPLE_RATE = "sample-rate"
+PRIVACY_METRICS = (EPSILON, DELTA, BUDGET, NOISE_MULTIPLIER, MAX_GRAD_NORM)  # what the report's privacy section holds
+
+# Keys of the SITE record.
+_NAME, _STATUS, _REASON, _PRIVACY_UNIT, _NOTES = "name", "status", "reason", "privacy-unit", "notes"
+
+
+def request_config(
+    config: Config, state_root: str, run_key: str, settings: dict[str, Any] | None = None
+) -> ConfigRecord:
+    """The CONFIG record of a request: the run's config, where simulated sites keep their state,
+    the run key, and this message's ``settings`` (keys above, e.g. ``{PHASE: PHASE_FEDERATED}``)."""
+    return ConfigRecord({MEDFED_CONFIG: config.to_json(), STATE_ROOT: state_root, RUN_KEY: run_key, **(settings or {})})
+
+
+def read_request(msg: Message) -> tuple[Config, ConfigRecord]:
+    """The run's config and the whole CONFIG record (the message's settings) of a request."""
+    record = msg.content[CONFIG]
+    return Config.from_json(str(record[MEDFED_CONFIG])), record
+
+
+class MalformedReply(ValueError):
+    """A reply that does not have the shape every medfed site sends."""
+
+
+@dataclass
+class SiteReply:
+    """A site's answer: its name, a status (one of :data:`STATUSES`) and why, its metrics, the
+    weights (train replies), the privacy unit it counted in and its pre-flight warnings (kinds
+    and counts only)."""
+
+    site: str
+    status: str
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    arrays: ArrayRecord | None = None
+    privacy_unit: str = ""
+    notes: str = ""
+
+
+def encode_reply(request: Message, reply: SiteReply) -> Message:
+    """The Flower message that answers ``request`` with ``reply``."""
+    site = {_NAME: reply.site, _STATUS: reply.status, _REASON: reply.reason}
+    if reply.privacy_unit:
+        site[_PRIVACY_UNIT] = reply.privacy_unit
+    if reply.notes:
+        site[_NOTES] = reply.notes
+    content = RecordDict(
+        {METRICS: MetricRecord({k: float(v) for k, v in reply.metrics.items()}), SITE: ConfigRecord(site)}
+    )
+    if reply.arrays is not None:
+        content[ARRAYS] = reply.arrays
+    return Message(content=content, reply_to=request)
+
+
+def reported_site_name(reply: Message) -> str | None:
+    """The name the replying site gives itself, or None when the reply carries none."""
+    try:
+        return str(reply.content[SITE][_NAME])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def parse_reply(reply: Message, site: str) -> SiteReply:
+    """Read a site's reply defensively; ``site`` is the name the server knows the sender by.
+
+    Raises:
+        MalformedReply: the reply is Flower's error reply (the site failed or is gone), or it
+            lacks a record or key, or holds a value of the wrong type.
+    """
+    if reply.has_error():
+        raise MalformedReply(f"site {site} failed: {reply.error.reason}")
+    try:
+        status = reply.content[SITE]
+        metrics = {str(k): float(v) for k, v in reply.content[METRICS].items()}  # type: ignore[arg-type]
+        arrays = reply.content[ARRAYS] if ARRAYS in reply.content.array_records else None
+        unit = str(status[_PRIVACY_UNIT]) if _PRIVACY_UNIT in status else ""
+        notes = str(status[_NOTES]) if _NOTES in status else ""
+        return SiteReply(site, str(status[_STATUS]), str(status[_REASON]), metrics, arrays, unit, notes)
+    except (KeyError, TypeError, ValueError) as err:
+        raise MalformedReply(f"site {site} sent a malformed reply ({type(err).__name__}: {err})") from err
