@@ -108,6 +108,21 @@ def test_metrics_count_pixels_inside_the_field_of_view_only() -> None:
     assert result["dice_pooled"] == pytest.approx(2 / 3)
 
 
+def test_training_patches_are_centred_inside_the_field_of_view() -> None:
+    """Half the patches centre on vessels, half on background, none outside the field of view: a
+    patch lying wholly outside it (label -1) would train on nothing."""
+    mask = torch.zeros(1, 64, 64, dtype=torch.long)
+    mask[:, :, :32] = -1  # the left half is outside the field of view
+    mask[:, 30:34, 40:60] = 1
+    patches = segmentation._RandomPatch(8, 2)
+    patches.set_random_state(0)
+    drawn = [patches({"image": torch.rand(3, 64, 64), "mask": mask})["mask"] for _ in range(200)]
+    assert all(p.shape == (1, 8, 8) for p in drawn)
+    assert not any((p == -1).all() for p in drawn)
+    with_vessel = sum(bool((p == 1).any()) for p in drawn)
+    assert 60 <= with_vessel <= 160  # ~1:1 vessel- and background-centred (a background centre may touch a vessel)
+
+
 def test_loss_learns_nothing_outside_the_field_of_view() -> None:
     outputs = torch.randn(2, 2, 8, 8, requires_grad=True)
     mask = torch.randint(0, 2, (2, 1, 8, 8))

@@ -28,6 +28,7 @@ from monai.losses import DiceCELoss, MaskedDiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 from monai.networks.utils import one_hot
 from monai.transforms import RandCropByPosNegLabeld
+from monai.transforms.utils import map_binary_to_indices
 from torch import nn
 
 from medfed.config import Config
@@ -116,17 +117,26 @@ def train_transform(config: Config) -> _RandomPatch | None:
 
 
 class _RandomPatch:
+    """One random patch per image, centred on foreground or on background 1:1. Pixels outside a
+    photo's field of view (label -1) are neither: MONAI would count any non-zero label as
+    foreground, and on the retinal sites ~75-85 % of the "foreground" centres fell outside the
+    field of view, where nothing is scored."""
+
     def __init__(self, size: int, spatial_dims: int) -> None:
         self._crop = RandCropByPosNegLabeld(
-            keys=["image", "mask"], label_key="mask", spatial_size=(size,) * spatial_dims, pos=1, neg=1, num_samples=1
-        )
+            keys=["image", "mask"], label_key="mask", spatial_size=(size,) * spatial_dims, pos=1, neg=1,
+            num_samples=1, fg_indices_key="foreground", bg_indices_key="background",
+        )  # fmt: skip
 
     def set_random_state(self, seed: int) -> None:
         """Make the patch choice repeatable (the site seeds each round's training)."""
         self._crop.set_random_state(seed=seed % 2**32)
 
     def __call__(self, sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        patch = self._crop({"image": sample["image"], "mask": sample["mask"]})[0]
+        mask = sample["mask"]
+        foreground, background = map_binary_to_indices(mask > 0, image=mask >= 0, image_threshold=0)
+        crop_input = {"image": sample["image"], "mask": mask, "foreground": foreground, "background": background}
+        patch = self._crop(crop_input)[0]
         out = dict(sample)
         out["image"] = torch.as_tensor(patch["image"]).as_subclass(torch.Tensor).contiguous()
         out["mask"] = torch.as_tensor(patch["mask"]).as_subclass(torch.Tensor).long().contiguous()
