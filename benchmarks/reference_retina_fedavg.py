@@ -189,10 +189,10 @@ def main() -> None:
     run["wall_seconds"] = time.perf_counter() - started
     print(f"\ntest Dice (vessels, inside the FOV), {args.rounds} rounds x {args.steps} steps x batch {args.batch}, "
           f"patch {args.patch}, lr {args.lr} {'cosine' if args.cosine else 'constant'}, {run['wall_seconds']:.0f} s")  # fmt: skip
-    print(f"{'site':<10} {'fedavg':>7} {'local':>7}")
+    print(f"{'site':<10} {'fedavg':>7}" + (f" {'local':>7}" if args.local else ""))
     for site in sites:
-        local = run.get("local", {}).get(site.name, math.nan)
-        print(f"{site.name:<10} {run['fedavg'][site.name]:>7.3f} {local:>7.3f}")
+        local = f" {run['local'][site.name]:>7.3f}" if args.local else ""
+        print(f"{site.name:<10} {run['fedavg'][site.name]:>7.3f}{local}")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results[args.tag] = run
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
