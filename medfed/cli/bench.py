@@ -1,8 +1,12 @@
-"""``medfed bench``: run one of the benchmarks in ``benchmarks/``."""
+"""``medfed bench``: run one of the benchmarks in the source checkout's ``benchmarks`` package."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated
 
 import typer
@@ -11,7 +15,9 @@ from medfed.cli.common import fail
 
 __all__ = ["bench"]
 
-BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "benchmarks"
+CHECKOUT = Path(__file__).resolve().parent.parent.parent  # the folder holding medfed/, benchmarks/, tests/
+BENCHMARKS = CHECKOUT / "benchmarks"
+NOT_BENCHMARKS = ("__init__", "harness", "readme_table")
 
 
 def bench(
@@ -21,20 +27,31 @@ def bench(
 ) -> None:
     """Run a benchmark: it writes benchmarks/results/NAME.json (and plots) and prints a table.
     Extra arguments go to the benchmark (see its --help)."""
-    import runpy
-    import sys
-
-    available = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in ("harness", "readme_table"))
-    script = BENCHMARKS / f"{name.replace('-', '_')}.py"
-    if name not in available and script.stem not in available:
+    available = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in NOT_BENCHMARKS)
+    module = name.replace("-", "_")
+    if name not in available and module not in available:
         raise fail(f"no benchmark {name!r} in {BENCHMARKS}: expected one of {available}")
-    argv = sys.argv
-    sys.argv = [str(script), *(["--quick"] if quick else []), *ctx.args]
-    paths = [str(BENCHMARKS), str(BENCHMARKS.parent)]  # the benchmarks' harness, and medfed's tests
-    sys.path[:0] = paths
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = argv
-        for path in paths:
-            sys.path.remove(path)
+    for package in ("benchmarks", "tests"):  # tests: deployment_overhead starts processes as its tests do
+        _checkout_package(package)
+    importlib.import_module(f"benchmarks.{module}").main([*(["--quick"] if quick else []), *ctx.args])
+
+
+def _checkout_package(name: str) -> ModuleType:
+    """The top-level package ``name`` of the source checkout, imported from its folder by location:
+    another distribution's package of the same name (opacus installs a ``benchmarks``) is never
+    taken for it, and ``sys.path`` stays as it is."""
+    folder = CHECKOUT / name
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if loaded.__file__ is not None and Path(loaded.__file__).resolve().parent == folder:
+            return loaded
+        raise fail(f"cannot run benchmarks from {folder}: another package {name!r} is imported ({loaded.__file__})")
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    if spec is None or spec.loader is None:
+        raise fail(f"{folder}: not a package (medfed bench runs from a source checkout)")
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    spec.loader.exec_module(package)
+    return package
