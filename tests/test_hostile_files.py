@@ -50,7 +50,7 @@ from medfed.tasks import get_task
 from medfed.weights import model_to_arrays, save_checkpoint
 from tests.conftest import REPO, time_limit, tiny_config
 
-runner = CliRunner(env={"COLUMNS": "300"})
+runner = CliRunner()
 LOW_MEMORY = 64 * 1024 * 1024  # bytes numpy may allocate while refusing a size bomb from its header
 
 
