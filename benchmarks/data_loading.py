@@ -8,7 +8,7 @@
   ``read_site`` (what a site does when a round starts), against one local DP training epoch on it
   (``configs/segmentation-synthetic3d.toml`` model, batch 16).
 
-    .venv/bin/python benchmarks/data_loading.py
+    .venv/bin/medfed bench data_loading
 
 Writes benchmarks/results/data_loading.json.
 """
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.harness import results_path, write_results
 from medfed.config import load_config
 from medfed.data import PrivacyUnitDataset, read_site, write_site
 from medfed.data.decode import Preprocess, is_photo, model_input
@@ -97,14 +98,12 @@ def epoch_split(root: Path) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         summary = {"slices_per_second": slices_per_second(root), "epoch": epoch_split(root)}
     print(json.dumps(summary, indent=1))
-    target = REPO / "benchmarks" / "results" / "data_loading.json"
-    target.write_text(json.dumps(summary, indent=1))
-    print(f"written {target}")
+    write_results(results_path("data_loading"), summary)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ alone (round 1's segment also holds the app download and the round-0 evaluation)
 processes' ``/proc/PID/io`` (rchar/wchar: every read and write syscall, sockets to the SuperLink
 and to its ClientApp processes, and files) is recorded as well, as an upper bound.
 
-    .venv/bin/python benchmarks/deployment_overhead.py
+    .venv/bin/medfed bench deployment_overhead
 
 Writes benchmarks/results/deployment_overhead.json and prints a table.
 """
@@ -33,25 +33,19 @@ import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # the process helpers of tests/test_deployment.py
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from harness import model_bytes, per_round  # noqa: E402
-
-from medfed.config import load_config, parse_override  # noqa: E402
-from medfed.data import write_site  # noqa: E402
-from medfed.data.sites import load_simulated_site, simulated_site_names  # noqa: E402
-from medfed.run_folder import RunFolder  # noqa: E402
-from medfed.simulation import simulate  # noqa: E402
-from tests.test_deployment import (  # noqa: E402
+from benchmarks.harness import model_bytes, per_round, results_path, write_results
+from medfed.config import load_config, parse_override
+from medfed.data import write_site
+from medfed.data.sites import load_simulated_site, simulated_site_names
+from medfed.run_folder import RunFolder
+from medfed.simulation import simulate
+from tests.test_deployment import (
     CONNECTION,
     DEPLOY,
     VENV_BIN,
@@ -60,6 +54,7 @@ from tests.test_deployment import (  # noqa: E402
     coordinator,
 )
 
+REPO = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "configs/classification-synthetic.toml"
 OVERRIDES = (
     "run.rounds=3",
@@ -72,7 +67,6 @@ OVERRIDES = (
     "evaluation.cross-site=false",
     "evaluation.example-images=0",
 )
-RESULTS = REPO / "benchmarks" / "results" / "deployment_overhead.json"
 RUN_DEADLINE = 1800
 
 
@@ -242,7 +236,7 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     config = _config()
     sites = len(simulated_site_names(config))
     model = model_bytes(config)
@@ -269,9 +263,6 @@ def main() -> None:
             "wire": wire_summary(deployment, deployment["report"], sites, model),
         },
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
-
     print(f"model: {model} bytes as float32; {sites} sites; DP on; 2 runs of {config.run.rounds} rounds")
     header = f"{'mode':<11}{'round':>6}{'wall s':>9}{'local s':>9}{'wall/local':>11}{'down/site':>11}{'up/site':>9}"
     print(header)
@@ -294,7 +285,7 @@ def main() -> None:
         f"  whole run: wire/report payload down {whole['wire_over_payload_down']:.2f}, "
         f"up {_fmt(whole['wire_over_payload_up'], '.2f')}, {whole['connections']} TCP connections"
     )
-    print(f"written to {RESULTS.relative_to(REPO)}")
+    write_results(results_path("deployment_overhead"), result)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ training throughput.
 - **Throughput**: training samples/s at one site, the same model and batch, without and with
   DP-SGD (Opacus hooks, Poisson sampling).
 
-    .venv/bin/python benchmarks/detection_bccd.py [--rounds N] [--out DIR]
+    .venv/bin/medfed bench detection_bccd [--rounds N] [--out DIR]
 
 Writes benchmarks/results/detection_bccd.json and prints each result as it comes.
 """
@@ -22,8 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness import fedavg, pooled, throughput
-
+from benchmarks.harness import fedavg, pooled, results_path, save_json, throughput, write_results
 from medfed.config import load_config
 from medfed.data.sites import load_simulated_site
 
@@ -31,19 +30,19 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "detection-bccd.toml"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=0, help="override run.rounds (0: the config's)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-bccd")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "bccd" / "BCCD")
     parser.add_argument("--only", choices=["throughput", "nodp", "dp"], default=None, help="run one part")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     overrides = {"data.path": str(args.data.resolve()), "evaluation.example-images": 0}
     if args.rounds:
         overrides["run.rounds"] = args.rounds
     base = load_config(CONFIG, overrides)
     sites = [load_simulated_site(base, i)[1] for i in range(base.data.sites)]
-    target = REPO / "benchmarks" / "results" / "detection_bccd.json"
+    target = results_path("detection_bccd")
     summary = json.loads(target.read_text()) if target.is_file() else {}
     summary.update({"benchmark": "detection-bccd", "config": base.to_public_dict()})
     if args.only in (None, "throughput"):
@@ -58,9 +57,8 @@ def main() -> None:
         print(f"pooled {tag}:", {k: v for k, v in summary[f"pooled_{tag}"].items() if k != "metrics"}, flush=True)
         summary[f"fedavg_{tag}"] = fedavg(config, args.out / f"fedavg-{tag}")
         print(f"fedavg {tag}:", {k: v for k, v in summary[f"fedavg_{tag}"].items() if k != "metrics"}, flush=True)
-        target.write_text(json.dumps(summary, indent=1, default=float))
-    target.write_text(json.dumps(summary, indent=1, default=float))
-    print(f"written {target}")
+        save_json(target, summary)
+    write_results(target, summary)
 
 
 if __name__ == "__main__":

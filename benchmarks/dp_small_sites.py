@@ -34,8 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import RESULTS, bench_config, federated_model, pyplot, save_figure, throughput
 
+from benchmarks.harness import (
+    bench_config,
+    federated_model,
+    pyplot,
+    results_path,
+    save_figure,
+    throughput,
+    write_results,
+)
 from medfed.central import union
 from medfed.config import Config
 from medfed.data.sites import load_simulated_site
@@ -200,7 +208,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="PneumoniaMNIST only, 1 round, 400 images per site")
     parser.add_argument("--only", nargs="+", choices=["chasedb1", "pneumoniamnist", "speed"], default=None)
@@ -208,10 +216,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per speed measurement")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-dp-small-sites")
     parser.add_argument("--reuse", action="store_true", help="score the federations already in --out (same configs)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     parts = ["pneumoniamnist"] if args.quick else args.only or ["chasedb1", "pneumoniamnist", "speed"]
-    stem = "dp_small_sites-quick" if args.quick else "dp_small_sites"
-    target = RESULTS / f"{stem}.json"
+    target = results_path("dp_small_sites", args.quick)
     summary = json.loads(target.read_text()) if args.only and target.is_file() else {}
     summary |= {"benchmark": "dp_small_sites", "quick": args.quick, "machine": f"{os.cpu_count()} CPU cores"}
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
@@ -221,10 +228,7 @@ def main() -> None:
         summary["pneumoniamnist"] = pneumoniamnist(args.out, args.replicates, args.quick, args.reuse)
     if "speed" in parts:
         summary["speed"] = speed(args.steps)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(summary, indent=1, default=float))
-    plot(summary, RESULTS / "plots" / f"{stem}.png")
-    print(f"written {target}")
+    write_results(target, summary, lambda path: plot(summary, path))
 
 
 if __name__ == "__main__":

@@ -27,15 +27,14 @@ generalization-quick.json) and plots/generalization.png; each dataset's protocol
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import RESULTS, pyplot, save_figure
 
+from benchmarks.harness import pyplot, results_path, save_figure, write_results
 from medfed.config import Config, load_config
 from medfed.data.sites import load_simulated_site
 from medfed.protocol import run_cross_site_protocol
@@ -127,13 +126,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 small synthetic sites, 1 round (under 2 minutes)")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=None)
     parser.add_argument("--replicates", type=int, default=200)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-generalization")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = args.datasets or (["synthetic"] if args.quick else list(DATASETS))
     started, results = time.perf_counter(), {}
     for name in names:
@@ -144,7 +143,6 @@ def main() -> None:
         results[name] = run_dataset(name, config, args.out, args.replicates)
         r = results[name]
         print(f"{name}: local gap {r['local_gap']:.3f}, LOSO gap {r['loso_gap']:.3f}", flush=True)
-    stem = "generalization-quick" if args.quick else "generalization"
     summary = {
         "benchmark": "generalization",
         "quick": args.quick,
@@ -153,10 +151,8 @@ def main() -> None:
         "seconds": time.perf_counter() - started,
         "datasets": results,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=1, default=float))
-    plot(results, RESULTS / "plots" / f"{stem}.png")
-    print(f"written {RESULTS / f'{stem}.json'} in {summary['seconds']:.0f} s")
+    target = results_path("generalization", args.quick)
+    write_results(target, summary, lambda path: plot(results, path), f" in {summary['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

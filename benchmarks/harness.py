@@ -6,9 +6,11 @@ the union of sites is :mod:`medfed.central`; bootstrap intervals are
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from medfed.data import SiteArrays
 from medfed.privacy import make_private
 from medfed.protocol import global_model
 from medfed.simulation import simulate
+from medfed.site import seed_everything
 from medfed.tasks import get_task
 from medfed.training import build_optimizer, evaluate, loop_options, train
 
@@ -39,8 +42,11 @@ __all__ = [
     "per_round",
     "pooled",
     "pyplot",
+    "results_path",
     "save_figure",
+    "save_json",
     "throughput",
+    "write_results",
 ]
 
 
@@ -103,7 +109,7 @@ def throughput(config: Config, site: SiteArrays, steps: int = 20) -> dict[str, f
     task = get_task(config.run.task)
     result: dict[str, float] = {}
     for private in (False, True):
-        torch.manual_seed(config.run.seed)
+        seed_everything(config.run.seed)  # as a site seeds itself before it builds its loader
         model = task.build_model(config)
         loader = train_loader(config, site)
         optimizer = build_optimizer(model, config.train)
@@ -203,3 +209,26 @@ def save_figure(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
+
+
+def results_path(name: str, quick: bool = False) -> Path:
+    """``RESULTS/NAME.json``, or ``NAME-quick.json`` for a ``--quick`` run."""
+    return RESULTS / f"{name}-quick.json" if quick else RESULTS / f"{name}.json"
+
+
+def save_json(path: Path, summary: dict[str, Any]) -> None:
+    """``summary`` as indented JSON at ``path`` (numpy numbers as floats); also a run's partial results."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1, default=float))
+
+
+def write_results(
+    path: Path, summary: dict[str, Any], plot: Callable[[Path], None] | None = None, note: str = ""
+) -> Path:
+    """A benchmark's last step: ``summary`` at ``path`` (see :func:`results_path`), the figure ``plot``
+    draws at ``plots/STEM.png`` beside it, and ``written PATH`` (then ``note``) printed."""
+    save_json(path, summary)
+    if plot is not None:
+        plot(path.parent / "plots" / f"{path.stem}.png")
+    print(f"written {path}{note}")
+    return path

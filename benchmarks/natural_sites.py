@@ -32,8 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import RESULTS, bench_config, federated_model, pyplot, save_figure
 
+from benchmarks.harness import (
+    bench_config,
+    federated_model,
+    pyplot,
+    results_path,
+    save_figure,
+    save_json,
+    write_results,
+)
 from medfed.config import Config, load_config
 from medfed.data import write_site
 from medfed.data.sites import load_simulated_site
@@ -171,18 +179,17 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="256 px, 14 rounds, protocol without DP only")
     parser.add_argument("--only", nargs="+", choices=["protocol", "protocol-dp", "ladder"], default=None)
     parser.add_argument("--replicates", type=int, default=200)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-natural-sites")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (SHARED / "hrf").is_dir():
         raise SystemExit(f"data not found at {SHARED} (CHASE_DB1, STARE and HRF in ../shared/data beside the repo)")
     parts = ["protocol"] if args.quick else args.only or ["protocol", "protocol-dp", "ladder"]
-    stem = "natural_sites-quick" if args.quick else "natural_sites"
-    target = RESULTS / f"{stem}.json"
+    target = results_path("natural_sites", args.quick)
     summary = json.loads(target.read_text()) if args.only and target.is_file() else {}
     summary |= {"benchmark": "natural_sites", "quick": args.quick, "machine": f"{os.cpu_count()} CPU cores"}
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
@@ -199,13 +206,11 @@ def main() -> None:
         else:
             summary[part] = ladder(args.out, args.replicates)
         summary[f"{part}_seconds"] = time.perf_counter() - started
-        RESULTS.mkdir(parents=True, exist_ok=True)
         if args.only and target.is_file():  # parts another run (--only) wrote meanwhile are kept
             summary = json.loads(target.read_text()) | summary
-        target.write_text(json.dumps(summary, indent=1, default=float))  # each part as soon as it is done
+        save_json(target, summary)  # each part as soon as it is done
         print(f"{part}: {summary[f'{part}_seconds']:.0f} s", flush=True)
-    plot(summary, RESULTS / "plots" / f"{stem}.png")
-    print(f"written {target}")
+    write_results(target, summary, lambda path: plot(summary, path))
 
 
 if __name__ == "__main__":

@@ -21,15 +21,22 @@ are in ``deployment_overhead`` (benchmarks/results/deployment_overhead.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import RESULTS, federated_model, model_bytes, per_round, pyplot, save_figure
 
+from benchmarks.harness import (
+    federated_model,
+    model_bytes,
+    per_round,
+    pyplot,
+    results_path,
+    save_figure,
+    write_results,
+)
 from medfed.central import union
 from medfed.config import load_config
 from medfed.data.sites import load_simulated_site
@@ -89,12 +96,12 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="none and int8, 1 round, 800 images per site")
     parser.add_argument("--replicates", type=int, default=200)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-overhead")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     runs = []
     for compression in ("none", "int8") if args.quick else COMPRESSIONS:
         runs.append(run(compression, args.quick, args.out, args.replicates))
@@ -105,13 +112,9 @@ def main() -> None:
     for r in runs:
         r["auroc_change"] = {k: v - 1 for k, v in paired_ratio(r["test_auroc"], runs[0]["test_auroc"]).items()}
         r["auroc_change"]["absolute"] = r["test_auroc"]["value"] - runs[0]["test_auroc"]["value"]
-    stem = "overhead-quick" if args.quick else "overhead"
     summary = {"benchmark": "overhead", "quick": args.quick, "machine": f"{os.cpu_count()} CPU cores",
                "sites": 3, "runs": without_draws(runs)}  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=1, default=float))
-    plot(runs, RESULTS / "plots" / f"{stem}.png")
-    print(f"written {RESULTS / f'{stem}.json'}")
+    write_results(results_path("overhead", args.quick), summary, lambda path: plot(runs, path))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import RESULTS, bench_config, federated_model, pyplot, save_figure
 
+from benchmarks.harness import bench_config, federated_model, pyplot, results_path, save_figure, write_results
 from medfed.central import train_loader, union
 from medfed.data.sites import load_simulated_site
 from medfed.evaluation.bootstrap import bootstrap_scores, paired_ratio, without_draws
@@ -96,6 +96,7 @@ def worker(name: str, private: bool, steps: int) -> dict[str, Any]:
     """Train ``MODELS[name]`` for ``steps`` steps (after 2 warm-up steps), with or without DP-SGD:
     samples/s and the peak memory the training added. Runs in its own process (see ``cost``)."""
     from medfed.privacy import make_private
+    from medfed.site import seed_everything
     from medfed.training import build_optimizer, train
 
     file, data, overrides = MODELS[name]
@@ -103,7 +104,7 @@ def worker(name: str, private: bool, steps: int) -> dict[str, Any]:
     task = get_task(config.run.task)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, site = load_simulated_site(config, 0)
-    torch.manual_seed(0)
+    seed_everything(0)  # as a site seeds itself before it builds its loader
     model = task.build_model(config).to(device)
     loader = train_loader(config, site)
     optimizer = build_optimizer(model, config.train)
@@ -135,13 +136,22 @@ def cost(name: str, steps: int) -> dict[str, Any]:
     """Non-DP and DP training of one model, each in a fresh process; their ratios."""
     runs = {}
     for private in (False, True):
-        command = [sys.executable, __file__, "--worker", name, "--steps", str(steps), *(["--dp"] if private else [])]
+        command = [
+            sys.executable,
+            "-m",
+            __name__,
+            "--worker",
+            name,
+            "--steps",
+            str(steps),
+            *(["--dp"] if private else []),
+        ]
         done = subprocess.run(
             command,
             capture_output=True,
             text=True,
             check=False,
-            env=os.environ | {"PYTHONPATH": str(REPO / "benchmarks")},
+            cwd=REPO,  # benchmarks/ as a package: python -m from the repository root
         )
         if done.returncode:
             raise RuntimeError(f"{name} ({'DP' if private else 'no DP'}) failed:\n{done.stderr[-3000:]}")
@@ -176,7 +186,7 @@ def plot(runs: list[dict[str, Any]], costs: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="ε 8 and no DP, 1 round, the CNN's cost only")
     parser.add_argument("--replicates", type=int, default=200)
@@ -185,12 +195,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-privacy")
     parser.add_argument("--worker", choices=list(MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--dp", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.dp, args.steps)))
         return
-    stem = "privacy-quick" if args.quick else "privacy"
-    target = RESULTS / f"{stem}.json"
+    target = results_path("privacy", args.quick)
     summary = json.loads(target.read_text()) if args.only and target.is_file() else {}
     summary |= {"benchmark": "privacy", "quick": args.quick, "machine": f"{os.cpu_count()} CPU cores"}
     if args.only in (None, "utility"):
@@ -211,11 +220,8 @@ def main() -> None:
             c = summary["cost"][name]
             print(f"{name}: DP/non-DP samples/s {c['dp_over_non_dp_samples_per_s']:.2f}, "
                   f"peak memory {c['dp_over_non_dp_peak_memory']:.1f}x", flush=True)  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(summary, indent=1, default=float))
-    if "utility" in summary and "cost" in summary:
-        plot(summary["utility"], summary["cost"], RESULTS / "plots" / f"{stem}.png")
-    print(f"written {target}")
+    drawn = "utility" in summary and "cost" in summary
+    write_results(target, summary, (lambda path: plot(summary["utility"], summary["cost"], path)) if drawn else None)
 
 
 if __name__ == "__main__":

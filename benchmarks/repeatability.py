@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import RESULTS, bench_config, pyplot, save_figure
-
+from benchmarks.harness import bench_config, pyplot, results_path, save_figure, write_results
 from medfed.simulation import simulate
 
 # config -> the figures every site must reach in every run: metric -> minimum
@@ -67,13 +66,13 @@ def plot(configs: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the demo config, 2 runs of 1 round (a smoke run)")
     parser.add_argument("--runs", type=int, default=5, help="runs per config (run.seed 0 .. runs-1)")
     parser.add_argument("--configs", nargs="+", choices=sorted(FIGURES), default=list(FIGURES))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "runs" / "bench-repeat")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not 1 <= args.runs <= 20:
         parser.error("--runs must be between 1 and 20")
     if args.quick:
@@ -86,12 +85,8 @@ def main() -> None:
             print(json.dumps({"config": name, **runs[-1]}), flush=True)
         configs[name] = {"figures": FIGURES[name], "runs": runs, "reached": sum(run["reached"] for run in runs)}
         print(f"{name}: figures reached in {configs[name]['reached']} of {len(runs)} runs", flush=True)
-    stem = "repeatability-quick" if args.quick else "repeatability"
-    target = RESULTS / f"{stem}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({"benchmark": "repeatability", "quick": args.quick, "configs": configs}, indent=1))
-    plot(configs, RESULTS / "plots" / f"{stem}.png")
-    print(f"written {target}")
+    summary = {"benchmark": "repeatability", "quick": args.quick, "configs": configs}
+    write_results(results_path("repeatability", args.quick), summary, lambda path: plot(configs, path))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from harness import RESULTS, PeakMemory, pyplot, save_figure
-
+from benchmarks.harness import PeakMemory, pyplot, results_path, save_figure, write_results
 from medfed.config import Config
 from medfed.simulation import simulate
 
@@ -73,18 +72,17 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 and 10 sites, 1 round (under 2 minutes)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-scale")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     counts, rounds = ((5, 10), 1) if args.quick else ((10, 50, 100), 2)
     rows = []
     for sites in counts:
         rows.append(measure(sites, rounds, args.out))
         print(json.dumps(rows[-1]), flush=True)
     first, last = rows[0], rows[-1]
-    name = "scale-quick" if args.quick else "scale"
     summary = {
         "benchmark": "scale",
         "quick": args.quick,
@@ -94,10 +92,7 @@ def main() -> None:
         / (last["sites"] / first["sites"]),
         "memory_growth": last["peak_rss_mib"] / first["peak_rss_mib"],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
-    plot(rows, RESULTS / "plots" / f"{name}.png")
-    print(f"written {RESULTS / f'{name}.json'}")
+    write_results(results_path("scale", args.quick), summary, lambda path: plot(rows, path))
 
 
 if __name__ == "__main__":

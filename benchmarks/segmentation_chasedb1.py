@@ -10,7 +10,7 @@ the second human observer.
   number of steps as a site trains in FedAvg (rounds x local-steps), same batch size, and the same
   privacy unit (the child) and ε when DP is on; scored on the same test images.
 
-    .venv/bin/python benchmarks/segmentation_chasedb1.py [--rounds N] [--out DIR]
+    .venv/bin/medfed bench segmentation_chasedb1 [--rounds N] [--out DIR]
 
 Writes benchmarks/results/segmentation_chasedb1.json and prints a table.
 """
@@ -18,12 +18,11 @@ Writes benchmarks/results/segmentation_chasedb1.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
-from harness import fedavg, pooled
 
+from benchmarks.harness import fedavg, pooled, results_path, write_results
 from medfed.config import Config, load_config
 from medfed.data.decode import load_mask
 from medfed.data.pairs import deal_to_sites, find_pairs
@@ -56,12 +55,12 @@ def second_observer(config: Config) -> dict[str, float]:
     return {"dice_at_model_size": float(np.mean(at_size)), "dice_full_size": float(np.mean(full)), "images": len(full)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=0, help="override run.rounds (0: the config's)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-chasedb1")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "chasedb1")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     overrides = {"data.path": str(args.data.resolve()), "evaluation.example-images": 0}
     if args.rounds:
         overrides["run.rounds"] = args.rounds
@@ -77,9 +76,7 @@ def main() -> None:
         print(f"pooled {tag}:", summary[f"pooled_{tag}"], flush=True)
         summary[f"fedavg_{tag}"] = fedavg(config, args.out / f"fedavg-{tag}")
         print(f"fedavg {tag}:", summary[f"fedavg_{tag}"], flush=True)
-    target = REPO / "benchmarks" / "results" / "segmentation_chasedb1.json"
-    target.write_text(json.dumps(summary, indent=1, default=float))
-    print(f"written {target}")
+    write_results(results_path("segmentation_chasedb1"), summary)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ ghost mode uses ``PerSampleDiceCELoss`` below, and the check also runs ghost wit
 what happens then. Workers run with ``OMP_WAIT_POLICY=PASSIVE`` (see ``_worker_env``) so other load on a small
 shared CPU machine does not make spinning OpenMP threads dominate the timings.
 
-    .venv/bin/python benchmarks/segmentation_dp.py [--dims 2 3] [--seconds 15] [--modes hooks functorch ew ghost]
+    .venv/bin/medfed bench segmentation_dp [--dims 2 3] [--seconds 15] [--modes hooks functorch ew ghost]
         [--repeats 2] [--patch-3d 32] [--batch-3d 4] [--out PATH]
 
 Writes benchmarks/results/segmentation_dp.json and prints a table.
@@ -52,7 +52,6 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "benchmarks" / "results" / "segmentation_dp.json"
 
 DP_MODES = ("hooks", "functorch", "ew", "ghost")
 PATCH = {2: (64, 64), 3: (32, 32, 32)}
@@ -419,7 +418,7 @@ def _worker_env() -> dict[str, str]:
 
 def _spawn(kind: str, dims: int, modes: list[str], seconds: float) -> tuple[Any, dict[str, Any]]:
     """Run a worker in a fresh interpreter; its parsed result, or None and a description of the failure."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--dims", str(dims), "--modes", *modes]
+    cmd = [sys.executable, "-m", __name__, "--worker", kind, "--dims", str(dims), "--modes", *modes]
     cmd += ["--seconds", str(seconds), "--patch-3d", str(PATCH[3][0]), "--batch-3d", str(BATCH[3])]
     timeout = 240 + 4 * seconds
     try:
@@ -516,7 +515,7 @@ def print_table(results: list[dict[str, Any]], checks: dict[tuple[int, str], dic
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=[2, 3])
     parser.add_argument("--seconds", type=float, default=15.0, help="timed training per run (after warm-up)")
@@ -526,8 +525,8 @@ def main() -> None:
     parser.add_argument("--patch-3d", type=int, default=PATCH[3][0], help="edge of the cubic 3D patch")
     parser.add_argument("--batch-3d", type=int, default=BATCH[3], help="3D batch size (dataset is 4 batches)")
     parser.add_argument("--repeats", type=int, default=2, help="fresh runs per (dims, mode); the fastest is reported")
-    parser.add_argument("--out", type=Path, default=OUT, help="where to write the JSON results")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON results (default: RESULTS)")
+    args = parser.parse_args(argv)
     PATCH[3] = (args.patch_3d,) * 3
     BATCH[3] = args.batch_3d
     SAMPLES[3] = 4 * args.batch_3d
@@ -623,9 +622,9 @@ def main() -> None:
         "results": results,
         "checks": list(checks.values()),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    from benchmarks.harness import results_path, write_results
+
+    write_results(args.out or results_path("segmentation_dp"), payload)
 
 
 if __name__ == "__main__":

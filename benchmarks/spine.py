@@ -11,7 +11,7 @@ classes in every split). DP runs use δ = 1/(10 n) per site (the default) and, f
 ``--seeds`` value (``run.seed``: the Dirichlet draw, the initial model and the DP noise), so the
 table shows the spread over partition draws; pooled runs once (seed 0).
 
-    .venv/bin/python benchmarks/spine.py [--npz PATH] [--quick] [--seeds 0 1 2]
+    .venv/bin/medfed bench spine [--npz PATH] [--quick] [--seeds 0 1 2]
 
 Writes benchmarks/results/spine.json and prints a table.
 """
@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.harness import results_path, write_results
 from medfed.config import load_config
 from medfed.data.medmnist import read_medmnist
 from medfed.privacy import make_private
 from medfed.run_folder import RunFolder
 from medfed.simulation import simulate
+from medfed.site import seed_everything
 from medfed.tasks import get_task
 from medfed.training import build_optimizer, evaluate, train
 from medfed.weights import load_checkpoint
@@ -51,7 +53,7 @@ def _test_metrics(config, checkpoint: Path, npz: Path) -> dict[str, float]:
 def _throughput(config, npz: Path, private: bool, steps: int = 30) -> float:
     """Training samples per second of the configured model, with or without DP-SGD."""
     task = get_task(config.run.task)
-    torch.manual_seed(0)
+    seed_everything(0)  # as a site seeds itself before it builds its loader
     model = task.build_model(config)
     data = read_medmnist(npz).split("train")
     loader = DataLoader(data, batch_size=config.train.batch_size, shuffle=True)
@@ -62,13 +64,13 @@ def _throughput(config, npz: Path, private: bool, steps: int = 30) -> float:
     return stats.examples / stats.seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--npz", type=Path, default=REPO.parent / "shared" / "data" / "medmnist" / "pneumoniamnist.npz")
     parser.add_argument("--quick", action="store_true", help="1 round, 800 samples per site (a smoke run)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-spine")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="run.seed values of the FedAvg runs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     base = {"data.path": str(args.npz.resolve()), "evaluation.cross-site": False, "evaluation.example-images": 0}
     if args.quick:
         base |= {"run.rounds": 1, "data.max-samples-per-site": 800}
@@ -115,11 +117,8 @@ def main() -> None:
         "throughput": speed,
         "reference": "MedMNIST v2 ResNet-18 (28px), central, no DP: test AUC 0.944, ACC 0.854",
     }
-    target = REPO / "benchmarks" / "results" / ("spine-quick.json" if args.quick else "spine.json")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(summary, indent=1))
     print(json.dumps(speed))
-    print(f"written {target}")
+    write_results(results_path("spine", args.quick), summary)
 
 
 if __name__ == "__main__":

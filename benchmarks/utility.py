@@ -34,8 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import RESULTS, federated_model, pyplot, save_figure
-
+from benchmarks.harness import federated_model, pyplot, results_path, save_figure, save_json, write_results
 from medfed.central import train_central
 from medfed.config import Config, load_config
 from medfed.data.sites import load_simulated_site
@@ -157,16 +156,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="BreastMNIST only, 2 rounds (under 2 minutes)")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=None)
     parser.add_argument("--replicates", type=int, default=200, help="bootstrap resamples per site")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-utility")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = args.datasets or (["breastmnist"] if args.quick else list(DATASETS))
-    stem = "utility-quick" if args.quick else "utility"
-    target = RESULTS / f"{stem}.json"
+    target = results_path("utility", args.quick)
     summary = {"datasets": {}}
     if args.datasets and target.is_file():  # a subset run updates those datasets in the file
         summary = json.loads(target.read_text())
@@ -185,12 +183,10 @@ def main() -> None:
         ratio = results[name]["fedavg_over_pooled"]
         print(f"{name}: FedAvg / pooled {ratio['value']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]", flush=True)
         summary["datasets"][name] = without_draws(results[name])
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(summary, indent=1, default=float))
+        save_json(target, summary)
     summary["seconds"] = sum(d.get("seconds", 0.0) for d in summary["datasets"].values())  # of the runs timed
-    target.write_text(json.dumps(summary, indent=1, default=float))
-    plot(summary["datasets"], RESULTS / "plots" / f"{stem}.png")
-    print(f"written {target}: {summary['seconds']:.0f} s over its datasets")
+    note = f": {summary['seconds']:.0f} s over its datasets"
+    write_results(target, summary, lambda path: plot(summary["datasets"], path), note)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from medfed.cli import app
 from tests.conftest import REPO
 
 CONFIG = str(REPO / "configs" / "classification-synthetic.toml")
-runner = CliRunner(env={"COLUMNS": "300"})
+runner = CliRunner()
 
 
 @pytest.mark.parametrize(

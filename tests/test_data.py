@@ -131,7 +131,7 @@ def test_data_check_cli_lists_problems_and_counts(site_dir: Path) -> None:
 
     from medfed.cli import app
 
-    runner = CliRunner(env={"COLUMNS": "300"})
+    runner = CliRunner()
     ok = runner.invoke(app, ["data", "check", str(site_dir)])
     assert ok.exit_code == 0 and "60 samples, all readable" in ok.output
     (site_dir / "images" / "000003.png").unlink()

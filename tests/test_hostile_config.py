@@ -29,7 +29,7 @@ from medfed.privacy import LEDGER_FILE, LedgerError, PrivacyLedger, plan_privacy
 from tests.conftest import time_limit
 
 app = get_command(typer_app)  # built once: Typer builds the command anew at every invoke (0.3 s)
-runner = CliRunner(env={"COLUMNS": "300"})
+runner = CliRunner()
 HUGE_TEXT = "x" * 5_000_000
 
 

@@ -36,7 +36,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.testing import CliRunner
 
-from medfed.cli import _print_summary, app
+from medfed.cli import app
+from medfed.cli.render import print_summary
 from medfed.data import DataError, write_site
 from medfed.data.boxes import read_box_table
 from medfed.data.decode import DEFAULT_PREPROCESS, Preprocess, load_mask
@@ -49,7 +50,7 @@ from medfed.tasks import get_task
 from medfed.weights import model_to_arrays, save_checkpoint
 from tests.conftest import REPO, time_limit, tiny_config
 
-runner = CliRunner(env={"COLUMNS": "300"})
+runner = CliRunner()
 LOW_MEMORY = 64 * 1024 * 1024  # bytes numpy may allocate while refusing a size bomb from its header
 
 
@@ -939,8 +940,6 @@ def test_markup_in_any_printed_field_prints_as_itself(
 
 @pytest.mark.parametrize("text", MARKUP)
 def test_the_simulation_summary_prints_site_names_as_themselves(text: str) -> None:
-    from medfed import cli
-
     report = {
         "primary_metric": "auroc",
         "sites": [f"north{text}", "south"],
@@ -954,11 +953,7 @@ def test_the_simulation_summary_prints_site_names_as_themselves(text: str) -> No
         "config": {"privacy": {"enabled": True}},
     }  # fmt: skip
     recorded = Console(file=io.StringIO(), width=300, emoji=False, color_system=None)
-    previous, cli.console = cli.console, recorded
-    try:
-        _print_summary(report)
-    finally:
-        cli.console = previous
+    print_summary(recorded, report)
     assert f"north{text}" in recorded.file.getvalue()  # type: ignore[attr-defined]
 
 

@@ -1267,7 +1267,7 @@ def test_hostile_import_is_refused_cleanly(case: Case, tmp_path: Path) -> None:
     out = Path(args[args.index("--out") + 1]) if "--out" in args else root / "out"
     outside_out = (out, root / "keys")  # the key folder: a DICOM import makes the site key there
     before, out_before = _snapshot(root, outside_out), _snapshot(out) if os.path.isdir(out) else {}
-    runner = CliRunner(env={"COLUMNS": "300", "MEDFED_KEY_FILE": str(root / "keys" / "site.key")})
+    runner = CliRunner(env={"MEDFED_KEY_FILE": str(root / "keys" / "site.key")})
     result = runner.invoke(app, ["data", "import", *args])
     output = " ".join(result.output.split())
     assert result.exit_code == case.code, f"{case.name}: exit {result.exit_code}\n{result.output}"

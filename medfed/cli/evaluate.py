@@ -1,0 +1,112 @@
+"""``medfed evaluate`` and ``medfed predict``: a model scored on, or applied to, a site's own data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from medfed.cli.common import console, fail
+from medfed.cli.render import metrics_table, predictions_table
+from medfed.config import ConfigError
+from medfed.display import plain
+
+__all__ = ["evaluate", "predict"]
+
+
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Global model checkpoint (.safetensors with its .json beside it)")],
+    data: Annotated[Path, typer.Option(help="This site's data folder (manifest.csv + images)")],
+    split: Annotated[str, typer.Option(help="Split to evaluate: train, val, test or all")] = "test",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write metrics.json, per-case quantification and example images here (stays at the site)"),
+    ] = None,
+    site: Annotated[
+        str, typer.Option(help="This site's name in the run: score at the threshold chosen on its own validation split")
+    ] = "",
+) -> None:
+    """Evaluate a global model on this site's own data (nothing leaves the machine)."""
+    import json
+
+    from medfed.data import ArrayDataset, DataError, read_site
+    from medfed.data.manifest import SiteReading
+    from medfed.evaluation.explain import example_images
+    from medfed.evaluation.report import json_safe
+    from medfed.predict import read_checkpoint_model
+    from medfed.tasks import get_task
+    from medfed.training import evaluate as evaluate_model
+    from medfed.training import resolve_device
+
+    try:
+        config, net, meta = read_checkpoint_model(model, site)
+        task = get_task(config.run.task)
+        site_data = read_site(data, SiteReading.from_config(config.data, task.TARGET))
+    except (FileNotFoundError, DataError, ConfigError, KeyError, ValueError) as err:
+        raise fail(str(err)) from err
+    if split == "all":
+        dataset = ArrayDataset(site_data.images, site_data.targets, site_data.target_key, site_data.spacing)
+    elif split in ("train", "val", "test"):
+        dataset = site_data.split(split)
+    else:
+        raise fail(f"--split {split!r}: expected train, val, test or all")
+    if len(dataset) == 0:
+        raise fail(f"{data}: no samples in the {split} split")
+    device = resolve_device("auto")
+    cases: list[dict[str, float]] = []
+    results = evaluate_model(task, net.to(device), dataset, config, device, cases)
+    title = f"{model.name} (round {meta.get('round')}) on {data.name} [{split}], n={len(dataset)}"
+    console.print(metrics_table(title, results))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(json_safe(results), indent=1))
+        if cases:
+            _write_cases(out / "cases.csv", cases, config.data.spatial_dims)
+        example_images(task, net.cpu(), dataset, config, out, "example")
+        console.print(f"written: {plain(out / 'metrics.json')}{', cases.csv' if cases else ''} and example images")
+
+
+def _write_cases(path: Path, cases: list[dict[str, Any]], spatial_dims: int) -> None:
+    """Per-case quantification as CSV, sizes in mm² (2D) or mL (3D)."""
+    import csv
+
+    from medfed.evaluation.quantify import size_unit
+
+    unit = size_unit(spatial_dims)
+    columns = list(dict.fromkeys(k for case in cases for k in case))
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        header = [f"{c}_{unit}" if c.endswith("size") else c for c in columns]
+        writer.writerow(["case", *header])
+        for index, case in enumerate(cases):
+            writer.writerow([index, *(case.get(c, "") for c in columns)])
+
+
+def predict(
+    model: Annotated[
+        Path, typer.Option(help="A medfed checkpoint (.safetensors with its .json beside it), e.g. the global model")
+    ],
+    input: Annotated[
+        Path, typer.Option(help="An image, NIfTI volume, DICOM file or DICOM series folder, or a folder of them")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(help="Folder for masks (NIfTI, DICOM-SEG) and quantification.csv, or detections.csv; overlays"),
+    ],
+    min_score: Annotated[float, typer.Option(help="Detection: keep boxes scoring at least this")] = 0.3,
+    site: Annotated[
+        str, typer.Option(help="Classification: this site's name in the run, to call at its own threshold")
+    ] = "",
+) -> None:
+    """Apply a model to new scans at this site: masks aligned with the input, structure count and size;
+    boxes in the input's pixels (detection); or class probabilities and the call at the model's
+    operating threshold (classification)."""
+    from medfed.predict import predict_cases
+
+    try:
+        predictions = predict_cases(model, input, out, min_score, site)
+    except (OSError, ValueError, KeyError) as err:  # OSError: an unwritable --out, a missing file
+        raise fail(str(err)) from err
+    console.print(predictions_table(f"{plain(model.name)} on {plain(input)}", predictions))
+    console.print(f"table: {plain(predictions.table)}")

@@ -1,0 +1,188 @@
+"""``medfed simulate``: a federation of simulated sites on this machine, or the cross-site protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from medfed.cli.common import console, fail, setup_logging
+from medfed.cli.render import print_protocol, print_summary
+from medfed.config import Config, ConfigError, load_config, parse_override
+from medfed.display import plain
+from medfed.run_folder import ProtocolFolder, RunFolder
+
+__all__ = ["simulate"]
+
+
+def simulate(
+    config_file: Annotated[Path, typer.Argument(help="Run config (TOML), e.g. configs/classification-synthetic.toml")],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="MedMNIST .npz, a folder with one site folder per hospital, or the config's own layout "
+            "(data.source pairs / voc) elsewhere"
+        ),
+    ] = None,
+    sites: Annotated[int | None, typer.Option(help="Number of simulated sites (partitioned data)")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for report, plots and checkpoints")] = Path("runs/latest"),
+    state_dir: Annotated[
+        Path | None, typer.Option(help="Keep site privacy ledgers here across runs (default: fresh in OUT/state)")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run checkpointed in OUT after its last completed round")
+    ] = False,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="federation: one run (report.json). cross-site: local, federated, leave-one-site-out and pooled "
+            "models, each scored at every site (protocol.json)"
+        ),
+    ] = "federation",
+    replicates: Annotated[
+        int, typer.Option(min=10, max=100_000, help="cross-site: bootstrap resamples of each site's test cases")
+    ] = 200,
+    verbose: bool = False,
+) -> None:
+    """Run a simulated multi-hospital federation on this machine and write its report."""
+    from medfed.protocol import MIN_SITES, PROTOCOLS
+
+    setup_logging(verbose)
+    if protocol not in PROTOCOLS:
+        raise fail(f"--protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    cross_site = protocol == "cross-site"
+    if cross_site and (resume or state_dir is not None):
+        option = "--resume" if resume else "--state-dir"
+        raise fail(f"{option} applies to one federation run, not to --protocol cross-site (it runs several)")
+    try:
+        overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
+        if data is not None:
+            overrides.update(_data_overrides(data, load_config(config_file, overrides).data.source))
+        if sites is not None:
+            overrides["data.sites"] = sites
+        if rounds is not None:
+            overrides["run.rounds"] = rounds
+        config = load_config(config_file, overrides)
+    except ConfigError as err:
+        raise fail(str(err)) from err
+    if config.run.initial_model:
+        from medfed.federation import initial_model
+
+        try:
+            initial_model(config)
+        except ValueError as err:
+            raise fail(str(err)) from err
+    from medfed.evaluation.report import write_report
+    from medfed.federation import untrained_reason
+    from medfed.privacy import LedgerError, PrivacyLedger
+    from medfed.simulation import simulate as run_simulation
+
+    names, cards = _checked_sites(config, cross_site, MIN_SITES)
+    if cross_site:
+        _run_protocol(config, out, replicates, verbose)
+        return
+    if state_dir is not None:  # and the sites' privacy ledgers: one that cannot be read is never "nothing spent"
+        try:
+            for name in names:
+                PrivacyLedger.open(state_dir / name, 0.0)
+        except LedgerError as err:
+            raise fail(str(err), code=1) from err
+    console.print(f"[bold]medfed[/] simulating [cyan]{plain(config.run.name)}[/] -> {plain(out)}")
+    try:
+        report = run_simulation(config, out, state_dir, verbose, resume)
+    except (FileNotFoundError, ValueError) as err:  # --resume without a checkpoint, or another config
+        raise fail(str(err)) from err
+    failure = untrained_reason(report)
+    if failure:
+        raise fail(f"{failure} (report: {RunFolder(out).report_json})", code=1)
+    if cards:
+        report["data_cards"] = cards
+    html = write_report(report, out, _simulated_examples(config, out))
+    print_summary(console, report)
+    console.print(f"report: {plain(RunFolder(out).report_json)}  {plain(html)}")
+
+
+def _data_overrides(data: Path, source: str) -> dict[str, Any]:
+    """``--data``: a MedMNIST .npz (split by the config's partitioner), a folder of site folders, or,
+    for a config whose ``data.source`` is a layout (``pairs``, ``voc``), a folder in that layout: the
+    config's own source moved there."""
+    if data.is_file() and data.suffix == ".npz":
+        return {"data.source": "medmnist", "data.path": str(data.resolve())}
+    if data.is_dir():
+        if (data / "manifest.csv").is_file():
+            raise fail(f"--data {data} is a single site folder; a simulation needs a folder of site folders")
+        site_folders = any((child / "manifest.csv").is_file() for child in data.iterdir() if child.is_dir())
+        if source in ("pairs", "voc") and not site_folders:
+            return {"data.path": str(data.resolve())}
+        return {"data.source": "sites", "data.path": str(data.resolve()), "data.partitioner": "natural"}
+    raise fail(f"--data {data}: expected a MedMNIST .npz file or a folder holding one folder per site")
+
+
+def _checked_sites(config: Config, cross_site: bool, min_sites: int) -> tuple[list[str], dict[str, list[str]]]:
+    """The simulated sites' names and data cards, checked here, before any site starts, so a mistake
+    gets one clear message (exit code 2)."""
+    from medfed.data import DataError, load_simulated_site, simulated_site_names
+
+    try:
+        names = simulated_site_names(config)
+        if len(names) < config.run.min_sites:
+            raise ValueError(f"the data has {len(names)} site(s) but run.min-sites = {config.run.min_sites}")
+        if cross_site and len(names) < min_sites:
+            raise ValueError(
+                f"--protocol cross-site needs at least {min_sites} sites (leave-one-site-out trains on the "
+                f"others); the data has {len(names)}"
+            )
+        cards = {}
+        for index in range(len(names)):
+            _, site_data = load_simulated_site(config, index)
+            if not (site_data.splits == "train").any():
+                raise ValueError(f"site {names[index]} has no training samples (no manifest row with split train)")
+            if site_data.card:
+                cards[names[index]] = list(site_data.card)
+    except (FileNotFoundError, ValueError, DataError) as err:
+        raise fail(str(err)) from err
+    return names, cards
+
+
+def _run_protocol(config: Config, out: Path, replicates: int, verbose: bool) -> None:
+    """``simulate --protocol cross-site``: run it, print its matrix, name its report."""
+    from medfed import simulation
+    from medfed.protocol import run_cross_site_protocol
+
+    console.print(f"[bold]medfed[/] cross-site protocol [cyan]{plain(config.run.name)}[/] -> {plain(out)}")
+    try:
+        report = run_cross_site_protocol(
+            config, out, replicates, federate=lambda c, run_dir: simulation.simulate(c, run_dir, verbose=verbose)
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from err
+    except RuntimeError as err:  # a federation that trained nothing
+        raise fail(str(err), code=1) from err
+    print_protocol(console, report)
+    folder = ProtocolFolder(out)
+    console.print(f"report: {plain(folder.protocol_json)}  {plain(folder.protocol_html)}")
+
+
+def _simulated_examples(config: Config, out: Path) -> dict[str, list[str]]:
+    """Example figures of the final global model on a few test images of each simulated site."""
+    from medfed.data import load_simulated_site, simulated_site_names
+    from medfed.evaluation.explain import example_images
+    from medfed.tasks import get_task
+    from medfed.weights import load_checkpoint
+
+    if config.evaluation.example_images <= 0:
+        return {}
+    task = get_task(config.run.task)
+    model = task.build_model(config)
+    folder = RunFolder(out)
+    state, _ = load_checkpoint(folder.global_model)
+    model.load_state_dict(state)
+    result = {}
+    for index, _ in enumerate(simulated_site_names(config)):
+        name, site = load_simulated_site(config, index)
+        paths = example_images(task, model, site.split("test"), config, folder.plots, f"examples-{name}")
+        result[name] = [str(p.relative_to(out)) for p in paths]
+    return result
