@@ -10,7 +10,7 @@ Gaussian sliding-window inference. Score: test Dice of the vessel class inside t
 mean over a site's test images (medfed's definition: pixels outside the FOV count as background
 in both prediction and truth).
 
-    .venv/bin/python benchmarks/reference_retina_fedavg.py [--rounds 25] [--steps 20] [--patch 96]
+    .venv/bin/medfed bench reference-retina-fedavg [--rounds 25] [--steps 20] [--patch 96]
         [--lr 2e-3] [--cosine] [--local] [--tag default]
 
 Adds the run under ``--tag`` to benchmarks/results/reference_retina_fedavg.json and prints a table.
@@ -37,13 +37,14 @@ from monai.transforms.utils import map_binary_to_indices
 from monai.utils import set_determinism
 from torch import nn
 
+from benchmarks.harness import results_path, save_json
 from medfed.config import load_config
 from medfed.data.arrays import SiteArrays
 from medfed.data.sites import load_simulated_site
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "segmentation-retina-3sites.toml"
-RESULTS = REPO / "benchmarks" / "results" / "reference_retina_fedavg.json"
+RESULTS = results_path("reference_retina_fedavg")
 OUTSIDE = -1  # medfed's label for pixels outside the field of view
 
 
@@ -161,7 +162,7 @@ def local_only(site: Site, index: int, args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--steps", type=int, default=20, help="local steps per round per site")
@@ -171,9 +172,9 @@ def main() -> None:
     parser.add_argument("--cosine", action="store_true", help="cosine lr over the rounds (default: constant)")
     parser.add_argument("--local", action="store_true", help="also train and score each site alone")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data"))
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the three datasets' folder")
     parser.add_argument("--tag", default="default", help="key of this run in the results file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     set_determinism(seed=args.seed)
     config = load_config(CONFIG, {"data.path": str(args.data)})
     sites = [Site(*load_simulated_site(config, i), args.patch) for i in range(3)]
@@ -195,7 +196,7 @@ def main() -> None:
         print(f"{site.name:<10} {run['fedavg'][site.name]:>7.3f}{local}")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results[args.tag] = run
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    save_json(RESULTS, results)
     print(f"written {RESULTS} [{args.tag}]")
 
 
