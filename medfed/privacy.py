@@ -28,7 +28,8 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,9 +43,6 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-# The accountant's note that a tighter bound exists outside its orders: harmless, and not for a user's screen.
-warnings.filterwarnings("ignore", message="Optimal order is the")
-
 __all__ = [
     "BudgetExceeded",
     "LedgerError",
@@ -54,6 +52,7 @@ __all__ = [
     "default_delta",
     "make_private",
     "plan_privacy",
+    "quiet_accountant",
 ]
 
 LEDGER_FILE = "privacy.json"
@@ -120,6 +119,15 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
         else:
             sigma_low = sigma
     return sigma_high
+
+
+@contextmanager
+def quiet_accountant() -> Iterator[None]:
+    """Hide, inside the block, the RDP accountant's note that a tighter bound lies outside its orders:
+    harmless, and not for a user's screen."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        yield
 
 
 def default_delta(num_samples: int) -> float:
@@ -205,7 +213,8 @@ class PrivacyLedger:
             merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(n)
         acc = RDPAccountant() if self.accountant == "rdp" else PRVAccountant()
         acc.history = [(sigma, q, n) for (sigma, q), n in merged.items()]
-        epsilon = float(acc.get_epsilon(delta=self.delta))
+        with quiet_accountant():
+            epsilon = float(acc.get_epsilon(delta=self.delta))
         if math.isnan(epsilon):
             raise ValueError(f"the accountant returned ε = nan for {acc.history} at δ = {self.delta}")
         return max(epsilon, 0.0)
@@ -459,7 +468,9 @@ def make_private(
     for module in model.modules():
         if isinstance(module, TRANSPOSED_CONVS) and module.weight.requires_grad:
             prepare_layer(module)  # functorch's copy of the layer, made before Opacus hooks the layer
-    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():  # Opacus' note that its fast RNG is not cryptographically secure
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,

@@ -19,7 +19,6 @@ import random
 import secrets
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,12 +44,6 @@ from medfed.weights import compress_update, model_to_arrays, set_model_arrays
 __all__ = ["Site", "handle_evaluate", "handle_train", "resolve_site"]
 
 log = logging.getLogger("medfed.site")
-
-# Known, harmless warnings from Opacus and torch hooks, filtered where sites run (Ray workers too).
-warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-warnings.filterwarnings("ignore", message="Secure RNG turned off")
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
-warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
 
 STATE_FOLDER = ".medfed-state"
 SECRET_FILE = "site-secret"  # seeds local training; never leaves the site

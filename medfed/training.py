@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +98,16 @@ def loop_options(settings: TrainConfig) -> dict[str, int]:
     return {"views": settings.augmentations, "physical_batch_size": settings.physical_batch_size}
 
 
+@contextmanager
+def _quiet_dp_hooks() -> Iterator[None]:
+    """Hide torch's note that a backward hook fires on a layer whose input needs no gradient: Opacus
+    hooks a DP model's first layer, whose input is the image."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+@_quiet_dp_hooks()
 def train(
     task: Task,
     model: nn.Module,

@@ -66,9 +66,6 @@ SPATIAL_DIMS = (2, 3)  # the image dimensions the task works in
 _LOSS = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
 _MASKED_DICE = MaskedDiceLoss(to_onehot_y=True, softmax=True, batch=False)
 
-# A patch drawn from an image without foreground falls back to a background centre: expected.
-warnings.filterwarnings("ignore", message="Num foregrounds 0")
-
 
 def build_model(config: Config) -> nn.Module:
     """The ``model.name`` network of the model zoo for ``data.channels``-channel images or volumes.
@@ -126,7 +123,9 @@ class _RandomPatch:
         self._crop.set_random_state(seed=seed % 2**32)
 
     def __call__(self, sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        patch = self._crop({"image": sample["image"], "mask": sample["mask"]})[0]
+        with warnings.catch_warnings():  # an image without foreground gives a background centre: expected
+            warnings.filterwarnings("ignore", message="Num foregrounds 0")
+            patch = self._crop({"image": sample["image"], "mask": sample["mask"]})[0]
         out = dict(sample)
         out["image"] = torch.as_tensor(patch["image"]).as_subclass(torch.Tensor).contiguous()
         out["mask"] = torch.as_tensor(patch["mask"]).as_subclass(torch.Tensor).long().contiguous()
@@ -172,7 +171,9 @@ class SegmentationMetrics:
         self._iou(pred_1h, true_1h)
         both = (pred_1h[:, 1:].flatten(2).any(-1) & true_1h[:, 1:].flatten(2).any(-1)).all(dim=1)
         if both.any():  # HD95 is defined only where the class is both predicted and present
-            self._hd95(pred_1h[both], true_1h[both], spacing=[tuple(s) for s in spacing[both.cpu().numpy()]])
+            with warnings.catch_warnings():  # MONAI's own deprecated argument, passed inside MONAI
+                warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+                self._hd95(pred_1h[both], true_1h[both], spacing=[tuple(s) for s in spacing[both.cpu().numpy()]])
         for k in range(self.num_classes):
             p, t = predictions == k, truth == k
             self._counts[k] += [float((p & t).sum()), float((p & ~t).sum()), float((~p & t).sum())]
