@@ -6,7 +6,7 @@ measured against (``medfed simulate --protocol cross-site``, ``benchmarks/``).""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ def train_central(
     model = initial_model(config)  # seeded random weights, or run.initial-model: the federation's start
     pool = union(sites) if len(sites) > 1 else sites[0]
     loader = train_loader(config, pool)
-    units = len(loader.dataset)
+    units = len(cast(PrivacyUnitDataset, loader.dataset))
     unit, _ = pool.privacy_units("train", config.privacy.unit)
     optimizer = build_optimizer(model, config.train)
     epochs = epochs or config.run.rounds * config.train.local_epochs

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from opacus import PrivacyEngine
@@ -72,7 +73,7 @@ class LedgerError(RuntimeError):
     """The site's state folder or privacy ledger is not what it must be; the message names the file."""
 
 
-def _check_mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+def _check_mechanism(noise_multiplier: float, sample_rate: float, steps: float) -> None:
     """σ finite and > 0, sample rate in (0, 1], steps a whole number in [0, 10^12]."""
     if not (math.isfinite(noise_multiplier) and 0 < noise_multiplier <= MAX_SIGMA):
         raise ValueError(f"noise multiplier {noise_multiplier!r}: expected a number in (0, {MAX_SIGMA:g}]")
@@ -388,7 +389,14 @@ def _check_state_folder(folder: Path) -> None:
             return
 
 
-def _parsed_ledger(raw: object) -> dict[str, object]:
+class _LedgerFields(TypedDict):
+    delta: float
+    accountant: str
+    history: list[list[float]]
+    calibrations: dict[str, float]
+
+
+def _parsed_ledger(raw: object) -> _LedgerFields:
     """The fields of a ledger file's JSON, checked: ValueError/TypeError/KeyError naming what is wrong."""
     if not isinstance(raw, dict):
         raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
@@ -400,20 +408,20 @@ def _parsed_ledger(raw: object) -> dict[str, object]:
         raise ValueError(f"accountant {str(accountant)[:20]!r} is not 'rdp' or 'prv'")
     if not isinstance(raw["history"], list) or not isinstance(raw["calibrations"], dict):
         raise TypeError("history must be a list and calibrations an object")
-    history = []
+    history: list[list[float]] = []
     for entry in raw["history"]:
         if not isinstance(entry, list) or len(entry) != 3 or any(isinstance(v, (bool, str)) for v in entry):
             raise ValueError(f"history entry {str(entry)[:60]} is not [noise multiplier, sample rate, steps]")
         sigma, q, steps = (float(v) for v in entry)
         _check_mechanism(sigma, q, steps)
         history.append([sigma, q, int(steps)])
-    calibrations = {}
+    calibrations: dict[str, float] = {}
     for run, sigma in raw["calibrations"].items():
         if isinstance(sigma, (bool, str)):
             raise ValueError(f"calibration {str(sigma)[:20]!r} is not a number")
         _check_mechanism(float(sigma), 1.0, 0)
         calibrations[str(run)] = float(sigma)
-    return {"delta": delta, "accountant": accountant, "history": history, "calibrations": calibrations}
+    return {"delta": delta, "accountant": str(accountant), "history": history, "calibrations": calibrations}
 
 
 def _bias_only_when_weight_frozen(full_sampler: Callable[..., dict]) -> Callable[..., dict]:
@@ -445,11 +453,13 @@ def _standard_layout(activation: torch.Tensor) -> torch.Tensor:
     return activation
 
 
-for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    GradSampleModule.GRAD_SAMPLERS[_conv] = _bias_only_when_weight_frozen(compute_conv_grad_sample)
 TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-for _conv in TRANSPOSED_CONVS:  # Opacus' default for these: functorch (see make_private)
-    GradSampleModule.GRAD_SAMPLERS[_conv] = _bias_only_when_weight_frozen(ft_compute_per_sample_gradient)
+GradSampleModule.GRAD_SAMPLERS.update(
+    {conv: _bias_only_when_weight_frozen(compute_conv_grad_sample) for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
+)
+GradSampleModule.GRAD_SAMPLERS.update(  # Opacus' default for these: functorch (see make_private)
+    {conv: _bias_only_when_weight_frozen(ft_compute_per_sample_gradient) for conv in TRANSPOSED_CONVS}
+)
 
 
 def make_private(

@@ -149,7 +149,7 @@ def boxes_figure(
     fig, ax = plt.subplots(figsize=(3.2, 3.4))
     ax.imshow(gray, cmap="gray")
     shown = detections[(detections[:, 5] >= 0) & (detections[:, 4] >= min_score)]
-    rows = [] if reference is None else reference[reference[:, 4] >= 0]
+    rows = np.empty((0, 5)) if reference is None else reference[reference[:, 4] >= 0]
     for x1, y1, x2, y2, _ in rows:
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.2))
     for x1, y1, x2, y2, score, cls in shown:

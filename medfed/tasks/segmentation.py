@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import cast
 
 import numpy as np
 import torch
@@ -98,7 +99,8 @@ def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tenso
     patch = config.data.patch_size
     if patch and max(images.shape[2:]) > patch:
         roi = (patch,) * (images.ndim - 2)
-        return sliding_window_inference(images, roi, sw_batch_size=8, predictor=model, overlap=0.25, mode="gaussian")
+        windows = sliding_window_inference(images, roi, sw_batch_size=8, predictor=model, overlap=0.25, mode="gaussian")
+        return cast(torch.Tensor, windows)  # one tensor, as the predictor (the model) returns one
     return model(images)
 
 
