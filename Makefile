@@ -34,6 +34,7 @@ flwr-run: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy medfed server client
 
 clean:
 	rm -rf $(VENV) runs

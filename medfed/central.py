@@ -6,7 +6,7 @@ measured against (``medfed simulate --protocol cross-site``, ``benchmarks/``).""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from medfed.config import Config
 from medfed.data import PrivacyUnitDataset, SiteArrays
-from medfed.privacy import default_delta, make_private
+from medfed.privacy import default_delta, make_private, quiet_accountant
 from medfed.tasks import get_task
 from medfed.training import build_optimizer, loop_options, lr_schedule, train
 
@@ -66,7 +66,7 @@ def train_central(
     model = initial_model(config)  # seeded random weights, or run.initial-model: the federation's start
     pool = union(sites) if len(sites) > 1 else sites[0]
     loader = train_loader(config, pool)
-    units = len(loader.dataset)
+    units = len(cast(PrivacyUnitDataset, loader.dataset))
     unit, _ = pool.privacy_units("train", config.privacy.unit)
     optimizer = build_optimizer(model, config.train)
     epochs = epochs or config.run.rounds * config.train.local_epochs
@@ -77,16 +77,17 @@ def train_central(
         from opacus.accountants.utils import get_noise_multiplier
 
         delta = default_delta(units)
-        sigma = get_noise_multiplier(
-            target_epsilon=config.privacy.target_epsilon,
-            target_delta=delta,
-            sample_rate=1 / len(loader),
-            steps=steps,
-            accountant="rdp",
-        )
-        accountant = RDPAccountant()
-        accountant.history = [(sigma, 1 / len(loader), steps)]
-        epsilon = float(accountant.get_epsilon(delta))
+        with quiet_accountant():
+            sigma = get_noise_multiplier(
+                target_epsilon=config.privacy.target_epsilon,
+                target_delta=delta,
+                sample_rate=1 / len(loader),
+                steps=steps,
+                accountant="rdp",
+            )
+            accountant = RDPAccountant()
+            accountant.history = [(sigma, 1 / len(loader), steps)]
+            epsilon = float(accountant.get_epsilon(delta))
         model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
     schedule = lr_schedule(optimizer, config.train, 0, steps, steps // config.run.rounds)
     started = time.perf_counter()

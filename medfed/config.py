@@ -715,8 +715,14 @@ def _recipe(raw: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {key: recipe[key] for key in keys}
 
 
-# The type hints of a config class: evaluating them (postponed annotations) took most of a load.
-_type_hints = functools.cache(typing.get_type_hints)
+# Evaluating a config class's type hints (postponed annotations) took most of a load: once per class.
+_cached_type_hints = functools.cache(typing.get_type_hints)
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The type hints of a config class (typed on ``type``: mypy takes a dataclass's class for unhashable)."""
+    return _cached_type_hints(cls)
+
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 80

@@ -459,6 +459,7 @@ def _screen_train_replies(
             if not any(n.startswith("update left out") for n in state.notes.get(site, [])):
                 state.note(site, f"update left out (first in round {server_round}): {err}")
             continue
+        assert parsed.arrays is not None  # _checked_update refuses a reply without weights
         traffic.up += array_bytes(parsed.arrays)  # as received: compressed when the run compresses
         local_seconds[parsed.site] = parsed.metrics.get(wire.LOCAL_SECONDS, math.nan)
         reply.content = RecordDict(
@@ -522,7 +523,7 @@ def _operating_point(state: _RunState, arrays: ArrayRecord) -> dict[str, Any]:
         return {"threshold": settings.threshold, "method": "evaluation.threshold"}
     counts = _evaluate(state, arrays, "val", _Traffic(), settings={wire.SCORE_COUNTS: True})
     task = get_task(state.config.run.task)
-    chosen = task.operating_point(counts, state.config)
+    chosen: dict[str, Any] = task.operating_point(counts, state.config)
     if not chosen:
         return {}
     target = settings.target_sensitivity

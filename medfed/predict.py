@@ -159,8 +159,8 @@ def segment_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module)
     preprocess = Preprocess.from_config(config.data)
     image, geometry = _model_image(case, scan, config)
     device = next(model.parameters()).device
-    labels = predict(get_task(config.run.task), model, torch.as_tensor(image)[None].to(device), config)[0]
-    labels = remove_small_structures(labels.cpu().numpy(), config.evaluation.min_structure_size)
+    predicted = predict(get_task(config.run.task), model, torch.as_tensor(image)[None].to(device), config)[0]
+    labels = remove_small_structures(predicted.cpu().numpy(), config.evaluation.min_structure_size)
     one_hot = (labels == np.arange(config.data.num_classes).reshape(-1, *[1] * dims)).astype(np.float32)
     back = from_model_grid(one_hot, geometry, preprocess).argmax(axis=0)
     return back.astype(np.int64).reshape(scan.array.shape)

@@ -108,7 +108,7 @@ def pretrain(
     parts = [(a, s) for a in arrays for s in ("train", "val") if (a.splits == s).any()]
     datasets = [PrivacyUnitDataset(a.split(s), a.privacy_units(s)[1], seeded_train_transform(task, config, config.run.seed * 1000 + i))
                 for i, (a, s) in enumerate(parts)]  # fmt: skip
-    dataset = torch.utils.data.ConcatDataset(datasets)
+    dataset: torch.utils.data.ConcatDataset[dict[str, torch.Tensor]] = torch.utils.data.ConcatDataset(datasets)
     torch.manual_seed(config.run.seed)
     model = task.build_model(config)
     device = resolve_device(config.train.device)

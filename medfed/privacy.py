@@ -28,9 +28,11 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from opacus import PrivacyEngine
@@ -42,9 +44,6 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-# The accountant's note that a tighter bound exists outside its orders: harmless, and not for a user's screen.
-warnings.filterwarnings("ignore", message="Optimal order is the")
-
 __all__ = [
     "BudgetExceeded",
     "LedgerError",
@@ -54,6 +53,7 @@ __all__ = [
     "default_delta",
     "make_private",
     "plan_privacy",
+    "quiet_accountant",
 ]
 
 LEDGER_FILE = "privacy.json"
@@ -73,7 +73,7 @@ class LedgerError(RuntimeError):
     """The site's state folder or privacy ledger is not what it must be; the message names the file."""
 
 
-def _check_mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+def _check_mechanism(noise_multiplier: float, sample_rate: float, steps: float) -> None:
     """σ finite and > 0, sample rate in (0, 1], steps a whole number in [0, 10^12]."""
     if not (math.isfinite(noise_multiplier) and 0 < noise_multiplier <= MAX_SIGMA):
         raise ValueError(f"noise multiplier {noise_multiplier!r}: expected a number in (0, {MAX_SIGMA:g}]")
@@ -120,6 +120,15 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
         else:
             sigma_low = sigma
     return sigma_high
+
+
+@contextmanager
+def quiet_accountant() -> Iterator[None]:
+    """Hide, inside the block, the RDP accountant's note that a tighter bound lies outside its orders:
+    harmless, and not for a user's screen."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        yield
 
 
 def default_delta(num_samples: int) -> float:
@@ -205,7 +214,8 @@ class PrivacyLedger:
             merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(n)
         acc = RDPAccountant() if self.accountant == "rdp" else PRVAccountant()
         acc.history = [(sigma, q, n) for (sigma, q), n in merged.items()]
-        epsilon = float(acc.get_epsilon(delta=self.delta))
+        with quiet_accountant():
+            epsilon = float(acc.get_epsilon(delta=self.delta))
         if math.isnan(epsilon):
             raise ValueError(f"the accountant returned ε = nan for {acc.history} at δ = {self.delta}")
         return max(epsilon, 0.0)
@@ -379,7 +389,14 @@ def _check_state_folder(folder: Path) -> None:
             return
 
 
-def _parsed_ledger(raw: object) -> dict[str, object]:
+class _LedgerFields(TypedDict):
+    delta: float
+    accountant: str
+    history: list[list[float]]
+    calibrations: dict[str, float]
+
+
+def _parsed_ledger(raw: object) -> _LedgerFields:
     """The fields of a ledger file's JSON, checked: ValueError/TypeError/KeyError naming what is wrong."""
     if not isinstance(raw, dict):
         raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
@@ -391,20 +408,20 @@ def _parsed_ledger(raw: object) -> dict[str, object]:
         raise ValueError(f"accountant {str(accountant)[:20]!r} is not 'rdp' or 'prv'")
     if not isinstance(raw["history"], list) or not isinstance(raw["calibrations"], dict):
         raise TypeError("history must be a list and calibrations an object")
-    history = []
+    history: list[list[float]] = []
     for entry in raw["history"]:
         if not isinstance(entry, list) or len(entry) != 3 or any(isinstance(v, (bool, str)) for v in entry):
             raise ValueError(f"history entry {str(entry)[:60]} is not [noise multiplier, sample rate, steps]")
         sigma, q, steps = (float(v) for v in entry)
         _check_mechanism(sigma, q, steps)
         history.append([sigma, q, int(steps)])
-    calibrations = {}
+    calibrations: dict[str, float] = {}
     for run, sigma in raw["calibrations"].items():
         if isinstance(sigma, (bool, str)):
             raise ValueError(f"calibration {str(sigma)[:20]!r} is not a number")
         _check_mechanism(float(sigma), 1.0, 0)
         calibrations[str(run)] = float(sigma)
-    return {"delta": delta, "accountant": accountant, "history": history, "calibrations": calibrations}
+    return {"delta": delta, "accountant": str(accountant), "history": history, "calibrations": calibrations}
 
 
 def _bias_only_when_weight_frozen(full_sampler: Callable[..., dict]) -> Callable[..., dict]:
@@ -436,11 +453,13 @@ def _standard_layout(activation: torch.Tensor) -> torch.Tensor:
     return activation
 
 
-for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    GradSampleModule.GRAD_SAMPLERS[_conv] = _bias_only_when_weight_frozen(compute_conv_grad_sample)
 TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-for _conv in TRANSPOSED_CONVS:  # Opacus' default for these: functorch (see make_private)
-    GradSampleModule.GRAD_SAMPLERS[_conv] = _bias_only_when_weight_frozen(ft_compute_per_sample_gradient)
+GradSampleModule.GRAD_SAMPLERS.update(
+    {conv: _bias_only_when_weight_frozen(compute_conv_grad_sample) for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
+)
+GradSampleModule.GRAD_SAMPLERS.update(  # Opacus' default for these: functorch (see make_private)
+    {conv: _bias_only_when_weight_frozen(ft_compute_per_sample_gradient) for conv in TRANSPOSED_CONVS}
+)
 
 
 def make_private(
@@ -459,7 +478,9 @@ def make_private(
     for module in model.modules():
         if isinstance(module, TRANSPOSED_CONVS) and module.weight.requires_grad:
             prepare_layer(module)  # functorch's copy of the layer, made before Opacus hooks the layer
-    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():  # Opacus' note that its fast RNG is not cryptographically secure
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,

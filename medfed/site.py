@@ -19,7 +19,6 @@ import random
 import secrets
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,12 +44,6 @@ from medfed.weights import compress_update, model_to_arrays, set_model_arrays
 __all__ = ["Site", "handle_evaluate", "handle_train", "resolve_site"]
 
 log = logging.getLogger("medfed.site")
-
-# Known, harmless warnings from Opacus and torch hooks, filtered where sites run (Ray workers too).
-warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-warnings.filterwarnings("ignore", message="Secure RNG turned off")
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
-warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
 
 STATE_FOLDER = ".medfed-state"
 SECRET_FILE = "site-secret"  # seeds local training; never leaves the site
@@ -160,7 +153,8 @@ def _store_cached(folder: Path, name: str, checked: Preflight) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.npz"):
         old.unlink()
-    arrays = {
+    # Any: numpy types savez's keywords as arrays or its bool allow_pickle, and ** could fill either
+    arrays: dict[str, Any] = {
         "images": site.images,
         "targets": site.targets,
         "splits": site.splits,
@@ -290,7 +284,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     model = _received_model(task, config, msg).to(device)
     run_key = str(settings.get(wire.RUN_KEY) or run_id)
     phase = str(settings.get(wire.PHASE, wire.PHASE_FEDERATED))
-    seed = training_seed(site.state_dir, run_key, int(settings.get(wire.SERVER_ROUND, 0)), phase, site.data)
+    seed = training_seed(site.state_dir, run_key, int(wire.setting(settings, wire.SERVER_ROUND, 0)), phase, site.data)
     seed_everything(seed)
     unit, dataset = _train_dataset(task, config, site, seed)
     n = len(dataset)
@@ -311,7 +305,8 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     metrics |= privacy
     if not config.privacy.enabled:
         metrics[wire.TRAIN_LOSS] = stats.loss  # an un-noised statistic of the data: only sent without DP
-    arrays = compress_update(msg.content[wire.ARRAYS], model_to_arrays(trained.cpu()), config.run.update_compression)
+    received = msg.content.array_records[wire.ARRAYS]
+    arrays = compress_update(received, model_to_arrays(trained.cpu()), config.run.update_compression)
     return wire.encode_reply(msg, wire.SiteReply(site.name, wire.OK, "", metrics, arrays, unit, site.notes))
 
 
@@ -338,7 +333,7 @@ def _site_that_trains(node_config: dict[str, Any], settings: ConfigRecord, confi
 def _received_model(task: Task, config: Config, msg: Message) -> torch.nn.Module:
     """The run's model holding the weights the server sent."""
     model = task.build_model(config)
-    set_model_arrays(model, msg.content[wire.ARRAYS])
+    set_model_arrays(model, msg.content.array_records[wire.ARRAYS])
     return model
 
 
@@ -416,8 +411,10 @@ def _local_training(
 ) -> TrainStats:
     """Train ``steps`` (with FedProx's term in a federated round) on the learning-rate schedule's
     slice of this round; the steps trained must be the steps accounted for."""
-    proximal_mu = float(settings.get(wire.PROXIMAL_MU, 0.0)) if phase == wire.PHASE_FEDERATED else 0.0
-    first_step = 0 if phase == wire.PHASE_LOCAL else (int(settings.get(wire.SERVER_ROUND, 1)) - 1) * steps.per_round
+    proximal_mu = float(wire.setting(settings, wire.PROXIMAL_MU, 0.0)) if phase == wire.PHASE_FEDERATED else 0.0
+    first_step = (
+        0 if phase == wire.PHASE_LOCAL else (int(wire.setting(settings, wire.SERVER_ROUND, 1)) - 1) * steps.per_round
+    )
     schedule = lr_schedule(optimizer, config.train, first_step, steps.per_round * config.run.rounds, steps.per_round)
     stats = train(
         task,
@@ -468,7 +465,7 @@ def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
             msg, wire.SiteReply(site.name, wire.EMPTY, f"no samples in the {split} split", {wire.NUM_EXAMPLES: 0})
         )
     if wire.THRESHOLD in settings:  # the operating point the server chose on the validation splits
-        config = config.with_overrides({"evaluation.threshold": float(settings[wire.THRESHOLD])})
+        config = config.with_overrides({"evaluation.threshold": float(wire.setting(settings, wire.THRESHOLD))})
     task = get_task(config.run.task)
     device = resolve_device(config.train.device)
     model = _received_model(task, config, msg)

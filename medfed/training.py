@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -17,6 +21,7 @@ from medfed.config import Config, TrainConfig
 from medfed.tasks import Task
 
 __all__ = [
+    "LoopOptions",
     "TrainStats",
     "build_optimizer",
     "evaluate",
@@ -90,11 +95,28 @@ def lr_schedule(
     return LambdaLR(optimizer, factor)
 
 
-def loop_options(settings: TrainConfig) -> dict[str, int]:
+class LoopOptions(TypedDict):
+    """The :func:`train` keyword arguments ``[train]`` sets besides the optimizer."""
+
+    views: int
+    physical_batch_size: int
+
+
+def loop_options(settings: TrainConfig) -> LoopOptions:
     """The :func:`train` arguments ``[train]`` sets besides the optimizer: views per image, part size."""
     return {"views": settings.augmentations, "physical_batch_size": settings.physical_batch_size}
 
 
+@contextmanager
+def _quiet_dp_hooks() -> Iterator[None]:
+    """Hide torch's note that a backward hook fires on a layer whose input needs no gradient: Opacus
+    hooks a DP model's first layer, whose input is the image."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+@_quiet_dp_hooks()
 def train(
     task: Task,
     model: nn.Module,
@@ -178,7 +200,7 @@ def _step(
         # without DP the parts' mean losses are weighted to the batch mean; DP clips per sample instead
         scaled = loss if private else loss * (count / size)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        if private:
+        if isinstance(optimizer, DPOptimizer):
             if views > 1:
                 _average_views(model, views)
             optimizer.signal_skip_step(do_skip=first + part_size < size)  # clip and add up; noise at the last part
@@ -198,14 +220,16 @@ def _average_views(model: nn.Module, views: int) -> None:
     for param in model.parameters():
         grad_sample = getattr(param, "grad_sample", None)
         if param.requires_grad and isinstance(grad_sample, torch.Tensor):
-            param.grad_sample = grad_sample.reshape(-1, views, *grad_sample.shape[1:]).mean(dim=1)
+            averaged = grad_sample.reshape(-1, views, *grad_sample.shape[1:]).mean(dim=1)
+            param.grad_sample = averaged  # type: ignore[attr-defined]  # Opacus' attribute, unknown to torch's types
 
 
 def _noise_only_step(model: nn.Module, optimizer: Optimizer) -> None:
     """Step a DP optimizer on an empty batch: no per-sample gradients, only the calibrated noise."""
     for param in model.parameters():
         if param.requires_grad:
-            param.grad_sample = param.new_zeros((0, *param.shape))
+            empty = param.new_zeros((0, *param.shape))
+            param.grad_sample = empty  # type: ignore[attr-defined]  # Opacus' attribute, unknown to torch's types
     optimizer.step()
 
 

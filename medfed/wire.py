@@ -61,6 +61,7 @@ __all__ = [
     "read_request",
     "reported_site_name",
     "request_config",
+    "setting",
 ]
 
 # The records of a message.
@@ -117,8 +118,17 @@ def request_config(
 
 def read_request(msg: Message) -> tuple[Config, ConfigRecord]:
     """The run's config and the whole CONFIG record (the message's settings) of a request."""
-    record = msg.content[CONFIG]
+    record = msg.content.config_records[CONFIG]
     return Config.from_json(str(record[MEDFED_CONFIG])), record
+
+
+def setting(settings: ConfigRecord, key: str, default: float | str | None = None) -> float | str | bytes | bool:
+    """One value of a request's settings (``default`` when the key is absent; without a default,
+    KeyError). TypeError for a list: every medfed setting is a single value."""
+    value = settings[key] if default is None else settings.get(key, default)
+    if isinstance(value, list):
+        raise TypeError(f"the request setting {key!r} is a list: expected a single value")
+    return value
 
 
 class MalformedReply(ValueError):
@@ -142,14 +152,12 @@ class SiteReply:
 
 def encode_reply(request: Message, reply: SiteReply) -> Message:
     """The Flower message that answers ``request`` with ``reply``."""
-    site = {_NAME: reply.site, _STATUS: reply.status, _REASON: reply.reason}
+    site = ConfigRecord({_NAME: reply.site, _STATUS: reply.status, _REASON: reply.reason})
     if reply.privacy_unit:
         site[_PRIVACY_UNIT] = reply.privacy_unit
     if reply.notes:
         site[_NOTES] = reply.notes
-    content = RecordDict(
-        {METRICS: MetricRecord({k: float(v) for k, v in reply.metrics.items()}), SITE: ConfigRecord(site)}
-    )
+    content = RecordDict({METRICS: MetricRecord({k: float(v) for k, v in reply.metrics.items()}), SITE: site})
     if reply.arrays is not None:
         content[ARRAYS] = reply.arrays
     return Message(content=content, reply_to=request)
@@ -174,8 +182,9 @@ def parse_reply(reply: Message, site: str) -> SiteReply:
         raise MalformedReply(f"site {site} failed: {reply.error.reason}")
     try:
         status = reply.content[SITE]
+        # float() of a list value raises TypeError: a malformed reply, below
         metrics = {str(k): float(v) for k, v in reply.content[METRICS].items()}  # type: ignore[arg-type]
-        arrays = reply.content[ARRAYS] if ARRAYS in reply.content.array_records else None
+        arrays = reply.content.array_records.get(ARRAYS)
         unit = str(status[_PRIVACY_UNIT]) if _PRIVACY_UNIT in status else ""
         notes = str(status[_NOTES]) if _NOTES in status else ""
         return SiteReply(site, str(status[_STATUS]), str(status[_REASON]), metrics, arrays, unit, notes)

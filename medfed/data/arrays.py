@@ -66,9 +66,11 @@ class SiteArrays:
     def split(self, name: str) -> ArrayDataset:
         """The samples of one split as a dataset of ``{"image", target_key, "spacing"}`` dicts."""
         keep = self.splits == name
+        assert self.spacing is not None  # filled in by __post_init__
         return ArrayDataset(self.images[keep], self.targets[keep], self.target_key, self.spacing[keep])
 
     def subset(self, mask: np.ndarray) -> SiteArrays:
+        assert self.spacing is not None  # filled in by __post_init__
         pids = None if self.patient_ids is None else self.patient_ids[mask]
         return SiteArrays(
             self.images[mask],
@@ -126,7 +128,7 @@ def image_copies(images: np.ndarray) -> int:
 
 def _pixels_digest(image: np.ndarray) -> bytes:
     digest = hashlib.blake2b(str(image.shape).encode())
-    digest.update(np.ascontiguousarray(image))
+    digest.update(np.ascontiguousarray(image).data)
     return digest.digest()
 
 

@@ -91,7 +91,7 @@ class AnnotatedImage:
     patient_id: str = ""
     size: tuple[int, int] | None = None
     source: str = ""
-    spacing: tuple[float, float] | None = None
+    spacing: tuple[float, ...] | None = None
 
     @property
     def patient(self) -> str:
@@ -218,7 +218,7 @@ def _parse_voc(path: Path, images_dir: Path, problems: list[DataProblem]) -> Ann
     boxes = []
     for number, obj in enumerate(root.findall("object"), start=1):
         name = (obj.findtext("name") or "").strip()
-        corners = [obj.findtext(f"bndbox/{key}") for key in BOX_COLUMNS[2:]]
+        corners = [obj.findtext(f"bndbox/{key}", default="") for key in BOX_COLUMNS[2:]]
         try:
             boxes.append(Box(name, *(float(v) for v in corners)))
         except (TypeError, ValueError):
@@ -486,7 +486,7 @@ def _write_box_folder(
         raise DataError(images_dir, problems)
     splits = assign_splits(records, seed, fractions)
     require_training(records, splits, fractions, images_dir)
-    table = []
+    table: list[tuple[str, Box]] = []
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / MANIFEST).open("w", newline="") as handle:
         writer = csv.writer(handle)

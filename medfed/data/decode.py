@@ -89,7 +89,7 @@ class Preprocess:
     orientation: str = ""
     max_pixels: int = DEFAULT_MAX_PIXELS
     field_of_view: str = "whole"
-    crop: tuple[int, int, int] = ()
+    crop: tuple[int, ...] = ()
 
     @classmethod
     def from_config(cls, data: DataConfig) -> Preprocess:
@@ -152,7 +152,8 @@ def load_image(
     if spacing is not None and len(spacing) != spatial_dims:
         raise ValueError(f"spacing {spacing} has {len(spacing)} values; the image has {spatial_dims} axes")
     per_file = 1 if len(paths) > 1 else channels
-    arrays, fitted = [], []
+    arrays: list[np.ndarray] = []
+    fitted: list[tuple[tuple[float, ...], Geometry]] = []
     for file in paths:
         for scan in read_channels(file, per_file, spatial_dims, preprocess.max_pixels):
             if modality and not scan.modality:
@@ -259,7 +260,8 @@ def from_model_grid(channels: np.ndarray, geometry: Geometry, preprocess: Prepro
     from monai.transforms import Resize
 
     if not preprocess.spacing:
-        return np.asarray(Resize(geometry.shape, mode="nearest")(channels))
+        # MONAI's transforms take arrays as well as tensors; their annotations name only Tensor
+        return np.asarray(Resize(geometry.shape, mode="nearest")(channels))  # type: ignore[arg-type]
     resampling = _resampling(len(geometry.shape), channels.shape[1], preprocess, labels=False)
     forward = resampling(_meta_tensor(np.zeros(geometry.shape, dtype=np.float32), geometry))
     from monai.data import MetaTensor
@@ -272,11 +274,12 @@ def from_model_grid(channels: np.ndarray, geometry: Geometry, preprocess: Prepro
 def _meta_tensor(array: np.ndarray, geometry: Geometry) -> Any:
     from monai.data import MetaTensor
 
-    return MetaTensor(np.ascontiguousarray(array)[None], affine=geometry.affine)
+    # MetaTensor takes an array affine as well; its annotation names only Tensor
+    return MetaTensor(np.ascontiguousarray(array)[None], affine=geometry.affine)  # type: ignore[arg-type]
 
 
 def _resampling(spatial_dims: int, image_size: int, preprocess: Preprocess, labels: bool) -> Any:
-    from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, Spacing
+    from monai.transforms import Compose, Orientation, ResizeWithPadOrCrop, Spacing, Transform
 
     if len(preprocess.spacing) != spatial_dims:
         raise ValueError(
@@ -284,7 +287,7 @@ def _resampling(spatial_dims: int, image_size: int, preprocess: Preprocess, labe
             f"for {spatial_dims}D scans: give one per axis"
         )
     ras = (("L", "R"), ("P", "A"), ("I", "S"))  # our affines are nibabel RAS+
-    steps = (
+    steps: list[Transform] = (
         [Orientation(axcodes=preprocess.orientation, labels=ras)]
         if preprocess.orientation and spatial_dims == 3
         else []
@@ -374,13 +377,12 @@ def load_field_of_view_case(
     "crop" the square around the field of view, not the whole photo, is resized to ``image_size``:
     every site's field of view then spans the model's width, one scale for all cameras."""
     paths = [Path(image)] if isinstance(image, str | Path) else [Path(p) for p in image]
-    pixels = None if field_of_view else read_photo(paths[0], preprocess.max_pixels)
-    if pixels is not None:
-        fov = computed_field_of_view(pixels)
-    else:
+    if field_of_view:
         with open_photo(paths[0], preprocess.max_pixels) as img:
             shape = (img.height, img.width)
         fov = read_field_of_view(field_of_view, shape, preprocess.max_pixels)
+    else:
+        fov = computed_field_of_view(read_photo(paths[0], preprocess.max_pixels))
     box = field_of_view_square(fov)
     if preprocess.field_of_view == "crop":
         preprocess = dataclasses.replace(preprocess, crop=tuple(box))
@@ -467,7 +469,7 @@ def _resize(array: np.ndarray, size: int) -> np.ndarray:
     from monai.transforms import Resize
 
     mode = "area" if min(array.shape) > size else ("bilinear" if array.ndim == 2 else "trilinear")
-    resized = Resize((size,) * array.ndim, mode=mode)(array[None])
+    resized = Resize((size,) * array.ndim, mode=mode)(array[None])  # type: ignore[arg-type]  # arrays work too
     return np.asarray(resized, dtype=np.float32)[0]
 
 

@@ -146,7 +146,7 @@ def tree_to_copy(source: Path, source_root: Path) -> list[tuple[Path, PurePath]]
     real = resolve_inside(source_root, Path(os.path.realpath(source)).relative_to(source_root))
     if not real.is_dir():
         return [(real, PurePath("."))]
-    files = []
+    files: list[tuple[Path, PurePath]] = []
     for folder, subfolders, names in os.walk(real):
         for name in subfolders:
             if (Path(folder) / name).is_symlink():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from medfed.data.arrays import SPLITS, SiteArrays
 from medfed.data.boxes import BOXES, AnnotatedImage, Box, load_box_site, read_box_table, write_box_table
 from medfed.data.decode import (
     DEFAULT_PREPROCESS,
+    FieldOfViewCase,
+    Geometry,
     Preprocess,
     load_field_of_view_case,
     load_image,
@@ -143,6 +146,8 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
     rescaled: list[Path] = []
     for line, row in enumerate(rows, start=2):
         where = f"{MANIFEST} line {line}"
+        value: int | np.ndarray | None
+        loaded: tuple[np.ndarray, tuple[float, ...]] | tuple[np.ndarray, tuple[float, ...], Geometry] | None
         if row["split"] not in SPLITS:
             problems.append(DataProblem(where, f"split {row['split']!r} is not one of {list(SPLITS)}"))
         if target == "label":
@@ -154,34 +159,21 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
         pixel_mm = _parse_spacing(row.get("spacing") or "", spatial_dims, where, problems)
         stated_modality = row.get("modality") or ""
         if target == "mask" and preprocess.field_of_view != "whole":  # image and mask read together
-            n = len(image_paths(row["image"]))  # image file(s), then the mask, then the field of view if given
             files = [*image_paths(row["image"]), row["mask"], *([row["fov"]] if row.get("fov") else [])]
-            case = _read_files(site_dir, files, where, problems, lambda paths, n=n: load_field_of_view_case(
-                paths[:n], paths[n], paths[n + 1] if len(paths) > n + 1 else None, image_size, num_classes,
-                preprocess, channels, rescaled))  # fmt: skip
+            case = _read_files(site_dir, files, where, problems, functools.partial(
+                _field_of_view_case, image_files=len(image_paths(row["image"])), image_size=image_size,
+                num_classes=num_classes, preprocess=preprocess, channels=channels, rescaled=rescaled))  # fmt: skip
             loaded, value = (None, None) if case is None else ((case.image, case.spacing), case.mask)
             if case is not None:
                 diameters.append(case.diameter)
         else:
-            loaded = _read_files(
-                site_dir,
-                image_paths(row["image"]),
-                where,
-                problems,
-                lambda paths, mm=pixel_mm, modality=stated_modality: load_image(
-                    paths, image_size, spatial_dims, mm, preprocess, modality, channels
-                ),
-            )
+            loaded = _read_files(site_dir, image_paths(row["image"]), where, problems, functools.partial(
+                load_image, image_size=image_size, spatial_dims=spatial_dims, spacing=pixel_mm,
+                preprocess=preprocess, modality=stated_modality, channels=channels))  # fmt: skip
             if target == "mask":
-                value = _read_file(
-                    site_dir,
-                    row["mask"],
-                    where,
-                    problems,
-                    lambda p, geometry=loaded and loaded[2]: load_mask(
-                        p, image_size, num_classes, spatial_dims, geometry, preprocess, rescaled
-                    ),
-                )
+                value = _read_file(site_dir, row["mask"], where, problems, functools.partial(
+                    load_mask, image_size=image_size, num_classes=num_classes, spatial_dims=spatial_dims,
+                    image=None if loaded is None else loaded[2], preprocess=preprocess, rescaled=rescaled))  # fmt: skip
         if loaded is None or value is None:
             continue
         images.append(loaded[0])
@@ -194,7 +186,7 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
     if problems:
         raise DataError(site_dir, problems)
     note_rescaled(site_dir, rescaled, len(targets), notices)
-    card = ()
+    card: tuple[str, ...] = ()
     if diameters:
         card = field_of_view_card(diameters, image_size, preprocess.field_of_view, given="fov" in columns)
     return SiteArrays(
@@ -240,6 +232,22 @@ def _read_box_site(
         channels=reading.channels,
         notices=notices,
     )
+
+
+def _field_of_view_case(
+    paths: list[Path],
+    image_files: int,
+    image_size: int,
+    num_classes: int,
+    preprocess: Preprocess,
+    channels: int,
+    rescaled: list[Path],
+) -> FieldOfViewCase:
+    """The case of a manifest row whose files are its ``image_files`` image file(s), then its mask,
+    then its field of view when the row gives one."""
+    n = image_files
+    fov = paths[n + 1] if len(paths) > n + 1 else None
+    return load_field_of_view_case(paths[:n], paths[n], fov, image_size, num_classes, preprocess, channels, rescaled)
 
 
 def _read_file(
@@ -299,6 +307,7 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
     volumes = site.images.ndim == 5
     with_fov = masks and not volumes and bool((site.targets == IGNORE).any())  # a field of view: a fov column
     fov_cells: list[str] = []
+    assert site.spacing is not None  # filled in by SiteArrays.__post_init__
     if with_fov:
         (site_dir / "fov").mkdir(exist_ok=True)
     with (site_dir / MANIFEST).open("w", newline="") as handle:

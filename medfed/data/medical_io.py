@@ -28,13 +28,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pydicom
 from nibabel.openers import ImageOpener
+from nibabel.spatialimages import SpatialImage
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -482,7 +483,7 @@ def open_nifti(path: Path, max_pixels: int) -> Any:
     """A NIfTI image with its header read and checked (shape against ``max_pixels``, a finite
     affine), its data not yet decoded."""
     try:
-        img = nib.load(path)
+        img = cast(SpatialImage, nib.load(path))  # a NIfTI file loads as a Nifti1Image or Nifti2Image
         shape, affine, dtype = img.shape, img.affine, img.get_data_dtype()
     except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib/gzip errors, ...)
         raise ValueError(f"{path} is not a readable NIfTI file: {err}") from None
@@ -509,7 +510,7 @@ def _load_nifti(path: Path, max_pixels: int) -> tuple[Any, np.ndarray]:
 def _nifti_spacing(img: Any, path: Path, shape: tuple[int, ...]) -> tuple[float, ...]:
     """The voxel size (mm) of each of ``shape``'s axes from the header's pixdim as written (nibabel
     would silently turn 0 into 1 and -2 into 2); an axis of length 1 measures nothing and may hold any."""
-    with ImageOpener(path) as handle:  # the header as written: nibabel's own copy is already fixed
+    with ImageOpener(str(path)) as handle:  # the header as written: nibabel's own copy is already fixed
         written = type(img.header).from_fileobj(handle, check=False)
     pixdim = [float(v) for v in written["pixdim"][1 : len(shape) + 1]]
     _positive_mm([v for v, n in zip(pixdim, shape, strict=True) if n > 1], "NIfTI pixdim", path)
@@ -557,7 +558,7 @@ def _read_dicom_series(folder: Path, max_pixels: int) -> Scan:
 
 
 def read_dicom_series(
-    datasets: list[tuple[Path, pydicom.Dataset]], name: str, where: str, max_pixels: int = DEFAULT_MAX_PIXELS
+    datasets: Sequence[tuple[Path, pydicom.Dataset]], name: str, where: str, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Scan:
     """One series from its (file, dataset) pairs: slices of one size, orientation and pixel spacing,
     ordered along the slice normal; a single multi-frame file is read as its own volume. The whole
@@ -614,10 +615,10 @@ def _stack_geometry(
     ``positions`` are the planes' ImagePositionPatient (LPS); ``thickness`` is the step used for a
     single plane. Planes must be distinct and evenly spaced.
     """
-    orientation = np.asarray(_dicom_vector(orientation, 6, "ImageOrientationPatient", where), dtype=np.float64)
-    normal = np.cross(orientation[:3], orientation[3:])
+    cosines = np.asarray(_dicom_vector(orientation, 6, "ImageOrientationPatient", where), dtype=np.float64)
+    normal = np.cross(cosines[:3], cosines[3:])
     if not np.linalg.norm(normal) > 1e-3:
-        raise ValueError(f"{where}: ImageOrientationPatient {list(orientation)} has parallel row and column directions")
+        raise ValueError(f"{where}: ImageOrientationPatient {list(cosines)} has parallel row and column directions")
     points = np.asarray(positions, dtype=np.float64)
     if not np.isfinite(points).all():
         raise ValueError(f"{where}: an ImagePositionPatient is not finite: expected positions in mm")
@@ -635,8 +636,8 @@ def _stack_geometry(
     row_spacing, col_spacing = pixel_spacing
     lps = np.eye(4)
     lps[:3, 0] = step
-    lps[:3, 1] = orientation[3:] * row_spacing
-    lps[:3, 2] = orientation[:3] * col_spacing
+    lps[:3, 1] = cosines[3:] * row_spacing
+    lps[:3, 2] = cosines[:3] * col_spacing
     lps[:3, 3] = points[0]
     return order, LPS_TO_RAS @ lps, (float(np.linalg.norm(step)), row_spacing, col_spacing)
 

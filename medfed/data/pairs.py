@@ -14,8 +14,9 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from medfed.data.decode import (
 from medfed.data.field_of_view import field_of_view_card
 from medfed.data.import_guard import PatientPattern, copy_inside, folder_files, require_training
 from medfed.data.medical_io import file_stem
-from medfed.data.partition import assign_splits
+from medfed.data.partition import OfPatient, assign_splits
 from medfed.data.vocabulary import MANIFEST, DataError, DataProblem
 
 __all__ = [
@@ -72,8 +73,10 @@ def find_pairs(
     and every file that is not safe to read. ValueError for a patient pattern that is invalid or
     too slow (:class:`~medfed.data.import_guard.PatientPattern`)."""
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
-    if isinstance(patient_pattern, str):
-        patient_pattern = PatientPattern(patient_pattern, "patient pattern") if patient_pattern else None
+    if isinstance(patient_pattern, PatientPattern):
+        pattern: PatientPattern | None = patient_pattern
+    else:
+        pattern = PatientPattern(patient_pattern, "patient pattern") if patient_pattern else None
     problems: list[DataProblem] = []
     masks = {file_stem(m): m for m in _files(masks_dir, "masks", problems)}
     matched, used = [], set()
@@ -90,8 +93,8 @@ def find_pairs(
         used.add(candidates[0])
         matched.append((image, candidates[0], base))
     stems = [file_stem(image) for image, _, _ in matched]
-    patients = patient_pattern.patients(stems) if patient_pattern else [base for _, _, base in matched]
-    no_patient = f"{patient_pattern.option} {patient_pattern.pattern!r} finds no patient id" if patient_pattern else ""
+    patients = pattern.patients(stems) if pattern else [base for _, _, base in matched]
+    no_patient = f"{pattern.option} {pattern.pattern!r} finds no patient id" if pattern else ""
     pairs = []
     for (image, mask, _), patient in zip(matched, patients, strict=True):
         if patient is None:
@@ -104,14 +107,17 @@ def find_pairs(
     return pairs
 
 
-def deal_to_sites(pairs: list[ImagePair], sites: int) -> list[list[ImagePair]]:
+_Sample = TypeVar("_Sample", bound=OfPatient)
+
+
+def deal_to_sites(samples: Sequence[_Sample], sites: int) -> list[list[_Sample]]:
     """Split patients, in name order, into ``sites`` contiguous groups (a natural, patient-level partition)."""
-    patients = sorted({p.patient for p in pairs})
+    patients = sorted({p.patient for p in samples})
     if len(patients) < sites:
         raise ValueError(f"{len(patients)} patients cannot make {sites} sites (each site needs at least one)")
     groups = np.array_split(np.arange(len(patients)), sites)
     owner = {patients[i]: site for site, group in enumerate(groups) for i in group}
-    return [[p for p in pairs if owner[p.patient] == site] for site in range(sites)]
+    return [[p for p in samples if owner[p.patient] == site] for site in range(sites)]
 
 
 def read_pairs(
@@ -156,7 +162,7 @@ def read_pairs(
     if problems:
         raise DataError(pairs[0].image.parent.parent, problems)
     note_rescaled(pairs[0].mask.parent, rescaled, len(masks))
-    card = ()
+    card: tuple[str, ...] = ()
     if diameters:
         card = field_of_view_card(diameters, image_size, field_of_view, given=bool(fov_masks))
     return SiteArrays(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,9 @@ def _shared_copy(key: tuple, config: Config, index: int) -> tuple[str, SiteArray
     name, site = _load_simulated_site(config, index)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    arrays = {"patient_ids": site.patient_ids} if site.patient_ids is not None else {}
+    assert site.spacing is not None  # filled in by SiteArrays.__post_init__
+    # Any: numpy types savez's keywords as arrays or its bool allow_pickle, and ** could fill either
+    arrays: dict[str, Any] = {"patient_ids": site.patient_ids} if site.patient_ids is not None else {}
     np.savez(partial, name=name, images=site.images, targets=site.targets, splits=site.splits,
              target_key=site.target_key, spacing=site.spacing, card=np.asarray(site.card, dtype=str), **arrays)  # fmt: skip
     os.replace(partial, path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -17,9 +17,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from medfed.config import Config
 from medfed.data import SiteArrays
-from medfed.tasks import Task, get_task
+from medfed.tasks import MetricAccumulator, Task, get_task
 
 __all__ = ["bootstrap_scores", "interval", "mean_of_sites", "paired_ratio", "site_draws", "without_draws"]
+
+
+class _Resamplable(MetricAccumulator, Protocol):
+    """Metrics over a whole split that can also be computed over a bootstrap draw of its cases."""
+
+    def resampled(self, indices: np.ndarray) -> MetricAccumulator: ...
 
 
 @torch.no_grad()
@@ -48,7 +54,8 @@ def _replicates(task: Task, model: nn.Module, site: SiteArrays, config: Config, 
         with warnings.catch_warnings():  # a resample of images that all lack the metric is NaN, and left out
             warnings.simplefilter("ignore", RuntimeWarning)
             return np.array([np.nanmean(values), *(np.nanmean(values[d]) for d in draws)])
-    accumulator = task.metrics(config)
+    # a task whose primary metric is not per image provides resampled metrics (see Task)
+    accumulator = cast(_Resamplable, task.metrics(config))
     accumulator.update(predictions, targets)
     metric = task.PRIMARY_METRIC
     return np.array([accumulator.compute()[metric], *(accumulator.resampled(d).compute()[metric] for d in draws)])

@@ -12,17 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from monai.visualize import GradCAM
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from monai.visualize import GradCAM  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
-
-from medfed.config import Config  # noqa: E402
-from medfed.tasks import Task, predict  # noqa: E402
+from medfed.config import Config
+from medfed.data.arrays import ArrayDataset
+from medfed.tasks import Task, predict
 
 __all__ = ["EXAMPLE_CAPTIONS", "boxes_figure", "busiest_slice", "display_gray", "example_images", "mask_overlay_figure"]
 
@@ -45,9 +43,10 @@ EXAMPLE_CAPTIONS = {
 
 
 def example_images(
-    task: Task, model: nn.Module, dataset: Dataset, config: Config, out_dir: Path, prefix: str
+    task: Task, model: nn.Module, dataset: ArrayDataset, config: Config, out_dir: Path, prefix: str
 ) -> list[Path]:
     """Write up to ``evaluation.example-images`` PNGs for the task's kind of target; return their paths."""
+    matplotlib.use("Agg")  # figures go to files: no display needed
     count = config.evaluation.example_images
     if count <= 0 or len(dataset) == 0:
         return []
@@ -118,6 +117,7 @@ def busiest_slice(mask: np.ndarray) -> int:
 
 def mask_overlay_figure(gray: np.ndarray, predicted: np.ndarray, reference: np.ndarray | None, title: str) -> Any:
     """Image beside the predicted mask (red), the reference-only part (green) and both (yellow)."""
+    matplotlib.use("Agg")  # figures go to files: no display needed
     overlay = np.stack([gray, gray, gray], axis=-1).astype(np.float32)
     reference = np.zeros_like(predicted) if reference is None else reference
     overlay[predicted & ~reference] = [1.0, 0.1, 0.1]
@@ -143,12 +143,13 @@ def boxes_figure(
 ) -> Any:
     """The image with reference boxes (green) and detections ``[x1, y1, x2, y2, score, class]`` scoring
     at least ``min_score`` (red)."""
+    matplotlib.use("Agg")  # figures go to files: no display needed
     from matplotlib.patches import Rectangle
 
     fig, ax = plt.subplots(figsize=(3.2, 3.4))
     ax.imshow(gray, cmap="gray")
     shown = detections[(detections[:, 5] >= 0) & (detections[:, 4] >= min_score)]
-    rows = [] if reference is None else reference[reference[:, 4] >= 0]
+    rows = np.empty((0, 5)) if reference is None else reference[reference[:, 4] >= 0]
     for x1, y1, x2, y2, _ in rows:
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.2))
     for x1, y1, x2, y2, score, cls in shown:

@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from medfed.evaluation.explain import EXAMPLE_CAPTIONS  # noqa: E402
-from medfed.run_folder import RunFolder  # noqa: E402
-from medfed.tasks import get_task  # noqa: E402
+from medfed.evaluation.explain import EXAMPLE_CAPTIONS
+from medfed.run_folder import RunFolder
+from medfed.tasks import get_task
 
 __all__ = ["class_name", "json_safe", "write_report"]
 
@@ -46,6 +44,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path, examples: dict[str
     ``examples`` maps a site to example figures (PNG paths relative to ``out_dir``) made at that
     site: Grad-CAM for classification, predicted vs reference masks for segmentation.
     """
+    matplotlib.use("Agg")  # figures go to files: no display needed (a server has none)
     folder = RunFolder(Path(out_dir))
     plots = folder.plots
     plots.mkdir(parents=True, exist_ok=True)

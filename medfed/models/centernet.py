@@ -62,9 +62,10 @@ class CenterNet(nn.Module):
             )
 
         if encoder is None:
-            self.stem = nn.Sequential(block(in_channels, width, 2), block(width, width))
+            self.stem: nn.Module = nn.Sequential(block(in_channels, width, 2), block(width, width))
             channels = [2 * width * 2**level for level in range(depth + 1)]  # at 1/4, 1/8, ...
-            stages, previous = [], width
+            stages: list[nn.Module] = []
+            previous = width
             for out in channels:
                 stages.append(nn.Sequential(block(previous, out, 2), block(out, out)))
                 previous = out
@@ -74,9 +75,11 @@ class CenterNet(nn.Module):
         top = channels[0]
         self.laterals = nn.ModuleList(nn.Conv2d(c, top, kernel_size=1) for c in channels)
         self.smooth = block(top, top)
-        self.head = nn.Sequential(block(top, top), nn.Conv2d(top, num_classes + 4, kernel_size=1))
+        hidden = block(top, top)
+        final = nn.Conv2d(top, num_classes + 4, kernel_size=1)
+        self.head = nn.Sequential(hidden, final)
         with torch.no_grad():
-            final = self.head[-1]
+            assert final.bias is not None  # nn.Conv2d has a bias unless told otherwise
             final.bias.zero_()
             final.bias[:num_classes] = math.log(0.1 / 0.9)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TypeVar, cast
 
 import torch
 from monai.networks.blocks.dynunet_block import UnetResBlock
@@ -54,6 +55,7 @@ from medfed.models.cnn import ConvClassifier
 __all__ = ["MODEL_BUILDERS", "build_network", "opacus_ready"]
 
 Builder = Callable[[Config], nn.Module]
+_Net = TypeVar("_Net", bound=nn.Module)
 
 
 class _ResNetBlock(ResNetBlock):
@@ -145,6 +147,8 @@ class _WindowAttention(WindowAttention):
     (MONAI folds the windows into the batch dimension). :class:`_SwinBlock` sets ``batch_size``."""
 
     batch_size: int
+    position_bias: _RelativePositionBias
+    relative_position_index: torch.Tensor
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Windows ``(B * windows, n, C)`` to ``(B * windows, n, C)``, as MONAI's."""
@@ -164,6 +168,8 @@ class _WindowAttention(WindowAttention):
 
 class _SwinBlock(SwinTransformerBlock):
     """MONAI's Swin block, telling its :class:`_WindowAttention` the number of images."""
+
+    attn: _WindowAttention
 
     def forward_part1(self, x: torch.Tensor, mask_matrix: torch.Tensor | None) -> torch.Tensor:
         """As MONAI's."""
@@ -199,7 +205,7 @@ class _DynUNet(DynUNet):
         return self.output_block(x)
 
 
-def _per_image_window_attention(net: nn.Module) -> nn.Module:
+def _per_image_window_attention(net: _Net) -> _Net:
     """Give every Swin block of ``net`` per-image window attention (:class:`_WindowAttention`)
     and contiguous feature maps (:class:`_SwinTransformer`). The token-pair index of the position
     bias, fixed by the window size, leaves the state dict: federated updates carry weights only."""
@@ -209,7 +215,7 @@ def _per_image_window_attention(net: nn.Module) -> nn.Module:
         elif type(module) is SwinTransformerBlock:
             module.__class__ = _SwinBlock
         elif type(module) is WindowAttention:
-            table, index = module.relative_position_bias_table, module.relative_position_index
+            table, index = module.relative_position_bias_table, cast(torch.Tensor, module.relative_position_index)
             del module.relative_position_bias_table, module.relative_position_index
             module.position_bias = _RelativePositionBias(table)
             module.register_buffer("relative_position_index", index, persistent=False)  # fixed: not sent or saved
@@ -227,7 +233,7 @@ _OUT_OF_PLACE: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 
-def opacus_ready(model: nn.Module, settings: ModelConfig) -> nn.Module:
+def opacus_ready(model: _Net, settings: ModelConfig) -> _Net:
     """Make a MONAI network fit Opacus' per-sample gradients, in place, keeping parameter names.
 
     BatchNorm and InstanceNorm with running statistics become GroupNorm with ``model.norm-groups``
@@ -245,7 +251,7 @@ def opacus_ready(model: nn.Module, settings: ModelConfig) -> nn.Module:
         if type(module) in _OUT_OF_PLACE:
             module.__class__ = _OUT_OF_PLACE[type(module)]
         if getattr(module, "inplace", False):
-            module.inplace = False
+            module.inplace = False  # type: ignore[assignment]  # torch types unknown attributes as Tensor | Module
     return model
 
 
@@ -339,7 +345,8 @@ def _unet(config: Config) -> nn.Module:
         strides=(2,) * (len(channels) - 1),
         num_res_units=0,
         act=("relu", {"inplace": False}),
-        norm=_group_norm(m) if m.norm == "group" else None,
+        # MONAI's UNet takes None for no norm layer; its annotation leaves None out
+        norm=_group_norm(m) if m.norm == "group" else None,  # type: ignore[arg-type]
         dropout=m.dropout,
     )
 

@@ -92,7 +92,7 @@ def seeded_train_transform(task: Task, config: Config, seed: int) -> Callable[[S
     """The task's training transform with its random state seeded (MONAI's random transforms are
     otherwise seeded afresh in every process, so training would not repeat)."""
     transform = task.train_transform(config)
-    if hasattr(transform, "set_random_state"):
+    if transform is not None and hasattr(transform, "set_random_state"):
         transform.set_random_state(seed)
     return transform
 

@@ -203,7 +203,7 @@ def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) ->
     below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
     true_pos = true_neg = 0.0
     for values in test_metrics.values():  # each site's cases called at the threshold it used
-        site_pos, site_neg = _summed_counts({"": values}, both_classes=False)
+        site_pos, site_neg = _counts_per_bin({"": values})
         site_true_pos, site_true_neg = _true_calls(
             site_pos, site_neg, values.get("threshold", operating_threshold(config))
         )
@@ -218,17 +218,20 @@ def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) ->
     }
 
 
-def _summed_counts(
-    site_metrics: dict[str, dict[str, float]], both_classes: bool = True
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Positive and negative cases per score bin summed over sites; None unless both classes occur
-    (or, with ``both_classes`` false, always)."""
+def _summed_counts(site_metrics: dict[str, dict[str, float]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_counts_per_bin`, or None unless both classes occur."""
+    pos, neg = _counts_per_bin(site_metrics)
+    return (pos, neg) if pos.sum() > 0 and neg.sum() > 0 else None
+
+
+def _counts_per_bin(site_metrics: dict[str, dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Positive and negative cases per score bin summed over sites."""
     bins = len(SCORE_EDGES) + 1
     pos, neg = np.zeros(bins), np.zeros(bins)
     for values in site_metrics.values():
         pos += [values.get(f"score_pos@{i}", 0.0) for i in range(bins)]
         neg += [values.get(f"score_neg@{i}", 0.0) for i in range(bins)]
-    return (pos, neg) if not both_classes or (pos.sum() > 0 and neg.sum() > 0) else None
+    return pos, neg
 
 
 def choose_threshold(pos: np.ndarray, neg: np.ndarray, target_sensitivity: float = 0.0) -> tuple[float, float, float]:

@@ -230,7 +230,7 @@ class DetectionMetrics:
         truth = [r[r[:, 4] >= 0] for r in refs]
         self._matches += matching_batch(
             iou_fn=box_iou,
-            iou_thresholds=IOU_THRESHOLDS,
+            iou_thresholds=IOU_THRESHOLDS,  # type: ignore[arg-type]  # MONAI takes an array; its annotation says Sequence
             pred_boxes=[p[:, :4] for p in kept],
             pred_classes=[p[:, 5].astype(int) for p in kept],
             pred_scores=[p[:, 4] for p in kept],
@@ -261,9 +261,10 @@ class DetectionMetrics:
         for c in range(self.num_classes):
             out[f"ap50_class_{c}"] = ap50[c]
             out[f"ap_class_{c}"] = ap[c]
-            if curves[c] is not None:
+            curve = curves[c]
+            if curve is not None:
                 at = np.searchsorted(RECALL_THRESHOLDS, PR_RECALLS - 1e-9)
-                for recall, value in zip(PR_RECALLS, curves[c][0][at], strict=True):
+                for recall, value in zip(PR_RECALLS, curve[0][at], strict=True):
                     out[f"pr50_class_{c}@{recall:.1f}"] = float(value)
         return out
 

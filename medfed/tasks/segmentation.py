@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import cast
 
 import numpy as np
 import torch
@@ -67,9 +68,6 @@ SPATIAL_DIMS = (2, 3)  # the image dimensions the task works in
 _LOSS = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
 _MASKED_DICE = MaskedDiceLoss(to_onehot_y=True, softmax=True, batch=False)
 
-# A patch drawn from an image without foreground falls back to a background centre: expected.
-warnings.filterwarnings("ignore", message="Num foregrounds 0")
-
 
 def build_model(config: Config) -> nn.Module:
     """The ``model.name`` network of the model zoo for ``data.channels``-channel images or volumes.
@@ -102,7 +100,8 @@ def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tenso
     patch = config.data.patch_size
     if patch and max(images.shape[2:]) > patch:
         roi = (patch,) * (images.ndim - 2)
-        return sliding_window_inference(images, roi, sw_batch_size=8, predictor=model, overlap=0.25, mode="gaussian")
+        windows = sliding_window_inference(images, roi, sw_batch_size=8, predictor=model, overlap=0.25, mode="gaussian")
+        return cast(torch.Tensor, windows)  # one tensor, as the predictor (the model) returns one
     return model(images)
 
 
@@ -136,7 +135,9 @@ class _RandomPatch:
         mask = sample["mask"]
         foreground, background = map_binary_to_indices(mask > 0, image=mask >= 0, image_threshold=0)
         crop_input = {"image": sample["image"], "mask": mask, "foreground": foreground, "background": background}
-        patch = self._crop(crop_input)[0]
+        with warnings.catch_warnings():  # an image without foreground gives a background centre: expected
+            warnings.filterwarnings("ignore", message="Num foregrounds 0")
+            patch = self._crop(crop_input)[0]
         out = dict(sample)
         out["image"] = torch.as_tensor(patch["image"]).as_subclass(torch.Tensor).contiguous()
         out["mask"] = torch.as_tensor(patch["mask"]).as_subclass(torch.Tensor).long().contiguous()
@@ -182,7 +183,9 @@ class SegmentationMetrics:
         self._iou(pred_1h, true_1h)
         both = (pred_1h[:, 1:].flatten(2).any(-1) & true_1h[:, 1:].flatten(2).any(-1)).all(dim=1)
         if both.any():  # HD95 is defined only where the class is both predicted and present
-            self._hd95(pred_1h[both], true_1h[both], spacing=[tuple(s) for s in spacing[both.cpu().numpy()]])
+            with warnings.catch_warnings():  # MONAI's own deprecated argument, passed inside MONAI
+                warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+                self._hd95(pred_1h[both], true_1h[both], spacing=[tuple(s) for s in spacing[both.cpu().numpy()]])
         for k in range(self.num_classes):
             p, t = predictions == k, truth == k
             self._counts[k] += [float((p & t).sum()), float((p & ~t).sum()), float((~p & t).sum())]
