@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import cast
+from collections.abc import Hashable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -134,7 +135,8 @@ class _RandomPatch:
     def __call__(self, sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mask = sample["mask"]
         foreground, background = map_binary_to_indices(mask > 0, image=mask >= 0, image_threshold=0)
-        crop_input = {"image": sample["image"], "mask": mask, "foreground": foreground, "background": background}
+        crop_input: dict[Hashable, Any] = {"image": sample["image"], "mask": mask}
+        crop_input |= {"foreground": foreground, "background": background}  # flat indices (numpy or torch)
         with warnings.catch_warnings():  # an image without foreground gives a background centre: expected
             warnings.filterwarnings("ignore", message="Num foregrounds 0")
             patch = self._crop(crop_input)[0]
