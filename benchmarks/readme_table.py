@@ -40,8 +40,8 @@ def _spine(r: dict[str, Any]) -> Iterator[Row]:
     for (setup, private, literature_delta), runs in groups.items():
         mode = "no DP"
         if private:
-            delta = 1e-5 if literature_delta else max(run["delta"] for run in runs)
-            mode = f"DP ε={_f(max(run['epsilon'] for run in runs), 1)} δ={delta:.0e}"
+            delta = "1e-05" if literature_delta else f"1/(10 n) <= {max(run['delta'] for run in runs):.0e}"
+            mode = f"DP ε={_f(max(run['epsilon'] for run in runs), 1)} δ={delta}"
         setting = f"PneumoniaMNIST, {setup}, {mode}"
         if all(run.get("pooled_sites") for run in runs):
             sensitivity = _f(sum(run["pooled_sites"]["sensitivity"] for run in runs) / len(runs))
