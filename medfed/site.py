@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from medfed import wire
 from medfed.config import Config
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
-from medfed.data.manifest import SiteReading
+from medfed.data.manifest import STATE_FOLDER, SiteReading, folder_signature
 from medfed.data.preflight import Preflight, run_preflight
 from medfed.data.vocabulary import DataProblem
 from medfed.privacy import BudgetExceeded, PrivacyLedger, check_delta, default_delta, make_private, plan_privacy
@@ -45,7 +45,6 @@ __all__ = ["Site", "handle_evaluate", "handle_train", "resolve_site"]
 
 log = logging.getLogger("medfed.site")
 
-STATE_FOLDER = ".medfed-state"
 SECRET_FILE = "site-secret"  # seeds local training; never leaves the site
 CACHE_FOLDER = "cache"  # model-ready arrays of the site's data, under its state folder
 _SITE_CACHE: dict[tuple[Any, ...], tuple[tuple[tuple[str, int, int], ...], Preflight]] = {}
@@ -99,19 +98,6 @@ def site_budget(node_config: dict[str, Any], config: Config) -> float:
     if isinstance(value, bool) or not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"node config privacy-budget = {str(value)[:40]!r}: expected a finite number > 0")
     return budget
-
-
-def folder_signature(folder: Path, state_dir: Path | None = None) -> tuple[tuple[str, int, int], ...]:
-    """Name, size and modification time of every file under ``folder`` (the site's state excluded)."""
-    entries = []
-    state = state_dir.resolve() if state_dir is not None else None
-    for path in sorted(folder.rglob("*")):
-        if state is not None and path.resolve().is_relative_to(state):
-            continue
-        if path.is_file() and STATE_FOLDER not in path.relative_to(folder).parts:
-            stat = path.stat()
-            entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
-    return tuple(entries)
 
 
 def _checked_site(folder: Path, state_dir: Path, reading: SiteReading) -> Preflight:

@@ -43,9 +43,10 @@ from medfed.data.field_of_view import IGNORE, field_of_view_card
 from medfed.data.medical_io import ChannelError
 from medfed.data.vocabulary import MANIFEST, DataError, DataProblem
 
-__all__ = ["SiteReading", "image_paths", "read_site", "read_table", "write_site"]
+__all__ = ["STATE_FOLDER", "SiteReading", "folder_signature", "image_paths", "read_site", "read_table", "write_site"]
 
 REQUIRED_COLUMNS = ("image", "split")
+STATE_FOLDER = ".medfed-state"  # a site's own state (ledger, cache) when kept inside its data folder
 T = TypeVar("T")
 
 
@@ -456,3 +457,18 @@ def _digest(chunks: Iterable[Any]) -> bytes:
     for chunk in chunks:
         digest.update(chunk)
     return digest.digest()
+
+
+def folder_signature(folder: Path, state_dir: Path | None = None) -> tuple[tuple[str, int, int], ...]:
+    """Name (relative to ``folder``), size and modification time of every file under ``folder``,
+    leaving out site state (``state_dir`` and any :data:`STATE_FOLDER`): what a cache of the
+    folder's decoded data is keyed on."""
+    entries = []
+    state = state_dir.resolve() if state_dir is not None else None
+    for path in sorted(folder.rglob("*")):
+        if state is not None and path.resolve().is_relative_to(state):
+            continue
+        if path.is_file() and STATE_FOLDER not in path.relative_to(folder).parts:
+            stat = path.stat()
+            entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)

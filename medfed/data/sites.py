@@ -13,7 +13,7 @@ from medfed.config import Config, ConfigError
 from medfed.data.arrays import SiteArrays
 from medfed.data.boxes import load_box_site, read_voc
 from medfed.data.decode import Preprocess
-from medfed.data.manifest import SiteReading, read_site
+from medfed.data.manifest import SiteReading, folder_signature, read_site
 from medfed.data.medmnist import read_medmnist
 from medfed.data.pairs import ImagePair, deal_to_sites, find_pairs, read_pairs
 from medfed.data.partition import assign_splits, dirichlet_partition, iid_partition
@@ -121,14 +121,13 @@ def _files_signature(config: Config) -> str:
         return ""
     root = Path(data.path)
     roots = [root / (s.folder or s.name) for s in data.site] if data.site else [root]
-    entries = []
+    entries: list[Any] = []
     for top in roots:
-        for path in sorted(top.rglob("*")) if top.is_dir() else [top]:
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            entries.append((str(path), stat.st_size, stat.st_mtime_ns))
+        if top.is_dir():
+            entries.append((str(top), folder_signature(top)))
+        elif top.exists():
+            stat = top.stat()
+            entries.append((str(top), stat.st_size, stat.st_mtime_ns))
     return hashlib.sha256(repr(entries).encode()).hexdigest()  # the same in every process (hash() is not)
 
 
