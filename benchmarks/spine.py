@@ -24,17 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
-from benchmarks.harness import results_path, write_results
+from benchmarks.harness import results_path, throughput, write_results
 from medfed.config import load_config
 from medfed.data.medmnist import read_medmnist
-from medfed.privacy import make_private
 from medfed.run_folder import RunFolder
 from medfed.simulation import simulate
-from medfed.site import seed_everything
 from medfed.tasks import get_task
-from medfed.training import build_optimizer, evaluate, train
+from medfed.training import evaluate
 from medfed.weights import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,20 +45,6 @@ def _test_metrics(config, checkpoint: Path, npz: Path) -> dict[str, float]:
     model.load_state_dict(state)
     test = read_medmnist(npz).split("test")
     return evaluate(task, model, test, config, torch.device("cpu"))
-
-
-def _throughput(config, npz: Path, private: bool, steps: int = 30) -> float:
-    """Training samples per second of the configured model, with or without DP-SGD."""
-    task = get_task(config.run.task)
-    seed_everything(0)  # as a site seeds itself before it builds its loader
-    model = task.build_model(config)
-    data = read_medmnist(npz).split("train")
-    loader = DataLoader(data, batch_size=config.train.batch_size, shuffle=True)
-    optimizer = build_optimizer(model, config.train)
-    if private:
-        model, optimizer, loader = make_private(model, optimizer, loader, 1.0, config.privacy.max_grad_norm)
-    stats = train(task, model, loader, optimizer, torch.device("cpu"), epochs=1, max_steps=steps)
-    return stats.examples / stats.seconds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,10 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         results.append(row)
         print(json.dumps(row), flush=True)
     config = load_config(CONFIG, base)
-    speed = {
-        "non_dp_samples_per_s": _throughput(config, args.npz, False),
-        "dp_samples_per_s": _throughput(config, args.npz, True),
-    }
+    measured = throughput(config, read_medmnist(args.npz), steps=30)
+    speed = {"non_dp_samples_per_s": measured["samples_per_s"], "dp_samples_per_s": measured["dp_samples_per_s"]}
     speed["dp_over_non_dp"] = speed["dp_samples_per_s"] / speed["non_dp_samples_per_s"]
     summary = {
         "benchmark": "spine",
