@@ -36,6 +36,7 @@ __all__ = [
     "TrainConfig",
     "MODEL_NAMES",
     "RECIPES",
+    "require",
     "load_config",
     "parse_override",
 ]
@@ -151,9 +152,9 @@ class RunConfig:
         _check_range("run.server-lr", self.server_lr, 0, 10, low_open=True)
         _check_range("run.max-update-norm", self.max_update_norm, 0, 1e12, low_open=True)
         _check_range("run.round-timeout", self.round_timeout, 0, 1e6, "seconds", low_open=True)
-        _check(0 <= self.trim_fraction < 0.5, "run.trim-fraction", self.trim_fraction, "a fraction in [0, 0.5)")
+        require(0 <= self.trim_fraction < 0.5, "run.trim-fraction", self.trim_fraction, "a fraction in [0, 0.5)")
         _check_range("run.site-wait", self.site_wait, 0, 1e6, "seconds", low_open=True)
-        _check(0 <= self.ema < 1, "run.ema", self.ema, "a decay in [0, 1) (0: off), e.g. 0.5")
+        require(0 <= self.ema < 1, "run.ema", self.ema, "a decay in [0, 1) (0: off), e.g. 0.5")
 
 
 @dataclass(frozen=True)
@@ -173,12 +174,12 @@ class SiteSource:
 
     def __post_init__(self) -> None:
         key = f"data.site.{self.name}"
-        _check(SITE_NAME.fullmatch(self.name) is not None, "data.site", self.name,
+        require(SITE_NAME.fullmatch(self.name) is not None, "data.site", self.name,
                "a site name of letters, digits, '-', '_' or '.' (at most 64, not starting with '.')")  # fmt: skip
         for field_name in ("folder", "images", "masks", "fov_masks"):
             value = getattr(self, field_name)
             _check_text(f"{key}.{field_name.replace('_', '-')}", value, MAX_PATH)
-            _check(not Path(value).is_absolute() and ".." not in Path(value).parts,
+            require(not Path(value).is_absolute() and ".." not in Path(value).parts,
                    f"{key}.{field_name.replace('_', '-')}", value, "a folder name inside data.path (relative, no '..')")  # fmt: skip
         _check_text(f"{key}.patient-pattern", self.patient_pattern)
         _check_pattern(f"{key}.patient-pattern", self.patient_pattern)
@@ -264,57 +265,57 @@ class DataConfig:
             _check_text(key, text, MAX_PATH)
         for name in self.leave_out:
             _check_text("data.leave-out", name)
-        _check(len(set(self.leave_out)) == len(self.leave_out), "data.leave-out", list(self.leave_out), "unique names")
+        require(len(set(self.leave_out)) == len(self.leave_out), "data.leave-out", list(self.leave_out), "unique names")
         _check_text("data.patient-pattern", self.patient_pattern)
         _check_text("data.orientation", self.orientation)
         for name in self.class_names:
             _check_text("data.class-names", name)
         _check_range("data.sites", self.sites, 1, MAX_SITES, "an integer")
         _check_range("data.max-pixels", self.max_pixels, 1, 2**36, "an integer (pixels per image file)")
-        _check(1 <= self.channels <= 16, "data.channels", self.channels, "an integer in [1, 16] (1: grey, 3: colour)")
+        require(1 <= self.channels <= 16, "data.channels", self.channels, "an integer in [1, 16] (1: grey, 3: colour)")
         _check_range("data.alpha", self.alpha, 0, 1e6, low_open=True)
-        _check(self.spatial_dims in (2, 3), "data.spatial-dims", self.spatial_dims, "2 (images) or 3 (volumes)")
+        require(self.spatial_dims in (2, 3), "data.spatial-dims", self.spatial_dims, "2 (images) or 3 (volumes)")
         largest = 4096 if self.spatial_dims == 2 else 1024
         _check_range("data.image-size", self.image_size, 8, largest, f"an integer ({self.spatial_dims}D)")
-        _check(
+        require(
             self.patch_size == 0 or 8 <= self.patch_size <= self.image_size,
             "data.patch-size",
             self.patch_size,
             f"0 (whole images) or an integer in [8, data.image-size = {self.image_size}]",
         )
         _check_range("data.num-classes", self.num_classes, 1, MAX_CLASSES, "an integer")
-        _check(
+        require(
             len(self.ct_window) == 2 and -1e6 <= self.ct_window[0] < self.ct_window[1] <= 1e6,
             "data.ct-window",
             list(self.ct_window),
             "[low, high] Hounsfield units with -1e6 <= low < high <= 1e6, e.g. [-160, 240] for soft tissue",
         )
-        _check(
+        require(
             not self.target_spacing
             or (len(self.target_spacing) == self.spatial_dims and all(1e-3 <= v <= 1e3 for v in self.target_spacing)),
             "data.target-spacing",
             list(self.target_spacing),
             f"[] (off) or {self.spatial_dims} voxel sizes in mm in [0.001, 1000], one per axis (data.spatial-dims)",
         )
-        _check(
+        require(
             not self.orientation or (self.spatial_dims == 3 and _is_axis_codes(self.orientation)),
             "data.orientation",
             self.orientation,
             '"" (as stored) or 3D axis codes with one of L/R, A/P, I/S each, e.g. "RAS" (needs data.spatial-dims = 3)',
         )
-        _check(
+        require(
             not self.orientation or bool(self.target_spacing),
             "data.orientation",
             self.orientation,
             '"" unless data.target-spacing is set (reorientation is part of resampling)',
         )
-        _check(
+        require(
             not self.class_names or len(self.class_names) == self.num_classes,
             "data.class-names",
             list(self.class_names),
             f"one name per class: data.num-classes = {self.num_classes} names",
         )
-        _check(
+        require(
             len(set(self.class_names)) == len(self.class_names),
             "data.class-names",
             list(self.class_names),
@@ -324,13 +325,13 @@ class DataConfig:
         _check_range("data.max-samples-per-site", self.max_samples_per_site, 0, 10**9, "an integer", note=" (0: all)")
         _check_pattern("data.patient-pattern", self.patient_pattern)
         if self.source in ("medmnist", "sites", "pairs", "voc"):
-            _check(bool(self.path), "data.path", self.path, f"a path (required when data.source = '{self.source}')")
+            require(bool(self.path), "data.path", self.path, f"a path (required when data.source = '{self.source}')")
         if self.site:
-            _check(self.source == "pairs", "data.site", [s.name for s in self.site],
+            require(self.source == "pairs", "data.site", [s.name for s in self.site],
                    "no [data.site.NAME] tables unless data.source = 'pairs'")  # fmt: skip
-            _check(self.sites == len(self.site), "data.sites", self.sites,
+            require(self.sites == len(self.site), "data.sites", self.sites,
                    f"{len(self.site)}, the number of [data.site.NAME] tables (or leave data.sites out)")  # fmt: skip
-        _check(self.field_of_view == "whole" or (self.spatial_dims == 2 and self.source in ("pairs", "sites")),
+        require(self.field_of_view == "whole" or (self.spatial_dims == 2 and self.source in ("pairs", "sites")),
                "data.field-of-view", self.field_of_view,
                "'whole' unless 2D photos come from data.source = 'pairs' or 'sites'")  # fmt: skip
 
@@ -356,14 +357,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_text("model.name", self.name)
         _check_range("model.width", self.width, 1, 1024, "an integer")
-        _check(1 <= self.depth <= 6, "model.depth", self.depth, "an integer in [1, 6]")
-        _check(
+        require(1 <= self.depth <= 6, "model.depth", self.depth, "an integer in [1, 6]")
+        require(
             self.norm_groups >= 1 and self.width % self.norm_groups == 0,
             "model.norm-groups",
             self.norm_groups,
             f"a divisor of model.width ({self.width})",
         )
-        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
+        require(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -423,7 +424,7 @@ class TrainConfig:
         _check_range("train.local-steps", self.local_steps, 0, 10**6, "an integer", note=" (0: use local-epochs)")
         _check_range("train.batch-size", self.batch_size, 1, MAX_BATCH, "an integer")
         _check_range("train.lr", self.lr, 0, 10, low_open=True)
-        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
+        require(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
         _check_range("train.weight-decay", self.weight_decay, 0, 1)
         _check_range("train.augmentations", self.augmentations, 1, 64, "an integer", note=" (1: off)")
         _check_range(
@@ -462,7 +463,7 @@ class PrivacyConfig:
             "privacy.delta", self.delta, 0, MAX_DELTA, note=" (0: automatic, 1/(10 n); it must also be below 1/n)"
         )
         _check_range("privacy.max-grad-norm", self.max_grad_norm, 0, 1000, low_open=True)
-        _check(
+        require(
             self.budget == 0 or MIN_EPSILON <= self.budget <= 10 * MAX_EPSILON,
             "privacy.budget",
             self.budget,
@@ -501,13 +502,13 @@ class EvaluationConfig:
     min_structure_size: int = 0
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             0 <= self.threshold < 1,
             "evaluation.threshold",
             self.threshold,
             "0 (chosen on validation data) or a probability in (0, 1)",
         )
-        _check(
+        require(
             0 <= self.target_sensitivity < 1,
             "evaluation.target-sensitivity",
             self.target_sensitivity,
@@ -533,53 +534,24 @@ class Config:
         names = MODEL_NAMES[self.run.task]
         if not self.model.name:  # the task's default network, named so that reports say which
             object.__setattr__(self, "model", dataclasses.replace(self.model, name=names[0]))
-        _check(
+        require(
             self.model.name in names,
             "model.name",
             self.model.name,
             f"one of {list(names)} for run.task = '{self.run.task}'",
         )
-        if self.run.task in ("classification", "segmentation"):
-            _check(
-                self.data.num_classes >= 2,
-                "data.num-classes",
-                self.data.num_classes,
-                f"an integer >= 2 for run.task = '{self.run.task}'"
-                + (" (background counts as class 0)" if self.run.task == "segmentation" else ""),
-            )
-        if self.train.augmentations > 1:
-            random_views = {
-                "classification": self.train.augment,
-                "segmentation": self.data.patch_size > 0,
-                "detection": True,
-            }[self.run.task]
-            needed = {
-                "classification": "train.augment = true",
-                "segmentation": "data.patch-size > 0 (random patches)",
-                "detection": "",
-            }[self.run.task]
-            _check(
-                random_views,
-                "train.augmentations",
-                self.train.augmentations,
-                f"1 unless the views differ: set {needed}",
-            )
-        if self.train.logit_adjust:
-            _check(
-                self.run.task == "classification" and not self.privacy.enabled,
-                "train.logit-adjust",
-                True,
-                "false unless run.task = 'classification' with privacy.enabled = false (under DP the class "
-                "counts it uses are not covered by the privacy accounting)",
-            )
-        if self.run.task == "detection":
-            _check(self.data.spatial_dims == 2, "data.spatial-dims", self.data.spatial_dims, "2: detection is 2D")
-            _check(
-                not self.data.target_spacing,
-                "data.target-spacing",
-                list(self.data.target_spacing),
-                "[] for run.task = 'detection' (whole images are resized; boxes scale with them)",
-            )
+        # the rules of the run's task (each task module's ``check_config``); the task modules import
+        # this one, so the registry is reached when a config is built, not when this module loads
+        from medfed.tasks import get_task
+
+        task = get_task(self.run.task)
+        require(
+            self.data.spatial_dims in task.SPATIAL_DIMS,
+            "data.spatial-dims",
+            self.data.spatial_dims,
+            f"one of {list(task.SPATIAL_DIMS)} for run.task = '{self.run.task}'",
+        )
+        task.check_config(self)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict with dashed keys, as in the TOML file (recipe keys as "auto", the task's
@@ -740,7 +712,8 @@ def _shown_key(key: Any) -> str:
     return key if isinstance(key, str) and key.isprintable() and len(key) <= 80 else _shown(key)
 
 
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+def require(ok: bool, key: str, value: Any, expected: str) -> None:
+    """Raise :class:`ConfigError` naming ``key``, its ``value`` and what was ``expected``, unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key} = {_shown(value)} is invalid: expected {expected}", key)
 
@@ -751,7 +724,7 @@ def _check_range(
     """``value`` in ``[low, high]`` (``(low, high]`` when ``low_open``); NaN and infinities never are."""
     inside = (low < value if low_open else low <= value) and value <= high
     bounds = f"{'(' if low_open else '['}{_bound(low)}, {_bound(high)}]"
-    _check(inside, key, value, f"{kind} in {bounds}{note}")
+    require(inside, key, value, f"{kind} in {bounds}{note}")
 
 
 def _bound(limit: float) -> str:
@@ -770,8 +743,8 @@ def _check_pattern(key: str, pattern: str) -> None:
 def _check_text(key: str, text: str, limit: int = MAX_TEXT) -> None:
     """A text setting: at most ``limit`` characters and no control characters (they would corrupt
     logs and terminals; megabytes of text made the console hang)."""
-    _check(len(text) <= limit, key, text, f"text of at most {limit} characters (got {len(text)})")
-    _check(
+    require(len(text) <= limit, key, text, f"text of at most {limit} characters (got {len(text)})")
+    require(
         not any(unicodedata.category(c) == "Cc" for c in text),
         key,
         text,

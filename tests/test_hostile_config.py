@@ -175,6 +175,28 @@ STRUCTURES: dict[str, tuple[object, str]] = {
     "image-size-3d": ({"data": {"image-size": 2048, "spatial-dims": 3}}, "data.image-size"),
     "seed-negative": ({"run": {"seed": -5}}, "run.seed"),
     "model-name-markup": ({"model": {"name": "[/]"}}, "model.name"),
+    # each task's own rules (its check_config hook)
+    "classification-one-class": ({"data": {"num-classes": 1}}, "data.num-classes"),
+    "classification-views-without-augment": ({"train": {"augmentations": 4}}, "train.augmentations"),
+    "classification-logit-adjust-under-dp": (
+        {"train": {"logit-adjust": True}, "privacy": {"enabled": True}},
+        "train.logit-adjust",
+    ),
+    "segmentation-one-class": ({"run": {"task": "segmentation"}, "data": {"num-classes": 1}}, "data.num-classes"),
+    "segmentation-views-without-patches": (
+        {"run": {"task": "segmentation"}, "train": {"augmentations": 4}},
+        "train.augmentations",
+    ),
+    "segmentation-logit-adjust": (
+        {"run": {"task": "segmentation"}, "train": {"logit-adjust": True}},
+        "train.logit-adjust",
+    ),
+    "detection-3d": ({"run": {"task": "detection"}, "data": {"spatial-dims": 3}}, "data.spatial-dims"),
+    "detection-spacing": (
+        {"run": {"task": "detection"}, "data": {"target-spacing": [1.0, 1.0]}},
+        "data.target-spacing",
+    ),
+    "detection-logit-adjust": ({"run": {"task": "detection"}, "train": {"logit-adjust": True}}, "train.logit-adjust"),
 }
 
 

@@ -47,6 +47,10 @@ class Task(Protocol):
     SAMPLE_KEYS: tuple[str, ...]  # ("image", TARGET)
     SPATIAL_DIMS: tuple[int, ...]  # the image dimensions the task works in (2: images, 3: volumes)
 
+    def check_config(self, config: Config) -> None:
+        """Raise :class:`medfed.config.ConfigError` (naming the key) on settings this task cannot use."""
+        ...
+
     def build_model(self, config: Config) -> nn.Module: ...
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...

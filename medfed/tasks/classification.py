@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 
-from medfed.config import Config
+from medfed.config import Config, require
 from medfed.data import synthetic
 from medfed.data.arrays import SiteArrays
 from medfed.models.zoo import build_network
@@ -39,6 +39,7 @@ __all__ = [
     "LogitAdjustment",
     "RandomShiftRotate",
     "build_model",
+    "check_config",
     "calls",
     "loss",
     "decode",
@@ -73,6 +74,25 @@ EXPLAIN_LAYERS = {
 def explain_layer(config: Config) -> str:
     """The name of the layer Grad-CAM explains in the configured network."""
     return EXPLAIN_LAYERS[config.model.name]
+
+
+def check_config(config: Config) -> None:
+    """The settings classification needs: two classes or more, random views to average over, and
+    logit adjustment only without DP."""
+    require(config.data.num_classes >= 2, "data.num-classes", config.data.num_classes, "an integer >= 2")
+    require(
+        config.train.augmentations == 1 or config.train.augment,
+        "train.augmentations",
+        config.train.augmentations,
+        "1 unless the views differ: set train.augment = true",
+    )
+    require(
+        not (config.train.logit_adjust and config.privacy.enabled),
+        "train.logit-adjust",
+        True,
+        "false with privacy.enabled = true (under DP the class counts it uses are not covered by the "
+        "privacy accounting)",
+    )
 
 
 def build_model(config: Config) -> nn.Module:

@@ -34,7 +34,7 @@ from monai.metrics.froc import compute_froc_curve_data, compute_froc_score
 from torch import nn
 from torch.nn import functional as F
 
-from medfed.config import Config
+from medfed.config import Config, require
 from medfed.data import synthetic
 from medfed.data.arrays import SiteArrays
 from medfed.models import OUTPUT_STRIDE
@@ -52,6 +52,7 @@ __all__ = [
     "RandomFlip",
     "box_iou",
     "build_model",
+    "check_config",
     "decode",
     "infer",
     "loss",
@@ -77,6 +78,17 @@ IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 PR_RECALLS = np.linspace(0.0, 1.0, 11)
 GAUSSIAN_ALPHA = 0.54  # centre heatmap: sigma = alpha * box side / 6 (TTFNet)
+
+
+def check_config(config: Config) -> None:
+    """The settings detection needs: whole images resized as they are (boxes scale with them)."""
+    require(
+        not config.data.target_spacing,
+        "data.target-spacing",
+        list(config.data.target_spacing),
+        "[] for run.task = 'detection' (whole images are resized; boxes scale with them)",
+    )
+    require(not config.train.logit_adjust, "train.logit-adjust", True, "false: it is for classification")
 
 
 def build_model(config: Config) -> nn.Module:

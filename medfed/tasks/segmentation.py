@@ -33,7 +33,7 @@ from monai.transforms import RandCropByPosNegLabeld
 from monai.transforms.utils import map_binary_to_indices
 from torch import nn
 
-from medfed.config import Config
+from medfed.config import Config, require
 from medfed.data import synthetic
 from medfed.data.arrays import SiteArrays
 from medfed.data.field_of_view import IGNORE
@@ -49,6 +49,7 @@ __all__ = [
     "TARGET",
     "SegmentationMetrics",
     "build_model",
+    "check_config",
     "decode",
     "infer",
     "loss",
@@ -68,6 +69,24 @@ SPATIAL_DIMS = (2, 3)  # the image dimensions the task works in
 
 _LOSS = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
 _MASKED_DICE = MaskedDiceLoss(to_onehot_y=True, softmax=True, batch=False)
+
+
+def check_config(config: Config) -> None:
+    """The settings segmentation needs: background and at least one structure, and random patches
+    when each image's gradient is averaged over several views."""
+    require(
+        config.data.num_classes >= 2,
+        "data.num-classes",
+        config.data.num_classes,
+        "an integer >= 2 for run.task = 'segmentation' (background counts as class 0)",
+    )
+    require(
+        config.train.augmentations == 1 or config.data.patch_size > 0,
+        "train.augmentations",
+        config.train.augmentations,
+        "1 unless the views differ: set data.patch-size > 0 (random patches)",
+    )
+    require(not config.train.logit_adjust, "train.logit-adjust", True, "false: it is for classification")
 
 
 def build_model(config: Config) -> nn.Module:
