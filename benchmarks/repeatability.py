@@ -1,11 +1,10 @@
 """Does each shipped demo config reach its figure in every run, not only in a lucky one?
 
-DP noise and the initial model differ with ``run.seed``, and a recipe that reaches its figure in
-one run and collapses in the next is not a recipe. Each config below runs ``--runs`` times (run.seed
-0, 1, ...) as shipped (DP on where the config has it) except that, as in every benchmark, the
-cross-site matrix and example images are off (``harness.bench_config``): all of a site's ε goes to
-the federation, where the shipped demo sets its noise for twice the steps, as it also trains the
-matrix's local-only models under the same ε.
+DP noise, the initial model and the synthetic hospitals themselves (their scanners and prevalence)
+differ with ``run.seed``, and a recipe that reaches its figure in one run and collapses in the next
+is not a recipe. Each config below runs ``--runs`` times (run.seed 0, 1, ...) as shipped: DP on
+where the config has it, and the cross-site matrix on, so a site's ε covers its local-only model
+too and the federation trains under the noise of twice the steps. Only the example images are off.
 Every site's final test figure is checked against the figure the README promises for it:
 
 - ``classification-synthetic`` (``make demo``): sensitivity and specificity >= 0.85 at every site,
@@ -31,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import bench_config, pyplot, results_path, save_figure, write_results
+from benchmarks.harness import CONFIGS, pyplot, results_path, save_figure, write_results
+from medfed.config import load_config
 from medfed.simulation import simulate
 
 # config -> the figures every site must reach in every run: metric -> minimum
@@ -44,7 +44,8 @@ FIGURES: dict[str, dict[str, float]] = {
 
 def run_once(name: str, seed: int, out: Path, quick: bool) -> dict[str, Any]:
     """One shipped run at ``run.seed = seed``: every site's figures, and whether all reach them."""
-    config = bench_config(f"{name}.toml", None, {"run.seed": seed} | ({"run.rounds": 1} if quick else {}))
+    overrides = {"evaluation.example-images": 0, "run.seed": seed} | ({"run.rounds": 1} if quick else {})
+    config = load_config(CONFIGS / f"{name}.toml", overrides)
     started = time.perf_counter()
     report = simulate(config, out / f"{name}-seed{seed}")
     per_site = {
