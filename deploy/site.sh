@@ -3,11 +3,11 @@
 #
 #   deploy/site.sh --site-name NAME --data DIR --state DIR --superlink HOST:PORT \
 #                  --ca ca.crt --key NAME.key [--privacy-budget EPS] [--allowed-tasks LIST] \
-#                  [--port 9094] [--allow-training-without-privacy] [-- FLAGS...]
+#                  [--port 9094] [--allow-training-without-privacy] [--require-approval] [-- FLAGS...]
 #
 # Every option can also come from the environment (systemd EnvironmentFile, docker compose):
 #   SITE_NAME, DATA_PATH, STATE_DIR, SUPERLINK, CA_CERT, AUTH_KEY, PRIVACY_BUDGET, ALLOWED_TASKS,
-#   CLIENTAPP_PORT, ALLOW_TRAINING_WITHOUT_PRIVACY (true/false), VENV_BIN.
+#   CLIENTAPP_PORT, ALLOW_TRAINING_WITHOUT_PRIVACY (true/false), REQUIRE_APPROVAL (true/false), VENV_BIN.
 #
 # What it runs (in the foreground, exec: stop it with SIGTERM / Ctrl-C / systemctl stop):
 #   flower-supernode --superlink HOST:PORT --root-certificates ca.crt \
@@ -21,7 +21,9 @@
 # - node config (written to STATE_DIR/node-config.toml, read by medfed.site.resolve_site):
 #     site-name, data-path, state-dir, privacy-budget (only if set: otherwise the run's
 #     privacy.budget applies), allowed-tasks (comma-separated, only if ALLOWED_TASKS is set; for
-#     the task allow-list), allow-training-without-privacy = true (only with that flag).
+#     the task allow-list), allow-training-without-privacy = true (only with that flag),
+#     require-approval = true (only with that flag: train only the run configs approved with
+#     `medfed site approve CONFIG --by NAME --state-dir STATE_DIR`).
 # - FLWR_HOME (apps the SuperNode received), uv cache and temp files live under STATE_DIR. The
 #   privacy ledger (privacy.json) lives in STATE_DIR too: back it up, never delete it.
 # - --insecure: no TLS and no key. Only for a throw-away test against `superlink.sh --insecure`.
@@ -50,6 +52,7 @@ privacy_budget="${PRIVACY_BUDGET:-}"
 ALLOWED_TASKS="${ALLOWED_TASKS:-}"
 runtime_port="${CLIENTAPP_PORT:-9094}"
 allow_no_dp="${ALLOW_TRAINING_WITHOUT_PRIVACY:-false}"
+require_approval="${REQUIRE_APPROVAL:-false}"
 insecure=0
 extra=()
 while [ $# -gt 0 ]; do
@@ -64,6 +67,7 @@ while [ $# -gt 0 ]; do
     --allowed-tasks) [ $# -ge 2 ] || die "--allowed-tasks needs a list"; ALLOWED_TASKS="$2"; shift 2 ;;
     --port) [ $# -ge 2 ] || die "--port needs a number"; runtime_port="$2"; shift 2 ;;
     --allow-training-without-privacy) allow_no_dp=true; shift ;;
+    --require-approval) require_approval=true; shift ;;
     --insecure) insecure=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; extra=("$@"); break ;;
@@ -86,6 +90,7 @@ if [ -n "$ALLOWED_TASKS" ]; then
   [[ "$ALLOWED_TASKS" =~ ^[a-z0-9-]+(,[a-z0-9-]+)*$ ]] || die "ALLOWED_TASKS must be comma-separated task names, e.g. classification,segmentation"
 fi
 case "$allow_no_dp" in true|false) ;; *) die "ALLOW_TRAINING_WITHOUT_PRIVACY must be true or false" ;; esac
+case "$require_approval" in true|false) ;; *) die "REQUIRE_APPROVAL must be true or false" ;; esac
 command -v flower-supernode >/dev/null || die "flower-supernode not found in $VENV_BIN (set VENV_BIN)"
 
 tls=()
@@ -123,11 +128,11 @@ export UV_OFFLINE=1
 
 # The node config as a TOML file (values typed and quoted by Python: paths may hold spaces).
 "$VENV_BIN/python" - "$state_dir/node-config.toml" "$site_name" "$data_path" "$state_dir" \
-  "$privacy_budget" "$ALLOWED_TASKS" "$allow_no_dp" <<'PY'
+  "$privacy_budget" "$ALLOWED_TASKS" "$allow_no_dp" "$require_approval" <<'PY'
 import json
 import sys
 
-path, name, data, state, budget, allowed, no_dp = sys.argv[1:]
+path, name, data, state, budget, allowed, no_dp, approval = sys.argv[1:]
 lines = [
     f"site-name = {json.dumps(name)}",
     f"data-path = {json.dumps(data)}",
@@ -139,6 +144,8 @@ if allowed:
     lines.append(f"allowed-tasks = {json.dumps(allowed)}")
 if no_dp == "true":
     lines.append("allow-training-without-privacy = true")
+if approval == "true":
+    lines.append("require-approval = true")
 with open(path, "w", encoding="utf-8") as f:
     f.write("# written by deploy/site.sh at every start: edit the site's settings there, not here\n")
     f.write("\n".join(lines) + "\n")

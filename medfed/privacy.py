@@ -1,7 +1,11 @@
 """DP-SGD at a site (Opacus), with a privacy ledger that outlives rounds, runs and restarts.
 
 The ledger (``STATE_DIR/privacy.json``) holds the accountant history, one ``(noise_multiplier,
-sample_rate, steps)`` entry per round trained, and the noise multiplier calibrated for each run.
+sample_rate, steps)`` entry per round trained, the noise multiplier calibrated for each run, and
+the key of every round charged (:class:`Release`): a round that is repeated exactly (after a
+coordinator crash and ``--resume``: the same run, round, data, received model and noise) draws
+the same seeded noise on the same data, releases nothing new and is not charged again; a round
+whose data or received model changed draws fresh noise and is charged.
 ε is always recomputed from the whole history, so it composes across rounds and across runs. A
 new Opacus ``PrivacyEngine`` is built for each round (live Opacus objects cannot be kept between
 Flower calls), but its noise comes from the run's one calibration and its spend goes to the ledger.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
@@ -49,6 +54,7 @@ __all__ = [
     "LedgerError",
     "PrivacyLedger",
     "PrivacyPlan",
+    "Release",
     "check_delta",
     "default_delta",
     "make_private",
@@ -63,6 +69,19 @@ MAX_SEARCH_STEPS = 60  # bisection steps of the noise search (it needs about 20;
 MAX_TARGET_EPSILON = 1000.0  # a target beyond this is no privacy (config.py allows at most 100)
 EPSILON_TOLERANCE = 0.01  # as Opacus' search
 MAX_COUNT = 10**12  # most units, steps or rounds a plan or ledger may hold: beyond it no real setting
+
+
+@dataclass(frozen=True)
+class Release:
+    """One round of DP-SGD at a site, as the ledger keys its charge.
+
+    Args:
+        round_key: the run key, phase, round and a digest of the site's training data.
+        request: a digest of what the server sent for it (model weights and settings).
+    """
+
+    round_key: str
+    request: str
 
 
 class BudgetExceeded(RuntimeError):
@@ -156,6 +175,10 @@ class PrivacyLedger:
         accountant: ``rdp`` or ``prv``.
         history: accountant entries ``[noise_multiplier, sample_rate, steps]``.
         calibrations: noise multiplier chosen for each run id.
+        rounds: for each :attr:`Release.round_key`, the request first trained for it.
+        charged: the keys of the releases charged (:meth:`reserve`). Ledgers written before
+            these keys existed have neither: their rounds count as charged once each, and a
+            repetition of one is charged again (an over-count, never an under-count).
     """
 
     path: Path
@@ -163,6 +186,8 @@ class PrivacyLedger:
     accountant: str = "rdp"
     history: list[list[float]] = field(default_factory=list)
     calibrations: dict[str, float] = field(default_factory=dict)
+    rounds: dict[str, str] = field(default_factory=dict)
+    charged: list[str] = field(default_factory=list)
 
     @classmethod
     def open(cls, state_dir: str | Path, delta: float, accountant: str = "rdp") -> PrivacyLedger:
@@ -186,7 +211,7 @@ class PrivacyLedger:
             raise LedgerError(
                 f"privacy ledger {path} is unreadable ({type(err).__name__}: {reason}); refusing to train rather "
                 "than forget past privacy spending. Expected the JSON file medfed writes ({delta, accountant, "
-                "history, calibrations}): restore it from backup."
+                "history, calibrations[, rounds, charged]}): restore it from backup."
             ) from None
 
     def save(self) -> None:
@@ -197,6 +222,8 @@ class PrivacyLedger:
             "accountant": self.accountant,
             "history": self.history,
             "calibrations": self.calibrations,
+            "rounds": self.rounds,
+            "charged": self.charged,
         }
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".privacy-")
         with os.fdopen(fd, "w") as handle:
@@ -229,23 +256,38 @@ class PrivacyLedger:
             self.save()
         return self.calibrations[run_id]
 
-    def reserve(self, noise_multiplier: float, sample_rate: float, steps: int, budget: float) -> float:
+    def noise_salt(self, release: Release) -> str:
+        """What the site mixes into the seed of ``release``'s noise: "" for the first request of its
+        round (and for an exact repetition of it), so that a resumed run repeats the same local
+        training; the request's digest for any other request of that round, so that noise drawn on
+        the same data for two different models is never the same draw (their difference would
+        cancel it). Recorded under the ledger's lock."""
+        with self._locked():
+            self.rounds.setdefault(release.round_key, release.request)
+            self.save()
+        return self._salt(release)
+
+    def _salt(self, release: Release) -> str:
+        return "" if self.rounds.get(release.round_key) == release.request else release.request
+
+    def reserve(
+        self, noise_multiplier: float, sample_rate: float, steps: int, budget: float, release: Release | None = None
+    ) -> float:
         """Record the planned steps before training and return the new total ε.
 
         Under an exclusive lock on the ledger, re-read it (another run at the same site may have
         trained meanwhile), refuse with :class:`BudgetExceeded` if the steps would pass ``budget``,
         else append and save. Spending is recorded before the data is touched, so a crash during
-        training can only over-count, never under-count.
+        training can only over-count, never under-count. A ``release`` already charged (the same
+        round, data, request, noise seed and mechanism) is not charged again.
         """
         _check_mechanism(noise_multiplier, sample_rate, steps)
         if not (math.isfinite(budget) and budget > 0):
             raise ValueError(f"privacy budget {budget!r}: expected a finite number > 0")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.path.exists():
-                current = PrivacyLedger.open(self.path.parent, self.delta, self.accountant)
-                self.history, self.calibrations = current.history, {**current.calibrations, **self.calibrations}
+        with self._locked():
+            key = "" if release is None else self._charge_key(release, noise_multiplier, sample_rate, steps)
+            if key and key in self.charged:
+                return self.epsilon()
             planned = self.epsilon([[noise_multiplier, sample_rate, steps]])
             if planned > budget + 1e-9:
                 raise BudgetExceeded(
@@ -257,8 +299,34 @@ class PrivacyLedger:
                 last[2] += steps
             else:
                 self.history.append([noise_multiplier, sample_rate, steps])
+            if key:
+                self.charged.append(key)
             self.save()
         return planned
+
+    def _charge_key(self, release: Release, noise_multiplier: float, sample_rate: float, steps: int) -> str:
+        """The key of a charge: the round (run, phase, round, data), the noise seed's salt and the mechanism."""
+        fields = [
+            release.round_key,
+            self._salt(release),
+            repr(float(noise_multiplier)),
+            repr(float(sample_rate)),
+            steps,
+        ]
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the ledger's exclusive lock, with the ledger re-read from its file (another process of
+        the site may have written it); calibrations made here and not yet saved are kept."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                current = PrivacyLedger.open(self.path.parent, self.delta, self.accountant)
+                self.history, self.calibrations = current.history, {**current.calibrations, **self.calibrations}
+                self.rounds, self.charged = current.rounds, current.charged
+            yield
 
 
 # Noise in the averaged gradient, per coordinate and in units of the clipping norm: σ / batch. Levels
@@ -394,6 +462,8 @@ class _LedgerFields(TypedDict):
     accountant: str
     history: list[list[float]]
     calibrations: dict[str, float]
+    rounds: dict[str, str]
+    charged: list[str]
 
 
 def _parsed_ledger(raw: object) -> _LedgerFields:
@@ -421,7 +491,19 @@ def _parsed_ledger(raw: object) -> _LedgerFields:
             raise ValueError(f"calibration {str(sigma)[:20]!r} is not a number")
         _check_mechanism(float(sigma), 1.0, 0)
         calibrations[str(run)] = float(sigma)
-    return {"delta": delta, "accountant": str(accountant), "history": history, "calibrations": calibrations}
+    rounds, charged = raw.get("rounds", {}), raw.get("charged", [])  # absent in ledgers written before them
+    if not isinstance(rounds, dict) or not all(isinstance(v, str) and len(v) <= 64 for v in rounds.values()):
+        raise ValueError("rounds must be an object of request digests")
+    if not isinstance(charged, list) or not all(isinstance(k, str) and len(k) == 64 for k in charged):
+        raise ValueError("charged must be a list of 64-character keys")
+    return {
+        "delta": delta,
+        "accountant": str(accountant),
+        "history": history,
+        "calibrations": calibrations,
+        "rounds": {str(k): v for k, v in rounds.items()},
+        "charged": charged,
+    }
 
 
 def _bias_only_when_weight_frozen(full_sampler: Callable[..., dict]) -> Callable[..., dict]:

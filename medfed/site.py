@@ -30,18 +30,27 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from medfed import wire
+from medfed.approval import ApprovalError, config_digest, load_approvals, requires_approval
 from medfed.config import Config
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
 from medfed.data.manifest import STATE_FOLDER, SiteReading, folder_signature
 from medfed.data.preflight import Preflight, run_preflight
 from medfed.data.vocabulary import DataProblem
-from medfed.privacy import BudgetExceeded, PrivacyLedger, check_delta, default_delta, make_private, plan_privacy
+from medfed.privacy import (
+    BudgetExceeded,
+    PrivacyLedger,
+    Release,
+    check_delta,
+    default_delta,
+    make_private,
+    plan_privacy,
+)
 from medfed.tasks import Task, get_task, seeded_train_transform
 from medfed.tasks.classification import LogitAdjustment
 from medfed.training import TrainStats, build_optimizer, evaluate, loop_options, lr_schedule, resolve_device, train
 from medfed.weights import compress_update, model_to_arrays, set_model_arrays
 
-__all__ = ["Site", "handle_evaluate", "handle_train", "resolve_site"]
+__all__ = ["Site", "approval_refusal", "handle_evaluate", "handle_train", "node_state_dir", "resolve_site"]
 
 log = logging.getLogger("medfed.site")
 
@@ -73,7 +82,7 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         if "site-name" not in node_config:
             raise ValueError("node_config needs site-name (the name this site reports to the server)")
         name = str(node_config["site-name"])
-        state_dir = Path(str(node_config.get("state-dir", data_path / STATE_FOLDER)))
+        state_dir = node_state_dir(node_config)
         reading = SiteReading.from_config(config.data, get_task(config.run.task).TARGET)
         checked = _checked_site(data_path, state_dir, reading)
         if checked.site is None:
@@ -85,6 +94,11 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         state_dir = Path(str(message_config[wire.STATE_ROOT])) / name
         notes = ""
     return Site(name, data, state_dir, site_budget(node_config, config), notes)
+
+
+def node_state_dir(node_config: dict[str, Any]) -> Path:
+    """A deployed site's state folder: its ``state-dir``, else ``STATE_FOLDER`` inside its data folder."""
+    return Path(str(node_config.get("state-dir", Path(str(node_config["data-path"])) / STATE_FOLDER)))
 
 
 def site_budget(node_config: dict[str, Any], config: Config) -> float:
@@ -198,11 +212,34 @@ def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
         return _failure(msg, _node_site_name(node_config), err)
 
 
-def training_seed(state_dir: Path, run_key: str, server_round: int, phase: str, data: SiteArrays) -> int:
-    """The seed of one round's local training: the same when a round is repeated on the same data
-    (a resumed run), unpredictable to the server (it mixes in a secret kept in the site's state
-    folder) so that the DP noise cannot be reproduced and subtracted off-site, and different once
-    the data change (the same noise on two versions of the data would reveal their difference)."""
+def data_digest(data: SiteArrays) -> str:
+    """A digest of the site's model-ready data (images, targets, splits, patient ids): what a round
+    is trained on, so that a round repeated on changed data is told apart (and charged)."""
+    digest = hashlib.sha256()
+    arrays = [data.images, data.targets, data.splits]
+    for array in arrays if data.patient_ids is None else [*arrays, data.patient_ids.astype(str)]:
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def request_digest(msg: Message) -> str:
+    """A digest of what the server sent for one round: the model's weights and every setting."""
+    digest = hashlib.sha256()
+    for key, array in msg.content.array_records[wire.ARRAYS].items():
+        digest.update(repr((key, array.dtype, tuple(array.shape), array.stype)).encode())
+        digest.update(array.data)
+    digest.update(repr(sorted(msg.content.config_records[wire.CONFIG].items())).encode())
+    return digest.hexdigest()
+
+
+def training_seed(state_dir: Path, key: str) -> int:
+    """The seed of one round's local training (batch sampling, augmentation, DP noise) for ``key``
+    (run key, phase, round and the data's digest, see :class:`medfed.privacy.Release`, plus the
+    ledger's salt): the same when a round is repeated exactly (a resumed run), different once the
+    data change (the same noise on two versions of the data would reveal their difference), and
+    unpredictable to the server: it mixes in a secret kept in the site's state folder, so the DP
+    noise cannot be reproduced and subtracted off-site."""
     secret_file = state_dir / SECRET_FILE
     if not secret_file.exists():
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -212,9 +249,7 @@ def training_seed(state_dir: Path, run_key: str, server_round: int, phase: str, 
                 handle.write(secrets.token_hex(32))
         except FileExistsError:
             pass  # another process of this site wrote it first
-    digest = hashlib.sha256(f"{secret_file.read_text().strip()}|{run_key}|{server_round}|{phase}".encode())
-    for array in (data.images, data.targets, data.splits):
-        digest.update(np.ascontiguousarray(array).tobytes())
+    digest = hashlib.sha256(f"{secret_file.read_text().strip()}|{key}".encode())
     return int.from_bytes(digest.digest()[:8], "little") % (2**63)
 
 
@@ -231,6 +266,35 @@ def task_refusal(node_config: dict[str, Any], config: Config) -> str:
     if allowed and config.run.task not in allowed:
         return f"task {config.run.task!r} is not in this site's allowed-tasks {allowed}"
     return ""
+
+
+def approval_refusal(node_config: dict[str, Any], config: Config) -> str:
+    """Why this deployed site refuses the run for want of its operator's approval, or "".
+
+    Only with ``require-approval = true`` in the node config: the digest of the received config
+    must be approved (and not revoked) in the site's approvals file (:mod:`medfed.approval`).
+    Reads nothing but that file, so a run is refused before any of the site's data is read. A
+    broken approvals file or setting refuses every run; the reason sent names no path.
+    """
+    if "data-path" not in node_config:  # a simulated site: no operator to approve
+        return ""
+    try:
+        if not requires_approval(node_config):
+            return ""
+        approvals = load_approvals(node_state_dir(node_config))
+    except ApprovalError as err:
+        log.error("site refuses every run until this is fixed: %s", err)
+        return "this site's run approvals are broken (require-approval or its approvals file); details are in its log"
+    digest = config_digest(config)
+    mine = [a for a in approvals if a.digest == digest]
+    if any(a.active for a in mine):
+        return ""
+    how = (
+        f"its approval was withdrawn at this site on {mine[-1].revoked_at}"
+        if mine
+        else "this site has not approved it (its operator runs `medfed site approve CONFIG --by NAME`)"
+    )
+    return f"run {config.run.name!r} with config digest {digest[:16]} is not approved: {how}"
 
 
 class _Refused(Exception):
@@ -270,18 +334,24 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     model = _received_model(task, config, msg).to(device)
     run_key = str(settings.get(wire.RUN_KEY) or run_id)
     phase = str(settings.get(wire.PHASE, wire.PHASE_FEDERATED))
-    seed = training_seed(site.state_dir, run_key, int(wire.setting(settings, wire.SERVER_ROUND, 0)), phase, site.data)
-    seed_everything(seed)
-    unit, dataset = _train_dataset(task, config, site, seed)
-    n = len(dataset)
+    server_round = int(wire.setting(settings, wire.SERVER_ROUND, 0))
+    unit, units = site.data.privacy_units("train", config.privacy.unit)
+    n = len(units)
     if n == 0:
         return _failure(msg, site.name, ValueError("the site has no training samples"))
-    loader = DataLoader(dataset, batch_size=min(config.train.batch_size, n), shuffle=True)
-    optimizer = build_optimizer(model, config.train)
-    steps = _Steps.of(config, phase, len(loader))
+    batch_size = min(config.train.batch_size, n)
+    steps = _Steps.of(config, phase, math.ceil(n / batch_size))
+    release = Release(f"{run_key}|{phase}|{server_round}|{data_digest(site.data)}", request_digest(msg))
     privacy: dict[str, float] = {}
+    salt = ""
     if config.privacy.enabled:
-        sigma, privacy = _spend_privacy(site, config, run_key, unit, n, steps.planned)
+        sigma, privacy, salt = _spend_privacy(site, config, release, run_key, unit, n, steps.planned)
+    seed = training_seed(site.state_dir, release.round_key + salt)
+    seed_everything(seed)
+    dataset = _train_dataset(task, config, site, seed, units)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    optimizer = build_optimizer(model, config.train)
+    if config.privacy.enabled:
         model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
     stats = _local_training(task, model, loader, optimizer, device, config, settings, phase, steps)
     trained = getattr(model, "_module", model)
@@ -303,7 +373,7 @@ def _site_that_trains(node_config: dict[str, Any], settings: ConfigRecord, confi
     Raises:
         _Refused: the task is not in the site's ``allowed-tasks``, or DP is off and not allowed.
     """
-    refusal = task_refusal(node_config, config)
+    refusal = task_refusal(node_config, config) or approval_refusal(node_config, config)
     if refusal:
         log.warning("site refuses run %s: %s", run_id, refusal)
         raise _Refused(_node_site_name(node_config), refusal)
@@ -323,22 +393,23 @@ def _received_model(task: Task, config: Config, msg: Message) -> torch.nn.Module
     return model
 
 
-def _train_dataset(task: Task, config: Config, site: Site, seed: int) -> tuple[str, PrivacyUnitDataset]:
-    """The privacy unit the site counts in (``image`` or ``patient``) and its train split, one
-    privacy unit per item, with the seeded training transform."""
+def _train_dataset(task: Task, config: Config, site: Site, seed: int, units: list[np.ndarray]) -> PrivacyUnitDataset:
+    """The site's train split, one privacy unit (``units``: sample indices) per item, with the seeded
+    training transform."""
     transform = seeded_train_transform(task, config, seed)
     if config.train.logit_adjust:  # classification without DP (the config refuses it otherwise)
         train_labels = site.data.targets[site.data.splits == "train"]
         transform = LogitAdjustment(transform, train_labels, config.data.num_classes)
-    unit, units = site.data.privacy_units("train", config.privacy.unit)
-    return unit, PrivacyUnitDataset(site.data.split("train"), units, transform, config.train.augmentations)
+    return PrivacyUnitDataset(site.data.split("train"), units, transform, config.train.augmentations)
 
 
 def _spend_privacy(
-    site: Site, config: Config, run_key: str, unit: str, n: int, steps: int
-) -> tuple[float, dict[str, float]]:
+    site: Site, config: Config, release: Release, run_key: str, unit: str, n: int, steps: int
+) -> tuple[float, dict[str, float], str]:
     """Calibrate this run's noise (once per run, in the site's ledger) and reserve the ε of
-    ``steps`` more steps; the noise multiplier and the privacy metrics the reply carries.
+    ``steps`` more steps for ``release`` (once: an exact repetition is not charged again); the
+    noise multiplier, the privacy metrics the reply carries and the salt of the noise's seed
+    (:meth:`PrivacyLedger.noise_salt`).
 
     Raises:
         _Refused: δ does not suit ``n`` privacy units, or the steps would exceed the site's budget.
@@ -369,6 +440,7 @@ def _spend_privacy(
         if spent:
             log.info("  earlier runs spent ε %.2f at this site (budget %.2f)", spent, site.budget)
     sigma = ledger.noise_for_run(run_key, config.privacy.target_epsilon, sample_rate, plan.run_steps)
+    salt = ledger.noise_salt(release)
     privacy = {
         wire.NOISE_MULTIPLIER: sigma,
         wire.MAX_GRAD_NORM: config.privacy.max_grad_norm,
@@ -377,11 +449,11 @@ def _spend_privacy(
         wire.SAMPLE_RATE: sample_rate,
     }
     try:
-        privacy[wire.EPSILON] = ledger.reserve(sigma, sample_rate, steps, site.budget)
+        privacy[wire.EPSILON] = ledger.reserve(sigma, sample_rate, steps, site.budget, release)
     except BudgetExceeded as err:
         log.warning("site %s refuses round: %s", site.name, err)
         raise _Refused(site.name, str(err), {wire.EPSILON: ledger.epsilon(), **privacy}) from err
-    return sigma, privacy
+    return sigma, privacy, salt
 
 
 def _local_training(
@@ -436,8 +508,9 @@ def _diverged(msg: Message, site_name: str, privacy: dict[str, float]) -> Messag
 def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
     """Refuse, or evaluate the received model on the asked split and reply with the metrics."""
     config, settings = wire.read_request(msg)
-    refusal = task_refusal(node_config, config)
+    refusal = task_refusal(node_config, config) or approval_refusal(node_config, config)
     if refusal:
+        log.warning("site refuses to evaluate: %s", refusal)
         return wire.encode_reply(msg, wire.SiteReply(_node_site_name(node_config), wire.REFUSED, refusal))
     site = resolve_site(node_config, settings, config)
     split = str(settings.get(wire.SPLIT, "val"))
