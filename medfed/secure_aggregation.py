@@ -144,7 +144,7 @@ def _prg(key: bytes, length: int) -> np.ndarray:
     """``length`` uniform words modulo 2**64: the AES-256-CTR key stream of a 32-byte key."""
     encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
     stream = encryptor.update(bytes(8 * length)) + encryptor.finalize()
-    return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
+    return np.frombuffer(stream, dtype="<u8")  # read-only: an operand, never written
 
 
 def _agreed_key(private_pem: bytes, public_pem: bytes) -> bytes:
@@ -176,10 +176,9 @@ def mask_update(
     clipped = delta * min(1.0, max_update_norm / norm) if norm > 0 else delta
     fixed = np.rint(clipped * (weight / quantization_step(max_update_norm))).astype(np.int64)
     vector = np.concatenate([fixed, np.array([weight], dtype=np.int64)]).view(np.uint64)
-    vector = vector + _prg(self_seed, vector.size)
+    np.add(vector, _prg(self_seed, vector.size), out=vector)
     for peer, key in pair_keys.items():
-        stream = _prg(key, vector.size)
-        vector = vector + stream if _pair_sign(own, peer) > 0 else vector - stream
+        (np.add if _pair_sign(own, peer) > 0 else np.subtract)(vector, _prg(key, vector.size), out=vector)
     return vector
 
 
@@ -194,12 +193,12 @@ def unmask_sum(
     keys (PEM); ``mask_public_keys`` holds every survivor's mask public key."""
     total = masked_sum.copy()
     for seed in self_seeds.values():
-        total = total - _prg(seed, total.size)
+        np.subtract(total, _prg(seed, total.size), out=total)
     for dropped, private_pem in dropped_keys.items():
         for survivor in self_seeds:
             stream = _prg(_agreed_key(private_pem, mask_public_keys[survivor]), total.size)
             # the survivor added sign(survivor, dropped) * stream: take it back
-            total = total - stream if _pair_sign(survivor, dropped) > 0 else total + stream
+            (np.subtract if _pair_sign(survivor, dropped) > 0 else np.add)(total, stream, out=total)
     plain = total.view(np.int64)
     return plain[:-1], int(plain[-1])
 
@@ -644,7 +643,10 @@ def _collect_masked(
             link.result.dropped[node] = f"sent no masked update of {length} uint64 values"
             continue
         link.result.bytes_up += len(cast(ArrayRecord, parsed.arrays)[MASKED].data)
-        total = vector.copy() if total is None else total + vector
+        if total is None:
+            total = vector.copy()
+        else:
+            np.add(total, vector, out=total)
         parsed.arrays = None  # nothing of one site's update outlives the sum
         summed[node] = parsed
     return total, summed
