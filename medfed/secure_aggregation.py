@@ -290,7 +290,7 @@ class _SiteState:
                 "share-owners": owners,
                 "seed-shares": [self.seed_shares[o] for o in owners],
                 "key-shares": [self.key_shares[o] for o in owners],
-            }  # fmt: skip
+            }
         )
 
 
@@ -342,7 +342,10 @@ def handle_shares(msg: Message, context: Context) -> Message:
     own = nodes.index(state.node) if state.node in nodes else -1
     if len(set(nodes)) != len(nodes) or not len(nodes) == len(enc_keys) == len(mask_keys):
         raise ProtocolError("the round's node list is malformed")
-    if own < 0 or enc_keys[own] != public_key_to_bytes(bytes_to_private_key(state.enc_secret).public_key()):
+    own_keys = [
+        public_key_to_bytes(bytes_to_private_key(k).public_key()) for k in (state.enc_secret, state.mask_secret)
+    ]
+    if own < 0 or [enc_keys[own], mask_keys[own]] != own_keys:
         raise ProtocolError("the round's key list does not hold this site's own keys")
     if len(set(enc_keys + mask_keys)) != 2 * len(nodes):
         raise ProtocolError("two sites of the round have the same public key")
