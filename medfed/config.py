@@ -124,6 +124,10 @@ class RunConfig:
     model, reported) the exponential moving average of the rounds' global models with that decay,
     while sites go on training from the latest one: under DP it averages out part of the noise
     of the last rounds at no privacy cost (it only post-processes what sites sent). 0: off.
+    ``secure-aggregation`` (:mod:`medfed.secure_aggregation`): the server learns only the
+    example-weighted sum of each round's updates; each site clips its own update to
+    ``max-update-norm`` and the server checks the sum. A round completes while at least
+    ``secure-aggregation-threshold`` (a fraction of the round's sites, above one half) remain.
     """
 
     name: str = "medfed"
@@ -141,6 +145,8 @@ class RunConfig:
     update_compression: Literal["none", "fp16", "int8"] = "none"
     initial_model: str = ""
     ema: float = 0.0
+    secure_aggregation: bool = False
+    secure_aggregation_threshold: float = 0.6
 
     def __post_init__(self) -> None:
         _check_text("run.name", self.name)
@@ -155,6 +161,22 @@ class RunConfig:
         require(0 <= self.trim_fraction < 0.5, "run.trim-fraction", self.trim_fraction, "a fraction in [0, 0.5)")
         _check_range("run.site-wait", self.site_wait, 0, 1e6, "seconds", low_open=True)
         require(0 <= self.ema < 1, "run.ema", self.ema, "a decay in [0, 1) (0: off), e.g. 0.5")
+        self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        """What secure aggregation cannot run with: the server sees only the sum of the updates."""
+        require(0.5 < self.secure_aggregation_threshold <= 1, "run.secure-aggregation-threshold",
+                self.secure_aggregation_threshold, "a fraction of the sites in (0.5, 1], e.g. 0.6")  # fmt: skip
+        if not self.secure_aggregation:
+            return
+        require(self.strategy in ("fedavg", "fedprox"), "run.strategy", self.strategy,
+                "fedavg or fedprox with run.secure-aggregation = true (the server sees only the sum of the "
+                "updates: fedmedian and fedtrimmedavg need each update, fedadam is not wired to the sum)")  # fmt: skip
+        require(self.update_compression == "none", "run.update-compression", self.update_compression,
+                "'none' with run.secure-aggregation = true (masked updates are uniform 64-bit numbers that do not "
+                "compress; fp16 and int8 scale each site's update on its own, so masked sums of them mean nothing)")  # fmt: skip
+        require(self.min_sites >= 2, "run.min-sites", self.min_sites,
+                "at least 2 with run.secure-aggregation = true (the sum of one site is its update)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -552,6 +574,9 @@ class Config:
             f"one of {list(task.SPATIAL_DIMS)} for run.task = '{self.run.task}'",
         )
         task.check_config(self)
+        require(not (self.run.secure_aggregation and self.evaluation.cross_site), "evaluation.cross-site", True,
+                "false with run.secure-aggregation = true (the cross-site matrix sends each site's local-only "
+                "model to the coordinator unmasked)")  # fmt: skip
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict with dashed keys, as in the TOML file (recipe keys as "auto", the task's

@@ -30,6 +30,7 @@ from medfed import wire
 from medfed.config import Config
 from medfed.evaluation.report import json_safe, write_report
 from medfed.run_folder import RunFolder
+from medfed.secure_aggregation import secure_round
 from medfed.tasks import get_task
 from medfed.weights import (
     CheckpointError,
@@ -219,9 +220,13 @@ def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Ro
     settings = {wire.PHASE: wire.PHASE_FEDERATED}
     messages = list(strategy.configure_train(server_round, run.arrays, state.message_config(settings), state.grid))
     traffic.down += array_bytes(run.arrays) * len(messages)
-    replies = state.exchange(messages, config.run.round_timeout)
-    accepted, local_seconds = _screen_train_replies(state, run.arrays, replies, traffic, server_round)
-    aggregated_sites = _aggregate(state, strategy, run, accepted, server_round)
+    secure: dict[str, Any] | None = None
+    if config.run.secure_aggregation:
+        aggregated_sites, local_seconds, secure = _secure_train(state, run, messages, traffic, server_round)
+    else:
+        replies = state.exchange(messages, config.run.round_timeout)
+        accepted, local_seconds = _screen_train_replies(state, run.arrays, replies, traffic, server_round)
+        aggregated_sites = _aggregate(state, strategy, run, accepted, server_round)
     if config.run.ema:
         run.released = moving_average(run.released, run.arrays, config.run.ema)
         save_checkpoint(folder.round_model(server_round, ema=True), run.released,
@@ -237,6 +242,8 @@ def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Ro
         "sites_aggregated": aggregated_sites,
         "epsilon": {site: p.get(wire.EPSILON, 0.0) for site, p in state.privacy.items()},
     }
+    if secure is not None:
+        entry["secure_aggregation"] = secure
     run.history.append(entry)
     save_checkpoint(
         folder.round_model(server_round),
@@ -265,6 +272,53 @@ def _aggregate(
     if new_arrays is not None:
         run.arrays = _with_dtypes_of(new_arrays, run.arrays)
     return sorted(state.sites[r.metadata.src_node_id] for r in accepted)
+
+
+def _secure_train(
+    state: _RunState, run: _Rounds, messages: list[Message], traffic: _Traffic, server_round: int
+) -> tuple[list[str], dict[str, float], dict[str, Any]]:
+    """One round's training under secure aggregation (:func:`medfed.secure_aggregation.secure_round`):
+    the server never holds one site's update, only their example-weighted sum, checked before it
+    is applied to ``run.arrays`` (kept when the round fails or fewer than ``run.min-sites`` are in
+    the sum). The sites in the sum, their local seconds, and the round's report entry."""
+
+    def read(reply: Message) -> wire.SiteReply:
+        parsed = _read_reply(state, reply)
+        _record_privacy(state, parsed)
+        return parsed
+
+    result = secure_round(state.exchange, messages, run.arrays, state.config, read, server_round)
+    traffic.up += result.bytes_up
+    traffic.down += result.bytes_down
+    dropped = {}
+    for node, reason in result.dropped.items():
+        site = dropped[node] = state.sites.get(node, f"node-{node}")
+        log.warning("round %d: site %s is not in the secure sum: %s", server_round, site, reason)
+        if not any(n.startswith("left out of the secure sum") for n in state.notes.get(site, [])):
+            state.note(site, f"left out of the secure sum (first in round {server_round}): {reason}")
+    sites = sorted(reply.site for reply in result.summed.values())
+    local_seconds = {reply.site: reply.metrics.get(wire.LOCAL_SECONDS, math.nan) for reply in result.summed.values()}
+    entry: dict[str, Any] = {"threshold": result.threshold, "dropped": sorted(dropped.values())}
+    min_sites = state.config.run.min_sites
+    if result.arrays is None or len(sites) < min_sites:
+        entry["failure"] = result.failure or f"{len(sites)} site(s) in the sum, fewer than run.min-sites = {min_sites}"
+        log.warning("round %d: no secure aggregate (%s); global model kept", server_round, entry["failure"])
+        return [], local_seconds, entry
+    run.arrays = result.arrays
+    entry["total_examples"] = result.total_examples
+    log.info("round %d: secure sum of %d site(s), %d examples", server_round, len(sites), result.total_examples)
+    return sites, local_seconds, entry
+
+
+def _protections(config: Config) -> dict[str, Any]:
+    """What protected the sites' data in this run, for the report."""
+    secure = config.run.secure_aggregation
+    return {
+        "secure_aggregation": secure,
+        "sample_level_dp": config.privacy.enabled,
+        "update_norm_bound": config.run.max_update_norm,
+        "update_norm_checked_by": "each site, before masking (the server checks the sum)" if secure else "the server",
+    }
 
 
 def _final_report(
@@ -302,6 +356,7 @@ def _final_report(
             "operating_point": operating or None,
         },
         "privacy": _privacy_section(state),
+        "protections": _protections(config),
         "site_notes": dict(sorted(state.notes.items())),
     }
     if config.run.initial_model:

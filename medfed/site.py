@@ -19,13 +19,14 @@ import random
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -190,14 +191,20 @@ def _load_cached(path: Path) -> Preflight | None:
     return Preflight(site, [], warnings)
 
 
-def handle_train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
+Package = Callable[[ArrayRecord, ArrayRecord, int], ArrayRecord]
+"""What a site sends of its training: (weights received, weights trained, example count) -> record."""
+
+
+def handle_train(msg: Message, node_config: dict[str, Any], run_id: int, package: Package | None = None) -> Message:
     """Train the received model on the site's train split; reply with weights and metrics.
 
-    Any failure becomes an ``error`` reply that names the kind of failure only: the full error,
-    which may hold file paths, stays in the site's log.
+    ``package`` makes what is sent from the trained weights (default: :func:`compress_update` with
+    ``run.update-compression``; secure aggregation sends a masked update instead). Any failure
+    becomes an ``error`` reply that names the kind of failure only: the full error, which may hold
+    file paths, stays in the site's log.
     """
     try:
-        return _train(msg, node_config, run_id)
+        return _train(msg, node_config, run_id, package)
     except _Refused as refused:
         return wire.encode_reply(msg, wire.SiteReply(refused.site, wire.REFUSED, refused.reason, refused.metrics))
     except Exception as err:  # noqa: BLE001 - nothing a site raises may reach the server verbatim
@@ -324,7 +331,7 @@ class _Steps:
         return cls(epochs, max_steps, planned, planned // config.run.rounds if phase == wire.PHASE_LOCAL else planned)
 
 
-def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
+def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Package | None) -> Message:
     """Refuse, or train the received model on the site's train split and reply with the update."""
     started = time.perf_counter()
     config, settings = wire.read_request(msg)
@@ -362,7 +369,10 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int) -> Message:
     if not config.privacy.enabled:
         metrics[wire.TRAIN_LOSS] = stats.loss  # an un-noised statistic of the data: only sent without DP
     received = msg.content.array_records[wire.ARRAYS]
-    arrays = compress_update(received, model_to_arrays(trained.cpu()), config.run.update_compression)
+    if package is None:
+        arrays = compress_update(received, model_to_arrays(trained.cpu()), config.run.update_compression)
+    else:
+        arrays = package(received, model_to_arrays(trained.cpu()), n)
     return wire.encode_reply(msg, wire.SiteReply(site.name, wire.OK, "", metrics, arrays, unit, site.notes))
 
 
