@@ -27,7 +27,7 @@ from medfed import wire
 from medfed.config import ConfigError
 from medfed.federation import initial_model, run_federation, run_key
 from medfed.run_folder import RunFolder
-from medfed.site import handle_train
+from medfed.site import SECRET_FILE, handle_train
 from medfed.weights import load_checkpoint, model_to_arrays
 from tests.conftest import tiny_config
 from tests.test_federation import InProcessGrid
@@ -75,8 +75,15 @@ def _without_dp(nodes: dict[int, dict]) -> tuple[dict[int, dict], dict[str, obje
 
 
 def _copies(nodes: dict[int, dict], root: Path) -> dict[int, dict]:
+    """Copies of the sites' state folders as they are before the run, each with its site secret
+    already drawn: a copy's first request for round 1 is then seeded as the site's own was (a later
+    copy would hold the run's ledger entry for round 1 and give a different request fresh noise)."""
     copies = {}
     for node, entry in nodes.items():
+        secret = Path(entry["state-dir"]) / SECRET_FILE
+        if not secret.exists():
+            secret.parent.mkdir(parents=True, exist_ok=True)
+            secret.write_text(secrets.token_hex(32))
         state = root / Path(entry["state-dir"]).name
         shutil.copytree(entry["state-dir"], state)
         copies[node] = {**entry, "state-dir": str(state)}
@@ -178,8 +185,8 @@ def test_the_secure_round_equals_plain_fedavg_of_the_same_dp_updates(nodes: dict
     config = _config(**{"run.max-update-norm": 0.2})  # below the updates' norms (about 0.28): they get clipped
     grid = ClientAppGrid(nodes)
     out = tmp_path / "out"
-    report = run_federation(grid, config, out)
     replay = _copies(nodes, tmp_path / "replay")
+    report = run_federation(grid, config, out)
 
     assert report["protections"]["secure_aggregation"] is True
     assert report["protections"]["sample_level_dp"] is True
@@ -222,8 +229,8 @@ def test_a_site_dropped_mid_protocol_is_unmasked_out_of_the_sum(nodes: dict, tmp
         return None if gone else msg
 
     config = _config()
-    report = run_federation(ClientAppGrid(nodes, gamma_dies_before_training), config, tmp_path / "out")
     replay = _copies({n: e for n, e in nodes.items() if n != 12}, tmp_path / "replay")
+    report = run_federation(ClientAppGrid(nodes, gamma_dies_before_training), config, tmp_path / "out")
 
     entry = report["rounds"][1]
     assert entry["sites_aggregated"] == ["alpha", "beta"]
