@@ -27,7 +27,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     args = [
         "simulate", str(REPO / "configs" / "detection-synthetic.toml"),
         "--data", str(sites), "--rounds", "3", "--out", str(out),
-        "--set", "train.local-epochs=2", "--set", "evaluation.example-images=1",
+        "--set", "train.local-epochs=2", "--set", "train.batch-size=32", "--set", "evaluation.example-images=1",
         # a generous ε keeps this short run's learning signal above the DP noise (the assertion
         # below is about training working end to end; ε = 8 is measured in benchmarks/)
         "--set", "privacy.target-epsilon=30",
