@@ -15,7 +15,9 @@ import torch
 from flwr.app import ArrayRecord
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from typer.testing import CliRunner
 
+from medfed.cli import app
 from medfed.config import ConfigError
 from medfed.data import write_site
 from medfed.data.synthetic import synthetic_site
@@ -224,3 +226,16 @@ def test_twelve_sites_sampled_at_half_report_site_and_sample_level_epsilon(tmp_p
     assert all(math.isfinite(m["loss"]) for m in report["final"]["per_site"].values())
     charged = json.loads(RunFolder(out).site_privacy.read_text())
     assert charged["clip_norms"] == norms
+
+
+def test_site_plan_command_prints_the_servers_numbers_and_refuses_few_sites() -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["privacy", "site-plan", "--sites", "40", "--fraction-train", "0.25",
+                                 "--rounds", "20", "--epsilon", "4"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    plan = plan_site_level(40, 0.25, 20, 4.0)
+    assert f"{plan.noise_multiplier:.3f}" in result.output and "WARNING" in result.output
+    few = runner.invoke(app, ["privacy", "site-plan", "--sites", "5"])
+    assert few.exit_code == 2 and "--sites" in few.output and "Traceback" not in few.output
+    bad = runner.invoke(app, ["privacy", "site-plan", "--sites", "40", "--fraction-train", "2"])
+    assert bad.exit_code == 2 and "--fraction-train" in bad.output
