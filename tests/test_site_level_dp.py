@@ -12,17 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, MessageType
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from rich.console import Console
 from typer.testing import CliRunner
 
 from medfed.cli import app
+from medfed.cli.render import print_summary
 from medfed.config import ConfigError
 from medfed.data import write_site
 from medfed.data.synthetic import synthetic_site
 from medfed.federation import run_federation
 from medfed.run_folder import RunFolder
+from medfed.site import handle_train
 from medfed.site_level_dp import (
     SiteLevelDP,
     clip_update,
@@ -35,6 +38,7 @@ from medfed.site_level_dp import (
 )
 from tests.conftest import tiny_config
 from tests.test_federation import InProcessGrid
+from tests.test_site import _node, _request
 
 
 @pytest.mark.parametrize(("sigma", "q", "rounds"), [(1.1, 0.5, 3), (0.8, 0.1, 50), (2.0, 1.0, 10)])
@@ -226,6 +230,10 @@ def test_twelve_sites_sampled_at_half_report_site_and_sample_level_epsilon(tmp_p
     assert all(math.isfinite(m["loss"]) for m in report["final"]["per_site"].values())
     charged = json.loads(RunFolder(out).site_privacy.read_text())
     assert charged["clip_norms"] == norms
+    console = Console(width=300, record=True)
+    print_summary(console, report)
+    assert f"site-level DP (each whole site): ε {site_level['epsilon']:.2f}" in console.export_text()
+    assert "Site-level privacy" in RunFolder(out).report_html.read_text()
 
 
 def test_site_plan_command_prints_the_servers_numbers_and_refuses_few_sites() -> None:
@@ -239,3 +247,18 @@ def test_site_plan_command_prints_the_servers_numbers_and_refuses_few_sites() ->
     assert few.exit_code == 2 and "--sites" in few.output and "Traceback" not in few.output
     bad = runner.invoke(app, ["privacy", "site-plan", "--sites", "40", "--fraction-train", "2"])
     assert bad.exit_code == 2 and "--fraction-train" in bad.output
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_deployed_site_runs_site_level_only_training_just_when_it_allows_training_without_its_own_dp(
+    site_dir: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(**{"privacy.level": "site", "evaluation.cross-site": False})
+    refused = handle_train(_request(config, MessageType.TRAIN), _node(site_dir, tmp_path), run_id=1)
+    assert refused.content["site"]["status"] == "refused"
+    assert "privacy.level" in refused.content["site"]["reason"]
+    allowed = _node(site_dir, tmp_path, **{"allow-training-without-privacy": True})
+    reply = handle_train(_request(config, MessageType.TRAIN), allowed, run_id=1)
+    assert reply.content["site"]["status"] == "ok"
+    assert "epsilon" not in reply.content["metrics"]  # no DP-SGD at the site: nothing charged to its ledger
+    assert not (tmp_path / "state" / "privacy.json").exists()
