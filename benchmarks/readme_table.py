@@ -223,6 +223,14 @@ def _natural_sites(r: dict[str, Any]) -> Iterator[Row]:
                    f"{sites} ({_f(row['worst'])})")  # fmt: skip
 
 
+def _site_level_dp(r: dict[str, Any]) -> Iterator[Row]:
+    for run in r["runs"]:
+        spent = run["site_level"].get("epsilon")
+        privacy = f", site-level ε {spent:.2f}" if spent is not None else ""
+        yield (f"{r['sites']} synthetic sites, {r['rounds']} rounds: {run['label']}{privacy}",
+               "test AUROC, mean of sites (worst)", f"{_f(run['mean_auroc'])} ({_f(run['worst_auroc'])})")  # fmt: skip
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -237,6 +245,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "dp-small-sites": _dp_small_sites,
     "natural-sites": _natural_sites,
     "repeatability": _repeatability,
+    "site-level-dp": _site_level_dp,
 }
 
 

@@ -128,6 +128,10 @@ class RunConfig:
     example-weighted sum of each round's updates; each site clips its own update to
     ``max-update-norm`` and the server checks the sum. A round completes while at least
     ``secure-aggregation-threshold`` (a fraction of the round's sites, above one half) remain.
+    ``fraction-train`` < 1 asks each connected site to train in a round with that probability,
+    independently of the others (Poisson sampling, the sampling the site-level accountant assumes);
+    a round with fewer than ``min-sites`` usable updates keeps the global model (except under
+    site-level DP, which releases every round: :mod:`medfed.site_level_dp`).
     """
 
     name: str = "medfed"
@@ -147,6 +151,7 @@ class RunConfig:
     ema: float = 0.0
     secure_aggregation: bool = False
     secure_aggregation_threshold: float = 0.6
+    fraction_train: float = 1.0
 
     def __post_init__(self) -> None:
         _check_text("run.name", self.name)
@@ -161,6 +166,12 @@ class RunConfig:
         require(0 <= self.trim_fraction < 0.5, "run.trim-fraction", self.trim_fraction, "a fraction in [0, 0.5)")
         _check_range("run.site-wait", self.site_wait, 0, 1e6, "seconds", low_open=True)
         require(0 <= self.ema < 1, "run.ema", self.ema, "a decay in [0, 1) (0: off), e.g. 0.5")
+        require(
+            0 < self.fraction_train <= 1,
+            "run.fraction-train",
+            self.fraction_train,
+            "a fraction in (0, 1]: each site takes part in a round with this probability (1: every site)",
+        )
         self._check_secure_aggregation()
 
     def _check_secure_aggregation(self) -> None:
@@ -461,7 +472,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """DP-SGD at each site (Opacus). On by default.
+    """Differential privacy: DP-SGD at each site (Opacus), DP-FedAvg at the server, or both. On by default.
+
+    ``level`` says what one guarantee protects. ``sample`` (default): one privacy unit of a site
+    (a patient or an image), by DP-SGD at the site, with the settings of the next paragraph. ``site``: a whole site's
+    data, by DP-FedAvg with adaptive clipping at the server (:mod:`medfed.site_level_dp`: each site's
+    update clipped, equal-weight average, Gaussian noise; sites train without DP-SGD); it needs many
+    sites (at least 10; hundreds for a model that learns well) and ``site-epsilon`` is what the whole
+    run spends, at ``site-delta`` (0: 1/(10 N) for N sites). ``sample+site``: both at once.
+    ``site-clip-norm`` is the clipping norm of a site's update in the first round, adapted each round
+    at rate ``site-clip-lr`` (0: fixed) toward the norm that leaves ``site-clip-quantile`` of the
+    updates unclipped (Andrew et al. 2021).
 
     ``target_epsilon`` is what this run may spend at a site; ``budget`` (0: equal to the target)
     is the site's lifetime cap, enforced across rounds and runs by the persisted accountant.
@@ -478,8 +499,30 @@ class PrivacyConfig:
     budget: float = 0.0
     accountant: Literal["rdp", "prv"] = "rdp"
     unit: Literal["patient", "image"] = "patient"
+    level: Literal["sample", "site", "sample+site"] = "sample"
+    site_epsilon: float = 8.0
+    site_delta: float = 0.0
+    site_clip_norm: float = 0.1
+    site_clip_quantile: float = 0.5
+    site_clip_lr: float = 0.2
 
     def __post_init__(self) -> None:
+        require(
+            self.enabled or self.level == "sample",
+            "privacy.level",
+            self.level,
+            "'sample' (the default) when privacy.enabled = false; set privacy.enabled = true for site-level DP",
+        )
+        _check_range("privacy.site-epsilon", self.site_epsilon, MIN_EPSILON, MAX_EPSILON)
+        _check_range("privacy.site-delta", self.site_delta, 0, MAX_DELTA, note=" (0: automatic, 1/(10 N) for N sites)")
+        _check_range("privacy.site-clip-norm", self.site_clip_norm, 0, 1e6, low_open=True)
+        require(
+            0 < self.site_clip_quantile < 1,
+            "privacy.site-clip-quantile",
+            self.site_clip_quantile,
+            "a fraction in (0, 1): the share of site updates the clipping norm should leave unclipped",
+        )
+        _check_range("privacy.site-clip-lr", self.site_clip_lr, 0, 10, note=" (0: the clipping norm stays fixed)")
         _check_range("privacy.target-epsilon", self.target_epsilon, MIN_EPSILON, MAX_EPSILON)
         _check_range(
             "privacy.delta", self.delta, 0, MAX_DELTA, note=" (0: automatic, 1/(10 n); it must also be below 1/n)"
@@ -496,6 +539,16 @@ class PrivacyConfig:
     def site_budget(self) -> float:
         """The lifetime ε cap at a site."""
         return self.budget or self.target_epsilon
+
+    @property
+    def sample_level(self) -> bool:
+        """DP-SGD at each site (its own ε ledger): ``level`` "sample" or "sample+site"."""
+        return self.enabled and self.level != "site"
+
+    @property
+    def site_level(self) -> bool:
+        """DP-FedAvg at the server, protecting a whole site: ``level`` "site" or "sample+site"."""
+        return self.enabled and self.level != "sample"
 
 
 @dataclass(frozen=True)
@@ -562,6 +615,21 @@ class Config:
             self.model.name,
             f"one of {list(names)} for run.task = '{self.run.task}'",
         )
+        if self.privacy.site_level:
+            require(
+                self.run.strategy in ("fedavg", "fedprox"),
+                "run.strategy",
+                self.run.strategy,
+                f"'fedavg' or 'fedprox' with privacy.level = '{self.privacy.level}' (site-level DP replaces the "
+                "server's aggregation with a clipped, noised equal-weight average)",
+            )
+        require(
+            not (self.privacy.level == "site" and self.evaluation.cross_site),
+            "evaluation.cross-site",
+            self.evaluation.cross_site,
+            "false with privacy.level = 'site': each site's local-only model would go to the other sites "
+            "without any DP (or use privacy.level = 'sample+site')",
+        )
         # the rules of the run's task (each task module's ``check_config``); the task modules import
         # this one, so the registry is reached when a config is built, not when this module loads
         from medfed.tasks import get_task
@@ -577,6 +645,9 @@ class Config:
         require(not (self.run.secure_aggregation and self.evaluation.cross_site), "evaluation.cross-site", True,
                 "false with run.secure-aggregation = true (the cross-site matrix sends each site's local-only "
                 "model to the coordinator unmasked)")  # fmt: skip
+        require(not (self.run.secure_aggregation and self.privacy.site_level), "privacy.level", self.privacy.level,
+                "'sample' with run.secure-aggregation = true (site-level DP clips each site's update at the "
+                "server, which secure aggregation hides from it)")  # fmt: skip
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict with dashed keys, as in the TOML file (recipe keys as "auto", the task's
@@ -702,12 +773,16 @@ def _recipe_keys(train: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _recipe(raw: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """The recipe's values of ``keys`` for the raw config's task and mode (an invalid task or
-    privacy.enabled is left for its own section to refuse)."""
+    """The recipe's values of ``keys`` for the raw config's task and mode (DP-SGD at the sites or not;
+    an invalid task or privacy setting is left for its own section to refuse)."""
     run, privacy = raw.get("run", {}), raw.get("privacy", {})
     task = run.get("task", "classification") if isinstance(run, dict) else None
     task = task if isinstance(task, str) else None
-    private = privacy.get("enabled", True) is not False if isinstance(privacy, dict) else True
+    private = (
+        privacy.get("enabled", True) is not False and privacy.get("level") != "site"  # sites run DP-SGD
+        if isinstance(privacy, dict)
+        else True
+    )
     recipe = RECIPES.get((task, private), RECIPES[("classification", private)])  # type: ignore[arg-type]
     return {key: recipe[key] for key in keys}
 

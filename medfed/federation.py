@@ -31,6 +31,7 @@ from medfed.config import Config
 from medfed.evaluation.report import json_safe, write_report
 from medfed.run_folder import RunFolder
 from medfed.secure_aggregation import secure_round
+from medfed.site_level_dp import SiteLevelDP, poisson_sample
 from medfed.tasks import get_task
 from medfed.weights import (
     CheckpointError,
@@ -89,6 +90,7 @@ class _RunState:
     privacy_units: dict[str, str] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
     sent_to: dict[str, int] = field(default_factory=dict)
+    site_dp: SiteLevelDP | None = None  # privacy.level with "site": DP-FedAvg at the server
 
     def exchange(self, messages: list[Message], timeout: float) -> list[Message]:
         """Send and wait for the replies, remembering which node each message went to: Flower answers
@@ -164,6 +166,10 @@ def run_federation(
     progress = _load_progress(folder, config, strategy) if resume else None
     state = _RunState(config, grid, str(state_root), progress["run_key"] if progress else run_key(config))
     _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
+    if config.privacy.site_level:
+        state.site_dp = SiteLevelDP.start(config, len(list(grid.get_node_ids())), folder.site_privacy, resume)
+        for line in state.site_dp.plan.lines():
+            (log.warning if line.startswith("WARNING") else log.info)("site-level DP: %s", line)
     run = _resumed_rounds(state, folder, progress) if progress is not None else _first_evaluation(state)
     for server_round in range(run.next_round, config.run.rounds + 1):
         _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
@@ -219,6 +225,7 @@ def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Ro
     started, traffic = time.perf_counter(), _Traffic()
     settings = {wire.PHASE: wire.PHASE_FEDERATED}
     messages = list(strategy.configure_train(server_round, run.arrays, state.message_config(settings), state.grid))
+    messages = _sampled_sites(state, messages, server_round)
     traffic.down += array_bytes(run.arrays) * len(messages)
     secure: dict[str, Any] | None = None
     if config.run.secure_aggregation:
@@ -226,7 +233,10 @@ def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Ro
     else:
         replies = state.exchange(messages, config.run.round_timeout)
         accepted, local_seconds = _screen_train_replies(state, run.arrays, replies, traffic, server_round)
-        aggregated_sites = _aggregate(state, strategy, run, accepted, server_round)
+        if state.site_dp:
+            aggregated_sites = _aggregate_site_level(state, state.site_dp, run, accepted)
+        else:
+            aggregated_sites = _aggregate(state, strategy, run, accepted, server_round)
     if config.run.ema:
         run.released = moving_average(run.released, run.arrays, config.run.ema)
         save_checkpoint(folder.round_model(server_round, ema=True), run.released,
@@ -241,6 +251,7 @@ def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Ro
         "metrics": metrics,
         "sites_aggregated": aggregated_sites,
         "epsilon": {site: p.get(wire.EPSILON, 0.0) for site, p in state.privacy.items()},
+        **(state.site_dp.round_entry() if state.site_dp else {}),
     }
     if secure is not None:
         entry["secure_aggregation"] = secure
@@ -315,10 +326,36 @@ def _protections(config: Config) -> dict[str, Any]:
     secure = config.run.secure_aggregation
     return {
         "secure_aggregation": secure,
-        "sample_level_dp": config.privacy.enabled,
+        "sample_level_dp": config.privacy.sample_level,
+        "site_level_dp": config.privacy.site_level,
         "update_norm_bound": config.run.max_update_norm,
         "update_norm_checked_by": "each site, before masking (the server checks the sum)" if secure else "the server",
     }
+
+
+def _sampled_sites(state: _RunState, messages: list[Message], server_round: int) -> list[Message]:
+    """The training requests of the sites taking part in the round: each with probability
+    ``run.fraction-train`` (Poisson sampling), drawn from the site-level mechanism's secret
+    generator under site-level DP, else seeded by ``run.seed`` and the round (a resumed run
+    repeats the draw)."""
+    rate = state.config.run.fraction_train
+    rng = state.site_dp.rng if state.site_dp else np.random.default_rng([state.config.run.seed, server_round])
+    sampled = poisson_sample(messages, rate, rng)
+    if rate < 1:
+        log.info("round %d: %d of %d sites sampled (run.fraction-train = %g)", server_round, len(sampled),
+                 len(messages), rate)  # fmt: skip
+    return sampled
+
+
+def _aggregate_site_level(state: _RunState, site_dp: SiteLevelDP, run: _Rounds, accepted: list[Message]) -> list[str]:
+    """Site-level DP's aggregation (:mod:`medfed.site_level_dp`) into ``run.arrays``: every round is
+    released, whatever number of sites took part (keeping the model when few did would make the
+    release depend on who took part, outside the accounting); the sites aggregated."""
+    updates = [reply.content.array_records[wire.ARRAYS] for reply in accepted]
+    run.arrays = site_dp.aggregate(run.arrays, updates)
+    log.info("site-level DP: ε = %.2f after %d round(s); clipping norm next %.4g", site_dp.epsilon,
+             site_dp.rounds_charged, site_dp.clip_norm)  # fmt: skip
+    return sorted(state.sites[r.metadata.src_node_id] for r in accepted)
 
 
 def _final_report(
@@ -357,6 +394,7 @@ def _final_report(
         },
         "privacy": _privacy_section(state),
         "protections": _protections(config),
+        "site_privacy": state.site_dp.report() if state.site_dp else None,
         "site_notes": dict(sorted(state.notes.items())),
     }
     if config.run.initial_model:

@@ -55,6 +55,7 @@ __all__ = [
     "PrivacyLedger",
     "PrivacyPlan",
     "Release",
+    "calibrate_noise",
     "check_delta",
     "default_delta",
     "make_private",
@@ -139,6 +140,13 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
         else:
             sigma_low = sigma
     return sigma_high
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """The smallest noise multiplier at which ``steps`` draws of the sampled Gaussian mechanism at
+    ``sample_rate`` spend at most ``target_epsilon`` at ``delta`` (the bounded search every DP-SGD
+    plan uses; ``ValueError`` when no σ up to 10^6 meets it)."""
+    return _calibrate(target_epsilon, delta, sample_rate, steps, accountant)
 
 
 @contextmanager

@@ -118,7 +118,7 @@ def run_cross_site_protocol(
             f"the data has {len(names)}"
         )
     sites: dict[str, SiteArrays] = dict(load_simulated_site(config, i) for i in range(len(names)))
-    private = config.privacy.enabled
+    private = config.privacy.sample_level  # DP-SGD for the local and pooled models
     federated = config.run.strategy
     # the protocol trains the local models itself: no local baselines inside the federations
     base = config.with_overrides({"evaluation.cross-site": False})

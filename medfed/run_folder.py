@@ -62,6 +62,11 @@ class RunFolder:
         return self.checkpoints / "progress.json"
 
     @property
+    def site_privacy(self) -> Path:
+        """Site-level DP's state at the server (clipping norm, rounds charged): ``medfed.site_level_dp``."""
+        return self.checkpoints / "site_privacy.json"
+
+    @property
     def strategy_state(self) -> Path:
         """The server optimiser's state (FedAdam's moments), when the strategy keeps one."""
         return self.checkpoints / "strategy.safetensors"

@@ -54,6 +54,12 @@ def simulate(
     num_sites = len(simulated_site_names(config))
     if num_sites < config.run.min_sites:
         raise ValueError(f"the data has {num_sites} site(s) but run.min-sites = {config.run.min_sites}")
+    if config.privacy.site_level:  # its settings refused here, before any site starts
+        from medfed.site_level_dp import plan_site_level
+
+        privacy = config.privacy
+        plan_site_level(num_sites, config.run.fraction_train, config.run.rounds, privacy.site_epsilon,
+                        delta=privacy.site_delta, accountant=privacy.accountant)  # fmt: skip
     result: dict[str, Any] = {}
     server_app = ServerApp()
 

@@ -351,14 +351,14 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Pack
     release = Release(f"{run_key}|{phase}|{server_round}|{data_digest(site.data)}", request_digest(msg))
     privacy: dict[str, float] = {}
     salt = ""
-    if config.privacy.enabled:
+    if config.privacy.sample_level:
         sigma, privacy, salt = _spend_privacy(site, config, release, run_key, unit, n, steps.planned)
     seed = training_seed(site.state_dir, release.round_key + salt)
     seed_everything(seed)
     dataset = _train_dataset(task, config, site, seed, units)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     optimizer = build_optimizer(model, config.train)
-    if config.privacy.enabled:
+    if config.privacy.sample_level:
         model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
     stats = _local_training(task, model, loader, optimizer, device, config, settings, phase, steps)
     trained = getattr(model, "_module", model)
@@ -366,7 +366,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Pack
         return _diverged(msg, site.name, privacy)
     metrics = {wire.NUM_EXAMPLES: n, wire.STEPS: stats.steps, wire.LOCAL_SECONDS: time.perf_counter() - started}
     metrics |= privacy
-    if not config.privacy.enabled:
+    if not config.privacy.sample_level:
         metrics[wire.TRAIN_LOSS] = stats.loss  # an un-noised statistic of the data: only sent without DP
     received = msg.content.array_records[wire.ARRAYS]
     if package is None:
@@ -389,8 +389,9 @@ def _site_that_trains(node_config: dict[str, Any], settings: ConfigRecord, confi
         raise _Refused(_node_site_name(node_config), refusal)
     site = resolve_site(node_config, settings, config)
     without_privacy = node_config.get("allow-training-without-privacy", False) is True  # a TOML true, not "false"
-    if "data-path" in node_config and not config.privacy.enabled and not without_privacy:
-        reason = "this site trains only with differential privacy (privacy.enabled = false was asked)"
+    if "data-path" in node_config and not config.privacy.sample_level and not without_privacy:
+        asked = "privacy.enabled = false" if not config.privacy.enabled else "privacy.level = 'site': no DP-SGD here"
+        reason = f"this site trains only with differential privacy at the site ({asked} was asked)"
         log.warning("site %s refuses round: %s", site.name, reason)
         raise _Refused(site.name, reason)
     return site
@@ -493,7 +494,7 @@ def _local_training(
         epochs=steps.epochs,
         max_steps=steps.max_steps,
         proximal_mu=proximal_mu,
-        amp=config.train.amp and not config.privacy.enabled,
+        amp=config.train.amp and not config.privacy.sample_level,
         schedule=schedule,
         **loop_options(config.train),
     )

@@ -175,6 +175,14 @@ STRUCTURES: dict[str, tuple[object, str]] = {
     "image-size-3d": ({"data": {"image-size": 2048, "spatial-dims": 3}}, "data.image-size"),
     "seed-negative": ({"run": {"seed": -5}}, "run.seed"),
     "model-name-markup": ({"model": {"name": "[/]"}}, "model.name"),
+    "site-level-dp-under-secure-aggregation": (
+        {
+            "run": {"secure-aggregation": True},
+            "privacy": {"enabled": True, "level": "sample+site"},
+            "evaluation": {"cross-site": False},
+        },
+        "privacy.level",
+    ),
     # each task's own rules (its check_config hook)
     "classification-one-class": ({"data": {"num-classes": 1}}, "data.num-classes"),
     "classification-views-without-augment": ({"train": {"augmentations": 4}}, "train.augmentations"),

@@ -1,4 +1,5 @@
-"""``medfed privacy``: plan the differential-privacy noise before a run."""
+"""``medfed privacy``: plan the differential-privacy noise before a run: at a site (``plan``), or
+site-level at the server (``site-plan``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from medfed.display import plain
 
 __all__ = ["app", "plan"]
 
-app = typer.Typer(no_args_is_help=True, help="Differential privacy: plan the noise before a run.")
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Differential privacy: plan the noise before a run (at each site, or site-level at the server).",
+)
 
 
 @app.command("plan")
@@ -84,3 +88,54 @@ def plan(
     if site_plan.warnings() and site_plan.batch_size < site_size:
         sizes = sorted({min(site_plan.batch_size * k, site_size) for k in (2, 4, 8)})
         console.print(larger_batches_table([planned(size) for size in sizes]))
+
+
+@app.command("site-plan")
+def site_plan(
+    sites: Annotated[int, typer.Option(help="Sites in the federation (N); site-level DP needs at least 10")],
+    fraction_train: Annotated[
+        float | None, typer.Option(help="Each site's chance to train in a round (default: the config's)")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds (default: the config's run.rounds)")] = None,
+    epsilon: Annotated[
+        float | None, typer.Option(help="Site-level ε of the whole run (default: the config's privacy.site-epsilon)")
+    ] = None,
+    delta: Annotated[
+        float | None, typer.Option(help="Site-level δ (default: the config's; 0 means 1/(10 sites))")
+    ] = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="Take unset values from this run config")] = None,
+) -> None:
+    """Site-level DP at the server (privacy.level = 'site'): the noise multiplier for a target ε, its
+    split between the update and the adaptive clipping's count, and ε after each round, computed as
+    the server computes them at the start of a run (it logs the same lines)."""
+    from medfed.site_level_dp import plan_site_level
+
+    try:
+        config = load_config(config_file) if config_file else Config()
+    except ConfigError as err:
+        raise fail(str(err)) from err
+    config = with_options(
+        config,
+        {
+            "--fraction-train": ("run.fraction-train", fraction_train),
+            "--rounds": ("run.rounds", rounds),
+            "--epsilon": ("privacy.site-epsilon", epsilon),
+            "--delta": ("privacy.site-delta", delta),
+        },
+    )
+    privacy = config.privacy
+    try:
+        plan = plan_site_level(
+            sites,
+            config.run.fraction_train,
+            config.run.rounds,
+            privacy.site_epsilon,
+            delta=privacy.site_delta,
+            accountant=privacy.accountant,
+            adaptive=privacy.site_clip_lr > 0,
+        )
+        lines = plan.lines()
+    except ValueError as err:
+        raise fail(f"--sites {sites}: {err}" if "at least" in str(err) else str(err)) from err
+    for line in lines:
+        console.print(plain(line), style="bold red" if line.startswith("WARNING") else None, highlight=False)

@@ -49,7 +49,8 @@ def print_summary(console: Console, report: dict[str, Any]) -> None:
     for other in others:
         table.add_column(f"{other} (test)", justify="right")
     table.add_column("ε spent / budget", justify="right")
-    private = report["config"]["privacy"]["enabled"]
+    settings = report["config"]["privacy"]
+    private = settings["enabled"] and settings.get("level", "sample") != "site"  # DP-SGD at the sites
     for site in report["sites"]:
         start = report["rounds"][0]["metrics"].get(site, {}).get(metric)
         final = report["final"]["per_site"].get(site, {})
@@ -60,6 +61,13 @@ def print_summary(console: Console, report: dict[str, Any]) -> None:
             spent = "not trained" if private else "DP off"
         table.add_row(plain(site), num(start), num(final.get(metric)), *[num(final.get(o)) for o in others], spent)
     console.print(table)
+    site_level = report.get("site_privacy")
+    if site_level:
+        console.print(
+            f"site-level DP (each whole site): ε {site_level['epsilon']:.2f} at δ {site_level['delta']:.1e} over "
+            f"{site_level['rounds']} rounds, {site_level['sites']} sites sampled at rate {site_level['sample_rate']:g}, "
+            f"noise multiplier {site_level['noise_multiplier']:.3f}"
+        )
     if point:
         console.print(f"operating threshold {point['threshold']:.3f} ({point['method']})")
         if point.get("per_site"):

@@ -230,7 +230,8 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
     for site in report["sites"]:
         values = per_site.get(site, {})
         privacy = report["privacy"].get(site, {})
-        spent = f"{privacy['epsilon']:.2f} of {privacy['budget']:.2f}" if privacy else "DP off"
+        unprotected = "no DP-SGD here (site-level DP: below)" if report.get("site_privacy") else "DP off"
+        spent = f"{privacy['epsilon']:.2f} of {privacy['budget']:.2f}" if privacy else unprotected
         site_rows.append([site, *[values.get(m) for m in metric_names], spent])
     sections = [
         f"<h1>medfed report: {html.escape(report['config']['run']['name'])}</h1>",
@@ -325,6 +326,18 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
             "patient ids (each training step sees at most one image of a patient, and one patch of it), "
             "otherwise an image.</p>",
             _table(["site", "unit", "ε", "δ", "budget", "noise σ", "clip norm"], rows),
+        ]
+    site_level = report.get("site_privacy")
+    if site_level:
+        row = [site_level[k] for k in ("epsilon", "delta", "noise_multiplier", "rounds", "sample_rate", "sites")]
+        sections += [
+            "<h3>Site-level privacy</h3><p>(ε, δ)-DP of the released models with respect to a whole site's data "
+            "(DP-FedAvg with adaptive clipping at the server); the table above gives each site's own guarantee for "
+            "one privacy unit, where the sites also ran DP-SGD.</p>"
+            if report["privacy"]
+            else "<h2>Privacy</h2><p>(ε, δ)-DP of the released models with respect to a whole site's data "
+            "(DP-FedAvg with adaptive clipping at the server; the sites ran no DP-SGD of their own).</p>",
+            _table(["site-level ε", "δ", "noise σ", "rounds", "site sampling rate", "sites"], [row]),
         ]
     if report.get("site_notes"):
         items = "".join(

@@ -87,11 +87,11 @@ def check_config(config: Config) -> None:
         "1 unless the views differ: set train.augment = true",
     )
     require(
-        not (config.train.logit_adjust and config.privacy.enabled),
+        not (config.train.logit_adjust and config.privacy.sample_level),
         "train.logit-adjust",
         True,
-        "false with privacy.enabled = true (under DP the class counts it uses are not covered by the "
-        "privacy accounting)",
+        "false with DP-SGD at the sites (privacy.enabled = true, privacy.level 'sample' or 'sample+site'): "
+        "the class counts it uses are not covered by the sites' privacy accounting",
     )
 
 
