@@ -50,6 +50,15 @@ def test_secure_aggregation_with_dp_survives_a_site_killed_while_training(
     registered: Deployment, site_folders: dict[str, Path], tmp_path: Path
 ) -> None:
     sites = _start_sites(registered, site_folders, "secagg")
+    # copies of site-a's and site-b's state as it is before the run starts (each with its site secret drawn):
+    # replayed below, their first request for round 1 is seeded as the sites' own was
+    states = registered.base / "sites-secagg"
+    nodes = {
+        i: {"data-path": str(site_folders[name]), "site-name": name, "state-dir": str(states / name),
+            "privacy-budget": float(SITE_BUDGET)}
+        for i, name in enumerate(("site-a", "site-b"))
+    }  # fmt: skip
+    replay = _copies(nodes, tmp_path / "replay")
     out = registered.base / "out-secagg"
     run_config = (
         f'config-file="configs/classification-synthetic.toml" out-dir="{out}" overrides="{";".join(OVERRIDES)}"'
@@ -77,15 +86,9 @@ def test_secure_aggregation_with_dp_survives_a_site_killed_while_training(
     assert entry["secure_aggregation"]["dropped"] == ["site-c"]
     assert "update norm" not in server_log  # no per-site update statistic in the server's log
 
-    # the same two updates, trained again in-process from copies of the sites' state
+    # the same two updates, trained again in-process from copies of the sites' state before the run
     config = load_config(REPO / "configs" / "classification-synthetic.toml", dict(parse_override(o) for o in OVERRIDES))
-    states = registered.base / "sites-secagg"
-    nodes = {
-        i: {"data-path": str(site_folders[name]), "site-name": name, "state-dir": str(states / name),
-            "privacy-budget": float(SITE_BUDGET)}
-        for i, name in enumerate(("site-a", "site-b"))
-    }  # fmt: skip
-    updates = _plain_updates(_copies(nodes, tmp_path / "replay"), config, tmp_path)
+    updates = _plain_updates(replay, config, tmp_path)
     start = initial_model(config).state_dict()
     expected = _fedavg(start, list(updates.values()), config.run.max_update_norm)
     got = load_checkpoint(RunFolder(out).round_model(1))[0]
