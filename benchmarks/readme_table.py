@@ -223,6 +223,27 @@ def _natural_sites(r: dict[str, Any]) -> Iterator[Row]:
                    f"{sites} ({_f(row['worst'])})")  # fmt: skip
 
 
+def _privacy_audit(r: dict[str, Any]) -> Iterator[Row]:
+    for row in r["settings"]:
+        spent = (
+            f" (spent {_f(row['epsilon'], 2)}, AUC ceiling {_f(row['theory']['auc_ceiling'])})"
+            if row["epsilon"]
+            else ""
+        )
+        setting = f"synthetic site, {row['members']} train / {row['nonmembers']} held out, {row['setting']}{spent}"
+        for attack, result in row["attacks"].items():
+            low, high = result["auc_ci95"]
+            rate = result["tpr_at_fpr"]["0.01"]
+            yield (setting, f"{attack} attack AUC [95% CI]; TPR at 1% FPR",
+                   f"{_f(result['auc'])} [{_f(low)}, {_f(high)}]; {_f(rate['tpr'] if rate else None)}")  # fmt: skip
+        canaries = row["canaries"]
+        yield (
+            setting,
+            "canary exposure, mean bits (at most)",
+            f"{_f(canaries['mean_bits'], 2)} ({_f(canaries['max_bits'], 2)})",
+        )
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -237,6 +258,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "dp-small-sites": _dp_small_sites,
     "natural-sites": _natural_sites,
     "repeatability": _repeatability,
+    "privacy-audit": _privacy_audit,
 }
 
 

@@ -238,16 +238,17 @@ def membership_groups(site: SiteArrays, held_out: tuple[str, ...], where: str) -
     train = site.splits == "train"
     member_pixels = {_digest(image) for image in site.images[train]}
     copies = np.array([not t and _digest(image) in member_pixels for image, t in zip(site.images, train, strict=True)])
-    held = np.isin(site.splits, held_out) & ~copies
+    in_held_out = np.isin(site.splits, held_out)
+    held, copied = in_held_out & ~copies, int((in_held_out & copies).sum())
     members, nonmembers = int(train.sum()), int(held.sum())
     if members < MIN_GROUP or nonmembers < MIN_GROUP:
         split_names = " + ".join(held_out)
         raise AuditError(
             f"{where}: {members} training image(s) and {nonmembers} held-out ({split_names}) image(s)"
-            + (f" ({int(copies.sum())} more held out are copies of training images)" if copies.any() else "")
+            + (f" ({copied} more held out are copies of training images)" if copied else "")
             + f": the audit needs at least {MIN_GROUP} of each (fewer give an AUC whose interval spans most of [0, 1])"
         )
-    return Groups(site.subset(train), site.subset(held), held_out, int((copies & np.isin(site.splits, held_out)).sum()))
+    return Groups(site.subset(train), site.subset(held), held_out, copied)
 
 
 def _digest(image: np.ndarray) -> bytes:

@@ -3,6 +3,7 @@ audit of a model trained without DP and with DP ε = 1 on a tiny site, and the c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from medfed.audit import (
     exposure,
     lira_offline_scores,
     logit_confidence,
+    make_canaries,
+    membership_groups,
     tpr_at_fpr,
     tpr_ceiling,
 )
@@ -30,7 +33,7 @@ from medfed.cli import app
 from medfed.config import load_config
 from medfed.data import read_site, write_site
 from medfed.data.manifest import SiteReading
-from medfed.data.synthetic import synthetic_site
+from medfed.data.synthetic import synthetic_segmentation_site, synthetic_site
 from medfed.run_folder import RunFolder
 from medfed.weights import model_to_arrays, save_checkpoint
 from tests.conftest import REPO
@@ -83,6 +86,26 @@ def test_lira_scores_the_gap_to_the_references_that_never_saw_an_image() -> None
     squares += (ref[0, 1] - mean[1]) ** 2 + (ref[2, 1] - mean[1]) ** 2
     sd = math.sqrt(squares / 2)
     assert lira_offline_scores(target, references, out) == pytest.approx((phi - mean) / sd)
+
+
+def test_held_out_copies_of_training_images_are_left_out_and_counted() -> None:
+    site = synthetic_site(0, 60, 16, 4, seed=3, split_fractions=(0.4, 0.0, 0.6))
+    images = site.images.copy()
+    images[np.flatnonzero(site.splits == "test")[:3]] = images[np.flatnonzero(site.splits == "train")[:3]]
+    groups = membership_groups(dataclasses.replace(site, images=images), ("val", "test"), "site")
+    assert (groups.duplicates, len(groups.members.images), len(groups.nonmembers.images)) == (3, 24, 33)
+
+
+def test_canaries_carry_any_tasks_target_on_noise_images() -> None:
+    site = synthetic_segmentation_site(0, 40, 32, 3, seed=1)
+    canaries = make_canaries(site, 6, seed=0)
+    assert canaries.images.shape == (6, *site.images.shape[1:]) and canaries.targets.shape == (
+        6,
+        *site.targets.shape[1:],
+    )
+    assert set(canaries.splits) == {"train"} and len({c.tobytes() for c in canaries.images}) == 6
+    train_masks = {t.tobytes() for t in site.targets[site.splits == "train"]}
+    assert all(t.tobytes() in train_masks for t in canaries.targets)  # each a training image's mask
 
 
 # ---------------------------------------------------------------- trained models, through the command
