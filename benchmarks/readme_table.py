@@ -231,6 +231,27 @@ def _site_level_dp(r: dict[str, Any]) -> Iterator[Row]:
                "test AUROC, mean of sites (worst)", f"{_f(run['mean_auroc'])} ({_f(run['worst_auroc'])})")  # fmt: skip
 
 
+def _privacy_audit(r: dict[str, Any]) -> Iterator[Row]:
+    for row in r["settings"]:
+        spent = (
+            f" (spent {_f(row['epsilon'], 2)}, AUC ceiling {_f(row['theory']['auc_ceiling'])})"
+            if row["epsilon"]
+            else ""
+        )
+        setting = f"synthetic site, {row['members']} train / {row['nonmembers']} held out, {row['setting']}{spent}"
+        for attack, result in row["attacks"].items():
+            low, high = result["auc_ci95"]
+            rate = result["tpr_at_fpr"]["0.01"]
+            yield (setting, f"{attack} attack AUC [95% CI]; TPR at 1% FPR",
+                   f"{_f(result['auc'])} [{_f(low)}, {_f(high)}]; {_f(rate['tpr'] if rate else None)}")  # fmt: skip
+        canaries = row["canaries"]
+        yield (
+            setting,
+            "canary exposure, mean bits (at most)",
+            f"{_f(canaries['mean_bits'], 2)} ({_f(canaries['max_bits'], 2)})",
+        )
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -246,6 +267,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "natural-sites": _natural_sites,
     "repeatability": _repeatability,
     "site-level-dp": _site_level_dp,
+    "privacy-audit": _privacy_audit,
 }
 
 

@@ -1,23 +1,24 @@
-"""``medfed privacy``: plan the differential-privacy noise before a run: at a site (``plan``), or
-site-level at the server (``site-plan``)."""
+"""``medfed privacy``: plan the differential-privacy noise before a run, at a site (``plan``) or
+site-level at the server (``site-plan``); audit a released model (``audit``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
 from medfed.cli.common import console, fail, with_options
-from medfed.cli.render import larger_batches_table
+from medfed.cli.render import larger_batches_table, num
 from medfed.config import Config, ConfigError, load_config
 from medfed.display import plain
 
-__all__ = ["app", "plan"]
+__all__ = ["app", "audit", "plan"]
 
 app = typer.Typer(
     no_args_is_help=True,
-    help="Differential privacy: plan the noise before a run (at each site, or site-level at the server).",
+    help="Differential privacy: plan the noise before a run (at each site, or site-level at the server); audit a released model.",
 )
 
 
@@ -139,3 +140,93 @@ def site_plan(
         raise fail(f"--sites {sites}: {err}" if "at least" in str(err) else str(err)) from err
     for line in lines:
         console.print(plain(line), style="bold red" if line.startswith("WARNING") else None, highlight=False)
+
+
+@app.command("audit")
+def audit(
+    model: Annotated[Path, typer.Option(help="The released model (.safetensors with its .json beside it)")],
+    out: Annotated[Path, typer.Option(help="Folder for audit.json (stays at the site)")],
+    data: Annotated[
+        Path | None, typer.Option(help="This site's data folder (default: a simulated site of the run's config)")
+    ] = None,
+    site: Annotated[
+        str, typer.Option(help="This site's name in the run (default: the data folder's name, or the first site)")
+    ] = "",
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="The run's config, for its simulated sites (default: the checkpoint's own)"),
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="The run's report.json, for the model's ε (default: the run folder's, beside checkpoints/)"),
+    ] = None,
+    held_out: Annotated[str, typer.Option(help="The non-members: test, val or val+test")] = "val+test",
+    shadows: Annotated[
+        int, typer.Option(help="Reference models for offline LiRA (even; each a training run at the site; 0: off)")
+    ] = 0,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the AUC's 95% interval")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap and the reference models' data halves")] = 0,
+) -> None:
+    """Membership inference against a released model at this site: can an attacker holding the model
+    tell the site's training images from its held-out ones? Attack AUC and TPR at 1% and 0.1% FPR,
+    next to the ceiling the model's ε permits any attack (nothing leaves the machine)."""
+    import json
+
+    from medfed.audit import AuditError, audit_checkpoint
+    from medfed.data import DataError
+    from medfed.evaluation.report import json_safe
+
+    if out.exists() and not out.is_dir():
+        raise fail(f"--out {out}: a file is there; expected a folder for audit.json")
+    try:
+        result = audit_checkpoint(model, data=data, site=site, config_file=config_file, report=report,
+                                  held_out=held_out, shadows=shadows, replicates=bootstrap, seed=seed)  # fmt: skip
+    except (AuditError, DataError, ConfigError, FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from err
+    console.print(audit_table(result))
+    for line in result["verdict"]:
+        console.print(plain(line), highlight=False)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "audit.json").write_text(json.dumps(json_safe(result), indent=1))
+    except OSError as err:
+        raise fail(f"--out {out}: cannot write audit.json there ({err.strerror or err})") from err
+    console.print(f"written: {plain(out / 'audit.json')}", highlight=False)
+
+
+def audit_table(result: dict[str, Any]) -> Table:
+    """The attacks' AUC and TPR at low FPRs, and the ceiling the model's ε puts on any attack."""
+    from medfed.audit import FPRS
+
+    title = (
+        f"Membership inference at {result['site']}: {result['members']} training vs {result['nonmembers']} "
+        f"held-out ({' + '.join(result['held_out'])}) images, {result['checkpoint']} round {result['round']}"
+    )
+    table = Table(title=plain(title))
+    table.add_column("attack")
+    table.add_column("AUC [95% CI]", justify="right")
+    for fpr in FPRS:
+        table.add_column(f"TPR at {fpr:.1%} FPR", justify="right")
+    for name, attack in result["attacks"].items():
+        low, high = attack["auc_ci95"]
+        table.add_row(name, f"{num(attack['auc'])} [{num(low)}, {num(high)}]",
+                      *(_rate(attack["tpr_at_fpr"][f"{fpr:g}"], fpr) for fpr in FPRS))  # fmt: skip
+    theory = result["theory"]
+    if theory.get("epsilon") is not None:
+        table.add_row(
+            f"ceiling at ε = {theory['epsilon']:.3g}, δ = {theory['delta']:.1e}",
+            num(theory["auc_ceiling"]),
+            *(num(theory["tpr_ceiling"][f"{fpr:g}"]) for fpr in FPRS),
+            style="bold",
+        )
+    else:
+        table.caption = plain(f"no ε to compare with: {theory['reason']}")
+    return table
+
+
+def _rate(rate: dict[str, Any] | None, fpr: float) -> str:
+    """A TPR with its exact counts and interval, or n/a with fewer than 1/FPR non-members."""
+    if rate is None:
+        return f"n/a (< {round(1 / fpr)} held out)"
+    low, high = rate["ci95"]
+    return f"{num(rate['tpr'])} ({rate['flagged']}/{rate['members']}; {num(low)}-{num(high)})"
