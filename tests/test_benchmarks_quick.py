@@ -61,3 +61,11 @@ def test_repeatability_quick_checks_every_site_of_every_run(tmp_path: Path) -> N
         figures = [site[m] >= low for site in run["per_site"].values() for m, low in result["figures"].items()]
         assert len(run["per_site"]) == 3 and run["reached"] == all(figures)
     assert result["reached"] == sum(run["reached"] for run in result["runs"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["privacy_audit", "site_level_dp"])
+def test_quick_privacy_benchmarks_on_synthetic_sites(name: str, tmp_path: Path) -> None:
+    """The privacy audit (membership inference with and without DP) and site-level DP (many
+    synthetic sites) need no real data."""
+    _bench(name, tmp_path)
