@@ -171,7 +171,8 @@ def _repeatability(r: dict[str, Any]) -> Iterator[Row]:
         )
         value = f"{result['reached']} of {len(result['runs'])} runs (worst site of any run: {worst})"
         yield (
-            f"configs/{name}.toml, cross-site matrix off, run.seed 0..{len(result['runs']) - 1}",
+            f"configs/{name}.toml, {'as shipped' if r.get('as_shipped') else 'cross-site matrix off'}, "
+            f"run.seed 0..{len(result['runs']) - 1}",
             f"{figures} at every site",
             value,
         )
