@@ -55,11 +55,9 @@ def simulate(
     if num_sites < config.run.min_sites:
         raise ValueError(f"the data has {num_sites} site(s) but run.min-sites = {config.run.min_sites}")
     if config.privacy.site_level:  # its settings refused here, before any site starts
-        from medfed.site_level_dp import plan_site_level
+        from medfed.site_level_dp import plan_for_config
 
-        privacy = config.privacy
-        plan_site_level(num_sites, config.run.fraction_train, config.run.rounds, privacy.site_epsilon,
-                        delta=privacy.site_delta, accountant=privacy.accountant)  # fmt: skip
+        plan_for_config(config, num_sites)
     result: dict[str, Any] = {}
     server_app = ServerApp()
 

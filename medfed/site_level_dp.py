@@ -59,6 +59,7 @@ __all__ = [
     "next_clip_norm",
     "noised_mean",
     "noised_unclipped_fraction",
+    "plan_for_config",
     "plan_site_level",
     "poisson_sample",
     "site_level_epsilon",
@@ -193,6 +194,22 @@ def plan_site_level(
     )
 
 
+def plan_for_config(config: Config, sites: int) -> SiteLevelPlan:
+    """:func:`plan_site_level` with the run's settings (``run.fraction-train``, ``run.rounds`` and
+    ``privacy.site-*``) for a federation of ``sites`` sites: what the server, ``simulate``'s
+    pre-flight and ``medfed privacy site-plan`` all compute."""
+    privacy = config.privacy
+    return plan_site_level(
+        sites,
+        config.run.fraction_train,
+        config.run.rounds,
+        privacy.site_epsilon,
+        delta=privacy.site_delta,
+        accountant=privacy.accountant,
+        adaptive=privacy.site_clip_lr > 0,
+    )
+
+
 def clip_update(update: Sequence[np.ndarray], clip_norm: float) -> tuple[list[np.ndarray], bool]:
     """``update`` scaled to L2 norm (over all its arrays) at most ``clip_norm`` (a copy), and whether it
     was within the norm already (the bit bᵢ of adaptive clipping)."""
@@ -281,15 +298,7 @@ class SiteLevelDP:
         settings that cannot give site-level DP, naming the key."""
         privacy, path = config.privacy, Path(path)
         saved = _load_state(path) if resume and path.exists() else None
-        plan = plan_site_level(
-            int(saved["sites"]) if saved else sites,
-            config.run.fraction_train,
-            config.run.rounds,
-            privacy.site_epsilon,
-            delta=privacy.site_delta,
-            accountant=privacy.accountant,
-            adaptive=privacy.site_clip_lr > 0,
-        )
+        plan = plan_for_config(config, int(saved["sites"]) if saved else sites)
         state = cls(
             plan, privacy.site_clip_norm, privacy.site_clip_quantile, privacy.site_clip_lr, trainable_keys(config), path
         )

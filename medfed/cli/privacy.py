@@ -109,7 +109,7 @@ def site_plan(
     """Site-level DP at the server (privacy.level = 'site'): the noise multiplier for a target ε, its
     split between the update and the adaptive clipping's count, and ε after each round, computed as
     the server computes them at the start of a run (it logs the same lines)."""
-    from medfed.site_level_dp import plan_site_level
+    from medfed.site_level_dp import plan_for_config
 
     try:
         config = load_config(config_file) if config_file else Config()
@@ -124,17 +124,8 @@ def site_plan(
             "--delta": ("privacy.site-delta", delta),
         },
     )
-    privacy = config.privacy
     try:
-        plan = plan_site_level(
-            sites,
-            config.run.fraction_train,
-            config.run.rounds,
-            privacy.site_epsilon,
-            delta=privacy.site_delta,
-            accountant=privacy.accountant,
-            adaptive=privacy.site_clip_lr > 0,
-        )
+        plan = plan_for_config(config, sites)
         lines = plan.lines()
     except ValueError as err:
         raise fail(f"--sites {sites}: {err}" if "at least" in str(err) else str(err)) from err
