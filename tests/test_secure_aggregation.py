@@ -27,7 +27,7 @@ from medfed import wire
 from medfed.config import ConfigError
 from medfed.federation import initial_model, run_federation, run_key
 from medfed.run_folder import RunFolder
-from medfed.site import SECRET_FILE, handle_train
+from medfed.site import handle_train, training_seed
 from medfed.weights import load_checkpoint, model_to_arrays
 from tests.conftest import tiny_config
 from tests.test_federation import InProcessGrid
@@ -80,10 +80,7 @@ def _copies(nodes: dict[int, dict], root: Path) -> dict[int, dict]:
     copy would hold the run's ledger entry for round 1 and give a different request fresh noise)."""
     copies = {}
     for node, entry in nodes.items():
-        secret = Path(entry["state-dir"]) / SECRET_FILE
-        if not secret.exists():
-            secret.parent.mkdir(parents=True, exist_ok=True)
-            secret.write_text(secrets.token_hex(32))
+        training_seed(Path(entry["state-dir"]), "")  # draws the site secret as the site itself does
         state = root / Path(entry["state-dir"]).name
         shutil.copytree(entry["state-dir"], state)
         copies[node] = {**entry, "state-dir": str(state)}
