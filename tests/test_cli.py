@@ -53,3 +53,50 @@ def test_data_check_prints_a_data_card_of_formats_modalities_sizes_and_labels(tm
     assert "formats: DCM 12" in result.output and "modalities: CT 12" in result.output
     assert "image sizes: 28 x 28" in result.output and "voxel sizes: 0.8 x 0.8 mm" in result.output
     assert "labels: class 0" in result.output
+
+
+def test_data_option_moves_the_configs_own_source(tmp_path: Path) -> None:
+    """``--data`` keeps a config's MedMNIST / VOC / pairs source and moves only its path; a folder
+    of site folders is read as sites; anything else names what this config expected."""
+    import typer
+
+    from medfed.cli.simulate import _data_overrides
+    from medfed.config import load_config
+
+    mnist = load_config(REPO / "configs" / "classification-pneumoniamnist.toml")
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "pneumoniamnist.npz").write_bytes(b"")
+    assert _data_overrides(tmp_path / "copy", mnist) == {
+        "data.path": str((tmp_path / "copy" / "pneumoniamnist.npz").resolve())
+    }
+    voc = load_config(REPO / "configs" / "detection-bccd.toml")
+    (tmp_path / "bccd" / "BCCD" / "Annotations").mkdir(parents=True)
+    assert _data_overrides(tmp_path / "bccd" / "BCCD", voc) == {
+        "data.path": str((tmp_path / "bccd" / "BCCD").resolve())
+    }
+    pairs = load_config(REPO / "configs" / "segmentation-chasedb1.toml")
+    assert _data_overrides(tmp_path / "bccd", pairs) == {"data.path": str((tmp_path / "bccd").resolve())}
+    (tmp_path / "sites" / "a").mkdir(parents=True)
+    (tmp_path / "sites" / "a" / "manifest.csv").write_text("image,label\n")
+    assert _data_overrides(tmp_path / "sites", pairs)["data.source"] == "sites"
+    for data, config in ((tmp_path / "bccd", voc), (tmp_path / "bccd", mnist), (tmp_path / "none", pairs)):
+        with pytest.raises(typer.Exit):
+            _data_overrides(data, config)
+
+
+@pytest.mark.parametrize(
+    ("config", "layout", "message"),
+    [
+        ("detection-bccd.toml", "bccd/BCCD/Annotations", "pass --data"),
+        ("classification-pneumoniamnist.toml", "medmnist/other.npz", "a folder holding pneumoniamnist.npz"),
+    ],
+)
+def test_data_option_says_what_this_config_expected(tmp_path: Path, config: str, layout: str, message: str) -> None:
+    target = tmp_path / layout
+    target.parent.mkdir(parents=True)
+    target.mkdir() if not target.suffix else target.write_bytes(b"")
+    result = runner.invoke(
+        app, ["simulate", str(REPO / "configs" / config), "--data", str(tmp_path / layout.split("/")[0])]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert message in " ".join(result.output.split())

@@ -21,8 +21,8 @@ def simulate(
     data: Annotated[
         Path | None,
         typer.Option(
-            help="MedMNIST .npz, a folder with one site folder per hospital, or the config's own layout "
-            "(data.source pairs / voc) elsewhere"
+            help="Where the config's data lies here: its MedMNIST .npz (or the folder holding it), its "
+            "Pascal VOC or pairs folder, or a folder with one site folder per hospital"
         ),
     ] = None,
     sites: Annotated[int | None, typer.Option(help="Number of simulated sites (partitioned data)")] = None,
@@ -60,7 +60,7 @@ def simulate(
     try:
         overrides: dict[str, Any] = dict(parse_override(item) for item in set_ or [])
         if data is not None:
-            overrides.update(_data_overrides(data, load_config(config_file, overrides).data.source))
+            overrides.update(_data_overrides(data, load_config(config_file, overrides)))
         if sites is not None:
             overrides["data.sites"] = sites
         if rounds is not None:
@@ -105,20 +105,43 @@ def simulate(
     console.print(f"report: {plain(RunFolder(out).report_json)}  {plain(html)}")
 
 
-def _data_overrides(data: Path, source: str) -> dict[str, Any]:
-    """``--data``: a MedMNIST .npz (split by the config's partitioner), a folder of site folders, or,
-    for a config whose ``data.source`` is a layout (``pairs``, ``voc``), a folder in that layout: the
-    config's own source moved there."""
+def _data_overrides(data: Path, config: Config) -> dict[str, Any]:
+    """``--data``: where the config's data lies on this machine. A folder of site folders (each with
+    a ``manifest.csv``) is read as those sites, whatever the config's source; otherwise the config's
+    own source is kept and only its path moves: a MedMNIST ``.npz`` (or the folder holding the
+    config's file of that name), a Pascal VOC folder, or a folder in the ``pairs`` layout.
+    Anything else fails with what was expected for this config."""
+    source, configured = config.data.source, Path(config.data.path)
     if data.is_file() and data.suffix == ".npz":
         return {"data.source": "medmnist", "data.path": str(data.resolve())}
-    if data.is_dir():
-        if (data / "manifest.csv").is_file():
-            raise fail(f"--data {data} is a single site folder; a simulation needs a folder of site folders")
-        site_folders = any((child / "manifest.csv").is_file() for child in data.iterdir() if child.is_dir())
-        if source in ("pairs", "voc") and not site_folders:
-            return {"data.path": str(data.resolve())}
+    if not data.is_dir():
+        raise fail(f"--data {data}: {_expected_data(source, configured)}")
+    if (data / "manifest.csv").is_file():
+        raise fail(f"--data {data} is a single site folder; a simulation needs a folder of site folders")
+    children = sorted(child for child in data.iterdir() if child.is_dir())
+    if any((child / "manifest.csv").is_file() for child in children):
         return {"data.source": "sites", "data.path": str(data.resolve()), "data.partitioner": "natural"}
-    raise fail(f"--data {data}: expected a MedMNIST .npz file or a folder holding one folder per site")
+    if source == "pairs":
+        return {"data.path": str(data.resolve())}
+    if source == "voc":
+        if (data / "Annotations").is_dir():
+            return {"data.path": str(data.resolve())}
+        inside = [child for child in children if (child / "Annotations").is_dir()]
+        hint = f"; {inside[0]} is one: pass --data {inside[0]}" if len(inside) == 1 else ""
+        raise fail(f"--data {data} has no Annotations/ folder: {_expected_data(source, configured)}{hint}")
+    if source == "medmnist" and configured.name and (data / configured.name).is_file():
+        return {"data.path": str((data / configured.name).resolve())}
+    raise fail(f"--data {data}: {_expected_data(source, configured)}")
+
+
+def _expected_data(source: str, configured: Path) -> str:
+    """What ``--data`` may be for a config whose data is ``source`` at ``configured``."""
+    own = {
+        "medmnist": f"a MedMNIST .npz file (or a folder holding {configured.name})",
+        "voc": "a Pascal VOC folder (Annotations/, JPEGImages/)",
+        "pairs": "a folder of image/mask pairs",
+    }.get(source, "a MedMNIST .npz file")
+    return f"expected {own} or a folder holding one folder per site (data.source = '{source}' in the config)"
 
 
 def _checked_sites(config: Config, cross_site: bool, min_sites: int) -> tuple[list[str], dict[str, list[str]]]:
