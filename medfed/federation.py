@@ -559,6 +559,7 @@ def _screen_train_replies(
             {wire.ARRAYS: update, wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: parsed.metrics[wire.NUM_EXAMPLES]})}
         )
         accepted.append(reply)
+    accepted.sort(key=state.site_of)  # one summation order whatever order the replies came in
     return accepted, local_seconds
 
 

@@ -70,6 +70,7 @@ class Site:
     state_dir: Path
     budget: float
     notes: str = ""
+    seed_secret: str | None = None  # None: the secret in the state folder (see :func:`training_seed`)
 
 
 class PreflightFailed(ValueError):
@@ -93,7 +94,9 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         index = int(node_config["partition-id"])
         name, data = load_simulated_site(config, index)
         state_dir = Path(str(message_config[wire.STATE_ROOT])) / name
-        notes = ""
+        # the researcher holds all the data: the run's seed seeds the noise too, so a simulation repeats
+        secret = f"simulated|{config.run.seed}|{name}"
+        return Site(name, data, state_dir, site_budget(node_config, config), "", secret)
     return Site(name, data, state_dir, site_budget(node_config, config), notes)
 
 
@@ -240,13 +243,16 @@ def request_digest(msg: Message) -> str:
     return digest.hexdigest()
 
 
-def training_seed(state_dir: Path, key: str) -> int:
+def training_seed(state_dir: Path, key: str, secret: str | None = None) -> int:
     """The seed of one round's local training (batch sampling, augmentation, DP noise) for ``key``
     (run key, phase, round and the data's digest, see :class:`medfed.privacy.Release`, plus the
     ledger's salt): the same when a round is repeated exactly (a resumed run), different once the
     data change (the same noise on two versions of the data would reveal their difference), and
     unpredictable to the server: it mixes in a secret kept in the site's state folder, so the DP
-    noise cannot be reproduced and subtracted off-site."""
+    noise cannot be reproduced and subtracted off-site. A simulated site passes its own ``secret``
+    (derived from ``run.seed``: the same simulation repeats exactly) and keeps no file."""
+    if secret is not None:
+        return _seed_of(secret, key)
     secret_file = state_dir / SECRET_FILE
     if not secret_file.exists():
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -256,7 +262,11 @@ def training_seed(state_dir: Path, key: str) -> int:
                 handle.write(secrets.token_hex(32))
         except FileExistsError:
             pass  # another process of this site wrote it first
-    digest = hashlib.sha256(f"{secret_file.read_text().strip()}|{key}".encode())
+    return _seed_of(secret_file.read_text().strip(), key)
+
+
+def _seed_of(secret: str, key: str) -> int:
+    digest = hashlib.sha256(f"{secret}|{key}".encode())
     return int.from_bytes(digest.digest()[:8], "little") % (2**63)
 
 
@@ -353,7 +363,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Pack
     salt = ""
     if config.privacy.sample_level:
         sigma, privacy, salt = _spend_privacy(site, config, release, run_key, unit, n, steps.planned)
-    seed = training_seed(site.state_dir, release.round_key + salt)
+    seed = training_seed(site.state_dir, release.round_key + salt, site.seed_secret)
     seed_everything(seed)
     dataset = _train_dataset(task, config, site, seed, units)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)

@@ -32,6 +32,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return {
+        "args": args,
         "out": out,
         "sites": sites,
         "output": result.output,
@@ -151,3 +152,16 @@ def test_site_predicts_new_images_at_the_models_threshold(run: dict, tmp_path: P
     for row in rows:
         positive = float(row["p_class_1"]) >= float(row["threshold"])
         assert row["call"] == ("class 1" if positive else "class 0")
+
+
+def test_the_same_config_and_seed_repeat_the_same_numbers(run: dict, tmp_path: Path) -> None:
+    """A simulation is repeatable: simulated sites seed their DP noise from run.seed (the researcher
+    holds all the data), and updates are summed in one order."""
+    args = [str(tmp_path / "again") if arg == str(run["out"]) else arg for arg in run["args"]]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    first = run["report"]
+    assert [r["metrics"] for r in again["rounds"]] == [r["metrics"] for r in first["rounds"]]
+    assert again["final"]["per_site"] == first["final"]["per_site"]
+    assert again["final"]["cross_site"]["matrix"] == first["final"]["cross_site"]["matrix"]
