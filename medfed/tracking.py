@@ -29,7 +29,8 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ class _Guarded(Tracker):
     def finished(self, report: dict[str, Any], folder: RunFolder) -> None:
         self._call(lambda tracker: tracker.finished(report, folder))
 
-    def _call(self, call: Any) -> None:
+    def _call(self, call: Callable[[Tracker], None]) -> None:
         if self.inner is None:
             return
         try:
@@ -130,7 +131,10 @@ def _number(value: Any) -> float | None:
     """``value`` as a finite float, or None (a bool, text, NaN or infinity is not logged)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        return None
     return number if math.isfinite(number) else None
 
 
@@ -229,17 +233,20 @@ class _MLflow(Tracker):
         return run_id
 
     def _resumed_run(self, folder: RunFolder) -> str | None:
-        """The MLflow run this run's earlier part logged to, when it is in this store."""
+        """The MLflow run this run's earlier part logged to, when it is still in this store."""
+        from mlflow.exceptions import MlflowException
+
         try:
             saved = json.loads(folder.tracking_state.read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(saved, dict) or saved.get("mlflow_uri") != self.uri:
-            return None
-        run_id = saved.get("mlflow_run_id")
+        run_id = saved.get("mlflow_run_id") if isinstance(saved, dict) and saved.get("mlflow_uri") == self.uri else None
         if not isinstance(run_id, str):
             return None
-        self.client.update_run(self.client.get_run(run_id).info.run_id, status="RUNNING")
+        try:
+            self.client.update_run(self.client.get_run(run_id).info.run_id, status="RUNNING")
+        except MlflowException:  # deleted from the store since: the resumed part gets a run of its own
+            return None
         return run_id
 
     def _last_step(self) -> int:
@@ -289,7 +296,7 @@ class _TensorBoard(Tracker):
         from torch.utils.tensorboard import SummaryWriter
 
         uri = config.run.tracking_uri
-        self.log_dir = Path(uri.removeprefix("file://")) if uri else folder.tensorboard
+        self.log_dir = Path(urllib.parse.unquote(uri.removeprefix("file://"))) if uri else folder.tensorboard
         self.writer_class, self.resumed = SummaryWriter, resumed
         self.config = json.dumps(config.to_public_dict(), indent=2, sort_keys=True, default=str)
         self.writer: Any = None
