@@ -21,6 +21,7 @@ import reprlib
 import tomllib
 import typing
 import unicodedata
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +133,10 @@ class RunConfig:
     independently of the others (Poisson sampling, the sampling the site-level accountant assumes);
     a round with fewer than ``min-sites`` usable updates keeps the global model (except under
     site-level DP, which releases every round: :mod:`medfed.site_level_dp`).
+    ``tracking`` (``none``, ``mlflow``, ``tensorboard``) follows the run in an experiment tracker
+    (:mod:`medfed.tracking`; needs ``pip install 'medfed[tracking]'``). ``tracking-uri``: for MLflow a
+    ``sqlite:///PATH`` store or a team's ``http(s)://`` server (default: ``OUT/mlflow.db``), for
+    TensorBoard a log folder (default: ``OUT/tensorboard``); relative paths are from the working folder.
     """
 
     name: str = "medfed"
@@ -152,9 +157,12 @@ class RunConfig:
     secure_aggregation: bool = False
     secure_aggregation_threshold: float = 0.6
     fraction_train: float = 1.0
+    tracking: Literal["none", "mlflow", "tensorboard"] = "none"
+    tracking_uri: str = ""
 
     def __post_init__(self) -> None:
         _check_text("run.name", self.name)
+        _check_tracking_uri(self.tracking, self.tracking_uri)
         _check_text("run.initial-model", self.initial_model, MAX_PATH)
         _check_range("run.seed", self.seed, 0, MAX_SEED, "an integer")
         _check_range("run.rounds", self.rounds, 1, MAX_ROUNDS, "an integer")
@@ -838,6 +846,49 @@ def _check_pattern(key: str, pattern: str) -> None:
             re.compile(pattern)
         except re.error as err:
             raise ConfigError(f"{key} = {pattern!r} is not a regular expression: {err}", key) from None
+
+
+_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+def _check_tracking_uri(tracking: str, uri: str) -> None:
+    """``run.tracking-uri``: a store the run writes to, so a hostile one is refused. MLflow: a
+    ``sqlite:///PATH`` file or an ``http(s)://HOST`` server without credentials (the config is copied
+    into the report: MLflow reads MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN from the environment);
+    TensorBoard: a folder, as a path or a ``file:`` URI."""
+    key = "run.tracking-uri"
+    _check_text(key, uri, MAX_PATH)
+    if not uri:
+        return
+    require(tracking != "none", key, uri, "no value with run.tracking = 'none' (set run.tracking too)")
+    require(uri.strip() == uri, key, uri, "a URI without leading or trailing spaces")
+    scheme_match = _URI_SCHEME.match(uri)
+    scheme = scheme_match.group(1).lower() if scheme_match else ""
+    if tracking == "tensorboard":
+        require(
+            scheme in ("", "file"), key, uri, "a log folder for run.tracking = 'tensorboard': a path or file:///PATH"
+        )
+        require(scheme == "" or uri.startswith("file:///"), key, uri, "file:///PATH (an absolute path)")
+        return
+    expected = (
+        "an MLflow store for run.tracking = 'mlflow': sqlite:///PATH/mlflow.db, http://HOST[:PORT] or "
+        "https://HOST[:PORT][/PATH] (MLflow 3 no longer writes a folder store: use sqlite)"
+    )
+    require(scheme in ("sqlite", "http", "https"), key, uri, expected)
+    if scheme == "sqlite":
+        require(uri.startswith("sqlite:///") and len(uri) > len("sqlite:///") and "?" not in uri, key, uri,
+                "sqlite:///PATH/mlflow.db (a database file; three slashes, then the path)")  # fmt: skip
+        return
+    parsed = urllib.parse.urlsplit(uri)
+    try:
+        port_ok = parsed.port is None or parsed.port > 0
+    except ValueError:
+        port_ok = False
+    require(bool(parsed.hostname) and port_ok, key, uri, "http(s)://HOST[:PORT][/PATH], a server's address")
+    require(parsed.username is None and parsed.password is None, key, "(hidden: it holds credentials)",
+            "an address without user name or password: the config is copied into the report; set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")  # fmt: skip
+    require(not parsed.query and not parsed.fragment, key, uri, "an address without '?query' or '#fragment'")
 
 
 def _check_text(key: str, text: str, limit: int = MAX_TEXT) -> None:

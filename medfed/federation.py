@@ -33,6 +33,7 @@ from medfed.run_folder import RunFolder
 from medfed.secure_aggregation import secure_round
 from medfed.site_level_dp import SiteLevelDP, poisson_sample
 from medfed.tasks import get_task
+from medfed.tracking import open_tracker
 from medfed.weights import (
     CheckpointError,
     UpdateRejected,
@@ -164,6 +165,7 @@ def run_federation(
     state_root = Path(simulation_state_root or folder.site_states).resolve()
     strategy = build_strategy(config)
     progress = _load_progress(folder, config, strategy) if resume else None
+    tracker = open_tracker(config, folder, resumed=progress is not None)
     state = _RunState(config, grid, str(state_root), progress["run_key"] if progress else run_key(config))
     _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
     if config.privacy.site_level:
@@ -171,13 +173,16 @@ def run_federation(
         for line in state.site_dp.plan.lines():
             (log.warning if line.startswith("WARNING") else log.info)("site-level DP: %s", line)
     run = _resumed_rounds(state, folder, progress) if progress is not None else _first_evaluation(state)
+    tracker.round_done(run.history[-1], state.notes)
     for server_round in range(run.next_round, config.run.rounds + 1):
         _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
         _train_round(state, strategy, folder, run, server_round)
+        tracker.round_done(run.history[-1], state.notes)
     report = _final_report(state, folder, run.released or run.arrays, run.history)
     if progress is not None:
         report["resumed_after_round"] = progress["round"]
     write_report(report, folder.root)
+    tracker.finished(report, folder)
     return report
 
 
@@ -449,7 +454,8 @@ def initial_model_provenance(path: str | Path) -> dict[str, Any]:
 def run_key(config: Config) -> str:
     """The run's key at the sites (privacy calibration, training seeds): a digest of the config, so a
     resumed or repeated run with the same config and seeds repeats the same local training."""
-    return "cfg-" + hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+    untracked = config.with_overrides({"run.tracking": "none", "run.tracking-uri": ""})  # no effect on training
+    return "cfg-" + hashlib.sha256(untracked.to_json().encode()).hexdigest()[:16]
 
 
 class SitesUnavailable(RuntimeError):

@@ -8,6 +8,7 @@ A federation run's folder (``--out DIR``, design.md "A run's output")::
     DIR/checkpoints/global.safetensors (+ .json)      the released model
     DIR/checkpoints/progress.json, strategy.safetensors   what --resume needs (stays with the coordinator)
     DIR/state/SITE/                                   simulated sites' state (privacy ledgers), by default
+    DIR/mlflow.db, mlflow-artifacts/, tensorboard/    run.tracking's store, by default (medfed.tracking)
 
 A cross-site protocol's folder holds ``protocol.json``, ``protocol.html``, ``plots/`` and one run
 folder per federation it runs (:class:`ProtocolFolder`).
@@ -70,6 +71,26 @@ class RunFolder:
     def strategy_state(self) -> Path:
         """The server optimiser's state (FedAdam's moments), when the strategy keeps one."""
         return self.checkpoints / "strategy.safetensors"
+
+    @property
+    def tracking_state(self) -> Path:
+        """Which MLflow run a resumed run goes on logging to (JSON)."""
+        return self.checkpoints / "tracking.json"
+
+    @property
+    def mlflow_store(self) -> Path:
+        """The MLflow store (SQLite) of ``run.tracking = "mlflow"`` when ``run.tracking-uri`` names none."""
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        """Where the default MLflow store keeps the run's artifacts (report, final checkpoint)."""
+        return self.root / "mlflow-artifacts"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's log folder for ``run.tracking = "tensorboard"`` when ``run.tracking-uri`` names none."""
+        return self.root / "tensorboard"
 
     @property
     def site_states(self) -> Path:

@@ -20,6 +20,7 @@ from medfed.data import simulated_site_names
 from medfed.data.sites import SIMULATION_CACHE
 from medfed.federation import run_federation
 from medfed.run_folder import RunFolder
+from medfed.tracking import check_tracking
 
 __all__ = ["simulate"]
 
@@ -58,6 +59,7 @@ def simulate(
         from medfed.site_level_dp import plan_for_config
 
         plan_for_config(config, num_sites)
+    check_tracking(config)  # the package run.tracking needs, before any site starts
     result: dict[str, Any] = {}
     server_app = ServerApp()
 

@@ -20,6 +20,10 @@ def test_a_run_folder_names_every_file_as_documented() -> None:
     assert run.progress == Path("out/checkpoints/progress.json")
     assert run.strategy_state == Path("out/checkpoints/strategy.safetensors")
     assert run.site_states == Path("out/state")
+    assert run.tracking_state == Path("out/checkpoints/tracking.json")
+    assert run.mlflow_store == Path("out/mlflow.db")
+    assert run.mlflow_artifacts == Path("out/mlflow-artifacts")
+    assert run.tensorboard == Path("out/tensorboard")
 
 
 def test_a_protocol_folder_holds_its_report_and_one_run_folder_per_federation() -> None:
