@@ -13,7 +13,7 @@ table shows the spread over partition draws; pooled runs once (seed 0).
 
     .venv/bin/medfed bench spine [--npz PATH] [--quick] [--seeds 0 1 2]
 
-Writes benchmarks/results/spine.json and prints a table.
+Writes benchmarks/results/spine.json and plots/spine.png (test AUROC of every run), and prints a table.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from benchmarks.harness import results_path, throughput, write_results
+from benchmarks.harness import pyplot, results_path, save_figure, throughput, write_results
 from medfed.config import load_config
 from medfed.data.medmnist import read_medmnist
 from medfed.run_folder import RunFolder
@@ -99,7 +100,24 @@ def main(argv: list[str] | None = None) -> None:
         "reference": "MedMNIST v2 ResNet-18 (28px), central, no DP: test AUC 0.944, ACC 0.854",
     }
     print(json.dumps(speed))
-    write_results(results_path("spine", args.quick), summary)
+    write_results(results_path("spine", args.quick), summary, lambda path: plot(results, path))
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Test AUROC of every run, one column per setup (pooled / FedAvg, without / with DP), one dot per seed."""
+    labels = sorted({_label(row) for row in results}, key=[_label(row) for row in results].index)
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    for row in results:
+        ax.scatter(labels.index(_label(row)), row["test_auroc"], color="tab:red" if row["dp"] else "tab:blue")
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set_ylabel("test AUROC (official test split)")
+    ax.set_title("PneumoniaMNIST: pooled vs FedAvg, without (blue) / with DP (red)")
+    save_figure(fig, path)
+
+
+def _label(row: dict[str, Any]) -> str:
+    delta = f", δ {row['delta']:.0e}" if row["dp"] and row["delta"] and row["delta"] <= 1e-5 else ""
+    return f"{row['setup']}{', DP ε 8' if row['dp'] else ''}{delta}"
 
 
 if __name__ == "__main__":

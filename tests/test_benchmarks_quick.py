@@ -22,7 +22,7 @@ _spec.loader.exec_module(readme_table)
 def _bench(name: str, tmp_path: Path) -> dict:
     env = os.environ | {"MEDFED_BENCH_RESULTS": str(tmp_path / "results")}
     command = [str(Path(sys.executable).parent / "medfed"), "bench", name, "--quick", "--out", str(tmp_path / "runs")]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     stem = f"{name}-quick"
     assert (tmp_path / "results" / "plots" / f"{stem}.png").stat().st_size > 1000
@@ -45,7 +45,7 @@ def test_generalization_quick_on_synthetic_hospitals(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.realdata
-@pytest.mark.parametrize("name", ["utility", "privacy", "overhead", "dp_small_sites"])
+@pytest.mark.parametrize("name", ["utility", "privacy", "overhead", "dp_small_sites", "natural_sites", "spine"])
 def test_quick_benchmarks_on_real_data(name: str, tmp_path: Path) -> None:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA}")
@@ -64,8 +64,8 @@ def test_repeatability_quick_checks_every_site_of_every_run(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["privacy_audit", "site_level_dp"])
+@pytest.mark.parametrize("name", ["privacy_audit", "site_level_dp", "scale"])
 def test_quick_privacy_benchmarks_on_synthetic_sites(name: str, tmp_path: Path) -> None:
-    """The privacy audit (membership inference with and without DP) and site-level DP (many
+    """The privacy audit (membership inference with and without DP), site-level DP and scale (many
     synthetic sites) need no real data."""
     _bench(name, tmp_path)
