@@ -495,6 +495,7 @@ def _save_progress(
         "round": server_round,
         "run_key": state.run_key,
         "config": state.config.to_json(),
+        "primary_metric": get_task(state.config.run.task).PRIMARY_METRIC,  # medfed status reads it
         "rounds": rounds,
         "privacy": state.privacy,
         "privacy_units": state.privacy_units,

@@ -30,7 +30,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from medfed.run_status import RUNNING, RunFolderError, read_status
+from medfed.display import plain
+from medfed.run_status import STARTING, RunFolderError, read_status
 
 __all__ = ["Steps", "run_rounds", "steps", "tracked"]
 
@@ -47,7 +48,8 @@ class Steps:
     def __init__(
         self, console: Console, description: str, total: int | None, bar: Progress | None, task: TaskID | None
     ) -> None:
-        self._console, self.description, self.total = console, description, total
+        self._console, self.total = console, total
+        self.description = description  # may hold user text (file names): printed through medfed.display.plain
         self._bar, self._task = bar, task
         self.done = 0
         self.said = False
@@ -62,7 +64,7 @@ class Steps:
         changed = description is not None and description != self.description
         self.done, self.description, self.total = done, description or self.description, total or self.total
         if self._bar is not None and self._task is not None:
-            self._bar.update(self._task, completed=done, description=self.description, total=self.total)
+            self._bar.update(self._task, completed=done, description=plain(self.description), total=self.total)
         elif changed and self.said:
             self.say()
 
@@ -76,7 +78,7 @@ class Steps:
         elif self.total and 0 < self.done < self.total:
             timing += f", about {elapsed / self.done * (self.total - self.done):.0f} s left"
         line = f"{self.description}: {count} ({timing})" if count else f"{self.description} ({timing})"
-        self._console.out(line, highlight=False)
+        self._console.print(plain(line), soft_wrap=True, highlight=False)
         self.said = True
 
 
@@ -104,7 +106,7 @@ def steps(console: Console, description: str, total: int | None = None) -> Itera
         return
     bar = Progress(
         SpinnerColumn(),
-        TextColumn("{task.description}", markup=False),  # names from user data print as written
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -112,7 +114,7 @@ def steps(console: Console, description: str, total: int | None = None) -> Itera
         console=console,
     )
     with bar, _flower_above(bar):
-        yield Steps(console, description, total, bar, bar.add_task(description, total=total))
+        yield Steps(console, description, total, bar, bar.add_task(plain(description), total=total))
 
 
 def tracked(items: Iterable[T], counter: Steps | None) -> Iterator[T]:
@@ -175,7 +177,7 @@ def _show_round(counter: Steps, run_dir: str | Path, rounds: int, started: float
         status = read_status(run_dir)
     except RunFolderError:  # not written yet, or caught mid-write: the next read tells
         return
-    if status.state != RUNNING or (not resume and status.idle_seconds > time.time() - started + 1):
+    if status.state == STARTING or (not resume and status.idle_seconds > time.time() - started + 1):
         return  # nothing of this run yet (an earlier run's files)
     done = min(status.round, rounds)
     if done != counter.done:

@@ -85,33 +85,36 @@ class RunStatus:
         return asdict(self)
 
 
-def read_status(run_dir: str | Path, now: float | None = None) -> RunStatus:
-    """The status of the run whose ``--out`` folder is ``run_dir`` (``now``: the clock, for tests).
+def read_status(run_dir: str | Path) -> RunStatus:
+    """The status of the run whose ``--out`` folder is ``run_dir``.
 
     Raises:
         RunFolderError: ``run_dir`` is not a run folder, or its progress file or report is not
             readable as what medfed writes; the message names the file and what was expected.
     """
     folder = RunFolder(Path(run_dir))
-    now = time.time() if now is None else now
     if not folder.root.is_dir():
         raise RunFolderError(f"{folder.root}: not a folder (expected the --out folder of a medfed run)")
     progress, report = _mtime(folder.progress), _mtime(folder.report_json)
-    if progress is None and report is None:
-        if folder.checkpoints.is_dir():
-            return RunStatus(str(folder.root), STARTING, idle_seconds=max(now - folder.checkpoints.stat().st_mtime, 0))
-        raise RunFolderError(
-            f"{folder.root}: not a run folder: neither {folder.report_json.name} nor "
-            f"{folder.progress.relative_to(folder.root)} in it (a medfed run writes them after its rounds)"
-        )
     if report is not None and (progress is None or report >= progress):
-        return _from_report(folder, _load(folder.report_json, "the report medfed writes at the end of a run"), now)
-    return _from_progress(folder, _load(folder.progress, "the progress file medfed writes after every round"), now)
+        doc = _load(folder.report_json, "the report medfed writes at the end of a run")
+        return _from_report(folder, doc, report)
+    if progress is not None:
+        doc = _load(folder.progress, "the progress file medfed writes after every round")
+        return _from_progress(folder, doc, progress)
+    started = _mtime(folder.checkpoints, folder=True)
+    if started is not None:
+        return RunStatus(str(folder.root), STARTING, idle_seconds=max(time.time() - started, 0.0))
+    raise RunFolderError(
+        f"{folder.root}: not a run folder: neither {folder.report_json.name} nor "
+        f"{folder.progress.relative_to(folder.root)} in it (a medfed run writes them after its rounds)"
+    )
 
 
-def _mtime(path: Path) -> float | None:
+def _mtime(path: Path, folder: bool = False) -> float | None:
+    """When the file (``folder``: the folder) ``path`` was last written; None when there is none."""
     try:
-        return path.stat().st_mtime if path.is_file() else None
+        return path.stat().st_mtime if (path.is_dir() if folder else path.is_file()) else None
     except OSError:
         return None
 
@@ -161,7 +164,7 @@ def _rounds(doc: dict[str, Any], path: Path) -> list[dict[str, Any]]:
     return rounds
 
 
-def _from_progress(folder: RunFolder, doc: dict[str, Any], now: float) -> RunStatus:
+def _from_progress(folder: RunFolder, doc: dict[str, Any], updated: float) -> RunStatus:
     path = folder.progress
     try:
         config = Config.from_json(_field(doc, "config", str, path))
@@ -169,11 +172,14 @@ def _from_progress(folder: RunFolder, doc: dict[str, Any], now: float) -> RunSta
         raise RunFolderError(f"{path}: its 'config' is not a medfed config ({err}); expected the progress file "
                              "medfed writes") from None  # fmt: skip
     privacy = {site: _table(p) for site, p in _table(doc.get("privacy")).items()}
-    return _status(folder, path, config.run.name, config.run.task, _primary(config.run.task, path),
-                   config.run.rounds, RUNNING, _rounds(doc, path), privacy, {}, now)  # fmt: skip
+    metric = doc.get("primary_metric")
+    if not isinstance(metric, str):  # written by an earlier medfed: the task module knows
+        metric = _primary(config.run.task, path)
+    return _status(folder, config.run.name, config.run.task, metric, config.run.rounds, RUNNING,
+                   _rounds(doc, path), privacy, {}, updated)  # fmt: skip
 
 
-def _from_report(folder: RunFolder, doc: dict[str, Any], now: float) -> RunStatus:
+def _from_report(folder: RunFolder, doc: dict[str, Any], updated: float) -> RunStatus:
     path = folder.report_json
     run = _table(_table(doc.get("config")).get("run"))
     rounds = run.get("rounds")
@@ -185,7 +191,7 @@ def _from_report(folder: RunFolder, doc: dict[str, Any], now: float) -> RunStatu
     final = {
         site: _number(_table(m).get(metric)) for site, m in _table(_table(doc.get("final")).get("per_site")).items()
     }
-    return _status(folder, path, run["name"], task, metric, rounds, FINISHED, _rounds(doc, path), privacy, final, now)
+    return _status(folder, run["name"], task, metric, rounds, FINISHED, _rounds(doc, path), privacy, final, updated)
 
 
 def _primary(task: str, path: Path) -> str:
@@ -199,7 +205,6 @@ def _primary(task: str, path: Path) -> str:
 
 def _status(
     folder: RunFolder,
-    path: Path,
     name: str,
     task: str,
     metric: str,
@@ -208,7 +213,7 @@ def _status(
     rounds: list[dict[str, Any]],
     privacy: dict[str, dict[str, Any]],
     final: dict[str, float | None],
-    now: float,
+    updated: float,
 ) -> RunStatus:
     last = rounds[-1]
     metrics = {site: _table(m) for site, m in _table(last.get("metrics")).items()}
@@ -245,7 +250,7 @@ def _status(
         rounds=total,
         seconds_per_round=per_round,
         seconds_left=left,
-        idle_seconds=max(now - path.stat().st_mtime, 0.0),
+        idle_seconds=max(time.time() - updated, 0.0),
         sites=sites,
     )
 

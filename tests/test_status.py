@@ -234,3 +234,26 @@ def test_the_bar_prints_flower_log_lines_above_itself() -> None:
         flower.removeHandler(handler)
     assert handler.stream is before and "a flower line" not in before.getvalue()
     assert "a flower line" in out.getvalue() and "2/2" in out.getvalue()
+
+
+def test_a_progress_file_of_an_earlier_medfed_names_its_metric_through_the_task(
+    run: dict[str, Any], tmp_path: Path
+) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(run["mid_run"], folder)
+    doc = _progress_of(run)
+    del doc["primary_metric"]
+    RunFolder(folder).progress.write_text(json.dumps(doc))
+    assert _status(folder)["primary_metric"] == "auroc"
+
+
+def test_site_names_print_as_written_without_terminal_control(run: dict[str, Any], tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    shutil.copytree(run["mid_run"], folder)
+    doc = _progress_of(run)
+    name = "[bold]x\x1b[2J"
+    doc["rounds"][-1]["metrics"] = {name: {"auroc": 0.5}}
+    RunFolder(folder).progress.write_text(json.dumps(doc))
+    result = runner.invoke(app, ["status", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "[bold]x\\x1b[2J:" in result.output

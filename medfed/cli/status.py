@@ -15,6 +15,7 @@ from rich.text import Text
 
 from medfed.cli.common import console, fail
 from medfed.cli.render import num
+from medfed.display import plain
 from medfed.run_status import FINISHED, STARTING, RunFolderError, RunStatus, SiteStatus, read_status
 
 __all__ = ["status"]
@@ -92,7 +93,7 @@ def _show(current: RunStatus, as_json: bool) -> None:
         console.print(_view(current))
     else:
         for line in _lines(current):
-            console.out(line, highlight=False)
+            console.print(plain(line), highlight=False)  # whole lines: not a terminal
 
 
 def _headline(current: RunStatus) -> str:
@@ -121,9 +122,12 @@ def _duration(seconds: float) -> str:
 
 
 def _reply(site: SiteStatus) -> str:
-    if not site.outcome:
-        return "aggregated" if site.aggregated else "-"
-    return f"{site.outcome}, aggregated" if site.aggregated else site.outcome
+    """How the site's last training reply went: aggregated, or why not."""
+    if site.aggregated:
+        return "aggregated"
+    if site.outcome == "answered":
+        return "answered, not aggregated"  # fewer usable updates than run.min-sites
+    return site.outcome or "-"
 
 
 def _spent(site: SiteStatus) -> str:
@@ -138,10 +142,10 @@ def _seconds(value: float | None) -> str:
 
 def _view(current: RunStatus) -> RenderableType:
     """The terminal view: the headline and a table of the sites."""
-    headline = Text(_headline(current))
+    headline = Text.from_markup(plain(_headline(current)))
     if not current.sites:
         return headline
-    metric = current.primary_metric
+    metric = plain(current.primary_metric)
     table = Table(title=f"sites after round {current.round}")
     table.add_column("site")
     table.add_column("last round", justify="left")
@@ -153,7 +157,7 @@ def _view(current: RunStatus) -> RenderableType:
         table.add_column(f"{metric} final (test)", justify="right")
     for site in current.sites:
         cells = [site.site, _reply(site), _spent(site), num(site.metric), _seconds(site.local_seconds)]
-        table.add_row(*(Text(cell) for cell in cells), *([Text(num(site.test_metric))] if finished else []))
+        table.add_row(*(plain(cell) for cell in cells), *([num(site.test_metric)] if finished else []))
     return Group(headline, table)
 
 
