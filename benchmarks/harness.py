@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from medfed.central import train_central, train_loader
+from medfed.cli.common import console
 from medfed.config import Config, load_config
 from medfed.data import SiteArrays
 from medfed.privacy import make_private
+from medfed.progress import run_rounds
 from medfed.protocol import global_model
 from medfed.simulation import simulate
 from medfed.site import seed_everything
@@ -76,7 +78,8 @@ def pooled(config: Config, sites: list[SiteArrays], private: bool, epochs: int =
 def fedavg(config: Config, out: Path) -> dict[str, Any]:
     """``medfed simulate`` with ``config``: per-site test metric, local-only diagonal, ε and σ per site."""
     started = time.perf_counter()
-    report = simulate(config, out)
+    with run_rounds(console, out, config.run.rounds):
+        report = simulate(config, out)
     metric = report["primary_metric"]
     per_site = {s: m[metric] for s, m in report["final"]["per_site"].items()}
     cross = report["final"].get("cross_site") or {}
@@ -100,7 +103,8 @@ def fedavg(config: Config, out: Path) -> dict[str, Any]:
 
 def federated_model(config: Config, out: Path) -> tuple[nn.Module, dict[str, Any]]:
     """``medfed simulate`` with ``config`` into ``out``: the final global model and the report."""
-    report = simulate(config, out)
+    with run_rounds(console, out, config.run.rounds):
+        report = simulate(config, out)
     return global_model(config, out), report
 
 

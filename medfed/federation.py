@@ -30,6 +30,7 @@ from medfed import wire
 from medfed.config import Config
 from medfed.evaluation.report import json_safe, write_report
 from medfed.run_folder import RunFolder
+from medfed.run_status import write_running_report
 from medfed.secure_aggregation import secure_round
 from medfed.site_level_dp import SiteLevelDP, poisson_sample
 from medfed.tasks import get_task
@@ -91,6 +92,8 @@ class _RunState:
     privacy_units: dict[str, str] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
     sent_to: dict[str, int] = field(default_factory=dict)
+    # this round's training reply per site: answered (update usable), refused, error, rejected (by the server)
+    outcomes: dict[str, str] = field(default_factory=dict)
     site_dp: SiteLevelDP | None = None  # privacy.level with "site": DP-FedAvg at the server
 
     def exchange(self, messages: list[Message], timeout: float) -> list[Message]:
@@ -228,6 +231,7 @@ def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Ro
     on the validation splits, checkpoint the round (``run`` is updated)."""
     config = state.config
     started, traffic = time.perf_counter(), _Traffic()
+    state.outcomes = {}
     settings = {wire.PHASE: wire.PHASE_FEDERATED}
     messages = list(strategy.configure_train(server_round, run.arrays, state.message_config(settings), state.grid))
     messages = _sampled_sites(state, messages, server_round)
@@ -255,6 +259,7 @@ def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Ro
         "bytes_down": traffic.down,
         "metrics": metrics,
         "sites_aggregated": aggregated_sites,
+        "outcomes": dict(sorted(state.outcomes.items())),
         "epsilon": {site: p.get(wire.EPSILON, 0.0) for site, p in state.privacy.items()},
         **(state.site_dp.round_entry() if state.site_dp else {}),
     }
@@ -267,6 +272,7 @@ def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Ro
         {"round": server_round, "task": config.run.task, "config": config.to_public_dict(), "metrics": metrics},
     )
     _save_progress(folder, state, strategy, server_round, run.history)
+    write_running_report(folder, config, run.history, _privacy_section(state), state.notes)
     _log_round(server_round, metrics, get_task(config.run.task).PRIMARY_METRIC)
 
 
@@ -301,6 +307,7 @@ def _secure_train(
     def read(reply: Message) -> wire.SiteReply:
         parsed = _read_reply(state, reply)
         _record_privacy(state, parsed)
+        state.outcomes[parsed.site] = "answered" if parsed.status == wire.OK else parsed.status
         return parsed
 
     result = secure_round(state.exchange, messages, run.arrays, state.config, read, server_round)
@@ -309,6 +316,7 @@ def _secure_train(
     dropped = {}
     for node, reason in result.dropped.items():
         site = dropped[node] = state.sites.get(node, f"node-{node}")
+        state.outcomes[site] = "rejected"
         log.warning("round %d: site %s is not in the secure sum: %s", server_round, site, reason)
         if not any(n.startswith("left out of the secure sum") for n in state.notes.get(site, [])):
             state.note(site, f"left out of the secure sum (first in round {server_round}): {reason}")
@@ -493,6 +501,7 @@ def _save_progress(
         "round": server_round,
         "run_key": state.run_key,
         "config": state.config.to_json(),
+        "primary_metric": get_task(state.config.run.task).PRIMARY_METRIC,  # medfed status reads it
         "rounds": rounds,
         "privacy": state.privacy,
         "privacy_units": state.privacy_units,
@@ -550,15 +559,18 @@ def _screen_train_replies(
             _record_privacy(state, parsed)
             if parsed.status != wire.OK:
                 log.warning("round %d: site %s %s: %s", server_round, parsed.site, parsed.status, parsed.reason)
+                state.outcomes[parsed.site] = parsed.status
                 continue
             update = _checked_update(state, reference, parsed)
         except (wire.MalformedReply, UpdateRejected) as err:
             log.warning("round %d: reply left out: %s", server_round, err)
             site = state.site_of(reply)
+            state.outcomes[site] = wire.ERROR if reply.has_error() else "rejected"
             if not any(n.startswith("update left out") for n in state.notes.get(site, [])):
                 state.note(site, f"update left out (first in round {server_round}): {err}")
             continue
         assert parsed.arrays is not None  # _checked_update refuses a reply without weights
+        state.outcomes[parsed.site] = "answered"
         traffic.up += array_bytes(parsed.arrays)  # as received: compressed when the run compresses
         local_seconds[parsed.site] = parsed.metrics.get(wire.LOCAL_SECONDS, math.nan)
         reply.content = RecordDict(

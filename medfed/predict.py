@@ -23,6 +23,7 @@ every detection scoring at least ``min_score``.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +35,7 @@ from medfed.config import Config
 from medfed.data.decode import Geometry, Preprocess, from_model_grid, is_photo, load_image, model_input
 from medfed.data.medical_io import Scan, read_channels, write_dicom_seg, write_nifti_mask
 from medfed.evaluation.quantify import quantify_case, remove_small_structures, size_unit
+from medfed.progress import Steps, tracked
 from medfed.tasks import get_task, predict
 from medfed.tasks.classification import calls, operating_threshold
 from medfed.training import resolve_device
@@ -189,18 +191,26 @@ def detect_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module) 
 
 
 def predict_cases(
-    checkpoint: str | Path, input_path: str | Path, out_dir: str | Path, min_score: float = 0.3, site: str = ""
+    checkpoint: str | Path,
+    input_path: str | Path,
+    out_dir: str | Path,
+    min_score: float = 0.3,
+    site: str = "",
+    progress: Steps | None = None,
 ) -> Predictions:
     """Apply the model to every case under ``input_path``: masks, overlays and ``quantification.csv``
     (segmentation), overlays and ``detections.csv`` with boxes scoring at least ``min_score``
-    (detection), or ``predictions.csv`` with the call at the operating threshold (classification)."""
+    (detection), or ``predictions.csv`` with the call at the operating threshold (classification).
+    ``progress`` counts the cases read, then the cases done."""
     config, model = load_model(checkpoint, site)
     model.to(resolve_device(config.train.device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = find_cases(input_path)
+    if progress is not None:
+        progress.update(0, "reading cases", total=len(cases))
     scans = []
-    for case in cases:
+    for case in tracked(cases, progress):
         # the first channel stands for the case (grid, overlay); the model gets all of them
         scan = read_channels(case, config.data.channels, config.data.spatial_dims)[0]
         if scan.array.squeeze().ndim != config.data.spatial_dims:
@@ -210,15 +220,18 @@ def predict_cases(
             )
         scans.append((case, scan))
     task, table = config.run.task, out_dir / TABLES[config.run.task]
+    if progress is not None:
+        progress.update(0, "predicting")
+    todo = tracked(scans, progress)
     if task == "detection":
-        return Predictions(task, _detect_cases(scans, config, model, table, min_score), table)
+        return Predictions(task, _detect_cases(todo, config, model, table, min_score), table)
     if task == "classification":
-        return Predictions(task, _classify_cases(scans, config, model, table), table)
-    return Predictions(task, _segment_cases(scans, config, model, table), table)
+        return Predictions(task, _classify_cases(todo, config, model, table), table)
+    return Predictions(task, _segment_cases(todo, config, model, table), table)
 
 
 def _segment_cases(
-    scans: list[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path
+    scans: Iterable[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path
 ) -> list[CaseResult]:
     """Per case a mask (NIfTI; DICOM-SEG for DICOM input) and an overlay beside ``table``; the
     structures' count and size in ``table``."""
@@ -240,7 +253,7 @@ def _segment_cases(
 
 
 def _classify_cases(
-    scans: list[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path
+    scans: Iterable[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path
 ) -> list[CaseResult]:
     """``table``: per case the class probabilities and the call at the model's threshold."""
     names = config.data.class_names or tuple(f"class {k}" for k in range(config.data.num_classes))
@@ -260,7 +273,7 @@ def _classify_cases(
 
 
 def _detect_cases(
-    scans: list[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path, min_score: float
+    scans: Iterable[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path, min_score: float
 ) -> list[CaseResult]:
     """Per case an overlay beside ``table``; every box scoring at least ``min_score`` in ``table``."""
     import matplotlib.pyplot as plt

@@ -17,17 +17,19 @@ import datetime as dt
 import hashlib
 import json
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from medfed.config import Config
 from medfed.data import PrivacyUnitDataset, SiteArrays
 from medfed.data.manifest import SiteReading, read_site
 from medfed.data.synthetic import synthetic_nuclei_site, synthetic_organ_site, synthetic_vessel_site, with_channels
 from medfed.data.vocabulary import MANIFEST
+from medfed.progress import Steps
 from medfed.tasks import get_task, seeded_train_transform
 from medfed.training import build_optimizer, resolve_device, train
 from medfed.weights import model_to_arrays, save_checkpoint
@@ -94,6 +96,7 @@ def pretrain(
     lr: float = 0.0,
     momentum: float = 0.9,
     optimizer: Literal["sgd", "adam"] = "sgd",
+    progress: Steps | None = None,
 ) -> Path:
     """Train ``config``'s model without DP on public data (see module doc); write the checkpoint
     ``out`` (.safetensors + .json with provenance) and return its path.
@@ -102,7 +105,8 @@ def pretrain(
     ``optimizer`` "adam" at ``lr`` (0: 2e-3, the no-DP recipe's): the run's own ``[train]`` settings
     are often those of private fine-tuning (only biases and norms, no momentum), which cannot build a
     model from random weights. SGD suits the phantoms; on real public photos (CHASE_DB1 from STARE +
-    HRF) SGD 0.3 with momentum collapsed to all-background where Adam learns."""
+    HRF) SGD 0.3 with momentum collapsed to all-background where Adam learns. ``progress`` counts
+    the training steps."""
     task = get_task(config.run.task)
     arrays, description = public_sites(config, data, sites, samples_per_site, phantom)
     parts = [(a, s) for a in arrays for s in ("train", "val") if (a.splits == s).any()]
@@ -113,7 +117,10 @@ def pretrain(
     model = task.build_model(config)
     device = resolve_device(config.train.device)
     model.to(device)
-    loader = DataLoader(dataset, batch_size=min(config.train.batch_size, len(dataset)), shuffle=True, drop_last=True)
+    batch_size = min(config.train.batch_size, len(dataset))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=_counted(progress))
+    if progress is not None:
+        progress.update(0, "pre-training steps", total=steps or epochs * len(loader))
     lr = lr or (ADAM_LR if optimizer == "adam" else config.train.lr)
     settings = dataclasses.replace(
         config.train, trainable="all", optimizer=optimizer, lr=lr, momentum=momentum,
@@ -143,3 +150,15 @@ def pretrain(
         model_to_arrays(model.cpu()),
         {"round": 0, "task": config.run.task, "config": config.to_public_dict(), "provenance": provenance},
     )
+
+
+def _counted(progress: Steps | None) -> Callable[[list[Any]], Any]:
+    """torch's default batching, counting each batch made as a step (the loader makes a batch for
+    every step and no more: one process, no prefetch)."""
+
+    def collate(samples: list[Any]) -> Any:
+        if progress is not None:
+            progress.advance()
+        return default_collate(samples)
+
+    return collate

@@ -1,10 +1,10 @@
-"""``medfed``: simulate a federation, evaluate or apply a model at a site, check or make site data."""
+"""``medfed``: simulate a federation and follow it, evaluate or apply a model at a site, check or make site data."""
 
 from __future__ import annotations
 
 import typer
 
-from medfed.cli import bench, data, evaluate, pretrain, privacy, simulate, site
+from medfed.cli import bench, data, evaluate, pretrain, privacy, simulate, site, status
 
 __all__ = ["app", "main"]
 
@@ -13,6 +13,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(site.app, name="site")
 app.add_typer(privacy.app, name="privacy")
 app.command()(simulate.simulate)
+app.command()(status.status)
 app.command()(evaluate.evaluate)
 app.command()(evaluate.predict)
 app.command()(pretrain.pretrain)

@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from medfed.cli.common import fail
+from medfed.cli.common import console, fail
+from medfed.progress import steps
 
 __all__ = ["bench"]
 
@@ -33,7 +34,9 @@ def bench(
         raise fail(f"no benchmark {name!r} in {BENCHMARKS}: expected one of {available}")
     for package in ("benchmarks", "tests"):  # tests: deployment_overhead starts processes as its tests do
         _checkout_package(package)
-    importlib.import_module(f"benchmarks.{module}").main([*(["--quick"] if quick else []), *ctx.args])
+    benchmark = importlib.import_module(f"benchmarks.{module}")
+    with steps(console, f"benchmark {module}"):
+        benchmark.main([*(["--quick"] if quick else []), *ctx.args])
 
 
 def _checkout_package(name: str) -> ModuleType:

@@ -11,6 +11,7 @@ from medfed.cli.common import console, fail, literal, with_options
 from medfed.cli.render import split_class_table
 from medfed.config import Config, ConfigError, load_config
 from medfed.display import plain
+from medfed.progress import steps
 
 if TYPE_CHECKING:
     from medfed.data.decode import Preprocess
@@ -128,7 +129,8 @@ def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
         preprocess,
         settings.channels,
     )
-    result = run_preflight(site_dir, reading)
+    with steps(console, "pre-flight check: reading every file"):
+        result = run_preflight(site_dir, reading)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {plain(warning)}")
     if result.site is None:
@@ -227,20 +229,21 @@ def import_layout(
     names = tuple(n.strip() for n in class_names.split(",") if n.strip())
     settings = _with_config(_CheckSettings(task, num_classes, image_size, spatial_dims, channels, names), config_file)
     try:
-        imported = import_site(
-            from_,
-            src,
-            out,
-            task or (settings.task if config_file is not None else ""),
-            images=images,
-            masks=masks,
-            labels=labels,
-            patient_pattern=patient_pattern,
-            seed=seed,
-            fractions=(val, test),
-            channels=settings.channels,
-            key_file=key_file,
-        )
+        with steps(console, f"importing {src.name or src} ({from_})"):
+            imported = import_site(
+                from_,
+                src,
+                out,
+                task or (settings.task if config_file is not None else ""),
+                images=images,
+                masks=masks,
+                labels=labels,
+                patient_pattern=patient_pattern,
+                seed=seed,
+                fractions=(val, test),
+                channels=settings.channels,
+                key_file=key_file,
+            )
     except (DataError, UnsafePath) as err:
         raise _import_error(str(err), 1) from err
     except (FileExistsError, FileNotFoundError, ValueError) as err:

@@ -11,6 +11,7 @@ from medfed.cli.common import console, fail
 from medfed.cli.render import metrics_table, predictions_table
 from medfed.config import ConfigError
 from medfed.display import plain
+from medfed.progress import steps
 
 __all__ = ["evaluate", "predict"]
 
@@ -55,7 +56,8 @@ def evaluate(
         raise fail(f"{data}: no samples in the {split} split")
     device = resolve_device("auto")
     cases: list[dict[str, float]] = []
-    results = evaluate_model(task, net.to(device), dataset, config, device, cases)
+    with steps(console, f"evaluating on {len(dataset)} cases"):
+        results = evaluate_model(task, net.to(device), dataset, config, device, cases)
     title = f"{model.name} (round {meta.get('round')}) on {data.name} [{split}], n={len(dataset)}"
     console.print(metrics_table(title, results))
     if out is not None:
@@ -105,7 +107,8 @@ def predict(
     from medfed.predict import predict_cases
 
     try:
-        predictions = predict_cases(model, input, out, min_score, site)
+        with steps(console, "loading the model") as progress:
+            predictions = predict_cases(model, input, out, min_score, site, progress)
     except (OSError, ValueError, KeyError) as err:  # OSError: an unwritable --out, a missing file
         raise fail(str(err)) from err
     console.print(predictions_table(f"{plain(model.name)} on {plain(input)}", predictions))

@@ -11,6 +11,7 @@ import typer
 from medfed.cli.common import console, fail, setup_logging
 from medfed.config import Config, ConfigError, load_config, parse_override
 from medfed.display import plain
+from medfed.progress import steps as progress_of
 
 __all__ = ["pretrain"]
 
@@ -67,8 +68,10 @@ def pretrain(
     if data is not None and not data.is_dir():
         raise fail(f"--data {data}: not a folder (a public site folder, or a folder of them, expected)")
     try:
-        path = run_pretrain(config, out, data, epochs=epochs, steps=steps, sites=sites, samples_per_site=samples,
-                            phantom=phantom, lr=lr, momentum=momentum, optimizer=optimizer)  # type: ignore[arg-type]  # fmt: skip
+        with progress_of(console, "pre-training: preparing the data") as progress:
+            path = run_pretrain(config, out, data, epochs=epochs, steps=steps, sites=sites, samples_per_site=samples,
+                                phantom=phantom, lr=lr, momentum=momentum, optimizer=optimizer,  # type: ignore[arg-type]
+                                progress=progress)  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         raise fail(str(err)) from err
     meta = json.loads(path.with_suffix(".json").read_text())["provenance"]

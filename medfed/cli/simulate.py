@@ -11,6 +11,7 @@ from medfed.cli.common import console, fail, setup_logging
 from medfed.cli.render import print_protocol, print_summary
 from medfed.config import Config, ConfigError, load_config, parse_override
 from medfed.display import plain
+from medfed.progress import run_rounds, steps
 from medfed.run_folder import ProtocolFolder, RunFolder
 
 __all__ = ["simulate"]
@@ -92,7 +93,8 @@ def simulate(
             raise fail(str(err), code=1) from err
     console.print(f"[bold]medfed[/] simulating [cyan]{plain(config.run.name)}[/] -> {plain(out)}")
     try:
-        report = run_simulation(config, out, state_dir, verbose, resume)
+        with run_rounds(console, out, config.run.rounds, resume, _after_rounds(config)):
+            report = run_simulation(config, out, state_dir, verbose, resume)
     except (FileNotFoundError, ValueError) as err:  # --resume without a checkpoint, or another config
         raise fail(str(err)) from err
     failure = untrained_reason(report)
@@ -103,6 +105,13 @@ def simulate(
     html = write_report(report, out, _simulated_examples(config, out))
     print_summary(console, report)
     console.print(f"report: {plain(RunFolder(out).report_json)}  {plain(html)}")
+
+
+def _after_rounds(config: Config) -> str:
+    """What a run does after its last round, as its progress says it."""
+    if config.evaluation.cross_site:
+        return "rounds done; final evaluation and each site's local-only model (cross-site matrix)"
+    return "rounds done; final evaluation"
 
 
 def _data_overrides(data: Path, config: Config) -> dict[str, Any]:
@@ -173,13 +182,21 @@ def _checked_sites(config: Config, cross_site: bool, min_sites: int) -> tuple[li
 def _run_protocol(config: Config, out: Path, replicates: int, verbose: bool) -> None:
     """``simulate --protocol cross-site``: run it, print its matrix, name its report."""
     from medfed import simulation
+    from medfed.data import simulated_site_names
     from medfed.protocol import run_cross_site_protocol
 
     console.print(f"[bold]medfed[/] cross-site protocol [cyan]{plain(config.run.name)}[/] -> {plain(out)}")
+    federations = len(simulated_site_names(config)) + 1  # the federated model, and one without each site
+
+    def federate(run_config: Config, run_dir: Path) -> dict[str, Any]:
+        with run_rounds(console, run_dir, run_config.run.rounds, after=f"{run_dir.name}: final evaluation"):
+            result = simulation.simulate(run_config, run_dir, verbose=verbose)
+        counter.advance()
+        return result
+
     try:
-        report = run_cross_site_protocol(
-            config, out, replicates, federate=lambda c, run_dir: simulation.simulate(c, run_dir, verbose=verbose)
-        )
+        with steps(console, "cross-site protocol: federations", federations) as counter:
+            report = run_cross_site_protocol(config, out, replicates, federate=federate)
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from err
     except RuntimeError as err:  # a federation that trained nothing

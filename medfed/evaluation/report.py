@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from medfed.evaluation.explain import EXAMPLE_CAPTIONS
 from medfed.run_folder import RunFolder
 from medfed.tasks import get_task
 
-__all__ = ["class_name", "json_safe", "write_report"]
+__all__ = ["class_name", "json_safe", "write_report", "write_report_page"]
 
 HEADLINE_METRICS = (
     *("auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "ece"),
@@ -44,11 +45,22 @@ def write_report(report: dict[str, Any], out_dir: str | Path, examples: dict[str
     ``examples`` maps a site to example figures (PNG paths relative to ``out_dir``) made at that
     site: Grad-CAM for classification, predicted vs reference masks for segmentation.
     """
+    folder = RunFolder(Path(out_dir))
+    folder.root.mkdir(parents=True, exist_ok=True)
+    folder.report_json.write_text(json.dumps(json_safe(report), indent=1))
+    return write_report_page(report, folder.root, examples)
+
+
+def write_report_page(
+    report: dict[str, Any], out_dir: str | Path, examples: dict[str, list[str]] | None = None
+) -> Path:
+    """Write the plots and report.html of ``report`` into ``out_dir`` (not report.json); return the
+    HTML path. A report with ``running: {"round": k, "rounds": n}`` (a run still going,
+    :func:`medfed.run_status.running_report`) gives a page marked running, which reloads itself."""
     matplotlib.use("Agg")  # figures go to files: no display needed (a server has none)
     folder = RunFolder(Path(out_dir))
     plots = folder.plots
     plots.mkdir(parents=True, exist_ok=True)
-    folder.report_json.write_text(json.dumps(json_safe(report), indent=1))
     figures = {
         "metric per round": _plot_rounds(report, plots / "metric_per_round.png"),
         "privacy spent per round": _plot_epsilon(report, plots / "epsilon_per_round.png"),
@@ -58,7 +70,9 @@ def write_report(report: dict[str, Any], out_dir: str | Path, examples: dict[str
         "reliability of the predicted probabilities": _plot_reliability(report, plots / "reliability.png"),
     }
     page = _render_html(report, {k: v.relative_to(folder.root) for k, v in figures.items() if v}, examples or {})
-    folder.report_html.write_text(page)
+    hidden = folder.report_html.with_name(f".{folder.report_html.name}")
+    hidden.write_text(page)
+    os.replace(hidden, folder.report_html)  # a browser reloading it mid-run reads a whole page
     return folder.report_html
 
 
@@ -224,7 +238,8 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dict[str, list[str]]) -> str:
     metric = report["primary_metric"]
-    per_site = report["final"]["per_site"]
+    running = report.get("running")
+    per_site = report["rounds"][-1]["metrics"] if running else report["final"]["per_site"]
     metric_names = [m for m in HEADLINE_METRICS if any(m in v for v in per_site.values())] or [metric]
     site_rows = []
     for site in report["sites"]:
@@ -235,11 +250,14 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
         site_rows.append([site, *[values.get(m) for m in metric_names], spent])
     sections = [
         f"<h1>medfed report: {html.escape(report['config']['run']['name'])}</h1>",
+        *([_running_banner(running)] if running else []),
         f"<p>Task <b>{html.escape(report['task'])}</b>, {len(report['sites'])} sites, "
         f"{len(report['rounds']) - 1} rounds, strategy {html.escape(report['config']['run']['strategy'])}, "
         f"differential privacy {'on' if report['config']['privacy']['enabled'] else '<b>off</b>'}. "
         f"Ranked by <b>{html.escape(metric)}</b>.</p>",
-        "<h2>Final global model on each site's test split</h2>",
+        f"<h2>Global model after round {running['round']} on each site's validation split</h2>"
+        if running
+        else "<h2>Final global model on each site's test split</h2>",
         _table(["site", *metric_names, "privacy ε spent"], site_rows),
     ]
     point = report["final"].get("operating_point")
@@ -362,7 +380,20 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
     sections += ["<h2>Rounds</h2>", _table(["round", "seconds", "bytes up", "bytes down"], round_rows)]
     style = (
         "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
+        ".running{background:#fff4d6;border:1px solid #e0b040;padding:8px 12px}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}"
         "th{background:#eef}td:first-child{text-align:left}img{max-width:100%}img.cam{width:180px;margin:4px}"
     )
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>medfed report</title><style>{style}</style></head><body>{''.join(sections)}</body></html>"
+    refresh = "<meta http-equiv='refresh' content='30'>" if running else ""  # a running report reloads itself
+    head = f"{refresh}<title>medfed report{' (running)' if running else ''}</title>"
+    return f"<!doctype html><html><head><meta charset='utf-8'>{head}<style>{style}</style></head><body>{''.join(sections)}</body></html>"
+
+
+def _running_banner(running: dict[str, int]) -> str:
+    """The mark of a report whose run is still going."""
+    return (
+        f"<p class='running' id='running'><b>Running: round {running['round']} of {running['rounds']} done.</b> "
+        "This page is rewritten after every round and reloads itself every 30 s; the final report (test splits, "
+        "cross-site matrix) replaces it when the run ends. <code>medfed status RUN_DIR --follow</code> follows "
+        "the run in a terminal.</p>"
+    )
