@@ -176,11 +176,11 @@ def run_federation(
         for line in state.site_dp.plan.lines():
             (log.warning if line.startswith("WARNING") else log.info)("site-level DP: %s", line)
     run = _resumed_rounds(state, folder, progress) if progress is not None else _first_evaluation(state)
-    tracker.round_done(run.history[-1], state.notes)
+    tracker.round_done(run.history[-1])
     for server_round in range(run.next_round, config.run.rounds + 1):
         _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
         _train_round(state, strategy, folder, run, server_round)
-        tracker.round_done(run.history[-1], state.notes)
+        tracker.round_done(run.history[-1])
     report = _final_report(state, folder, run.released or run.arrays, run.history)
     if progress is not None:
         report["resumed_after_round"] = progress["round"]

@@ -4,9 +4,8 @@ After every round the server hands the round's report entry to a :class:`Tracker
 at the end; the tracker logs, with the round as the step:
 
 - ``round/seconds``, ``round/bytes_up``, ``round/bytes_down``;
-- ``sites/answered`` (usable updates), ``sites/aggregated``, and ``sites/refused_so_far``,
-  ``sites/failed_so_far``, ``sites/rejected_so_far``: the sites that refused, failed or had an update
-  left out at least once so far (from the site notes the report carries);
+- ``sites/aggregated``, and ``sites/answered``, ``sites/refused``, ``sites/failed``,
+  ``sites/rejected`` (an update left out): what each site's training reply was that round;
 - per site: ``val/SITE/METRIC`` (the global model on its validation split), ``epsilon/SITE``,
   ``local_seconds/SITE``; ``site_dp/epsilon`` under site-level DP;
 - at the end: ``test/SITE/METRIC``, ``test/pooled/METRIC``.
@@ -55,8 +54,8 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TI
 class Tracker:
     """Where a run's progress goes. This base class tracks nothing (``run.tracking = "none"``)."""
 
-    def round_done(self, entry: dict[str, Any], notes: dict[str, list[str]]) -> None:
-        """Log one round's report ``entry`` (round 0: the starting model); ``notes``: the site notes so far."""
+    def round_done(self, entry: dict[str, Any]) -> None:
+        """Log one round's report ``entry`` (round 0: the starting model)."""
 
     def finished(self, report: dict[str, Any], folder: RunFolder) -> None:
         """Log the finished run's ``report`` and the files in ``folder``, and close the tracker."""
@@ -96,8 +95,8 @@ class _Guarded(Tracker):
         self.name = name
         self.inner: Tracker | None = inner
 
-    def round_done(self, entry: dict[str, Any], notes: dict[str, list[str]]) -> None:
-        self._call(lambda tracker: tracker.round_done(entry, notes))
+    def round_done(self, entry: dict[str, Any]) -> None:
+        self._call(lambda tracker: tracker.round_done(entry))
 
     def finished(self, report: dict[str, Any], folder: RunFolder) -> None:
         self._call(lambda tracker: tracker.finished(report, folder))
@@ -142,21 +141,18 @@ def _scalars(items: Iterator[tuple[str, Any]]) -> dict[str, float]:
     return {key: number for key, value in items if (number := _number(value)) is not None}
 
 
-def round_scalars(entry: dict[str, Any], notes: dict[str, list[str]]) -> dict[str, float]:
+def round_scalars(entry: dict[str, Any]) -> dict[str, float]:
     """The numbers logged for one round's report ``entry``, by name (see the module docstring)."""
 
     def items() -> Iterator[tuple[str, Any]]:
         yield "round/seconds", entry.get("seconds")
         yield "round/bytes_up", entry.get("bytes_up")
         yield "round/bytes_down", entry.get("bytes_down")
-        yield "sites/answered", len(entry.get("local_seconds", {}))
         yield "sites/aggregated", len(entry.get("sites_aggregated", []))
-        for kind, prefixes in (
-            ("refused", ("refused:",)),
-            ("failed", ("error:",)),
-            ("rejected", ("update left out", "left out of the secure sum")),
-        ):
-            yield f"sites/{kind}_so_far", sum(any(n.startswith(prefixes) for n in lines) for lines in notes.values())
+        outcomes = list(entry.get("outcomes", {}).values())  # this round's reply of each site (round 0: none)
+        for kind, outcome in (("answered", "answered"), ("refused", "refused"), ("failed", "error"),
+                              ("rejected", "rejected")):  # fmt: skip
+            yield f"sites/{kind}", outcomes.count(outcome)
         for site, metrics in entry.get("metrics", {}).items():
             for metric, value in metrics.items():
                 yield _name("val", site, metric), value
@@ -268,10 +264,10 @@ class _MLflow(Tracker):
         for start in range(0, len(items), 10 * BATCH):
             self.client.log_batch(self.run_id, metrics=items[start : start + 10 * BATCH])
 
-    def round_done(self, entry: dict[str, Any], notes: dict[str, list[str]]) -> None:
+    def round_done(self, entry: dict[str, Any]) -> None:
         step = int(entry["round"])
         if step > self.logged:  # a resumed run does not log its earlier rounds twice
-            self._log_metrics(round_scalars(entry, notes), step)
+            self._log_metrics(round_scalars(entry), step)
             self.logged = step
 
     def finished(self, report: dict[str, Any], folder: RunFolder) -> None:
@@ -302,13 +298,13 @@ class _TensorBoard(Tracker):
         self.writer: Any = None
         self.step = 0
 
-    def round_done(self, entry: dict[str, Any], notes: dict[str, list[str]]) -> None:
+    def round_done(self, entry: dict[str, Any]) -> None:
         self.step = int(entry["round"])
         if self.writer is None:  # the first round logged: round 0, or a resumed run's last checkpointed one
             self.writer = self.writer_class(str(self.log_dir), purge_step=self.step if self.resumed else None)
             self.writer.add_text("config", "\n".join(f"    {line}" for line in self.config.splitlines()), self.step)
             log.info("run.tracking: TensorBoard events in %s", self.log_dir)
-        for key, value in round_scalars(entry, notes).items():
+        for key, value in round_scalars(entry).items():
             self.writer.add_scalar(key, value, self.step)
         self.writer.flush()
 

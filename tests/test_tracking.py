@@ -64,7 +64,7 @@ def test_mlflow_gets_every_round_the_config_and_the_artifacts_through_a_resume(t
     assert metrics["round/bytes_down"] == report["rounds"][2]["bytes_down"]
     assert metrics["epsilon/alpha"] == pytest.approx(report["privacy"]["alpha"]["epsilon"])
     assert metrics["sites/answered"] == metrics["sites/aggregated"] == 1  # alpha
-    assert metrics["sites/refused_so_far"] == 1 and metrics["sites/rejected_so_far"] == 0  # beta
+    assert metrics["sites/refused"] == 1 and metrics["sites/rejected"] == 0  # beta
     assert metrics["test/alpha/loss"] == pytest.approx(report["final"]["per_site"]["alpha"]["loss"])
     assert "epsilon/beta" in metrics and "local_seconds/beta" not in metrics
 
@@ -95,7 +95,7 @@ def test_tensorboard_gets_every_round_and_the_config_through_a_resume(two_sites:
     assert [e.step for e in events.Scalars("val/alpha/auroc")] == [0, 1, 2]
     last = {key: events.Scalars(key)[-1].value for key in tags["scalars"]}
     assert last["round/bytes_up"] == report["rounds"][2]["bytes_up"] > 0
-    assert last["sites/aggregated"] == 1 and last["sites/refused_so_far"] == 1
+    assert last["sites/aggregated"] == 1 and last["sites/refused"] == 1
     assert last["epsilon/alpha"] == pytest.approx(report["privacy"]["alpha"]["epsilon"])
     assert last["test/alpha/loss"] == pytest.approx(report["final"]["per_site"]["alpha"]["loss"], rel=1e-6)
     config_text = events.Tensors("config/text_summary")[-1].tensor_proto.string_val[0].decode()
