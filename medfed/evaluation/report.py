@@ -6,11 +6,13 @@ import html
 import json
 import math
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from medfed.evaluation.explain import EXAMPLE_CAPTIONS
 from medfed.run_folder import RunFolder
@@ -69,6 +71,7 @@ def _plot_rounds(report: dict[str, Any], path: Path) -> Path:
         xs = [r["round"] for r in report["rounds"] if site in r["metrics"]]
         ys = [r["metrics"][site].get(metric, math.nan) for r in report["rounds"] if site in r["metrics"]]
         ax.plot(xs, ys, marker="o", label=site)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds, not 0.25 of one
     return _save_round_plot(fig, ax, path, f"validation {metric}", f"Global model, validation {metric} at each site")
 
 
@@ -222,6 +225,13 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _src(path: str | Path) -> str:
+    """A file's path relative to the report as an ``src`` value: percent-encoded, since a site's
+    name (a folder name, in a natural partition) is part of an example figure's file name and may
+    hold a space, ``#`` or ``%``."""
+    return html.escape(urllib.parse.quote(Path(path).as_posix()))
+
+
 def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dict[str, list[str]]) -> str:
     metric = report["primary_metric"]
     per_site = report["final"]["per_site"]
@@ -302,9 +312,7 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
             ),
         ]
     for title, rel in figures.items():
-        sections.append(
-            f"<h2>{html.escape(title.capitalize())}</h2><img src='{html.escape(str(rel))}' alt='{html.escape(title)}'>"
-        )
+        sections.append(f"<h2>{html.escape(title.capitalize())}</h2><img src='{_src(rel)}' alt='{html.escape(title)}'>")
     if examples:
         title, caption = EXAMPLE_CAPTIONS[get_task(report["task"]).TARGET]
         sections.append(
@@ -313,7 +321,7 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
             "researcher holds.</p>"
         )
         for site, images in examples.items():
-            tiles = "".join(f"<img class='cam' src='{html.escape(p)}' alt='{html.escape(site)}'>" for p in images)
+            tiles = "".join(f"<img class='cam' src='{_src(p)}' alt='{html.escape(site)}'>" for p in images)
             sections.append(f"<h3>{html.escape(site)}</h3><div>{tiles}</div>")
     if report["privacy"]:
         rows = [
@@ -363,6 +371,6 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
     style = (
         "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}"
-        "th{background:#eef}td:first-child{text-align:left}img{max-width:100%}img.cam{width:180px;margin:4px}"
+        "th{background:#eef}td:first-child{text-align:left}img{max-width:100%}img.cam{margin:4px}"
     )
     return f"<!doctype html><html><head><meta charset='utf-8'><title>medfed report</title><style>{style}</style></head><body>{''.join(sections)}</body></html>"
