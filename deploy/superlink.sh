@@ -8,7 +8,7 @@
 #       public key was registered may connect), --disable-runtime-dependency-installation (the
 #       ServerApp runs in this installation's virtualenv; nothing is downloaded at run time),
 #       ServerApps in subprocesses, and all state in --state DIR: FLWR_HOME, the SuperLink
-#       database (registered SuperNodes survive restarts), uv and Ray temp folders. A relative
+#       database (registered SuperNodes survive restarts), uv, Ray and matplotlib folders. A relative
 #       run-config `out-dir` lands under --state DIR (the SuperLink's working folder).
 #       FLAGS after `--` go to flower-superlink unchanged.
 #       --insecure: plain HTTP and no SuperNode authentication. For a throw-away test on one machine
@@ -100,8 +100,11 @@ cmd_start() {
   umask 077
   mkdir -p "$state"
   state="$(cd "$state" && pwd)"
-  mkdir -p "$state/flwr-home" "$state/uv-cache" "$state/ray-tmp" "$state/tmp"
+  mkdir -p "$state/flwr-home" "$state/uv-cache" "$state/ray-tmp" "$state/tmp" "$state/matplotlib"
   export FLWR_HOME="$state/flwr-home"
+  # the report's plots: matplotlib's font cache, made once (a read-only home, as in the container,
+  # would make every run build it again in a new temporary folder)
+  export MPLCONFIGDIR="$state/matplotlib"
   export UV_CACHE_DIR="$state/uv-cache"
   export RAY_TMPDIR="$state/ray-tmp"
   export TMPDIR="$state/tmp"

@@ -7,11 +7,13 @@ import json
 import math
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from medfed.evaluation.explain import EXAMPLE_CAPTIONS
 from medfed.run_folder import RunFolder
@@ -83,6 +85,7 @@ def _plot_rounds(report: dict[str, Any], path: Path) -> Path:
         xs = [r["round"] for r in report["rounds"] if site in r["metrics"]]
         ys = [r["metrics"][site].get(metric, math.nan) for r in report["rounds"] if site in r["metrics"]]
         ax.plot(xs, ys, marker="o", label=site)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds, not 0.25 of one
     return _save_round_plot(fig, ax, path, f"validation {metric}", f"Global model, validation {metric} at each site")
 
 
@@ -236,6 +239,13 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _src(path: str | Path) -> str:
+    """A file's path relative to the report as an ``src`` value: percent-encoded, since a site's
+    name (a folder name, in a natural partition) is part of an example figure's file name and may
+    hold a space, ``#`` or ``%``."""
+    return html.escape(urllib.parse.quote(Path(path).as_posix()))
+
+
 def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dict[str, list[str]]) -> str:
     metric = report["primary_metric"]
     running = report.get("running")
@@ -320,9 +330,7 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
             ),
         ]
     for title, rel in figures.items():
-        sections.append(
-            f"<h2>{html.escape(title.capitalize())}</h2><img src='{html.escape(str(rel))}' alt='{html.escape(title)}'>"
-        )
+        sections.append(f"<h2>{html.escape(title.capitalize())}</h2><img src='{_src(rel)}' alt='{html.escape(title)}'>")
     if examples:
         title, caption = EXAMPLE_CAPTIONS[get_task(report["task"]).TARGET]
         sections.append(
@@ -331,7 +339,7 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
             "researcher holds.</p>"
         )
         for site, images in examples.items():
-            tiles = "".join(f"<img class='cam' src='{html.escape(p)}' alt='{html.escape(site)}'>" for p in images)
+            tiles = "".join(f"<img class='cam' src='{_src(p)}' alt='{html.escape(site)}'>" for p in images)
             sections.append(f"<h3>{html.escape(site)}</h3><div>{tiles}</div>")
     if report["privacy"]:
         rows = [
@@ -382,7 +390,7 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
         "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
         ".running{background:#fff4d6;border:1px solid #e0b040;padding:8px 12px}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}"
-        "th{background:#eef}td:first-child{text-align:left}img{max-width:100%}img.cam{width:180px;margin:4px}"
+        "th{background:#eef}td:first-child{text-align:left}img{max-width:100%}img.cam{margin:4px}"
     )
     refresh = "<meta http-equiv='refresh' content='30'>" if running else ""  # a running report reloads itself
     head = f"{refresh}<title>medfed report{' (running)' if running else ''}</title>"
