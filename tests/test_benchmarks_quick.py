@@ -28,7 +28,7 @@ def _bench(name: str, tmp_path: Path) -> dict:
     assert (tmp_path / "results" / "plots" / f"{stem}.png").stat().st_size > 1000
     result = json.loads((tmp_path / "results" / f"{stem}.json").read_text())
     assert result["benchmark"] == name and result["quick"] is True
-    rows = list(readme_table.FORMATS[name](result))
+    rows = list(readme_table.FORMATS[name.replace("_", "-")](result))
     assert rows and all(len(row) == 3 and "nan" not in row[2] for row in rows)
     return result
 
