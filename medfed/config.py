@@ -40,6 +40,7 @@ __all__ = [
     "require",
     "load_config",
     "parse_override",
+    "finite_number",
 ]
 
 # The networks ``model.name`` may pick, per task; the first is the task's default.
@@ -944,17 +945,17 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise invalid("a number")
-        number = _finite(value)
+        number = finite_number(value)
         if number is None:
             raise invalid("a finite number")
         return number
     if hint == tuple[float, float]:
-        numbers = [_finite(v) for v in value] if isinstance(value, (list, tuple)) and len(value) == 2 else [None]
+        numbers = [finite_number(v) for v in value] if isinstance(value, (list, tuple)) and len(value) == 2 else [None]
         if any(v is None for v in numbers):
             raise invalid("two finite numbers [low, high]")
         return tuple(numbers)
     if hint == tuple[float, ...]:
-        numbers = [_finite(v) for v in value] if isinstance(value, (list, tuple)) and len(value) <= 3 else [None]
+        numbers = [finite_number(v) for v in value] if isinstance(value, (list, tuple)) and len(value) <= 3 else [None]
         if any(v is None for v in numbers):
             raise invalid("a list of at most 3 finite numbers")
         return tuple(numbers)
@@ -982,7 +983,7 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     raise TypeError(f"unsupported config type for {key}: {hint}")  # pragma: no cover
 
 
-def _finite(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """``value`` as a finite float, or None when it is not a number (a bool is not) or not finite."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None

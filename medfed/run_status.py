@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from medfed.config import Config, ConfigError
+from medfed.config import Config, ConfigError, finite_number
 from medfed.run_folder import RunFolder
 
 __all__ = [
@@ -144,13 +143,6 @@ def _kind(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _number(value: Any) -> float | None:
-    """A finite number, else None (JSON null for NaN, or a hostile value)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
 def _table(value: Any) -> dict[str, Any]:
     return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
 
@@ -189,7 +181,8 @@ def _from_report(folder: RunFolder, doc: dict[str, Any], updated: float) -> RunS
     metric = _field(doc, "primary_metric", str, path)
     privacy = {site: _table(p) for site, p in _table(doc.get("privacy")).items()}
     final = {
-        site: _number(_table(m).get(metric)) for site, m in _table(_table(doc.get("final")).get("per_site")).items()
+        site: finite_number(_table(m).get(metric))
+        for site, m in _table(_table(doc.get("final")).get("per_site")).items()
     }
     return _status(folder, run["name"], task, metric, rounds, FINISHED, _rounds(doc, path), privacy, final, updated)
 
@@ -228,15 +221,15 @@ def _status(
             site=site,
             outcome=outcomes.get(site, "not sampled" if "outcomes" in last and last["round"] > 0 else ""),
             aggregated=site in aggregated,
-            epsilon=_number(privacy.get(site, {}).get("epsilon")),
-            budget=_number(privacy.get(site, {}).get("budget")),
-            metric=_number(metrics.get(site, {}).get(metric)),
-            local_seconds=_number(local.get(site)),
+            epsilon=finite_number(privacy.get(site, {}).get("epsilon")),
+            budget=finite_number(privacy.get(site, {}).get("budget")),
+            metric=finite_number(metrics.get(site, {}).get(metric)),
+            local_seconds=finite_number(local.get(site)),
             test_metric=final.get(site),
         )
         for site in sorted(names)
     )
-    durations = [s for entry in rounds if entry["round"] > 0 and (s := _number(entry.get("seconds"))) is not None]
+    durations = [s for entry in rounds if entry["round"] > 0 and (s := finite_number(entry.get("seconds"))) is not None]
     per_round = sum(durations) / len(durations) if durations else None
     done = last["round"]
     left = per_round * max(total - done, 0) if per_round is not None and state == RUNNING else None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -33,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from medfed.config import Config, ConfigError
+from medfed.config import Config, ConfigError, finite_number
 from medfed.run_folder import RunFolder
 
 __all__ = ["Tracker", "check_tracking", "open_tracker", "config_params", "round_scalars", "final_scalars"]
@@ -126,19 +125,8 @@ def _name(*parts: str) -> str:
     return "/".join(cleaned)[:MAX_KEY]
 
 
-def _number(value: Any) -> float | None:
-    """``value`` as a finite float, or None (a bool, text, NaN or infinity is not logged)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond the float range
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _scalars(items: Iterator[tuple[str, Any]]) -> dict[str, float]:
-    return {key: number for key, value in items if (number := _number(value)) is not None}
+    return {key: number for key, value in items if (number := finite_number(value)) is not None}
 
 
 def round_scalars(entry: dict[str, Any]) -> dict[str, float]:
