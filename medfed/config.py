@@ -261,7 +261,9 @@ class DataConfig:
     (partitions and seeds follow the full list of sites), and at least ``run.min-sites`` remain.
 
     ``num-classes`` counts the classes a model tells apart: for segmentation including background
-    (class 0), for detection the object classes only. ``class-names`` (optional; required by
+    (class 0), for detection the object classes only. ``multi-label`` (classification): each image
+    holds any number of the ``num-classes`` findings (a chest film with several), each learnt as its
+    own yes/no with a sigmoid output; a manifest ``label`` cell lists them joined by ``|``. ``class-names`` (optional; required by
     detection data that name their classes, e.g. VOC) gives one name per class index.
 
     Images are resampled to ``image-size`` pixels along each of ``spatial-dims`` axes (2: images,
@@ -301,6 +303,7 @@ class DataConfig:
     site: tuple[SiteSource, ...] = ()
     max_pixels: int = 64 * 1024 * 1024
     leave_out: tuple[str, ...] = ()
+    multi_label: bool = False
 
     def __post_init__(self) -> None:
         for key, text in (("data.path", self.path), ("data.images", self.images), ("data.masks", self.masks)):
@@ -573,6 +576,9 @@ class EvaluationConfig:
     validation split (a scanner may shift every score a little), used for that site's test
     metrics and kept in the checkpoint by site name (``--site`` of ``medfed evaluate``/``predict``);
     a site whose validation split holds one class uses the pooled one. ``"pooled"``: one for all.
+    Multi-label classification (``data.multi-label``) has one threshold per label instead,
+    ``label-thresholds`` (empty: each chosen the same way, per label, on the pooled validation
+    splits), kept in the checkpoint likewise.
     ``min-structure-size`` (pixels or voxels; 0: off) removes smaller connected components from
     predicted segmentation masks before structures are counted and measured.
     """
@@ -584,8 +590,15 @@ class EvaluationConfig:
     target_sensitivity: float = 0.0
     operating_point: Literal["site", "pooled"] = "site"
     min_structure_size: int = 0
+    label_thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        require(
+            all(0 < t < 1 for t in self.label_thresholds),
+            "evaluation.label-thresholds",
+            list(self.label_thresholds),
+            "[] (chosen on validation data) or one probability in (0, 1) per label",
+        )
         require(
             0 <= self.threshold < 1,
             "evaluation.threshold",
@@ -651,6 +664,8 @@ class Config:
             f"one of {list(task.SPATIAL_DIMS)} for run.task = '{self.run.task}'",
         )
         task.check_config(self)
+        require(not self.data.multi_label or self.run.task == "classification", "data.multi-label", True,
+                f"false for run.task = '{self.run.task}' (several labels per image are for classification)")  # fmt: skip
         require(not (self.run.secure_aggregation and self.evaluation.cross_site), "evaluation.cross-site", True,
                 "false with run.secure-aggregation = true (the cross-site matrix sends each site's local-only "
                 "model to the coordinator unmasked)")  # fmt: skip
@@ -793,6 +808,9 @@ def _recipe(raw: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
         else True
     )
     recipe = RECIPES.get((task, private), RECIPES[("classification", private)])  # type: ignore[arg-type]
+    data = raw.get("data", {})
+    if isinstance(data, dict) and data.get("multi-label") is True:  # class frequencies mean nothing there
+        recipe = {**recipe, "logit-adjust": False}
     return {key: recipe[key] for key in keys}
 
 

@@ -379,7 +379,7 @@ def _final_report(
     config = state.config
     task = get_task(config.run.task)
     operating = _operating_point(state, arrays)
-    released_config = config.with_overrides({"evaluation.threshold": operating["threshold"]}) if operating else config
+    released_config = config.with_overrides(_operating_overrides(operating)) if operating else config
     site_thresholds = {site: p["threshold"] for site, p in operating.get("per_site", {}).items()}
     save_checkpoint(
         folder.global_model,
@@ -388,7 +388,7 @@ def _final_report(
          "metrics": rounds[-1]["metrics"], "site_thresholds": site_thresholds},
     )  # fmt: skip
     thresholds = {site: {wire.THRESHOLD: t} for site, t in site_thresholds.items()}
-    at_threshold = {wire.THRESHOLD: operating["threshold"]} if operating else {}
+    at_threshold = _operating_settings(operating)
     per_site = _evaluate(state, arrays, "test", _Traffic(), thresholds, {**at_threshold, wire.SCORE_COUNTS: True})
     pooled = task.pooled_metrics(per_site, released_config)
     per_site = {site: {k: v for k, v in m.items() if not k.startswith("score_")} for site, m in per_site.items()}
@@ -633,6 +633,8 @@ def _operating_point(state: _RunState, arrays: ArrayRecord) -> dict[str, Any]:
     settings = state.config.evaluation
     if settings.threshold:
         return {"threshold": settings.threshold, "method": "evaluation.threshold"}
+    if settings.label_thresholds:
+        return {"label_thresholds": list(settings.label_thresholds), "method": "evaluation.label-thresholds"}
     counts = _evaluate(state, arrays, "val", _Traffic(), settings={wire.SCORE_COUNTS: True})
     task = get_task(state.config.run.task)
     chosen: dict[str, Any] = task.operating_point(counts, state.config)
@@ -640,12 +642,32 @@ def _operating_point(state: _RunState, arrays: ArrayRecord) -> dict[str, Any]:
         return {}
     target = settings.target_sensitivity
     method = f"highest threshold with sensitivity >= {target:g}" if target else "Youden's J"
-    log.info("operating threshold %.4f (%s on the validation splits)", chosen["threshold"], method)
+    if "label_thresholds" in chosen:
+        shown = ", ".join(f"{t:.4f}" for t in chosen["label_thresholds"])
+        log.info("operating thresholds per label %s (%s on the validation splits)", shown, method)
+    else:
+        log.info("operating threshold %.4f (%s on the validation splits)", chosen["threshold"], method)
     chosen["method"] = f"{method}, validation splits of {len(counts)} site(s) pooled"
-    if settings.operating_point == "site":  # each site's own, where its validation split allows
+    if settings.operating_point == "site" and "threshold" in chosen:  # each site's own, where its data allow
         per_site = {site: task.operating_point({site: values}, state.config) for site, values in counts.items()}
         chosen["per_site"] = {site: point for site, point in per_site.items() if point}
     return chosen
+
+
+def _operating_overrides(operating: dict[str, Any]) -> dict[str, Any]:
+    """The config settings of an operating point: one threshold, or one per label (multi-label)."""
+    if "label_thresholds" in operating:
+        return {"evaluation.label-thresholds": operating["label_thresholds"]}
+    return {"evaluation.threshold": operating["threshold"]}
+
+
+def _operating_settings(operating: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation request settings that make a site score at ``operating`` ({}: none chosen)."""
+    if not operating:
+        return {}
+    if "label_thresholds" in operating:
+        return {wire.LABEL_THRESHOLDS: json.dumps(operating["label_thresholds"])}
+    return {wire.THRESHOLD: operating["threshold"]}
 
 
 def _evaluate(

@@ -9,11 +9,19 @@ segmentation model writes, under the output folder:
   input is DICOM;
 - ``<case>_overlay.png``: the prediction over the image (the slice with most foreground in 3D);
 - one row of ``quantification.csv``: structure count and area (mm²) or volume (mL) measured
-  with the input's real voxel size.
+  with the input's real voxel size; for CT (DICOM Modality CT, or ``data.modality = "CT"``) also
+  the density of the predicted foreground, ``hu_mean``, ``hu_std``, ``hu_min``, ``hu_max`` in
+  Hounsfield units as stored (after the DICOM rescale slope and intercept, before any windowing),
+  and of each class when the model tells several apart (``hu_mean_<class>``, ...); ``n/a`` for
+  other modalities and for an empty prediction.
 
 A classification model writes one row of ``predictions.csv`` per case: the probability of each
 class and the call, made at the operating threshold stored with the model (binary tasks: the
-threshold chosen on the sites' validation splits, ``evaluation.threshold``).
+threshold chosen on the sites' validation splits, ``evaluation.threshold``). A multi-label model
+writes per case each finding's probability, its call (1: present) at that finding's threshold
+stored with the model (``evaluation.label-thresholds``) and the threshold, the findings called
+present (joined by ``|``, or ``none``), and ``<case>_gradcam.png``: the Grad-CAM saliency of each
+finding called present (of the most probable one when none is).
 
 A detection model writes ``<case>_overlay.png`` (the boxes over the image) and rows of
 ``detections.csv``: case, class, score and the box corners in the input image's own pixels, for
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,10 +42,10 @@ import torch
 from medfed.config import Config
 from medfed.data.decode import Geometry, Preprocess, from_model_grid, is_photo, load_image, model_input
 from medfed.data.medical_io import Scan, read_channels, write_dicom_seg, write_nifti_mask
-from medfed.evaluation.quantify import quantify_case, remove_small_structures, size_unit
+from medfed.evaluation.quantify import HU_STATISTICS, density, quantify_case, remove_small_structures, size_unit
 from medfed.progress import Steps, tracked
 from medfed.tasks import get_task, predict
-from medfed.tasks.classification import calls, operating_threshold
+from medfed.tasks.classification import calls, explain_layer, label_thresholds, operating_threshold
 from medfed.training import resolve_device
 from medfed.weights import CheckpointError, checkpoint_config, load_checkpoint, load_state
 
@@ -68,6 +76,7 @@ class CaseResult:
     unit: str
     call: str = ""
     probability: float = float("nan")
+    density: dict[str, float] = field(default_factory=dict)
 
 
 # The table ``predict_cases`` writes in its output folder, per task.
@@ -237,6 +246,7 @@ def _segment_cases(
     structures' count and size in ``table``."""
     out_dir = table.parent
     names = {k: f"class {k}" for k in range(1, config.data.num_classes)}
+    preprocess = Preprocess.from_config(config.data)
     results = []
     for case, scan in scans:
         mask = segment_scan(case, scan, config, model)
@@ -247,15 +257,45 @@ def _segment_cases(
         squeezed = [s for s, n in zip(scan.spacing, scan.array.shape, strict=True) if n > 1]
         measured = quantify_case(mask.squeeze(), None, squeezed)
         unit = size_unit(config.data.spatial_dims)
-        results.append(CaseResult(scan.name, outputs, int(measured["count"]), measured["size"], unit))
-    _write_table(table, results)
+        hu = foreground_density(mask, scan, config) if preprocess.is_ct(scan) and not is_photo(case) else {}
+        results.append(CaseResult(scan.name, outputs, int(measured["count"]), measured["size"], unit, density=hu))
+    _write_table(table, results, density_columns(config))
     return results
+
+
+def density_columns(config: Config) -> list[str]:
+    """The density columns of ``quantification.csv``: :data:`HU_STATISTICS` of the foreground, then
+    of each class when the model tells several apart (``hu_mean_<class name>``, ...)."""
+    classes = _class_labels(config)
+    return [*HU_STATISTICS, *(f"{stat}_{name}" for name in classes.values() for stat in HU_STATISTICS)]
+
+
+def _class_labels(config: Config) -> dict[int, str]:
+    """Column suffixes of the foreground classes, when there are several: class names (spaces as
+    ``_``) or ``class_k``."""
+    if config.data.num_classes <= 2:
+        return {}
+    named = config.data.class_names
+    return {k: (named[k] if named else f"class {k}").replace(" ", "_") for k in range(1, config.data.num_classes)}
+
+
+def foreground_density(mask: np.ndarray, scan: Scan, config: Config) -> dict[str, float]:
+    """Hounsfield-unit statistics of ``scan`` (its values as read: DICOM after rescale slope and
+    intercept, NIfTI as stored) inside the predicted foreground of ``mask`` (on the scan's grid),
+    and inside each class when there are several; keyed by :func:`density_columns`."""
+    values = scan.array.reshape(mask.shape)
+    out = density(values, mask > 0)
+    for k, name in _class_labels(config).items():
+        out.update({f"{stat}_{name}": v for stat, v in density(values, mask == k).items()})
+    return out
 
 
 def _classify_cases(
     scans: Iterable[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path
 ) -> list[CaseResult]:
     """``table``: per case the class probabilities and the call at the model's threshold."""
+    if config.data.multi_label:
+        return _classify_multilabel_cases(scans, config, model, table)
     names = config.data.class_names or tuple(f"class {k}" for k in range(config.data.num_classes))
     binary = config.data.num_classes == 2
     threshold = operating_threshold(config)
@@ -268,6 +308,46 @@ def _classify_cases(
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["case", "call", *(f"p_{name.replace(' ', '_')}" for name in names), "threshold"])
+        writer.writerows(rows)
+    return results
+
+
+def _classify_multilabel_cases(
+    scans: Iterable[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path
+) -> list[CaseResult]:
+    """``table``: per case each finding's probability, call and threshold; a Grad-CAM figure beside it."""
+    import matplotlib.pyplot as plt
+
+    from medfed.evaluation.explain import label_saliency_figure
+
+    names = config.data.class_names or tuple(f"class {k}" for k in range(config.data.num_classes))
+    columns = [name.replace(" ", "_") for name in names]
+    thresholds = label_thresholds(config)
+    results, rows = [], []
+    device = next(model.parameters()).device
+    for case, scan in scans:
+        image, _ = _model_image(case, scan, config)
+        batch = torch.as_tensor(image)[None].to(device)
+        probs = predict(get_task("classification"), model, batch, config)[0].cpu().numpy()
+        called = probs >= thresholds
+        findings = "|".join(names[k] for k in np.flatnonzero(called)) or "none"
+        shown = [(int(k), names[k], float(probs[k])) for k in np.flatnonzero(called)] or [
+            (int(probs.argmax()), names[int(probs.argmax())], float(probs.max()))
+        ]
+        with torch.enable_grad():
+            fig = label_saliency_figure(model, explain_layer(config), batch, shown, f"{scan.name}: {findings}")
+        figure = table.parent / f"{scan.name}_gradcam.png"
+        fig.savefig(figure, dpi=120)
+        plt.close(fig)
+        rows.append([scan.name, findings, *(f"{p:.4f}" for p in probs), *(str(int(c)) for c in called),
+                     *(f"{t:.4f}" for t in thresholds)])  # fmt: skip
+        top = int(probs.argmax())
+        results.append(CaseResult(scan.name, [table, figure], int(called.sum()), float("nan"), "findings",
+                                  findings, float(probs[top])))  # fmt: skip
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case", "findings", *(f"p_{c}" for c in columns), *(f"call_{c}" for c in columns),
+                         *(f"threshold_{c}" for c in columns)])  # fmt: skip
         writer.writerows(rows)
     return results
 
@@ -323,9 +403,15 @@ def _overlay(scan: Scan, mask: np.ndarray, path: Path) -> Path:
     return path
 
 
-def _write_table(path: Path, results: list[CaseResult]) -> None:
+def _write_table(path: Path, results: list[CaseResult], densities: list[str]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["case", "structures", "size", "unit", "mask"])
+        writer.writerow(["case", "structures", "size", "unit", "mask", *densities])
         for r in results:
-            writer.writerow([r.case, r.count, f"{r.size:.4f}", r.unit, r.outputs[0].name])
+            hu = [_shown_density(r.density.get(column, float("nan"))) for column in densities]
+            writer.writerow([r.case, r.count, f"{r.size:.4f}", r.unit, r.outputs[0].name, *hu])
+
+
+def _shown_density(value: float) -> str:
+    """A density cell: Hounsfield units to 0.01, or ``n/a`` (not CT, or nothing predicted)."""
+    return f"{value:.2f}" if np.isfinite(value) else "n/a"

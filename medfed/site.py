@@ -546,6 +546,9 @@ def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
         )
     if wire.THRESHOLD in settings:  # the operating point the server chose on the validation splits
         config = config.with_overrides({"evaluation.threshold": float(wire.setting(settings, wire.THRESHOLD))})
+    if wire.LABEL_THRESHOLDS in settings:  # multi-label: each label's
+        chosen = json.loads(str(wire.setting(settings, wire.LABEL_THRESHOLDS)))
+        config = config.with_overrides({"evaluation.label-thresholds": chosen})
     task = get_task(config.run.task)
     device = resolve_device(config.train.device)
     model = _received_model(task, config, msg)

@@ -259,7 +259,7 @@ def evaluate(
         outputs = task.infer(model, batch["image"], config)
         loss_sum += float(task.loss(outputs, batch)) * len(outputs)
         count += len(outputs)
-        accumulator.update(task.decode(outputs), batch)
+        accumulator.update(task.decode(outputs, config), batch)
     results = accumulator.compute()
     results["loss"] = loss_sum / max(count, 1)
     if score_counts and hasattr(accumulator, "score_counts"):

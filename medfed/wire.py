@@ -53,6 +53,7 @@ __all__ = [
     "STATUSES",
     "STEPS",
     "THRESHOLD",
+    "LABEL_THRESHOLDS",
     "TRAIN_LOSS",
     "MalformedReply",
     "SiteReply",
@@ -79,6 +80,7 @@ SERVER_ROUND = "server-round"  # train: the round (Flower's strategies set it)
 PROXIMAL_MU = "proximal-mu"  # train: FedProx's proximal term (Flower's FedProx sets it)
 SPLIT = "split"  # evaluate: "val" or "test"
 THRESHOLD = "threshold"  # evaluate: the operating threshold the server chose
+LABEL_THRESHOLDS = "label-thresholds"  # evaluate: multi-label, each label's threshold (a JSON list)
 SCORE_COUNTS = "score-counts"  # evaluate: also send counts of cases per score bin
 
 PHASE_FEDERATED = "federated"  # one round of the federation

@@ -1,6 +1,8 @@
 """A site folder on disk: ``manifest.csv`` plus the image files it names (design.md).
 
-Columns: ``image`` (path relative to the folder), the target (``label``: a class index, or
+Columns: ``image`` (path relative to the folder), the target (``label``: a class index; with
+``data.multi-label`` the findings of the image joined by ``|``, each a class index or a name from
+``data.class-names``, e.g. ``effusion|nodule``, or ``none`` for an image without any; or
 ``mask``: a label-mask file of the image's size, 0 = background), ``split``
 (train/val/test) and optional ``patient_id`` (used only to keep a patient in one split; it never
 leaves the site), ``spacing`` (mm per pixel, for files that do not state it) and ``modality``
@@ -83,6 +85,7 @@ class SiteReading:
     class_names: tuple[str, ...] = ()
     preprocess: Preprocess = DEFAULT_PREPROCESS
     channels: int = 1
+    multi_label: bool = False
 
     @classmethod
     def from_config(cls, data: DataConfig, target: str) -> SiteReading:
@@ -95,6 +98,7 @@ class SiteReading:
             data.class_names,
             Preprocess.from_config(data),
             data.channels,
+            data.multi_label,
         )
 
     def key(self) -> tuple:
@@ -151,7 +155,9 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
         loaded: tuple[np.ndarray, tuple[float, ...]] | tuple[np.ndarray, tuple[float, ...], Geometry] | None
         if row["split"] not in SPLITS:
             problems.append(DataProblem(where, f"split {row['split']!r} is not one of {list(SPLITS)}"))
-        if target == "label":
+        if target == "label" and reading.multi_label:
+            value = _parse_labels(row["label"], num_classes, reading.class_names, where, problems)
+        elif target == "label":
             value = _parse_label(row["label"], num_classes)
             if value is None:
                 problems.append(
@@ -341,6 +347,8 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
                     )
             elif boxes:
                 box_rows.extend((rel, Box(int(row[4]), *map(float, row[:4]))) for row in target if row[4] >= 0)
+            elif np.ndim(target) == 1:  # multi-label: the findings present, joined by |
+                value = "|".join(str(k) for k in np.flatnonzero(target)) or NO_FINDING
             else:
                 value = str(int(target))
             pid = site.patient_ids[i] if site.patient_ids is not None else ""
@@ -386,6 +394,36 @@ def _parse_label(text: str, num_classes: int) -> int | None:
     except ValueError:
         return None
     return value if 0 <= value < num_classes else None
+
+
+NO_FINDING = "none"  # a multi-label cell of an image without any finding
+
+
+def _parse_labels(
+    text: str, num_classes: int, class_names: tuple[str, ...], where: str, problems: list[DataProblem]
+) -> np.ndarray | None:
+    """A multi-label cell as a multi-hot vector ``(num_classes,)``: findings joined by ``|``, each a
+    class index or name, or ``none``; else None, with the problem recorded."""
+    vector = np.zeros(num_classes, dtype=np.int64)
+    if text.strip().lower() == NO_FINDING:
+        return vector
+    known = f"class indices 0..{num_classes - 1}" + (f" or names {list(class_names)}" if class_names else "")
+    parts = [part.strip() for part in text.split("|")]
+    for part in parts:
+        if part in class_names:
+            k = class_names.index(part)
+        elif part.isascii() and part.isdigit() and int(part) < num_classes:
+            k = int(part)
+        else:
+            what = "an empty finding" if not part else f"{part!r} is no known finding"
+            problems.append(DataProblem(where, f"label {text!r}: {what}; expected {known} joined by '|', or "
+                                               f"'{NO_FINDING}' for an image without any finding"))  # fmt: skip
+            return None
+        if vector[k]:
+            problems.append(DataProblem(where, f"label {text!r} names finding {part!r} twice"))
+            return None
+        vector[k] = 1
+    return vector
 
 
 def _patient_leaks(rows: list[dict[str, str]]) -> list[DataProblem]:

@@ -145,6 +145,8 @@ def site_findings(
     elif site.target_key == "boxes":
         present = {int(c) + 1 for c in np.unique(site.targets[train][..., 4]) if c >= 0} | {0}
         num_classes += 1  # class 0 stands for "no box" here
+    elif site.targets.ndim == 2:  # multi-label: multi-hot rows, one column per finding
+        present = set(np.flatnonzero(site.targets[train].any(axis=0)).tolist()) if train.any() else set()
     else:
         present = set(np.unique(site.targets[train]).tolist())
     missing = sorted(set(range(num_classes)) - present)

@@ -17,7 +17,7 @@ from medfed.data.manifest import SiteReading, folder_signature, read_site
 from medfed.data.medmnist import read_medmnist
 from medfed.data.pairs import ImagePair, deal_to_sites, find_pairs, read_pairs
 from medfed.data.partition import assign_splits, dirichlet_partition, iid_partition
-from medfed.data.synthetic import with_channels
+from medfed.data.synthetic import synthetic_multilabel_site, with_channels
 from medfed.data.vocabulary import MANIFEST
 from medfed.tasks import get_task
 
@@ -140,7 +140,10 @@ def _load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
     index = names.index(kept[index])
     task = get_task(config.run.task)
     target = task.TARGET
-    if data.source == "synthetic":
+    if data.source == "synthetic" and data.multi_label:
+        site = synthetic_multilabel_site(index, data.samples_per_site, data.image_size, data.num_classes,
+                                         config.run.seed)  # fmt: skip
+    elif data.source == "synthetic":
         site = task.synthetic_site(
             index,
             data.samples_per_site,

@@ -4,7 +4,8 @@ Each site draws its own acquisition shift (intensity scale/offset, gamma, noise,
 resolution) and class prevalence, so a model trained at one site degrades at another, which is
 the problem federation addresses. Classes are lesion shapes on a smooth anatomical background:
 class 0 has no lesion, class 1 a bright blob, class 2 a ring, class 3 a bar, and so on. Detection
-sites hold several such objects per image, with their bounding boxes. Vessel sites hold
+sites hold several such objects per image, with their bounding boxes; multi-label sites hold the
+same objects, each finding present or not independently, labelled by which are present. Vessel sites hold
 fundus-like images: a field of view with an optic disc and a branching tree of dark vessels whose
 masks are the segmentation target (public pre-training for retinal vessel segmentation). Nuclei
 sites hold microscopy-like fields crowded with small textured blobs; organ sites hold a body with a
@@ -25,6 +26,7 @@ __all__ = [
     "ScannerShift",
     "site_shift",
     "synthetic_detection_site",
+    "synthetic_multilabel_site",
     "synthetic_nuclei_site",
     "synthetic_organ_site",
     "synthetic_segmentation_site",
@@ -161,6 +163,37 @@ def synthetic_detection_site(
     splits = _splits(num_samples, split_fractions, rng)
     spacing = np.tile(np.asarray(shift.spacing(2), dtype=np.float32), (num_samples, 1))
     return SiteArrays(np.stack(images)[:, None], targets, splits, target_key="boxes", spacing=spacing)
+
+
+def synthetic_multilabel_site(
+    site_index: int,
+    num_samples: int,
+    image_size: int = 32,
+    num_classes: int = 3,
+    seed: int = 0,
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+) -> SiteArrays:
+    """Generate one site's 2D images ``(N, 1, S, S)`` holding any of ``num_classes`` findings, and
+    multi-hot targets ``(N, num_classes)``.
+
+    Finding k is the object of class k of :func:`synthetic_detection_site` (a disc, a ring or a
+    bar, brighter for every further three); each is present independently, with a prevalence the
+    site draws per finding in [0.15, 0.5]. A finding that finds no room in the image is left out
+    of the image and of its target.
+    """
+    shift = site_shift(site_index, num_classes, seed)
+    rng = np.random.default_rng([seed, site_index, 23])
+    prevalence = rng.uniform(0.15, 0.5, num_classes)
+    images, targets = [], np.zeros((num_samples, num_classes), dtype=np.int64)
+    for i in range(num_samples):
+        image, body, grid, _, _ = _background(image_size, rng, 2)
+        for label, intensity in _place_objects(np.flatnonzero(rng.random(num_classes) < prevalence), grid, body, rng):
+            image = image + intensity
+            targets[i, label] = 1
+        images.append(_apply_shift(image, shift, rng))
+    splits = _splits(num_samples, split_fractions, rng)
+    spacing = np.tile(np.asarray(shift.spacing(2), dtype=np.float32), (num_samples, 1))
+    return SiteArrays(np.stack(images)[:, None], targets, splits, spacing=spacing)
 
 
 def _place_objects(

@@ -34,7 +34,7 @@ def _predictions(task: Task, model: nn.Module, dataset: Dataset, config: Config)
     model.eval()
     predictions, targets = [], []
     for batch in DataLoader(dataset, batch_size=config.evaluation.batch_size, shuffle=False):
-        predictions.append(task.decode(task.infer(model, batch["image"], config)).cpu())
+        predictions.append(task.decode(task.infer(model, batch["image"], config), config).cpu())
         targets.append({k: v for k, v in batch.items() if k != "image"})
     return torch.cat(predictions), {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
 

@@ -1,6 +1,7 @@
 """Example figures of a model on a few test images, made where the images are.
 
-Classification: Grad-CAM saliency (monai.visualize) beside the image. Segmentation: the
+Classification: Grad-CAM saliency (monai.visualize) beside the image; multi-label, one
+saliency map per finding called present (else for the most probable one). Segmentation: the
 predicted mask against the reference mask. Detection: predicted boxes against reference boxes. These pictures contain patient images, so they are
 written only to a folder at the site (or the researcher's machine in a simulation); nothing here
 is ever sent to the server.
@@ -21,8 +22,17 @@ from torch import nn
 from medfed.config import Config
 from medfed.data.arrays import ArrayDataset
 from medfed.tasks import Task, predict
+from medfed.tasks.classification import label_thresholds
 
-__all__ = ["EXAMPLE_CAPTIONS", "boxes_figure", "busiest_slice", "display_gray", "example_images", "mask_overlay_figure"]
+__all__ = [
+    "EXAMPLE_CAPTIONS",
+    "boxes_figure",
+    "busiest_slice",
+    "display_gray",
+    "example_images",
+    "label_saliency_figure",
+    "mask_overlay_figure",
+]
 
 SHOWN_SCORE = 0.3
 
@@ -62,6 +72,8 @@ def example_images(
         elif target == "boxes":
             detections = predict(task, model, image, config)[0].numpy()
             fig = boxes_figure(display_gray(image[0]), detections, sample["boxes"].numpy(), config.data.class_names)
+        elif hasattr(task, "explain_layer") and config.data.multi_label:
+            fig = _multilabel_figure(task, model, image, sample["label"], config)
         elif hasattr(task, "explain_layer"):
             fig = _gradcam_figure(model, task.explain_layer(config), image, int(sample["label"]))
         else:
@@ -85,6 +97,37 @@ def _gradcam_figure(model: nn.Module, layer: str, image: torch.Tensor, label: in
     axes[1].imshow(saliency, cmap="jet", alpha=0.45)
     axes[1].set_title(f"pred {predicted} (p={float(probs[predicted]):.2f})", fontsize=8)
     for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _multilabel_figure(task: Task, model: nn.Module, image: torch.Tensor, truth: torch.Tensor, config: Config) -> Any:
+    """Grad-CAM of every finding the model calls present in ``image`` (else of its most probable one)."""
+    probs = predict(task, model, image, config)[0].numpy()
+    called = [int(k) for k in np.flatnonzero(probs >= label_thresholds(config))]
+    names = config.data.class_names or tuple(f"class {k}" for k in range(config.data.num_classes))
+    shown = [(k, names[k], float(probs[k])) for k in called or [int(probs.argmax())]]
+    present = ", ".join(names[k] for k in np.flatnonzero(truth.numpy())) or "none"
+    layer = task.explain_layer(config)  # type: ignore[attr-defined]  # classification's
+    return label_saliency_figure(model, layer, image, shown, f"findings: {present}")
+
+
+def label_saliency_figure(
+    model: nn.Module, layer: str, image: torch.Tensor, labels: list[tuple[int, str, float]], title: str
+) -> Any:
+    """The image (``(1, C, H, W)``) and, per ``(class index, name, probability)`` of ``labels``, the
+    Grad-CAM saliency of that class's output over it."""
+    gray = display_gray(image[0])
+    fig, axes = plt.subplots(1, 1 + len(labels), figsize=(2 * (1 + len(labels)), 2.2), squeeze=False)
+    axes[0, 0].imshow(gray, cmap="gray")
+    axes[0, 0].set_title(title.replace("$", r"\$"), fontsize=7)
+    for ax, (k, name, probability) in zip(axes[0, 1:], labels, strict=True):
+        saliency = GradCAM(nn_module=model, target_layers=layer)(x=image, class_idx=k)[0, 0].detach().numpy()
+        ax.imshow(gray, cmap="gray")
+        ax.imshow(saliency, cmap="jet", alpha=0.45)
+        ax.set_title(f"{name} (p={probability:.2f})".replace("$", r"\$"), fontsize=7)
+    for ax in axes[0]:
         ax.axis("off")
     fig.tight_layout()
     return fig

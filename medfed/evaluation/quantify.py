@@ -12,7 +12,17 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["remove_small_structures", "size_unit", "structure_count", "structure_size", "quantify_case"]
+__all__ = [
+    "HU_STATISTICS",
+    "density",
+    "remove_small_structures",
+    "size_unit",
+    "structure_count",
+    "structure_size",
+    "quantify_case",
+]
+
+HU_STATISTICS = ("hu_mean", "hu_std", "hu_min", "hu_max")
 
 
 def size_unit(spatial_dims: int) -> str:
@@ -46,6 +56,16 @@ def remove_small_structures(labels: np.ndarray, min_size: int) -> np.ndarray:
     small = sizes < min_size
     small[0] = False  # the background stays
     return np.where(small[components], 0, labels)
+
+
+def density(intensities: np.ndarray, inside: np.ndarray) -> dict[str, float]:
+    """Mean, standard deviation (population), minimum and maximum of ``intensities`` where ``inside``
+    (:data:`HU_STATISTICS`: for CT, Hounsfield units as stored, before any windowing); NaN for
+    an empty region."""
+    values = np.asarray(intensities, dtype=np.float64)[np.asarray(inside, dtype=bool)]
+    if values.size == 0:
+        return dict.fromkeys(HU_STATISTICS, math.nan)
+    return dict(zip(HU_STATISTICS, (values.mean(), values.std(), values.min(), values.max()), strict=True))
 
 
 def quantify_case(prediction: np.ndarray, reference: np.ndarray | None, spacing: Sequence[float]) -> dict[str, float]:

@@ -246,6 +246,31 @@ def _src(path: str | Path) -> str:
     return html.escape(urllib.parse.quote(Path(path).as_posix()))
 
 
+LABEL_COLUMNS = ["finding", "threshold", "val sensitivity", "val specificity", "test AUROC", "test sensitivity",
+                 "test specificity"]  # fmt: skip
+
+
+def _label_sections(report: dict[str, Any], point: dict[str, Any]) -> list[str]:
+    """Multi-label: each finding's threshold (chosen on the validation splits) and its metrics over
+    all sites' test cases together."""
+    names = report["config"]["data"].get("class-names") or []
+    pooled = report["final"].get("pooled") or {}
+    rows = []
+    for k, threshold in enumerate(point["label_thresholds"]):
+        rows.append([names[k] if k < len(names) else f"class {k}", threshold, point.get(f"val_sensitivity_class_{k}"),
+                     point.get(f"val_specificity_class_{k}"), pooled.get(f"auroc_class_{k}"),
+                     pooled.get(f"sensitivity_class_{k}"), pooled.get(f"specificity_class_{k}")])  # fmt: skip
+    return [
+        "<h2>Findings (multi-label)</h2>",
+        "<p>Each finding is called present when its probability reaches its own threshold, chosen on the "
+        f"validation splits ({html.escape(point['method'])}) and stored in the global model's checkpoint for "
+        "<code>medfed evaluate</code> and <code>medfed predict</code>. AUROC, sensitivity and specificity: all "
+        "sites' test cases together (from counts per score bin that the sites sent); the headline AUROC is "
+        "their mean over findings.</p>",
+        _table(LABEL_COLUMNS, rows),
+    ]
+
+
 def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dict[str, list[str]]) -> str:
     metric = report["primary_metric"]
     running = report.get("running")
@@ -271,7 +296,9 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
         _table(["site", *metric_names, "privacy ε spent"], site_rows),
     ]
     point = report["final"].get("operating_point")
-    if point:
+    if point and "label_thresholds" in point:
+        sections.extend(_label_sections(report, point))
+    elif point:
         pooled = report["final"].get("pooled") or {}
         own = point.get("per_site") or {}
         listed = ", ".join(f"{html.escape(site)} {values['threshold']:.3f}" for site, values in own.items())

@@ -59,7 +59,7 @@ class Task(Protocol):
         """Raw outputs (logits) for whole images, e.g. by sliding window over patches."""
         ...
 
-    def decode(self, outputs: torch.Tensor) -> torch.Tensor:
+    def decode(self, outputs: torch.Tensor, config: Config) -> torch.Tensor:
         """Predictions from raw outputs: class probabilities, label maps, ..."""
         ...
 
@@ -104,4 +104,4 @@ def seeded_train_transform(task: Task, config: Config, seed: int) -> Callable[[S
 @torch.no_grad()
 def predict(task: Task, model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
     """The task's predictions for a batch of whole images."""
-    return task.decode(task.infer(model, images, config))
+    return task.decode(task.infer(model, images, config), config)

@@ -1,4 +1,4 @@
-"""Image classification, binary or multi-class.
+"""Image classification, binary, multi-class or multi-label.
 
 Samples: ``{"image": (C, *spatial) float, "label": long}``. Predictions: class probabilities.
 Metrics: macro AUROC (the primary metric), accuracy, balanced accuracy, sensitivity,
@@ -10,6 +10,12 @@ Binary tasks call a case positive when its probability of class 1 reaches the op
 (``evaluation.threshold``; 0.5 until one is chosen). :func:`operating_point` chooses it at the end
 of a run from the sites' validation splits: each site sends only counts of its cases per score bin
 (:data:`SCORE_EDGES`), never a score of its own.
+
+Multi-label (``data.multi-label``): a label is a multi-hot vector ``(num_classes,)`` (any number of
+findings per image); each finding has its own sigmoid output and binary cross-entropy, its own
+AUROC (``auroc_class_k``; ``auroc`` is their mean) and its own threshold
+(``evaluation.label-thresholds``, chosen per finding like the binary one), at which its
+sensitivity and specificity are reported.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ __all__ = [
     "TARGET",
     "ClassificationMetrics",
     "LogitAdjustment",
+    "MultiLabelMetrics",
     "RandomShiftRotate",
     "build_model",
     "check_config",
@@ -45,6 +52,7 @@ __all__ = [
     "decode",
     "explain_layer",
     "infer",
+    "label_thresholds",
     "metrics",
     "operating_point",
     "operating_threshold",
@@ -80,6 +88,11 @@ def check_config(config: Config) -> None:
     """The settings classification needs: two classes or more, random views to average over, and
     logit adjustment only without DP."""
     require(config.data.num_classes >= 2, "data.num-classes", config.data.num_classes, "an integer >= 2")
+    if config.data.multi_label:
+        _check_multi_label(config)
+    else:
+        require(not config.evaluation.label_thresholds, "evaluation.label-thresholds",
+                list(config.evaluation.label_thresholds), "[] unless data.multi-label = true")  # fmt: skip
     require(
         config.train.augmentations == 1 or config.train.augment,
         "train.augmentations",
@@ -95,6 +108,21 @@ def check_config(config: Config) -> None:
     )
 
 
+def _check_multi_label(config: Config) -> None:
+    """What several labels per image need: data that can hold them, one threshold per label, and
+    no logit adjustment (it adjusts one softmax over classes)."""
+    require(config.data.source in ("synthetic", "sites"), "data.source", config.data.source,
+            "'synthetic' or 'sites' with data.multi-label = true (the other sources hold one label per image)")  # fmt: skip
+    thresholds = config.evaluation.label_thresholds
+    require(not thresholds or len(thresholds) == config.data.num_classes, "evaluation.label-thresholds",
+            list(thresholds), f"[] or one threshold per label: data.num-classes = {config.data.num_classes}")  # fmt: skip
+    require(not config.train.logit_adjust, "train.logit-adjust", True, "false with data.multi-label = true")
+    require("none" not in config.data.class_names, "data.class-names", list(config.data.class_names),
+            "names other than 'none' with data.multi-label = true (a label cell 'none' means no finding)")  # fmt: skip
+    require(config.data.source != "synthetic" or config.data.spatial_dims == 2, "data.spatial-dims",
+            config.data.spatial_dims, "2 for synthetic multi-label sites (data.source = 'synthetic')")  # fmt: skip
+
+
 def build_model(config: Config) -> nn.Module:
     """The ``model.name`` classifier of the model zoo (default: :class:`medfed.models.ConvClassifier`)
     for ``data.channels``-channel images or volumes (``data.spatial-dims``)."""
@@ -102,10 +130,14 @@ def build_model(config: Config) -> nn.Module:
 
 
 def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy, mean over the batch (each term depends on one sample only, as DP requires).
+    """Cross-entropy, mean over the batch (each term depends on one sample only, as DP requires);
+    for multi-hot labels ``(B, num_classes)`` (multi-label) binary cross-entropy per label, mean
+    over the batch and the labels.
 
     A ``logit_offset`` in the batch (``train.logit-adjust``: the site's log class frequencies, see
     :class:`LogitAdjustment`) is added to the logits first, at training time only."""
+    if batch["label"].ndim == 2:
+        return F.binary_cross_entropy_with_logits(outputs, batch["label"].to(outputs.dtype))
     offset = batch.get("logit_offset")
     return F.cross_entropy(outputs if offset is None else outputs + offset, batch["label"])
 
@@ -136,8 +168,10 @@ def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tenso
     return model(images)
 
 
-def decode(outputs: torch.Tensor) -> torch.Tensor:
-    """Class probabilities ``(B, num_classes)``."""
+def decode(outputs: torch.Tensor, config: Config | None = None) -> torch.Tensor:
+    """Class probabilities ``(B, num_classes)``: a softmax, or each label's sigmoid (multi-label)."""
+    if config is not None and config.data.multi_label:
+        return torch.sigmoid(outputs)
     return torch.softmax(outputs, dim=1)
 
 
@@ -186,8 +220,17 @@ def calls(probs: np.ndarray, num_classes: int, threshold: float) -> np.ndarray:
     return (probs[:, 1] >= threshold).astype(int) if num_classes == 2 else probs.argmax(axis=1)
 
 
-def metrics(config: Config) -> ClassificationMetrics:
-    """The accumulator at the run's operating threshold (:func:`operating_threshold`)."""
+def label_thresholds(config: Config) -> np.ndarray:
+    """Multi-label: each label's threshold, ``evaluation.label-thresholds``, else 0.5 (none chosen yet)."""
+    chosen = config.evaluation.label_thresholds
+    return np.asarray(chosen if chosen else [DEFAULT_THRESHOLD] * config.data.num_classes, dtype=float)
+
+
+def metrics(config: Config) -> ClassificationMetrics | MultiLabelMetrics:
+    """The accumulator at the run's operating threshold (:func:`operating_threshold`), or at each
+    label's (:func:`label_thresholds`, multi-label)."""
+    if config.data.multi_label:
+        return MultiLabelMetrics(config.data.num_classes, label_thresholds(config))
     return ClassificationMetrics(config.data.num_classes, operating_threshold(config))
 
 
@@ -196,6 +239,8 @@ def operating_point(val_metrics: dict[str, dict[str, float]], config: Config) ->
     its highest or, with ``evaluation.target-sensitivity``, the highest threshold reaching that
     sensitivity. ``val_metrics`` holds each site's score-bin counts; {} for other tasks or when the
     validation data hold only one class."""
+    if config.data.multi_label:
+        return _label_operating_points(val_metrics, config)
     counts = _summed_counts(val_metrics)
     if config.data.num_classes != 2 or counts is None:
         return {}
@@ -216,17 +261,27 @@ def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) ->
     reported using (exact at a threshold on a bin edge, as a chosen one is; AUROC counts two cases
     in one bin as a tie). In a simulation of one dataset split
     into sites, that is the whole dataset's test split: the figure the literature reports."""
-    counts = _summed_counts(test_metrics)
-    if config.data.num_classes != 2 or counts is None:
+    if config.data.multi_label:
+        return _pooled_label_metrics(test_metrics, config)
+    if config.data.num_classes != 2:
+        return {}
+    return _pooled_binary(test_metrics, "", "threshold", operating_threshold(config))
+
+
+def _pooled_binary(
+    test_metrics: dict[str, dict[str, float]], label: str, threshold_key: str, default_threshold: float
+) -> dict[str, float]:
+    """:func:`pooled_metrics` of one binary outcome (``label``: its score-count key suffix), each
+    site's cases called at the threshold it reported under ``threshold_key``; {} unless both occur."""
+    counts = _summed_counts(test_metrics, label)
+    if counts is None:
         return {}
     pos, neg = counts
     below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
     true_pos = true_neg = 0.0
     for values in test_metrics.values():  # each site's cases called at the threshold it used
-        site_pos, site_neg = _counts_per_bin({"": values})
-        site_true_pos, site_true_neg = _true_calls(
-            site_pos, site_neg, values.get("threshold", operating_threshold(config))
-        )
+        site_pos, site_neg = _counts_per_bin({"": values}, label)
+        site_true_pos, site_true_neg = _true_calls(site_pos, site_neg, values.get(threshold_key, default_threshold))
         true_pos += site_true_pos
         true_neg += site_true_neg
     return {
@@ -238,19 +293,54 @@ def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) ->
     }
 
 
-def _summed_counts(site_metrics: dict[str, dict[str, float]]) -> tuple[np.ndarray, np.ndarray] | None:
+def _pooled_label_metrics(test_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
+    """Multi-label :func:`pooled_metrics`: each label's pooled AUROC, sensitivity and specificity
+    (``auroc_class_k``, ...) and their means over the labels where both outcomes occur."""
+    out: dict[str, float] = {}
+    found = []
+    for k, default in enumerate(label_thresholds(config)):
+        pooled = _pooled_binary(test_metrics, f"_class_{k}", f"threshold_class_{k}", float(default))
+        out.update({f"{name}_class_{k}": value for name, value in pooled.items()})
+        if pooled:
+            found.append(pooled)
+    if not found:
+        return {}
+    for name in ("auroc", "sensitivity", "specificity"):
+        out[name] = float(np.mean([p[name] for p in found]))
+    return out
+
+
+def _label_operating_points(val_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, Any]:
+    """Multi-label :func:`operating_point`: each label's threshold chosen like the binary one from
+    its own score-bin counts (0.5 for a label whose validation cases hold one outcome only), as
+    ``label_thresholds``; {} when no label holds both outcomes."""
+    thresholds: list[float] = []
+    out: dict[str, Any] = {}
+    for k in range(config.data.num_classes):
+        counts = _summed_counts(val_metrics, f"_class_{k}")
+        if counts is None:
+            thresholds.append(DEFAULT_THRESHOLD)
+            continue
+        threshold, sensitivity, specificity = choose_threshold(*counts, config.evaluation.target_sensitivity)
+        thresholds.append(threshold)
+        out[f"val_sensitivity_class_{k}"], out[f"val_specificity_class_{k}"] = sensitivity, specificity
+    return {"label_thresholds": thresholds, **out} if out else {}
+
+
+def _summed_counts(site_metrics: dict[str, dict[str, float]], label: str = "") -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`_counts_per_bin`, or None unless both classes occur."""
-    pos, neg = _counts_per_bin(site_metrics)
+    pos, neg = _counts_per_bin(site_metrics, label)
     return (pos, neg) if pos.sum() > 0 and neg.sum() > 0 else None
 
 
-def _counts_per_bin(site_metrics: dict[str, dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """Positive and negative cases per score bin summed over sites."""
+def _counts_per_bin(site_metrics: dict[str, dict[str, float]], label: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Positive and negative cases per score bin summed over sites (``label``: ``_class_k`` for label
+    k of a multi-label task, "" for the binary task's class 1)."""
     bins = len(SCORE_EDGES) + 1
     pos, neg = np.zeros(bins), np.zeros(bins)
     for values in site_metrics.values():
-        pos += [values.get(f"score_pos@{i}", 0.0) for i in range(bins)]
-        neg += [values.get(f"score_neg@{i}", 0.0) for i in range(bins)]
+        pos += [values.get(f"score_pos{label}@{i}", 0.0) for i in range(bins)]
+        neg += [values.get(f"score_neg{label}@{i}", 0.0) for i in range(bins)]
     return pos, neg
 
 
@@ -330,13 +420,83 @@ class ClassificationMetrics:
         bins between :data:`SCORE_EDGES`), what :func:`operating_point` sums over sites; {} otherwise."""
         if self.num_classes != 2 or not self._labels:
             return {}
-        labels = np.concatenate(self._labels)
-        bins = np.searchsorted(SCORE_EDGES, np.concatenate(self._probs)[:, 1], side="right")
+        return _score_bin_counts(np.concatenate(self._probs)[:, 1], np.concatenate(self._labels) == 1)
+
+
+def _score_bin_counts(scores: np.ndarray, positive: np.ndarray, label: str = "") -> dict[str, float]:
+    """Cases per score bin (:data:`SCORE_EDGES`), positive and negative: ``score_pos{label}@i``, ``score_neg{label}@i``."""
+    bins = np.searchsorted(SCORE_EDGES, scores, side="right")
+    out = {}
+    for i in range(len(SCORE_EDGES) + 1):
+        out[f"score_pos{label}@{i}"] = float(np.sum((bins == i) & positive))
+        out[f"score_neg{label}@{i}"] = float(np.sum((bins == i) & ~positive))
+    return out
+
+
+class MultiLabelMetrics:
+    """Multi-label: accumulates each label's probability and 0/1 truth over a split; computes per
+    label AUROC, sensitivity and specificity at the label's threshold, and their means."""
+
+    def __init__(self, num_labels: int, thresholds: np.ndarray) -> None:
+        self.num_labels = num_labels
+        self.thresholds = np.asarray(thresholds, dtype=float)
+        self._probs: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def update(self, predictions: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        self._probs.append(predictions.detach().cpu().double().numpy())
+        self._labels.append(batch["label"].detach().cpu().numpy().astype(bool))
+
+    def resampled(self, indices: np.ndarray) -> MultiLabelMetrics:
+        """These metrics as if updated with the cases at ``indices`` (repeats allowed): a bootstrap draw."""
+        other = MultiLabelMetrics(self.num_labels, self.thresholds)
+        other._probs = [np.concatenate(self._probs)[indices]]
+        other._labels = [np.concatenate(self._labels)[indices]]
+        return other
+
+    def compute(self) -> dict[str, float]:
+        if not self._labels:
+            return {}
+        return multilabel_metrics(np.concatenate(self._probs), np.concatenate(self._labels), self.thresholds)
+
+    def score_counts(self) -> dict[str, float]:
+        """Each label's positive and negative cases per score bin (``score_pos_class_k@i``, ...)."""
+        if not self._labels:
+            return {}
+        probs, labels = np.concatenate(self._probs), np.concatenate(self._labels)
         out = {}
-        for i in range(len(SCORE_EDGES) + 1):
-            out[f"score_pos@{i}"] = float(np.sum((bins == i) & (labels == 1)))
-            out[f"score_neg@{i}"] = float(np.sum((bins == i) & (labels != 1)))
+        for k in range(self.num_labels):
+            out.update(_score_bin_counts(probs[:, k], labels[:, k], f"_class_{k}"))
         return out
+
+
+def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> dict[str, float]:
+    """Multi-label metrics from ``(N, K)`` probabilities, ``(N, K)`` 0/1 truth and one threshold per
+    label: per label (``_class_k``) AUROC, sensitivity, specificity, prevalence and threshold; their
+    means over labels (``auroc``, the primary metric, over labels whose AUROC is defined); accuracy
+    over all (case, label) calls and the share of cases with every label right (``exact_match``)."""
+    truth = labels.astype(bool)
+    called = probs >= np.asarray(thresholds)[None]
+    out: dict[str, float] = {}
+    aucs, sens, spec = [], [], []
+    for k in range(truth.shape[1]):
+        t, c = truth[:, k], called[:, k]
+        aucs.append(_auroc(t, probs[:, k]))
+        sens.append(_ratio(np.count_nonzero(t & c), np.count_nonzero(t)))
+        spec.append(_ratio(np.count_nonzero(~t & ~c), np.count_nonzero(~t)))
+        out[f"auroc_class_{k}"], out[f"sensitivity_class_{k}"] = aucs[-1], sens[-1]
+        out[f"specificity_class_{k}"], out[f"prevalence_class_{k}"] = spec[-1], float(t.mean())
+        out[f"threshold_class_{k}"] = float(thresholds[k])
+    out.update(
+        auroc=_nanmean(aucs),
+        sensitivity=_nanmean(sens),
+        specificity=_nanmean(spec),
+        balanced_accuracy=_nanmean([(a + b) / 2 for a, b in zip(sens, spec, strict=True)]),
+        accuracy=float(np.mean(called == truth)),
+        exact_match=float(np.mean((called == truth).all(axis=1))),
+        num_samples=float(len(truth)),
+    )
+    return out
 
 
 def classification_metrics(

@@ -157,7 +157,7 @@ def _encode(
 
 
 @torch.no_grad()
-def decode(outputs: torch.Tensor) -> torch.Tensor:
+def decode(outputs: torch.Tensor, config: Config | None = None) -> torch.Tensor:
     """Boxes ``(B, MAX_DETECTIONS, 6)``: heatmap peaks, per-class NMS, best first, class -1 padding."""
     num_classes = outputs.shape[1] - 4
     batch, _, h, w = outputs.shape

@@ -125,7 +125,7 @@ def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tenso
     return model(images)
 
 
-def decode(outputs: torch.Tensor) -> torch.Tensor:
+def decode(outputs: torch.Tensor, config: Config | None = None) -> torch.Tensor:
     """Label maps ``(B, 1, *spatial)``."""
     return outputs.argmax(dim=1, keepdim=True)
 
