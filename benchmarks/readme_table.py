@@ -253,6 +253,26 @@ def _privacy_audit(r: dict[str, Any]) -> Iterator[Row]:
         )
 
 
+def _multilabel(r: dict[str, Any]) -> Iterator[Row]:
+    for mode, label in (("dp", "DP ε=8"), ("no_dp", "no DP")):
+        runs = [run for run in r["runs"] if run["dp"] == (mode == "dp")]
+        if not runs:
+            continue
+        setting = f"3 synthetic sites, 3 findings, {label}"
+        yield (
+            f"{setting}, one multi-label model",
+            "test AUROC, mean of findings",
+            _spread([run["multilabel_mean"] for run in runs]),
+        )
+        yield (
+            f"{setting}, one binary model per finding",
+            "test AUROC, mean of findings",
+            _spread([run["binary_mean"] for run in runs]),
+        )
+        met = "met" if r["summary"][mode]["goal_met"] else "not met"
+        yield setting, "gap (binary - multi-label), goal <= 0.03", f"{_spread([run['gap'] for run in runs])}: {met}"
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -269,6 +289,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "repeatability": _repeatability,
     "site-level-dp": _site_level_dp,
     "privacy-audit": _privacy_audit,
+    "multilabel": _multilabel,
 }
 
 

@@ -69,3 +69,14 @@ def test_quick_privacy_benchmarks_on_synthetic_sites(name: str, tmp_path: Path) 
     """The privacy audit (membership inference with and without DP), site-level DP and scale (many
     synthetic sites) need no real data."""
     _bench(name, tmp_path)
+
+
+@pytest.mark.slow
+def test_multilabel_quick_compares_with_one_binary_model_per_finding(tmp_path: Path) -> None:
+    """One seed of 1-round federations: the multi-label model and a binary model per finding (four
+    simulations: in -m slow)."""
+    result = _bench("multilabel", tmp_path)
+    run = result["runs"][0]
+    assert set(run["multilabel_auroc"]) == set(run["binary_auroc"]) == {"disc", "ring", "bar"}
+    assert run["gap"] == pytest.approx(run["binary_mean"] - run["multilabel_mean"])
+    assert result["summary"]["dp"]["seeds"] == 1

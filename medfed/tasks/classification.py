@@ -482,8 +482,8 @@ def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, thresholds: np.nda
     for k in range(truth.shape[1]):
         t, c = truth[:, k], called[:, k]
         aucs.append(_auroc(t, probs[:, k]))
-        sens.append(_ratio(np.count_nonzero(t & c), np.count_nonzero(t)))
-        spec.append(_ratio(np.count_nonzero(~t & ~c), np.count_nonzero(~t)))
+        sens.append(_ratio(float(np.sum(t & c)), float(np.sum(t))))
+        spec.append(_ratio(float(np.sum(~t & ~c)), float(np.sum(~t))))
         out[f"auroc_class_{k}"], out[f"sensitivity_class_{k}"] = aucs[-1], sens[-1]
         out[f"specificity_class_{k}"], out[f"prevalence_class_{k}"] = spec[-1], float(t.mean())
         out[f"threshold_class_{k}"] = float(thresholds[k])
