@@ -59,6 +59,7 @@ class _CheckSettings(NamedTuple):
     channels: int
     class_names: tuple[str, ...] = ()
     preprocess: Preprocess | None = None  # None: the default
+    multi_label: bool = False  # several findings per image (data.multi-label, from --config only)
 
     def command(self, site_dir: Path, config_file: Path | None) -> str:
         """The ``medfed data check`` command line that checks ``site_dir`` with these settings."""
@@ -102,6 +103,7 @@ def _with_config(settings: _CheckSettings, config_file: Path | None) -> _CheckSe
         d.channels,
         d.class_names,
         Preprocess.from_config(d),
+        d.multi_label,
     )
 
 
@@ -128,6 +130,7 @@ def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
         names,
         preprocess,
         settings.channels,
+        settings.multi_label,
     )
     with steps(console, "pre-flight check: reading every file"):
         result = run_preflight(site_dir, reading)

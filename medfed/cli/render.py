@@ -166,6 +166,16 @@ def split_class_table(site: SiteArrays, num_classes: int, names: tuple[str, ...]
             counts = [str(int(np.sum(classes == k))) for k in range(num_classes)]
             table.add_row(split, str(len(boxes)), str(empty), *counts)
         return table
+    if site.target_key == "label" and site.targets.ndim == 2:  # multi-label: images holding each finding
+        table = Table(title="images per split, and images holding each finding")
+        table.add_column("split")
+        table.add_column("images", justify="right")
+        for k in range(num_classes):
+            table.add_column(plain(names[k]) if k < len(names) else f"class {k}", justify="right")
+        for split in splits:
+            rows = site.targets[site.splits == split]
+            table.add_row(split, str(len(rows)), *[str(int(rows[:, k].sum())) for k in range(num_classes)])
+        return table
     table = Table(
         title="samples per split and class" + (" (largest class in the mask)" if site.target_key == "mask" else "")
     )

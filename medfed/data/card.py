@@ -123,5 +123,10 @@ def _target_notes(site: SiteArrays) -> list[str]:
             f"boxes per image: {per_image.min()} to {per_image.max()} (mean {per_image.mean():.1f})",
             f"box sides at model input: median {np.median(sides[valid]):.1f} px" if valid.any() else "no boxes",
         ]
+    if site.targets.ndim == 2:  # multi-label: multi-hot rows
+        counts = site.targets.sum(axis=0)
+        found = ", ".join(f"class {k} {int(n)}" for k, n in enumerate(counts))
+        none = int((site.targets.sum(axis=1) == 0).sum())
+        return [f"findings (images holding each): {found}; images without any {none}"]
     labels, counts = np.unique(site.targets, return_counts=True)
     return ["labels: " + ", ".join(f"class {k} {n}" for k, n in zip(labels, counts, strict=True))]
