@@ -15,6 +15,7 @@ from PIL import Image
 
 from medfed.config import ConfigError
 from medfed.data import DataError, read_site, write_site
+from medfed.data.card import data_card
 from medfed.data.manifest import SiteReading
 from medfed.data.synthetic import synthetic_multilabel_site
 from medfed.evaluation.report import write_report
@@ -50,6 +51,8 @@ def test_manifest_cells_list_findings_by_name_or_index(tmp_path: Path) -> None:
     assert site.targets.tolist() == [[1, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]]
     written = read_site(write_site(tmp_path / "w", site), READING)  # written as indices joined by |
     np.testing.assert_array_equal(written.targets, site.targets)
+    notes = " ".join(data_card(tmp_path / "w", written).lines())
+    assert "findings (images holding each): class 0 2, class 1 2, class 2 1; images without any 2" in notes
 
 
 @pytest.mark.parametrize(
