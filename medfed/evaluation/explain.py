@@ -110,7 +110,7 @@ def _multilabel_figure(task: Task, model: nn.Module, image: torch.Tensor, truth:
     shown = [(k, names[k], float(probs[k])) for k in called or [int(probs.argmax())]]
     present = ", ".join(names[k] for k in np.flatnonzero(truth.numpy())) or "none"
     layer = task.explain_layer(config)  # type: ignore[attr-defined]  # classification's
-    return label_saliency_figure(model, layer, image, shown, f"findings: {present}")
+    return label_saliency_figure(model, layer, image, shown, f"reference: {present}")
 
 
 def label_saliency_figure(
