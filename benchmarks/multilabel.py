@@ -9,7 +9,7 @@ config's training settings and DP-SGD at ε = 8 per site (``--no-dp`` adds runs 
 - one binary model per finding (the same images, the label column reduced to that finding, the
   ordinary two-class classification), each a federation of its own.
 
-Measured: each finding's test AUROC, mean over sites, and their mean over findings (the
+Measured: each finding's test AUROC, mean over the sites where it is defined, and their mean over findings (the
 multi-label model's primary metric), over ``--seeds`` runs. The goal: the multi-label mean AUROC
 within 3 points (0.03) of the per-finding binary models'.
 
@@ -69,6 +69,11 @@ def run(config: Config, out: Path) -> tuple[dict[str, dict[str, float]], float]:
     return report["final"]["per_site"], time.perf_counter() - started
 
 
+def _site_mean(per_site: dict[str, dict[str, float]], metric: str) -> float:
+    """``metric``'s mean over the sites where it is defined (a small test split may hold one class)."""
+    return float(np.nanmean([m[metric] for m in per_site.values()]))
+
+
 def compare(base: Config, seed: int, private: bool, out: Path) -> dict[str, Any]:
     """The multi-label model and the per-finding binary models at one seed, with or without DP."""
     config = base.with_overrides({"run.seed": seed, "privacy.enabled": private})
@@ -78,13 +83,13 @@ def compare(base: Config, seed: int, private: bool, out: Path) -> dict[str, Any]
     ml_sites, ml_seconds = run(
         config.with_overrides({"data.source": "sites", "data.path": str(multilabel_folder)}), out / "multilabel"
     )
-    multi = {name: float(np.mean([m[f"auroc_class_{k}"] for m in ml_sites.values()])) for k, name in enumerate(names)}
+    multi = {name: _site_mean(ml_sites, f"auroc_class_{k}") for k, name in enumerate(names)}
     binary, binary_seconds = {}, 0.0
     for k, folder in enumerate(finding_folders):
         overrides = {"data.source": "sites", "data.path": str(folder), "data.multi-label": False,
                      "data.num-classes": 2, "data.class-names": []}  # fmt: skip
         per_site, seconds = run(config.with_overrides(overrides), out / f"binary-{k}")
-        binary[names[k]] = float(np.mean([m["auroc"] for m in per_site.values()]))
+        binary[names[k]] = _site_mean(per_site, "auroc")
         binary_seconds += seconds
     result = {
         "seed": seed,

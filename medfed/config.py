@@ -261,10 +261,11 @@ class DataConfig:
     (partitions and seeds follow the full list of sites), and at least ``run.min-sites`` remain.
 
     ``num-classes`` counts the classes a model tells apart: for segmentation including background
-    (class 0), for detection the object classes only. ``multi-label`` (classification): each image
-    holds any number of the ``num-classes`` findings (a chest film with several), each learnt as its
-    own yes/no with a sigmoid output; a manifest ``label`` cell lists them joined by ``|``. ``class-names`` (optional; required by
+    (class 0), for detection the object classes only. ``class-names`` (optional; required by
     detection data that name their classes, e.g. VOC) gives one name per class index.
+    ``multi-label`` (classification): each image holds any number of the ``num-classes`` findings
+    (a chest film with several), each learnt as its own yes/no with a sigmoid output; a manifest
+    ``label`` cell lists them joined by ``|``.
 
     Images are resampled to ``image-size`` pixels along each of ``spatial-dims`` axes (2: images,
     3: volumes). ``patch-size`` > 0 trains on one random patch per image per step and evaluates
