@@ -13,7 +13,7 @@ Measured: each finding's test AUROC, mean over the sites where it is defined, an
 multi-label model's primary metric), over ``--seeds`` runs. The goal: the multi-label mean AUROC
 within 3 points (0.03) of the per-finding binary models'.
 
-    .venv/bin/medfed bench multilabel [--quick] [--seeds 3] [--no-dp] [--samples N] [--rounds R] [--jobs J]
+    .venv/bin/medfed bench multilabel [--quick] [--seeds 3] [--no-dp] [--samples N] [--rounds R]
 
 Writes benchmarks/results/multilabel.json (``--quick``: one seed, 1 round, 60 images per site:
 multilabel-quick.json, a smoke run) and plots/multilabel.png.
@@ -25,10 +25,7 @@ import argparse
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +37,6 @@ from medfed.data import write_site
 from medfed.data.synthetic import synthetic_multilabel_site
 from medfed.simulation import simulate
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG = "classification-multilabel-synthetic.toml"
 GOAL = 0.03  # the multi-label mean AUROC within this of the binary models'
 
@@ -105,15 +101,6 @@ def compare(base: Config, seed: int, private: bool, out: Path) -> dict[str, Any]
     return result
 
 
-def compare_in_process(options: list[str], seed: int, private: bool, out: Path) -> dict[str, Any]:
-    """:func:`compare` in a process of its own (``python -m benchmarks.multilabel --worker``, with the
-    same ``options``): jobs run side by side, each with its own simulations."""
-    name = f"{'dp' if private else 'no-dp'}-seed{seed}"
-    command = [sys.executable, "-m", "benchmarks.multilabel", *options, "--out", str(out), "--worker", name]
-    subprocess.run(command, cwd=REPO, check=True)
-    return json.loads((out / f"{name}.json").read_text())
-
-
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per mode (DP or not): mean, min and max over seeds of both means and of the gap; the goal."""
     modes: dict[str, Any] = {}
@@ -151,8 +138,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-dp", action="store_true", help="also run without DP")
     parser.add_argument("--samples", type=int, default=0, help="images per site (0: the config's)")
     parser.add_argument("--rounds", type=int, default=0, help="federated rounds (0: the config's)")
-    parser.add_argument("--jobs", type=int, default=1, help="seeds compared at once, each in its own process")
-    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)  # one comparison: dp-seedS or no-dp-seedS
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parent.parent / "runs" / "bench-multilabel"
     )
@@ -164,23 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     overrides |= {"run.rounds": args.rounds} if args.rounds else {}
     base = bench_config(CONFIG, None, overrides)
     seeds = 1 if args.quick else args.seeds
-    if args.worker:
-        mode, _, seed_text = args.worker.rpartition("-seed")
-        result = compare(base, int(seed_text), mode == "dp", args.out)
-        (args.out / f"{args.worker}.json").write_text(json.dumps(result))
-        return
-    todo = [(seed, private) for private in ((True, False) if args.no_dp else (True,)) for seed in range(seeds)]
-    options = [*(["--quick"] if args.quick else []), "--samples", str(args.samples), "--rounds", str(args.rounds)]
-    runs: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max(1, min(args.jobs, len(todo)))) as pool:
-        if args.jobs > 1:
-            jobs = [pool.submit(compare_in_process, options, seed, private, args.out) for seed, private in todo]
-        else:
-            jobs = [pool.submit(compare, base, seed, private, args.out) for seed, private in todo]
-        for job in as_completed(jobs):
-            runs.append(job.result())
+    runs = []
+    for private in (True, False) if args.no_dp else (True,):
+        for seed in range(seeds):
+            runs.append(compare(base, seed, private, args.out))
             print(json.dumps(runs[-1]), flush=True)
-            runs.sort(key=lambda r: (not r["dp"], r["seed"]))
             summary = {"benchmark": "multilabel", "quick": args.quick, "config": base.to_public_dict(),
                        "goal": GOAL, "runs": runs, "summary": summarise(runs)}  # fmt: skip
             write_results(results_path("multilabel", args.quick), summary, lambda path: plot(runs, path))
