@@ -352,7 +352,7 @@ def _unlabelled_classes(entries: list[str], sites: int, num_classes: int, task: 
                 f"--unlabelled {entry!r}: expected a hospital in 1..{sites} and a class in {first}..{num_classes - 1}"
             )
         dropped.setdefault(int(site), set()).add(int(cls))
-    for site, classes in dropped.items():
+    for hospital, classes in dropped.items():
         if num_classes - len(classes) < 2:
-            raise fail(f"--unlabelled: hospital {site} would label fewer than 2 classes")
+            raise fail(f"--unlabelled: hospital {hospital} would label fewer than 2 classes")
     return dropped
