@@ -255,6 +255,7 @@ class SegmentationMetrics:
         if both.any():  # HD95 is defined only where the class is both predicted and present
             with warnings.catch_warnings():  # MONAI's own deprecated argument, passed inside MONAI
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+                warnings.filterwarnings("ignore", message=".* is all 0, this may result in nan/inf")  # unlabelled
                 self._hd95(pred_1h[both], true_1h[both], spacing=[tuple(s) for s in spacing[both.cpu().numpy()]])
         for k in range(self.num_classes):
             p, t = predictions == k, truth == k
