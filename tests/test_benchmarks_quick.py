@@ -69,3 +69,19 @@ def test_quick_privacy_benchmarks_on_synthetic_sites(name: str, tmp_path: Path) 
     """The privacy audit (membership inference with and without DP), site-level DP and scale (many
     synthetic sites) need no real data."""
     _bench(name, tmp_path)
+
+
+@pytest.mark.slow
+def test_partial_labels_quick_scores_each_structure_where_it_is_labelled(tmp_path: Path) -> None:
+    """Plain vs marginal loss, with and without DP, on 3 synthetic sites, site-3 labelling one
+    structure of two: its structure 2 is n/a in the report, scored on its hidden full labels."""
+    result = _bench("partial_labels", tmp_path)
+    assert [run["label"] for run in result["runs"]] == [
+        "plain, no DP",
+        "marginal, no DP",
+        "plain, DP ε 8",
+        "marginal, DP ε 8",
+    ]
+    plain, marginal = (result["runs"][i]["classes_labelled"]["site-3"] for i in (0, 1))
+    assert plain == [0, 1, 2] and marginal == [0, 1]  # plain: site-3 claims both structures
+    assert result["runs"][1]["dice_per_site"]["site-3"]["structure 2"] is None  # n/a where not labelled
