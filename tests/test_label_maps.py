@@ -15,6 +15,7 @@ from monai.losses import DiceCELoss
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from medfed.central import union
 from medfed.data import DataError, PrivacyUnitDataset, read_site, write_site
 from medfed.data.label_map import LABEL_MAP, read_label_map, write_label_map
 from medfed.data.manifest import SiteReading
@@ -149,6 +150,17 @@ def test_written_sites_keep_the_classes_they_label(tmp_path: Path) -> None:
         drop_classes(site, [0], 3)
     write_label_map(tmp_path, {"0": 'back"ground'})
     assert read_label_map(tmp_path, 2, ('back"ground', "x"), "label") is not None
+
+
+def test_pooled_sites_keep_each_sample_s_labelled_classes() -> None:
+    full = synthetic_site(0, 20, 8, 3, seed=1)
+    partial = drop_classes(synthetic_site(1, 20, 8, 3, seed=1), [2], 3)
+    pooled = union([full, partial])
+    assert pooled.labelled is not None and pooled.labelled.shape == (len(pooled.targets), 3)
+    train = pooled.split("train")
+    rows = {tuple(train[i]["labelled"].tolist()) for i in range(len(train))}
+    assert rows == {(True, True, True), (True, True, False)}
+    assert pooled.subset(pooled.splits == "test").labelled.shape[0] == int((pooled.splits == "test").sum())
 
 
 def test_masked_cross_entropy_by_hand() -> None:

@@ -30,7 +30,8 @@ class SiteArrays:
     keep a patient in one split and make the patient the privacy unit; they never leave the site.
     ``card``: lines for the data card on how the files became these arrays (e.g. each camera's
     scale), aggregate only. ``labelled`` ``(num_classes,)`` bool says which classes the site labels
-    (its label map, :mod:`medfed.data.label_map`); None: every class.
+    (its label map, :mod:`medfed.data.label_map`), or ``(N, num_classes)`` which each sample's site
+    labels (sites pooled, :func:`medfed.central.union`); None: every class.
     """
 
     images: np.ndarray
@@ -69,7 +70,8 @@ class SiteArrays:
         """The samples of one split as a dataset of ``{"image", target_key, "spacing"}`` dicts."""
         keep = self.splits == name
         assert self.spacing is not None  # filled in by __post_init__
-        return ArrayDataset(self.images[keep], self.targets[keep], self.target_key, self.spacing[keep], self.labelled)
+        return ArrayDataset(self.images[keep], self.targets[keep], self.target_key, self.spacing[keep],
+                            self._labelled(keep))  # fmt: skip
 
     def subset(self, mask: np.ndarray) -> SiteArrays:
         assert self.spacing is not None  # filled in by __post_init__
@@ -82,8 +84,12 @@ class SiteArrays:
             self.target_key,
             self.spacing[mask],
             self.card,
-            self.labelled,
+            self._labelled(mask),
         )
+
+    def _labelled(self, keep: np.ndarray) -> np.ndarray | None:
+        """``labelled`` for the samples ``keep`` selects: the site's vector, or their rows."""
+        return self.labelled if self.labelled is None or self.labelled.ndim == 1 else self.labelled[keep]
 
     def with_box_rows(self, rows: int) -> SiteArrays:
         """Box targets padded to ``rows`` rows per image with ``[0, 0, 0, 0, -1]`` (so that sites with
@@ -163,8 +169,9 @@ class ArrayDataset(Dataset):
     """Samples ``{"image": (C, *spatial) float, target_key: ..., "spacing": (spatial_dims,) float}``.
 
     Targets are long (labels, masks) or float32 (``target_key = "boxes"``: ``(M, 5)`` rows per image).
-    With ``labelled`` (a site that labels only some classes) every sample also holds it, as
-    ``"labelled"``: the tasks' losses and metrics leave the other classes alone.
+    With ``labelled`` (a site that labels only some classes: ``(K,)``, or ``(N, K)`` one row per
+    sample) every sample also holds its classes, as ``"labelled"``: the tasks' losses and metrics
+    leave the other classes alone.
     """
 
     def __init__(
@@ -190,7 +197,7 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         sample = {"image": self.images[index], self.target_key: self.targets[index], "spacing": self.spacing[index]}
         if self.labelled is not None:
-            sample["labelled"] = self.labelled
+            sample["labelled"] = self.labelled if self.labelled.ndim == 1 else self.labelled[index]
         return sample
 
 
