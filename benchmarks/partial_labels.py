@@ -97,7 +97,7 @@ def measure(label: str, config: Config, out: Path, hidden: Any) -> dict[str, Any
     started = time.perf_counter()
     report = simulate(config, out)
     per_site = {
-        site: {f"structure {k}": m.get(f"dice_class_{k}") for k in (1, 2)}
+        site: {f"structure {k}": _finite(m.get(f"dice_class_{k}")) for k in (1, 2)}
         for site, m in report["final"]["per_site"].items()
     }
     model = global_model(config, out)
@@ -118,8 +118,9 @@ def measure(label: str, config: Config, out: Path, hidden: Any) -> dict[str, Any
     return result
 
 
-def _finite(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
+def _finite(value: float | None) -> float | None:
+    """``value``, or None (n/a) when it is missing or not finite."""
+    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def main(argv: list[str] | None = None) -> None:
