@@ -15,8 +15,10 @@ import torch
 from monai.losses import DiceCELoss
 from PIL import Image
 from torch.utils.data import DataLoader
+from typer.testing import CliRunner
 
 from medfed.central import train_central, union
+from medfed.cli import app
 from medfed.data import DataError, PrivacyUnitDataset, read_site, write_site
 from medfed.data.label_map import LABEL_MAP, read_label_map, write_label_map
 from medfed.data.manifest import SiteReading
@@ -31,6 +33,7 @@ from tests.conftest import tiny_config
 from tests.test_federation import InProcessGrid
 
 NAMES = ("background", "liver", "spleen")
+runner = CliRunner()
 
 
 def _map(folder: Path, text: str) -> Path:
@@ -163,6 +166,20 @@ def test_pooled_sites_keep_each_sample_s_labelled_classes() -> None:
     rows = {tuple(train[i]["labelled"].tolist()) for i in range(len(train))}
     assert rows == {(True, True, True), (True, True, False)}
     assert pooled.subset(pooled.splits == "test").labelled.shape[0] == int((pooled.splits == "test").sum())
+
+
+def test_synth_writes_hospitals_that_leave_a_class_unlabelled(tmp_path: Path) -> None:
+    out = tmp_path / "sites"
+    args = ["data", "synth", "--out", str(out), "--task", "segmentation", "--sites", "2", "--samples", "12",
+            "--image-size", "16", "--num-classes", "3"]  # fmt: skip
+    assert runner.invoke(app, [*args, "--unlabelled", "2:2"]).exit_code == 0
+    assert (out / "hospital-2" / LABEL_MAP).is_file() and not (out / "hospital-1" / LABEL_MAP).exists()
+    check = ["data", "check", str(out / "hospital-2"), "--task", "segmentation", "--num-classes", "3",
+             "--image-size", "16"]  # fmt: skip
+    assert runner.invoke(app, check).exit_code == 0
+    for bad in ("2:0", "3:1", "x", "1:1"):  # background, no hospital 3, not SITE:CLASS, hospital 1 left 1 class
+        extra = ["--unlabelled", "1:2"] if bad == "1:1" else []
+        assert runner.invoke(app, [*args, "--unlabelled", bad, *extra]).exit_code == 2
 
 
 def test_masked_cross_entropy_by_hand() -> None:
