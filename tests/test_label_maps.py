@@ -294,7 +294,7 @@ def test_the_marginal_loss_learns_a_structure_one_site_does_not_label() -> None:
     """3 synthetic sites pooled, site 3 outlining structure 1 only (structure 2 painted as
     background). Plain Dice + cross-entropy teaches structure 2 as background there; the marginal
     loss does not, so structure 2 is learned from the other two sites. Scored on site 3's hidden
-    full labels and on the other sites (about 2.5 minutes on 2 shared CPU cores; measured: Dice
+    full labels and on the other sites (2-4 minutes on 2 shared CPU cores; measured: Dice
     of structure 2 at site 3, 0.02 plain vs 0.25 marginal)."""
     config = tiny_config(
         **{"run.task": "segmentation", "run.rounds": 1, "data.num-classes": 3, "data.image-size": 16,
