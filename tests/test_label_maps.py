@@ -97,11 +97,14 @@ def test_a_bad_map_is_refused_naming_the_file_and_entry(tmp_path: Path, text: st
     assert all(problem_kind(p) == "bad label map" for p in caught.value.problems)
 
 
-def test_a_map_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+def test_a_map_that_is_not_utf8_or_too_large_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "site"
     folder.mkdir()
     (folder / LABEL_MAP).write_bytes(b"\xff\xfe[labels]")
     with pytest.raises(DataError, match="not a readable UTF-8 TOML"):
+        read_label_map(folder, 3, NAMES, "mask")
+    (folder / LABEL_MAP).write_bytes(b"[labels]\n" + b"#" * 2_000_000)
+    with pytest.raises(DataError, match="expected a small TOML file"):
         read_label_map(folder, 3, NAMES, "mask")
 
 

@@ -38,6 +38,7 @@ __all__ = ["LABEL_MAP", "LabelMap", "labelled_vector", "read_label_map", "write_
 
 LABEL_MAP = "label-map.toml"
 MAX_ENTRIES = 1024
+MAX_BYTES = 1_000_000
 MAX_KEY = 64
 MAX_MASK_VALUE = 65535  # mask files hold at most 16-bit values here
 
@@ -106,6 +107,8 @@ def read_label_map(site_dir: Path, num_classes: int, class_names: tuple[str, ...
     if target not in ("label", "mask"):
         raise refuse(f"label maps are for classification labels and segmentation masks, not {target}")
     try:
+        if path.stat().st_size > MAX_BYTES:
+            raise refuse(f"{path.stat().st_size} bytes: expected a small TOML file (at most {MAX_BYTES})")
         raw = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise refuse(f"not a readable UTF-8 TOML file: {err}") from None
