@@ -273,6 +273,16 @@ def _multilabel(r: dict[str, Any]) -> Iterator[Row]:
         yield setting, "gap (binary - multi-label), goal <= 0.03", f"{_spread([run['gap'] for run in runs])}: {met}"
 
 
+def _partial_labels(r: dict[str, Any]) -> Iterator[Row]:
+    partial = r["partial_site"]
+    for run in r["runs"]:
+        hidden = run["dice_site3_hidden_labels"]
+        others = [v["structure 2"] for site, v in sorted(run["dice_per_site"].items()) if site != partial]
+        yield (f"3 synthetic sites, {partial} labels structure 1 of 2, {r['rounds']} rounds: {run['label']}",
+               f"test Dice, structure 1 / 2 at {partial} (its hidden full labels); structure 2 at the others",
+               f"{_f(hidden['structure 1'])} / {_f(hidden['structure 2'])}; {' / '.join(_f(v) for v in others)}")  # fmt: skip
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -290,6 +300,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "site-level-dp": _site_level_dp,
     "privacy-audit": _privacy_audit,
     "multilabel": _multilabel,
+    "partial-labels": _partial_labels,
 }
 
 

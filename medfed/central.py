@@ -23,10 +23,15 @@ __all__ = ["train_central", "train_loader", "union"]
 
 
 def union(sites: list[SiteArrays]) -> SiteArrays:
-    """All sites' samples as one site (box targets padded to the longest box list)."""
+    """All sites' samples as one site (box targets padded to the longest box list). When a site
+    labels only some classes, each sample keeps its own site's classes (``labelled`` rows)."""
     rows = max(s.targets.shape[1] for s in sites) if sites[0].target_key == "boxes" else 0
     targets = [s.with_box_rows(rows).targets for s in sites]
     pids = None if any(s.patient_ids is None for s in sites) else np.concatenate([s.patient_ids for s in sites])
+    labelled = None
+    partial = [s.labelled for s in sites if s.labelled is not None]
+    if partial:
+        labelled = np.concatenate([_labelled_rows(s, partial[0].shape[-1]) for s in sites])
     return SiteArrays(
         np.concatenate([s.images for s in sites]),
         np.concatenate(targets),
@@ -34,7 +39,16 @@ def union(sites: list[SiteArrays]) -> SiteArrays:
         pids,
         sites[0].target_key,
         np.concatenate([s.spacing for s in sites]),
+        labelled=labelled,
     )
+
+
+def _labelled_rows(site: SiteArrays, num_classes: int) -> np.ndarray:
+    """One row of labelled classes per sample of ``site``."""
+    n = len(site.targets)
+    if site.labelled is None:
+        return np.ones((n, num_classes), dtype=bool)
+    return np.broadcast_to(site.labelled, (n, site.labelled.shape[-1])).copy()
 
 
 def train_loader(config: Config, site: SiteArrays) -> DataLoader:

@@ -142,6 +142,8 @@ def _checked_site(folder: Path, state_dir: Path, reading: SiteReading) -> Prefli
             log.error("pre-flight check: %s", problem)
         for problem in checked.warnings:
             log.warning("pre-flight check: %s", problem)
+        if checked.label_map is not None:
+            log.info("pre-flight check: label map, site value -> class: %s", "; ".join(checked.label_map.lines()))
         if checked.site is not None:
             _store_cached(state_dir / CACHE_FOLDER, f"{digest}.npz", checked)
     _SITE_CACHE.clear()  # one site, one configuration at a time: keep memory to one copy
@@ -168,6 +170,8 @@ def _store_cached(folder: Path, name: str, checked: Preflight) -> None:
     }
     if site.patient_ids is not None:
         arrays["patient_ids"] = site.patient_ids
+    if site.labelled is not None:
+        arrays["labelled"] = site.labelled
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
     with os.fdopen(fd, "wb") as handle:
         np.savez(handle, **arrays)
@@ -186,6 +190,7 @@ def _load_cached(path: Path) -> Preflight | None:
                 stored.get("patient_ids"),
                 target_key=str(stored["target_key"]),
                 spacing=stored["spacing"],
+                labelled=stored.get("labelled"),
             )
             warnings = [DataProblem(where, reason) for where, reason in json.loads(str(stored["warnings"]))]
     except (OSError, ValueError, KeyError) as err:  # a damaged cache is only a cache
@@ -223,11 +228,13 @@ def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
 
 
 def data_digest(data: SiteArrays) -> str:
-    """A digest of the site's model-ready data (images, targets, splits, patient ids): what a round
+    """A digest of the site's model-ready data (images, targets, splits, patient ids, the classes it
+    labels when not all): what a round
     is trained on, so that a round repeated on changed data is told apart (and charged)."""
     digest = hashlib.sha256()
     arrays = [data.images, data.targets, data.splits]
-    for array in arrays if data.patient_ids is None else [*arrays, data.patient_ids.astype(str)]:
+    arrays += [] if data.patient_ids is None else [data.patient_ids.astype(str)]
+    for array in arrays if data.labelled is None else [*arrays, data.labelled]:
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()

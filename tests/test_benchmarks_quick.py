@@ -80,3 +80,19 @@ def test_multilabel_quick_compares_with_one_binary_model_per_finding(tmp_path: P
     assert set(run["multilabel_auroc"]) == set(run["binary_auroc"]) == {"disc", "ring", "bar"}
     assert run["gap"] == pytest.approx(run["binary_mean"] - run["multilabel_mean"])
     assert result["summary"]["dp"]["seeds"] == 1
+
+
+@pytest.mark.slow
+def test_partial_labels_quick_scores_each_structure_where_it_is_labelled(tmp_path: Path) -> None:
+    """Plain vs marginal loss, with and without DP, on 3 synthetic sites, site-3 labelling one
+    structure of two: its structure 2 is n/a in the report, scored on its hidden full labels."""
+    result = _bench("partial_labels", tmp_path)
+    assert [run["label"] for run in result["runs"]] == [
+        "plain, no DP",
+        "marginal, no DP",
+        "plain, DP ε 8",
+        "marginal, DP ε 8",
+    ]
+    plain, marginal = (result["runs"][i]["classes_labelled"]["site-3"] for i in (0, 1))
+    assert plain == [0, 1, 2] and marginal == [0, 1]  # plain: site-3 claims both structures
+    assert result["runs"][1]["dice_per_site"]["site-3"]["structure 2"] is None  # n/a where not labelled

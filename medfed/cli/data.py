@@ -113,6 +113,7 @@ def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
     from medfed.data import SPLITS
     from medfed.data.card import data_card
     from medfed.data.decode import DEFAULT_PREPROCESS
+    from medfed.data.label_map import LABEL_MAP
     from medfed.data.manifest import SiteReading
     from medfed.data.preflight import run_preflight
     from medfed.tasks import TASKS, get_task
@@ -150,6 +151,12 @@ def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
     )
     for line in data_card(site_dir, site, preprocess.max_pixels).lines():
         console.print(f"  {plain(line)}")
+    if result.label_map is None:
+        console.print("label map: none (the site labels every class, as class indices)")
+    else:
+        console.print(f"label map ({LABEL_MAP}), site value -> class:")
+        for line in result.label_map.lines(names):
+            console.print(f"  {plain(line)}")
     console.print(split_class_table(site, num_classes, names, SPLITS))
     return True
 
@@ -306,18 +313,49 @@ def synth(
     spatial_dims: Annotated[int, typer.Option(help="2: images (PNG), 3: volumes (NIfTI)")] = 2,
     channels: Annotated[int, typer.Option(help="Image channels: contrasts of one phantom, as scans of a case")] = 1,
     seed: int = 0,
+    unlabelled: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="SITE:CLASS: hospital SITE (1, 2, ...) does not label class CLASS (repeatable); it gets a "
+            "label-map.toml naming the classes it labels"
+        ),
+    ] = None,
 ) -> None:
     """Write synthetic hospitals (scanner shift, prevalence, voxel size) as site folders."""
     from medfed.data import write_site
-    from medfed.data.synthetic import with_channels
+    from medfed.data.synthetic import drop_classes, with_channels
     from medfed.tasks import TASKS, get_task
 
     if task not in TASKS:
         raise fail(f"--task {task!r}: expected classification, segmentation or detection")
+    dropped = _unlabelled_classes(unlabelled or [], sites, num_classes, task)
     plugin = get_task(task)
     if spatial_dims not in plugin.SPATIAL_DIMS:
         dims, options = " or ".join(f"{n}D" for n in plugin.SPATIAL_DIMS), " or ".join(map(str, plugin.SPATIAL_DIMS))
         raise fail(f"--task {task} makes {dims} images only (--spatial-dims {options})")
     for index in range(sites):
         site = plugin.synthetic_site(index, samples, image_size, num_classes, seed, spatial_dims=spatial_dims)
+        if dropped.get(index + 1):
+            site = drop_classes(site, dropped[index + 1], num_classes)
         console.print(f"wrote {plain(write_site(out / f'hospital-{index + 1}', with_channels(site, channels)))}")
+
+
+def _unlabelled_classes(entries: list[str], sites: int, num_classes: int, task: str) -> dict[int, set[int]]:
+    """``--unlabelled SITE:CLASS`` entries as the classes each hospital leaves unlabelled; exit code 2
+    naming the entry unless SITE is a hospital, CLASS a class it can leave (not background), and
+    each hospital keeps two classes."""
+    first = 1 if task == "segmentation" else 0
+    dropped: dict[int, set[int]] = {}
+    for entry in entries:
+        site, _, cls = entry.partition(":")
+        if task == "detection" or not (site.isdigit() and cls.isdigit()):
+            raise fail(f"--unlabelled {entry!r}: expected SITE:CLASS for classification or segmentation, e.g. 3:1")
+        if not (1 <= int(site) <= sites and first <= int(cls) < num_classes):
+            raise fail(
+                f"--unlabelled {entry!r}: expected a hospital in 1..{sites} and a class in {first}..{num_classes - 1}"
+            )
+        dropped.setdefault(int(site), set()).add(int(cls))
+    for hospital, classes in dropped.items():
+        if num_classes - len(classes) < 2:
+            raise fail(f"--unlabelled: hospital {hospital} would label fewer than 2 classes")
+    return dropped

@@ -29,7 +29,9 @@ class SiteArrays:
     spatial axis after resampling (1 mm where the files do not say). ``patient_ids`` (optional)
     keep a patient in one split and make the patient the privacy unit; they never leave the site.
     ``card``: lines for the data card on how the files became these arrays (e.g. each camera's
-    scale), aggregate only.
+    scale), aggregate only. ``labelled`` ``(num_classes,)`` bool says which classes the site labels
+    (its label map, :mod:`medfed.data.label_map`), or ``(N, num_classes)`` which each sample's site
+    labels (sites pooled, :func:`medfed.central.union`); None: every class.
     """
 
     images: np.ndarray
@@ -39,6 +41,7 @@ class SiteArrays:
     target_key: str = "label"
     spacing: np.ndarray | None = None
     card: tuple[str, ...] = ()
+    labelled: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -67,7 +70,8 @@ class SiteArrays:
         """The samples of one split as a dataset of ``{"image", target_key, "spacing"}`` dicts."""
         keep = self.splits == name
         assert self.spacing is not None  # filled in by __post_init__
-        return ArrayDataset(self.images[keep], self.targets[keep], self.target_key, self.spacing[keep])
+        return ArrayDataset(self.images[keep], self.targets[keep], self.target_key, self.spacing[keep],
+                            self._labelled(keep))  # fmt: skip
 
     def subset(self, mask: np.ndarray) -> SiteArrays:
         assert self.spacing is not None  # filled in by __post_init__
@@ -80,7 +84,12 @@ class SiteArrays:
             self.target_key,
             self.spacing[mask],
             self.card,
+            self._labelled(mask),
         )
+
+    def _labelled(self, keep: np.ndarray) -> np.ndarray | None:
+        """``labelled`` for the samples ``keep`` selects: the site's vector, or their rows."""
+        return self.labelled if self.labelled is None or self.labelled.ndim == 1 else self.labelled[keep]
 
     def with_box_rows(self, rows: int) -> SiteArrays:
         """Box targets padded to ``rows`` rows per image with ``[0, 0, 0, 0, -1]`` (so that sites with
@@ -160,10 +169,18 @@ class ArrayDataset(Dataset):
     """Samples ``{"image": (C, *spatial) float, target_key: ..., "spacing": (spatial_dims,) float}``.
 
     Targets are long (labels, masks) or float32 (``target_key = "boxes"``: ``(M, 5)`` rows per image).
+    With ``labelled`` (a site that labels only some classes: ``(K,)``, or ``(N, K)`` one row per
+    sample) every sample also holds its classes, as ``"labelled"``: the tasks' losses and metrics
+    leave the other classes alone.
     """
 
     def __init__(
-        self, images: np.ndarray, targets: np.ndarray, target_key: str = "label", spacing: np.ndarray | None = None
+        self,
+        images: np.ndarray,
+        targets: np.ndarray,
+        target_key: str = "label",
+        spacing: np.ndarray | None = None,
+        labelled: np.ndarray | None = None,
     ) -> None:
         self.images = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32)
         dtype = torch.float32 if target_key == "boxes" else torch.long
@@ -172,12 +189,16 @@ class ArrayDataset(Dataset):
         if spacing is None:
             spacing = np.ones((len(self.targets), self.images.ndim - 2), dtype=np.float32)
         self.spacing = torch.as_tensor(np.asarray(spacing), dtype=torch.float32)
+        self.labelled = None if labelled is None else torch.as_tensor(np.asarray(labelled, dtype=bool))
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> Sample:
-        return {"image": self.images[index], self.target_key: self.targets[index], "spacing": self.spacing[index]}
+        sample = {"image": self.images[index], self.target_key: self.targets[index], "spacing": self.spacing[index]}
+        if self.labelled is not None:
+            sample["labelled"] = self.labelled if self.labelled.ndim == 1 else self.labelled[index]
+        return sample
 
 
 class PrivacyUnitDataset(Dataset):

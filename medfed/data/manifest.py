@@ -11,7 +11,9 @@ With ``data.channels`` = N > 1 an ``image`` cell names one file holding the N ch
 photo for N = 3, a 4D NIfTI, a ``.npy`` with a channel axis) or N files, one per channel in order,
 joined by ``;`` (``t1.nii.gz;t1c.nii.gz;t2.nii.gz;flair.nii.gz``).
 Box targets (detection) have no manifest column: they sit in ``boxes.csv`` beside it
-(see :mod:`medfed.data.boxes`).
+(see :mod:`medfed.data.boxes`). An optional ``label-map.toml`` says how the site's own label
+values translate to the federation's classes and which classes it labels
+(:mod:`medfed.data.label_map`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from medfed.data.decode import (
     note_rescaled,
 )
 from medfed.data.field_of_view import IGNORE, field_of_view_card
+from medfed.data.label_map import LABEL_MAP, MAX_MASK_VALUE, labelled_vector, read_label_map, write_label_map
 from medfed.data.medical_io import ChannelError
 from medfed.data.vocabulary import MANIFEST, DataError, DataProblem
 
@@ -143,8 +146,13 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
         raise DataError(site_dir, [DataProblem(MANIFEST, f"missing column(s) {missing}; found {columns}")])
     if not rows:
         raise DataError(site_dir, [DataProblem(MANIFEST, "no rows")])
+    label_map = read_label_map(site_dir, num_classes, reading.class_names, target)
+    if label_map is not None and reading.multi_label:
+        problem = "a multi-label site names its findings in the manifest (data.class-names); remove the map"
+        raise DataError(site_dir, [DataProblem(LABEL_MAP, problem)])
     if boxes:
         return _read_box_site(site_dir, rows, reading, notices)
+    mask_classes = num_classes if label_map is None else MAX_MASK_VALUE + 1  # the map names the values it knows
 
     problems: list[DataProblem] = []
     images, targets, splits, patients, spacings, diameters = [], [], [], [], [], []
@@ -157,6 +165,13 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
             problems.append(DataProblem(where, f"split {row['split']!r} is not one of {list(SPLITS)}"))
         if target == "label" and reading.multi_label:
             value = _parse_labels(row["label"], num_classes, reading.class_names, where, problems)
+        elif target == "label" and label_map is not None:
+            value = label_map.label(row["label"])
+            if value is None:
+                known = ", ".join(repr(v) for v in list(label_map.values)[:10])
+                problems.append(
+                    DataProblem(where, f"label {row['label'][:40]!r} is not in {LABEL_MAP}; it maps {known}")
+                )
         elif target == "label":
             value = _parse_label(row["label"], num_classes)
             if value is None:
@@ -169,7 +184,7 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
             files = [*image_paths(row["image"]), row["mask"], *([row["fov"]] if row.get("fov") else [])]
             case = _read_files(site_dir, files, where, problems, functools.partial(
                 _field_of_view_case, image_files=len(image_paths(row["image"])), image_size=image_size,
-                num_classes=num_classes, preprocess=preprocess, channels=channels, rescaled=rescaled))  # fmt: skip
+                num_classes=mask_classes, preprocess=preprocess, channels=channels, rescaled=rescaled))  # fmt: skip
             loaded, value = (None, None) if case is None else ((case.image, case.spacing), case.mask)
             if case is not None:
                 diameters.append(case.diameter)
@@ -179,8 +194,14 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
                 preprocess=preprocess, modality=stated_modality, channels=channels))  # fmt: skip
             if target == "mask":
                 value = _read_file(site_dir, row["mask"], where, problems, functools.partial(
-                    load_mask, image_size=image_size, num_classes=num_classes, spatial_dims=spatial_dims,
+                    load_mask, image_size=image_size, num_classes=mask_classes, spatial_dims=spatial_dims,
                     image=None if loaded is None else loaded[2], preprocess=preprocess, rescaled=rescaled))  # fmt: skip
+        if label_map is not None and isinstance(value, np.ndarray):  # a mask of the site's own values
+            try:
+                value = label_map.translate_mask(value)
+            except ValueError as err:
+                problems.append(DataProblem(where, f"{row['mask']}: {err}"))
+                value = None
         if loaded is None or value is None:
             continue
         images.append(loaded[0])
@@ -204,6 +225,7 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
         target_key=target,
         spacing=np.asarray(spacings, dtype=np.float32),
         card=card,
+        labelled=None if label_map is None else labelled_vector(label_map.labelled, num_classes),
     )
 
 
@@ -303,7 +325,8 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
     channels become an RGB PNG (3 channels, 2D), one PNG per channel joined by ``;`` (other counts,
     2D) or a 4D NIfTI with the channels last (3D), as :func:`read_site` reads them back. 2D masks
     with pixels outside a field of view (:data:`~medfed.data.field_of_view.IGNORE`) get a ``fov``
-    column naming a mask of the field of view (255 inside), read back with ``data.field-of-view``."""
+    column naming a mask of the field of view (255 inside), read back with ``data.field-of-view``.
+    A site that labels only some classes gets a ``label-map.toml`` naming them."""
     site_dir = Path(site_dir)
     (site_dir / "images").mkdir(parents=True, exist_ok=True)
     masks = site.target_key == "mask"
@@ -357,6 +380,8 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
                              *(fov_cells[-1:] if with_fov else ())])  # fmt: skip
     if boxes:
         write_box_table(site_dir / BOXES, box_rows)
+    if site.labelled is not None:  # the classes it labels, under their own indices
+        write_label_map(site_dir, {str(k): int(k) for k in np.flatnonzero(site.labelled)})
     return site_dir
 
 

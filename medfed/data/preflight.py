@@ -17,6 +17,7 @@ import numpy as np
 
 from medfed.data.arrays import SPLITS, SiteArrays, image_copies
 from medfed.data.decode import DEFAULT_PREPROCESS, Preprocess
+from medfed.data.label_map import LABEL_MAP, LabelMap, read_label_map
 from medfed.data.manifest import SiteReading, read_site
 from medfed.data.vocabulary import DataError, DataProblem
 
@@ -47,6 +48,7 @@ KINDS = (
     ("mask voxel size", "image/mask voxel size mismatch"),
     ("DICOM-SEG", "DICOM-SEG mask unusable"),
     ("mask values must be class indices", "mask with unknown classes"),
+    ("not in label-map.toml", "value not in the site's label map"),
     ("file not found", "missing file"),
     ("leaves the site folder", "file outside the site folder"),
     ("not a usable file name", "bad file name"),
@@ -72,16 +74,20 @@ MIN_TRAIN_SAMPLES = 10
 
 def problem_kind(problem: DataProblem) -> str:
     """A fixed, data-free phrase for what kind of problem this is (safe to send off-site)."""
+    if problem.where.startswith(LABEL_MAP):
+        return "bad label map"
     return next((kind for phrase, kind in KINDS if phrase in problem.reason), "other data problem")
 
 
 @dataclass
 class Preflight:
-    """The check's outcome: the loaded site (None when it has errors), errors and warnings."""
+    """The check's outcome: the loaded site (None when it has errors), errors and warnings, and the
+    site's label map (None: it has none, or it is broken)."""
 
     site: SiteArrays | None
     errors: list[DataProblem] = field(default_factory=list)
     warnings: list[DataProblem] = field(default_factory=list)
+    label_map: LabelMap | None = None
 
     @property
     def ok(self) -> bool:
@@ -95,8 +101,8 @@ class Preflight:
 
 
 def run_preflight(site_dir: str | Path, reading: SiteReading) -> Preflight:
-    """Read and validate a site folder as :func:`read_site` does, then look for what would make the
-    site's training or evaluation useless or misleading (see :func:`site_findings`). Images holding
+    """Read and validate a site folder as :func:`read_site` does (its label map too), then look for
+    what would make the site's training or evaluation useless or misleading (see :func:`site_findings`). Images holding
     another number of channels than ``reading.channels`` are errors naming the file."""
     notices: list[DataProblem] = []  # dropped boxes, masks read as 0/1: with their files, for the operator
     try:
@@ -104,7 +110,8 @@ def run_preflight(site_dir: str | Path, reading: SiteReading) -> Preflight:
     except DataError as err:
         return Preflight(None, err.problems)
     errors, warnings = site_findings(site, reading.num_classes, reading.preprocess)
-    return Preflight(None if errors else site, errors, notices + warnings)
+    label_map = read_label_map(Path(site_dir), reading.num_classes, reading.class_names, reading.target)
+    return Preflight(None if errors else site, errors, notices + warnings, label_map)
 
 
 def site_findings(
@@ -149,7 +156,8 @@ def site_findings(
         present = set(np.flatnonzero(site.targets[train].any(axis=0)).tolist()) if train.any() else set()
     else:
         present = set(np.unique(site.targets[train]).tolist())
-    missing = sorted(set(range(num_classes)) - present)
+    unlabelled = set() if site.labelled is None else set(np.flatnonzero(~site.labelled).tolist())
+    missing = sorted(set(range(num_classes)) - present - unlabelled)  # unlabelled classes are not missing
     if train.any() and missing:
         shown = [m - 1 for m in missing] if site.target_key == "boxes" else missing
         found.append(DataProblem("train", f"class(es) {shown} never occur in the training split"))

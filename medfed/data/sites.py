@@ -100,7 +100,7 @@ def _shared_copy(key: tuple, config: Config, index: int) -> tuple[str, SiteArray
         with np.load(path, allow_pickle=False) as saved:
             pids = saved.get("patient_ids")
             site = SiteArrays(saved["images"], saved["targets"], saved["splits"], pids, str(saved["target_key"]),
-                              saved["spacing"], tuple(str(line) for line in saved["card"]))  # fmt: skip
+                              saved["spacing"], tuple(str(line) for line in saved["card"]), saved.get("labelled"))  # fmt: skip
             return str(saved["name"]), site
     name, site = _load_simulated_site(config, index)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +108,7 @@ def _shared_copy(key: tuple, config: Config, index: int) -> tuple[str, SiteArray
     assert site.spacing is not None  # filled in by SiteArrays.__post_init__
     # Any: numpy types savez's keywords as arrays or its bool allow_pickle, and ** could fill either
     arrays: dict[str, Any] = {"patient_ids": site.patient_ids} if site.patient_ids is not None else {}
+    arrays |= {"labelled": site.labelled} if site.labelled is not None else {}
     np.savez(partial, name=name, images=site.images, targets=site.targets, splits=site.splits,
              target_key=site.target_key, spacing=site.spacing, card=np.asarray(site.card, dtype=str), **arrays)  # fmt: skip
     os.replace(partial, path)

@@ -14,7 +14,7 @@ few large smooth organ-like shapes of distinct intensities (2D or 3D).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -24,6 +24,7 @@ from medfed.data.arrays import SiteArrays
 
 __all__ = [
     "ScannerShift",
+    "drop_classes",
     "site_shift",
     "synthetic_detection_site",
     "synthetic_multilabel_site",
@@ -331,6 +332,23 @@ def synthetic_organ_site(
         split_fractions,
         spatial_dims,
     )
+
+
+def drop_classes(site: SiteArrays, classes: Collection[int], num_classes: int) -> SiteArrays:
+    """``site`` as a hospital that does not label ``classes``: classification drops its cases of those
+    classes (it files no case under them), segmentation paints those structures as background (it
+    outlines the others only); ``labelled`` names the classes that remain."""
+    dropped = np.isin(np.arange(num_classes), list(classes))
+    if site.target_key == "mask":
+        if dropped[0]:
+            raise ValueError("class 0 is background: a segmentation site labels it")
+        targets = np.where(np.isin(site.targets, np.flatnonzero(dropped)), 0, site.targets)
+        site = replace(site, targets=targets)
+    elif site.target_key == "label":
+        site = site.subset(~np.isin(site.targets, np.flatnonzero(dropped)))
+    else:
+        raise ValueError(f"classes can be left unlabelled in labels or masks, not {site.target_key}")
+    return replace(site, labelled=None if not dropped.any() else ~dropped)
 
 
 def with_channels(site: SiteArrays, channels: int) -> SiteArrays:

@@ -295,6 +295,7 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
         else "<h2>Final global model on each site's test split</h2>",
         _table(["site", *metric_names, "privacy ε spent"], site_rows),
     ]
+    sections += _label_coverage(report, per_site, metric)
     point = report["final"].get("operating_point")
     if point and "label_thresholds" in point:
         sections.extend(_label_sections(report, point))
@@ -422,6 +423,31 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
     refresh = "<meta http-equiv='refresh' content='30'>" if running else ""  # a running report reloads itself
     head = f"{refresh}<title>medfed report{' (running)' if running else ''}</title>"
     return f"<!doctype html><html><head><meta charset='utf-8'>{head}<style>{style}</style></head><body>{''.join(sections)}</body></html>"
+
+
+def _label_coverage(report: dict[str, Any], per_site: dict[str, dict[str, Any]], metric: str) -> list[str]:
+    """The classes each site labels (its label map) and the per-class metric; nothing when every
+    site labels every class. A class a site does not label is n/a there, never a score."""
+    labelled = re.compile(r"^labelled_class_(\d+)$")
+    classes = sorted({int(m[1]) for v in per_site.values() for k in v if (m := labelled.match(k))})
+    if not classes:
+        return []
+    if get_task(report["task"]).TARGET == "mask":
+        classes = [c for c in classes if c > 0]  # background: labelled everywhere, not scored
+    rows = []
+    for site in report["sites"]:
+        values = per_site.get(site, {})
+        cells = [
+            "n/a: not labelled" if values.get(f"labelled_class_{c}", 1) == 0 else values.get(f"{metric}_class_{c}")
+            for c in classes
+        ]
+        rows.append([site, *cells])
+    return [
+        "<h2>Classes each site labels</h2><p>Each site labels the classes its label map names; it is scored "
+        f"only on those. Cells: {html.escape(metric)} per class, n/a where the site does not label the class "
+        "(its own averages, above, and the cross-site matrix leave such classes out).</p>",
+        _table(["site", *[class_name(report, c) for c in classes]], rows),
+    ]
 
 
 def _running_banner(running: dict[str, int]) -> str:

@@ -6,6 +6,9 @@ specificity, precision (macro over classes for more than two classes), per-class
 sensitivity, and the expected calibration error (ECE) with its reliability bins. A metric that is
 undefined on the data (AUROC with one class present) is NaN.
 
+A site that labels only some classes (its label map, :mod:`medfed.data.label_map`) trains with
+the softmax over those classes and reports metrics over them, the others n/a.
+
 Binary tasks call a case positive when its probability of class 1 reaches the operating threshold
 (``evaluation.threshold``; 0.5 until one is chosen). :func:`operating_point` chooses it at the end
 of a run from the sites' validation splits: each site sends only counts of its cases per score bin
@@ -49,6 +52,7 @@ __all__ = [
     "check_config",
     "calls",
     "loss",
+    "masked_cross_entropy",
     "decode",
     "explain_layer",
     "infer",
@@ -135,11 +139,24 @@ def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     over the batch and the labels.
 
     A ``logit_offset`` in the batch (``train.logit-adjust``: the site's log class frequencies, see
-    :class:`LogitAdjustment`) is added to the logits first, at training time only."""
+    :class:`LogitAdjustment`) is added to the logits first, at training time only. At a site that
+    labels only some classes (``labelled`` in the batch, from its label map) the softmax runs over
+    those classes only (:func:`masked_cross_entropy`)."""
     if batch["label"].ndim == 2:
         return F.binary_cross_entropy_with_logits(outputs, batch["label"].to(outputs.dtype))
     offset = batch.get("logit_offset")
-    return F.cross_entropy(outputs if offset is None else outputs + offset, batch["label"])
+    logits = outputs if offset is None else outputs + offset
+    labelled = batch.get("labelled")
+    if labelled is not None:
+        return masked_cross_entropy(logits, batch["label"], labelled)
+    return F.cross_entropy(logits, batch["label"])
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over each sample's ``labelled`` classes ``(B, K)`` only, mean over the batch:
+    the classes a site does not label are left out of its softmax, so its cases never teach the
+    model that they are not those classes (they may be: the site does not say)."""
+    return F.cross_entropy(logits.masked_fill(~labelled.bool(), float("-inf")), labels)
 
 
 class LogitAdjustment:
@@ -396,24 +413,36 @@ class ClassificationMetrics:
         self.threshold = threshold
         self._probs: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
+        self.labelled: np.ndarray | None = None  # the classes the site labels, when not all
 
     def update(self, predictions: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         self._probs.append(predictions.detach().cpu().double().numpy())
         self._labels.append(batch["label"].detach().cpu().numpy())
+        if "labelled" in batch:
+            self.labelled = batch["labelled"][0].detach().cpu().numpy().astype(bool)
 
     def resampled(self, indices: np.ndarray) -> ClassificationMetrics:
         """These metrics as if updated with the cases at ``indices`` (repeats allowed): a bootstrap draw."""
         other = ClassificationMetrics(self.num_classes, self.threshold)
         other._probs = [np.concatenate(self._probs)[indices]]
         other._labels = [np.concatenate(self._labels)[indices]]
+        other.labelled = self.labelled
         return other
 
     def compute(self) -> dict[str, float]:
+        """The metrics; at a site that labels only some classes, over those (probabilities
+        renormalised over them), per-class metrics of the others NaN (n/a), plus
+        ``labelled_class_k`` (1 or 0) for every class."""
         if not self._labels:
             return {}
         probs = np.concatenate(self._probs)
         labels = np.concatenate(self._labels)
-        return classification_metrics(probs, labels, self.num_classes, self.threshold)
+        if self.labelled is None:
+            return classification_metrics(probs, labels, self.num_classes, self.threshold)
+        probs = np.where(self.labelled, probs, 0.0)
+        probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-300)
+        out = classification_metrics(probs, labels, self.num_classes, self.threshold, self.labelled)
+        return out | {f"labelled_class_{k}": float(self.labelled[k]) for k in range(self.num_classes)}
 
     def score_counts(self) -> dict[str, float]:
         """Binary tasks: positive and negative cases per score bin (``score_pos@i``, ``score_neg@i``,
@@ -500,13 +529,26 @@ def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, thresholds: np.nda
 
 
 def classification_metrics(
-    probs: np.ndarray, labels: np.ndarray, num_classes: int, threshold: float = DEFAULT_THRESHOLD
+    probs: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    threshold: float = DEFAULT_THRESHOLD,
+    labelled: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All classification metrics from ``(N, K)`` probabilities and ``(N,)`` labels; binary tasks
-    call class 1 when its probability reaches ``threshold``, others take the most probable class."""
+    call class 1 when its probability reaches ``threshold``, others take the most probable class.
+    Classes not ``labelled`` (``(K,)`` bool; None: all are) get NaN per-class metrics and stay out of
+    the macro averages."""
     pred = calls(probs, num_classes, threshold)
-    per_class_auc, sens, spec, prec = [], [], [], []
+    per_class_auc: list[float] = []
+    sens: list[float] = []
+    spec: list[float] = []
+    prec: list[float] = []
     for k in range(num_classes):
+        if labelled is not None and not labelled[k]:
+            for values in (per_class_auc, sens, spec, prec):
+                values.append(float("nan"))
+            continue
         truth, called = labels == k, pred == k
         per_class_auc.append(_auroc(truth, probs[:, k]))
         sens.append(_ratio(np.sum(truth & called), np.sum(truth)))

@@ -9,6 +9,9 @@ of them centred on foreground) and evaluation runs sliding-window inference over
 Pixels labelled ``IGNORE`` (-1: outside a fundus photo's field of view, ``data.field-of-view``)
 are neither learned nor scored.
 
+A site that labels only some structures (its label map, :mod:`medfed.data.label_map`) trains
+with the marginal loss (:func:`marginal_loss`) and is scored on those structures only.
+
 Metrics on the foreground classes, averaged over classes and per class (``dice_class_1``, ...):
 Dice (mean over images that contain the class), IoU and the 95th-percentile Hausdorff distance
 in mm (``monai.metrics``); pooled voxel Dice; and from per-case quantification (structure count,
@@ -53,6 +56,7 @@ __all__ = [
     "decode",
     "infer",
     "loss",
+    "marginal_loss",
     "metrics",
     "operating_point",
     "pooled_metrics",
@@ -69,6 +73,7 @@ SPATIAL_DIMS = (2, 3)  # the image dimensions the task works in
 
 _LOSS = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
 _MASKED_DICE = MaskedDiceLoss(to_onehot_y=True, softmax=True, batch=False)
+_SMOOTH = 1e-5  # MONAI DiceLoss' smooth_nr and smooth_dr
 
 
 def check_config(config: Config) -> None:
@@ -102,8 +107,13 @@ def build_model(config: Config) -> nn.Module:
 
 def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Dice + cross-entropy, per image, averaged over the batch; pixels labelled
-    :data:`~medfed.data.field_of_view.IGNORE` (outside a photo's field of view) do not count."""
+    :data:`~medfed.data.field_of_view.IGNORE` (outside a photo's field of view) do not count. At a
+    site that labels only some structures (``labelled`` in the batch, from its label map): the
+    marginal loss, :func:`marginal_loss`."""
     mask = batch["mask"]
+    labelled = batch.get("labelled")
+    if labelled is not None:
+        return marginal_loss(outputs, mask, labelled)
     if not (mask == IGNORE).any():
         return _LOSS(outputs, mask)
     inside = (mask != IGNORE).to(outputs.dtype)
@@ -113,6 +123,39 @@ def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     counted = inside[:, 0].flatten(1).sum(dim=1).clamp(min=1.0)
     cross_entropy = (per_pixel.flatten(1).sum(dim=1) / counted).mean()  # per image, as DP requires
     return dice + cross_entropy
+
+
+def marginal_loss(outputs: torch.Tensor, mask: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """Marginal Dice + cross-entropy (Shi et al. 2021, "Marginal loss and exclusion loss for
+    partially supervised multi-organ segmentation") for images whose site labels only the classes
+    ``labelled`` ``(B, K)``: a pixel the site calls background may be a structure it does not
+    label, so the softmax probabilities of background and of every unlabelled structure are summed
+    into one background-or-unlabelled channel, and Dice (over the labelled classes, background
+    included, as in :data:`_LOSS`) and cross-entropy are computed on the merged probabilities.
+    Per image, averaged over the batch (as DP requires); :data:`IGNORE` pixels do not count. With
+    every class labelled it equals the plain Dice + cross-entropy."""
+    keep = labelled.bool().clone()
+    keep[:, 0] = True
+    keep = keep.view(*keep.shape, *(1,) * (outputs.ndim - 2))
+    log_probs = torch.log_softmax(outputs, dim=1)
+    merged_out = ~keep
+    merged_out[:, 0] = True  # background and the unlabelled structures
+    background = torch.logsumexp(log_probs.masked_fill(~merged_out, float("-inf")), dim=1, keepdim=True)
+    merged = torch.cat([background, log_probs[:, 1:].masked_fill(~keep[:, 1:], float("-inf"))], dim=1)
+    inside = mask != IGNORE
+    target = mask.clamp(min=0)
+    known = keep.flatten(1).gather(1, target.flatten(1)).view_as(target)
+    target = torch.where(known, target, 0)  # a pixel of an unlabelled structure: background-or-unlabelled
+    weight = inside.to(outputs.dtype)
+    per_pixel = nn.functional.nll_loss(merged, target[:, 0], reduction="none") * weight[:, 0]
+    cross_entropy = per_pixel.flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1).clamp(min=1.0)
+    probs = merged.exp() * weight
+    truth = one_hot(target, outputs.shape[1]).to(outputs.dtype) * weight
+    overlap = (probs * truth).flatten(2).sum(dim=2)
+    sizes = probs.flatten(2).sum(dim=2) + truth.flatten(2).sum(dim=2)
+    dice = 1.0 - (2.0 * overlap + _SMOOTH) / (sizes + _SMOOTH)  # (B, K), as MONAI's DiceLoss
+    classes = keep.flatten(1).to(outputs.dtype)
+    return ((dice * classes).sum(dim=1) / classes.sum(dim=1) + cross_entropy).mean()
 
 
 def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
@@ -184,9 +227,14 @@ class SegmentationMetrics:
         self._hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
         self._counts = np.zeros((num_classes, 3))  # per class: true positives, false positives, false negatives
         self.cases: list[dict[str, float]] = []
+        self.labelled: np.ndarray | None = None  # the classes the site labels, when not all
 
     def update(self, predictions: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         truth = batch["mask"].to(predictions.device)
+        if "labelled" in batch:  # a structure the site does not label is background-or-unlabelled there
+            labelled = batch["labelled"][0].to(predictions.device).bool()
+            self.labelled = labelled.cpu().numpy()
+            predictions = torch.where(labelled[predictions], predictions, 0)
         outside = truth == IGNORE  # outside a photo's field of view: counted as background in both, never scored
         if outside.any():
             truth = truth.masked_fill(outside, 0)
@@ -202,10 +250,12 @@ class SegmentationMetrics:
         true_1h = one_hot(truth, self.num_classes)
         self._dice(pred_1h, true_1h)
         self._iou(pred_1h, true_1h)
-        both = (pred_1h[:, 1:].flatten(2).any(-1) & true_1h[:, 1:].flatten(2).any(-1)).all(dim=1)
+        scored = slice(None) if self.labelled is None else torch.as_tensor(self.labelled[1:])
+        both = (pred_1h[:, 1:].flatten(2).any(-1) & true_1h[:, 1:].flatten(2).any(-1))[:, scored].all(dim=1)
         if both.any():  # HD95 is defined only where the class is both predicted and present
             with warnings.catch_warnings():  # MONAI's own deprecated argument, passed inside MONAI
                 warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+                warnings.filterwarnings("ignore", message=".* is all 0, this may result in nan/inf")  # unlabelled
                 self._hd95(pred_1h[both], true_1h[both], spacing=[tuple(s) for s in spacing[both.cpu().numpy()]])
         for k in range(self.num_classes):
             p, t = predictions == k, truth == k
@@ -215,11 +265,17 @@ class SegmentationMetrics:
             self.cases.append(quantify_case(pred, ref, space))
 
     def compute(self) -> dict[str, float]:
+        """The metrics; at a site that labels only some structures, the others' per-class metrics
+        are NaN (n/a) and stay out of the means, and ``labelled_class_k`` (1 or 0) says which."""
         per_class = {
             "dice": self._nan_mean_per_class(self._dice),
             "iou": self._nan_mean_per_class(self._iou),
             "hd95": self._nan_mean_per_class(self._hd95),
         }
+        if self.labelled is not None:
+            unlabelled = ~self.labelled[1:]
+            per_class = {name: [math.nan if unlabelled[k] else v for k, v in enumerate(values)]
+                         for name, values in per_class.items()}  # fmt: skip
         out = {name: _mean(values) for name, values in per_class.items()}
         tp, fp, fn = self._counts[1:].sum(axis=0)
         out["dice_pooled"] = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else math.nan
@@ -231,6 +287,8 @@ class SegmentationMetrics:
         out["count_error_mean"] = (
             float(np.mean([abs(c["count"] - c["reference_count"]) for c in self.cases])) if self.cases else math.nan
         )
+        if self.labelled is not None:
+            out |= {f"labelled_class_{k}": float(self.labelled[k]) for k in range(self.num_classes)}
         return out
 
     @staticmethod
