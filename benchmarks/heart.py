@@ -19,8 +19,8 @@ over the 4 test splits): pooled 0.795, FedAvg 0.748 (0.94 x pooled), its best st
 
     .venv/bin/medfed bench heart [--quick] [--seeds 5] [--modes nodp dp]
 
-Each mode's finished seeds are kept in ``results/heart.MODE.partial.json``: a rerun (e.g. one
-process per mode, then one with both modes to write the summary) takes them from there.
+Each mode's finished seeds are kept in ``OUT/heart.MODE.partial.json`` (``--out``): a rerun (e.g.
+one process per mode, then one with both modes to write the summary) takes them from there.
 
 Writes benchmarks/results/heart.json and plots/heart.png (``--quick``: one seed, 3 rounds:
 heart-quick.json).
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode in ["nodp"] if args.quick else args.modes:
         private = mode == "dp"
         seeds = [0] if args.quick else list(range(args.dp_seeds or args.seeds if private else args.seeds))
-        done_file = target.with_suffix(f".{mode}.partial.json")  # seeds done, kept for a rerun to resume
+        done_file = args.out / f"heart.{mode}.partial.json"  # seeds done, kept for a rerun to resume
         done = {run["seed"]: run for run in json.loads(done_file.read_text())} if done_file.is_file() else {}
         runs = []
         for seed in seeds:
