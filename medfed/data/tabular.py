@@ -163,7 +163,7 @@ def _card(values: np.ndarray, train: np.ndarray, features: Sequence[str]) -> tup
     """Data-card lines: the feature count and the missing values (aggregate only)."""
     rates = missing_rates(values)
     most = sorted(zip(rates, features, strict=True), key=lambda pair: -pair[0])
-    worst = ", ".join(f"{name} {rate:.0%}" for rate, name in most[:6] if rate > 0) or "none"
+    worst = ", ".join(f"{name} {rate:.1%}" for rate, name in most[:6] if rate > 0) or "none"
     empty = [name for name, rate in zip(features, missing_rates(values[train]), strict=True) if rate == 1.0]
     return (
         f"features: {len(features)} ({', '.join(features)})",
