@@ -200,6 +200,23 @@ def _dp_small_sites(r: dict[str, Any]) -> Iterator[Row]:
         )
 
 
+def _heart(r: dict[str, Any]) -> Iterator[Row]:
+    for mode, privacy in (("nodp", "no DP"), ("dp", "ε=8 per patient")):
+        if mode not in r["results"]:
+            continue
+        entry = r["results"][mode]
+        seeds = len(entry["runs"])
+        for method in ("local", "pooled", "fedavg", "fedprox"):
+            acc = entry["summary"][method]["accuracy"]["mean_of_sites"]
+            auc = entry["summary"][method]["auroc"]["mean_of_sites"]
+            yield (
+                f"UCI heart, 4 real hospitals, {method}, {privacy}",
+                f"test accuracy / AUROC (mean of hospitals; mean ± SD over {seeds} seed(s))",
+                f"{_f(acc['mean'])} ± {_f(acc['sd'])} / {_f(auc['mean'])} ± {_f(auc['sd'])}",
+            )
+    yield "UCI heart, FedAvg / pooled accuracy", "goal >= 0.97", _f(r["goals"]["fedavg_over_pooled_accuracy"])
+
+
 def _natural_sites(r: dict[str, Any]) -> Iterator[Row]:
     for part, privacy in (("protocol", "no DP"), ("protocol-dp", "ε=8 per image")):
         if part not in r:
@@ -296,6 +313,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "generalization": _generalization,
     "dp-small-sites": _dp_small_sites,
     "natural-sites": _natural_sites,
+    "heart": _heart,
     "repeatability": _repeatability,
     "site-level-dp": _site_level_dp,
     "privacy-audit": _privacy_audit,

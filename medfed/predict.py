@@ -80,7 +80,8 @@ class CaseResult:
 
 
 # The table ``predict_cases`` writes in its output folder, per task.
-TABLES = {"segmentation": "quantification.csv", "classification": "predictions.csv", "detection": "detections.csv"}
+TABLES = {"segmentation": "quantification.csv", "classification": "predictions.csv", "detection": "detections.csv",
+          "tabular": "predictions.csv"}  # fmt: skip
 
 
 class Predictions(NamedTuple):
@@ -206,12 +207,16 @@ def predict_cases(
     min_score: float = 0.3,
     site: str = "",
     progress: Steps | None = None,
+    site_data: str | Path | None = None,
 ) -> Predictions:
     """Apply the model to every case under ``input_path``: masks, overlays and ``quantification.csv``
     (segmentation), overlays and ``detections.csv`` with boxes scoring at least ``min_score``
     (detection), or ``predictions.csv`` with the call at the operating threshold (classification).
-    ``progress`` counts the cases read, then the cases done."""
+    ``progress`` counts the cases read, then the cases done. A tabular model takes a CSV of patients
+    instead (:func:`predict_rows`, with the site folder ``site_data``)."""
     config, model = load_model(checkpoint, site)
+    if config.run.task == "tabular":
+        return predict_rows(config, model, Path(input_path), site_data, Path(out_dir))
     model.to(resolve_device(config.train.device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +242,60 @@ def predict_cases(
     if task == "classification":
         return Predictions(task, _classify_cases(todo, config, model, table), table)
     return Predictions(task, _segment_cases(todo, config, model, table), table)
+
+
+def predict_rows(
+    config: Config, model: torch.nn.Module, patients: Path, site_data: str | Path | None, out_dir: Path
+) -> Predictions:
+    """Tabular: ``predictions.csv`` in ``out_dir`` with, per row of the CSV ``patients`` (the model's
+    ``data.features`` columns; empty or ``?`` cells missing), the class probabilities and the call at
+    the operating threshold. The rows are imputed and standardised as the site's own data were in
+    training: fitted on the train split of its site folder ``site_data``, required."""
+    from medfed.data.manifest import read_table
+    from medfed.data.tabular import feature_rows, fit_preprocessor
+    from medfed.data.vocabulary import MANIFEST, DataError
+
+    features = config.data.features
+    if site_data is None:
+        raise ValueError(
+            "a tabular model takes features on the site's own scale: give --site-data, the site folder whose "
+            "train split fits the imputer and standardiser (as in training)"
+        )
+    site_dir = Path(site_data)
+    if not (site_dir / MANIFEST).is_file():
+        raise FileNotFoundError(f"--site-data {site_dir}: no {MANIFEST} in it (a tabular site folder expected)")
+    tables = {}
+    for what, path in (("site", site_dir / MANIFEST), ("patients", patients)):
+        if not path.is_file():
+            raise FileNotFoundError(f"--input {path}: not a file (a CSV of patients expected)")
+        columns, rows = read_table(path)
+        missing = [name for name in (*features, *(("split",) if what == "site" else ())) if name not in columns]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; the model takes {list(features)}")
+        tables[what] = rows
+    train = [row for row in tables["site"] if row["split"] == "train"]
+    if not train:
+        raise ValueError(f"--site-data {site_dir}: no train rows to fit the imputer and standardiser on")
+    fitted, problems = feature_rows(train, features)
+    values, bad = feature_rows(tables["patients"], features, where=patients.name)
+    if problems or bad:
+        raise DataError(patients.parent, problems + bad)
+    rows = fit_preprocessor(fitted).transform(values).astype(np.float32)
+    with torch.no_grad():
+        probs = predict(get_task("tabular"), model.eval(), torch.as_tensor(rows).reshape(len(rows), 1, 1, -1), config)
+    names = config.data.class_names or tuple(f"class {k}" for k in range(config.data.num_classes))
+    threshold = operating_threshold(config)
+    called = calls(probs.numpy(), config.data.num_classes, threshold)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / TABLES["tabular"]
+    results = []
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "call", *(f"p_{name.replace(' ', '_')}" for name in names), "threshold"])
+        for index, (p, call) in enumerate(zip(probs.tolist(), called, strict=True), start=1):
+            writer.writerow([index, names[call], *(f"{v:.4f}" for v in p), f"{threshold:.4f}"])
+            results.append(CaseResult(f"row {index}", [table], 1, float("nan"), "cases", names[call], p[call]))
+    return Predictions("tabular", results, table)
 
 
 def _segment_cases(

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from medfed.config import MODEL_NAMES, Config, ConfigError
 from medfed.data import load_simulated_site
+from medfed.data.tabular import model_features
 from medfed.models import OUTPUT_STRIDE, CenterNet, ConvClassifier, zoo
 from medfed.privacy import make_private
 from medfed.tasks import get_task, predict
@@ -39,7 +40,7 @@ def _one_thread() -> Iterator[None]:
 def _cases_2d_3d(slow_3d: frozenset[str] = frozenset()) -> list:
     cases = []
     for task, name in CASES:
-        for dims in (2, 3) if task != "detection" else (2,):  # detection is 2D only
+        for dims in (2, 3) if task not in ("detection", "tabular") else (2,):  # detection, tabular: 2D only
             marks = [pytest.mark.slow] if dims == 3 and name in slow_3d else []
             cases.append(pytest.param(task, name, dims, marks=marks, id=f"{name}-{dims}d"))
     return cases
@@ -67,6 +68,7 @@ def _expected_shape(config: Config, batch: int) -> tuple[int, ...]:
     spatial = (d.image_size,) * d.spatial_dims
     return {
         "classification": (batch, d.num_classes),
+        "tabular": (batch, d.num_classes),
         "segmentation": (batch, d.num_classes, *spatial),
         "detection": (batch, d.num_classes + 4, *(s // OUTPUT_STRIDE for s in spatial)),
     }[config.run.task]
@@ -91,7 +93,10 @@ def test_network_is_opacus_valid_with_the_task_output_shape(task: str, name: str
     config = _config(task, name, dims)
     model = get_task(task).build_model(config)
     assert ModuleValidator.validate(model, strict=False) == []
-    images = torch.rand(2, 1, *(config.data.image_size,) * dims)
+    if task == "tabular":  # rows of the synthetic sites' features, as a 1 x F grid
+        images = torch.rand(2, 1, 1, len(model_features(config.data)))
+    else:
+        images = torch.rand(2, 1, *(config.data.image_size,) * dims)
     assert tuple(model(images).shape) == _expected_shape(config, 2)
 
 
@@ -131,7 +136,7 @@ def test_predictions_and_metrics_work_with_every_network(task: str, name: str) -
     assert module.PRIMARY_METRIC in accumulator.compute()
 
 
-@pytest.mark.parametrize(("task", "name"), CASES)
+@pytest.mark.parametrize(("task", "name"), [(task, name) for task, name in CASES if task != "tabular"])
 def test_three_channels_make_a_model_taking_three_channels(task: str, name: str) -> None:
     config = _config(task, name, **{"data.channels": 3})
     model = get_task(task).build_model(config)

@@ -60,6 +60,7 @@ class _CheckSettings(NamedTuple):
     class_names: tuple[str, ...] = ()
     preprocess: Preprocess | None = None  # None: the default
     multi_label: bool = False  # several findings per image (data.multi-label, from --config only)
+    features: tuple[str, ...] = ()  # tabular: the feature columns (none: all but label, split, patient_id)
 
     def command(self, site_dir: Path, config_file: Path | None) -> str:
         """The ``medfed data check`` command line that checks ``site_dir`` with these settings."""
@@ -104,6 +105,7 @@ def _with_config(settings: _CheckSettings, config_file: Path | None) -> _CheckSe
         d.class_names,
         Preprocess.from_config(d),
         d.multi_label,
+        d.features,
     )
 
 
@@ -132,6 +134,7 @@ def _preflight_report(site_dir: Path, settings: _CheckSettings) -> bool:
         preprocess,
         settings.channels,
         settings.multi_label,
+        settings.features or (_manifest_features(site_dir) if settings.task == "tabular" else ()),
     )
     with steps(console, "pre-flight check: reading every file"):
         result = run_preflight(site_dir, reading)
@@ -166,11 +169,17 @@ def import_layout(
     src: Annotated[
         Path,
         typer.Argument(
-            help="What to import: a MedMNIST .npz, a VOC folder, a COCO .json, an images+masks folder, a DICOM export"
+            help="What to import: a MedMNIST .npz, a VOC folder, a COCO .json, an images+masks folder, a DICOM "
+            "export, the UCI heart files' folder"
         ),
     ],
-    from_: Annotated[str, typer.Option("--from", help="Layout of SRC: medmnist, voc, coco, image-mask, nifti, dicom")],
-    out: Annotated[Path, typer.Option(help="Site folder to create (new or empty): files + manifest.csv")],
+    from_: Annotated[
+        str, typer.Option("--from", help="Layout of SRC: medmnist, voc, coco, image-mask, nifti, dicom, heart-uci")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(help="Site folder to create (new or empty): files + manifest.csv (heart-uci: one per hospital)"),
+    ],
     task: Annotated[
         str, typer.Option(help="classification, segmentation or detection (default: what the layout holds)")
     ] = "",
@@ -263,6 +272,16 @@ def import_layout(
     for note in imported.notes:
         console.print(f"[yellow]note:[/] {literal(note)}", emoji=False)
     folder = imported.folder
+    if imported.task == "tabular":  # a folder of site folders, one per hospital
+        settings = settings._replace(task="tabular", spatial_dims=2, channels=1)
+        failed = [site for site in sorted(folder.iterdir()) if not _preflight_report(site, settings)]
+        if failed:
+            console.print(
+                f"[bold red]{len(failed)} site folder(s) fail the pre-flight check[/]: a run would refuse them"
+            )
+            raise typer.Exit(code=1)
+        console.print(f"wrote {len(list(folder.iterdir()))} site folders in {plain(folder)} (data.source = 'sites')")
+        return
     settings = settings._replace(task=imported.task, spatial_dims=settings.spatial_dims or _spatial_dims(folder))
     if imported.task == "detection" and not settings.class_names:
         _, rows = read_table(folder / BOXES)
@@ -278,6 +297,17 @@ def import_layout(
         )
         raise typer.Exit(code=1)
     console.print(f"check it again after any change with: {plain(check)}")
+
+
+def _manifest_features(site_dir: Path) -> tuple[str, ...]:
+    """A features manifest's feature columns: all but ``label``, ``split`` and ``patient_id``."""
+    from medfed.data.manifest import read_table
+    from medfed.data.vocabulary import MANIFEST
+
+    if not (site_dir / MANIFEST).is_file():
+        return ()
+    columns, _ = read_table(site_dir / MANIFEST)
+    return tuple(c for c in columns if c not in ("label", "split", "patient_id", "image"))
 
 
 def _import_error(message: str, code: int) -> typer.Exit:

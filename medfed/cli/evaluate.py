@@ -100,15 +100,19 @@ def predict(
     site: Annotated[
         str, typer.Option(help="Classification: this site's name in the run, to call at its own threshold")
     ] = "",
+    site_data: Annotated[
+        Path | None,
+        typer.Option(help="Tabular (--input: a CSV of patients): the site folder whose train split fits the imputer"),
+    ] = None,
 ) -> None:
     """Apply a model to new scans at this site: masks aligned with the input, structure count and size;
     boxes in the input's pixels (detection); or class probabilities and the call at the model's
-    operating threshold (classification)."""
+    operating threshold (classification; tabular: per row of a CSV of patients)."""
     from medfed.predict import predict_cases
 
     try:
         with steps(console, "loading the model") as progress:
-            predictions = predict_cases(model, input, out, min_score, site, progress)
+            predictions = predict_cases(model, input, out, min_score, site, progress, site_data)
     except (OSError, ValueError, KeyError) as err:  # OSError: an unwritable --out, a missing file
         raise fail(str(err)) from err
     console.print(predictions_table(f"{plain(model.name)} on {plain(input)}", predictions))

@@ -132,6 +132,7 @@ def predictions_table(title: str, predictions: Predictions) -> Table:
     columns = {
         "detection": ("case", "detections", "written"),
         "classification": ("case", "call", "probability"),
+        "tabular": ("case", "call", "probability"),
         "segmentation": ("case", "structures", "size", "written"),
     }[kind]
     for column in columns:
@@ -140,7 +141,7 @@ def predictions_table(title: str, predictions: Predictions) -> Table:
         written = plain(", ".join(p.name for p in r.outputs))
         if kind == "detection":
             table.add_row(plain(r.case), str(r.count), written)
-        elif kind == "classification":
+        elif kind in ("classification", "tabular"):
             table.add_row(plain(r.case), plain(r.call), f"{r.probability:.3f}")
         else:
             table.add_row(plain(r.case), str(r.count), f"{r.size:.3f} {r.unit}", written)

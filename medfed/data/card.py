@@ -1,5 +1,5 @@
 """A site's data card: what the files are (formats, modalities, sizes, voxel sizes) and what the
-targets hold, for the pre-flight check a hospital runs before joining a federation. It reads only
+targets hold (tabular sites: the feature count and missing values instead of files), for the pre-flight check a hospital runs before joining a federation. It reads only
 headers and pixels of the site's own files and stays at the site."""
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class DataCard:
 
     def lines(self) -> list[str]:
         """The card as short human-readable lines."""
+        if not self.formats:  # a features manifest: rows, no files
+            return self.target_notes
         out = [
             "formats: " + ", ".join(f"{k} {v}" for k, v in self.formats.most_common()),
             "modalities: " + ", ".join(f"{k} {v}" for k, v in self.modalities.most_common()),
@@ -54,6 +56,9 @@ def data_card(site_dir: str | Path, site: SiteArrays, max_pixels: int = DEFAULT_
     with (site_dir / MANIFEST).open(newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
     card = DataCard()
+    if rows and "image" not in rows[0]:  # a features manifest (tabular): the reader's lines say it all
+        card.target_notes = [*site.card, *_target_notes(site)]
+        return card
     channels, spatial_dims = site.images.shape[1], site.images.ndim - 2
     kinds: Counter[str] = Counter()
     for row in rows:

@@ -9,7 +9,9 @@ the source has no patients) and refuses to write into a non-empty folder. The ki
 - ``image-mask`` and ``nifti``: an ``images/`` + ``masks/`` folder pair (or nnU-Net's
   ``imagesTr/`` + ``labelsTr/``) matched by file name (segmentation), or an image folder with a
   ``labels`` table (classification); ``nifti`` accepts NIfTI files only;
-- ``dicom``: a PACS export, see :mod:`medfed.data.dicom_import`.
+- ``dicom``: a PACS export, see :mod:`medfed.data.dicom_import`;
+- ``heart-uci``: the UCI Heart Disease files of four hospitals, one tabular site folder each
+  (``OUT/<hospital>/``, a folder of site folders), see :mod:`medfed.data.heart_uci`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from medfed.data.arrays import SiteArrays
 from medfed.data.boxes import import_coco, import_voc
 from medfed.data.dicom_import import import_dicom
+from medfed.data.heart_uci import import_heart_uci
 from medfed.data.import_guard import (
     MAX_NAME_BYTES,
     PatientPattern,
@@ -51,6 +54,7 @@ IMPORT_SOURCES: dict[str, tuple[str, ...]] = {
     "image-mask": ("segmentation", "classification"),
     "nifti": ("segmentation", "classification"),
     "dicom": ("segmentation", "classification"),
+    "heart-uci": ("tabular",),
 }
 FOLDER_PAIRS = (("images", "masks"), ("imagesTr", "labelsTr"))
 
@@ -119,6 +123,8 @@ def import_site(
         folder = real_folder(src.parent, "the folder of the COCO file,")
         images_dir = real_folder(images, "--images") if images else _subfolder(folder, "images") or folder
         return Imported(import_coco(src, images_dir, out, seed, fractions), task)
+    if source == "heart-uci":
+        return Imported(out, task, import_heart_uci(src, out, seed, fractions))
     if source == "dicom":
         folder, notes = import_dicom(src, out, task, labels, seed, fractions, key_file)
         return Imported(folder, task, notes)

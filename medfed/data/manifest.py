@@ -46,6 +46,7 @@ from medfed.data.decode import (
 from medfed.data.field_of_view import IGNORE, field_of_view_card
 from medfed.data.label_map import LABEL_MAP, MAX_MASK_VALUE, labelled_vector, read_label_map, write_label_map
 from medfed.data.medical_io import ChannelError
+from medfed.data.tabular import read_feature_site
 from medfed.data.vocabulary import MANIFEST, DataError, DataProblem
 
 __all__ = ["STATE_FOLDER", "SiteReading", "folder_signature", "image_paths", "read_site", "read_table", "write_site"]
@@ -78,7 +79,8 @@ class SiteReading:
     task learns (its ``TARGET``): the manifest column ``label`` or ``mask``, or ``boxes`` (2D only,
     from ``boxes.csv``, with labels that are names from ``class_names`` or class indices);
     ``spatial_dims`` 2 (images) or 3 (volumes); ``preprocess`` how files are decoded; ``channels``
-    image channels per case.
+    image channels per case; ``features`` the feature columns of a features manifest (tabular
+    sites, see :mod:`medfed.data.tabular`; empty: the manifest names images).
     """
 
     image_size: int
@@ -89,6 +91,7 @@ class SiteReading:
     preprocess: Preprocess = DEFAULT_PREPROCESS
     channels: int = 1
     multi_label: bool = False
+    features: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, data: DataConfig, target: str) -> SiteReading:
@@ -102,6 +105,7 @@ class SiteReading:
             Preprocess.from_config(data),
             data.channels,
             data.multi_label,
+            data.features,
         )
 
     def key(self) -> tuple:
@@ -138,6 +142,10 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
             rows = [{k: v or "" for k, v in row.items() if k is not None} for row in reader]
     except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(site_dir, [DataProblem(MANIFEST, f"not a UTF-8 CSV table: {err}")]) from None
+    if reading.features:
+        if not rows:
+            raise DataError(site_dir, [DataProblem(MANIFEST, "no rows")])
+        return read_feature_site(site_dir, columns, rows, reading.features, num_classes, _patient_leaks(rows))
     boxes = target == "boxes"
     if boxes and spatial_dims != 2:
         raise ValueError(f"box targets need 2D images (spatial_dims = 2), got spatial_dims = {spatial_dims}")

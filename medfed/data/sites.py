@@ -13,11 +13,13 @@ from medfed.config import Config, ConfigError
 from medfed.data.arrays import SiteArrays
 from medfed.data.boxes import load_box_site, read_voc
 from medfed.data.decode import Preprocess
+from medfed.data.heart_uci import FEATURES, heart_sites
 from medfed.data.manifest import SiteReading, folder_signature, read_site
 from medfed.data.medmnist import read_medmnist
 from medfed.data.pairs import ImagePair, deal_to_sites, find_pairs, read_pairs
 from medfed.data.partition import assign_splits, dirichlet_partition, iid_partition
 from medfed.data.synthetic import synthetic_multilabel_site, with_channels
+from medfed.data.tabular import read_feature_site
 from medfed.data.vocabulary import MANIFEST
 from medfed.tasks import get_task
 
@@ -53,6 +55,8 @@ def _all_site_names(config: Config) -> list[str]:
         return [p.name for p in _site_folders(Path(config.data.path))]
     if config.data.site:
         return [source.name for source in config.data.site]
+    if config.data.source == "heart-uci":
+        return list(heart_sites(config.data.path, config.run.seed)[0])
     return [f"site-{i + 1}" for i in range(config.data.sites)]
 
 
@@ -155,6 +159,11 @@ def _load_simulated_site(config: Config, index: int) -> tuple[str, SiteArrays]:
         )
     elif data.source == "sites":
         site = read_site(Path(data.path) / names[index], SiteReading.from_config(data, target))
+    elif data.source == "heart-uci":
+        if config.run.task != "tabular":
+            raise ValueError("data.source = 'heart-uci' holds tables: it feeds run.task = 'tabular' only")
+        rows = heart_sites(data.path, config.run.seed)[0][names[index]]
+        site = read_feature_site(Path(data.path), ["label", "split", *FEATURES], rows, data.features, data.num_classes)
     elif data.source == "voc":
         if target != "boxes":
             raise ValueError("data.source = 'voc' holds bounding boxes: it feeds run.task = 'detection' only")

@@ -7,7 +7,8 @@ which the configuration already enforces). Networks with a base width use ``mode
 ``dynunet``, ``attentionunet``); those with standard sizes (the ResNets, DenseNet-121,
 EfficientNet-B0, SE-ResNet-50, BasicUNet's five levels, SwinUNETR's four stages) keep them.
 ``model.dropout`` applies where a network has a dropout setting (EfficientNet-B0 keeps its own
-0.2 dropout and drop-connect; the ResNets have none).
+0.2 dropout and drop-connect; the ResNets have none). Tabular networks (``mlp``, ``logistic``)
+take the ``data.features`` of a row (see :func:`medfed.data.tabular.model_features`).
 
 DP-SGD needs per-sample gradients, which Opacus computes with backward hooks. MONAI's networks
 are made to fit them after building (:func:`opacus_ready`): BatchNorm (which mixes the samples of
@@ -32,6 +33,7 @@ from monai.networks.nets import (
     DenseNet121,
     DynUNet,
     EfficientNetBN,
+    FullyConnectedNet,
     SegResNet,
     SEResNet50,
     SwinUNETR,
@@ -49,6 +51,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from medfed.config import Config, ConfigError, ModelConfig
+from medfed.data.tabular import model_features
 from medfed.models.centernet import CenterNet
 from medfed.models.cnn import ConvClassifier
 
@@ -437,6 +440,18 @@ def _swinunetr(config: Config) -> nn.Module:
 # --- detection --------------------------------------------------------------------------------
 
 
+def _mlp(config: Config) -> nn.Module:
+    """Tabular: ``model.depth - 1`` hidden layers of ``model.width`` units (ReLU, ``model.dropout``)."""
+    m = config.model
+    hidden = (m.width,) * (m.depth - 1)
+    return FullyConnectedNet(len(model_features(config.data)), config.data.num_classes, hidden, m.dropout, "RELU")
+
+
+def _logistic(config: Config) -> nn.Module:
+    """Tabular: logistic regression (one linear layer on the features)."""
+    return FullyConnectedNet(len(model_features(config.data)), config.data.num_classes, ())
+
+
 def _centernet(config: Config) -> nn.Module:
     m, d = config.model, config.data
     return CenterNet(d.channels, d.num_classes, m.width, m.depth, m.norm_groups, m.norm)
@@ -472,6 +487,7 @@ MODEL_BUILDERS: dict[str, dict[str, Builder]] = {
         "swinunetr": _swinunetr,
     },
     "detection": {"centernet": _centernet, "centernet-resnet18": _centernet_resnet18},
+    "tabular": {"mlp": _mlp, "logistic": _logistic},
 }
 
 

@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
     "classification": "medfed.tasks.classification",
     "segmentation": "medfed.tasks.segmentation",
     "detection": "medfed.tasks.detection",
+    "tabular": "medfed.tasks.tabular",
 }
 
 
