@@ -138,6 +138,12 @@ class RunConfig:
     (:mod:`medfed.tracking`; needs ``pip install 'medfed[tracking]'``). ``tracking-uri``: for MLflow a
     ``sqlite:///PATH`` store or a team's ``http(s)://`` server (default: ``OUT/mlflow.db``), for
     TensorBoard a log folder (default: ``OUT/tensorboard``); relative paths are from the working folder.
+    ``personalization`` gives each site a personal model, kept in its state folder and never sent
+    (:mod:`medfed.personalization`): ``fedbn`` (normalisation layers stay at each site: their
+    update is not sent, so the global model keeps its starting ones), ``finetune`` (after the last
+    round each site trains ``finetune-steps`` steps from the final global model, charged to its ε
+    ledger), ``ditto`` (each round a site also trains its personal model with the penalty
+    ``ditto-lambda``/2 ||w - w_global||², charged too). ``none``: only the global model.
     """
 
     name: str = "medfed"
@@ -160,6 +166,9 @@ class RunConfig:
     fraction_train: float = 1.0
     tracking: Literal["none", "mlflow", "tensorboard"] = "none"
     tracking_uri: str = ""
+    personalization: Literal["none", "fedbn", "finetune", "ditto"] = "none"
+    finetune_steps: int = 20
+    ditto_lambda: float = 0.1
 
     def __post_init__(self) -> None:
         _check_text("run.name", self.name)
@@ -181,6 +190,8 @@ class RunConfig:
             self.fraction_train,
             "a fraction in (0, 1]: each site takes part in a round with this probability (1: every site)",
         )
+        _check_range("run.finetune-steps", self.finetune_steps, 1, 10**6, "an integer")
+        _check_range("run.ditto-lambda", self.ditto_lambda, 0, 10_000, low_open=True)
         self._check_secure_aggregation()
 
     def _check_secure_aggregation(self) -> None:
