@@ -586,6 +586,8 @@ class EvaluationConfig:
     a site whose validation split holds one class uses the pooled one. ``"pooled"``: one for all.
     ``min-structure-size`` (pixels or voxels; 0: off) removes smaller connected components from
     predicted segmentation masks before structures are counted and measured.
+    ``replicates``: bootstrap resamples of each site's test cases behind the 95 % intervals that
+    compare a personal model with the global one (``run.personalization``).
     """
 
     cross_site: bool = True
@@ -595,6 +597,7 @@ class EvaluationConfig:
     target_sensitivity: float = 0.0
     operating_point: Literal["site", "pooled"] = "site"
     min_structure_size: int = 0
+    replicates: int = 200
 
     def __post_init__(self) -> None:
         require(
@@ -612,6 +615,7 @@ class EvaluationConfig:
         _check_range("evaluation.min-structure-size", self.min_structure_size, 0, 10**9, "an integer", note=" (0: off)")
         _check_range("evaluation.example-images", self.example_images, 0, 100, "an integer")
         _check_range("evaluation.batch-size", self.batch_size, 1, MAX_BATCH, "an integer")
+        _check_range("evaluation.replicates", self.replicates, 10, 100_000, "an integer")
 
 
 @dataclass(frozen=True)

@@ -723,8 +723,9 @@ def _paired_intervals(config: Config, site: Site, personal: torch.nn.Module, sen
     intervals, and of their difference, on the same resamples of the site's test cases
     (:func:`medfed.evaluation.bootstrap.bootstrap_scores`): aggregate numbers only."""
     data = {site.name: site.data}
-    mine = bootstrap_scores(config, personal.cpu(), data, seed=config.run.seed)["per_site"][site.name]
-    theirs = bootstrap_scores(config, sent.cpu(), data, seed=config.run.seed)["per_site"][site.name]
+    replicates, seed = config.evaluation.replicates, config.run.seed
+    mine = bootstrap_scores(config, personal.cpu(), data, replicates, seed)["per_site"][site.name]
+    theirs = bootstrap_scores(config, sent.cpu(), data, replicates, seed)["per_site"][site.name]
     gain = {"value": mine["value"] - theirs["value"], **interval(np.asarray(mine["draws"]) - theirs["draws"])}
     return {
         f"{wire.INTERVALS}-{model}-{key}": float(entry[key])
