@@ -253,6 +253,16 @@ def _privacy_audit(r: dict[str, Any]) -> Iterator[Row]:
         )
 
 
+def _personalization(r: dict[str, Any]) -> Iterator[Row]:
+    for name, d in r["datasets"].items():
+        for label, runs in d["runs"].items():
+            yield (
+                f"{name}, {label}: {' / '.join(runs)}",
+                f"worst site's test {d['metric']}",
+                " / ".join(_f(run["worst"]) for run in runs.values()),
+            )
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -269,6 +279,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "repeatability": _repeatability,
     "site-level-dp": _site_level_dp,
     "privacy-audit": _privacy_audit,
+    "personalization": _personalization,
 }
 
 

@@ -45,7 +45,9 @@ def test_generalization_quick_on_synthetic_hospitals(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.realdata
-@pytest.mark.parametrize("name", ["utility", "privacy", "overhead", "dp_small_sites", "natural_sites", "spine"])
+@pytest.mark.parametrize(
+    "name", ["utility", "privacy", "overhead", "dp_small_sites", "natural_sites", "spine", "personalization"]
+)
 def test_quick_benchmarks_on_real_data(name: str, tmp_path: Path) -> None:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA}")
