@@ -666,6 +666,9 @@ class Config:
             f"one of {list(task.SPATIAL_DIMS)} for run.task = '{self.run.task}'",
         )
         task.check_config(self)
+        require(not (self.run.personalization == "fedbn" and self.model.norm == "none"), "model.norm", self.model.norm,
+                "'group' with run.personalization = 'fedbn' (FedBN keeps each site's normalisation layers: "
+                "without any, it is FedAvg)")  # fmt: skip
         require(not (self.run.secure_aggregation and self.evaluation.cross_site), "evaluation.cross-site", True,
                 "false with run.secure-aggregation = true (the cross-site matrix sends each site's local-only "
                 "model to the coordinator unmasked)")  # fmt: skip

@@ -461,6 +461,8 @@ def _personalize(
     path = personal_model_path(site.state_dir, run_key)
     model = _received_model(task, config, msg)
     mode, privacy, steps = config.run.personalization, dict[str, float](), 0
+    if mode == "none":
+        raise _Refused(site.name, "this run has no personal models (run.personalization = 'none')")
     if mode == "fedbn" and path.is_file():
         _load_norm_layers(model, path)
     elif mode == "ditto":

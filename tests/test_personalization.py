@@ -195,6 +195,11 @@ def test_bad_personalization_settings_are_refused_naming_the_key(key: str, value
         Config().with_overrides({key: value})
 
 
+def test_fedbn_without_normalisation_layers_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"model\.norm.*fedbn"):
+        Config().with_overrides({"run.personalization": "fedbn", "model.norm": "none"})
+
+
 def test_evaluate_and_predict_take_a_sites_personal_model(federation: Federation, tmp_path: Path) -> None:
     from medfed.cli import app
 
@@ -237,3 +242,12 @@ def test_no_personal_model_is_evaluated_when_the_site_has_none(tmp_path: Path) -
 
     reply = handle_evaluate(evaluate, {"partition-id": 0})
     assert reply.content["site"]["status"] == "refused"
+
+
+def test_a_run_without_personalization_makes_no_personal_model(tmp_path: Path) -> None:
+    config = _tiny("none")
+    msg = _request(config, wire.PHASE_PERSONALIZE)
+    msg.content.config_records[wire.CONFIG][wire.STATE_ROOT] = str(tmp_path)
+    reply = handle_train(msg, {"partition-id": 0}, run_id=1)
+    assert reply.content["site"]["status"] == "refused"
+    assert not list(tmp_path.rglob("personal-*"))
