@@ -300,6 +300,16 @@ def _partial_labels(r: dict[str, Any]) -> Iterator[Row]:
                f"{_f(hidden['structure 1'])} / {_f(hidden['structure 2'])}; {' / '.join(_f(v) for v in others)}")  # fmt: skip
 
 
+def _personalization(r: dict[str, Any]) -> Iterator[Row]:
+    for name, d in r["datasets"].items():
+        for label, runs in d["runs"].items():
+            yield (
+                f"{name}, {label}: {' / '.join(runs)}",
+                f"worst site's test {d['metric']}",
+                " / ".join(_f(run["worst"]) for run in runs.values()),
+            )
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -319,6 +329,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "privacy-audit": _privacy_audit,
     "multilabel": _multilabel,
     "partial-labels": _partial_labels,
+    "personalization": _personalization,
 }
 
 

@@ -145,6 +145,12 @@ class RunConfig:
     (:mod:`medfed.tracking`; needs ``pip install 'medfed[tracking]'``). ``tracking-uri``: for MLflow a
     ``sqlite:///PATH`` store or a team's ``http(s)://`` server (default: ``OUT/mlflow.db``), for
     TensorBoard a log folder (default: ``OUT/tensorboard``); relative paths are from the working folder.
+    ``personalization`` gives each site a personal model, kept in its state folder and never sent
+    (:mod:`medfed.personalization`): ``fedbn`` (normalisation layers stay at each site: their
+    update is not sent, so the global model keeps its starting ones), ``finetune`` (after the last
+    round each site trains ``finetune-steps`` steps from the final global model, charged to its ε
+    ledger), ``ditto`` (each round a site also trains its personal model with the penalty
+    ``ditto-lambda``/2 ||w - w_global||², charged too). ``none``: only the global model.
     """
 
     name: str = "medfed"
@@ -167,6 +173,9 @@ class RunConfig:
     fraction_train: float = 1.0
     tracking: Literal["none", "mlflow", "tensorboard"] = "none"
     tracking_uri: str = ""
+    personalization: Literal["none", "fedbn", "finetune", "ditto"] = "none"
+    finetune_steps: int = 20
+    ditto_lambda: float = 0.1
 
     def __post_init__(self) -> None:
         _check_text("run.name", self.name)
@@ -188,6 +197,8 @@ class RunConfig:
             self.fraction_train,
             "a fraction in (0, 1]: each site takes part in a round with this probability (1: every site)",
         )
+        _check_range("run.finetune-steps", self.finetune_steps, 1, 10**6, "an integer")
+        _check_range("run.ditto-lambda", self.ditto_lambda, 0, 10_000, low_open=True)
         self._check_secure_aggregation()
 
     def _check_secure_aggregation(self) -> None:
@@ -598,6 +609,8 @@ class EvaluationConfig:
     splits), kept in the checkpoint likewise.
     ``min-structure-size`` (pixels or voxels; 0: off) removes smaller connected components from
     predicted segmentation masks before structures are counted and measured.
+    ``replicates``: bootstrap resamples of each site's test cases behind the 95 % intervals that
+    compare a personal model with the global one (``run.personalization``).
     """
 
     cross_site: bool = True
@@ -608,6 +621,7 @@ class EvaluationConfig:
     operating_point: Literal["site", "pooled"] = "site"
     min_structure_size: int = 0
     label_thresholds: tuple[float, ...] = ()
+    replicates: int = 200
 
     def __post_init__(self) -> None:
         require(
@@ -631,6 +645,7 @@ class EvaluationConfig:
         _check_range("evaluation.min-structure-size", self.min_structure_size, 0, 10**9, "an integer", note=" (0: off)")
         _check_range("evaluation.example-images", self.example_images, 0, 100, "an integer")
         _check_range("evaluation.batch-size", self.batch_size, 1, MAX_BATCH, "an integer")
+        _check_range("evaluation.replicates", self.replicates, 10, 100_000, "an integer")
 
 
 @dataclass(frozen=True)
@@ -685,6 +700,9 @@ class Config:
                 f"false for run.task = '{self.run.task}' (several labels per image are for classification)")  # fmt: skip
         require(not self.data.features or self.run.task == "tabular", "data.features", list(self.data.features),
                 "[] unless run.task = 'tabular' (feature columns feed tabular models only)")  # fmt: skip
+        require(not (self.run.personalization == "fedbn" and self.model.norm == "none"), "model.norm", self.model.norm,
+                "'group' with run.personalization = 'fedbn' (FedBN keeps each site's normalisation layers: "
+                "without any, it is FedAvg)")  # fmt: skip
         require(not (self.run.secure_aggregation and self.evaluation.cross_site), "evaluation.cross-site", True,
                 "false with run.secure-aggregation = true (the cross-site matrix sends each site's local-only "
                 "model to the coordinator unmasked)")  # fmt: skip

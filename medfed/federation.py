@@ -392,7 +392,14 @@ def _final_report(
     per_site = _evaluate(state, arrays, "test", _Traffic(), thresholds, {**at_threshold, wire.SCORE_COUNTS: True})
     pooled = task.pooled_metrics(per_site, released_config)
     per_site = {site: {k: v for k, v in m.items() if not k.startswith("score_")} for site, m in per_site.items()}
+    personal = None
+    if config.run.personalization != "none":
+        personal = _personal_models(state, arrays, thresholds, at_threshold, task.PRIMARY_METRIC)
     cross_site = _cross_site(state, arrays, per_site, task.PRIMARY_METRIC) if config.evaluation.cross_site else None
+    if cross_site is not None and personal is not None:  # each site's personal model on its own test split
+        cross_site["models"].append("personal")
+        cross_site["matrix"].append([personal["metrics"].get(s, {}).get(task.PRIMARY_METRIC, math.nan)
+                                     for s in cross_site["sites"]])  # fmt: skip
     report = {
         "task": config.run.task,
         "primary_metric": task.PRIMARY_METRIC,
@@ -404,6 +411,7 @@ def _final_report(
             "pooled": pooled or None,
             "cross_site": cross_site,
             "operating_point": operating or None,
+            "personalization": personal,
         },
         "privacy": _privacy_section(state),
         "protections": _protections(config),
@@ -730,6 +738,49 @@ def _cross_site(
         matrix.append([results.get(site, {}).get(metric, math.nan) for site in sites])
     matrix.append([global_results.get(site, {}).get(metric, math.nan) for site in sites])
     return {"models": [*models, "global"], "sites": sites, "metric": metric, "matrix": matrix}
+
+
+def _personal_models(
+    state: _RunState,
+    arrays: ArrayRecord,
+    thresholds: dict[str, dict[str, float]],
+    at_threshold: dict[str, float],
+    metric: str,
+) -> dict[str, Any]:
+    """Ask every site to make its personal model from the final global model ``arrays`` and keep
+    it (:mod:`medfed.personalization`), then to score it on its test split at the released
+    operating point: per site, the global and the personal model's ``metric`` with 95 % bootstrap
+    intervals and their paired difference (``gain``), and the personal model's metrics."""
+    config = state.config
+    messages = []
+    for node in state.grid.get_node_ids():
+        own = {wire.PHASE: wire.PHASE_PERSONALIZE, **at_threshold, **thresholds.get(state.sites.get(node, ""), {})}
+        content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: state.message_config(own)})
+        messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+    for reply in state.exchange(messages, config.run.round_timeout):
+        try:
+            parsed = _read_reply(state, reply)
+            _record_privacy(state, parsed)
+        except wire.MalformedReply as err:
+            log.warning("personal model not made: %s", err)
+            continue
+        if parsed.status != wire.OK:
+            log.warning("site %s made no personal model: %s", parsed.site, parsed.reason)
+    asked = {**at_threshold, wire.PERSONAL: True, wire.INTERVALS: True}
+    results = _evaluate(state, arrays, "test", _Traffic(), thresholds, asked)
+    prefix = f"{wire.INTERVALS}-"
+    per_site = {
+        site: {
+            model: {key: values.get(f"{prefix}{model}-{key}", math.nan) for key in ("value", "low", "high")}
+            for model in ("global", "personal", "gain")
+        }
+        for site, values in results.items()
+    }
+    metrics = {
+        site: {k: v for k, v in values.items() if not k.startswith((prefix, "score_"))}
+        for site, values in results.items()
+    }
+    return {"method": config.run.personalization, "metric": metric, "per_site": per_site, "metrics": metrics}
 
 
 def _privacy_section(state: _RunState) -> dict[str, dict[str, Any]]:

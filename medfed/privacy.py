@@ -429,11 +429,13 @@ def plan_privacy(
     delta: float = 0.0,
     accountant: str = "rdp",
     runs_per_round: int = 1,
+    extra_steps: int = 0,
 ) -> PrivacyPlan:
     """The DP-SGD plan of a site with ``units`` training units, exactly as the site computes it:
     batches of ``min(batch_size, units)`` drawn with Poisson sampling at rate 1/number of batches,
     ``local_steps`` (or ``local_epochs`` passes) per round, noise calibrated so the whole run
-    (``runs_per_round`` = 2 when local-only models are also trained for the cross-site matrix)
+    (``runs_per_round``: one more for the local-only models of the cross-site matrix, one more for
+    Ditto's personal model; ``extra_steps``: steps after the last round, e.g. local fine-tuning)
     spends ``target_epsilon`` at ``delta`` (0: 1/(10 units)). ``ValueError`` for a setting out of range."""
     counts = {"units": units, "batch size": batch_size, "rounds": rounds, "local epochs": local_epochs}
     for what, value in counts.items():
@@ -441,14 +443,16 @@ def plan_privacy(
             raise ValueError(f"{what} {value!r}: expected a whole number in [1, {MAX_COUNT:g}]")
     if not 0 <= local_steps <= MAX_COUNT:
         raise ValueError(f"local steps {local_steps!r}: expected a whole number in [0, {MAX_COUNT:g}]")
-    if runs_per_round not in (1, 2):
-        raise ValueError(f"runs per round {runs_per_round!r}: expected 1, or 2 with local-only models")
+    if runs_per_round not in (1, 2, 3):
+        raise ValueError(f"runs per round {runs_per_round!r}: expected 1, 2 or 3 (local-only models, Ditto)")
+    if not 0 <= extra_steps <= MAX_COUNT:
+        raise ValueError(f"extra steps {extra_steps!r}: expected a whole number in [0, {MAX_COUNT:g}]")
     _check_target(target_epsilon, delta or default_delta(units))
     batch = min(batch_size, units)
     batches = math.ceil(units / batch)
     sample_rate = 1.0 / batches
     per_round = local_steps or local_epochs * batches
-    run_steps = per_round * rounds * runs_per_round
+    run_steps = per_round * rounds * runs_per_round + extra_steps
     delta = delta or default_delta(units)
     return PrivacyPlan(units, batch, sample_rate, per_round, rounds, run_steps, target_epsilon, delta, accountant)
 

@@ -208,8 +208,12 @@ def unmask_sum(
 
 def plain_training_refusal(msg: Message, node_config: dict[str, Any]) -> Message | None:
     """The refusal of a plain train message by a site whose node config says
-    ``require-secure-aggregation = true`` (its update would reach the coordinator unmasked), or None."""
+    ``require-secure-aggregation = true`` (its update would reach the coordinator unmasked), or None.
+    The request to make a personal model (:data:`wire.PHASE_PERSONALIZE`) is answered: it sends no weights."""
     if node_config.get("require-secure-aggregation", False) is not True:
+        return None
+    settings = msg.content.config_records.get(wire.CONFIG)
+    if settings is not None and settings.get(wire.PHASE) == wire.PHASE_PERSONALIZE:
         return None
     reason = "this site sends updates only under secure aggregation (run.secure-aggregation = false was asked)"
     log.warning("site refuses a plain train message: %s", reason)

@@ -37,6 +37,8 @@ from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulate
 from medfed.data.manifest import STATE_FOLDER, SiteReading, folder_signature
 from medfed.data.preflight import Preflight, run_preflight
 from medfed.data.vocabulary import DataProblem
+from medfed.evaluation.bootstrap import bootstrap_scores, interval
+from medfed.personalization import norm_keys, personal_model_path, privacy_shape
 from medfed.privacy import (
     BudgetExceeded,
     PrivacyLedger,
@@ -49,7 +51,15 @@ from medfed.privacy import (
 from medfed.tasks import Task, get_task, seeded_train_transform
 from medfed.tasks.classification import LogitAdjustment
 from medfed.training import TrainStats, build_optimizer, evaluate, loop_options, lr_schedule, resolve_device, train
-from medfed.weights import compress_update, model_to_arrays, set_model_arrays
+from medfed.weights import (
+    CheckpointError,
+    compress_update,
+    load_checkpoint,
+    load_state,
+    model_to_arrays,
+    save_checkpoint,
+    set_model_arrays,
+)
 
 __all__ = ["Site", "approval_refusal", "handle_evaluate", "handle_train", "node_state_dir", "resolve_site"]
 
@@ -363,17 +373,23 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Pack
     n = len(units)
     if n == 0:
         return _failure(msg, site.name, ValueError("the site has no training samples"))
+    mode = config.run.personalization if phase == wire.PHASE_FEDERATED else "none"
+    personal = personal_model_path(site.state_dir, run_key)
+    if phase == wire.PHASE_PERSONALIZE:
+        return _personalize(msg, site, config, run_key, n, units, unit, started)
     batch_size = min(config.train.batch_size, n)
     steps = _Steps.of(config, phase, math.ceil(n / batch_size))
     release = Release(f"{run_key}|{phase}|{server_round}|{data_digest(site.data)}", request_digest(msg))
     privacy: dict[str, float] = {}
-    salt = ""
-    if config.privacy.sample_level:
-        sigma, privacy, salt = _spend_privacy(site, config, release, run_key, unit, n, steps.planned)
+    salt, sigma = "", 0.0
+    if config.privacy.sample_level:  # Ditto: the personal model's steps are charged with the global model's
+        charged = steps.planned * (2 if mode == "ditto" else 1)
+        sigma, privacy, salt = _spend_privacy(site, config, release, run_key, unit, n, charged)
+    if mode == "fedbn" and personal.is_file():  # the site's own normalisation layers, back in place
+        _load_norm_layers(model, personal)
     seed = training_seed(site.state_dir, release.round_key + salt, site.seed_secret)
     seed_everything(seed)
-    dataset = _train_dataset(task, config, site, seed, units)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    loader = DataLoader(_train_dataset(task, config, site, seed, units), batch_size=batch_size, shuffle=True)
     optimizer = build_optimizer(model, config.train)
     if config.privacy.sample_level:
         model, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
@@ -381,16 +397,150 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Pack
     trained = getattr(model, "_module", model)
     if not _all_finite(trained):
         return _diverged(msg, site.name, privacy)
+    if mode == "ditto":
+        personal_seed = training_seed(site.state_dir, release.round_key + salt + "|personal", site.seed_secret)
+        ditto = _Ditto(msg, site, config, settings, steps, personal, sigma)
+        if not ditto.train(task, device, personal_seed, units, batch_size):
+            return _diverged(msg, site.name, privacy)
+    if mode == "fedbn":
+        _save_personal(personal, model_to_arrays(trained.cpu()), config, site, server_round)
     metrics = {wire.NUM_EXAMPLES: n, wire.STEPS: stats.steps, wire.LOCAL_SECONDS: time.perf_counter() - started}
     metrics |= privacy
     if not config.privacy.sample_level:
         metrics[wire.TRAIN_LOSS] = stats.loss  # an un-noised statistic of the data: only sent without DP
     received = msg.content.array_records[wire.ARRAYS]
+    sent = model_to_arrays(trained.cpu())
+    if mode == "fedbn":  # the normalisation layers as received: a zero update, they stay at the site
+        kept = norm_keys(trained)
+        sent = ArrayRecord({k: received[k] if k in kept else v for k, v in sent.items()})
     if package is None:
-        arrays = compress_update(received, model_to_arrays(trained.cpu()), config.run.update_compression)
+        arrays = compress_update(received, sent, config.run.update_compression)
     else:
-        arrays = package(received, model_to_arrays(trained.cpu()), n)
+        arrays = package(received, sent, n)
     return wire.encode_reply(msg, wire.SiteReply(site.name, wire.OK, "", metrics, arrays, unit, site.notes))
+
+
+@dataclass
+class _Ditto:
+    """One round of a Ditto site's personal model: trained from where it was (the received global
+    model the first time) with the penalty ``run.ditto-lambda``/2 ||w - w_global||², on as many
+    steps as the global model and with the same noise (charged with it), then kept."""
+
+    msg: Message
+    site: Site
+    config: Config
+    settings: ConfigRecord
+    steps: _Steps
+    path: Path
+    sigma: float
+
+    def train(self, task: Task, device: torch.device, seed: int, units: list[np.ndarray], batch_size: int) -> bool:
+        """Train and keep the personal model; False when it diverged (then it is not kept)."""
+        config = self.config
+        received = _received_model(task, config, self.msg)
+        model = _received_model(task, config, self.msg)
+        if self.path.is_file():
+            _load_personal(model, self.path)
+        anchor = [p.detach().to(device) for p in received.parameters()]
+        model.to(device)
+        seed_everything(seed)
+        loader = DataLoader(_train_dataset(task, config, self.site, seed, units), batch_size=batch_size, shuffle=True)
+        optimizer = build_optimizer(model, config.train)
+        if config.privacy.sample_level:
+            model, optimizer, loader = make_private(model, optimizer, loader, self.sigma, config.privacy.max_grad_norm)
+        phase = wire.PHASE_FEDERATED
+        _local_training(task, model, loader, optimizer, device, config, self.settings, phase, self.steps, anchor)
+        trained = getattr(model, "_module", model)
+        if not _all_finite(trained):
+            return False
+        server_round = int(wire.setting(self.settings, wire.SERVER_ROUND, 0))
+        _save_personal(self.path, model_to_arrays(trained.cpu()), config, self.site, server_round)
+        return True
+
+
+def _personalize(
+    msg: Message, site: Site, config: Config, run_key: str, n: int, units: list[np.ndarray], unit: str, started: float
+) -> Message:
+    """After the last round: make the site's personal model from the final global model and keep
+    it (fine-tuned, with the site's normalisation layers, or Ditto's own); nothing but metrics is sent."""
+    settings = msg.content.config_records[wire.CONFIG]
+    task = get_task(config.run.task)
+    path = personal_model_path(site.state_dir, run_key)
+    model = _received_model(task, config, msg)
+    mode, privacy, steps = config.run.personalization, dict[str, float](), 0
+    if mode == "none":
+        raise _Refused(site.name, "this run has no personal models (run.personalization = 'none')")
+    if mode == "fedbn" and path.is_file():
+        _load_norm_layers(model, path)
+    elif mode == "ditto":
+        if not path.is_file():
+            raise _Refused(site.name, "no personal model: this site trained no round of this run")
+        _load_personal(model, path)
+    elif mode == "finetune":
+        privacy, steps = _fine_tune(msg, site, config, run_key, model, units, unit)
+        if not _all_finite(model):
+            return _diverged(msg, site.name, privacy)
+    if wire.THRESHOLD in settings:  # the operating point the server chose: the personal model keeps it
+        config = config.with_overrides({"evaluation.threshold": float(wire.setting(settings, wire.THRESHOLD))})
+    _save_personal(path, model_to_arrays(model.cpu()), config, site, config.run.rounds)
+    metrics = {wire.NUM_EXAMPLES: n, wire.STEPS: steps, wire.LOCAL_SECONDS: time.perf_counter() - started} | privacy
+    return wire.encode_reply(msg, wire.SiteReply(site.name, wire.OK, "", metrics, None, unit, site.notes))
+
+
+def _fine_tune(
+    msg: Message, site: Site, config: Config, run_key: str, model: torch.nn.Module, units: list[np.ndarray], unit: str
+) -> tuple[dict[str, float], int]:
+    """Train ``model`` (the final global model) ``run.finetune-steps`` steps on the site's train
+    split, charged to its privacy ledger first; the privacy metrics and the steps trained."""
+    task, device, n = get_task(config.run.task), resolve_device(config.train.device), len(units)
+    planned = config.run.finetune_steps
+    release = Release(f"{run_key}|{wire.PHASE_PERSONALIZE}|0|{data_digest(site.data)}", request_digest(msg))
+    privacy: dict[str, float] = {}
+    salt, sigma = "", 0.0
+    if config.privacy.sample_level:
+        sigma, privacy, salt = _spend_privacy(site, config, release, run_key, unit, n, planned)
+    seed = training_seed(site.state_dir, release.round_key + salt, site.seed_secret)
+    seed_everything(seed)
+    batch_size = min(config.train.batch_size, n)
+    loader = DataLoader(_train_dataset(task, config, site, seed, units), batch_size=batch_size, shuffle=True)
+    model.to(device)
+    optimizer = build_optimizer(model, config.train)
+    trained: torch.nn.Module = model
+    if config.privacy.sample_level:
+        trained, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
+    amp = config.train.amp and not config.privacy.sample_level
+    stats = train(task, trained, loader, optimizer, device, epochs=0, max_steps=planned, amp=amp,
+                  **loop_options(config.train))  # fmt: skip
+    if stats.steps != planned:
+        raise RuntimeError(f"trained {stats.steps} steps but {planned} were accounted for")
+    return privacy, stats.steps
+
+
+def _load_personal(model: torch.nn.Module, path: Path) -> None:
+    """Load the site's personal model kept at ``path`` into ``model``."""
+    state, _ = load_checkpoint(path)
+    load_state(model, state, path, "this run's model", "remove it: it is not this run's personal model")
+
+
+def _load_norm_layers(model: torch.nn.Module, path: Path) -> None:
+    """Put the normalisation layers of the personal model kept at ``path`` into ``model`` (FedBN)."""
+    state, _ = load_checkpoint(path)
+    own = model.state_dict()
+    keys = norm_keys(model)
+    if not keys <= set(state) or any(state[k].shape != own[k].shape for k in keys):
+        raise CheckpointError(f"{path} does not hold this run's normalisation layers: remove it")
+    model.load_state_dict({k: state[k] for k in keys}, strict=False)
+
+
+def _save_personal(path: Path, arrays: ArrayRecord, config: Config, site: Site, server_round: int) -> None:
+    """Keep the site's personal model at ``path``, with the metadata ``medfed evaluate`` reads."""
+    meta = {
+        "round": server_round,
+        "task": config.run.task,
+        "config": config.to_public_dict(),
+        "personal": {"site": site.name, "method": config.run.personalization, "run": config.run.name},
+    }
+    save_checkpoint(path, arrays, meta)
 
 
 def _site_that_trains(node_config: dict[str, Any], settings: ConfigRecord, config: Config, run_id: int) -> Site:
@@ -457,7 +607,7 @@ def _spend_privacy(
         local_steps=config.train.local_steps,
         delta=ledger.delta,
         accountant=config.privacy.accountant,
-        runs_per_round=2 if config.evaluation.cross_site else 1,
+        **privacy_shape(config),
     )
     sample_rate = plan.sample_rate
     if run_key not in ledger.calibrations:  # the first round of this run here: say what DP will do
@@ -494,10 +644,13 @@ def _local_training(
     settings: ConfigRecord,
     phase: str,
     steps: _Steps,
+    anchor: list[torch.Tensor] | None = None,
 ) -> TrainStats:
-    """Train ``steps`` (with FedProx's term in a federated round) on the learning-rate schedule's
-    slice of this round; the steps trained must be the steps accounted for."""
+    """Train ``steps`` (with FedProx's term in a federated round, or Ditto's toward ``anchor``) on
+    the learning-rate schedule's slice of this round; the steps trained must be the steps accounted for."""
     proximal_mu = float(wire.setting(settings, wire.PROXIMAL_MU, 0.0)) if phase == wire.PHASE_FEDERATED else 0.0
+    if anchor is not None:
+        proximal_mu = 0.0
     first_step = (
         0 if phase == wire.PHASE_LOCAL else (int(wire.setting(settings, wire.SERVER_ROUND, 1)) - 1) * steps.per_round
     )
@@ -511,6 +664,8 @@ def _local_training(
         epochs=steps.epochs,
         max_steps=steps.max_steps,
         proximal_mu=proximal_mu,
+        anchor=anchor,
+        anchor_lambda=config.run.ditto_lambda,
         amp=config.train.amp and not config.privacy.sample_level,
         schedule=schedule,
         **loop_options(config.train),
@@ -559,9 +714,36 @@ def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
     task = get_task(config.run.task)
     device = resolve_device(config.train.device)
     model = _received_model(task, config, msg)
+    intervals: dict[str, float] = {}
+    if settings.get(wire.PERSONAL, False) is True:  # the site's personal model of this run, not the one sent
+        path = personal_model_path(site.state_dir, str(settings.get(wire.RUN_KEY, "")))
+        if not path.is_file():
+            reason = "no personal model of this run at this site"
+            return wire.encode_reply(msg, wire.SiteReply(site.name, wire.REFUSED, reason))
+        sent, model = model, _received_model(task, config, msg)
+        _load_personal(model, path)
+        if settings.get(wire.INTERVALS, False) is True and split == "test":
+            intervals = _paired_intervals(config, site, model, sent)
     score_counts = settings.get(wire.SCORE_COUNTS, False) is True
     results = evaluate(task, model.to(device), dataset, config, device, score_counts=score_counts)
-    return wire.encode_reply(msg, wire.SiteReply(site.name, wire.OK, "", {wire.NUM_EXAMPLES: len(dataset), **results}))
+    metrics = {wire.NUM_EXAMPLES: len(dataset), **results, **intervals}
+    return wire.encode_reply(msg, wire.SiteReply(site.name, wire.OK, "", metrics))
+
+
+def _paired_intervals(config: Config, site: Site, personal: torch.nn.Module, sent: torch.nn.Module) -> dict[str, float]:
+    """The primary test metric of the personal and the sent (global) model with 95 % bootstrap
+    intervals, and of their difference, on the same resamples of the site's test cases
+    (:func:`medfed.evaluation.bootstrap.bootstrap_scores`): aggregate numbers only."""
+    data = {site.name: site.data}
+    replicates, seed = config.evaluation.replicates, config.run.seed
+    mine = bootstrap_scores(config, personal.cpu(), data, replicates, seed)["per_site"][site.name]
+    theirs = bootstrap_scores(config, sent.cpu(), data, replicates, seed)["per_site"][site.name]
+    gain = {"value": mine["value"] - theirs["value"], **interval(np.asarray(mine["draws"]) - theirs["draws"])}
+    return {
+        f"{wire.INTERVALS}-{model}-{key}": float(entry[key])
+        for model, entry in (("personal", mine), ("global", theirs), ("gain", gain))
+        for key in ("value", "low", "high")
+    }
 
 
 def _node_site_name(node_config: dict[str, Any]) -> str:

@@ -127,6 +127,8 @@ def train(
     epochs: int,
     max_steps: int = 0,
     proximal_mu: float = 0.0,
+    anchor: list[torch.Tensor] | None = None,
+    anchor_lambda: float = 0.0,
     amp: bool = False,
     views: int = 1,
     physical_batch_size: int = 0,
@@ -142,7 +144,10 @@ def train(
 
     FedProx's proximal term is applied as a decoupled step ``w -= lr * mu * (w - w_global)`` after
     each optimizer step: it involves no data, so it adds nothing to the privacy cost and works the
-    same with or without DP. AMP is used only on CUDA and never under DP (Opacus needs fp32 grads).
+    same with or without DP. Ditto's penalty ``anchor_lambda``/2 ||w - anchor||² (``anchor``: the
+    global model's parameters, in ``model.parameters()`` order) is applied the same way, as its
+    proximal step ``w -= lr*λ/(1 + lr*λ) * (w - anchor)``, stable for any λ (λ → ∞ gives the anchor).
+    AMP is used only on CUDA and never under DP (Opacus needs fp32 grads).
     """
     model.train()
     reference = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
@@ -166,6 +171,11 @@ def train(
                 with torch.no_grad():
                     for param, ref in zip(model.parameters(), reference, strict=True):
                         param.sub_(lr * proximal_mu * (param - ref))
+            if anchor is not None:
+                pull = lr * anchor_lambda / (1 + lr * anchor_lambda)
+                with torch.no_grad():
+                    for param, ref in zip(model.parameters(), anchor, strict=True):
+                        param.sub_(pull * (param - ref))
             steps += 1
             examples += size
             if max_steps and steps >= max_steps:

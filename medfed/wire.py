@@ -40,6 +40,9 @@ __all__ = [
     "PHASE",
     "PHASE_FEDERATED",
     "PHASE_LOCAL",
+    "PHASE_PERSONALIZE",
+    "PERSONAL",
+    "INTERVALS",
     "PRIVACY_METRICS",
     "PROXIMAL_MU",
     "REFUSED",
@@ -82,9 +85,12 @@ SPLIT = "split"  # evaluate: "val" or "test"
 THRESHOLD = "threshold"  # evaluate: the operating threshold the server chose
 LABEL_THRESHOLDS = "label-thresholds"  # evaluate: multi-label, each label's threshold (a JSON list)
 SCORE_COUNTS = "score-counts"  # evaluate: also send counts of cases per score bin
+PERSONAL = "personal"  # evaluate: the site's personal model of the run instead of the weights sent
+INTERVALS = "intervals"  # evaluate (with PERSONAL): bootstrap intervals of the personal and sent models
 
 PHASE_FEDERATED = "federated"  # one round of the federation
 PHASE_LOCAL = "local-baseline"  # the site's local-only model, a whole run's training in one pass
+PHASE_PERSONALIZE = "personalize"  # after the last round: the site makes and keeps its personal model
 
 # Reply statuses (the SITE record's "status").
 OK = "ok"

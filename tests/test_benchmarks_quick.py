@@ -46,7 +46,7 @@ def test_generalization_quick_on_synthetic_hospitals(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize(
-    "name", ["utility", "privacy", "overhead", "dp_small_sites", "natural_sites", "spine", "heart"]
+    "name", ["utility", "privacy", "overhead", "dp_small_sites", "natural_sites", "spine", "heart", "personalization"]
 )
 def test_quick_benchmarks_on_real_data(name: str, tmp_path: Path) -> None:
     if not SHARED_DATA.is_dir():

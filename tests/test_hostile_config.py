@@ -374,7 +374,8 @@ def test_privacy_plan_delta_must_be_below_one_over_n() -> None:
         {"delta": 1.0},
         {"local_steps": -1},
         {"local_epochs": 0},
-        {"runs_per_round": 3},
+        {"runs_per_round": 4},
+        {"extra_steps": -1},
     ],
     ids=lambda kwargs: "-".join(f"{k}={v}" for k, v in kwargs.items()),
 )

@@ -16,9 +16,34 @@ from medfed.progress import steps
 __all__ = ["evaluate", "predict"]
 
 
+SITE_MODEL_HELP = (
+    "Instead of --model: this site's personal model (run.personalization), its state folder (the newest "
+    "personal model kept there) or the checkpoint file"
+)
+
+
+def _chosen_model(model: Path | None, site_model: Path | None) -> Path:
+    """The checkpoint ``--model`` or ``--site-model`` names (exactly one of them)."""
+    from medfed.personalization import latest_personal_model
+
+    if (model is None) == (site_model is None):
+        raise fail("give one of --model (a checkpoint, e.g. the global model) or --site-model (a personal model)")
+    if site_model is None:
+        assert model is not None
+        return model
+    try:
+        chosen = latest_personal_model(site_model)
+    except OSError as err:
+        raise fail(str(err)) from err
+    console.print(f"personal model: {plain(chosen)}")
+    return chosen
+
+
 def evaluate(
-    model: Annotated[Path, typer.Option(help="Global model checkpoint (.safetensors with its .json beside it)")],
     data: Annotated[Path, typer.Option(help="This site's data folder (manifest.csv + images)")],
+    model: Annotated[
+        Path | None, typer.Option(help="Global model checkpoint (.safetensors with its .json beside it)")
+    ] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate: train, val, test or all")] = "test",
     out: Annotated[
         Path | None,
@@ -27,8 +52,9 @@ def evaluate(
     site: Annotated[
         str, typer.Option(help="This site's name in the run: score at the threshold chosen on its own validation split")
     ] = "",
+    site_model: Annotated[Path | None, typer.Option(help=SITE_MODEL_HELP)] = None,
 ) -> None:
-    """Evaluate a global model on this site's own data (nothing leaves the machine)."""
+    """Evaluate a global or personal model on this site's own data (nothing leaves the machine)."""
     import json
 
     from medfed.data import ArrayDataset, DataError, read_site
@@ -40,6 +66,7 @@ def evaluate(
     from medfed.training import evaluate as evaluate_model
     from medfed.training import resolve_device
 
+    model = _chosen_model(model, site_model)
     try:
         config, net, meta = read_checkpoint_model(model, site)
         task = get_task(config.run.task)
@@ -86,9 +113,6 @@ def _write_cases(path: Path, cases: list[dict[str, Any]], spatial_dims: int) -> 
 
 
 def predict(
-    model: Annotated[
-        Path, typer.Option(help="A medfed checkpoint (.safetensors with its .json beside it), e.g. the global model")
-    ],
     input: Annotated[
         Path, typer.Option(help="An image, NIfTI volume, DICOM file or DICOM series folder, or a folder of them")
     ],
@@ -104,12 +128,18 @@ def predict(
         Path | None,
         typer.Option(help="Tabular (--input: a CSV of patients): the site folder whose train split fits the imputer"),
     ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="A medfed checkpoint (.safetensors with its .json beside it), e.g. the global model"),
+    ] = None,
+    site_model: Annotated[Path | None, typer.Option(help=SITE_MODEL_HELP)] = None,
 ) -> None:
     """Apply a model to new scans at this site: masks aligned with the input, structure count and size;
     boxes in the input's pixels (detection); or class probabilities and the call at the model's
     operating threshold (classification; tabular: per row of a CSV of patients)."""
     from medfed.predict import predict_cases
 
+    model = _chosen_model(model, site_model)
     try:
         with steps(console, "loading the model") as progress:
             predictions = predict_cases(model, input, out, min_score, site, progress, site_data)

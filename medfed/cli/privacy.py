@@ -40,6 +40,7 @@ def plan(
 ) -> None:
     """The noise multiplier, ε after each round and a warning when the noise is too large to learn,
     computed exactly as a site computes them before it trains (it logs the same lines)."""
+    from medfed.personalization import privacy_shape
     from medfed.privacy import MAX_COUNT, PrivacyPlan, check_delta, plan_privacy
 
     try:
@@ -72,7 +73,7 @@ def plan(
             local_steps=config.train.local_steps,
             delta=config.privacy.delta,
             accountant=config.privacy.accountant,
-            runs_per_round=2 if config.evaluation.cross_site else 1,
+            **privacy_shape(config),
         )
 
     try:

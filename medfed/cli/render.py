@@ -77,6 +77,15 @@ def print_summary(console: Console, report: dict[str, Any]) -> None:
     if pooled:
         shown = ", ".join(f"{k} {num(v)}" for k, v in pooled.items() if k in (metric, "sensitivity", "specificity"))
         console.print(f"all sites' test cases together: {shown}")
+    personal = report["final"].get("personalization")
+    if personal:
+        mine = Table(title=f"Personal models ({personal['method']}), test {personal['metric']} [95% interval]")
+        for column in ("site", "global", "personal", "personal - global"):
+            mine.add_column(column, justify="left" if column == "site" else "right")
+        for site, entry in personal["per_site"].items():
+            cells = [f"{num(e['value'])} [{num(e['low'])}, {num(e['high'])}]" for e in entry.values()]
+            mine.add_row(plain(site), *cells)
+        console.print(mine)
     cross = report["final"].get("cross_site")
     if cross:
         matrix = Table(title=f"Cross-site {cross['metric']} (rows: model, columns: test site)")

@@ -342,17 +342,19 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
         for site, lines in cards.items():
             items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
             sections.append(f"<p><b>{html.escape(site)}</b></p><ul>{items}</ul>")
+    sections += _personal_section(report["final"].get("personalization"))
     cross = report["final"].get("cross_site")
     if cross:
         sections += [
             "<h2>Cross-site generalisation</h2>",
             "<p>Each row is a model: a site's model trained only on its own data, or the federated "
             "global model. Each column is a site's test split. Off-diagonal cells show how a model "
-            "travels to other hospitals.</p>",
+            "travels to other hospitals. The row <i>personal</i>, when there is one, is each site's own "
+            "personal model on its own test split (personal models never leave their site).</p>",
             _table(
                 ["model", *[f"test @ {site}" for site in cross["sites"]]],
                 [
-                    [m if m == "global" else f"trained @ {m}", *row]
+                    [m if m in ("global", "personal") else f"trained @ {m}", *row]
                     for m, row in zip(cross["models"], cross["matrix"], strict=True)
                 ],
             ),
@@ -447,6 +449,38 @@ def _label_coverage(report: dict[str, Any], per_site: dict[str, dict[str, Any]],
         f"only on those. Cells: {html.escape(metric)} per class, n/a where the site does not label the class "
         "(its own averages, above, and the cross-site matrix leave such classes out).</p>",
         _table(["site", *[class_name(report, c) for c in classes]], rows),
+    ]
+
+
+PERSONAL_METHODS = {
+    "fedbn": "FedBN: the global model with the site's own normalisation layers",
+    "finetune": "the final global model fine-tuned at the site",
+    "ditto": "Ditto: a personal model trained at the site, regularised toward the global one",
+}
+
+
+def _personal_section(personal: dict[str, Any] | None) -> list[str]:
+    """The report's comparison of each site's personal model with the global model."""
+    if not personal:
+        return []
+
+    def cell(entry: dict[str, float]) -> str:
+        return f"{_fmt(entry['value'])} [{_fmt(entry['low'])}, {_fmt(entry['high'])}]"
+
+    rows = [
+        [site, cell(entry["global"]), cell(entry["personal"]), cell(entry["gain"])]
+        for site, entry in personal["per_site"].items()
+    ]
+    metric = html.escape(personal["metric"])
+    return [
+        "<h2>Personal models</h2>",
+        f"<p>Each site's personal model ({html.escape(PERSONAL_METHODS.get(personal['method'], personal['method']))}"
+        f"), kept at the site, against the final global model on the site's test split: {metric} with "
+        "95 % bootstrap intervals (the site's test cases resampled, the same resamples for both models, so "
+        "the difference has its own interval).</p>",
+        _table(
+            ["site", *(f"{model} {personal['metric']}" for model in ("global", "personal")), "personal − global"], rows
+        ),  # fmt: skip
     ]
 
 
