@@ -69,3 +69,10 @@ def test_quick_privacy_benchmarks_on_synthetic_sites(name: str, tmp_path: Path) 
     """The privacy audit (membership inference with and without DP), site-level DP and scale (many
     synthetic sites) need no real data."""
     _bench(name, tmp_path)
+
+
+@pytest.mark.slow
+def test_instance_segmentation_quick_scores_every_site(tmp_path: Path) -> None:
+    """One tiny DP federation of touching nuclei: AJI, PQ, F1 and Dice at every site."""
+    run = _bench("instance_segmentation", tmp_path)["modes"]["dp"]["runs"][0]
+    assert len(run["per_site"]) == 3 and all(0 <= site["aji"] <= 1 for site in run["per_site"].values())

@@ -294,7 +294,11 @@ def _spatial_dims(site_dir: Path) -> int:
 def synth(
     out: Annotated[Path, typer.Option(help="Folder to create one site folder per synthetic hospital in")],
     task: Annotated[
-        str, typer.Option(help="classification (labels), segmentation (masks) or detection (boxes)")
+        str,
+        typer.Option(
+            help="classification (labels), segmentation (masks), instance-segmentation (instance label images) "
+            "or detection (boxes)"
+        ),
     ] = "classification",
     sites: int = 3,
     samples: int = 200,
@@ -310,7 +314,7 @@ def synth(
     from medfed.tasks import TASKS, get_task
 
     if task not in TASKS:
-        raise fail(f"--task {task!r}: expected classification, segmentation or detection")
+        raise fail(f"--task {task!r}: expected one of {sorted(TASKS)}")
     plugin = get_task(task)
     if spatial_dims not in plugin.SPATIAL_DIMS:
         dims, options = " or ".join(f"{n}D" for n in plugin.SPATIAL_DIMS), " or ".join(map(str, plugin.SPATIAL_DIMS))
