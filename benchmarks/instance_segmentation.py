@@ -3,8 +3,9 @@ site, with DP (ε = 8 per site) and without, over several run seeds.
 
 Each run is ``medfed simulate configs/instance-segmentation-synthetic.toml`` as shipped except for
 ``run.seed`` (the synthetic hospitals, the initial model and the DP noise all change with it),
-``privacy.enabled`` and the cross-site matrix (off, so the run's whole ε goes to the federated
-model). The global model's test metrics at each site are kept: the aggregated Jaccard index
+``privacy.enabled`` (without DP, ``train.lr`` and ``train.momentum`` go back to the task's
+non-private recipe, Adam at 0.002: the config's SGD step is tuned for DP-SGD) and the cross-site
+matrix (off, so the run's whole ε goes to the federated model). The global model's test metrics at each site are kept: the aggregated Jaccard index
 (``aji``, the primary metric), panoptic quality (``pq``), object F1 at IoU 0.5 (``f1_50``) and
 foreground Dice (``dice``), each the mean over the site's test images.
 
@@ -34,6 +35,8 @@ QUICK = {"run.rounds": 1, "data.samples-per-site": 24, "data.image-size": 32, "t
 def run_once(seed: int, private: bool, out: Path, quick: bool) -> dict[str, Any]:
     """One federation: each site's test metrics, its ε, the run's seconds."""
     overrides = {"run.seed": seed, "privacy.enabled": private} | (QUICK if quick else {})
+    if not private:  # the config's lr and momentum are for DP-SGD: without DP, the task's recipe (Adam)
+        overrides |= {"train.lr": "auto", "train.momentum": "auto"}
     config = bench_config(CONFIG, None, overrides)
     result = fedavg(config, out / f"{'dp' if private else 'nodp'}-seed{seed}")
     per_site = {site: {m: float(values[m]) for m in METRICS} for site, values in result["metrics"].items()}

@@ -121,7 +121,7 @@ def test_tiny_dp_federation_and_predicted_object_table(tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = [
         "simulate", str(REPO / "configs" / "instance-segmentation-synthetic.toml"), "--sites", "2", "--rounds", "1",
-        "--out", str(out), "--set", "data.samples-per-site=16", "--set", "data.image-size=32",
+        "--out", str(out), "--set", "data.samples-per-site=12", "--set", "data.image-size=32",
         "--set", "train.local-epochs=1", "--set", "train.batch-size=8", "--set", "evaluation.cross-site=false",
         "--set", "evaluation.example-images=1",
     ]  # fmt: skip
