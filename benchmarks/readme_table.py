@@ -310,6 +310,21 @@ def _personalization(r: dict[str, Any]) -> Iterator[Row]:
             )
 
 
+def _instance_segmentation(r: dict[str, Any]) -> Iterator[Row]:
+    for mode, label in (("dp", "DP ε=8 per site"), ("nodp", "no DP")):
+        if mode not in r["modes"]:
+            continue
+        runs, spread = r["modes"][mode]["runs"], r["modes"][mode]["spread"]
+        setting = f"touching nuclei, 3 synthetic sites, {label}, {len(runs)} seed(s)"
+        means = " / ".join(_f(spread[m]["mean"]) for m in ("aji", "pq", "f1_50", "dice"))
+        yield setting, "test AJI / PQ / F1@0.5 / Dice, mean of sites and seeds", means
+        yield (
+            setting,
+            "test AJI, worst-best site over seeds",
+            f"{_f(spread['aji']['worst_site'])}-{_f(spread['aji']['best_site'])}",
+        )
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -330,6 +345,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "multilabel": _multilabel,
     "partial-labels": _partial_labels,
     "personalization": _personalization,
+    "instance-segmentation": _instance_segmentation,
 }
 
 

@@ -23,6 +23,12 @@ stored with the model (``evaluation.label-thresholds``) and the threshold, the f
 present (joined by ``|``, or ``none``), and ``<case>_gradcam.png``: the Grad-CAM saliency of each
 finding called present (of the most probable one when none is).
 
+An instance segmentation model writes ``<case>_instances.nii.gz`` (one integer per object on the
+input's own grid: the three predicted maps are taken back to that grid and split into objects
+there), ``<case>_overlay.png``, one row per object of ``objects.csv`` (case, object id, area in
+pixels and mm², centroid and bounding box in the input's pixels) and one row per case of
+``counts.csv`` (objects and their total area).
+
 A detection model writes ``<case>_overlay.png`` (the boxes over the image) and rows of
 ``detections.csv``: case, class, score and the box corners in the input image's own pixels, for
 every detection scoring at least ``min_score``.
@@ -59,6 +65,7 @@ __all__ = [
     "Predictions",
     "predict_cases",
     "read_checkpoint_model",
+    "instance_scan",
     "segment_scan",
 ]
 
@@ -80,8 +87,14 @@ class CaseResult:
 
 
 # The table ``predict_cases`` writes in its output folder, per task.
-TABLES = {"segmentation": "quantification.csv", "classification": "predictions.csv", "detection": "detections.csv",
-          "tabular": "predictions.csv"}  # fmt: skip
+TABLES = {
+    "segmentation": "quantification.csv",
+    "instance-segmentation": "objects.csv",
+    "classification": "predictions.csv",
+    "detection": "detections.csv",
+    "tabular": "predictions.csv",
+}
+CASE_COUNTS = "counts.csv"  # instance segmentation: objects per case, beside objects.csv
 
 
 class Predictions(NamedTuple):
@@ -179,6 +192,27 @@ def segment_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module)
 
 
 @torch.no_grad()
+def instance_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module) -> np.ndarray:
+    """The objects of 2D ``scan`` (read from ``case``) on its own grid: an int64 label image, 0 = background.
+
+    The three maps' probabilities go back to the input's grid before the objects are split, so
+    objects are told apart at the input's resolution; objects smaller than
+    ``evaluation.min-structure-size`` model pixels (scaled to the input's pixels) are dropped."""
+    from medfed.tasks.instance_segmentation import instance_labels, remove_small_instances
+
+    image, geometry = _model_image(case, scan, config)
+    device = next(model.parameters()).device
+    task = get_task(config.run.task)
+    logits = task.infer(model, torch.as_tensor(image)[None].to(device), config)[0]
+    probs = torch.softmax(logits.float(), dim=0).cpu().numpy()
+    back = from_model_grid(probs, geometry, Preprocess.from_config(config.data))
+    labels = instance_labels(back / np.maximum(back.sum(axis=0, keepdims=True), 1e-6))
+    scale = labels.size / config.data.image_size**2
+    labels = remove_small_instances(labels, round(config.evaluation.min_structure_size * scale))
+    return labels.reshape(scan.array.shape)
+
+
+@torch.no_grad()
 def classify_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module) -> np.ndarray:
     """The class probabilities ``(num_classes,)`` of ``scan`` (read from ``case``)."""
     image, _ = _model_image(case, scan, config)
@@ -241,6 +275,8 @@ def predict_cases(
         return Predictions(task, _detect_cases(todo, config, model, table, min_score), table)
     if task == "classification":
         return Predictions(task, _classify_cases(todo, config, model, table), table)
+    if task == "instance-segmentation":
+        return Predictions(task, _instance_cases(todo, config, model, table), table)
     return Predictions(task, _segment_cases(todo, config, model, table), table)
 
 
@@ -347,6 +383,40 @@ def foreground_density(mask: np.ndarray, scan: Scan, config: Config) -> dict[str
     for k, name in _class_labels(config).items():
         out.update({f"{stat}_{name}": v for stat, v in density(values, mask == k).items()})
     return out
+
+
+def _instance_cases(
+    scans: Iterable[tuple[Path, Scan]], config: Config, model: torch.nn.Module, table: Path
+) -> list[CaseResult]:
+    """Per case an instance label image (NIfTI) and an overlay beside ``table``; every object in
+    ``table`` and the count per case in :data:`CASE_COUNTS`."""
+    from scipy import ndimage
+
+    out_dir = table.parent
+    results, rows = [], []
+    for case, scan in scans:
+        labels = instance_scan(case, scan, config, model)
+        outputs = [write_nifti_mask(labels, scan, out_dir / f"{scan.name}_instances.nii.gz")]
+        outputs.append(_overlay(scan, labels, out_dir / f"{scan.name}_overlay.png"))
+        flat = labels.squeeze()
+        pixel_mm2 = float(np.prod([s for s, n in zip(scan.spacing, scan.array.shape, strict=True) if n > 1]))
+        count = int(flat.max(initial=0))
+        areas = np.bincount(flat.ravel(), minlength=count + 1)
+        centroids = ndimage.center_of_mass(np.ones_like(flat), flat, range(1, count + 1)) if count else []
+        for k, (box, centre) in enumerate(zip(ndimage.find_objects(flat), centroids, strict=True), start=1):
+            assert box is not None  # ids are consecutive: every object has a box
+            ys, xs = box
+            rows.append([scan.name, k, int(areas[k]), f"{areas[k] * pixel_mm2:.4f}", f"{centre[0]:.1f}",
+                         f"{centre[1]:.1f}", ys.start, xs.start, ys.stop, xs.stop])  # fmt: skip
+        size = float(areas[1:].sum()) * pixel_mm2
+        results.append(CaseResult(scan.name, outputs, count, size, "mm2"))
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case", "object", "area_px", "area_mm2", "centroid_y", "centroid_x",
+                         "ymin", "xmin", "ymax", "xmax"])  # fmt: skip
+        writer.writerows(rows)
+    _write_table(table.parent / CASE_COUNTS, results, [], ("case", "objects", "area", "unit", "instances"))
+    return results
 
 
 def _classify_cases(
@@ -462,10 +532,15 @@ def _overlay(scan: Scan, mask: np.ndarray, path: Path) -> Path:
     return path
 
 
-def _write_table(path: Path, results: list[CaseResult], densities: list[str]) -> None:
+def _write_table(
+    path: Path,
+    results: list[CaseResult],
+    densities: list[str],
+    header: tuple[str, ...] = ("case", "structures", "size", "unit", "mask"),
+) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["case", "structures", "size", "unit", "mask", *densities])
+        writer.writerow([*header, *densities])
         for r in results:
             hu = [_shown_density(r.density.get(column, float("nan"))) for column in densities]
             writer.writerow([r.case, r.count, f"{r.size:.4f}", r.unit, r.outputs[0].name, *hu])

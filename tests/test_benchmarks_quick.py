@@ -98,3 +98,10 @@ def test_partial_labels_quick_scores_each_structure_where_it_is_labelled(tmp_pat
     plain, marginal = (result["runs"][i]["classes_labelled"]["site-3"] for i in (0, 1))
     assert plain == [0, 1, 2] and marginal == [0, 1]  # plain: site-3 claims both structures
     assert result["runs"][1]["dice_per_site"]["site-3"]["structure 2"] is None  # n/a where not labelled
+
+
+@pytest.mark.slow
+def test_instance_segmentation_quick_scores_every_site(tmp_path: Path) -> None:
+    """One tiny DP federation of touching nuclei: AJI, PQ, F1 and Dice at every site."""
+    run = _bench("instance_segmentation", tmp_path)["modes"]["dp"]["runs"][0]
+    assert len(run["per_site"]) == 3 and all(0 <= site["aji"] <= 1 for site in run["per_site"].values())

@@ -334,7 +334,11 @@ def _spatial_dims(site_dir: Path) -> int:
 def synth(
     out: Annotated[Path, typer.Option(help="Folder to create one site folder per synthetic hospital in")],
     task: Annotated[
-        str, typer.Option(help="classification (labels), segmentation (masks) or detection (boxes)")
+        str,
+        typer.Option(
+            help="classification (labels), segmentation (masks), instance-segmentation (instance label images) "
+            "or detection (boxes)"
+        ),
     ] = "classification",
     sites: int = 3,
     samples: int = 200,
@@ -357,7 +361,7 @@ def synth(
     from medfed.tasks import TASKS, get_task
 
     if task not in TASKS:
-        raise fail(f"--task {task!r}: expected classification, segmentation or detection")
+        raise fail(f"--task {task!r}: expected one of {sorted(TASKS)}")
     dropped = _unlabelled_classes(unlabelled or [], sites, num_classes, task)
     plugin = get_task(task)
     if spatial_dims not in plugin.SPATIAL_DIMS:

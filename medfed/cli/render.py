@@ -143,6 +143,7 @@ def predictions_table(title: str, predictions: Predictions) -> Table:
         "classification": ("case", "call", "probability"),
         "tabular": ("case", "call", "probability"),
         "segmentation": ("case", "structures", "size", "written"),
+        "instance-segmentation": ("case", "objects", "area", "written"),
     }[kind]
     for column in columns:
         table.add_column(column, justify="left" if column in ("case", "written", "call") else "right")

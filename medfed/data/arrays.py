@@ -23,7 +23,8 @@ class SiteArrays:
     """One site's samples: images ``(N, C, *spatial)`` float32, targets and split names.
 
     Targets are class indices ``(N,)`` (``target_key = "label"``), label masks ``(N, 1, *spatial)``
-    (``target_key = "mask"``) or boxes ``(N, M, 5)`` float32 (``target_key = "boxes"``, 2D only): rows
+    (``target_key = "mask"``), instance label images ``(N, 1, H, W)`` (``"instances"``: one integer
+    per object, 0 = background) or boxes ``(N, M, 5)`` float32 (``target_key = "boxes"``, 2D only): rows
     ``[x1, y1, x2, y2, class]`` in model-input pixels (x along the last axis), object classes from 0,
     padding rows ``[0, 0, 0, 0, -1]``; M is the most boxes of any image (at least 1). ``spacing`` ``(N, spatial_dims)`` is the voxel size in mm along each
     spatial axis after resampling (1 mm where the files do not say). ``patient_ids`` (optional)
@@ -102,7 +103,8 @@ class SiteArrays:
         return dataclasses.replace(self, targets=np.concatenate([self.targets, padding], axis=1))
 
     def class_labels(self) -> np.ndarray:
-        """One class per sample, for stratifying and partitioning: the label, or a mask's largest class.
+        """One class per sample, for stratifying and partitioning: the label, a mask's largest class,
+        or for instance label images 1 when the image holds an object.
 
         For boxes: 0 for an image without boxes, else 1 + the largest object class in the image (as
         for masks, 0 means "nothing found" and higher values rarer, later classes).
@@ -111,7 +113,8 @@ class SiteArrays:
             return (self.targets[:, :, 4].max(axis=1) + 1).astype(np.int64)
         if self.targets.ndim == 1:
             return self.targets
-        return self.targets.reshape(len(self.targets), -1).max(axis=1)
+        largest = self.targets.reshape(len(self.targets), -1).max(axis=1)
+        return (largest > 0).astype(np.int64) if self.target_key == "instances" else largest  # objects: class 1
 
     def privacy_units(self, split: str = "train", unit: str = "patient") -> tuple[str, list[np.ndarray]]:
         """The privacy unit of ``split`` and its samples grouped by unit (indices into the split).

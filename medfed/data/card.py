@@ -114,6 +114,9 @@ def _range(values: list[tuple], fmt: str) -> str:
 
 
 def _target_notes(site: SiteArrays) -> list[str]:
+    if site.target_key == "instances":
+        objects = [len(np.unique(t)) - int((t == 0).any()) for t in site.targets]
+        return [f"objects per image: {min(objects)} to {max(objects)} (mean {np.mean(objects):.1f})"]
     if site.target_key == "mask":
         masks = site.targets.reshape(len(site.targets), -1)
         empty = int((masks.max(axis=1) == 0).sum())

@@ -305,6 +305,7 @@ def load_mask(
     image: Geometry | None = None,
     preprocess: Preprocess = DEFAULT_PREPROCESS,
     rescaled: list[Path] | None = None,
+    instances: bool = False,
 ) -> np.ndarray:
     """Read a label mask as ``(1, *[image_size] * spatial_dims)`` int64, on its image's model grid.
 
@@ -314,7 +315,8 @@ def load_mask(
     DICOM Segmentation (DICOM-SEG) referencing the image's DICOM instances gives its segment
     numbers as classes; other files must hold class indices in ``[0, num_classes - 1]``. ``image``
     (the image's own geometry) is what the mask must match in shape, and in voxel size when the
-    mask file states one (NIfTI, DICOM-SEG).
+    mask file states one (NIfTI, DICOM-SEG). With ``instances`` the file is an instance label image:
+    one integer per object in ``[1, MAX_INSTANCE_ID]``, 0 = background (``num_classes`` unused).
     """
     name = path.name.lower()
     mask_spacing: tuple[float, ...] | None = None
@@ -340,15 +342,32 @@ def load_mask(
         and not np.allclose(mask_spacing, image.spacing, rtol=1e-3, atol=1e-4)
     ):
         raise ValueError(f"mask voxel size {_mm(mask_spacing)} mm does not match its image's {_mm(image.spacing)} mm")
-    if num_classes <= 255 and mask.size and mask.max() == 255 and np.isin(mask, (0, 255)).all():
+    if instances:
+        _check_instance_ids(mask)
+    elif num_classes <= 255 and mask.size and mask.max() == 255 and np.isin(mask, (0, 255)).all():
         mask = (mask == 255).astype(np.int64)
         if rescaled is not None:
             rescaled.append(path)
-    if not np.array_equal(mask, np.round(mask)) or mask.min() < 0 or mask.max() >= num_classes:
+    if not instances and (not np.array_equal(mask, np.round(mask)) or mask.min() < 0 or mask.max() >= num_classes):
         raise ValueError(f"mask values must be class indices in [0, {num_classes - 1}], found {np.unique(mask)[:8]}")
     geometry = image or Geometry(mask.shape, mask_spacing, np.diag([*mask_spacing, 1.0]))
     fitted, _ = fit_to_model(mask.astype(np.float32), geometry, image_size, preprocess, labels=True)
     return fitted.astype(np.int64)[None]
+
+
+MAX_INSTANCE_ID = 65_535  # a 16-bit label image
+
+
+def _check_instance_ids(mask: np.ndarray) -> None:
+    """Refuse an instance label image that holds anything but object ids (integers 0..MAX_INSTANCE_ID)."""
+    if mask.dtype.kind not in "biuf" or not mask.size:
+        raise ValueError(f"an instance label image must hold integer object ids, found {mask.dtype} values")
+    if not np.isfinite(mask).all() or not np.array_equal(mask, np.round(mask)):
+        raise ValueError("instance ids must be integers (one per object, 0 = background), found non-integer values")
+    if mask.min() < 0 or mask.max() > MAX_INSTANCE_ID:
+        raise ValueError(
+            f"instance ids must lie in [0, {MAX_INSTANCE_ID}] (0 = background), found {mask.min()} to {mask.max()}"
+        )
 
 
 class FieldOfViewCase(NamedTuple):

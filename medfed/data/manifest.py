@@ -3,7 +3,8 @@
 Columns: ``image`` (path relative to the folder), the target (``label``: a class index; with
 ``data.multi-label`` the findings of the image joined by ``|``, each a class index or a name from
 ``data.class-names``, e.g. ``effusion|nodule``, or ``none`` for an image without any; or
-``mask``: a label-mask file of the image's size, 0 = background), ``split``
+``mask``: a label-mask file of the image's size, 0 = background; ``instances``: an instance label
+image, one integer per object, 0 = background, e.g. a 16-bit PNG), ``split``
 (train/val/test) and optional ``patient_id`` (used only to keep a patient in one split; it never
 leaves the site), ``spacing`` (mm per pixel, for files that do not state it) and ``modality``
 (e.g. ``CT``, for files that do not state it: NIfTI converted from DICOM). Images may be PNG/JPEG, NumPy ``.npy``, DICOM ``.dcm`` or NIfTI ``.nii(.gz)``.
@@ -52,6 +53,7 @@ from medfed.data.vocabulary import MANIFEST, DataError, DataProblem
 __all__ = ["STATE_FOLDER", "SiteReading", "folder_signature", "image_paths", "read_site", "read_table", "write_site"]
 
 REQUIRED_COLUMNS = ("image", "split")
+MASK_TARGETS = ("mask", "instances")  # targets held in a label-image file per row
 STATE_FOLDER = ".medfed-state"  # a site's own state (ledger, cache) when kept inside its data folder
 T = TypeVar("T")
 
@@ -76,7 +78,7 @@ class SiteReading:
     """How a site folder is read (:func:`read_site`, the pre-flight check, a site's cache key).
 
     ``image_size`` pixels per axis and ``num_classes`` classes of the model; ``target`` is what the
-    task learns (its ``TARGET``): the manifest column ``label`` or ``mask``, or ``boxes`` (2D only,
+    task learns (its ``TARGET``): the manifest column ``label``, ``mask`` or ``instances``, or ``boxes`` (2D only,
     from ``boxes.csv``, with labels that are names from ``class_names`` or class indices);
     ``spatial_dims`` 2 (images) or 3 (volumes); ``preprocess`` how files are decoded; ``channels``
     image channels per case; ``features`` the feature columns of a features manifest (tabular
@@ -200,10 +202,11 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
             loaded = _read_files(site_dir, image_paths(row["image"]), where, problems, functools.partial(
                 load_image, image_size=image_size, spatial_dims=spatial_dims, spacing=pixel_mm,
                 preprocess=preprocess, modality=stated_modality, channels=channels))  # fmt: skip
-            if target == "mask":
-                value = _read_file(site_dir, row["mask"], where, problems, functools.partial(
+            if target in MASK_TARGETS:
+                value = _read_file(site_dir, row[target], where, problems, functools.partial(
                     load_mask, image_size=image_size, num_classes=mask_classes, spatial_dims=spatial_dims,
-                    image=None if loaded is None else loaded[2], preprocess=preprocess, rescaled=rescaled))  # fmt: skip
+                    image=None if loaded is None else loaded[2], preprocess=preprocess, rescaled=rescaled,
+                    instances=target == "instances"))  # fmt: skip
         if label_map is not None and isinstance(value, np.ndarray):  # a mask of the site's own values
             try:
                 value = label_map.translate_mask(value)
@@ -327,17 +330,18 @@ def _read_files(
 
 
 def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
-    """Write a site folder from arrays: manifest.csv plus 8-bit PNG images and PNG masks (2D) with a
-    ``spacing`` column, or NIfTI images and masks whose header holds the spacing (3D). Box targets
-    go to ``boxes.csv`` with class indices as labels, in the written image's pixels. Several image
-    channels become an RGB PNG (3 channels, 2D), one PNG per channel joined by ``;`` (other counts,
-    2D) or a 4D NIfTI with the channels last (3D), as :func:`read_site` reads them back. 2D masks
-    with pixels outside a field of view (:data:`~medfed.data.field_of_view.IGNORE`) get a ``fov``
-    column naming a mask of the field of view (255 inside), read back with ``data.field-of-view``.
-    A site that labels only some classes gets a ``label-map.toml`` naming them."""
+    """Write a site folder from arrays: manifest.csv plus 8-bit PNG images and PNG masks (2D;
+    instance label images as 16-bit PNGs) with a ``spacing`` column, or NIfTI images and masks
+    whose header holds the spacing (3D). Box targets go to ``boxes.csv`` with class indices as
+    labels, in the written image's pixels. Several image channels become an RGB PNG (3 channels,
+    2D), one PNG per channel joined by ``;`` (other counts, 2D) or a 4D NIfTI with the channels
+    last (3D), as :func:`read_site` reads them back. 2D masks with pixels outside a field of view
+    (:data:`~medfed.data.field_of_view.IGNORE`) get a ``fov`` column naming a mask of the field of
+    view (255 inside), read back with ``data.field-of-view``. A site that labels only some classes
+    gets a ``label-map.toml`` naming them."""
     site_dir = Path(site_dir)
     (site_dir / "images").mkdir(parents=True, exist_ok=True)
-    masks = site.target_key == "mask"
+    masks = site.target_key in MASK_TARGETS
     if masks:
         (site_dir / "masks").mkdir(exist_ok=True)
     boxes = site.target_key == "boxes"
@@ -370,7 +374,8 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
                 _save_nifti(target[0].astype(np.uint8), spacing, site_dir / value)
             elif masks:
                 value = f"masks/{i:06d}.png"
-                Image.fromarray(np.maximum(target[0], 0).astype(np.uint8)).save(site_dir / value)
+                depth = np.uint16 if site.target_key == "instances" else np.uint8  # object ids: a 16-bit PNG
+                Image.fromarray(np.maximum(target[0], 0).astype(depth)).save(site_dir / value)
                 if with_fov:
                     fov_cells.append(f"fov/{i:06d}.png")
                     Image.fromarray(np.where(target[0] == IGNORE, 0, 255).astype(np.uint8)).save(

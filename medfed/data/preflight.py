@@ -141,7 +141,7 @@ def site_findings(
     if 0 < counts["train"] < MIN_TRAIN_SAMPLES:
         found.append(DataProblem("train", f"only {counts['train']} training samples: DP noise will dominate"))
     train = site.splits == "train"
-    if site.target_key == "mask":
+    if site.target_key in ("mask", "instances"):
         foreground = site.targets.reshape(len(site.targets), -1).max(axis=1) > 0
         empty = int(np.sum(~foreground))
         if train.any() and not foreground[train].any():
@@ -149,6 +149,8 @@ def site_findings(
         elif empty:
             found.append(DataProblem("masks", f"{empty} of {len(foreground)} masks have no foreground (negatives)"))
         present = set(np.unique(site.targets[train]).tolist()) if train.any() else set()
+        if site.target_key == "instances":  # object ids: any id > 0 is the object class
+            present = {min(k, 1) for k in present}
     elif site.target_key == "boxes":
         present = {int(c) + 1 for c in np.unique(site.targets[train][..., 4]) if c >= 0} | {0}
         num_classes += 1  # class 0 stands for "no box" here

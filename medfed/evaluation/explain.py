@@ -45,6 +45,10 @@ EXAMPLE_CAPTIONS = {
         "Predicted and reference masks",
         "Green: reference only (missed), red: prediction only (false alarm), yellow: both.",
     ),
+    "instances": (
+        "Predicted and reference objects",
+        "Green: reference objects only (missed), red: predicted objects only (false alarm), yellow: both.",
+    ),
     "boxes": (
         "Predicted and reference boxes",
         f"Green: reference boxes; red: detections with score >= {SHOWN_SCORE}, labelled class:score.",
@@ -67,7 +71,7 @@ def example_images(
     for index in range(min(count, len(dataset))):
         sample = dataset[index]
         image = sample["image"][None]
-        if target == "mask":
+        if target in ("mask", "instances"):
             fig = _mask_figure(task, model, sample, config)
         elif target == "boxes":
             detections = predict(task, model, image, config)[0].numpy()
@@ -135,7 +139,7 @@ def label_saliency_figure(
 
 def _mask_figure(task: Task, model: nn.Module, sample: dict[str, torch.Tensor], config: Config) -> Any:
     predicted = predict(task, model, sample["image"][None], config)[0, 0].numpy() > 0
-    reference = sample["mask"][0].numpy() > 0
+    reference = sample[task.TARGET][0].numpy() > 0
     gray = display_gray(sample["image"])
     title = "image"
     if gray.ndim == 3:  # a volume: show the slice with the most reference (else predicted) foreground

@@ -25,6 +25,7 @@ HEADLINE_METRICS = (
     *("auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "ece"),
     *("dice", "iou", "hd95", "dice_pooled", "rel_size_error_median", "count_error_mean"),
     *("map50", "map", "froc"),
+    *("aji", "pq", "sq", "f1_50"),
 )
 PR_KEY = re.compile(r"^pr50_class_(\d+)@([0-9.]+)$")
 FROC_KEY = re.compile(r"^froc@([0-9.]+)fp$")

@@ -489,6 +489,7 @@ MODEL_BUILDERS: dict[str, dict[str, Builder]] = {
     "detection": {"centernet": _centernet, "centernet-resnet18": _centernet_resnet18},
     "tabular": {"mlp": _mlp, "logistic": _logistic},
 }
+MODEL_BUILDERS["instance-segmentation"] = MODEL_BUILDERS["segmentation"]  # the same networks, 3 output maps
 
 
 # Input sizes, where a network needs them: (a multiple of, at least). Those with model.depth levels
@@ -502,7 +503,7 @@ def _check_input_size(task: str, config: Config) -> None:
     """Refuse an input size that the network ``model.name`` cannot take, naming the setting."""
     name, depth = config.model.name, config.model.depth
     key, size = "data.image-size", config.data.image_size
-    if task == "segmentation" and config.data.patch_size:
+    if task in ("segmentation", "instance-segmentation") and config.data.patch_size:
         key, size = "data.patch-size", config.data.patch_size
     multiple, least = (2 ** (depth - 1),) * 2 if name in _DEPTH_SIZED else _SIZE_RULES.get(name, (1, 1))
     if size % multiple or size < least:

@@ -20,6 +20,7 @@ __all__ = ["TASKS", "MetricAccumulator", "Task", "get_task", "predict", "seeded_
 TASKS: dict[str, str] = {
     "classification": "medfed.tasks.classification",
     "segmentation": "medfed.tasks.segmentation",
+    "instance-segmentation": "medfed.tasks.instance_segmentation",
     "detection": "medfed.tasks.detection",
     "tabular": "medfed.tasks.tabular",
 }

@@ -184,7 +184,8 @@ class _RandomPatch:
     foreground, and on the retinal sites ~75-85 % of the "foreground" centres fell outside the
     field of view, where nothing is scored."""
 
-    def __init__(self, size: int, spatial_dims: int) -> None:
+    def __init__(self, size: int, spatial_dims: int, key: str = TARGET) -> None:
+        self.key = key  # the sample key of the label image: "mask", or "instances" (instance segmentation)
         self._crop = RandCropByPosNegLabeld(
             keys=["image", "mask"], label_key="mask", spatial_size=(size,) * spatial_dims, pos=1, neg=1,
             num_samples=1, fg_indices_key="foreground", bg_indices_key="background",
@@ -195,7 +196,7 @@ class _RandomPatch:
         self._crop.set_random_state(seed=seed % 2**32)
 
     def __call__(self, sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        mask = sample["mask"]
+        mask = sample[self.key]
         foreground, background = map_binary_to_indices(mask > 0, image=mask >= 0, image_threshold=0)
         crop_input: dict[Hashable, Any] = {"image": sample["image"], "mask": mask}
         crop_input |= {"foreground": foreground, "background": background}  # flat indices (numpy or torch)
@@ -204,7 +205,7 @@ class _RandomPatch:
             patch = self._crop(crop_input)[0]
         out = dict(sample)
         out["image"] = torch.as_tensor(patch["image"]).as_subclass(torch.Tensor).contiguous()
-        out["mask"] = torch.as_tensor(patch["mask"]).as_subclass(torch.Tensor).long().contiguous()
+        out[self.key] = torch.as_tensor(patch["mask"]).as_subclass(torch.Tensor).long().contiguous()
         return out
 
 
