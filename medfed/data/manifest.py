@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from medfed.config import DataConfig
+from medfed.config import STATE_FOLDER, DataConfig
 from medfed.data.arrays import SPLITS, SiteArrays
 from medfed.data.boxes import BOXES, AnnotatedImage, Box, load_box_site, read_box_table, write_box_table
 from medfed.data.decode import (
@@ -46,7 +46,6 @@ from medfed.data.vocabulary import MANIFEST, DataError, DataProblem
 __all__ = ["STATE_FOLDER", "SiteReading", "folder_signature", "image_paths", "read_site", "read_table", "write_site"]
 
 REQUIRED_COLUMNS = ("image", "split")
-STATE_FOLDER = ".medfed-state"  # a site's own state (ledger, cache) when kept inside its data folder
 T = TypeVar("T")
 
 
