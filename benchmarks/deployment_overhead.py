@@ -28,6 +28,7 @@ Writes benchmarks/results/deployment_overhead.json and prints a table.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -67,6 +68,9 @@ OVERRIDES = (
     "evaluation.cross-site=false",
     "evaluation.example-images=0",
 )
+# ``--long``: local training of at least 20 s per round on 2 busy CPU cores, so that a round's
+# fixed cost (messages, the ClientApp's process) is measured against real training
+LONG_OVERRIDES = ("data.samples-per-site=600", "data.image-size=32", "train.local-epochs=2")
 RUN_DEADLINE = 1800
 
 
@@ -123,9 +127,8 @@ class CountingRelay:
                     sock.shutdown(how)
 
 
-def _config():  # noqa: ANN202
-    overrides = dict(parse_override(item) for item in OVERRIDES)
-    return load_config(REPO / CONFIG_FILE, overrides)
+def _config(overrides: tuple[str, ...]):  # noqa: ANN202
+    return load_config(REPO / CONFIG_FILE, dict(parse_override(item) for item in overrides))
 
 
 def _proc_io(pid: int) -> dict[str, int]:
@@ -143,7 +146,7 @@ def run_simulation(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
     return {"total_seconds": time.perf_counter() - started, "report": report}
 
 
-def run_deployment(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
+def run_deployment(config, base: Path, overrides: tuple[str, ...]) -> dict[str, Any]:  # noqa: ANN001
     names = simulated_site_names(config)
     relays: dict[str, CountingRelay] = {}
     try:
@@ -163,7 +166,7 @@ def run_deployment(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
             deployment.wait_online(list(sites.values()), timeout=300)
 
             out = RunFolder(base / "deployment")
-            run_config = f'config-file="{CONFIG_FILE}" out-dir="{out.root}" overrides="{";".join(OVERRIDES)}"'
+            run_config = f'config-file="{CONFIG_FILE}" out-dir="{out.root}" overrides="{";".join(overrides)}"'
             marks = [{"event": "start", "t": 0.0, "relays": {n: r.snapshot() for n, r in relays.items()}}]
             started = time.perf_counter()
             run = deployment.start("flwr-run", [str(VENV_BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream",
@@ -237,18 +240,28 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = _config()
+    parser = argparse.ArgumentParser(prog="medfed bench deployment_overhead", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help=f"add {' '.join(LONG_OVERRIDES)} (local training >= 20 s per round); writes deployment_overhead_long.json",
+    )
+    args = parser.parse_args(argv)
+    overrides = OVERRIDES + LONG_OVERRIDES if args.long else OVERRIDES
+    config = _config(overrides)
     sites = len(simulated_site_names(config))
     model = model_bytes(config)
     base = Path(tempfile.mkdtemp(prefix="medfed-deployment-overhead-"))
     try:
         simulation = run_simulation(config, base)
-        deployment = run_deployment(config, base)
+        deployment = run_deployment(config, base, overrides)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     result = {
+        "benchmark": "deployment_overhead",
+        "setting": "DP CNN, 600 images of 32 px, 2 epochs" if args.long else "tiny DP CNN",
         "config_file": CONFIG_FILE,
-        "overrides": list(OVERRIDES),
+        "overrides": list(overrides),
         "sites": sites,
         "model_float32_bytes": model,
         "cpu_count": os.cpu_count(),
@@ -285,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         f"  whole run: wire/report payload down {whole['wire_over_payload_down']:.2f}, "
         f"up {_fmt(whole['wire_over_payload_up'], '.2f')}, {whole['connections']} TCP connections"
     )
-    write_results(results_path("deployment_overhead"), result)
+    write_results(results_path("deployment_overhead_long" if args.long else "deployment_overhead"), result)
 
 
 if __name__ == "__main__":

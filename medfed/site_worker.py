@@ -37,6 +37,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -308,8 +309,8 @@ def _read(conn: socket.socket, size: int) -> bytes:
 
 
 def serve(path: Path, parent: int, key: str, idle_seconds: float) -> None:
-    """Answer requests on ``path`` until idle for ``idle_seconds``, ``parent`` is gone, or a
-    request for other code or another parent comes (it is told ``retired``)."""
+    """Answer requests on ``path`` until idle for ``idle_seconds``, ``parent`` is gone (even
+    mid-message), or a request for other code or another parent comes (it is told ``retired``)."""
     parent_started = _start_time(parent)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     path.unlink(missing_ok=True)
@@ -322,14 +323,12 @@ def serve(path: Path, parent: int, key: str, idle_seconds: float) -> None:
     server.listen(8)
     server.settimeout(_POLL_SECONDS)
     (path.parent / PID_NAME).write_text(f"{os.getpid()}\n")
+    threading.Thread(target=_watch_parent, args=(parent, parent_started, path, inode), daemon=True).start()
     log.info("site worker (pid %d) listening for its ClientApp", os.getpid())
     handlers: dict[str, Handler] | None = None
     served, last = 0, time.monotonic()
     try:
         while True:
-            if not parent_started or _start_time(parent) != parent_started:
-                log.info("site worker (pid %d) exits: the process that started it is gone", os.getpid())
-                return
             if time.monotonic() - last > idle_seconds:
                 log.info("site worker (pid %d) exits after %.0f s idle", os.getpid(), idle_seconds)
                 return
@@ -363,6 +362,17 @@ def serve(path: Path, parent: int, key: str, idle_seconds: float) -> None:
                 last = time.monotonic()
     finally:
         _close(server, path, inode)
+
+
+def _watch_parent(parent: int, started: str, path: Path, inode: int) -> None:
+    """Exit, even mid-message, once ``parent`` is gone (as Flower's ClientApp processes do)."""
+    while started and _start_time(parent) == started:
+        time.sleep(_POLL_SECONDS)
+    log.info("site worker (pid %d) exits: the process that started it is gone", os.getpid())
+    with contextlib.suppress(OSError):
+        if path.stat().st_ino == inode:
+            path.unlink()
+    os._exit(0)
 
 
 def _close(server: socket.socket, path: Path, inode: int) -> None:
