@@ -70,7 +70,7 @@ OVERRIDES = (
 )
 # ``--long``: local training of at least 20 s per round on 2 busy CPU cores, so that a round's
 # fixed cost (messages, the ClientApp's process) is measured against real training
-LONG_OVERRIDES = ("data.samples-per-site=600", "data.image-size=32", "train.local-epochs=2")
+LONG_OVERRIDES = ("data.samples-per-site=200", "data.image-size=32")
 RUN_DEADLINE = 1800
 
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(base, ignore_errors=True)
     result = {
         "benchmark": "deployment_overhead",
-        "setting": "DP CNN, 600 images of 32 px, 2 epochs" if args.long else "tiny DP CNN",
+        "setting": "DP CNN, 200 images of 32 px" if args.long else "tiny DP CNN",
         "config_file": CONFIG_FILE,
         "overrides": list(overrides),
         "sites": sites,

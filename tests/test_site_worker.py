@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -161,3 +162,12 @@ def test_a_site_without_the_worker_answers_in_process(node: dict) -> None:
     reply = site_worker.forward(_request(tiny_config(), MessageType.EVALUATE, split="val"), _context(node))
     assert reply.content["site"]["status"] == "ok"
     assert not site_worker.socket_path(node).parent.exists()
+
+
+def test_the_worker_tells_its_own_user_from_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    mine, peer = socket.socketpair()
+    with mine, peer:
+        assert site_worker._same_user(mine)  # SO_PEERCRED: the peer's uid is this process's
+        other = os.getuid() + 1
+        monkeypatch.setattr(site_worker.os, "getuid", lambda: other)
+        assert not site_worker._same_user(mine)
