@@ -1,7 +1,8 @@
 """What a real deployment costs over the simulation: the same tiny federation run both ways.
 
 Config: configs/classification-synthetic.toml with 3 sites, 3 rounds, DP on, 40 samples per site
-at 16 px, one local epoch, cross-site evaluation off (``OVERRIDES``).
+at 16 px, one local epoch, cross-site evaluation off (``OVERRIDES``); ``--long`` adds
+``LONG_OVERRIDES``, ``--no-site-worker`` starts the sites with ``site.sh --no-site-worker``.
 
 1. **Simulation**: ``medfed.simulation.simulate(config, out)`` (Flower's simulation runtime, one
    process).
@@ -23,7 +24,7 @@ and to its ClientApp processes, and files) is recorded as well, as an upper boun
 
     .venv/bin/medfed bench deployment_overhead
 
-Writes benchmarks/results/deployment_overhead.json and prints a table.
+Writes benchmarks/results/deployment_overhead[_long][_no_worker].json and prints a table.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ OVERRIDES = (
     "evaluation.cross-site=false",
     "evaluation.example-images=0",
 )
-# ``--long``: local training of at least 20 s per round on 2 busy CPU cores, so that a round's
+# ``--long``: rounds with seconds of local training (12-42 s on 2 busy CPU cores), so that a round's
 # fixed cost (messages, the ClientApp's process) is measured against real training
 LONG_OVERRIDES = ("data.samples-per-site=200", "data.image-size=32")
 RUN_DEADLINE = 1800
@@ -146,7 +147,7 @@ def run_simulation(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
     return {"total_seconds": time.perf_counter() - started, "report": report}
 
 
-def run_deployment(config, base: Path, overrides: tuple[str, ...]) -> dict[str, Any]:  # noqa: ANN001
+def run_deployment(config, base: Path, overrides: tuple[str, ...], site_flags: list[str]) -> dict[str, Any]:  # noqa: ANN001
     names = simulated_site_names(config)
     relays: dict[str, CountingRelay] = {}
     try:
@@ -162,7 +163,7 @@ def run_deployment(config, base: Path, overrides: tuple[str, ...]) -> dict[str, 
                                                       "--superlink", f"127.0.0.1:{relays[name].port}",
                                                       "--ca", str(certs / "ca" / "ca.crt"),
                                                       "--key", str(certs / "sites" / name / f"{name}.key"),
-                                                      "--port", str(_free_port())])  # fmt: skip
+                                                      "--port", str(_free_port()), *site_flags])  # fmt: skip
             deployment.wait_online(list(sites.values()), timeout=300)
 
             out = RunFolder(base / "deployment")
@@ -244,7 +245,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--long",
         action="store_true",
-        help=f"add {' '.join(LONG_OVERRIDES)} (local training >= 20 s per round); writes deployment_overhead_long.json",
+        help=f"add {' '.join(LONG_OVERRIDES)} (more local training per round); writes deployment_overhead_long.json",
+    )
+    parser.add_argument(
+        "--no-site-worker",
+        action="store_true",
+        help="sites answer every message in its own ClientApp process (site.sh --no-site-worker), as "
+        "before medfed.site_worker; writes deployment_overhead_no_worker.json (or _long_no_worker)",
     )
     args = parser.parse_args(argv)
     overrides = OVERRIDES + LONG_OVERRIDES if args.long else OVERRIDES
@@ -254,12 +261,13 @@ def main(argv: list[str] | None = None) -> None:
     base = Path(tempfile.mkdtemp(prefix="medfed-deployment-overhead-"))
     try:
         simulation = run_simulation(config, base)
-        deployment = run_deployment(config, base, overrides)
+        deployment = run_deployment(config, base, overrides, ["--no-site-worker"] if args.no_site_worker else [])
     finally:
         shutil.rmtree(base, ignore_errors=True)
     result = {
         "benchmark": "deployment_overhead",
-        "setting": "DP CNN, 200 images of 32 px" if args.long else "tiny DP CNN",
+        "setting": ("DP CNN, 200 images of 32 px" if args.long else "tiny DP CNN")
+        + (", no site worker" if args.no_site_worker else ""),
         "config_file": CONFIG_FILE,
         "overrides": list(overrides),
         "sites": sites,
@@ -298,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         f"  whole run: wire/report payload down {whole['wire_over_payload_down']:.2f}, "
         f"up {_fmt(whole['wire_over_payload_up'], '.2f')}, {whole['connections']} TCP connections"
     )
-    write_results(results_path("deployment_overhead_long" if args.long else "deployment_overhead"), result)
+    name = "deployment_overhead" + ("_long" if args.long else "") + ("_no_worker" if args.no_site_worker else "")
+    write_results(results_path(name), result)
 
 
 if __name__ == "__main__":
