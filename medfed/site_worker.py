@@ -17,8 +17,9 @@ worker process per site that keeps them loaded:
 - It exits when idle for ``site-worker-idle-minutes`` (node config, default 30) and when the
   process that started its ClientApps (the SuperNode's executor) is gone; a worker started by
   another executor or for other code on disk retires, and the next message starts a new one.
-- Whenever the worker cannot be used (``site-worker = false`` in the node config, a socket path
-  too long for the system, a worker that does not start or dies mid-message), the message is
+- A worker that dies with a message in hand (or queued) is replaced and the message sent again,
+  once. Whenever the worker cannot be used (``site-worker = false`` in the node config, a socket
+  path too long for the system, a worker that does not start or dies twice), the message is
   handled in the ClientApp's own process, as before, with one log line saying why.
 
     python -m medfed.site_worker --socket PATH --parent PID --key KEY --idle-seconds S
@@ -181,14 +182,17 @@ def _exchange(
         raise WorkerUnavailable(f"the socket path is longer than {_SOCKET_PATH_MAX} bytes")
     frames = [] if msg is None or context is None else _request_frames(msg, context)
     request = {"op": "ping" if msg is None else "handle", "key": key}
-    for _attempt in range(2):
+    for attempt in range(2):  # a worker that retires or dies (even idle, with this request queued) is replaced once
         conn = _connect_or_start(path, key, idle_seconds, parent)
         try:
             with conn:
                 _send(conn, [json.dumps(request).encode(), *frames])
                 header, *answer = _receive(conn)
         except (OSError, ValueError) as err:
-            raise WorkerUnavailable(f"the worker stopped answering: {err}") from err
+            if attempt:
+                raise WorkerUnavailable(f"the worker stopped answering: {err}") from err
+            log.warning("site worker stopped answering (%s): starting another", err)
+            continue
         reply = json.loads(header)
         if reply.get("retired"):
             log.info("site worker (pid %s) retired: it ran other code or for another SuperNode", reply.get("pid"))
@@ -196,7 +200,7 @@ def _exchange(
         if reply.get("error"):
             raise WorkerUnavailable(f"the worker failed: {reply['error']}")
         return reply, answer
-    raise WorkerUnavailable("a new worker retired at once")
+    raise WorkerUnavailable("a new worker retired at once")  # two SuperNodes or two code versions at one site
 
 
 def _request_frames(msg: Message, context: Context) -> list[bytes]:
@@ -329,12 +333,12 @@ def serve(path: Path, parent: int, key: str, idle_seconds: float) -> None:
     served, last = 0, time.monotonic()
     try:
         while True:
-            if time.monotonic() - last > idle_seconds:
-                log.info("site worker (pid %d) exits after %.0f s idle", os.getpid(), idle_seconds)
-                return
             try:
                 conn, _ = server.accept()
-            except TimeoutError:
+            except TimeoutError:  # nothing queued: idle
+                if time.monotonic() - last > idle_seconds:
+                    log.info("site worker (pid %d) exits after %.0f s idle", os.getpid(), idle_seconds)
+                    return
                 continue
             with conn:
                 conn.settimeout(None)
