@@ -1,7 +1,8 @@
 """What a real deployment costs over the simulation: the same tiny federation run both ways.
 
 Config: configs/classification-synthetic.toml with 3 sites, 3 rounds, DP on, 40 samples per site
-at 16 px, one local epoch, cross-site evaluation off (``OVERRIDES``).
+at 16 px, one local epoch, cross-site evaluation off (``OVERRIDES``); ``--long`` adds
+``LONG_OVERRIDES``, ``--no-site-worker`` starts the sites with ``site.sh --no-site-worker``.
 
 1. **Simulation**: ``medfed.simulation.simulate(config, out)`` (Flower's simulation runtime, one
    process).
@@ -23,11 +24,12 @@ and to its ClientApp processes, and files) is recorded as well, as an upper boun
 
     .venv/bin/medfed bench deployment_overhead
 
-Writes benchmarks/results/deployment_overhead.json and prints a table.
+Writes benchmarks/results/deployment_overhead[_long][_no_worker].json and prints a table.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -67,6 +69,9 @@ OVERRIDES = (
     "evaluation.cross-site=false",
     "evaluation.example-images=0",
 )
+# ``--long``: rounds with seconds of local training (12-42 s on 2 busy CPU cores), so that a round's
+# fixed cost (messages, the ClientApp's process) is measured against real training
+LONG_OVERRIDES = ("data.samples-per-site=200", "data.image-size=32")
 RUN_DEADLINE = 1800
 
 
@@ -123,9 +128,8 @@ class CountingRelay:
                     sock.shutdown(how)
 
 
-def _config():  # noqa: ANN202
-    overrides = dict(parse_override(item) for item in OVERRIDES)
-    return load_config(REPO / CONFIG_FILE, overrides)
+def _config(overrides: tuple[str, ...]):  # noqa: ANN202
+    return load_config(REPO / CONFIG_FILE, dict(parse_override(item) for item in overrides))
 
 
 def _proc_io(pid: int) -> dict[str, int]:
@@ -143,7 +147,7 @@ def run_simulation(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
     return {"total_seconds": time.perf_counter() - started, "report": report}
 
 
-def run_deployment(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
+def run_deployment(config, base: Path, overrides: tuple[str, ...], site_flags: list[str]) -> dict[str, Any]:  # noqa: ANN001
     names = simulated_site_names(config)
     relays: dict[str, CountingRelay] = {}
     try:
@@ -159,11 +163,11 @@ def run_deployment(config, base: Path) -> dict[str, Any]:  # noqa: ANN001
                                                       "--superlink", f"127.0.0.1:{relays[name].port}",
                                                       "--ca", str(certs / "ca" / "ca.crt"),
                                                       "--key", str(certs / "sites" / name / f"{name}.key"),
-                                                      "--port", str(_free_port())])  # fmt: skip
+                                                      "--port", str(_free_port()), *site_flags])  # fmt: skip
             deployment.wait_online(list(sites.values()), timeout=300)
 
             out = RunFolder(base / "deployment")
-            run_config = f'config-file="{CONFIG_FILE}" out-dir="{out.root}" overrides="{";".join(OVERRIDES)}"'
+            run_config = f'config-file="{CONFIG_FILE}" out-dir="{out.root}" overrides="{";".join(overrides)}"'
             marks = [{"event": "start", "t": 0.0, "relays": {n: r.snapshot() for n, r in relays.items()}}]
             started = time.perf_counter()
             run = deployment.start("flwr-run", [str(VENV_BIN / "flwr"), "run", str(REPO), CONNECTION, "--stream",
@@ -237,18 +241,35 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = _config()
+    parser = argparse.ArgumentParser(prog="medfed bench deployment_overhead", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help=f"add {' '.join(LONG_OVERRIDES)} (more local training per round); writes deployment_overhead_long.json",
+    )
+    parser.add_argument(
+        "--no-site-worker",
+        action="store_true",
+        help="sites answer every message in its own ClientApp process (site.sh --no-site-worker), as "
+        "before medfed.site_worker; writes deployment_overhead_no_worker.json (or _long_no_worker)",
+    )
+    args = parser.parse_args(argv)
+    overrides = OVERRIDES + LONG_OVERRIDES if args.long else OVERRIDES
+    config = _config(overrides)
     sites = len(simulated_site_names(config))
     model = model_bytes(config)
     base = Path(tempfile.mkdtemp(prefix="medfed-deployment-overhead-"))
     try:
         simulation = run_simulation(config, base)
-        deployment = run_deployment(config, base)
+        deployment = run_deployment(config, base, overrides, ["--no-site-worker"] if args.no_site_worker else [])
     finally:
         shutil.rmtree(base, ignore_errors=True)
     result = {
+        "benchmark": "deployment_overhead",
+        "setting": ("DP CNN, 200 images of 32 px" if args.long else "tiny DP CNN")
+        + (", no site worker" if args.no_site_worker else ""),
         "config_file": CONFIG_FILE,
-        "overrides": list(OVERRIDES),
+        "overrides": list(overrides),
         "sites": sites,
         "model_float32_bytes": model,
         "cpu_count": os.cpu_count(),
@@ -285,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         f"  whole run: wire/report payload down {whole['wire_over_payload_down']:.2f}, "
         f"up {_fmt(whole['wire_over_payload_up'], '.2f')}, {whole['connections']} TCP connections"
     )
-    write_results(results_path("deployment_overhead"), result)
+    name = "deployment_overhead" + ("_long" if args.long else "") + ("_no_worker" if args.no_site_worker else "")
+    write_results(results_path(name), result)
 
 
 if __name__ == "__main__":

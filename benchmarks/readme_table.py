@@ -91,10 +91,11 @@ def _overhead(r: dict[str, Any]) -> Iterator[Row]:
         rounds = [x for x in r[mode]["rounds"] if x["round"] > 0 and x["wall_over_local"]]
         ratio = sum(x["wall_over_local"] for x in rounds) / len(rounds)
         up = sum(x["up_models_per_site"] for x in rounds) / len(rounds)
+        down = sum(x["down_models_per_site"] for x in rounds) / len(rounds)
         yield (
-            f"{mode}, {r['sites']} sites, tiny DP CNN",
-            "round wall / slowest local training; bytes up per site per round / float32 model",
-            f"{ratio:.1f}; {up:.2f}",
+            f"{mode}, {r['sites']} sites, {r.get('setting', 'tiny DP CNN')}",
+            "round wall / slowest local training; bytes down; up per site per round / float32 model",
+            f"{ratio:.1f}; {down:.2f}; {up:.2f}",
         )
     wire = r["deployment"]["wire"]["whole_run"]
     yield (

@@ -1,29 +1,19 @@
-"""Flower ClientApp: a site. Everything it does is in :mod:`medfed.site` (and, for the exchanges of
-secure aggregation, :mod:`medfed.secure_aggregation`)."""
+"""Flower ClientApp: a site. It forwards each message to the site's long-lived worker
+(:mod:`medfed.site_worker`), which answers it as :mod:`medfed.site` (and, for the exchanges of
+secure aggregation, :mod:`medfed.secure_aggregation`) say; this module imports no torch, so a
+message's own process starts fast."""
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from medfed import secure_aggregation
-from medfed.site import handle_evaluate, handle_train
+from medfed.site_worker import forward
 
 app = ClientApp()
+app.train()(forward)
+app.evaluate()(forward)
 
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    node_config = dict(context.node_config)
-    refusal = secure_aggregation.plain_training_refusal(msg, node_config)
-    return refusal or handle_train(msg, node_config, context.run_id)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return handle_evaluate(msg, dict(context.node_config))
-
-
-for _message_type, _handler in secure_aggregation.SITE_HANDLERS.items():  # "<category>.<action>"
+for _message_type in secure_aggregation.SITE_HANDLERS:  # "<category>.<action>"
     _category, _, _action = _message_type.partition(".")
-    getattr(app, _category)(_action)(_handler)
+    getattr(app, _category)(_action)(forward)

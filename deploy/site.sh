@@ -3,11 +3,13 @@
 #
 #   deploy/site.sh --site-name NAME --data DIR --state DIR --superlink HOST:PORT \
 #                  --ca ca.crt --key NAME.key [--privacy-budget EPS] [--allowed-tasks LIST] \
-#                  [--port 9094] [--allow-training-without-privacy] [--require-approval] [-- FLAGS...]
+#                  [--port 9094] [--allow-training-without-privacy] [--require-approval]
+#                  [--no-site-worker] [--site-worker-idle-minutes 30] [-- FLAGS...]
 #
 # Every option can also come from the environment (systemd EnvironmentFile, docker compose):
 #   SITE_NAME, DATA_PATH, STATE_DIR, SUPERLINK, CA_CERT, AUTH_KEY, PRIVACY_BUDGET, ALLOWED_TASKS,
-#   CLIENTAPP_PORT, ALLOW_TRAINING_WITHOUT_PRIVACY (true/false), REQUIRE_APPROVAL (true/false), VENV_BIN.
+#   CLIENTAPP_PORT, ALLOW_TRAINING_WITHOUT_PRIVACY (true/false), REQUIRE_APPROVAL (true/false),
+#   SITE_WORKER (true/false), SITE_WORKER_IDLE_MINUTES, VENV_BIN.
 #
 # What it runs (in the foreground, exec: stop it with SIGTERM / Ctrl-C / systemctl stop):
 #   flower-supernode --superlink HOST:PORT --root-certificates ca.crt \
@@ -23,7 +25,12 @@
 #     privacy.budget applies), allowed-tasks (comma-separated, only if ALLOWED_TASKS is set; for
 #     the task allow-list), allow-training-without-privacy = true (only with that flag),
 #     require-approval = true (only with that flag: train only the run configs approved with
-#     `medfed site approve CONFIG --by NAME --state-dir STATE_DIR`).
+#     `medfed site approve CONFIG --by NAME --state-dir STATE_DIR`), site-worker = false (only with
+#     --no-site-worker: every message in its own ClientApp process, as Flower starts them),
+#     site-worker-idle-minutes (only if set; default 30). The site worker (medfed.site_worker)
+#     is one long-lived process per site that answers the ClientApp's messages with torch and the
+#     site's data kept loaded; it listens on STATE_DIR/worker/site.sock (0600) and exits when idle
+#     or when this SuperNode stops.
 # - FLWR_HOME (apps the SuperNode received), uv cache and temp files live under STATE_DIR. The
 #   privacy ledger (privacy.json) lives in STATE_DIR too: back it up, never delete it.
 # - --insecure: no TLS and no key. Only for a throw-away test against `superlink.sh --insecure`.
@@ -53,6 +60,8 @@ ALLOWED_TASKS="${ALLOWED_TASKS:-}"
 runtime_port="${CLIENTAPP_PORT:-9094}"
 allow_no_dp="${ALLOW_TRAINING_WITHOUT_PRIVACY:-false}"
 require_approval="${REQUIRE_APPROVAL:-false}"
+site_worker="${SITE_WORKER:-true}"
+worker_idle="${SITE_WORKER_IDLE_MINUTES:-}"
 insecure=0
 extra=()
 while [ $# -gt 0 ]; do
@@ -68,6 +77,8 @@ while [ $# -gt 0 ]; do
     --port) [ $# -ge 2 ] || die "--port needs a number"; runtime_port="$2"; shift 2 ;;
     --allow-training-without-privacy) allow_no_dp=true; shift ;;
     --require-approval) require_approval=true; shift ;;
+    --no-site-worker) site_worker=false; shift ;;
+    --site-worker-idle-minutes) [ $# -ge 2 ] || die "--site-worker-idle-minutes needs a number"; worker_idle="$2"; shift 2 ;;
     --insecure) insecure=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; extra=("$@"); break ;;
@@ -91,6 +102,10 @@ if [ -n "$ALLOWED_TASKS" ]; then
 fi
 case "$allow_no_dp" in true|false) ;; *) die "ALLOW_TRAINING_WITHOUT_PRIVACY must be true or false" ;; esac
 case "$require_approval" in true|false) ;; *) die "REQUIRE_APPROVAL must be true or false" ;; esac
+case "$site_worker" in true|false) ;; *) die "SITE_WORKER must be true or false" ;; esac
+if [ -n "$worker_idle" ]; then
+  [[ "$worker_idle" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--site-worker-idle-minutes must be a number of minutes, got '$worker_idle'"
+fi
 command -v flower-supernode >/dev/null || die "flower-supernode not found in $VENV_BIN (set VENV_BIN)"
 
 tls=()
@@ -128,11 +143,11 @@ export UV_OFFLINE=1
 
 # The node config as a TOML file (values typed and quoted by Python: paths may hold spaces).
 "$VENV_BIN/python" - "$state_dir/node-config.toml" "$site_name" "$data_path" "$state_dir" \
-  "$privacy_budget" "$ALLOWED_TASKS" "$allow_no_dp" "$require_approval" <<'PY'
+  "$privacy_budget" "$ALLOWED_TASKS" "$allow_no_dp" "$require_approval" "$site_worker" "$worker_idle" <<'PY'
 import json
 import sys
 
-path, name, data, state, budget, allowed, no_dp, approval = sys.argv[1:]
+path, name, data, state, budget, allowed, no_dp, approval, worker, idle = sys.argv[1:]
 lines = [
     f"site-name = {json.dumps(name)}",
     f"data-path = {json.dumps(data)}",
@@ -146,6 +161,10 @@ if no_dp == "true":
     lines.append("allow-training-without-privacy = true")
 if approval == "true":
     lines.append("require-approval = true")
+if worker == "false":
+    lines.append("site-worker = false")
+if idle:
+    lines.append(f"site-worker-idle-minutes = {float(idle)!r}")
 with open(path, "w", encoding="utf-8") as f:
     f.write("# written by deploy/site.sh at every start: edit the site's settings there, not here\n")
     f.write("\n".join(lines) + "\n")

@@ -41,6 +41,8 @@ __all__ = [
     "load_config",
     "parse_override",
     "finite_number",
+    "node_state_dir",
+    "STATE_FOLDER",
 ]
 
 # The networks ``model.name`` may pick, per task; the first is the task's default.
@@ -95,6 +97,7 @@ RECIPES: dict[tuple[str, bool], dict[str, Any]] = {
 
 # Limits of what a config may say (see the module docstring): generous for real runs, small enough
 # that no value can make a run hang, overflow or print megabytes.
+STATE_FOLDER = ".medfed-state"  # a site's own state (ledger, cache) when kept inside its data folder
 MAX_TEXT = 200  # characters of a name-like setting (run.name, class names, patterns)
 MAX_PATH = 4096  # characters of a path setting
 MAX_CONFIG_BYTES = 1_000_000  # a config file larger than this is not a config
@@ -1053,3 +1056,8 @@ def finite_number(value: Any) -> float | None:
     except OverflowError:  # an integer beyond the float range
         return None
     return number if math.isfinite(number) else None
+
+
+def node_state_dir(node_config: dict[str, Any]) -> Path:
+    """A deployed site's state folder: its ``state-dir``, else ``STATE_FOLDER`` inside its data folder."""
+    return Path(str(node_config.get("state-dir", Path(str(node_config["data-path"])) / STATE_FOLDER)))

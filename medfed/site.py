@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader
 
 from medfed import wire
 from medfed.approval import ApprovalError, config_digest, load_approvals, requires_approval
-from medfed.config import Config
+from medfed.config import Config, node_state_dir
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
-from medfed.data.manifest import STATE_FOLDER, SiteReading, folder_signature
+from medfed.data.manifest import SiteReading, folder_signature
 from medfed.data.preflight import Preflight, run_preflight
 from medfed.data.vocabulary import DataProblem
 from medfed.evaluation.bootstrap import bootstrap_scores, interval
@@ -108,11 +108,6 @@ def resolve_site(node_config: dict[str, Any], message_config: ConfigRecord, conf
         secret = f"simulated|{config.run.seed}|{name}"
         return Site(name, data, state_dir, site_budget(node_config, config), "", secret)
     return Site(name, data, state_dir, site_budget(node_config, config), notes)
-
-
-def node_state_dir(node_config: dict[str, Any]) -> Path:
-    """A deployed site's state folder: its ``state-dir``, else ``STATE_FOLDER`` inside its data folder."""
-    return Path(str(node_config.get("state-dir", Path(str(node_config["data-path"])) / STATE_FOLDER)))
 
 
 def site_budget(node_config: dict[str, Any], config: Config) -> float:

@@ -356,24 +356,24 @@ def test_a_server_killed_after_round_1_resumes_to_the_uninterrupted_runs_model(
         assert report["final"]["per_site"][site] == pytest.approx(metrics, abs=1e-4, nan_ok=True)
 
 
-TAMPER_ANCHOR = "    return handle_train(msg, dict(context.node_config), context.run_id)\n"
-TAMPER = """    reply = handle_train(msg, dict(context.node_config), context.run_id)
-    # MEDFED-TEST-TAMPER: a faulty site-c, x1e6 in odd rounds and NaN in even ones.
-    if str(context.node_config.get("site-name")) == "site-c" and "arrays" in reply.content.array_records:
-        import torch
-        from flwr.app import ArrayRecord
+TAMPER_ANCHOR = "        return refusal or handle_train(msg, node_config, context.run_id)\n"
+TAMPER = """        reply = refusal or handle_train(msg, node_config, context.run_id)
+        # MEDFED-TEST-TAMPER: a faulty site-c, x1e6 in odd rounds and NaN in even ones.
+        if str(context.node_config.get("site-name")) == "site-c" and "arrays" in reply.content.array_records:
+            import torch
+            from flwr.app import ArrayRecord
 
-        server_round = int(msg.content["config"].get("server-round", 1))
-        state = reply.content["arrays"].to_torch_state_dict()
-        reply.content["arrays"] = ArrayRecord(
-            {
-                key: (value * 1e6 if server_round % 2 else torch.full_like(value, float("nan")))
-                if value.is_floating_point()
-                else value
-                for key, value in state.items()
-            }
-        )
-    return reply
+            server_round = int(msg.content["config"].get("server-round", 1))
+            state = reply.content["arrays"].to_torch_state_dict()
+            reply.content["arrays"] = ArrayRecord(
+                {
+                    key: (value * 1e6 if server_round % 2 else torch.full_like(value, float("nan")))
+                    if value.is_floating_point()
+                    else value
+                    for key, value in state.items()
+                }
+            )
+        return reply
 """
 
 
@@ -396,10 +396,10 @@ def test_a_site_sending_huge_or_nan_updates_is_left_out(
             ".venv", "runs", ".git", "tests", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"
         ),
     )
-    client = app / "client" / "app.py"
-    source = client.read_text()
-    assert TAMPER_ANCHOR in source, "client/app.py changed: update TAMPER_ANCHOR"
-    client.write_text(source.replace(TAMPER_ANCHOR, TAMPER))
+    handlers = app / "medfed" / "site_worker.py"
+    source = handlers.read_text()
+    assert TAMPER_ANCHOR in source, "medfed/site_worker.py changed: update TAMPER_ANCHOR"
+    handlers.write_text(source.replace(TAMPER_ANCHOR, TAMPER))
 
     sites = _start_sites(registered, site_folders, "tamper")
     try:
@@ -419,6 +419,8 @@ def test_a_site_sending_huge_or_nan_updates_is_left_out(
     print(f"\n[bad updates] mean final test loss {tampered:.4f}, clean run {clean:.4f}")
     assert np.isfinite(tampered)
     assert tampered == pytest.approx(clean, rel=0.10)
-    # The code site-c ran came from the FAB: the patched ClientApp is in its FLWR_HOME/apps.
-    installed = list((registered.base / "sites-tamper" / "site-c" / "flwr-home" / "apps").rglob("client/app.py"))
+    # The code site-c ran came from the FAB: the patched handlers are in its FLWR_HOME/apps.
+    installed = list(
+        (registered.base / "sites-tamper" / "site-c" / "flwr-home" / "apps").rglob("medfed/site_worker.py")
+    )
     assert installed and all("MEDFED-TEST-TAMPER" in path.read_text() for path in installed)

@@ -44,7 +44,10 @@ class ClientAppGrid(InProcessGrid):
 
     def __init__(self, nodes: dict[int, dict], tamper: Tamper | None = None) -> None:
         super().__init__(nodes)
-        self.contexts = {n: Context(42, n, node_config, RecordDict(), {}) for n, node_config in nodes.items()}
+        self.contexts = {  # in this process, without the site worker (tests/test_site_worker.py tests that)
+            n: Context(42, n, {**node_config, "site-worker": False}, RecordDict(), {})
+            for n, node_config in nodes.items()
+        }
         self.sent: list[str] = []
         self.deliver = tamper or (lambda node, msg: msg)
 

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from medfed.config import DataConfig
+from medfed.config import STATE_FOLDER, DataConfig
 from medfed.data.arrays import SPLITS, SiteArrays
 from medfed.data.boxes import BOXES, AnnotatedImage, Box, load_box_site, read_box_table, write_box_table
 from medfed.data.decode import (
@@ -54,7 +54,6 @@ __all__ = ["STATE_FOLDER", "SiteReading", "folder_signature", "image_paths", "re
 
 REQUIRED_COLUMNS = ("image", "split")
 MASK_TARGETS = ("mask", "instances")  # targets held in a label-image file per row
-STATE_FOLDER = ".medfed-state"  # a site's own state (ledger, cache) when kept inside its data folder
 T = TypeVar("T")
 
 
