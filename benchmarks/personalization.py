@@ -40,8 +40,9 @@ import numpy as np
 from benchmarks.harness import pyplot, results_path, save_figure, save_json, write_results
 from medfed.central import train_central
 from medfed.config import Config, load_config
-from medfed.data.sites import load_simulated_site
+from medfed.data.sites import load_simulated_site, simulated_site_names
 from medfed.evaluation.bootstrap import bootstrap_scores, without_draws
+from medfed.personalization import norm_keys
 from medfed.predict import load_model
 from medfed.run_folder import RunFolder
 from medfed.simulation import simulate
@@ -91,7 +92,7 @@ def dataset_config(name: str, quick: bool, epsilon: float, replicates: int) -> C
 def run_method(method: str, config: Config, out: Path, replicates: int) -> dict[str, Any]:
     """One method's score per site (value, 95 % interval, n) and the worst site's."""
     started = time.perf_counter()
-    sites = dict(load_simulated_site(config, i) for i in range(config.data.sites))
+    sites = dict(load_simulated_site(config, i) for i in range(len(simulated_site_names(config))))
     seed = config.run.seed
     if method == "local-only":
         per_site = {}
@@ -126,8 +127,9 @@ def run_dataset(name: str, quick: bool, epsilons: list[float], out: Path, replic
         label = f"epsilon-{epsilon:g}" if epsilon else "no-dp"
         runs[label] = {}
         for method in METHODS:
-            if method == "fedbn" and config.model.norm == "none":  # no normalisation layers: FedBN is FedAvg
-                runs[label][method] = {"skipped": "model.norm = 'none'", "per_site": {}, "worst": None}
+            if method == "fedbn" and not norm_keys(get_task(config.run.task).build_model(config)):
+                runs[label][method] = {"skipped": "the model has no normalisation layers: FedBN is FedAvg"}
+                runs[label][method] |= {"per_site": {}, "worst": None}
                 continue
             result = run_method(method, config, out / name / label / method, replicates)
             runs[label][method] = result
@@ -137,7 +139,7 @@ def run_dataset(name: str, quick: bool, epsilons: list[float], out: Path, replic
         "task": config.run.task,
         "metric": get_task(config.run.task).PRIMARY_METRIC,
         "settings": {
-            "sites": config.data.sites,
+            "sites": len(simulated_site_names(config)),
             "rounds": config.run.rounds,
             "local_epochs": config.train.local_epochs,
             "local_steps": config.train.local_steps,
