@@ -32,14 +32,11 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Message
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -49,8 +46,8 @@ from medfed.central import train_central
 from medfed.config import Config, load_config
 from medfed.data import SiteArrays, load_simulated_site, simulated_site_names
 from medfed.federation import run_federation
+from medfed.in_process import InProcessGrid
 from medfed.protocol import global_model
-from medfed.site import handle_evaluate, handle_train
 from medfed.tasks import get_task, predict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,41 +57,6 @@ METHODS = ("local", "pooled", "fedavg", "fedprox")
 FEDPROX_MU = 0.1
 QUICK = {"run.rounds": 3}
 FLAMBY = {"pooled": 0.795, "fedavg": 0.748}  # mean test accuracy over the 4 hospitals (FLamby, Table 3)
-
-
-class InProcessGrid(Grid):
-    """Delivers each message straight to the site handlers of the simulated site it is addressed to."""
-
-    def __init__(self, sites: int) -> None:
-        self.nodes = {i: {"partition-id": i} for i in range(sites)}
-        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what building a Message needs
-
-    def set_run(self, run: int) -> None:
-        pass
-
-    @property
-    def run(self) -> Any:
-        raise NotImplementedError
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            node = self.nodes[msg.metadata.dst_node_id]
-            handler = handle_train if msg.metadata.message_type == "train" else handle_evaluate
-            replies.append(handler(msg, node, run_id=1) if handler is handle_train else handler(msg, node))
-        return replies
 
 
 def scores(config: Config, model: nn.Module, site: SiteArrays, replicates: int, seed: int) -> dict[str, Any]:
@@ -136,10 +98,13 @@ def run_seed(config: Config, out: Path, replicates: int) -> dict[str, Any]:
     model, info = train_central(config, list(sites.values()), private)
     result["pooled"] = {name: scores(config, model, site, replicates, seed) for name, site in sites.items()}
     result["epsilon"]["pooled"] = info["epsilon"]
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what building a Message needs
     for method, overrides in (("fedavg", {}), ("fedprox", {"run.strategy": "fedprox", "run.proximal-mu": FEDPROX_MU})):
         run_config = config.with_overrides(overrides)
         folder = out / f"{'dp' if private else 'nodp'}-seed{seed}-{method}"
-        report = run_federation(InProcessGrid(len(names)), run_config, folder)
+        report = run_federation(
+            InProcessGrid({i: {"partition-id": i} for i in range(len(names))}, run_id=1), run_config, folder
+        )
         model = global_model(run_config, folder)
         result[method] = {name: scores(config, model, site, replicates, seed) for name, site in sites.items()}
         result["epsilon"][method] = {s: p["epsilon"] for s, p in report["privacy"].items()}

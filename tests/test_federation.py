@@ -4,62 +4,20 @@ update validation, refusals, min-sites, strategies."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MessageType
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, Message
 
 from medfed.data import write_site
 from medfed.federation import build_strategy, run_federation
+from medfed.in_process import InProcessGrid
 from medfed.run_folder import RunFolder
-from medfed.site import handle_evaluate, handle_train
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-
-class InProcessGrid(Grid):
-    """Delivers each message straight to the site handlers of the node it is addressed to."""
-
-    def __init__(self, nodes: dict[int, dict], tamper: Callable[[int, Message], None] | None = None) -> None:
-        self.nodes = nodes
-        self.tamper = tamper
-
-    def set_run(self, run) -> None:  # noqa: ANN001 - Flower's signature
-        pass
-
-    @property
-    def run(self):  # noqa: ANN201
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if msg.metadata.message_type == MessageType.TRAIN:
-                reply = handle_train(msg, self.nodes[node], run_id=42)
-                if self.tamper:
-                    self.tamper(node, reply)
-            else:
-                reply = handle_evaluate(msg, self.nodes[node])
-            replies.append(reply)
-        return replies
 
 
 def test_poisoned_update_is_rejected_and_the_round_goes_on(nodes: dict, tmp_path: Path) -> None:
