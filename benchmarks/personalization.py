@@ -29,15 +29,19 @@ BreastMNIST label-skewed, 2 rounds, no DP: personalization-quick.json).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from benchmarks.harness import pyplot, results_path, save_figure, save_json, write_results
+from benchmarks.utility import DATASETS as UTILITY_DATASETS
+from benchmarks.utility import REPO, SHARED
 from medfed.central import train_central
 from medfed.config import Config, load_config
 from medfed.data.sites import load_simulated_site, simulated_site_names
@@ -48,17 +52,11 @@ from medfed.run_folder import RunFolder
 from medfed.simulation import simulate
 from medfed.tasks import get_task
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
-
-# dataset: (config, its data, overrides that fit the time budget); one entry per dataset
+# dataset: (config, its data, overrides that fit the time budget); one entry per dataset; the
+# MedMNIST splits are the utility benchmark's
 DATASETS: dict[str, tuple[str, Path, dict[str, Any]]] = {
-    "pneumoniamnist": (
-        "classification-pneumoniamnist.toml",
-        SHARED / "medmnist" / "pneumoniamnist.npz",
-        {"data.alpha": 1.0, "run.rounds": 3, "train.local-epochs": 2},
-    ),
-    "breastmnist": ("classification-breastmnist.toml", SHARED / "medmnist" / "breastmnist.npz", {"data.alpha": 1.0}),
+    "pneumoniamnist": UTILITY_DATASETS["pneumoniamnist"],
+    "breastmnist": UTILITY_DATASETS["breastmnist"],
     "heart": ("tabular-heart.toml", SHARED / "heart_uci", {}),
     "retina": (
         "segmentation-retina-3sites.toml",
@@ -118,8 +116,18 @@ def run_method(method: str, config: Config, out: Path, replicates: int) -> dict[
     return result
 
 
-def run_dataset(name: str, quick: bool, epsilons: list[float], out: Path, replicates: int) -> dict[str, Any]:
-    """Every method without DP and at each ε on one dataset."""
+def run_dataset(
+    name: str,
+    quick: bool,
+    epsilons: list[float],
+    out: Path,
+    replicates: int,
+    saved: Callable[[dict[str, Any]], None],
+    earlier: dict[str, Any],
+) -> dict[str, Any]:
+    """Every method without DP and at each ε on one dataset; ``saved`` gets the dataset's entry
+    after each method, so a stopped run keeps what it measured; a method already in ``earlier``
+    (the dataset's saved entry, when measured at the same settings) is taken from there."""
     runs: dict[str, Any] = {}
     config = dataset_config(name, quick, 0.0, replicates)
     for epsilon in epsilons:
@@ -127,6 +135,10 @@ def run_dataset(name: str, quick: bool, epsilons: list[float], out: Path, replic
         label = f"epsilon-{epsilon:g}" if epsilon else "no-dp"
         runs[label] = {}
         for method in METHODS:
+            done = earlier.get("runs", {}).get(label, {}).get(method)
+            if done and earlier.get("settings") == dataset_entry(config, {})["settings"]:
+                runs[label][method] = done
+                continue
             if method == "fedbn" and not norm_keys(get_task(config.run.task).build_model(config)):
                 runs[label][method] = {"skipped": "the model has no normalisation layers: FedBN is FedAvg"}
                 runs[label][method] |= {"per_site": {}, "worst": None}
@@ -135,6 +147,12 @@ def run_dataset(name: str, quick: bool, epsilons: list[float], out: Path, replic
             runs[label][method] = result
             sites = ", ".join(f"{s} {v['value']:.3f}" for s, v in result["per_site"].items())
             print(f"{name:15s} {label:11s} {method:10s} worst {result['worst']:.3f} ({sites})", flush=True)
+            saved(dataset_entry(config, runs))
+    return dataset_entry(config, runs)
+
+
+def dataset_entry(config: Config, runs: dict[str, Any]) -> dict[str, Any]:
+    """A dataset's results: its task, metric, settings and the runs measured so far."""
     return {
         "task": config.run.task,
         "metric": get_task(config.run.task).PRIMARY_METRIC,
@@ -181,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=None)
     parser.add_argument("--epsilon", nargs="+", type=float, default=None, help="0: no DP (default: 0 8)")
     parser.add_argument("--replicates", type=int, default=200, help="bootstrap resamples per site")
+    parser.add_argument("--resume", action="store_true", help="keep the methods already saved at the same settings")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "medfed-personalization")
     args = parser.parse_args(argv)
     names = args.datasets or (["breastmnist"] if args.quick else list(DEFAULT_DATASETS))
@@ -188,11 +207,17 @@ def main(argv: list[str] | None = None) -> None:
     path = results_path("personalization", args.quick)
     summary: dict[str, Any] = {"benchmark": "personalization", "quick": args.quick, "machine": "2 CPU cores",
                                "datasets": {}}  # fmt: skip
+    if path.exists():  # datasets measured earlier stay; the ones run now are replaced
+        summary["datasets"] = json.loads(path.read_text()).get("datasets", {})
     for name in names:
         started = time.perf_counter()
-        summary["datasets"][name] = run_dataset(name, args.quick, epsilons, args.out, args.replicates)
-        summary["datasets"][name]["seconds"] = time.perf_counter() - started
-        save_json(path, summary)  # partial results survive a stopped run
+
+        def saved(partial: dict[str, Any], name: str = name, started: float = started) -> None:
+            summary["datasets"][name] = partial | {"seconds": time.perf_counter() - started}
+            save_json(path, summary)
+
+        earlier = summary["datasets"].get(name, {}) if args.resume else {}
+        saved(run_dataset(name, args.quick, epsilons, args.out, args.replicates, saved, earlier))
     write_results(path, summary, lambda p: plot(summary["datasets"], p))
 
 

@@ -709,9 +709,12 @@ class Config:
                 f"false for run.task = '{self.run.task}' (several labels per image are for classification)")  # fmt: skip
         require(not self.data.features or self.run.task == "tabular", "data.features", list(self.data.features),
                 "[] unless run.task = 'tabular' (feature columns feed tabular models only)")  # fmt: skip
-        require(not (self.run.personalization == "fedbn" and self.model.norm == "none"), "model.norm", self.model.norm,
-                "'group' with run.personalization = 'fedbn' (FedBN keeps each site's normalisation layers: "
-                "without any, it is FedAvg)")  # fmt: skip
+        if self.run.personalization == "fedbn":  # on the built model: the tabular networks have no norm setting
+            from medfed.personalization import norm_keys
+
+            require(bool(norm_keys(task.build_model(self))), "run.personalization", "fedbn",
+                    f"another mode for model.name = '{self.model.name}' with model.norm = '{self.model.norm}': the "
+                    "network has no normalisation layers, and FedBN (which keeps them at each site) would be FedAvg")  # fmt: skip
         require(not (self.run.secure_aggregation and self.evaluation.cross_site), "evaluation.cross-site", True,
                 "false with run.secure-aggregation = true (the cross-site matrix sends each site's local-only "
                 "model to the coordinator unmasked)")  # fmt: skip

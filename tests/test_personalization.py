@@ -196,8 +196,11 @@ def test_bad_personalization_settings_are_refused_naming_the_key(key: str, value
 
 
 def test_fedbn_without_normalisation_layers_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"model\.norm.*fedbn"):
+    with pytest.raises(ConfigError, match=r"run\.personalization.*fedbn"):
         Config().with_overrides({"run.personalization": "fedbn", "model.norm": "none"})
+    tabular = {"run.task": "tabular", "data.source": "synthetic", "run.personalization": "fedbn"}
+    with pytest.raises(ConfigError, match=r"run\.personalization.*fedbn"):  # an MLP: no norm setting, no norm layers
+        Config().with_overrides(tabular)
 
 
 def test_evaluate_and_predict_take_a_sites_personal_model(federation: Federation, tmp_path: Path) -> None:

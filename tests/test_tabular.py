@@ -53,7 +53,7 @@ def test_importer_writes_a_site_per_hospital_with_missing_values_empty(tmp_path:
     assert rows[2]["slope"] == rows[2]["ca"] == "" and rows[3]["chol"] == "" and rows[3]["fbs"] == ""
     assert {r["split"] for r in rows} == {"train", "val", "test"}
     site = read_site(tmp_path / "out" / "cleveland", SiteReading(28, 2, features=tuple(FEATURES)))
-    assert site.images.shape == (10, 1, 1, len(FEATURES)) and np.isfinite(site.images).all()
+    assert site.images.shape == (10, 1, 1, 2 * len(FEATURES)) and np.isfinite(site.images).all()
 
 
 def test_importer_split_is_seeded_and_stratified(tmp_path: Path) -> None:
@@ -182,7 +182,7 @@ def test_real_heart_data_imports_and_loads_as_four_hospitals(shared_data: Path, 
     for index, name in enumerate(simulated_site_names(config)):
         loaded, site = load_simulated_site(config, index)
         counts[loaded] = len(site.targets)
-        assert site.images.shape[1:] == (1, 1, len(FEATURES_10)) and np.isfinite(site.images).all()
+        assert site.images.shape[1:] == (1, 1, 2 * len(FEATURES_10)) and np.isfinite(site.images).all()
         same = read_site(tmp_path / "sites" / name, SiteReading(28, 2, features=tuple(FEATURES_10)))
         assert np.allclose(same.images, site.images)  # the importer and the data source agree
     assert counts == {"cleveland": 303, "hungary": 294, "switzerland": 123, "va-long-beach": 200}

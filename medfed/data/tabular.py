@@ -10,9 +10,11 @@ What is fitted where: each site fits its own median imputer and standardiser
 **train** rows only, and applies them to all its rows; the val and test rows never shape them,
 and nothing of them leaves the site (the federated model sees features already on the site's
 own scale). A feature missing from every train row of a site is imputed as 0 before
-standardising, i.e. left at the site's mean.
+standardising, i.e. left at the site's mean. Each feature also gets a 0/1 missing indicator
+(the model sees ``2F`` values per row): on the four heart hospitals a plain FedAvg script gained
+about 4 points of test accuracy from them (``benchmarks/heart.py``).
 
-Rows become ``(N, 1, 1, F)`` float32 "images" (one channel, a 1 x F grid), so that the loaders,
+Rows become ``(N, 1, 1, 2F)`` float32 "images" (one channel, a 1 x F grid), so that the loaders,
 the privacy accounting (identical rows are one privacy unit) and the train loop take them as
 they take images.
 """
@@ -24,8 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn.impute import SimpleImputer
-from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.impute import MissingIndicator, SimpleImputer
+from sklearn.pipeline import FeatureUnion, make_pipeline, make_union
 from sklearn.preprocessing import StandardScaler
 
 from medfed.config import DataConfig
@@ -39,6 +41,7 @@ __all__ = [
     "fit_preprocessor",
     "missing_rates",
     "model_features",
+    "model_width",
     "parse_feature",
     "read_feature_site",
     "stratified_splits",
@@ -81,9 +84,18 @@ def parse_feature(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def fit_preprocessor(train: np.ndarray) -> Pipeline:
-    """Median imputer + standardiser fitted on a site's train rows ``(n, F)`` (NaN = missing)."""
-    return make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler()).fit(train)
+def fit_preprocessor(train: np.ndarray) -> FeatureUnion:
+    """Median imputer + standardiser fitted on a site's train rows ``(n, F)`` (NaN = missing), beside
+    a missing-value indicator for every feature: ``(n, 2F)`` model rows (:func:`model_width`).
+    Whether a value was measured carries information of its own (a test not ordered, a hospital
+    that never records it); imputation alone would erase it."""
+    scaled = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler())
+    return make_union(scaled, MissingIndicator(features="all")).fit(train)
+
+
+def model_width(data: DataConfig) -> int:
+    """The length of a model row: each feature's standardised value and its missing indicator."""
+    return 2 * len(model_features(data))
 
 
 def missing_rates(values: np.ndarray) -> np.ndarray:
@@ -151,7 +163,7 @@ def read_feature_site(
         raise DataError(site_dir, problems)
     model_ready = fit_preprocessor(values[train]).transform(values).astype(np.float32)
     return SiteArrays(
-        model_ready.reshape(len(rows), 1, 1, len(features)),
+        model_ready.reshape(len(rows), 1, 1, -1),
         labels,
         splits,
         np.asarray([row.get("patient_id") or "" for row in rows], dtype=str),
@@ -168,7 +180,8 @@ def _card(values: np.ndarray, train: np.ndarray, features: Sequence[str]) -> tup
     return (
         f"features: {len(features)} ({', '.join(features)})",
         f"missing values: {np.isnan(values).mean():.1%} of cells; most missing: {worst}",
-        "imputed with the train split's medians and standardised with its mean and SD, fitted at this site only"
+        "imputed with the train split's medians and standardised with its mean and SD, fitted at this site "
+        "only; a missing indicator beside each feature"
         + (f"; missing in every train row (left at 0): {', '.join(empty)}" if empty else ""),
     )
 
@@ -189,7 +202,7 @@ def synthetic_tabular_site(index: int, samples: int, num_classes: int, seed: int
     train = splits == "train"
     model_ready = fit_preprocessor(values[train]).transform(values).astype(np.float32)
     return SiteArrays(
-        model_ready.reshape(samples, 1, 1, len(SYNTHETIC_FEATURES)),
+        model_ready.reshape(samples, 1, 1, -1),
         labels.astype(np.int64),
         splits,
         card=_card(values, train, SYNTHETIC_FEATURES),

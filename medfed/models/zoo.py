@@ -8,7 +8,7 @@ which the configuration already enforces). Networks with a base width use ``mode
 EfficientNet-B0, SE-ResNet-50, BasicUNet's five levels, SwinUNETR's four stages) keep them.
 ``model.dropout`` applies where a network has a dropout setting (EfficientNet-B0 keeps its own
 0.2 dropout and drop-connect; the ResNets have none). Tabular networks (``mlp``, ``logistic``)
-take the ``data.features`` of a row (see :func:`medfed.data.tabular.model_features`).
+take the ``data.features`` of a row and their missing indicators (:func:`medfed.data.tabular.model_width`).
 
 DP-SGD needs per-sample gradients, which Opacus computes with backward hooks. MONAI's networks
 are made to fit them after building (:func:`opacus_ready`): BatchNorm (which mixes the samples of
@@ -51,7 +51,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from medfed.config import Config, ConfigError, ModelConfig
-from medfed.data.tabular import model_features
+from medfed.data.tabular import model_width
 from medfed.models.centernet import CenterNet
 from medfed.models.cnn import ConvClassifier
 
@@ -444,12 +444,12 @@ def _mlp(config: Config) -> nn.Module:
     """Tabular: ``model.depth - 1`` hidden layers of ``model.width`` units (ReLU, ``model.dropout``)."""
     m = config.model
     hidden = (m.width,) * (m.depth - 1)
-    return FullyConnectedNet(len(model_features(config.data)), config.data.num_classes, hidden, m.dropout, "RELU")
+    return FullyConnectedNet(model_width(config.data), config.data.num_classes, hidden, m.dropout, "RELU")
 
 
 def _logistic(config: Config) -> nn.Module:
     """Tabular: logistic regression (one linear layer on the features)."""
-    return FullyConnectedNet(len(model_features(config.data)), config.data.num_classes, ())
+    return FullyConnectedNet(model_width(config.data), config.data.num_classes, ())
 
 
 def _centernet(config: Config) -> nn.Module:

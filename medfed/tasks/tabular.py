@@ -8,7 +8,7 @@ splits, sensitivity, specificity, ECE), imported, not copied.
 
 What is fitted where (see :mod:`medfed.data.tabular`): each site imputes missing values with the
 medians of its own train split and standardises every feature with its own train split's mean
-and SD, when it reads its folder; val and test rows never shape them, nothing of them leaves the
+and SD, and adds a missing indicator per feature, when it reads its folder; val and test rows never shape them, nothing of them leaves the
 site, and there is no pooled fit. The model (``mlp``, or ``logistic``) has no normalisation layer,
 so DP-SGD's per-sample clipping applies as it is.
 """
