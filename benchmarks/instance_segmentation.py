@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             runs = [r for r in modes.get(mode, {}).get("runs", []) if r["seed"] not in done] + mine
             runs.sort(key=lambda r: r["seed"])
             modes[mode] = {"runs": runs, "spread": spread(runs)}
-            summary = {"benchmark": "instance-segmentation", "quick": args.quick, "config": CONFIG, "modes": modes}
+            summary = {"benchmark": "instance_segmentation", "quick": args.quick, "config": CONFIG, "modes": modes}
             write_results(target, summary, lambda path, modes=modes: plot(modes, path))
 
 
