@@ -83,18 +83,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.seeds, args.modes = args.seeds[:1], ["dp"]
     target = results_path("instance_segmentation", args.quick)
-    summary: dict[str, Any] = json.loads(target.read_text()) if target.is_file() and not args.quick else {}
-    modes: dict[str, Any] = summary.get("modes", {})
     for mode in args.modes:
-        runs = [r for r in modes.get(mode, {}).get("runs", []) if r["seed"] not in args.seeds]  # others kept
+        mine: list[dict[str, Any]] = []
         for seed in args.seeds:
-            runs.append(run_once(seed, mode == "dp", args.out, args.quick))
-            print(json.dumps(runs[-1]), flush=True)
+            mine.append(run_once(seed, mode == "dp", args.out, args.quick))
+            print(json.dumps(mine[-1]), flush=True)
+            # written after each run, so a long benchmark cut short keeps what it measured; read
+            # again first, so runs of other modes or seeds (another invocation, at the same time
+            # or before) are kept
+            summary = json.loads(target.read_text()) if target.is_file() and not args.quick else {}
+            modes: dict[str, Any] = summary.get("modes", {})
+            done = {r["seed"] for r in mine}
+            runs = [r for r in modes.get(mode, {}).get("runs", []) if r["seed"] not in done] + mine
             runs.sort(key=lambda r: r["seed"])
             modes[mode] = {"runs": runs, "spread": spread(runs)}
-            # written after each run, so a long benchmark cut short keeps what it measured
-            summary = {"benchmark": "instance-segmentation", "quick": args.quick, "config": CONFIG, "modes": modes}
-            write_results(target, summary, lambda path: plot(modes, path))
+            summary = {"benchmark": "instance_segmentation", "quick": args.quick, "config": CONFIG, "modes": modes}
+            write_results(target, summary, lambda path, modes=modes: plot(modes, path))
 
 
 if __name__ == "__main__":

@@ -195,18 +195,18 @@ def segment_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module)
 def instance_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module) -> np.ndarray:
     """The objects of 2D ``scan`` (read from ``case``) on its own grid: an int64 label image, 0 = background.
 
-    The three maps' probabilities go back to the input's grid before the objects are split, so
-    objects are told apart at the input's resolution; objects smaller than
+    The maps (three class probabilities and the distance map) go back to the input's grid before
+    the objects are split, so objects are told apart at the input's resolution; objects smaller than
     ``evaluation.min-structure-size`` model pixels (scaled to the input's pixels) are dropped."""
-    from medfed.tasks.instance_segmentation import instance_labels, remove_small_instances
+    from medfed.tasks.instance_segmentation import CLASSES, instance_labels, maps, remove_small_instances
 
     image, geometry = _model_image(case, scan, config)
     device = next(model.parameters()).device
     task = get_task(config.run.task)
-    logits = task.infer(model, torch.as_tensor(image)[None].to(device), config)[0]
-    probs = torch.softmax(logits.float(), dim=0).cpu().numpy()
-    back = from_model_grid(probs, geometry, Preprocess.from_config(config.data))
-    labels = instance_labels(back / np.maximum(back.sum(axis=0, keepdims=True), 1e-6))
+    logits = task.infer(model, torch.as_tensor(image)[None].to(device), config)
+    back = from_model_grid(maps(logits)[0].cpu().numpy(), geometry, Preprocess.from_config(config.data))
+    back[:CLASSES] /= np.maximum(back[:CLASSES].sum(axis=0, keepdims=True), 1e-6)
+    labels = instance_labels(back)
     scale = labels.size / config.data.image_size**2
     labels = remove_small_instances(labels, round(config.evaluation.min_structure_size * scale))
     return labels.reshape(scan.array.shape)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from typer.testing import CliRunner
 
 from medfed.cli import app
@@ -83,16 +84,28 @@ def test_watershed_separates_two_touching_discs() -> None:
     truth = np.zeros((32, 32), dtype=np.int64)
     truth[(yy - 16) ** 2 + (xx - 10) ** 2 <= 36] = 1
     truth[((yy - 16) ** 2 + (xx - 21) ** 2 <= 36) & (truth == 0)] = 2
-    from scipy import ndimage
-
     assert ndimage.label(truth > 0)[1] == 1  # one connected foreground: components alone would merge them
-    maps = task.training_map(torch.as_tensor(truth)[None, None])[0, 0].numpy()
-    probs = np.stack([(maps == k) * 0.8 + 0.1 for k in range(3)])  # confident, not certain
-    labels = task.instance_labels(probs)
+    classes = task.training_map(torch.as_tensor(truth)[None, None])[0, 0].numpy()
+    probs = np.stack([(classes == k) * 0.8 + 0.1 for k in range(3)])  # confident, not certain
+    distance = task.distance_map(torch.as_tensor(truth)[None, None])[0].numpy()
+    labels = task.instance_labels(np.concatenate([probs, distance]))
     assert labels.max() == 2
     assert task.image_scores(labels, truth)["aji"] > 0.95
-    decoded = task.decode(torch.as_tensor(np.log(probs))[None])
+    # the interior alone would merge them (a bridge where the boundary was missed): the distance splits it
+    bridged = probs.copy()
+    bridged[:, 13:20, 15:17] = np.array([0.1, 0.8, 0.1])[:, None, None]
+    assert ndimage.label(bridged.argmax(axis=0) == 1)[1] == 1
+    assert task.instance_labels(np.concatenate([bridged, distance])).max() == 2
+    logits = np.concatenate([np.log(probs), np.log(distance / (1 - distance + 1e-6) + 1e-6)])
+    decoded = task.decode(torch.as_tensor(logits)[None])
     assert decoded.shape == (1, 1, 32, 32) and int(decoded.max()) == 2
+
+
+def test_distance_map_peaks_at_each_object_centre_and_dips_where_objects_touch() -> None:
+    distance = task.distance_map(torch.as_tensor(_squares())[None, None])[0, 0].numpy()
+    assert distance.shape == (8, 12) and distance.max() == 1 and (distance[4:] == 0).all()
+    assert distance[0, 0] == 1 and distance[0, 5] == 1  # each object's farthest pixel from its edge
+    assert distance[0, 3] < distance[0, 2] and distance[0, 4] < distance[0, 5]  # lowest where they meet
 
 
 def test_instance_site_round_trip_and_hostile_instance_masks(tmp_path: Path) -> None:

@@ -489,7 +489,7 @@ MODEL_BUILDERS: dict[str, dict[str, Builder]] = {
     "detection": {"centernet": _centernet, "centernet-resnet18": _centernet_resnet18},
     "tabular": {"mlp": _mlp, "logistic": _logistic},
 }
-MODEL_BUILDERS["instance-segmentation"] = MODEL_BUILDERS["segmentation"]  # the same networks, 3 output maps
+MODEL_BUILDERS["instance-segmentation"] = MODEL_BUILDERS["segmentation"]  # the same networks, 4 output maps
 
 
 # Input sizes, where a network needs them: (a multiple of, at least). Those with model.depth levels

@@ -2,12 +2,14 @@
 
 Samples: ``{"image": (C, H, W) float, "instances": (1, H, W) long, "spacing": (2,) float}``, where
 ``instances`` is a label image holding one integer per object (0 = background). The network (a
-segmentation network of the model zoo) predicts three maps: background, object interior and object
-boundary (:func:`training_map`: an object's pixels next to another label); the loss is Dice +
-cross-entropy on that map, per image, as per-sample clipping under DP requires. :func:`decode`
-splits the foreground into objects: each connected interior region is a marker, and a watershed
-on the boundary probability grows the markers over the predicted foreground, so objects that
-touch are told apart where a boundary runs between them.
+segmentation network of the model zoo) predicts four maps: background, object interior and object
+boundary (:func:`training_map`: an object's pixels next to another label), learnt with Dice +
+cross-entropy, and a distance map (:func:`distance_map`: each object pixel's distance to its
+object's edge, 1 at the object's centre), learnt with the squared error; both per image, as
+per-sample clipping under DP requires. :func:`decode` splits the foreground into objects: the
+interior where the distance map is high marks each object's core, and a watershed on low distance
+and high boundary probability grows the cores over the predicted foreground, so objects that touch
+are told apart where the distance dips or a boundary runs between them.
 
 Metrics, each the mean over images: aggregated Jaccard index (``aji``, Kumar et al. 2017),
 panoptic quality ``pq`` = ``sq`` (mean IoU of matched objects) x ``dq``, where matches are
@@ -64,8 +66,10 @@ PRIMARY_METRIC_PER_IMAGE = True  # AJI is the mean of per-image AJI
 TARGET = "instances"  # the sample key (and manifest column) of the instance label images
 SAMPLE_KEYS = ("image", TARGET)
 SPATIAL_DIMS = (2,)
-MAPS = 3  # background, interior, boundary
+CLASSES = 3  # background, interior, boundary
+MAPS = CLASSES + 1  # and the distance map
 MATCH_IOU = 0.5
+SEED_DISTANCE = 0.5  # markers: where the predicted distance map exceeds this
 
 _LOSS = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
 
@@ -94,11 +98,11 @@ def check_config(config: Config) -> None:
 
 
 def build_model(config: Config) -> nn.Module:
-    """The ``model.name`` segmentation network of the model zoo with three output maps
-    (background, interior, boundary); see :func:`medfed.tasks.segmentation.build_model`."""
-    maps = copy.copy(config)  # the same run with 3 "classes" for the network only
-    object.__setattr__(maps, "data", dataclasses.replace(config.data, num_classes=MAPS))
-    return build_network(NAME, maps)
+    """The ``model.name`` segmentation network of the model zoo with four output maps
+    (background, interior, boundary, distance); see :func:`medfed.tasks.segmentation.build_model`."""
+    network = copy.copy(config)  # the same run with 4 "classes" for the network only
+    object.__setattr__(network, "data", dataclasses.replace(config.data, num_classes=MAPS))
+    return build_network(NAME, network)
 
 
 def training_map(instances: torch.Tensor) -> torch.Tensor:
@@ -113,9 +117,30 @@ def training_map(instances: torch.Tensor) -> torch.Tensor:
     return torch.where(boundary, 2, (instances > 0).long())
 
 
+def distance_map(instances: torch.Tensor) -> torch.Tensor:
+    """Each object pixel's distance to the nearest pixel of another label (background or another
+    object), divided by the largest such distance in its object: ``(B, 1, H, W)`` in [0, 1], 1 at
+    each object's centre, near 0 along its edge and where it touches another object (0 on the
+    background; the image's edge is no edge)."""
+    labels = instances.detach().cpu().numpy()[:, 0]
+    edges = training_map(instances.detach().cpu()).numpy()[:, 0] != 1
+    out = np.zeros(labels.shape, dtype=np.float32)
+    for i, (image, edge) in enumerate(zip(labels, edges, strict=True)):
+        distance = (ndimage.distance_transform_edt(~edge) + 1) * (image > 0)  # 1 on an object's edge
+        ids = np.arange(1, int(image.max()) + 1)
+        peak = np.zeros(len(ids) + 1)
+        peak[1:] = ndimage.maximum(distance, image, ids) if len(ids) else []
+        out[i] = np.divide(distance, peak[image], out=np.zeros_like(out[i]), where=image > 0)
+    return torch.as_tensor(out, device=instances.device)[:, None]
+
+
 def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Dice + cross-entropy on the 3-class map, per image, averaged over the batch."""
-    return _LOSS(outputs, training_map(batch[TARGET]))
+    """Dice + cross-entropy on the 3-class map, per image, plus the mean squared error of the
+    distance map (:func:`distance_map`, through a sigmoid), averaged over the batch."""
+    instances = batch[TARGET]
+    classes = _LOSS(outputs[:, :CLASSES], training_map(instances))
+    error = (torch.sigmoid(outputs[:, CLASSES:]) - distance_map(instances)) ** 2
+    return classes + error.mean()
 
 
 def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
@@ -123,24 +148,33 @@ def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tenso
     return segmentation.infer(model, images, config)
 
 
+def maps(outputs: torch.Tensor) -> torch.Tensor:
+    """The network's logits ``(B, 4, ...)`` as maps: the three class probabilities (softmax) and
+    the distance map (sigmoid)."""
+    outputs = outputs.detach().float()
+    return torch.cat([torch.softmax(outputs[:, :CLASSES], dim=1), torch.sigmoid(outputs[:, CLASSES:])], dim=1)
+
+
 def decode(outputs: torch.Tensor, config: Config | None = None) -> torch.Tensor:
-    """Instance label images ``(B, 1, H, W)`` (0 = background, objects 1, 2, ...) from the maps' logits."""
-    probs = torch.softmax(outputs.detach().float(), dim=1).cpu().numpy()
-    return torch.as_tensor(np.stack([instance_labels(p)[None] for p in probs]), device=outputs.device)
+    """Instance label images ``(B, 1, H, W)`` (0 = background, objects 1, 2, ...) from the network's logits."""
+    found = maps(outputs).cpu().numpy()
+    return torch.as_tensor(np.stack([instance_labels(m)[None] for m in found]), device=outputs.device)
 
 
-def instance_labels(probs: np.ndarray) -> np.ndarray:
-    """Objects ``(H, W)`` int64 from the three maps' probabilities ``(3, H, W)``.
+def instance_labels(found: np.ndarray) -> np.ndarray:
+    """Objects ``(H, W)`` int64 from the maps ``(4, H, W)`` (:func:`maps`).
 
-    Foreground: pixels whose most probable map is interior or boundary. Markers: the connected
-    interior regions, plus every foreground region holding no interior (a small object seen as
-    boundary only). The watershed (``scipy.ndimage.watershed_ift``) floods the boundary probability
-    from the markers and from the background, so touching objects split along their boundary;
-    foreground pixels the background basin took go to the nearest object.
+    Foreground: pixels whose most probable class is interior or boundary. Markers: the connected
+    regions of foreground where the distance map exceeds :data:`SEED_DISTANCE` (each object's
+    core), plus every foreground region holding no core (a small object). The watershed
+    (``scipy.ndimage.watershed_ift``) floods 1 - distance from the markers and from the
+    background, so touching objects split where the distance map dips between them; foreground
+    pixels the background basin took go to the nearest object.
     """
+    probs, distance = found[:CLASSES], found[CLASSES]
     call = probs.argmax(axis=0)
     foreground = call > 0
-    markers, count = ndimage.label(call == 1)
+    markers, count = ndimage.label((call == 1) & (distance > SEED_DISTANCE))
     regions, region_count = ndimage.label(foreground)
     if region_count:
         unmarked = np.setdiff1d(np.arange(1, region_count + 1), regions[markers > 0])
@@ -148,12 +182,12 @@ def instance_labels(probs: np.ndarray) -> np.ndarray:
         markers[extra] = count + np.searchsorted(unmarked, regions[extra]) + 1
         count += len(unmarked)
     if count == 0:
-        return np.zeros(call.shape, dtype=np.int64)
+        return np.zeros(foreground.shape, dtype=np.int64)
     markers[~foreground & (probs[0] > 0.5)] = count + 1  # the background floods too, as one more basin
-    cost = np.round(255 * probs[2]).astype(np.uint8)
+    cost = np.round(127.5 * (1 - np.clip(distance, 0, 1) + probs[2])).astype(np.uint8)
     flooded = ndimage.watershed_ift(cost, markers.astype(np.int32))
     labels = np.where(foreground & (flooded <= count), flooded, 0)
-    lost = foreground & (labels == 0)  # boundary pixels the background basin reached first
+    lost = foreground & (labels == 0)  # edge pixels the background basin reached first
     if lost.any():
         nearest = ndimage.distance_transform_edt(labels == 0, return_distances=False, return_indices=True)
         labels[lost] = labels[nearest[0][lost], nearest[1][lost]]
