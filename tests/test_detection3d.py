@@ -177,3 +177,17 @@ def test_predict_writes_3d_detections_in_mm(tmp_path: Path) -> None:
         world = [float(row[f"world_{a}_mm"]) for a in "xyz"]
         np.testing.assert_allclose(world, expected, atol=0.2)  # the CSV rounds to 0.1
         assert float(row["size_z_mm"]) == pytest.approx(2.0 * (float(row["zmax"]) - float(row["zmin"])), abs=0.4)
+
+
+def test_synth_writes_ct_sites_that_data_check_reads(tmp_path: Path) -> None:
+    runner = CliRunner()
+    args = ["data", "synth", "--task", "detection", "--spatial-dims", "3", "--image-size", "16", "--samples", "8",
+            "--sites", "1", "--num-classes", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert runner.invoke(app, args).exit_code == 0
+    site = tmp_path / "hospital-1"
+    with (site / "boxes.csv").open() as handle:
+        assert next(csv.reader(handle))[-2:] == ["zmin", "zmax"]
+    check = ["data", "check", str(site), "--task", "detection", "--spatial-dims", "3", "--image-size", "16",
+             "--num-classes", "1"]  # fmt: skip
+    result = runner.invoke(app, check)
+    assert result.exit_code == 0, result.output
