@@ -191,3 +191,12 @@ def test_synth_writes_ct_sites_that_data_check_reads(tmp_path: Path) -> None:
              "--num-classes", "1"]  # fmt: skip
     result = runner.invoke(app, check)
     assert result.exit_code == 0, result.output
+
+
+def test_3d_detection_refuses_a_2d_only_source() -> None:
+    from medfed.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.source = 'voc'.*3D detection"):
+        Config().with_overrides(
+            {"run.task": "detection", "data.spatial-dims": 3, "data.source": "voc", "data.path": "/tmp"}
+        )

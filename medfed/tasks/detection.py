@@ -87,7 +87,8 @@ GAUSSIAN_ALPHA = 0.54  # centre heatmap: sigma = alpha * box side / 6 (TTFNet)
 
 
 def check_config(config: Config) -> None:
-    """The settings detection needs: whole images resized as they are (boxes scale with them)."""
+    """The settings detection needs: whole images resized as they are (boxes scale with them);
+    volumes from site folders or synthetic sites."""
     require(
         not config.data.target_spacing,
         "data.target-spacing",
@@ -95,6 +96,12 @@ def check_config(config: Config) -> None:
         "[] for run.task = 'detection' (whole images are resized; boxes scale with them)",
     )
     require(not config.train.logit_adjust, "train.logit-adjust", True, "false: it is for classification")
+    require(
+        config.data.spatial_dims == 2 or config.data.source in ("synthetic", "sites"),
+        "data.source",
+        config.data.source,
+        "'synthetic' or 'sites' for 3D detection (data.spatial-dims = 3): Pascal VOC holds 2D images",
+    )
 
 
 def build_model(config: Config) -> nn.Module:
