@@ -7,7 +7,10 @@ each hospital's own voxel size, dose and kernel) is run through ``medfed simulat
 ``privacy.enabled`` false and true; the global model's sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8
 false positives per scan and their mean, the CPM (metric ``froc``), on each site's test scans.
 
-    .venv/bin/medfed bench detection3d [--seeds N] [--rounds N] [--only dp|nodp] [--quick]
+    .venv/bin/medfed bench detection3d [--seeds N] [--rounds N] [--only dp|nodp] [--quick] [--rerun]
+
+Runs already in the results file are kept, not redone (``--rerun`` redoes them), so that
+``--seeds 3`` after ``--seeds 2`` runs the third seed only.
 
 Writes benchmarks/results/detection3d.json (``--quick``: detection3d-quick.json, 16³ volumes and
 1 round) and plots/detection3d.png (the FROC curve of each site, first seed), printing each run as
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=0, help="override run.rounds (0: the config's)")
     parser.add_argument("--only", choices=["nodp", "dp"], default=None, help="run one mode")
     parser.add_argument("--quick", action="store_true", help="16³ volumes, 40 per site, 1 round, 1 seed")
+    parser.add_argument("--rerun", action="store_true", help="redo runs already in the results file")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-detection3d")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {"evaluation.example-images": 0, "evaluation.cross-site": False}
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(1 if args.quick else args.seeds):
         for private in (False, True):
             mode = "dp" if private else "nodp"
-            if args.only not in (None, mode):
+            if args.only not in (None, mode) or (f"{mode}-seed{seed}" in runs and not args.rerun):
                 continue
             config = base.with_overrides({"run.seed": seed, "privacy.enabled": private})
             result = fedavg(config, args.out / f"{mode}-seed{seed}")
