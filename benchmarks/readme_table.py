@@ -326,6 +326,16 @@ def _instance_segmentation(r: dict[str, Any]) -> Iterator[Row]:
         )
 
 
+def _detection3d(r: dict[str, Any]) -> Iterator[Row]:
+    for mode, label in (("nodp", "no DP"), ("dp", "DP ε=8 per site")):
+        spread = r.get("modes", {}).get(mode)
+        if not spread:
+            continue
+        setting = f"3D lung nodules, FedAvg 3 synthetic CT sites, {label}, {spread['runs']} seed(s)"
+        yield setting, "test CPM (LUNA16), mean of sites and seeds", _f(spread["cpm_mean"])
+        yield setting, "test CPM, worst-best site", f"{_f(spread['cpm_worst_site'])}-{_f(spread['cpm_best_site'])}"
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -347,6 +357,7 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "partial-labels": _partial_labels,
     "personalization": _personalization,
     "instance-segmentation": _instance_segmentation,
+    "detection3d": _detection3d,
 }
 
 

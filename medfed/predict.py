@@ -29,9 +29,14 @@ there), ``<case>_overlay.png``, one row per object of ``objects.csv`` (case, obj
 pixels and mm², centroid and bounding box in the input's pixels) and one row per case of
 ``counts.csv`` (objects and their total area).
 
-A detection model writes ``<case>_overlay.png`` (the boxes over the image) and rows of
-``detections.csv``: case, class, score and the box corners in the input image's own pixels, for
-every detection scoring at least ``min_score``.
+A detection model writes ``<case>_overlay.png`` (the boxes over the image; for a volume, over the
+axial slice through the best detection) and rows of ``detections.csv``: case, class, score and the
+box corners in the input image's own pixels, for every detection scoring at least ``min_score``.
+For a volume the corners are voxels (x along its last array axis, z along the first, as in
+``boxes.csv``), and each row also gives the box in mm: its centre in world coordinates
+(``world_x_mm``, ``world_y_mm``, ``world_z_mm``: RAS+, through the volume's own affine, the DICOM
+series' or NIfTI's; LUNA16's LPS is ``(-x, -y, z)``), its side along each volume axis
+(``size_x_mm``, ``size_y_mm``, ``size_z_mm``, from the voxel size) and their mean, ``diameter_mm``.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ __all__ = [
     "find_cases",
     "load_model",
     "Predictions",
+    "boxes_in_mm",
     "predict_cases",
     "read_checkpoint_model",
     "instance_scan",
@@ -223,15 +229,33 @@ def classify_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module
 @torch.no_grad()
 def detect_scan(case: Path, scan: Scan, config: Config, model: torch.nn.Module) -> np.ndarray:
     """Detections ``(K, 6)``: ``[x1, y1, x2, y2, score, class]`` in the pixels of ``scan`` (read from
-    ``case``), best first."""
+    ``case``), best first; for a volume ``(K, 8)``: ``[x1, y1, z1, x2, y2, z2, score, class]`` in its voxels."""
+    return _detect(case, scan, config, model)[0]
+
+
+def _detect(case: Path, scan: Scan, config: Config, model: torch.nn.Module) -> tuple[np.ndarray, Geometry]:
+    """:func:`detect_scan` and the grid the boxes are on."""
     image, geometry = _model_image(case, scan, config)
     device = next(model.parameters()).device
     boxes = predict(get_task("detection"), model, torch.as_tensor(image)[None].to(device), config)[0].cpu().numpy()
-    boxes = boxes[boxes[:, 5] >= 0].astype(np.float64)
-    height, width = geometry.shape
-    boxes[:, [0, 2]] *= width / config.data.image_size
-    boxes[:, [1, 3]] *= height / config.data.image_size
-    return boxes
+    boxes = boxes[boxes[:, -1] >= 0].astype(np.float64)
+    sizes = list(reversed(geometry.shape))  # along x, y (z)
+    dims = len(sizes)
+    for j, n in enumerate(sizes):
+        boxes[:, [j, dims + j]] *= n / config.data.image_size
+    return boxes, geometry
+
+
+def boxes_in_mm(boxes: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """3D boxes ``(K, >= 6)`` in voxels of ``geometry`` (x along its last array axis, voxel i spanning
+    [i, i + 1)) in mm: ``(K, 7)`` world centre x, y, z (RAS+, through its affine), side along each
+    volume axis (x, y, z) and their mean (the diameter)."""
+    low, high = boxes[:, :3], boxes[:, 3:6]
+    centre_index = ((low + high) / 2 - 0.5)[:, ::-1]  # voxel-centre indices in array-axis order (z, y, x)
+    affine = np.asarray(geometry.affine, dtype=np.float64)
+    world = centre_index @ affine[:3, :3].T + affine[:3, 3]
+    sides = (high - low) * np.asarray(geometry.spacing, dtype=np.float64)[::-1]  # x, y, z
+    return np.concatenate([world, sides, sides.mean(axis=1, keepdims=True)], axis=1)
 
 
 def predict_cases(
@@ -490,22 +514,32 @@ def _detect_cases(
     from medfed.evaluation.explain import boxes_figure
 
     names = config.data.class_names
+    volumes = config.data.spatial_dims == 3
     results, rows = [], []
     for case, scan in scans:
-        boxes = detect_scan(case, scan, config, model)
-        boxes = boxes[boxes[:, 4] >= min_score]
+        boxes, geometry = _detect(case, scan, config, model)
+        boxes = boxes[boxes[:, -2] >= min_score]
         gray = scan.array.squeeze().astype(np.float32)
-        fig = boxes_figure(_display_levels(gray), boxes, None, names, min_score)
+        if volumes:  # the axial slice through the best detection, and the boxes that cross it
+            z = int(np.clip((boxes[0, 2] + boxes[0, 5]) / 2, 0, len(gray) - 1)) if len(boxes) else len(gray) // 2
+            crossing = boxes[(boxes[:, 2] <= z + 0.5) & (boxes[:, 5] >= z + 0.5)]
+            fig = boxes_figure(_display_levels(gray[z]), crossing[:, [0, 1, 3, 4, 6, 7]], None, names, min_score)
+        else:
+            fig = boxes_figure(_display_levels(gray), boxes, None, names, min_score)
         overlay = table.parent / f"{scan.name}_overlay.png"
         fig.savefig(overlay, dpi=120)
         plt.close(fig)
-        for x1, y1, x2, y2, score, cls in boxes:
-            label = names[int(cls)] if int(cls) < len(names) else str(int(cls))
-            rows.append([scan.name, label, f"{score:.4f}", *(f"{v:.1f}" for v in (x1, y1, x2, y2))])
+        mm = boxes_in_mm(boxes, geometry) if volumes else np.zeros((len(boxes), 0))
+        for box, in_mm in zip(boxes, mm, strict=True):
+            cls = int(box[-1])
+            label = names[cls] if cls < len(names) else str(cls)
+            rows.append([scan.name, label, f"{box[-2]:.4f}", *(f"{v:.1f}" for v in (*box[:-2], *in_mm))])
         results.append(CaseResult(scan.name, [overlay], len(boxes), float("nan"), "boxes"))
+    corners = ["xmin", "ymin", "zmin", "xmax", "ymax", "zmax"] if volumes else ["xmin", "ymin", "xmax", "ymax"]
+    in_mm = [*(f"world_{a}_mm" for a in "xyz"), *(f"size_{a}_mm" for a in "xyz"), "diameter_mm"] if volumes else []
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["case", "class", "score", "xmin", "ymin", "xmax", "ymax"])
+        writer.writerow(["case", "class", "score", *corners, *in_mm])
         writer.writerows(rows)
     return results
 

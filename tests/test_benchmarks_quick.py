@@ -105,3 +105,12 @@ def test_instance_segmentation_quick_scores_every_site(tmp_path: Path) -> None:
     """One tiny DP federation of touching nuclei: AJI, PQ, F1 and Dice at every site."""
     run = _bench("instance_segmentation", tmp_path)["modes"]["dp"]["runs"][0]
     assert len(run["per_site"]) == 3 and all(0 <= site["aji"] <= 1 for site in run["per_site"].values())
+
+
+@pytest.mark.slow
+def test_detection3d_quick_on_synthetic_ct(tmp_path: Path) -> None:
+    """Needs no real data: 3 synthetic CT sites of 16³ volumes, 1 round without and with DP."""
+    result = _bench("detection3d", tmp_path)
+    assert set(result["runs"]) == {"nodp-seed0", "dp-seed0"}
+    for run in result["runs"].values():
+        assert len(run["cpm"]) == 3 and all(0 <= v <= 1 for v in run["cpm"].values())

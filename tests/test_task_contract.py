@@ -11,14 +11,36 @@ from medfed.tasks import TASKS, Task, get_task, predict
 from medfed.training import build_optimizer, evaluate, train
 from tests.conftest import tiny_config
 
+# every task in 2D, and the tasks whose 3D form has no test of its own here (tiny volumes)
+CASES = [(name, 2) for name in sorted(TASKS)] + [("detection", 3)]
+VOLUMES = {"data.spatial-dims": 3, "data.image-size": 16, "data.samples-per-site": 16, "model.depth": 1}
 
-@pytest.fixture(params=sorted(TASKS))
+
+@pytest.fixture(params=CASES, ids=[f"{name}-{dims}d" for name, dims in CASES])
 def task(request: pytest.FixtureRequest):
-    return get_task(request.param)
+    name, dims = request.param
+    module = get_task(name)
+    return module if dims == 2 else _InVolumes(module)
+
+
+class _InVolumes:
+    """A task module, asked for its 3D form (``spatial_dims`` = 3 wherever it is chosen)."""
+
+    DIMS = 3
+
+    def __init__(self, module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+    def synthetic_site(self, *args, **kwargs):
+        return self._module.synthetic_site(*args, **{**kwargs, "spatial_dims": 3})
 
 
 def _config(task):
-    return tiny_config(**{"run.task": task.NAME, "data.image-size": 32, "data.samples-per-site": 64})
+    overrides = {"run.task": task.NAME, "data.image-size": 32, "data.samples-per-site": 64}
+    return tiny_config(**{**overrides, **(VOLUMES if getattr(task, "DIMS", 2) == 3 else {})})
 
 
 def _site(task):
@@ -33,7 +55,7 @@ def test_interface_names(task) -> None:
 
 
 def test_synthetic_site_holds_the_task_target(task) -> None:
-    site = task.synthetic_site(0, 20, 32, 2, seed=0)
+    site = task.synthetic_site(0, 20, 32 if getattr(task, "DIMS", 2) == 2 else 16, 2, seed=0)
     assert site.target_key == task.TARGET and len(site.targets) == 20
 
 

@@ -172,7 +172,7 @@ def split_class_table(site: SiteArrays, num_classes: int, names: tuple[str, ...]
             table.add_column(plain(names[k]) if k < len(names) else f"class {k}", justify="right")
         for split in splits:
             boxes = site.targets[site.splits == split]
-            classes = boxes[..., 4]
+            classes = boxes[..., -1]
             empty = int(np.sum((classes < 0).all(axis=1))) if len(boxes) else 0
             counts = [str(int(np.sum(classes == k))) for k in range(num_classes)]
             table.add_row(split, str(len(boxes)), str(empty), *counts)

@@ -24,10 +24,11 @@ class SiteArrays:
 
     Targets are class indices ``(N,)`` (``target_key = "label"``), label masks ``(N, 1, *spatial)``
     (``target_key = "mask"``), instance label images ``(N, 1, H, W)`` (``"instances"``: one integer
-    per object, 0 = background) or boxes ``(N, M, 5)`` float32 (``target_key = "boxes"``, 2D only): rows
-    ``[x1, y1, x2, y2, class]`` in model-input pixels (x along the last axis), object classes from 0,
-    padding rows ``[0, 0, 0, 0, -1]``; M is the most boxes of any image (at least 1). ``spacing`` ``(N, spatial_dims)`` is the voxel size in mm along each
-    spatial axis after resampling (1 mm where the files do not say). ``patient_ids`` (optional)
+    per object, 0 = background) or boxes ``(N, M, 2 * spatial_dims + 1)`` float32 (``target_key =
+    "boxes"``): rows ``[x1, y1, x2, y2, class]`` (3D: ``[x1, y1, z1, x2, y2, z2, class]``) in
+    model-input voxels (x along the last axis, z the first of a volume), object classes from 0,
+    padding rows of zeros with class -1; M is the most boxes of any image (at least 1). ``spacing``
+    ``(N, spatial_dims)`` is the voxel size in mm along each spatial axis after resampling (1 mm where the files do not say). ``patient_ids`` (optional)
     keep a patient in one split and make the patient the privacy unit; they never leave the site.
     ``card``: lines for the data card on how the files became these arrays (e.g. each camera's
     scale), aggregate only. ``labelled`` ``(num_classes,)`` bool says which classes the site labels
@@ -53,12 +54,13 @@ class SiteArrays:
         bad = sorted(set(self.splits.tolist()) - set(SPLITS))
         if bad:
             raise ValueError(f"unknown split names {bad}; expected {list(SPLITS)}")
+        columns = 2 * (self.images.ndim - 2) + 1
         if self.target_key == "boxes" and (
-            self.images.ndim != 4 or self.targets.ndim != 3 or self.targets.shape[1] < 1 or self.targets.shape[2] != 5
+            self.targets.ndim != 3 or self.targets.shape[1] < 1 or self.targets.shape[2] != columns
         ):
             raise ValueError(
-                "box targets must be (N, M >= 1, 5) rows [x1, y1, x2, y2, class] for 2D images (N, C, H, W); "
-                f"got targets {self.targets.shape} for images {self.images.shape}"
+                f"box targets must be (N, M >= 1, {columns}) rows [corners, class] for images {self.images.shape}; "
+                f"got targets {self.targets.shape}"
             )
         if self.spacing is None:
             self.spacing = np.ones((n, self.images.ndim - 2), dtype=np.float32)
@@ -93,13 +95,14 @@ class SiteArrays:
         return self.labelled if self.labelled is None or self.labelled.ndim == 1 else self.labelled[keep]
 
     def with_box_rows(self, rows: int) -> SiteArrays:
-        """Box targets padded to ``rows`` rows per image with ``[0, 0, 0, 0, -1]`` (so that sites with
+        """Box targets padded to ``rows`` rows per image with zeros and class -1 (so that sites with
         different most-boxes-per-image can share a batch); other targets as they are."""
         if self.target_key != "boxes" or self.targets.shape[1] >= rows:
             return self
-        padding = np.broadcast_to(
-            np.array([0, 0, 0, 0, -1], self.targets.dtype), (len(self.targets), rows - self.targets.shape[1], 5)
-        )
+        columns = self.targets.shape[2]
+        empty = np.zeros(columns, self.targets.dtype)
+        empty[-1] = -1
+        padding = np.broadcast_to(empty, (len(self.targets), rows - self.targets.shape[1], columns))
         return dataclasses.replace(self, targets=np.concatenate([self.targets, padding], axis=1))
 
     def class_labels(self) -> np.ndarray:
@@ -110,7 +113,7 @@ class SiteArrays:
         for masks, 0 means "nothing found" and higher values rarer, later classes).
         """
         if self.target_key == "boxes":
-            return (self.targets[:, :, 4].max(axis=1) + 1).astype(np.int64)
+            return (self.targets[:, :, -1].max(axis=1) + 1).astype(np.int64)
         if self.targets.ndim == 1:
             return self.targets
         largest = self.targets.reshape(len(self.targets), -1).max(axis=1)
@@ -171,7 +174,7 @@ def _merge_copies(units: list[np.ndarray], images: np.ndarray) -> list[np.ndarra
 class ArrayDataset(Dataset):
     """Samples ``{"image": (C, *spatial) float, target_key: ..., "spacing": (spatial_dims,) float}``.
 
-    Targets are long (labels, masks) or float32 (``target_key = "boxes"``: ``(M, 5)`` rows per image).
+    Targets are long (labels, masks) or float32 (``target_key = "boxes"``: ``(M, 2 * dims + 1)`` rows per image).
     With ``labelled`` (a site that labels only some classes: ``(K,)``, or ``(N, K)`` one row per
     sample) every sample also holds its classes, as ``"labelled"``: the tasks' losses and metrics
     leave the other classes alone.

@@ -1,4 +1,5 @@
-"""Bounding boxes for 2D object detection: Pascal VOC and COCO readers, box checks, box sites.
+"""Bounding boxes for object detection in 2D images and 3D volumes: Pascal VOC and COCO readers,
+box checks, box sites.
 
 Annotations give boxes in the ORIGINAL image's pixels; the model sees the image resampled to
 ``image_size`` x ``image_size``. Boxes stay in original pixels (and are checked there, against the
@@ -10,6 +11,14 @@ of training and evaluation, which a simulation's coordinator sees. A class that 
 model learns. A site folder of boxes holds ``manifest.csv`` (``image``, ``split``, optional
 ``patient_id``, ``spacing``) and ``boxes.csv`` (``image``, ``label``, ``xmin``, ``ymin``,
 ``xmax``, ``ymax``, one row per box); an image without rows in ``boxes.csv`` is a negative.
+
+Volumes (``data.spatial-dims = 3``: NIfTI files, DICOM series folders) need ``zmin`` and ``zmax``
+too: a 3D site whose table lacks them, or a row without them, is refused naming the file and line.
+3D boxes are in VOXELS of the stored volume, as 2D boxes are in pixels: x along its last array
+axis (a DICOM column; a NIfTI's third axis), y along the one before (a DICOM row), z along the first
+(the DICOM slice, in the order of the slice positions; a NIfTI's first axis), a voxel i spanning
+[i, i + 1). A box in mm (LUNA16's world coordinates and diameter) becomes voxels through the
+volume's own affine, which ``medfed predict`` applies the other way round.
 
 Annotation files name their images; a name is read only when it resolves inside the images folder
 (no ``../``, absolute path or symlink out: :func:`~medfed.data.import_guard.resolve_inside`), and
@@ -55,22 +64,38 @@ __all__ = [
 
 BOXES = "boxes.csv"
 BOX_COLUMNS = ("image", "label", "xmin", "ymin", "xmax", "ymax")
+Z_COLUMNS = ("zmin", "zmax")
 log = logging.getLogger("medfed.data")
 
 
 @dataclass(frozen=True)
 class Box:
-    """One object: its class (a name, or an index) and its corners in original image pixels."""
+    """One object: its class (a name, or an index) and its corners in original image pixels (a 3D
+    box also ``zmin`` and ``zmax``, in voxels)."""
 
     label: str | int
     xmin: float
     ymin: float
     xmax: float
     ymax: float
+    zmin: float | None = None
+    zmax: float | None = None
+
+    @classmethod
+    def from_corners(cls, label: str | int, corners: Sequence[float]) -> Box:
+        """A box from ``[x1, y1, x2, y2]`` or ``[x1, y1, z1, x2, y2, z2]`` (the model's row order)."""
+        if len(corners) == 6:
+            x1, y1, z1, x2, y2, z2 = (float(v) for v in corners)
+            return cls(label, x1, y1, x2, y2, z1, z2)
+        x1, y1, x2, y2 = (float(v) for v in corners)
+        return cls(label, x1, y1, x2, y2)
 
     @property
-    def corners(self) -> tuple[float, float, float, float]:
-        return (self.xmin, self.ymin, self.xmax, self.ymax)
+    def corners(self) -> tuple[float, ...]:
+        """``(xmin, ymin, xmax, ymax)``, or ``(xmin, ymin, zmin, xmax, ymax, zmax)`` for a 3D box."""
+        if self.zmin is None or self.zmax is None:
+            return (self.xmin, self.ymin, self.xmax, self.ymax)
+        return (self.xmin, self.ymin, self.zmin, self.xmax, self.ymax, self.zmax)
 
     def __str__(self) -> str:
         return f"{self.label} ({', '.join(f'{v:g}' for v in self.corners)})"
@@ -105,18 +130,23 @@ class AnnotatedImage:
 
 
 def validate_boxes(
-    boxes: Iterable[Box], width: float, height: float, where: str, dropped: list[DataProblem] | None = None
+    boxes: Iterable[Box],
+    width: float,
+    height: float,
+    where: str,
+    dropped: list[DataProblem] | None = None,
+    depth: float | None = None,
 ) -> list[Box]:
-    """The boxes with usable geometry in a ``width`` x ``height`` image. The others are dropped:
-    appended to ``dropped`` (``where``, the box and why), or, without it, each logged as a warning
+    """The boxes with usable geometry in a ``width`` x ``height`` image (x ``depth`` slices: a
+    volume). The others are dropped: appended to ``dropped`` (``where``, the box and why), or, without it, each logged as a warning
     naming ``where`` (for the site's operator, as ``medfed data import`` does).
 
-    Usable: finite corners, ``xmin < xmax`` and ``ymin < ymax``, every corner inside
-    ``[0, width] x [0, height]`` (pixel edges: a box may end at ``width``).
+    Usable: finite corners, ``xmin < xmax`` and ``ymin < ymax`` (and ``zmin < zmax``), every corner
+    inside ``[0, width] x [0, height]`` (x ``[0, depth]``; pixel edges: a box may end at ``width``).
     """
     kept = []
     for box in boxes:
-        problem = _geometry_problem(box, width, height)
+        problem = _geometry_problem(box, (width, height) if depth is None else (width, height, depth))
         if not problem:
             kept.append(box)
         elif dropped is not None:
@@ -128,16 +158,18 @@ def validate_boxes(
 
 DROPPED = "box dropped:"
 NOT_FINITE = "a coordinate is not a finite number"
-EMPTY = "empty: needs xmin < xmax and ymin < ymax"
+EMPTY = "empty: needs xmin < xmax and ymin < ymax (and zmin < zmax)"
 
 
-def _geometry_problem(box: Box, width: float, height: float) -> str:
-    if not all(math.isfinite(v) for v in box.corners):
+def _geometry_problem(box: Box, size: tuple[float, ...]) -> str:
+    corners = box.corners
+    dims = len(corners) // 2
+    if not all(math.isfinite(v) for v in corners):
         return NOT_FINITE
-    if box.xmin >= box.xmax or box.ymin >= box.ymax:
+    if any(low >= high for low, high in zip(corners[:dims], corners[dims:], strict=True)):
         return EMPTY
-    if min(box.corners) < 0 or box.xmax > width or box.ymax > height:
-        return f"outside the {width:g}x{height:g} image"
+    if min(corners) < 0 or any(high > n for high, n in zip(corners[dims:], size, strict=False)):
+        return f"outside the {'x'.join(f'{n:g}' for n in size)} {'image' if len(size) == 2 else 'volume'}"
     return ""
 
 
@@ -304,13 +336,16 @@ def load_box_site(
     preprocess: Preprocess = DEFAULT_PREPROCESS,
     channels: int = 1,
     notices: list[DataProblem] | None = None,
+    spatial_dims: int = 2,
 ) -> SiteArrays:
     """Load images as ``(N, channels, S, S)`` in [0, 1] (3: a colour photo's RGB, see
-    :func:`medfed.data.decode.load_image`) and their boxes as ``(N, M, 5)`` model-input targets.
+    :func:`medfed.data.decode.load_image`), or volumes as ``(N, channels, S, S, S)``
+    (``spatial_dims = 3``), and their boxes as ``(N, M, 2 * spatial_dims + 1)`` model-input targets.
 
     Each box is checked against the image file's real size (:func:`validate_boxes`: broken ones
     are dropped with a warning), its label mapped by :func:`class_index`, and its corners scaled
-    with the image: x by ``image_size / width``, y by ``image_size / height``. Raises
+    with the image: x by ``image_size / width``, y by ``image_size / height`` (z by ``image_size /
+    slices``). Raises
     :class:`DataError` (headed by ``origin``, default the first image's folder) listing every
     unreadable image, size mismatch and unknown class, together with ``problems`` found before.
     Pixel values become model inputs as ``preprocess`` says (CT window), as in :func:`read_site`.
@@ -324,22 +359,22 @@ def load_box_site(
     for record, split in zip(records, splits, strict=True):
         try:
             array, spacing, geometry = load_image(
-                record.image, image_size, 2, record.spacing, preprocess, channels=channels
+                record.image, image_size, spatial_dims, record.spacing, preprocess, channels=channels
             )
         except Exception as err:  # noqa: BLE001 - every unreadable file is reported
             problems.append(DataProblem(record.where, f"image unreadable: {err}"))
             continue
-        height, width = geometry.shape
+        size = tuple(reversed(geometry.shape))  # along x, y (z)
         problems.extend(
             DataProblem(record.where, f"box {box}: {_unknown_class(box.label, class_names, num_classes)}")
             for box in record.boxes
             if class_index(box.label, class_names, num_classes) is None
         )
-        scale = np.array([image_size / width, image_size / height] * 2)
+        scale = np.array([image_size / n for n in size] * 2)
         rows.append(
             [
                 [*(np.array(box.corners) * scale), index]
-                for box in _usable_boxes(record, width, height, problems, dropped)
+                for box in _usable_boxes(record, size, problems, dropped)
                 if (index := class_index(box.label, class_names, num_classes)) is not None
             ]
         )
@@ -355,8 +390,8 @@ def load_box_site(
         notices.extend(dropped)
     elif dropped:
         log.warning("%s", dropped_summary(dropped))
-    targets = np.zeros((len(rows), max([1, *map(len, rows)]), 5), dtype=np.float32)
-    targets[:, :, 4] = -1
+    targets = np.zeros((len(rows), max([1, *map(len, rows)]), 2 * spatial_dims + 1), dtype=np.float32)
+    targets[:, :, -1] = -1
     for i, image_rows in enumerate(rows):
         if image_rows:
             targets[i, : len(image_rows)] = image_rows
@@ -372,38 +407,44 @@ def load_box_site(
 
 def _usable_boxes(
     record: AnnotatedImage,
-    width: int,
-    height: int,
+    size: tuple[int, ...],
     problems: list[DataProblem],
     dropped: list[DataProblem] | None = None,
 ) -> list[Box]:
-    """The record's boxes with usable geometry in its real ``width`` x ``height`` image (the others
-    go to ``dropped``, or are logged with the file: see :func:`validate_boxes`)."""
-    if record.size is not None and record.size != (width, height):
-        stated = "x".join(map(str, record.size))
-        problems.append(
-            DataProblem(record.where, f"the annotation is for a {stated} image; the file is {width}x{height}")
-        )
+    """The record's boxes with usable geometry in its real image of ``size`` (width, height[, slices])
+    (the others go to ``dropped``, or are logged with the file: see :func:`validate_boxes`)."""
+    if record.size is not None and record.size != size[:2]:
+        stated, real = "x".join(map(str, record.size)), "x".join(map(str, size))
+        problems.append(DataProblem(record.where, f"the annotation is for a {stated} image; the file is {real}"))
         return []
-    return validate_boxes(record.boxes, width, height, record.where, dropped)
+    depth = size[2] if len(size) == 3 else None
+    return validate_boxes(record.boxes, size[0], size[1], record.where, dropped, depth=depth)
 
 
-def read_box_table(path: Path, images: Collection[str]) -> tuple[dict[str, list[Box]], list[DataProblem]]:
+def read_box_table(
+    path: Path, images: Collection[str], spatial_dims: int = 2
+) -> tuple[dict[str, list[Box]], list[DataProblem]]:
     """The boxes of a site folder's ``boxes.csv`` by ``image`` entry, and the problems found.
 
     ``images`` are the manifest's ``image`` entries; a row naming another image is a problem.
-    The table is read as the manifest is: UTF-8, with or without the BOM that Excel writes.
+    The table is read as the manifest is: UTF-8, with or without the BOM that Excel writes. For
+    volumes (``spatial_dims = 3``) every row needs ``zmin`` and ``zmax`` too (voxels); a 2D table
+    may carry them empty or not at all.
     """
+    columns = (*BOX_COLUMNS, *(Z_COLUMNS if spatial_dims == 3 else ()))
     if not path.is_file():
         return {}, [
-            DataProblem(path.name, f"missing: a box site needs {BOXES} beside {MANIFEST} (columns {list(BOX_COLUMNS)})")
+            DataProblem(path.name, f"missing: a box site needs {BOXES} beside {MANIFEST} (columns {list(columns)})")
         ]
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            missing = [c for c in BOX_COLUMNS if c not in (reader.fieldnames or [])]
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
             if missing:
-                return {}, [DataProblem(path.name, f"missing column(s) {missing}; found {reader.fieldnames}")]
+                why = " (3D volumes, data.spatial-dims = 3, need zmin and zmax in voxels)" if spatial_dims == 3 else ""
+                return {}, [
+                    DataProblem(f"{path.name} line 1", f"missing column(s) {missing}{why}; found {reader.fieldnames}")
+                ]
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
         return {}, [DataProblem(path.name, f"not a UTF-8 box table (save it as CSV UTF-8): {err}")]
@@ -419,17 +460,30 @@ def read_box_table(path: Path, images: Collection[str]) -> tuple[dict[str, list[
         except (TypeError, ValueError):
             problems.append(DataProblem(where, "xmin, ymin, xmax, ymax must be numbers (pixels)"))
             continue
-        boxes.setdefault(row["image"], []).append(Box(row["label"], *corners))
+        if spatial_dims == 3:
+            try:
+                zmin, zmax = (float(row[key]) for key in Z_COLUMNS)
+            except (TypeError, ValueError):
+                problems.append(DataProblem(where, "zmin and zmax must be numbers (voxels) for a 3D volume"))
+                continue
+            box = Box(row["label"], corners[0], corners[1], corners[2], corners[3], zmin, zmax)
+        else:
+            box = Box(row["label"], *corners)
+        boxes.setdefault(row["image"], []).append(box)
     return boxes, problems
 
 
 def write_box_table(path: Path, rows: Iterable[tuple[str, Box]]) -> None:
-    """Write ``boxes.csv``: one row per ``(image entry, box)``; integer coordinates stay integers."""
+    """Write ``boxes.csv``: one row per ``(image entry, box)``; integer coordinates stay integers.
+    3D boxes add ``zmin`` and ``zmax`` columns."""
+    rows = list(rows)
+    volumes = any(box.zmin is not None for _, box in rows)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(BOX_COLUMNS)
+        writer.writerow([*BOX_COLUMNS, *(Z_COLUMNS if volumes else ())])
         for image, box in rows:
-            writer.writerow([image, box.label, *(_number(v) for v in box.corners)])
+            z = (box.zmin, box.zmax) if volumes else ()
+            writer.writerow([image, box.label, *(_number(v) for v in (box.xmin, box.ymin, box.xmax, box.ymax, *z))])
 
 
 def _number(value: float) -> str:
@@ -481,7 +535,7 @@ def _write_box_folder(
             continue
         first[record.image] = record
         size = _width_height(record, problems)
-        kept.append(_usable_boxes(record, *size, problems) if size else [])
+        kept.append(_usable_boxes(record, size, problems) if size else [])
     if problems:
         raise DataError(images_dir, problems)
     splits = assign_splits(records, seed, fractions)

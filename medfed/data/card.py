@@ -124,12 +124,15 @@ def _target_notes(site: SiteArrays) -> list[str]:
         share = ", ".join(f"class {c} {n / masks.size:.2%}" for c, n in zip(classes, counts, strict=True))
         return [f"mask voxels: {share}", f"masks without foreground: {empty} of {len(masks)}"]
     if site.target_key == "boxes":
-        valid = site.targets[..., 4] >= 0
-        sides = site.targets[..., 2:4] - site.targets[..., 0:2]
+        valid = site.targets[..., -1] >= 0
+        dims = site.images.ndim - 2
+        sides = site.targets[..., dims : 2 * dims] - site.targets[..., :dims]
         per_image = valid.sum(axis=1)
         return [
             f"boxes per image: {per_image.min()} to {per_image.max()} (mean {per_image.mean():.1f})",
-            f"box sides at model input: median {np.median(sides[valid]):.1f} px" if valid.any() else "no boxes",
+            f"box sides at model input: median {np.median(sides[valid]):.1f} {'px' if dims == 2 else 'voxels'}"
+            if valid.any()
+            else "no boxes",
         ]
     if site.targets.ndim == 2:  # multi-label: multi-hot rows
         counts = site.targets.sum(axis=0)

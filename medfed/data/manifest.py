@@ -77,8 +77,8 @@ class SiteReading:
     """How a site folder is read (:func:`read_site`, the pre-flight check, a site's cache key).
 
     ``image_size`` pixels per axis and ``num_classes`` classes of the model; ``target`` is what the
-    task learns (its ``TARGET``): the manifest column ``label``, ``mask`` or ``instances``, or ``boxes`` (2D only,
-    from ``boxes.csv``, with labels that are names from ``class_names`` or class indices);
+    task learns (its ``TARGET``): the manifest column ``label``, ``mask`` or ``instances``, or ``boxes`` (from
+    ``boxes.csv``, with labels that are names from ``class_names`` or class indices);
     ``spatial_dims`` 2 (images) or 3 (volumes); ``preprocess`` how files are decoded; ``channels``
     image channels per case; ``features`` the feature columns of a features manifest (tabular
     sites, see :mod:`medfed.data.tabular`; empty: the manifest names images).
@@ -148,8 +148,6 @@ def read_site(site_dir: str | Path, reading: SiteReading, notices: list[DataProb
             raise DataError(site_dir, [DataProblem(MANIFEST, "no rows")])
         return read_feature_site(site_dir, columns, rows, reading.features, num_classes, _patient_leaks(rows))
     boxes = target == "boxes"
-    if boxes and spatial_dims != 2:
-        raise ValueError(f"box targets need 2D images (spatial_dims = 2), got spatial_dims = {spatial_dims}")
     missing = [c for c in (*REQUIRED_COLUMNS, *(() if boxes else (target,))) if c not in columns]
     if missing:
         raise DataError(site_dir, [DataProblem(MANIFEST, f"missing column(s) {missing}; found {columns}")])
@@ -243,13 +241,13 @@ def _read_box_site(
     site_dir: Path, rows: list[dict[str, str]], reading: SiteReading, notices: list[DataProblem] | None
 ) -> SiteArrays:
     """The box site of :func:`read_site`: manifest rows checked here, boxes from ``boxes.csv``."""
-    boxes, problems = read_box_table(site_dir / BOXES, {row["image"] for row in rows})
+    boxes, problems = read_box_table(site_dir / BOXES, {row["image"] for row in rows}, reading.spatial_dims)
     records, splits = [], []
     for line, row in enumerate(rows, start=2):
         where = f"{MANIFEST} line {line}"
         if row["split"] not in SPLITS:
             problems.append(DataProblem(where, f"split {row['split']!r} is not one of {list(SPLITS)}"))
-        pixel_mm = _parse_spacing(row.get("spacing") or "", 2, where, problems)
+        pixel_mm = _parse_spacing(row.get("spacing") or "", reading.spatial_dims, where, problems)
         path = _read_file(site_dir, row["image"], where, problems, lambda p: p)
         if path is not None:
             image_boxes = boxes.get(row["image"], [])
@@ -270,6 +268,7 @@ def _read_box_site(
         preprocess=reading.preprocess,
         channels=reading.channels,
         notices=notices,
+        spatial_dims=reading.spatial_dims,
     )
 
 
@@ -381,7 +380,7 @@ def write_site(site_dir: str | Path, site: SiteArrays) -> Path:
                         site_dir / fov_cells[-1]
                     )
             elif boxes:
-                box_rows.extend((rel, Box(int(row[4]), *map(float, row[:4]))) for row in target if row[4] >= 0)
+                box_rows.extend((rel, Box.from_corners(int(row[-1]), row[:-1])) for row in target if row[-1] >= 0)
             elif np.ndim(target) == 1:  # multi-label: the findings present, joined by |
                 value = "|".join(str(k) for k in np.flatnonzero(target)) or NO_FINDING
             else:

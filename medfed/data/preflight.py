@@ -152,7 +152,7 @@ def site_findings(
         if site.target_key == "instances":  # object ids: any id > 0 is the object class
             present = {min(k, 1) for k in present}
     elif site.target_key == "boxes":
-        present = {int(c) + 1 for c in np.unique(site.targets[train][..., 4]) if c >= 0} | {0}
+        present = {int(c) + 1 for c in np.unique(site.targets[train][..., -1]) if c >= 0} | {0}
         num_classes += 1  # class 0 stands for "no box" here
     elif site.targets.ndim == 2:  # multi-label: multi-hot rows, one column per finding
         present = set(np.flatnonzero(site.targets[train].any(axis=0)).tolist()) if train.any() else set()

@@ -9,7 +9,9 @@ same objects, each finding present or not independently, labelled by which are p
 fundus-like images: a field of view with an optic disc and a branching tree of dark vessels whose
 masks are the segmentation target (public pre-training for retinal vessel segmentation). Nuclei
 sites hold microscopy-like fields crowded with small textured blobs; organ sites hold a body with a
-few large smooth organ-like shapes of distinct intensities (2D or 3D).
+few large smooth organ-like shapes of distinct intensities (2D or 3D). Nodule sites hold chest CT
+volumes in Hounsfield units (body, two lungs, vessels) with lung nodules of 3-30 mm and their 3D
+boxes, each scanner with its own voxel size, dose (noise), reconstruction kernel and calibration.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "synthetic_detection_site",
     "synthetic_multilabel_site",
     "synthetic_instance_site",
+    "synthetic_nodule_site",
     "synthetic_nuclei_site",
     "synthetic_organ_site",
     "synthetic_segmentation_site",
@@ -38,6 +41,8 @@ __all__ = [
 ]
 
 MAX_OBJECTS = 5
+NODULE_MM = (3.0, 30.0)  # nodule diameters, as LUNA16 counts them
+NODULE_HU = (30.0, -450.0, 450.0)  # solid, ground-glass, calcified: class c is c % 3
 NUCLEUS_SEMI_AXES = {2: (0.02, 0.05), 3: (0.05, 0.1)}  # fractions of the image size
 
 
@@ -165,6 +170,107 @@ def synthetic_detection_site(
     splits = _splits(num_samples, split_fractions, rng)
     spacing = np.tile(np.asarray(shift.spacing(2), dtype=np.float32), (num_samples, 1))
     return SiteArrays(np.stack(images)[:, None], targets, splits, target_key="boxes", spacing=spacing)
+
+
+def synthetic_nodule_site(
+    site_index: int,
+    num_samples: int,
+    image_size: int = 32,
+    num_classes: int = 1,
+    seed: int = 0,
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+) -> SiteArrays:
+    """Generate one site's chest CT volumes ``(N, 1, S, S, S)`` (Hounsfield units through the CT
+    window, as :func:`medfed.data.decode.model_input` scales CT) with 0 to 3 lung nodules each, and
+    their boxes ``(N, M, 7)`` ``[x1, y1, z1, x2, y2, z2, class]`` in voxels (x: the last axis).
+
+    The volume is a chest crop of 96-128 mm in-plane and 80-128 mm along z at this site's voxel
+    size (so a 3 mm nodule spans a voxel or less at small ``image_size``): air, a body of soft
+    tissue with a spine, two lungs (-850 HU with texture) crossed by vessels (tubes of 1-4 mm, the
+    usual false positives), and nodules of :data:`NODULE_MM` diameter (log-uniform, as small ones
+    are the common ones) inside a lung, of class c: solid, ground-glass or calcified (c % 3,
+    :data:`NODULE_HU`). A box is the nodule's sphere's bounding box (a cube in mm). Sites differ by
+    voxel size, dose (noise 10-60 HU), kernel (blur), HU calibration (+-30 HU), class mix and mean
+    number of nodules per scan; about 20 % of scans hold none.
+    """
+    from medfed.data.decode import CT_WINDOW  # decode imports the configuration, which imports tasks
+
+    rng = np.random.default_rng([seed, site_index, 29])
+    prevalence = np.asarray(site_shift(site_index, num_classes, seed).prevalence)
+    extent = np.array([rng.uniform(80, 128), *(2 * [rng.uniform(96, 128)])])  # mm along z, y, x
+    spacing = extent / image_size
+    noise, blur, calibration = rng.uniform(10, 60), rng.uniform(0.4, 1.2), rng.uniform(-30, 30)
+    mean_nodules = rng.uniform(1.0, 2.0)
+    grid = (np.mgrid[(slice(0, image_size),) * 3] + 0.5) * spacing[:, None, None, None]  # voxel centres in mm
+    images, boxes = [], []
+    for _ in range(num_samples):
+        hu, lungs = _chest(grid, extent, rng)
+        depth = ndimage.distance_transform_edt(lungs, sampling=spacing)  # mm to the lung's edge
+        count = 0 if rng.random() < 0.2 else min(1 + int(rng.poisson(mean_nodules - 1)), 3)
+        rows = []
+        for label in rng.choice(num_classes, size=count, p=prevalence):
+            diameter = float(np.exp(rng.uniform(*np.log(NODULE_MM))))
+            radius = diameter / 2
+            centre = _nodule_centre(depth, grid, radius, extent, rng)
+            if centre is None:
+                continue
+            distance = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
+            inside = 1 / (1 + np.exp(np.clip((distance - radius) / 0.4, -50, 50)))  # a soft edge (partial volume)
+            hu = hu + inside * (NODULE_HU[int(label) % 3] - hu)
+            low, high = (centre - radius) / spacing, (centre + radius) / spacing  # voxel edges along z, y, x
+            rows.append([*low[::-1], *high[::-1], int(label)])
+        hu = ndimage.gaussian_filter(hu, blur / spacing * spacing.min()) + calibration
+        hu = hu + rng.normal(0, noise, hu.shape)
+        low_hu, high_hu = CT_WINDOW
+        images.append(np.clip((hu - low_hu) / (high_hu - low_hu), 0, 1).astype(np.float32))
+        boxes.append(rows)
+    targets = np.zeros((num_samples, max([1, *map(len, boxes)]), 7), dtype=np.float32)
+    targets[:, :, 6] = -1
+    for i, rows in enumerate(boxes):
+        if rows:
+            targets[i, : len(rows)] = rows
+    splits = _splits(num_samples, split_fractions, rng)
+    voxel = np.tile(spacing.astype(np.float32), (num_samples, 1))
+    return SiteArrays(np.stack(images)[:, None], targets, splits, target_key="boxes", spacing=voxel)
+
+
+def _chest(grid: np.ndarray, extent: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A chest crop in HU on ``grid`` (mm, z/y/x first): (volume, lung mask)."""
+    z, y, x = grid
+    _, h, w = extent
+    cy, cx = h * rng.uniform(0.47, 0.53), w * rng.uniform(0.47, 0.53)
+    body = ((y - cy) / (0.46 * h)) ** 2 + ((x - cx) / (0.49 * w)) ** 2 <= 1
+    hu = np.where(body, 40.0, -1000.0)
+    spine = ((y - (cy + 0.3 * h)) / (0.1 * h)) ** 2 + ((x - cx) / (0.08 * w)) ** 2 <= 1
+    hu = np.where(spine, 700.0, hu)
+    lungs = np.zeros(hu.shape, dtype=bool)
+    for side in (-1, 1):
+        ly, lx = cy - 0.05 * h + rng.normal(0, 0.02 * h), cx + side * 0.22 * w + rng.normal(0, 0.02 * w)
+        ry, rx = 0.3 * h * rng.uniform(0.9, 1.1), 0.17 * w * rng.uniform(0.9, 1.1)
+        lungs |= ((y - ly) / ry) ** 2 + ((x - lx) / rx) ** 2 <= 1 - 0.3 * ((z - extent[0] / 2) / extent[0]) ** 2
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, hu.shape), 1.5)
+    hu = np.where(lungs, -850.0 + 250 * texture, hu)
+    for _ in range(int(rng.integers(4, 9))):  # vessels: straight tubes through the lungs
+        start = grid[:, 0, 0, 0] + rng.uniform(0, 1, 3) * extent
+        direction = rng.normal(0, 1, 3)
+        direction /= np.linalg.norm(direction)
+        offsets = grid - start[:, None, None, None]
+        along = np.tensordot(direction, offsets, axes=1)
+        across = np.sqrt(np.maximum((offsets**2).sum(0) - along**2, 0))
+        hu = np.where(lungs & (across <= rng.uniform(0.5, 2.0)), 40.0, hu)
+    return hu, lungs
+
+
+def _nodule_centre(
+    depth: np.ndarray, grid: np.ndarray, radius: float, extent: np.ndarray, rng: np.random.Generator
+) -> np.ndarray | None:
+    """A nodule centre (mm, z/y/x) at least ``radius / 2`` inside a lung (``depth``: mm to its edge),
+    with the whole nodule inside the volume; None if there is none."""
+    inside = (depth >= radius / 2) & np.all((grid >= radius) & (grid <= extent[:, None, None, None] - radius), axis=0)
+    candidates = np.flatnonzero(inside)
+    if not len(candidates):
+        return None
+    return np.asarray(grid.reshape(3, -1)[:, rng.choice(candidates)], dtype=np.float64)
 
 
 def synthetic_multilabel_site(

@@ -1,4 +1,4 @@
-"""A one-stage, anchor-free 2D detector (CenterNet-style) built from MONAI ``Convolution`` blocks."""
+"""A one-stage, anchor-free 2D or 3D detector (CenterNet-style) built from MONAI ``Convolution`` blocks."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ class CenterNet(nn.Module):
     A strided encoder (conv + GroupNorm + ReLU blocks, down to 1/``4 * 2**depth`` of the input)
     and a top-down path (nearest-neighbour upsampling plus 1x1 lateral convolutions, as in a
     feature pyramid) give one feature map at 1/4 of the input resolution; a small head predicts,
-    per output pixel, ``num_classes`` centre logits, the log box width and height (in output
-    pixels) and the sub-pixel offset of the centre. No anchors, no transposed convolutions, no
-    BatchNorm: every layer has a per-sample gradient rule in Opacus, and the model has one
-    output tensor ``(B, num_classes + 4, H / 4, W / 4)``.
+    per output pixel (voxel), ``num_classes`` centre logits, the log box size along x, y (and z)
+    in output pixels and the sub-pixel offset of the centre along the same axes (x: the last
+    array axis, y: the one before, z: the first of a volume). No anchors, no transposed
+    convolutions, no BatchNorm: every layer has a per-sample gradient rule in Opacus, and the model
+    has one output tensor ``(B, num_classes + 2 * spatial_dims, *[S / 4] * spatial_dims)``.
 
     The centre logits start at log(0.1 / 0.9) (a prior of 0.1, as in CenterNet and RetinaNet), so
     that the focal loss is not swamped by the background at the first steps.
@@ -36,6 +37,7 @@ class CenterNet(nn.Module):
         depth: stride-2 blocks below 1/4 resolution (receptive field grows with it).
         norm_groups: GroupNorm groups (must divide ``width``).
         norm: ``"group"`` (GroupNorm) or ``"none"``.
+        spatial_dims: 2 (images) or 3 (volumes).
         encoder: another encoder instead of the strided blocks (``in_channels``, ``width`` and ``depth`` are then
             unused): a stem to 1/2 resolution, the stages after it (the first to 1/4, each next
             one to half the previous resolution) and the stages' output channels.
@@ -50,6 +52,7 @@ class CenterNet(nn.Module):
         norm_groups: int = 4,
         norm: str = "group",
         *,
+        spatial_dims: int = 2,
         encoder: tuple[nn.Module, Sequence[nn.Module], Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
@@ -58,7 +61,13 @@ class CenterNet(nn.Module):
 
         def block(cin: int, cout: int, stride: int = 1) -> Convolution:
             return Convolution(
-                2, cin, cout, strides=stride, kernel_size=3, act=("relu", {"inplace": False}), norm=norm_layer
+                spatial_dims,
+                cin,
+                cout,
+                strides=stride,
+                kernel_size=3,
+                act=("relu", {"inplace": False}),
+                norm=norm_layer,
             )
 
         if encoder is None:
@@ -73,18 +82,20 @@ class CenterNet(nn.Module):
             self.stem, stages, channels = encoder[0], list(encoder[1]), list(encoder[2])
         self.stages = nn.ModuleList(stages)
         top = channels[0]
-        self.laterals = nn.ModuleList(nn.Conv2d(c, top, kernel_size=1) for c in channels)
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        self.laterals = nn.ModuleList(conv(c, top, kernel_size=1) for c in channels)
         self.smooth = block(top, top)
         hidden = block(top, top)
-        final = nn.Conv2d(top, num_classes + 4, kernel_size=1)
+        final = conv(top, num_classes + 2 * spatial_dims, kernel_size=1)
         self.head = nn.Sequential(hidden, final)
         with torch.no_grad():
-            assert final.bias is not None  # nn.Conv2d has a bias unless told otherwise
+            assert final.bias is not None  # a convolution has a bias unless told otherwise
             final.bias.zero_()
             final.bias[:num_classes] = math.log(0.1 / 0.9)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` images (H, W multiples of ``4 * 2**depth``) to ``(B, num_classes + 4, H/4, W/4)``."""
+        """``(B, C, *spatial)`` images or volumes (sides multiples of ``4 * 2**depth``) to
+        ``(B, num_classes + 2 * spatial_dims, *spatial / 4)``."""
         features = []
         x = self.stem(x)
         for stage in self.stages:
@@ -92,5 +103,5 @@ class CenterNet(nn.Module):
             features.append(x)
         merged = self.laterals[-1](features[-1])
         for lateral, feature in zip(reversed(self.laterals[:-1]), reversed(features[:-1]), strict=True):
-            merged = lateral(feature) + F.interpolate(merged, size=feature.shape[-2:], mode="nearest")
+            merged = lateral(feature) + F.interpolate(merged, size=feature.shape[2:], mode="nearest")
         return self.head(self.smooth(merged))

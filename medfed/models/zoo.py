@@ -1,10 +1,9 @@
 """The model zoo: every network ``model.name`` can pick, per task, built valid for Opacus.
 
 Each builder takes ``data.channels`` input channels and gives ``data.num-classes`` outputs in
-``data.spatial-dims`` dimensions (every network here supports 2D and 3D; detection is 2D only,
-which the configuration already enforces). Networks with a base width use ``model.width`` (and
-``model.depth`` resolution levels where the number of levels is free: ``unet``, ``segresnet``,
-``dynunet``, ``attentionunet``); those with standard sizes (the ResNets, DenseNet-121,
+``data.spatial-dims`` dimensions (every network here supports 2D and 3D). Networks with a base
+width use ``model.width`` (and ``model.depth`` resolution levels where the number of levels is
+free: ``unet``, ``segresnet``, ``dynunet``, ``attentionunet``); those with standard sizes (the ResNets, DenseNet-121,
 EfficientNet-B0, SE-ResNet-50, BasicUNet's five levels, SwinUNETR's four stages) keep them.
 ``model.dropout`` applies where a network has a dropout setting (EfficientNet-B0 keeps its own
 0.2 dropout and drop-connect; the ResNets have none). Tabular networks (``mlp``, ``logistic``)
@@ -454,18 +453,27 @@ def _logistic(config: Config) -> nn.Module:
 
 def _centernet(config: Config) -> nn.Module:
     m, d = config.model, config.data
-    return CenterNet(d.channels, d.num_classes, m.width, m.depth, m.norm_groups, m.norm)
+    return CenterNet(d.channels, d.num_classes, m.width, m.depth, m.norm_groups, m.norm, spatial_dims=d.spatial_dims)
 
 
 def _centernet_resnet18(config: Config) -> nn.Module:
     """CenterNet's top-down path and head on a ResNet-18 encoder (stride-2 stem, 64-512 channels)."""
     m, d = config.model, config.data
-    net = opacus_ready(resnet18(spatial_dims=2, n_input_channels=d.channels, conv1_t_stride=2, feed_forward=False), m)
+    net = opacus_ready(
+        resnet18(spatial_dims=d.spatial_dims, n_input_channels=d.channels, conv1_t_stride=2, feed_forward=False), m
+    )
     stem = nn.Sequential(net.conv1, net.bn1, net.act)
     stages = [nn.Sequential(net.maxpool, net.layer1), net.layer2, net.layer3, net.layer4]
     channels = [64, 128, 256, 512]
     groups = math.gcd(m.norm_groups, channels[0])
-    return CenterNet(d.channels, d.num_classes, norm_groups=groups, norm=m.norm, encoder=(stem, stages, channels))
+    return CenterNet(
+        d.channels,
+        d.num_classes,
+        norm_groups=groups,
+        norm=m.norm,
+        spatial_dims=d.spatial_dims,
+        encoder=(stem, stages, channels),
+    )
 
 
 MODEL_BUILDERS: dict[str, dict[str, Builder]] = {

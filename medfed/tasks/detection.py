@@ -1,25 +1,29 @@
-"""2D object detection (lesions, nodules, cells): boxes with a class and a score.
+"""Object detection (lesions, nodules, cells) in 2D images or 3D volumes: boxes with a class and a score.
 
-Samples: ``{"image": (C, H, W) float, "boxes": (M, 5) float}``, one row ``[x1, y1, x2, y2, class]``
-per object in model-input pixels (x along the width axis), padding rows with class -1; an image
-without objects is a legal negative. The model is a CenterNet-style detector
-(:class:`medfed.models.CenterNet`): a heatmap of object centres per class, box size and centre
-offset at 1/4 resolution. Loss, per image (as per-sample clipping under DP requires): the
-penalty-reduced focal loss on the centre heatmap plus L1 on log box size and centre offset at the
-reference centres, each divided by the image's object count.
+Samples: ``{"image": (C, *spatial) float, "boxes": (M, 2 * dims + 1) float}``, one row
+``[x1, y1, x2, y2, class]`` (2D) or ``[x1, y1, z1, x2, y2, z2, class]`` (3D) per object in
+model-input voxels (x along the last array axis, y the one before, z the first of a volume),
+padding rows with class -1; an image without objects is a legal negative. The model is a
+CenterNet-style detector (:class:`medfed.models.CenterNet`): a heatmap of object centres per class,
+box size and centre offset at 1/4 resolution. Loss, per image (as per-sample clipping under DP
+requires): the penalty-reduced focal loss on the centre heatmap plus L1 on log box size and centre
+offset at the reference centres, each divided by the image's object count.
 
-Predictions ``(B, K, 6)``: rows ``[x1, y1, x2, y2, score, class]``, local maxima of the heatmap,
-then per-class non-maximum suppression (``monai.data.box_utils.batched_nms``), best first,
-padding rows with class -1.
+Predictions ``(B, K, 2 * dims + 2)``: rows ``[*corners, score, class]``, local maxima of the
+heatmap, then per-class non-maximum suppression (``monai.data.box_utils.batched_nms``, 3D boxes in
+3D), best first, padding rows with class -1.
 
 Metrics: COCO average precision per class and mean, at IoU 0.5 (``map50``, the primary metric)
 and over IoU 0.50:0.05:0.95 (``map``), with up to 100 detections per image. Matching is MONAI's
 COCO matching (``monai.apps.detection.metrics.matching``); precision is accumulated in float64 as
 pycocotools does (MONAI's ``COCOMetric`` accumulates in float32, which moves recall-threshold
-look-ups and differs from pycocotools in the 3rd decimal). FROC: sensitivity at 0.125-8 false
-positives per image (the LUNA16 convention; a detection is a hit at IoU >= 0.5 with the right
-class) and its mean (``froc``). Precision at recall 0, 0.1, ..., 1 per class at IoU 0.5 is
-returned too (``pr50_class_k@r``), for the report's PR curves: aggregates, not cases.
+look-ups and differs from pycocotools in the 3rd decimal). FROC: sensitivity at LUNA16's operating
+points, 0.125-8 false positives per image (scan), all classes pooled, and its mean (``froc``: in
+3D LUNA16's CPM). A hit in 2D: IoU >= 0.5 with the right class; in 3D, as LUNA16 scores nodules:
+the detection's centre inside the object (:func:`centre_hits`) with the right class, a second hit
+on a found object counting neither way (:func:`froc_candidates`). Precision at recall 0, 0.1, ..., 1
+per class at IoU 0.5 is returned too (``pr50_class_k@r``), for the report's PR curves: aggregates,
+not cases.
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ __all__ = [
     "RandomFlip",
     "box_iou",
     "build_model",
+    "centre_hits",
     "check_config",
     "decode",
+    "froc_candidates",
     "infer",
     "loss",
     "metrics",
@@ -68,7 +74,7 @@ PRIMARY_METRIC = "map50"
 PRIMARY_METRIC_PER_IMAGE = False  # mAP is computed over the whole split
 TARGET = "boxes"  # the sample key (and manifest column) of what the task learns
 SAMPLE_KEYS = ("image", TARGET)
-SPATIAL_DIMS = (2,)  # the image dimensions the task works in
+SPATIAL_DIMS = (2, 3)  # the image dimensions the task works in
 
 MAX_DETECTIONS = 100
 SCORE_THRESHOLD = 0.01
@@ -81,7 +87,8 @@ GAUSSIAN_ALPHA = 0.54  # centre heatmap: sigma = alpha * box side / 6 (TTFNet)
 
 
 def check_config(config: Config) -> None:
-    """The settings detection needs: whole images resized as they are (boxes scale with them)."""
+    """The settings detection needs: whole images resized as they are (boxes scale with them);
+    volumes from site folders or synthetic sites."""
     require(
         not config.data.target_spacing,
         "data.target-spacing",
@@ -89,125 +96,146 @@ def check_config(config: Config) -> None:
         "[] for run.task = 'detection' (whole images are resized; boxes scale with them)",
     )
     require(not config.train.logit_adjust, "train.logit-adjust", True, "false: it is for classification")
+    require(
+        config.data.spatial_dims == 2 or config.data.source in ("synthetic", "sites"),
+        "data.source",
+        config.data.source,
+        "'synthetic' or 'sites' for 3D detection (data.spatial-dims = 3): Pascal VOC holds 2D images",
+    )
 
 
 def build_model(config: Config) -> nn.Module:
     """The ``model.name`` :class:`medfed.models.CenterNet` of the model zoo for ``data.channels``-channel
-    images; ``data.image-size`` must be a multiple of its total stride."""
+    images or volumes (``data.spatial-dims``); ``data.image-size`` must be a multiple of its total stride."""
     return build_network(NAME, config)
 
 
 def infer(model: nn.Module, images: torch.Tensor, config: Config) -> torch.Tensor:
-    """Raw head outputs ``(B, num_classes + 4, H / 4, W / 4)``."""
+    """Raw head outputs ``(B, num_classes + 2 * dims, *spatial / 4)``."""
     return model(images)
 
 
 def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Focal loss on centres + L1 on log size and offset, per image over its objects, mean over the batch."""
-    num_classes = outputs.shape[1] - 4
+    dims = outputs.ndim - 2
+    num_classes = outputs.shape[1] - 2 * dims
     boxes = batch["boxes"].to(outputs.dtype)
-    heatmap, centres, valid, regression = _encode(boxes, num_classes, outputs.shape[-2:])
+    heatmap, centres, valid, regression = _encode(boxes, num_classes, outputs.shape[2:])
     logits = outputs[:, :num_classes]
     prob = torch.sigmoid(logits)
     positive = torch.zeros_like(logits, dtype=torch.bool)
     batch_index = torch.arange(len(boxes), device=boxes.device)[:, None].expand_as(valid)
-    cls, cy, cx = centres.unbind(-1)
-    positive[batch_index[valid], cls[valid], cy[valid], cx[valid]] = True
+    positive[(batch_index[valid], *(index[valid] for index in centres.unbind(-1)))] = True
     pos_term = -F.logsigmoid(logits) * (1 - prob) ** 2
     neg_term = -F.logsigmoid(-logits) * prob**2 * (1 - heatmap) ** 4
     focal = torch.where(positive, pos_term, neg_term).flatten(1).sum(1)
     count = positive.flatten(1).sum(1).clamp(min=1)
-    width = outputs.shape[-1]
-    flat = outputs[:, num_classes:].flatten(2)  # (B, 4, h * w)
-    gathered = flat.gather(2, (cy * width + cx)[:, None].expand(-1, 4, -1)).transpose(1, 2)  # (B, M, 4)
+    flat = outputs[:, num_classes:].flatten(2)  # (B, 2 * dims, voxels)
+    voxel = _flat_index(centres[..., 1:], outputs.shape[2:])
+    gathered = flat.gather(2, voxel[:, None].expand(-1, 2 * dims, -1)).transpose(1, 2)  # (B, M, 2 * dims)
     l1 = ((gathered - regression).abs().sum(-1) * valid).sum(1)
     return ((focal + l1) / count).mean()
+
+
+def _flat_index(voxels: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Flat (row-major) indices of ``(..., dims)`` voxel indices in array-axis order into ``shape``."""
+    index = torch.zeros_like(voxels[..., 0])
+    for axis, n in enumerate(shape):
+        index = index * int(n) + voxels[..., axis]
+    return index
 
 
 def _encode(
     boxes: torch.Tensor, num_classes: int, shape: torch.Size
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training targets at output resolution from boxes ``(B, M, 5)``.
+    """Training targets at output resolution from boxes ``(B, M, 2 * dims + 1)``.
 
-    Returns the Gaussian centre heatmap ``(B, num_classes, h, w)``, the integer centre of each box
-    ``(B, M, 3)`` as (class, y, x), which rows are objects ``(B, M)``, and the regression targets
-    ``(B, M, 4)``: log width, log height (output pixels) and the x, y offset of the true centre.
+    Returns the Gaussian centre heatmap ``(B, num_classes, *shape)``, the integer centre of each
+    box ``(B, M, 1 + dims)`` as (class, voxel index in array-axis order: z, y, x), which rows are
+    objects ``(B, M)``, and the regression targets ``(B, M, 2 * dims)``: log size along x, y (z) in
+    output pixels and the offset of the true centre along the same axes.
     """
-    h, w = int(shape[0]), int(shape[1])
-    valid = boxes[..., 4] >= 0
-    cls = boxes[..., 4].clamp(min=0).long()
-    x1, y1, x2, y2 = (boxes[..., i] / OUTPUT_STRIDE for i in range(4))
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    bw, bh = (x2 - x1).clamp(min=0.25), (y2 - y1).clamp(min=0.25)
-    ix, iy = cx.floor().clamp(0, w - 1), cy.floor().clamp(0, h - 1)
-    sx, sy = (GAUSSIAN_ALPHA * bw / 6).clamp(min=0.35), (GAUSSIAN_ALPHA * bh / 6).clamp(min=0.35)
-    xs = torch.arange(w, device=boxes.device, dtype=boxes.dtype)
-    ys = torch.arange(h, device=boxes.device, dtype=boxes.dtype)
-    gx = torch.exp(-((xs[None, None] - ix[..., None]) ** 2) / (2 * sx[..., None] ** 2))  # (B, M, w)
-    gy = torch.exp(-((ys[None, None] - iy[..., None]) ** 2) / (2 * sy[..., None] ** 2))  # (B, M, h)
-    gaussians = gy[..., :, None] * gx[..., None, :] * valid[..., None, None]  # (B, M, h, w)
-    heatmap = boxes.new_zeros((len(boxes), num_classes, h, w))
+    dims = len(shape)
+    sizes = [int(n) for n in reversed(shape)]  # along x, y (z): the last array axis first
+    valid = boxes[..., -1] >= 0
+    cls = boxes[..., -1].clamp(min=0).long()
+    low, high = boxes[..., :dims] / OUTPUT_STRIDE, boxes[..., dims : 2 * dims] / OUTPUT_STRIDE
+    centre, side = (low + high) / 2, (high - low).clamp(min=0.25)
+    upper = torch.tensor([n - 1 for n in sizes], device=boxes.device, dtype=boxes.dtype)
+    index = torch.minimum(centre.floor().clamp(min=0), upper)
+    sigma = (GAUSSIAN_ALPHA * side / 6).clamp(min=0.35)
+    gaussian = valid.to(boxes.dtype)[(...,) + (None,) * dims]  # (B, M, 1, ...)
+    for j, n in enumerate(sizes):  # coordinate j runs along array axis dims - 1 - j
+        grid = torch.arange(n, device=boxes.device, dtype=boxes.dtype)
+        g = torch.exp(-((grid - index[..., j, None]) ** 2) / (2 * sigma[..., j, None] ** 2))  # (B, M, n)
+        view = [*g.shape[:2], *([1] * dims)]
+        view[2 + dims - 1 - j] = n
+        gaussian = gaussian * g.reshape(view)
+    heatmap = boxes.new_zeros((len(boxes), num_classes, *shape))
     for c in range(num_classes):
         of_class = (cls == c) & valid
         if of_class.any():
-            heatmap[:, c] = (gaussians * of_class[..., None, None]).amax(1)
-    centres = torch.stack([cls, iy.long(), ix.long()], dim=-1)
-    regression = torch.stack([bw.log(), bh.log(), cx - ix, cy - iy], dim=-1) * valid[..., None]
+            heatmap[:, c] = (gaussian * of_class[(...,) + (None,) * dims]).amax(1)
+    centres = torch.cat([cls[..., None], index.long().flip(-1)], dim=-1)
+    regression = torch.cat([side.log(), centre - index], dim=-1) * valid[..., None]
     return heatmap.detach(), centres, valid, regression.detach()
 
 
 @torch.no_grad()
 def decode(outputs: torch.Tensor, config: Config | None = None) -> torch.Tensor:
-    """Boxes ``(B, MAX_DETECTIONS, 6)``: heatmap peaks, per-class NMS, best first, class -1 padding."""
-    num_classes = outputs.shape[1] - 4
-    batch, _, h, w = outputs.shape
+    """Boxes ``(B, MAX_DETECTIONS, 2 * dims + 2)``: heatmap peaks, per-class NMS (3D boxes: 3D NMS),
+    best first, class -1 padding."""
+    dims = outputs.ndim - 2
+    num_classes = outputs.shape[1] - 2 * dims
+    batch, shape = outputs.shape[0], outputs.shape[2:]
+    sizes = [int(n) for n in reversed(shape)]  # along x, y (z)
     heat = torch.sigmoid(outputs[:, :num_classes].float())
-    peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
-    scores, index = peaks.flatten(1).topk(min(MAX_DETECTIONS, num_classes * h * w))
-    cls, pixel = index // (h * w), index % (h * w)
-    cy, cx = (pixel // w).float(), (pixel % w).float()
-    reg = outputs[:, num_classes:].float().flatten(2).gather(2, pixel[:, None].expand(-1, 4, -1))  # (B, 4, K)
-    size = reg[:, :2].clamp(max=math.log(max(h, w))).exp()
-    centre_x, centre_y = cx + reg[:, 2], cy + reg[:, 3]
-    boxes = torch.stack(
-        [centre_x - size[:, 0] / 2, centre_y - size[:, 1] / 2, centre_x + size[:, 0] / 2, centre_y + size[:, 1] / 2],
-        dim=-1,
-    )
-    boxes = boxes * OUTPUT_STRIDE
-    boxes[..., 0::2] = boxes[..., 0::2].clamp(0, w * OUTPUT_STRIDE)
-    boxes[..., 1::2] = boxes[..., 1::2].clamp(0, h * OUTPUT_STRIDE)
-    result = outputs.new_zeros((batch, MAX_DETECTIONS, 6), dtype=torch.float32)
-    result[..., 5] = -1
+    pool = F.max_pool2d if dims == 2 else F.max_pool3d
+    peaks = heat * (pool(heat, 3, stride=1, padding=1) == heat)
+    voxels = math.prod(sizes)
+    scores, index = peaks.flatten(1).topk(min(MAX_DETECTIONS, num_classes * voxels))
+    cls, voxel = index // voxels, index % voxels
+    reg = outputs[:, num_classes:].float().flatten(2).gather(2, voxel[:, None].expand(-1, 2 * dims, -1))  # (B, 2d, K)
+    size = reg[:, :dims].clamp(max=math.log(max(sizes))).exp()
+    lows, highs = [], []
+    remainder = voxel
+    for j, n in enumerate(sizes):  # x first: the fastest-varying array axis
+        centre = (remainder % n).float() + reg[:, dims + j]
+        remainder = remainder // n
+        lows.append(((centre - size[:, j] / 2) * OUTPUT_STRIDE).clamp(0, n * OUTPUT_STRIDE))
+        highs.append(((centre + size[:, j] / 2) * OUTPUT_STRIDE).clamp(0, n * OUTPUT_STRIDE))
+    boxes = torch.stack(lows + highs, dim=-1)  # (B, K, 2 * dims)
+    result = outputs.new_zeros((batch, MAX_DETECTIONS, 2 * dims + 2), dtype=torch.float32)
+    result[..., -1] = -1
     for b in range(batch):
-        keep = (scores[b] >= SCORE_THRESHOLD) & (boxes[b, :, 2] > boxes[b, :, 0]) & (boxes[b, :, 3] > boxes[b, :, 1])
+        keep = (scores[b] >= SCORE_THRESHOLD) & (boxes[b, :, dims:] > boxes[b, :, :dims]).all(-1)
         kept_boxes, kept_scores, kept_cls = boxes[b][keep], scores[b][keep], cls[b][keep]
         if len(kept_scores):
             order = batched_nms(kept_boxes, kept_scores, kept_cls, NMS_IOU)
             n = len(order)
-            result[b, :n, :4] = kept_boxes[order]
-            result[b, :n, 4] = kept_scores[order]
-            result[b, :n, 5] = kept_cls[order].float()
+            result[b, :n, : 2 * dims] = kept_boxes[order]
+            result[b, :n, -2] = kept_scores[order]
+            result[b, :n, -1] = kept_cls[order].float()
     return result
 
 
 class RandomFlip:
-    """Random horizontal and vertical flips of the image and its boxes (each with probability 1/2)."""
+    """Random flips of the image and its boxes along each spatial axis (each with probability 1/2)."""
 
     def __call__(self, sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image, boxes = sample["image"], sample["boxes"].clone()
-        valid = boxes[:, 4] >= 0
-        height, width = image.shape[-2:]
-        if torch.rand(()) < 0.5:
-            image = image.flip(-1)
-            boxes[valid, 0], boxes[valid, 2] = width - boxes[valid, 2], width - boxes[valid, 0]
-        if torch.rand(()) < 0.5:
-            image = image.flip(-2)
-            boxes[valid, 1], boxes[valid, 3] = height - boxes[valid, 3], height - boxes[valid, 1]
+        valid = boxes[:, -1] >= 0
+        dims = image.ndim - 1
+        for j in range(dims):  # coordinate j (x, y, z) runs along array axis -1 - j
+            if torch.rand(()) < 0.5:
+                side = image.shape[-1 - j]
+                image = image.flip(-1 - j)
+                boxes[valid, j], boxes[valid, dims + j] = side - boxes[valid, dims + j], side - boxes[valid, j]
         return {**sample, "image": image.contiguous(), "boxes": boxes}
 
 
 def train_transform(config: Config) -> RandomFlip:
-    """Flips: objects keep their class under reflection (cells, nodules, lesions)."""
+    """Flips along every axis: objects keep their class under reflection (cells, nodules, lesions)."""
     return RandomFlip()
 
 
@@ -216,15 +244,64 @@ def metrics(config: Config) -> DetectionMetrics:
 
 
 def box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
-    """IoU matrix of ``(N, 4)`` and ``(M, 4)`` xyxy boxes, in float64 (as pycocotools)."""
+    """IoU matrix of ``(N, 2 * dims)`` and ``(M, 2 * dims)`` corner boxes (xyxy or xyzxyz), in float64
+    (as pycocotools)."""
     a, b = np.asarray(boxes1, dtype=np.float64), np.asarray(boxes2, dtype=np.float64)
-    low = np.maximum(a[:, None, :2], b[None, :, :2])
-    high = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    dims = a.shape[1] // 2
+    low = np.maximum(a[:, None, :dims], b[None, :, :dims])
+    high = np.minimum(a[:, None, dims:], b[None, :, dims:])
     inter = np.clip(high - low, 0, None).prod(-1)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
+    size_a = (a[:, dims:] - a[:, :dims]).prod(-1)
+    size_b = (b[:, dims:] - b[:, :dims]).prod(-1)
+    union = size_a[:, None] + size_b[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def centre_hits(detections: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """Which detection centres lie inside which reference object: ``(N, M)`` bool for ``(N, 2 * dims)``
+    and ``(M, 2 * dims)`` corner boxes. The object is the ellipsoid inscribed in its box (a sphere of
+    the nodule's diameter for a cubic box in mm), so a hit is LUNA16's "centre within the nodule's
+    radius" whatever the voxel size."""
+    d, r = np.asarray(detections, dtype=np.float64), np.asarray(references, dtype=np.float64)
+    dims = d.shape[1] // 2
+    centres = (d[:, :dims] + d[:, dims:]) / 2
+    ref_centres, radii = (r[:, :dims] + r[:, dims:]) / 2, (r[:, dims:] - r[:, :dims]) / 2
+    scaled = (centres[:, None] - ref_centres[None]) / np.maximum(radii[None], 1e-9)
+    return np.asarray((scaled**2).sum(-1) <= 1.0)
+
+
+def froc_candidates(
+    detections: np.ndarray,
+    det_classes: np.ndarray,
+    det_scores: np.ndarray,
+    references: np.ndarray,
+    ref_classes: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """LUNA16's scoring of one scan: the scores of true and of false positives.
+
+    Best first, a detection whose centre lies in an object of its class (:func:`centre_hits`) not
+    yet found is a true positive for the nearest such object; one that lies only in objects already
+    found is neither (a second hit on one nodule is not counted); one in no object of its class is a
+    false positive.
+    """
+    hits = centre_hits(detections, references) & (det_classes[:, None] == ref_classes[None])
+    dims = detections.shape[1] // 2
+    distance = np.linalg.norm(
+        (detections[:, None, :dims] + detections[:, None, dims:])
+        - (references[None, :, :dims] + references[None, :, dims:]),
+        axis=-1,
+    )
+    found = np.zeros(len(references), dtype=bool)
+    tp, fp = [], []
+    for i in np.argsort(-det_scores, kind="stable"):
+        if not hits[i].any():
+            fp.append(det_scores[i])
+            continue
+        open_hits = np.flatnonzero(hits[i] & ~found)
+        if len(open_hits):
+            found[open_hits[np.argmin(distance[i, open_hits])]] = True
+            tp.append(det_scores[i])
+    return np.asarray(tp, dtype=np.float64), np.asarray(fp, dtype=np.float64)
 
 
 class DetectionMetrics:
@@ -233,30 +310,39 @@ class DetectionMetrics:
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self._matches: list[dict[int, dict[str, np.ndarray]]] = []
-        self._num_images = 0
+        self._froc_cases: list[tuple[np.ndarray, np.ndarray, int]] = []  # per image: TP scores, FP scores, objects
 
     def update(self, predictions: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         preds = predictions.detach().cpu().double().numpy()
         refs = batch["boxes"].detach().cpu().double().numpy()
-        kept = [p[p[:, 5] >= 0] for p in preds]
-        truth = [r[r[:, 4] >= 0] for r in refs]
-        self._matches += matching_batch(
+        dims = (refs.shape[-1] - 1) // 2
+        kept = [p[p[:, -1] >= 0] for p in preds]
+        truth = [r[r[:, -1] >= 0] for r in refs]
+        matches = matching_batch(
             iou_fn=box_iou,
             iou_thresholds=IOU_THRESHOLDS,  # type: ignore[arg-type]  # MONAI takes an array; its annotation says Sequence
-            pred_boxes=[p[:, :4] for p in kept],
-            pred_classes=[p[:, 5].astype(int) for p in kept],
-            pred_scores=[p[:, 4] for p in kept],
-            gt_boxes=[t[:, :4] for t in truth],
-            gt_classes=[t[:, 4].astype(int) for t in truth],
+            pred_boxes=[p[:, : 2 * dims] for p in kept],
+            pred_classes=[p[:, -1].astype(int) for p in kept],
+            pred_scores=[p[:, -2] for p in kept],
+            gt_boxes=[t[:, : 2 * dims] for t in truth],
+            gt_classes=[t[:, -1].astype(int) for t in truth],
             max_detections=MAX_DETECTIONS,
         )
-        self._num_images += len(preds)
+        self._matches += matches
+        for image, p, t in zip(matches, kept, truth, strict=True):
+            if dims == 3:
+                tp, fp = froc_candidates(p[:, :6], p[:, -1].astype(int), p[:, -2], t[:, :6], t[:, -1].astype(int))
+            else:  # a hit at IoU >= 0.5 with the right class
+                results = list(image.values())
+                tp = np.concatenate([np.zeros(0), *(r["dtScores"][r["dtMatches"][0] > 0] for r in results)])
+                fp = np.concatenate([np.zeros(0), *(r["dtScores"][r["dtMatches"][0] == 0] for r in results)])
+            self._froc_cases.append((tp, fp, len(t)))
 
     def resampled(self, indices: np.ndarray) -> DetectionMetrics:
         """These metrics as if updated with the images at ``indices`` (repeats allowed): a bootstrap draw."""
         other = DetectionMetrics(self.num_classes)
         other._matches = [self._matches[i] for i in indices]
-        other._num_images = len(indices)
+        other._froc_cases = [self._froc_cases[i] for i in indices]
         return other
 
     def compute(self) -> dict[str, float]:
@@ -306,22 +392,17 @@ class DetectionMetrics:
         return precision
 
     def _froc(self) -> dict[str, float]:
-        """Sensitivity at :data:`FROC_FP_RATES` false positives per image, all classes pooled, IoU >= 0.5."""
-        tp_scores, fp_scores, num_targets = [], [], 0
-        for image in self._matches:
-            for result in image.values():
-                hit = result["dtMatches"][0].astype(bool)
-                tp_scores.append(result["dtScores"][hit])
-                fp_scores.append(result["dtScores"][~hit])
-                num_targets += int(np.count_nonzero(result["gtIgnore"] == 0))
+        """Sensitivity at :data:`FROC_FP_RATES` false positives per image (scan), all classes pooled,
+        and its mean (``froc``: LUNA16's CPM in 3D)."""
+        num_targets = sum(n for _, _, n in self._froc_cases)
         nan = {"froc": math.nan, **{_froc_key(r): math.nan for r in FROC_FP_RATES}}
-        if num_targets == 0 or self._num_images == 0:
+        if num_targets == 0:
             return nan
-        tp = np.concatenate([np.zeros(0), *tp_scores])
-        fp = np.concatenate([np.zeros(0), *fp_scores])
+        tp = np.concatenate([np.zeros(0), *(t for t, _, _ in self._froc_cases)])
+        fp = np.concatenate([np.zeros(0), *(f for _, f, _ in self._froc_cases)])
         # a score below every detection's, so that the curve starts at all detections kept
         fps, sensitivity = compute_froc_curve_data(
-            np.concatenate([[-1.0], fp]), np.concatenate([[-1.0], tp]), num_targets, self._num_images
+            np.concatenate([[-1.0], fp]), np.concatenate([[-1.0], tp]), num_targets, len(self._froc_cases)
         )
         out = {"froc": float(compute_froc_score(fps, sensitivity, FROC_FP_RATES))}
         for rate, value in zip(FROC_FP_RATES, np.interp(FROC_FP_RATES, fps[::-1], sensitivity[::-1]), strict=True):
@@ -351,8 +432,10 @@ def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) ->
 def synthetic_site(
     index: int, samples: int, image_size: int, num_classes: int, seed: int, spatial_dims: int = 2
 ) -> SiteArrays:
-    """Synthetic hospital ``index``, seeded by ``seed``: several objects per image with their boxes
-    (:mod:`medfed.data.synthetic`)."""
+    """Synthetic hospital ``index``, seeded by ``seed``: 2D images with several objects each and their
+    boxes, or 3D chest CT with lung nodules of 3-30 mm (:mod:`medfed.data.synthetic`)."""
     if spatial_dims not in SPATIAL_DIMS:
-        raise ValueError(f"detection makes 2D images only, not spatial_dims = {spatial_dims}")
+        raise ValueError(f"detection makes 2D images or 3D volumes, not spatial_dims = {spatial_dims}")
+    if spatial_dims == 3:
+        return synthetic.synthetic_nodule_site(index, samples, image_size, num_classes, seed)
     return synthetic.synthetic_detection_site(index, samples, image_size, num_classes, seed)
