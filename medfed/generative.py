@@ -32,6 +32,7 @@ __all__ = [
     "ConditionalDiffusion",
     "GeneratorFit",
     "fit_generator",
+    "round_grids",
     "sample",
     "save_grid",
     "synthetic_counts",
@@ -40,6 +41,8 @@ __all__ = [
 
 TIMESTEPS = 1000  # the diffusion's noise levels in training (DDPM's usual number)
 SAMPLE_BATCH = 64  # images denoised together when sampling
+GRID_PER_CLASS = 8  # samples of each class in a grid
+GRID_STEPS = 25  # DDIM steps of a grid's samples
 
 
 class ConditionalDiffusion(nn.Module):
@@ -130,6 +133,32 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, title: str
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def round_grids(config: Config, run_dir: Path) -> dict[str, str]:
+    """A grid of the global generator's samples after each round of a federated run in ``run_dir``
+    (its round checkpoints; the same seeded noise every round, so the grids compare), written to
+    ``plots/``: ``{"round N": path relative to run_dir}``. Sampling is post-processing of the
+    released weights: it reads no site data and spends no privacy."""
+    from medfed.run_folder import RunFolder
+    from medfed.tasks import get_task
+    from medfed.weights import load_checkpoint
+
+    folder = RunFolder(run_dir)
+    model = cast(ConditionalDiffusion, get_task("generation").build_model(config))
+    classes = torch.arange(config.data.num_classes).repeat_interleave(GRID_PER_CLASS)
+    grids = {}
+    for server_round in range(1, config.run.rounds + 1):
+        path = folder.round_model(server_round)
+        if not path.is_file():
+            continue
+        model.load_state_dict(load_checkpoint(path)[0])
+        images = sample(model, classes, config.data.image_size, GRID_STEPS, config.run.seed)
+        title = f"round {server_round}" + (" (DP at the sites)" if config.privacy.sample_level else " (no DP)")
+        out = save_grid(images, classes, folder.plots / f"samples-round-{server_round:03d}.png", title,
+                        config.data.class_names)  # fmt: skip
+        grids[f"round {server_round}"] = str(out.relative_to(folder.root))
+    return grids
 
 
 def synthetic_counts(labels: np.ndarray, num_classes: int, ratio: float) -> np.ndarray:

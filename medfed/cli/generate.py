@@ -14,8 +14,6 @@ from medfed.display import plain
 
 __all__ = ["generate"]
 
-GRID_PER_CLASS = 8  # samples of each class in the grid
-
 
 def generate(
     config_file: Annotated[Path, typer.Argument(help="A run config with run.task = 'generation'")],
@@ -122,7 +120,7 @@ def _write_samples(
     """The generator's checkpoint (when trained here), its sample grid and the synthetic set."""
     import torch
 
-    from medfed.generative import sample, save_grid, synthetic_counts
+    from medfed.generative import GRID_PER_CLASS, sample, save_grid, synthetic_counts
     from medfed.weights import model_to_arrays, save_checkpoint
 
     if "checkpoint" not in info:

@@ -13,6 +13,8 @@ conditioning carries the class).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -39,6 +41,7 @@ __all__ = [
     "metrics",
     "operating_point",
     "pooled_metrics",
+    "round_figures",
     "synthetic_site",
     "train_transform",
 ]
@@ -131,6 +134,14 @@ def operating_point(val_metrics: dict[str, dict[str, float]], config: Config) ->
 def pooled_metrics(test_metrics: dict[str, dict[str, float]], config: Config) -> dict[str, float]:
     """Nothing pooled beyond the per-site means."""
     return {}
+
+
+def round_figures(config: Config, run_dir: Path) -> dict[str, str]:
+    """A grid of the global generator's samples after each round (:func:`medfed.generative.round_grids`),
+    for the report of a simulation."""
+    from medfed.generative import round_grids
+
+    return round_grids(config, run_dir)
 
 
 def synthetic_site(
