@@ -80,7 +80,7 @@ def _generator(
             load_state(
                 model, state, checkpoint, "this config's generator", "pass the config the generator was trained with"
             )
-        except CheckpointError as err:
+        except (CheckpointError, FileNotFoundError) as err:
             raise fail(str(err), code=1) from err
         return model, {"checkpoint": checkpoint.name}, None
     try:
