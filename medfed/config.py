@@ -53,6 +53,7 @@ MODEL_NAMES: dict[str, tuple[str, ...]] = {
     "instance-segmentation": ("unet", "basicunet", "segresnet", "dynunet", "attentionunet", "swinunetr"),
     "detection": ("centernet", "centernet-resnet18"),
     "tabular": ("mlp", "logistic"),
+    "generation": ("ddpm",),
 }
 
 # What ``[train]`` takes from the recipe of the run's task and mode (with / without DP) when a
@@ -92,6 +93,12 @@ RECIPES: dict[tuple[str, bool], dict[str, Any]] = {
                          "schedule": "constant", "warmup-rounds": 0, "logit-adjust": False},
     ("tabular", True): {"optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "weight-decay": 0.0,
                         "schedule": "constant", "warmup-rounds": 0, "logit-adjust": False},
+    # generation (class-conditional diffusion): Adam, as diffusion models are usually trained; the
+    # noise of DP-SGD is added to the clipped gradients before Adam's step, so it is DP all the same
+    ("generation", False): {"optimizer": "adam", "lr": 2e-3, "momentum": 0.9, "weight-decay": 0.0,
+                            "schedule": "constant", "warmup-rounds": 0, "logit-adjust": False},
+    ("generation", True): {"optimizer": "adam", "lr": 2e-3, "momentum": 0.9, "weight-decay": 0.0,
+                           "schedule": "constant", "warmup-rounds": 0, "logit-adjust": False},
 }  # fmt: skip
 
 
@@ -163,7 +170,9 @@ class RunConfig:
     """
 
     name: str = "medfed"
-    task: Literal["classification", "segmentation", "instance-segmentation", "detection", "tabular"] = "classification"
+    task: Literal["classification", "segmentation", "instance-segmentation", "detection", "tabular", "generation"] = (
+        "classification"
+    )
     seed: int = 0
     rounds: int = 3
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = "fedavg"

@@ -206,7 +206,7 @@ def _step(
         if private and first > 0:
             optimizer.zero_grad(set_to_none=True)  # drops the last part's per-sample grads, keeps the clipped sum
         with torch.autocast(batch["image"].device.type, enabled=use_amp):
-            loss = task.loss(model(part["image"]), part)
+            loss = task.loss(_outputs(task, model, part), part)
         # without DP the parts' mean losses are weighted to the batch mean; DP clips per sample instead
         scaled = loss if private else loss * (count / size)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -223,6 +223,13 @@ def _step(
         else:
             optimizer.step()
     return loss_sum
+
+
+def _outputs(task: Task, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's training outputs on ``batch``: ``task.forward(model, batch)`` for a task whose model
+    takes more than the image (a generator conditioned on the class), else ``model(image)``."""
+    forward = getattr(task, "forward", None)
+    return forward(model, batch) if forward is not None else model(batch["image"])
 
 
 def _average_views(model: nn.Module, views: int) -> None:

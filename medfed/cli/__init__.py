@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from medfed.cli import bench, data, evaluate, pretrain, privacy, simulate, site, status
+from medfed.cli import bench, data, evaluate, generate, pretrain, privacy, simulate, site, status
 
 __all__ = ["app", "main"]
 
@@ -17,6 +17,7 @@ app.command()(status.status)
 app.command()(evaluate.evaluate)
 app.command()(evaluate.predict)
 app.command()(pretrain.pretrain)
+app.command()(generate.generate)
 app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(bench.bench)
 
 

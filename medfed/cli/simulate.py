@@ -80,6 +80,7 @@ def simulate(
     from medfed.federation import untrained_reason
     from medfed.privacy import LedgerError, PrivacyLedger
     from medfed.simulation import simulate as run_simulation
+    from medfed.tasks import get_task
 
     names, cards = _checked_sites(config, cross_site, MIN_SITES)
     if cross_site:
@@ -102,6 +103,9 @@ def simulate(
         raise fail(f"{failure} (report: {RunFolder(out).report_json})", code=1)
     if cards:
         report["data_cards"] = cards
+    task = get_task(config.run.task)
+    if hasattr(task, "round_figures"):  # a generator's samples after each round: post-processing, no data read
+        report["round_figures"] = task.round_figures(config, out)
     html = write_report(report, out, _simulated_examples(config, out))
     print_summary(console, report)
     console.print(f"report: {plain(RunFolder(out).report_json)}  {plain(html)}")

@@ -362,6 +362,14 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
         ]
     for title, rel in figures.items():
         sections.append(f"<h2>{html.escape(title.capitalize())}</h2><img src='{_src(rel)}' alt='{html.escape(title)}'>")
+    if report.get("round_figures"):
+        sections.append(
+            "<h2>Generated samples per round</h2><p>The global generator's samples after each round, one row "
+            "per class, from the same noise every round. Drawn from the released weights only (no site data): "
+            "under DP at the sites they are as private as the weights.</p>"
+        )
+        tiles = "".join(f"<img src='{_src(p)}' alt='{html.escape(r)}'>" for r, p in report["round_figures"].items())
+        sections.append(f"<div>{tiles}</div>")
     if examples:
         title, caption = EXAMPLE_CAPTIONS[get_task(report["task"]).TARGET]
         sections.append(

@@ -476,6 +476,15 @@ def _centernet_resnet18(config: Config) -> nn.Module:
     )
 
 
+def _ddpm(config: Config) -> nn.Module:
+    """The class-conditional diffusion model of :mod:`medfed.generative` (two levels, ``model.width``
+    and twice it, GroupNorm of ``model.norm-groups``)."""
+    from medfed.generative import ConditionalDiffusion  # MONAI's generative networks: loaded when used
+
+    d, m = config.data, config.model
+    return ConditionalDiffusion(d.channels, d.num_classes, m.width, m.norm_groups)
+
+
 MODEL_BUILDERS: dict[str, dict[str, Builder]] = {
     "classification": {
         "cnn": _cnn,
@@ -496,6 +505,7 @@ MODEL_BUILDERS: dict[str, dict[str, Builder]] = {
     },
     "detection": {"centernet": _centernet, "centernet-resnet18": _centernet_resnet18},
     "tabular": {"mlp": _mlp, "logistic": _logistic},
+    "generation": {"ddpm": _ddpm},
 }
 MODEL_BUILDERS["instance-segmentation"] = MODEL_BUILDERS["segmentation"]  # the same networks, 4 output maps
 
@@ -504,7 +514,8 @@ MODEL_BUILDERS["instance-segmentation"] = MODEL_BUILDERS["segmentation"]  # the 
 # need exact halvings, as does swinunetr's five; basicunet pads where a halving is not exact;
 # densenet121 and efficientnet-b0 run out of pixels below 32.
 _DEPTH_SIZED = ("unet", "segresnet", "dynunet", "attentionunet")
-_SIZE_RULES = {"swinunetr": (32, 32), "basicunet": (1, 16), "densenet121": (1, 32), "efficientnet-b0": (1, 32)}
+_SIZE_RULES = {"swinunetr": (32, 32), "basicunet": (1, 16), "densenet121": (1, 32), "efficientnet-b0": (1, 32),
+               "ddpm": (2, 4)}  # fmt: skip
 
 
 def _check_input_size(task: str, config: Config) -> None:

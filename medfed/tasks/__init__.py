@@ -23,6 +23,7 @@ TASKS: dict[str, str] = {
     "instance-segmentation": "medfed.tasks.instance_segmentation",
     "detection": "medfed.tasks.detection",
     "tabular": "medfed.tasks.tabular",
+    "generation": "medfed.tasks.generation",
 }
 
 
@@ -38,7 +39,9 @@ class MetricAccumulator(Protocol):
 
 
 class Task(Protocol):
-    """What a task module provides."""
+    """What a task module provides. A task whose model takes more than the image in training (the
+    generator takes the class) also provides ``forward(model, batch) -> outputs``, which the train
+    loop then calls instead of ``model(batch["image"])``."""
 
     NAME: str
     PRIMARY_METRIC: str
