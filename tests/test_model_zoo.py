@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from medfed.config import MODEL_NAMES, Config, ConfigError
 from medfed.data import load_simulated_site
-from medfed.data.tabular import model_features
+from medfed.data.tabular import model_width
 from medfed.models import OUTPUT_STRIDE, CenterNet, ConvClassifier, zoo
 from medfed.privacy import make_private
 from medfed.tasks import get_task, predict
@@ -95,8 +95,8 @@ def test_network_is_opacus_valid_with_the_task_output_shape(task: str, name: str
     config = _config(task, name, dims)
     model = get_task(task).build_model(config)
     assert ModuleValidator.validate(model, strict=False) == []
-    if task == "tabular":  # rows of the synthetic sites' features, as a 1 x F grid
-        images = torch.rand(2, 1, 1, len(model_features(config.data)))
+    if task == "tabular":  # rows of the synthetic sites' features and their missing indicators, as a 1 x 2F grid
+        images = torch.rand(2, 1, 1, model_width(config.data))
     else:
         images = torch.rand(2, 1, *(config.data.image_size,) * dims)
     assert tuple(model(images).shape) == _expected_shape(config, 2)
