@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 from safetensors.torch import load_file, save_file
 
-from medfed import wire
+from medfed import held_model, wire
 from medfed.config import Config
 from medfed.evaluation.report import json_safe, write_report
 from medfed.run_folder import RunFolder
@@ -95,12 +95,54 @@ class _RunState:
     # this round's training reply per site: answered (update usable), refused, error, rejected (by the server)
     outcomes: dict[str, str] = field(default_factory=dict)
     site_dp: SiteLevelDP | None = None  # privacy.level with "site": DP-FedAvg at the server
+    held: dict[int, str] = field(default_factory=dict)  # node -> digest of the model its site holds
 
-    def exchange(self, messages: list[Message], timeout: float) -> list[Message]:
-        """Send and wait for the replies, remembering which node each message went to: Flower answers
-        for a node that died with an error reply from the SuperLink's own node id."""
+    def exchange(self, messages: list[Message], timeout: float, traffic: _Traffic | None = None) -> list[Message]:
+        """Send and wait for the replies. With ``traffic`` (the bytes of the weights sent are added
+        to it), a request whose weights are the model its site holds names them by digest instead
+        (:mod:`medfed.held_model`); a site that turns out not to hold them gets them in a second
+        request, answered within ``timeout`` again."""
+        weights: dict[int, Message] = {}  # node -> the request as it was, for a site that lacks the model
+        if traffic is not None:
+            digests: dict[int, str] = {}  # id of an ArrayRecord -> its digest (requests share one record)
+            for msg in messages:
+                arrays = msg.content.array_records.get(wire.ARRAYS)
+                node = msg.metadata.dst_node_id
+                if arrays is None or node not in self.held:
+                    continue
+                if id(arrays) not in digests:
+                    digests[id(arrays)] = held_model.model_digest(arrays)
+                if self.held[node] == digests[id(arrays)]:
+                    weights[node] = _resent(msg)
+                    held_model.by_reference(msg, self.held[node])
+            traffic.down += sum(_weights_bytes(msg) for msg in messages)
+        replies = self._send(messages, timeout)
+        lacking = {
+            id(reply): weights[reply.metadata.src_node_id]
+            for reply in replies
+            if wire.reply_status(reply) == wire.UNKNOWN_MODEL and reply.metadata.src_node_id in weights
+        }
+        if lacking and traffic is not None:
+            log.info("%d site(s) no longer hold the model: sending the weights", len(lacking))
+            traffic.down += sum(_weights_bytes(msg) for msg in lacking.values())
+            replies = [reply for reply in replies if id(reply) not in lacking] + self._send(
+                list(lacking.values()), timeout
+            )
+        return replies
+
+    def _send(self, messages: list[Message], timeout: float) -> list[Message]:
+        """Send and wait for the replies, remembering which node each message went to (Flower answers
+        for a node that died with an error reply from the SuperLink's own node id) and which model
+        each site says it holds."""
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id})
+        for reply in replies:
+            node = self.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            held = wire.held_model(reply)
+            if held:
+                self.held[node] = held
+            else:
+                self.held.pop(node, None)
         return replies
 
     def note(self, site: str, text: str) -> None:
@@ -125,6 +167,18 @@ class _RunState:
                 name = f"{name}@{node}"
             self.sites[node] = name
         return self.sites[node]
+
+
+def _resent(msg: Message) -> Message:
+    """A new request with ``msg``'s content, type, destination and group (a request is sent once)."""
+    return Message(content=msg.content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type,
+                   group_id=msg.metadata.group_id)  # fmt: skip
+
+
+def _weights_bytes(msg: Message) -> int:
+    """The bytes of the weights a request carries (0 when it names its site's held model)."""
+    arrays = msg.content.array_records.get(wire.ARRAYS)
+    return 0 if arrays is None else array_bytes(arrays)
 
 
 def _read_reply(state: _RunState, reply: Message) -> wire.SiteReply:
@@ -235,12 +289,12 @@ def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Ro
     settings = {wire.PHASE: wire.PHASE_FEDERATED}
     messages = list(strategy.configure_train(server_round, run.arrays, state.message_config(settings), state.grid))
     messages = _sampled_sites(state, messages, server_round)
-    traffic.down += array_bytes(run.arrays) * len(messages)
     secure: dict[str, Any] | None = None
-    if config.run.secure_aggregation:
+    if config.run.secure_aggregation:  # the weights always travel: the masked update is made from them
+        traffic.down += array_bytes(run.arrays) * len(messages)
         aggregated_sites, local_seconds, secure = _secure_train(state, run, messages, traffic, server_round)
     else:
-        replies = state.exchange(messages, config.run.round_timeout)
+        replies = state.exchange(messages, config.run.round_timeout, traffic)
         accepted, local_seconds = _screen_train_replies(state, run.arrays, replies, traffic, server_round)
         if state.site_dp:
             aggregated_sites = _aggregate_site_level(state, state.site_dp, run, accepted)
@@ -694,9 +748,8 @@ def _evaluate(
         own = {wire.SPLIT: split, **(settings or {}), **(per_site or {}).get(state.sites.get(node, ""), {})}
         content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: state.message_config(own)})
         messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
-    traffic.down += array_bytes(arrays) * len(messages)
     results: dict[str, dict[str, float]] = {}
-    for reply in state.exchange(messages, state.config.run.round_timeout):
+    for reply in state.exchange(messages, state.config.run.round_timeout, traffic):
         try:
             parsed = _read_reply(state, reply)
         except wire.MalformedReply as err:

@@ -30,12 +30,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from medfed import wire
+from medfed import held_model, wire
 from medfed.approval import ApprovalError, config_digest, load_approvals, requires_approval
 from medfed.config import Config, node_state_dir
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
 from medfed.data.manifest import SiteReading, folder_signature
 from medfed.data.preflight import Preflight, run_preflight
+from medfed.data.sites import simulated_site_names
 from medfed.data.vocabulary import DataProblem
 from medfed.evaluation.bootstrap import bootstrap_scores, interval
 from medfed.personalization import norm_keys, personal_model_path, privacy_shape
@@ -216,20 +217,64 @@ def handle_train(msg: Message, node_config: dict[str, Any], run_id: int, package
     becomes an ``error`` reply that names the kind of failure only: the full error, which may hold
     file paths, stays in the site's log.
     """
-    try:
-        return _train(msg, node_config, run_id, package)
-    except _Refused as refused:
-        return wire.encode_reply(msg, wire.SiteReply(refused.site, wire.REFUSED, refused.reason, refused.metrics))
-    except Exception as err:  # noqa: BLE001 - nothing a site raises may reach the server verbatim
-        return _failure(msg, _node_site_name(node_config), err)
+
+    def answer() -> Message:
+        try:
+            return _train(msg, node_config, run_id, package)
+        except _Refused as refused:
+            return wire.encode_reply(msg, wire.SiteReply(refused.site, wire.REFUSED, refused.reason, refused.metrics))
+        except Exception as err:  # noqa: BLE001 - nothing a site raises may reach the server verbatim
+            return _failure(msg, _node_site_name(node_config), err)
+
+    return _holding(msg, node_config, answer)
 
 
 def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
     """Evaluate the received model on the site's ``val`` or ``test`` split (never ``train``)."""
+
+    def answer() -> Message:
+        try:
+            return _evaluate(msg, node_config)
+        except Exception as err:  # noqa: BLE001 - as in handle_train
+            return _failure(msg, _node_site_name(node_config), err)
+
+    return _holding(msg, node_config, answer)
+
+
+def _holding(msg: Message, node_config: dict[str, Any], answer: Callable[[], Message]) -> Message:
+    """``answer()`` once the weights ``msg`` names by digest are back in it (:mod:`medfed.held_model`);
+    the weights received are kept as the site's held model, which the reply names. A request that
+    names a model the site does not hold is answered :data:`wire.UNKNOWN_MODEL`."""
+    folder = _held_model_folder(msg, node_config)
+    if folder is None:  # a malformed request: answer() says what is wrong with it
+        return answer()
+    settings = msg.content.config_records.get(wire.CONFIG)
+    named = None if settings is None else settings.get(wire.MODEL_DIGEST)
+    if named is not None:
+        if not held_model.resolve(msg, folder):
+            log.info("the server named a model this site does not hold: asking for the weights")
+            reason = "the site does not hold the model the request names"
+            return wire.encode_reply(msg, wire.SiteReply(_node_site_name(node_config), wire.UNKNOWN_MODEL, reason))
+        held = str(named)
+    elif wire.ARRAYS in msg.content.array_records:
+        held = held_model.keep(msg.content.array_records[wire.ARRAYS], folder)
+    else:
+        held = ""
+    reply = answer()
+    if held:
+        wire.mark_held(reply, held)
+    return reply
+
+
+def _held_model_folder(msg: Message, node_config: dict[str, Any]) -> Path | None:
+    """Where the site keeps the model it holds (its state folder), or None for a malformed request."""
     try:
-        return _evaluate(msg, node_config)
-    except Exception as err:  # noqa: BLE001 - as in handle_train
-        return _failure(msg, _node_site_name(node_config), err)
+        if "data-path" in node_config:
+            return node_state_dir(node_config)
+        config, settings = wire.read_request(msg)
+        return Path(str(settings[wire.STATE_ROOT])) / simulated_site_names(config)[int(node_config["partition-id"])]
+    except Exception:  # noqa: BLE001 - the handler refuses the request and says why
+        return None
 
 
 def data_digest(data: SiteArrays) -> str:

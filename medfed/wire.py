@@ -4,9 +4,11 @@ the encode / parse pair of a site's reply.
 A request (server to site) is ``RecordDict({ARRAYS: ArrayRecord, CONFIG: ConfigRecord})``: the
 config record holds the run's config as JSON (:data:`MEDFED_CONFIG`, made by :func:`request_config`,
 read by :func:`read_request`) and the message's own settings (:data:`PHASE`, :data:`SPLIT`, ...).
+A request for the model its site holds carries :data:`MODEL_DIGEST` instead of ARRAYS
+(:mod:`medfed.held_model`, which puts the weights back before the site's handlers read it).
 A reply (site to server) is ``RecordDict({METRICS: MetricRecord, SITE: ConfigRecord[, ARRAYS]})``:
-the site record says who answers and how it went (one of :data:`STATUSES`), made by
-:func:`encode_reply` and read back by :func:`parse_reply`.
+the site record says who answers and how it went (one of :data:`STATUSES`) and which model the
+site holds (:func:`held_model`), made by :func:`encode_reply` and read back by :func:`parse_reply`.
 
 Some names are Flower's own and must stay as they are: its strategies read ``"arrays"``,
 ``"config"`` and ``"num-examples"`` and write ``"server-round"`` and (FedProx) ``"proximal-mu"``.
@@ -34,6 +36,7 @@ __all__ = [
     "MAX_GRAD_NORM",
     "MEDFED_CONFIG",
     "METRICS",
+    "MODEL_DIGEST",
     "NOISE_MULTIPLIER",
     "NUM_EXAMPLES",
     "OK",
@@ -58,11 +61,15 @@ __all__ = [
     "THRESHOLD",
     "LABEL_THRESHOLDS",
     "TRAIN_LOSS",
+    "UNKNOWN_MODEL",
     "MalformedReply",
     "SiteReply",
     "encode_reply",
+    "held_model",
+    "mark_held",
     "parse_reply",
     "read_request",
+    "reply_status",
     "reported_site_name",
     "request_config",
     "setting",
@@ -87,6 +94,7 @@ LABEL_THRESHOLDS = "label-thresholds"  # evaluate: multi-label, each label's thr
 SCORE_COUNTS = "score-counts"  # evaluate: also send counts of cases per score bin
 PERSONAL = "personal"  # evaluate: the site's personal model of the run instead of the weights sent
 INTERVALS = "intervals"  # evaluate (with PERSONAL): bootstrap intervals of the personal and sent models
+MODEL_DIGEST = "model-digest"  # train, evaluate: no ARRAYS, the weights are the site's held model of this digest
 
 PHASE_FEDERATED = "federated"  # one round of the federation
 PHASE_LOCAL = "local-baseline"  # the site's local-only model, a whole run's training in one pass
@@ -97,7 +105,8 @@ OK = "ok"
 REFUSED = "refused"  # the site will not take part (task, privacy budget, privacy off, split)
 ERROR = "error"  # the site failed; the reason names the kind of failure only
 EMPTY = "empty"  # nothing to evaluate on the asked split
-STATUSES = (OK, REFUSED, ERROR, EMPTY)
+UNKNOWN_MODEL = "unknown-model"  # the request's MODEL_DIGEST is not the model the site holds: send the weights
+STATUSES = (OK, REFUSED, ERROR, EMPTY, UNKNOWN_MODEL)
 
 # Reply metrics (keys of the METRICS record) that the server reads.
 NUM_EXAMPLES = "num-examples"  # training or evaluation samples: FedAvg weighs updates by it
@@ -114,6 +123,7 @@ PRIVACY_METRICS = (EPSILON, DELTA, BUDGET, NOISE_MULTIPLIER, MAX_GRAD_NORM)  # w
 
 # Keys of the SITE record.
 _NAME, _STATUS, _REASON, _PRIVACY_UNIT, _NOTES = "name", "status", "reason", "privacy-unit", "notes"
+_HELD = "held-model"  # the digest of the weights the site holds (medfed.held_model)
 
 
 def request_config(
@@ -177,6 +187,33 @@ def reported_site_name(reply: Message) -> str | None:
         return str(reply.content[SITE][_NAME])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def mark_held(reply: Message, digest: str) -> None:
+    """Say in a site's reply which model it holds (the digest of :func:`medfed.held_model.model_digest`)."""
+    if not reply.has_error() and SITE in reply.content.config_records:
+        reply.content.config_records[SITE][_HELD] = digest
+
+
+def held_model(reply: Message) -> str:
+    """The digest of the model the replying site holds, or "" when it names none."""
+    if reply.has_error():
+        return ""
+    try:
+        held = reply.content.config_records[SITE][_HELD]
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return held if isinstance(held, str) else ""
+
+
+def reply_status(reply: Message) -> str:
+    """The status a reply states, or "" for Flower's error reply or a reply that states none."""
+    if reply.has_error():
+        return ""
+    try:
+        return str(reply.content.config_records[SITE][_STATUS])
+    except (KeyError, TypeError, ValueError):
+        return ""
 
 
 def parse_reply(reply: Message, site: str) -> SiteReply:

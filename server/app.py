@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from medfed.config import load_config, parse_override
 from medfed.federation import run_federation, untrained_reason
+from medfed.prompt_grid import PromptGrid
 
 app = ServerApp()
 
@@ -29,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     resume = run_config.get("resume", False)
     if not isinstance(resume, bool):
         raise ValueError(f"run config resume = {resume!r}: expected true or false")
-    report = run_federation(grid, config, Path(str(run_config["out-dir"])), resume=resume)
+    report = run_federation(PromptGrid(grid), config, Path(str(run_config["out-dir"])), resume=resume)
     failure = untrained_reason(report)
     if failure:  # the report is written; the run must still not end as a success
         raise RuntimeError(failure)

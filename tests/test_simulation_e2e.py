@@ -47,7 +47,8 @@ def test_report_schema(run: dict) -> None:
     assert report["config"]["run"]["rounds"] == 3
     assert [r["round"] for r in report["rounds"]] == [0, 1, 2, 3]
     for entry in report["rounds"][1:]:
-        assert entry["seconds"] > 0 and entry["bytes_up"] > 0 and entry["bytes_down"] > entry["bytes_up"]
+        # the model goes down at least once to every site that sends an update (medfed.held_model: once a round)
+        assert entry["seconds"] > 0 and entry["bytes_up"] > 0 and entry["bytes_down"] >= entry["bytes_up"]
         assert set(entry["local_seconds"]) == set(report["sites"])
         assert set(entry["metrics"]) == set(report["sites"])
     assert set(report["final"]["per_site"]) == set(report["sites"])
