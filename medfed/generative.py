@@ -229,11 +229,12 @@ def fit_generator(
     from medfed.privacy import PrivacyLedger, Release, check_delta, default_delta, make_private, plan_privacy
     from medfed.site import data_digest, seed_everything
     from medfed.tasks import get_task
-    from medfed.training import build_optimizer, train
+    from medfed.training import build_optimizer, resolve_device, train
 
     task = get_task("generation")
     seed_everything(seed)
-    model = cast(ConditionalDiffusion, task.build_model(config))
+    device = resolve_device(config.train.device)  # a site's GPU when it has one
+    model = cast(ConditionalDiffusion, task.build_model(config)).to(device)
     loader = train_loader(config, site)
     units = len(loader.dataset)  # type: ignore[arg-type]  # a sized dataset
     steps = config.run.rounds * (config.train.local_steps or config.train.local_epochs * len(loader))
@@ -253,7 +254,7 @@ def fit_generator(
         delta = ledger.delta
         trained, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
     started = time.perf_counter()
-    stats = train(task, trained, loader, optimizer, torch.device("cpu"), epochs=0, max_steps=steps)
+    stats = train(task, trained, loader, optimizer, device, epochs=0, max_steps=steps)
     fit = GeneratorFit(stats.steps, time.perf_counter() - started, units, sigma, epsilon, delta)
     if not math.isfinite(stats.loss):
         raise RuntimeError("generator training diverged (NaN/Inf loss): lower train.lr or privacy.max-grad-norm")
