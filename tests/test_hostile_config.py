@@ -199,7 +199,6 @@ STRUCTURES: dict[str, tuple[object, str]] = {
         {"run": {"task": "segmentation"}, "train": {"logit-adjust": True}},
         "train.logit-adjust",
     ),
-    "detection-3d": ({"run": {"task": "detection"}, "data": {"spatial-dims": 3}}, "data.spatial-dims"),
     "detection-spacing": (
         {"run": {"task": "detection"}, "data": {"target-spacing": [1.0, 1.0]}},
         "data.target-spacing",

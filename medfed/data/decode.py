@@ -36,7 +36,7 @@ from medfed.data.medical_io import (
     open_photo,
     read_channels,
 )
-from medfed.data.vocabulary import DataProblem
+from medfed.data.vocabulary import CT_WINDOW, DataProblem
 
 __all__ = [
     "DEFAULT_PREPROCESS",
@@ -55,7 +55,6 @@ __all__ = [
     "scan_geometry",
 ]
 
-CT_WINDOW = (-1000.0, 1000.0)  # Hounsfield units: air to dense bone
 log = logging.getLogger("medfed.data")
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from medfed.data.arrays import SiteArrays
+from medfed.data.vocabulary import CT_WINDOW
 
 __all__ = [
     "ScannerShift",
@@ -193,8 +194,6 @@ def synthetic_nodule_site(
     voxel size, dose (noise 10-60 HU), kernel (blur), HU calibration (+-30 HU), class mix and mean
     number of nodules per scan; about 20 % of scans hold none.
     """
-    from medfed.data.decode import CT_WINDOW  # decode imports the configuration, which imports tasks
-
     rng = np.random.default_rng([seed, site_index, 29])
     prevalence = np.asarray(site_shift(site_index, num_classes, seed).prevalence)
     extent = np.array([rng.uniform(80, 128), *(2 * [rng.uniform(96, 128)])])  # mm along z, y, x

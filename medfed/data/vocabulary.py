@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+CT_WINDOW = (-1000.0, 1000.0)  # Hounsfield units the CT window maps to [0, 1]: air to dense bone
+
 __all__ = ["MANIFEST", "DataError", "DataProblem"]
 
 MANIFEST = "manifest.csv"
