@@ -50,7 +50,7 @@ from medfed.federation import run_federation
 from medfed.in_process import InProcessGrid
 from medfed.protocol import global_model
 from medfed.tasks import get_task, predict
-from medfed.tasks.classification import SCORE_EDGES, choose_threshold
+from medfed.tasks.classification import DEFAULT_THRESHOLD, ClassificationMetrics, operating_point
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "heart_uci"
@@ -68,8 +68,7 @@ def scores(config: Config, model: nn.Module, site: SiteArrays, replicates: int, 
     model.eval()
     task = get_task(config.run.task)
     val = site.split("val")
-    val_probs = predict(task, model, val.images, config)[:, 1].numpy()
-    threshold = site_threshold(val_probs, val.targets.numpy())
+    threshold = site_threshold(config, predict(task, model, val.images, config), val.targets)
     data = site.split("test")
     probs = predict(task, model, data.images, config)[:, 1].numpy()
     labels = data.targets.numpy()
@@ -84,13 +83,12 @@ def scores(config: Config, model: nn.Module, site: SiteArrays, replicates: int, 
     return out
 
 
-def site_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
-    """The operating threshold medfed chooses on a validation split (Youden's J over the score bins
-    of :func:`medfed.tasks.classification.choose_threshold`); 0.5 when one class is absent."""
-    bins = np.searchsorted(SCORE_EDGES, probs, side="right")
-    pos = np.bincount(bins[labels == 1], minlength=len(SCORE_EDGES) + 1).astype(float)
-    neg = np.bincount(bins[labels == 0], minlength=len(SCORE_EDGES) + 1).astype(float)
-    return choose_threshold(pos, neg)[0] if pos.sum() and neg.sum() else 0.5
+def site_threshold(config: Config, probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The operating threshold medfed chooses on one site's validation split (its score-bin counts
+    through :func:`medfed.tasks.classification.operating_point`); 0.5 when one class is absent."""
+    metrics = ClassificationMetrics(config.data.num_classes)
+    metrics.update(probs, {"label": labels})
+    return float(operating_point({"val": metrics.score_counts()}, config).get("threshold", DEFAULT_THRESHOLD))
 
 
 def _accuracy(threshold: float) -> Callable[[np.ndarray, np.ndarray], float]:

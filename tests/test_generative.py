@@ -5,7 +5,6 @@ generator's sample grids in the report."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,7 @@ from tests.conftest import tiny_config
 TINY = {"run.task": "generation", "data.image-size": 16, "data.samples-per-site": 24, "model.width": 8}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: tiny tensors lose more than they gain from two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_generator_shapes_and_class_conditioning() -> None:

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -29,13 +28,7 @@ CASES = [(task, name) for task, names in MODEL_NAMES.items() for name in names i
 SLOW_DP_3D = frozenset({"resnet34", "resnet50", "efficientnet-b0"})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: these small tensors gain little from more, and lose much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cases_2d_3d(slow_3d: frozenset[str] = frozenset()) -> list:

@@ -6,13 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import binomtest
 from typer.testing import CliRunner
 
@@ -132,15 +130,6 @@ def _run_folder(root: Path, private: bool, site_dir: Path) -> tuple[Path, dict[s
               "rounds": [{"round": 1, "epsilon": {SITE: info["epsilon"]} if private else {}}]}  # fmt: skip
     folder.report_json.write_text(json.dumps(report))
     return folder.global_model, {"info": info, "canaries": canaries}
-
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models train several times faster on one thread than on two CPUs shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
