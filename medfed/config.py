@@ -666,6 +666,21 @@ class EvaluationConfig:
         _check_range("evaluation.replicates", self.replicates, 10, 100_000, "an integer")
 
 
+_NORM_LAYER_CHECKS: dict[str, bool] = {}
+
+
+def _has_norm_layers(config: Config) -> bool:
+    """Whether the run's network has normalisation layers (FedBN needs some). The network is built once
+    per task, model and data settings: a site validates its config at every message."""
+    from medfed.personalization import norm_keys
+    from medfed.tasks import get_task
+
+    key = repr((config.run.task, config.model, config.data))
+    if key not in _NORM_LAYER_CHECKS:
+        _NORM_LAYER_CHECKS[key] = bool(norm_keys(get_task(config.run.task).build_model(config)))
+    return _NORM_LAYER_CHECKS[key]
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole run: one frozen value shared by server, sites and report."""
@@ -719,9 +734,7 @@ class Config:
         require(not self.data.features or self.run.task == "tabular", "data.features", list(self.data.features),
                 "[] unless run.task = 'tabular' (feature columns feed tabular models only)")  # fmt: skip
         if self.run.personalization == "fedbn":  # on the built model: the tabular networks have no norm setting
-            from medfed.personalization import norm_keys
-
-            require(bool(norm_keys(task.build_model(self))), "run.personalization", "fedbn",
+            require(_has_norm_layers(self), "run.personalization", "fedbn",
                     f"another mode for model.name = '{self.model.name}' with model.norm = '{self.model.norm}': the "
                     "network has no normalisation layers, and FedBN (which keeps them at each site) would be FedAvg")  # fmt: skip
         require(not (self.run.secure_aggregation and self.evaluation.cross_site), "evaluation.cross-site", True,
