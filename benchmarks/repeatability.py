@@ -17,7 +17,7 @@ run on 2 CPU cores; their spread over runs is in ``spine`` (partition draws) and
 
     .venv/bin/medfed bench repeatability [--quick] [--runs 5] [--configs classification-synthetic ...]
 
-Writes benchmarks/results/repeatability.json (``--quick``: the demo config, 2 runs of 1 round,
+Writes benchmarks/results/repeatability.json (the configs not run keep their entries; ``--quick``: the demo config, 2 runs of 1 round,
 repeatability-quick.json: a smoke run) and plots/repeatability.png (each run's worst site per
 figure), and prints one line per run and a summary.
 """
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--runs must be between 1 and 20")
     if args.quick:
         args.runs, args.configs = 2, ["classification-synthetic"]
-    configs = {}
+    # a run of some configs keeps the others' last measured runs (each entry records its own runs)
+    path = results_path("repeatability", args.quick)
+    configs = {} if args.quick or not path.is_file() else json.loads(path.read_text())["configs"]
     for name in args.configs:
         runs = []
         for seed in range(args.runs):
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: figures reached in {configs[name]['reached']} of {len(runs)} runs", flush=True)
         # written after each config, so a long run cut short keeps what it measured
         summary = {"benchmark": "repeatability", "quick": args.quick, "as_shipped": True, "configs": configs}
-        write_results(results_path("repeatability", args.quick), summary, lambda path: plot(configs, path))
+        write_results(path, summary, lambda figure: plot(configs, figure))
 
 
 if __name__ == "__main__":
