@@ -486,6 +486,15 @@ class TrainConfig:
     averaged model is not pulled to each site's majority. Not under DP: the offsets are computed
     from all of a site's labels, which the privacy accounting does not cover.
 
+    ``synthetic-augmentation`` = R > 0 (classification): before its first round each site trains
+    a class-conditional image generator on its own training split (:mod:`medfed.generative`,
+    ``synthetic-steps`` steps) and adds R generated images per training image to it, each to the
+    class that then has the fewest. With DP-SGD at the sites the generator is trained with DP-SGD
+    too, for ε = ``synthetic-epsilon`` (0: half of ``privacy.target-epsilon``) charged to the
+    site's ledger, and the classifier's noise is calibrated so that generator and classifier
+    together spend ``privacy.target-epsilon``. Without DP-SGD at the sites the generator is
+    trained without DP: its images may reproduce the site's patients (they never leave the site).
+
     In a config file, ``optimizer``, ``lr``, ``momentum``, ``weight-decay``, ``schedule``,
     ``warmup-rounds`` and ``logit-adjust`` left out (or set to "auto") come from the recipe of the
     run's task and mode (:data:`RECIPES`); ``recipe`` lists the keys that did.
@@ -507,6 +516,9 @@ class TrainConfig:
     physical_batch_size: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_rounds: int = 0
+    synthetic_augmentation: float = 0.0
+    synthetic_steps: int = 200
+    synthetic_epsilon: float = 0.0
     recipe: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -518,6 +530,10 @@ class TrainConfig:
         require(0 <= self.momentum < 1, "train.momentum", self.momentum, "a number in [0, 1)")
         _check_range("train.weight-decay", self.weight_decay, 0, 1)
         _check_range("train.augmentations", self.augmentations, 1, 64, "an integer", note=" (1: off)")
+        _check_range("train.synthetic-augmentation", self.synthetic_augmentation, 0, 10, note=" (0: off)")
+        _check_range("train.synthetic-steps", self.synthetic_steps, 1, 10**6, "an integer")
+        _check_range("train.synthetic-epsilon", self.synthetic_epsilon, 0, MAX_EPSILON,
+                     note=" (0: half of privacy.target-epsilon)")  # fmt: skip
         _check_range(
             "train.physical-batch-size",
             self.physical_batch_size,
@@ -731,6 +747,7 @@ class Config:
         task.check_config(self)
         require(not self.data.multi_label or self.run.task == "classification", "data.multi-label", True,
                 f"false for run.task = '{self.run.task}' (several labels per image are for classification)")  # fmt: skip
+        self._check_synthetic()
         require(not self.data.features or self.run.task == "tabular", "data.features", list(self.data.features),
                 "[] unless run.task = 'tabular' (feature columns feed tabular models only)")  # fmt: skip
         if self.run.personalization == "fedbn":  # on the built model: the tabular networks have no norm setting
@@ -743,6 +760,26 @@ class Config:
         require(not (self.run.secure_aggregation and self.privacy.site_level), "privacy.level", self.privacy.level,
                 "'sample' with run.secure-aggregation = true (site-level DP clips each site's update at the "
                 "server, which secure aggregation hides from it)")  # fmt: skip
+
+    def _check_synthetic(self) -> None:
+        """What ``train.synthetic-augmentation`` needs: single-label 2D classification (the generator
+        is class-conditional, 2D, and halves the image once), and under DP-SGD a generator ε that
+        leaves the classifier some of ``privacy.target-epsilon``."""
+        train = self.train
+        if not train.synthetic_augmentation:
+            return
+        need = "run.task = 'classification' with data.multi-label = false and data.spatial-dims = 2"
+        require(self.run.task == "classification" and not self.data.multi_label and self.data.spatial_dims == 2,
+                "train.synthetic-augmentation", train.synthetic_augmentation, f"0 (off) unless {need}")  # fmt: skip
+        require(self.data.image_size % 2 == 0, "data.image-size", self.data.image_size,
+                "an even number with train.synthetic-augmentation (the generator halves the image)")  # fmt: skip
+        require(
+            not self.privacy.sample_level or train.synthetic_epsilon < self.privacy.target_epsilon,
+            "train.synthetic-epsilon",
+            train.synthetic_epsilon,
+            f"less than privacy.target-epsilon = {self.privacy.target_epsilon:g} (generator and classifier "
+            "share it), or 0 for half of it",
+        )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict with dashed keys, as in the TOML file (recipe keys as "auto", the task's

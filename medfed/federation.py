@@ -90,6 +90,7 @@ class _RunState:
     sites: dict[int, str] = field(default_factory=dict)
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     privacy_units: dict[str, str] = field(default_factory=dict)
+    synthetic: dict[str, dict[str, float]] = field(default_factory=dict)  # train.synthetic-augmentation, per site
     notes: dict[str, list[str]] = field(default_factory=dict)
     sent_to: dict[str, int] = field(default_factory=dict)
     # this round's training reply per site: answered (update usable), refused, error, rejected (by the server)
@@ -258,6 +259,7 @@ def _resumed_rounds(state: _RunState, folder: RunFolder, progress: dict[str, Any
         progress["privacy_units"],
         progress["notes"],
     )
+    state.synthetic = progress.get("synthetic", {})
     log.info("resuming run %s after round %d", state.run_key[:8], progress["round"])
     return _Rounds(arrays, released, progress["rounds"], progress["round"] + 1)
 
@@ -468,6 +470,7 @@ def _final_report(
             "personalization": personal,
         },
         "privacy": _privacy_section(state),
+        "synthetic": _synthetic_section(state),
         "protections": _protections(config),
         "site_privacy": state.site_dp.report() if state.site_dp else None,
         "site_notes": dict(sorted(state.notes.items())),
@@ -567,6 +570,7 @@ def _save_progress(
         "rounds": rounds,
         "privacy": state.privacy,
         "privacy_units": state.privacy_units,
+        "synthetic": state.synthetic,
         "notes": state.notes,
         "strategy_state": bool(tensors),
     }
@@ -676,6 +680,9 @@ def _record_privacy(state: _RunState, parsed: wire.SiteReply) -> None:
     privacy = {k: parsed.metrics[k] for k in wire.PRIVACY_METRICS if k in parsed.metrics}
     if privacy:
         state.privacy[parsed.site] = privacy
+    synthetic = {k: v for k, v in parsed.metrics.items() if k.startswith(wire.SYNTHETIC_PREFIX)}
+    if synthetic:
+        state.synthetic[parsed.site] = synthetic
     if parsed.privacy_unit in ("image", "patient"):
         state.privacy_units[parsed.site] = parsed.privacy_unit
 
@@ -850,6 +857,27 @@ def _privacy_section(state: _RunState) -> dict[str, dict[str, Any]]:
         site: {**{keys[k]: v for k, v in p.items()}, "unit": state.privacy_units.get(site, "image")}
         for site, p in sorted(state.privacy.items())
     }
+
+
+def _synthetic_section(state: _RunState) -> dict[str, Any] | None:
+    """``train.synthetic-augmentation``: the ratio, and per site the generated images it added (per
+    class) and its generator (DP or not, its own ε, steps, seconds); None when the run adds none."""
+    ratio = state.config.train.synthetic_augmentation
+    if not ratio:
+        return None
+    classes = range(state.config.data.num_classes)
+    sites = {
+        site: {
+            "images": int(m.get(wire.SYNTHETIC_IMAGES, 0)),
+            "per_class": [int(m.get(f"{wire.SYNTHETIC_IMAGES}-{c}", 0)) for c in classes],
+            "private": bool(m.get(wire.SYNTHETIC_PRIVATE, 0)),
+            "epsilon": m.get(wire.SYNTHETIC_EPSILON) if m.get(wire.SYNTHETIC_PRIVATE) else None,
+            "steps": int(m.get(wire.SYNTHETIC_STEPS, 0)),
+            "seconds": m.get(wire.SYNTHETIC_SECONDS),
+        }
+        for site, m in sorted(state.synthetic.items())
+    }
+    return {"ratio": ratio, "steps": state.config.train.synthetic_steps, "sites": sites}
 
 
 def _log_round(server_round: int, metrics: dict[str, dict[str, float]], primary: str) -> None:

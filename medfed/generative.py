@@ -8,6 +8,9 @@ DP, they may reproduce the site's images and must stay at the site.
 ``medfed generate`` trains one at a site (:func:`fit_generator`), or samples one already trained
 (a federated generator's checkpoint), and writes a sample grid; :func:`synthetic_counts` and
 :func:`with_synthetic` mix generated samples into a site's training split, more of the scarce classes.
+In a federated classification run with ``train.synthetic-augmentation``, each site does this before
+its first round (:func:`generator_config`, :func:`draw_synthetic`; the site's side is in
+:mod:`medfed.site`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ __all__ = [
     "TIMESTEPS",
     "ConditionalDiffusion",
     "GeneratorFit",
+    "draw_synthetic",
     "fit_generator",
+    "generator_config",
     "round_grids",
     "sample",
     "save_grid",
@@ -42,7 +47,9 @@ __all__ = [
 TIMESTEPS = 1000  # the diffusion's noise levels in training (DDPM's usual number)
 SAMPLE_BATCH = 64  # images denoised together when sampling
 GRID_PER_CLASS = 8  # samples of each class in a grid
-GRID_STEPS = 25  # DDIM steps of a grid's samples
+GRID_STEPS = 25  # DDIM steps of a grid's samples, and of the images train.synthetic-augmentation adds
+GENERATOR_WIDTH = 16  # the generator of train.synthetic-augmentation: channels 16 and 32, 164 k parameters
+GENERATOR_GROUPS = 8
 
 
 class ConditionalDiffusion(nn.Module):
@@ -192,10 +199,53 @@ def with_synthetic(site: SiteArrays, images: np.ndarray, labels: np.ndarray) -> 
     )
 
 
+def generator_config(config: Config) -> Config:
+    """The generator a site of the classification run ``config`` trains for
+    ``train.synthetic-augmentation``: a :class:`ConditionalDiffusion` of width
+    :data:`GENERATOR_WIDTH` on the run's data settings and batch size, ``train.synthetic-steps``
+    steps of the generation recipe (Adam), with DP-SGD when the run has DP-SGD at the sites, for
+    ε = ``train.synthetic-epsilon`` (0: half of ``privacy.target-epsilon``)."""
+    train, privacy = config.train, config.privacy
+    recipe = ("optimizer", "lr", "momentum", "weight-decay", "schedule", "warmup-rounds", "logit-adjust")
+    return config.with_overrides(
+        {
+            "run.task": "generation",
+            "run.rounds": 1,
+            "run.initial-model": "",
+            "run.personalization": "none",
+            "run.ema": 0.0,
+            "model.name": "ddpm",
+            "model.width": GENERATOR_WIDTH,
+            "model.norm-groups": GENERATOR_GROUPS,
+            "model.input-norm": False,
+            "train.local-steps": train.synthetic_steps,
+            "train.synthetic-augmentation": 0.0,
+            "train.augment": False,
+            "train.augmentations": 1,
+            "train.trainable": "all",
+            **{f"train.{key}": "auto" for key in recipe},
+            "privacy.enabled": privacy.sample_level,
+            "privacy.level": "sample",
+            "privacy.target-epsilon": train.synthetic_epsilon or privacy.target_epsilon / 2,
+            "evaluation.cross-site": False,
+        }
+    )
+
+
+def draw_synthetic(
+    model: ConditionalDiffusion, labels: np.ndarray, ratio: float, image_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``ratio`` generated images per training label in ``labels`` (:func:`synthetic_counts`: the
+    scarce classes first), drawn in :data:`GRID_STEPS` DDIM steps: images and their classes."""
+    counts = synthetic_counts(labels, model.num_classes, ratio)
+    wanted = torch.arange(model.num_classes).repeat_interleave(torch.as_tensor(counts))
+    return sample(model, wanted, image_size, GRID_STEPS, seed).numpy(), wanted.numpy()
+
+
 @dataclass(frozen=True)
 class GeneratorFit:
-    """What :func:`fit_generator` did: steps, seconds, and with DP the noise and the ε the site's
-    ledger holds after charging them (``epsilon`` None without DP)."""
+    """What :func:`fit_generator` did: steps, seconds, and with DP the noise, the sample rate and the
+    ε the site's ledger holds after charging them (``epsilon`` None without DP)."""
 
     steps: int
     seconds: float
@@ -203,6 +253,7 @@ class GeneratorFit:
     noise_multiplier: float | None
     epsilon: float | None
     delta: float | None
+    sample_rate: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -239,7 +290,7 @@ def fit_generator(
     units = len(loader.dataset)  # type: ignore[arg-type]  # a sized dataset
     steps = config.run.rounds * (config.train.local_steps or config.train.local_epochs * len(loader))
     optimizer = build_optimizer(model, config.train)
-    sigma = epsilon = delta = None
+    sigma = epsilon = delta = rate = None
     trained: nn.Module = model
     if config.privacy.enabled:
         if state_dir is None:
@@ -251,11 +302,11 @@ def fit_generator(
         sigma = ledger.noise_for_run(f"{run_key}|generator", config.privacy.target_epsilon, plan.sample_rate, steps)
         release = Release(f"{run_key}|generator|0|{data_digest(site)}", f"seed {seed}")
         epsilon = ledger.reserve(sigma, plan.sample_rate, steps, budget, release)  # BudgetExceeded: nothing trained
-        delta = ledger.delta
+        delta, rate = ledger.delta, plan.sample_rate
         trained, optimizer, loader = make_private(model, optimizer, loader, sigma, config.privacy.max_grad_norm)
     started = time.perf_counter()
     stats = train(task, trained, loader, optimizer, device, epochs=0, max_steps=steps)
-    fit = GeneratorFit(stats.steps, time.perf_counter() - started, units, sigma, epsilon, delta)
+    fit = GeneratorFit(stats.steps, time.perf_counter() - started, units, sigma, epsilon, delta, rate)
     if not math.isfinite(stats.loss):
         raise RuntimeError("generator training diverged (NaN/Inf loss): lower train.lr or privacy.max-grad-norm")
     return model, fit

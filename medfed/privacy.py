@@ -112,14 +112,23 @@ def _check_target(target_epsilon: float, delta: float) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+def _calibrate(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    prior: tuple[tuple[float, float, int], ...] = (),
+) -> float:
     """The smallest noise multiplier (within Opacus' tolerance) at which ``steps`` steps spend at most
     ``target_epsilon``: Opacus' own search (:func:`opacus.accountants.utils.get_noise_multiplier`,
     same steps, same result), with its bisection bounded so that no setting can make it loop for
-    ever. Seconds on CPU, so once per process per setting: simulated sites of equal size share it."""
+    ever. Seconds on CPU, so once per process per setting: simulated sites of equal size share it.
+    ``prior`` entries ``(noise multiplier, sample rate, steps)`` of the same run (a site's
+    generator) are composed with the steps: together they spend at most ``target_epsilon``."""
     _check_target(target_epsilon, delta)
     _check_mechanism(1.0, sample_rate, steps)
-    ledger = PrivacyLedger(path=Path(os.devnull), delta=delta, accountant=accountant)
+    ledger = PrivacyLedger(path=Path(os.devnull), delta=delta, accountant=accountant, history=[list(e) for e in prior])
     sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
     while eps_high > target_epsilon:
         sigma_high *= 2
@@ -255,11 +264,19 @@ class PrivacyLedger:
             raise ValueError(f"the accountant returned ε = nan for {acc.history} at δ = {self.delta}")
         return max(epsilon, 0.0)
 
-    def noise_for_run(self, run_id: str, target_epsilon: float, sample_rate: float, steps: int) -> float:
-        """The noise multiplier for this run: calibrated once so ``steps`` steps spend ``target_epsilon``."""
+    def noise_for_run(
+        self,
+        run_id: str,
+        target_epsilon: float,
+        sample_rate: float,
+        steps: int,
+        prior: tuple[tuple[float, float, int], ...] = (),
+    ) -> float:
+        """The noise multiplier for this run: calibrated once so ``steps`` steps spend ``target_epsilon``
+        (with the ``prior`` steps of the same run, e.g. its generator's, when given)."""
         if run_id not in self.calibrations:
             self.calibrations[run_id] = _calibrate(
-                target_epsilon, self.delta, sample_rate, max(steps, 1), self.accountant
+                target_epsilon, self.delta, sample_rate, max(steps, 1), self.accountant, prior
             )
             self.save()
         return self.calibrations[run_id]

@@ -10,6 +10,7 @@ without paths).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -409,14 +410,15 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Pack
     run_key = str(settings.get(wire.RUN_KEY) or run_id)
     phase = str(settings.get(wire.PHASE, wire.PHASE_FEDERATED))
     server_round = int(wire.setting(settings, wire.SERVER_ROUND, 0))
+    if not (site.data.splits == "train").any():
+        return _failure(msg, site.name, ValueError("the site has no training samples"))
+    site, synthetic = _with_synthetic(site, config, run_key)
     unit, units = site.data.privacy_units("train", config.privacy.unit)
     n = len(units)
-    if n == 0:
-        return _failure(msg, site.name, ValueError("the site has no training samples"))
     mode = config.run.personalization if phase == wire.PHASE_FEDERATED else "none"
     personal = personal_model_path(site.state_dir, run_key)
     if phase == wire.PHASE_PERSONALIZE:
-        return _personalize(msg, site, config, run_key, n, units, unit, started)
+        return _personalize(msg, site, config, run_key, units, unit, started, synthetic)
     batch_size = min(config.train.batch_size, n)
     steps = _Steps.of(config, phase, math.ceil(n / batch_size))
     release = Release(f"{run_key}|{phase}|{server_round}|{data_digest(site.data)}", request_digest(msg))
@@ -424,7 +426,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Pack
     salt, sigma = "", 0.0
     if config.privacy.sample_level:  # Ditto: the personal model's steps are charged with the global model's
         charged = steps.planned * (2 if mode == "ditto" else 1)
-        sigma, privacy, salt = _spend_privacy(site, config, release, run_key, unit, n, charged)
+        sigma, privacy, salt = _spend_privacy(site, config, release, run_key, unit, n, charged, synthetic)
     if mode == "fedbn" and personal.is_file():  # the site's own normalisation layers, back in place
         _load_norm_layers(model, personal)
     seed = training_seed(site.state_dir, release.round_key + salt, site.seed_secret)
@@ -444,8 +446,9 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Pack
             return _diverged(msg, site.name, privacy)
     if mode == "fedbn":
         _save_personal(personal, model_to_arrays(trained.cpu()), config, site, server_round)
-    metrics = {wire.NUM_EXAMPLES: n, wire.STEPS: stats.steps, wire.LOCAL_SECONDS: time.perf_counter() - started}
-    metrics |= privacy
+    real = n - synthetic.images  # FedAvg weighs a site by its own data, not by what its generator drew
+    metrics = {wire.NUM_EXAMPLES: real, wire.STEPS: stats.steps, wire.LOCAL_SECONDS: time.perf_counter() - started}
+    metrics |= privacy | synthetic.metrics()
     if not config.privacy.sample_level:
         metrics[wire.TRAIN_LOSS] = stats.loss  # an un-noised statistic of the data: only sent without DP
     received = msg.content.array_records[wire.ARRAYS]
@@ -456,7 +459,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Pack
     if package is None:
         arrays = compress_update(received, sent, config.run.update_compression)
     else:
-        arrays = package(received, sent, n)
+        arrays = package(received, sent, real)
     return wire.encode_reply(msg, wire.SiteReply(site.name, wire.OK, "", metrics, arrays, unit, site.notes))
 
 
@@ -499,7 +502,14 @@ class _Ditto:
 
 
 def _personalize(
-    msg: Message, site: Site, config: Config, run_key: str, n: int, units: list[np.ndarray], unit: str, started: float
+    msg: Message,
+    site: Site,
+    config: Config,
+    run_key: str,
+    units: list[np.ndarray],
+    unit: str,
+    started: float,
+    synthetic: _Synthetic,
 ) -> Message:
     """After the last round: make the site's personal model from the final global model and keep
     it (fine-tuned, with the site's normalisation layers, or Ditto's own); nothing but metrics is sent."""
@@ -517,18 +527,27 @@ def _personalize(
             raise _Refused(site.name, "no personal model: this site trained no round of this run")
         _load_personal(model, path)
     elif mode == "finetune":
-        privacy, steps = _fine_tune(msg, site, config, run_key, model, units, unit)
+        privacy, steps = _fine_tune(msg, site, config, run_key, model, units, unit, synthetic)
         if not _all_finite(model):
             return _diverged(msg, site.name, privacy)
     if wire.THRESHOLD in settings:  # the operating point the server chose: the personal model keeps it
         config = config.with_overrides({"evaluation.threshold": float(wire.setting(settings, wire.THRESHOLD))})
     _save_personal(path, model_to_arrays(model.cpu()), config, site, config.run.rounds)
-    metrics = {wire.NUM_EXAMPLES: n, wire.STEPS: steps, wire.LOCAL_SECONDS: time.perf_counter() - started} | privacy
+    real = len(units) - synthetic.images
+    metrics = {wire.NUM_EXAMPLES: real, wire.STEPS: steps, wire.LOCAL_SECONDS: time.perf_counter() - started}
+    metrics |= privacy | synthetic.metrics()
     return wire.encode_reply(msg, wire.SiteReply(site.name, wire.OK, "", metrics, None, unit, site.notes))
 
 
 def _fine_tune(
-    msg: Message, site: Site, config: Config, run_key: str, model: torch.nn.Module, units: list[np.ndarray], unit: str
+    msg: Message,
+    site: Site,
+    config: Config,
+    run_key: str,
+    model: torch.nn.Module,
+    units: list[np.ndarray],
+    unit: str,
+    synthetic: _Synthetic,
 ) -> tuple[dict[str, float], int]:
     """Train ``model`` (the final global model) ``run.finetune-steps`` steps on the site's train
     split, charged to its privacy ledger first; the privacy metrics and the steps trained."""
@@ -538,7 +557,7 @@ def _fine_tune(
     privacy: dict[str, float] = {}
     salt, sigma = "", 0.0
     if config.privacy.sample_level:
-        sigma, privacy, salt = _spend_privacy(site, config, release, run_key, unit, n, planned)
+        sigma, privacy, salt = _spend_privacy(site, config, release, run_key, unit, n, planned, synthetic)
     seed = training_seed(site.state_dir, release.round_key + salt, site.seed_secret)
     seed_everything(seed)
     batch_size = min(config.train.batch_size, n)
@@ -611,6 +630,98 @@ def _received_model(task: Task, config: Config, msg: Message) -> torch.nn.Module
     return model
 
 
+SYNTHETIC_FOLDER = "synthetic"  # a run's generated training images, under the site's state folder
+
+
+@dataclass(frozen=True)
+class _Synthetic:
+    """The generated images a site added to its training split (``train.synthetic-augmentation``):
+    how many (per class), the generator that drew them, and with DP its accountant entry."""
+
+    images: int = 0
+    per_class: tuple[int, ...] = ()
+    private: bool = False
+    epsilon: float = 0.0  # the generator's own ε (DP); 0 without DP
+    steps: int = 0
+    seconds: float = 0.0
+    prior: tuple[tuple[float, float, int], ...] = ()  # (σ, sample rate, steps) of the generator under DP
+
+    def metrics(self) -> dict[str, float]:
+        """What the reply says of them (numbers only; nothing without generated images)."""
+        if not self.steps:
+            return {}
+        counts = {f"{wire.SYNTHETIC_IMAGES}-{c}": float(k) for c, k in enumerate(self.per_class)}
+        return {
+            wire.SYNTHETIC_IMAGES: float(self.images),
+            wire.SYNTHETIC_PRIVATE: float(self.private),
+            wire.SYNTHETIC_EPSILON: self.epsilon,
+            wire.SYNTHETIC_STEPS: float(self.steps),
+            wire.SYNTHETIC_SECONDS: self.seconds,
+            **counts,
+        }
+
+
+def _with_synthetic(site: Site, config: Config, run_key: str) -> tuple[Site, _Synthetic]:
+    """The site with ``train.synthetic-augmentation`` generated images added to its training split,
+    and what they are (the site as it is when the run has none).
+
+    The generator is trained once per run and data (:func:`medfed.generative.fit_generator` with
+    :func:`medfed.generative.generator_config`), its images drawn and kept in the state folder
+    (as sensitive as the data: without DP they may reproduce it), and read back in later rounds.
+    Under DP-SGD at the site its steps are charged to the ledger first.
+
+    Raises:
+        _Refused: the generator's steps would take the site past its privacy budget, or δ does not
+            suit its privacy units.
+    """
+    ratio = config.train.synthetic_augmentation
+    if not ratio:
+        return site, _Synthetic()
+    from medfed.generative import draw_synthetic, fit_generator, generator_config, with_synthetic
+
+    digest = data_digest(site.data)
+    path = site.state_dir / SYNTHETIC_FOLDER / f"{hashlib.sha256(f'{run_key}|{digest}'.encode()).hexdigest()[:24]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as kept:
+            images, labels, info = kept["images"], kept["labels"], json.loads(str(kept["info"]))
+    else:
+        generator = generator_config(config)
+        seed = training_seed(site.state_dir, f"{run_key}|generator|{digest}", site.seed_secret)
+        try:
+            model, fit = fit_generator(generator, site.data, state_dir=site.state_dir, budget=site.budget,
+                                       run_key=run_key, seed=seed)  # fmt: skip
+        except (BudgetExceeded, ValueError) as err:
+            log.warning("site %s refuses to train this run's generator: %s", site.name, err)
+            raise _Refused(site.name, f"the image generator (train.synthetic-augmentation): {err}") from err
+        labels = site.data.targets[site.data.splits == "train"]
+        images, labels = draw_synthetic(model, labels, ratio, config.data.image_size, seed)
+        info = {"private": fit.epsilon is not None, "steps": fit.steps, "seconds": fit.seconds, "prior": []}
+        if fit.noise_multiplier is not None and fit.sample_rate is not None and fit.delta is not None:
+            entry = [fit.noise_multiplier, fit.sample_rate, fit.steps]
+            info |= {"prior": [entry], "epsilon": PrivacyLedger(Path(os.devnull), fit.delta).epsilon([entry])}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, images=images, labels=labels, info=np.asarray(json.dumps(info)))
+        os.replace(tmp, path)
+        how = (
+            f"DP-SGD, ε {info['epsilon']:.2f}" if info["private"] else "WITHOUT DP: its images may reproduce the site's"
+        )
+        log.info("site %s: generator trained (%d steps, %s); %d generated training images added",
+                 site.name, fit.steps, how, len(images))  # fmt: skip
+    synthetic = _Synthetic(
+        len(images),
+        tuple(int(k) for k in np.bincount(labels.astype(int), minlength=config.data.num_classes)),
+        bool(info["private"]),
+        float(info.get("epsilon", 0.0)),
+        int(info["steps"]),
+        float(info["seconds"]),
+        tuple((float(e[0]), float(e[1]), int(e[2])) for e in info["prior"]),
+    )
+    data = with_synthetic(site.data, images, labels)
+    return dataclasses.replace(site, data=data), synthetic
+
+
 def _train_dataset(task: Task, config: Config, site: Site, seed: int, units: list[np.ndarray]) -> PrivacyUnitDataset:
     """The site's train split, one privacy unit (``units``: sample indices) per item, with the seeded
     training transform."""
@@ -622,22 +733,31 @@ def _train_dataset(task: Task, config: Config, site: Site, seed: int, units: lis
 
 
 def _spend_privacy(
-    site: Site, config: Config, release: Release, run_key: str, unit: str, n: int, steps: int
+    site: Site,
+    config: Config,
+    release: Release,
+    run_key: str,
+    unit: str,
+    n: int,
+    steps: int,
+    synthetic: _Synthetic,
 ) -> tuple[float, dict[str, float], str]:
-    """Calibrate this run's noise (once per run, in the site's ledger) and reserve the ε of
-    ``steps`` more steps for ``release`` (once: an exact repetition is not charged again); the
-    noise multiplier, the privacy metrics the reply carries and the salt of the noise's seed
-    (:meth:`PrivacyLedger.noise_salt`).
+    """Calibrate this run's noise (once per run, in the site's ledger; with the run's generator
+    steps, when it has one, composed in) and reserve the ε of ``steps`` more steps for ``release``
+    (once: an exact repetition is not charged again); the noise multiplier, the privacy metrics
+    the reply carries and the salt of the noise's seed (:meth:`PrivacyLedger.noise_salt`). ``n``
+    counts the generated images as units (they set the sampling rate); δ is that of the real ones.
 
     Raises:
-        _Refused: δ does not suit ``n`` privacy units, or the steps would exceed the site's budget.
+        _Refused: δ does not suit the site's privacy units, or the steps would exceed its budget.
     """
+    real = n - synthetic.images
     try:
-        check_delta(config.privacy.delta, n)
+        check_delta(config.privacy.delta, real)
     except ValueError as err:
         log.warning("site %s refuses the run: %s", site.name, err)
         raise _Refused(site.name, str(err)) from err
-    ledger = PrivacyLedger.open(site.state_dir, config.privacy.delta or default_delta(n), config.privacy.accountant)
+    ledger = PrivacyLedger.open(site.state_dir, config.privacy.delta or default_delta(real), config.privacy.accountant)
     plan = plan_privacy(
         n,
         config.train.batch_size,
@@ -650,14 +770,20 @@ def _spend_privacy(
         **privacy_shape(config),
     )
     sample_rate = plan.sample_rate
-    if run_key not in ledger.calibrations:  # the first round of this run here: say what DP will do
+    first = run_key not in ledger.calibrations  # the first round of this run here: say what DP will do
+    sigma = ledger.noise_for_run(run_key, config.privacy.target_epsilon, sample_rate, plan.run_steps, synthetic.prior)
+    if first:
         spent = ledger.epsilon()
         log.info("site %s, privacy plan for this run (%s units):", site.name, unit)
-        for line in plan.lines():
-            (log.warning if line.startswith("WARNING") else log.info)("  %s", line)
+        if synthetic.prior:  # the plan alone would calibrate without the generator
+            log.info("  units %d (%d generated), sample rate %.4f, %d steps: σ = %.3f for ε = %g with this run's "
+                     "generator (ε %.2f) composed in", plan.units, synthetic.images, plan.sample_rate, plan.run_steps,
+                     sigma, config.privacy.target_epsilon, synthetic.epsilon)  # fmt: skip
+        else:
+            for line in plan.lines():
+                (log.warning if line.startswith("WARNING") else log.info)("  %s", line)
         if spent:
             log.info("  earlier runs spent ε %.2f at this site (budget %.2f)", spent, site.budget)
-    sigma = ledger.noise_for_run(run_key, config.privacy.target_epsilon, sample_rate, plan.run_steps)
     salt = ledger.noise_salt(release)
     privacy = {
         wire.NOISE_MULTIPLIER: sigma,

@@ -58,6 +58,12 @@ __all__ = [
     "STATE_ROOT",
     "STATUSES",
     "STEPS",
+    "SYNTHETIC_EPSILON",
+    "SYNTHETIC_IMAGES",
+    "SYNTHETIC_PREFIX",
+    "SYNTHETIC_PRIVATE",
+    "SYNTHETIC_SECONDS",
+    "SYNTHETIC_STEPS",
     "THRESHOLD",
     "LABEL_THRESHOLDS",
     "TRAIN_LOSS",
@@ -120,6 +126,14 @@ NOISE_MULTIPLIER = "noise-multiplier"
 MAX_GRAD_NORM = "max-grad-norm"
 SAMPLE_RATE = "sample-rate"
 PRIVACY_METRICS = (EPSILON, DELTA, BUDGET, NOISE_MULTIPLIER, MAX_GRAD_NORM)  # what the report's privacy section holds
+# train.synthetic-augmentation: generated training images added (SYNTHETIC_IMAGES-C: of class C), and
+# their generator: trained with DP (1) or not (0), its own ε, steps and seconds
+SYNTHETIC_PREFIX = "synthetic-"
+SYNTHETIC_IMAGES = "synthetic-images"
+SYNTHETIC_PRIVATE = "synthetic-private"
+SYNTHETIC_EPSILON = "synthetic-epsilon"
+SYNTHETIC_STEPS = "synthetic-steps"
+SYNTHETIC_SECONDS = "synthetic-seconds"
 
 # Keys of the SITE record.
 _NAME, _STATUS, _REASON, _PRIVACY_UNIT, _NOTES = "name", "status", "reason", "privacy-unit", "notes"

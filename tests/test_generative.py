@@ -17,7 +17,7 @@ from medfed.config import ConfigError
 from medfed.data import load_simulated_site
 from medfed.evaluation.report import write_report
 from medfed.federation import run_federation
-from medfed.generative import sample, synthetic_counts, with_synthetic
+from medfed.generative import generator_config, sample, synthetic_counts, with_synthetic
 from medfed.in_process import InProcessGrid
 from medfed.privacy import PrivacyLedger
 from medfed.tasks import get_task
@@ -105,3 +105,60 @@ def test_federated_generator_shows_its_samples_per_round(nodes: dict, tmp_path: 
     assert list(report["round_figures"]) == ["round 1"]
     html = write_report(report, tmp_path / "run").read_text()
     assert "Generated samples per round" in html and "samples-round-001.png" in html
+
+
+# privacy.target-epsilon 2 (the generator 1): larger noise, whose calibration is quicker than at ε = 8
+MIXED = {"data.image-size": 16, "run.rounds": 1, "train.local-steps": 1, "evaluation.cross-site": False,
+         "evaluation.example-images": 0, "train.synthetic-augmentation": 0.5, "train.synthetic-steps": 2,
+         "privacy.target-epsilon": 2.0}  # fmt: skip
+
+
+def _train_labels(node: dict) -> np.ndarray:
+    from medfed.data.manifest import SiteReading, read_site
+
+    site = read_site(Path(node["data-path"]), SiteReading.from_config(tiny_config(**MIXED).data, "label"))
+    return site.targets[site.splits == "train"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_synthetic_augmentation_charges_the_generator_and_refuses_past_the_budget(nodes: dict, tmp_path: Path) -> None:
+    poor = nodes[10] | {"privacy-budget": 0.5}  # alpha: less than the generator's ε = 1
+    config = tiny_config(**MIXED)
+    report = run_federation(InProcessGrid({**nodes, 10: poor}), config, tmp_path / "run")
+    synthetic = report["synthetic"]
+    assert synthetic["ratio"] == 0.5 and set(synthetic["sites"]) == {"beta", "gamma"}
+    assert PrivacyLedger.open(poor["state-dir"], 0.0).epsilon() == 0.0  # refused before anything was charged
+    assert any("generator" in note for note in report["site_notes"].get("alpha", []))
+    for node in (nodes[11], nodes[12]):
+        entry, labels = synthetic["sites"][node["site-name"]], _train_labels(node)
+        assert entry["images"] == round(0.5 * len(labels))  # the mixing ratio
+        assert entry["per_class"] == synthetic_counts(labels, 2, 0.5).tolist()  # the scarce class first
+        assert entry["private"] and entry["steps"] == 2 and 0 < entry["epsilon"] <= 1.0 + 0.01  # half of ε = 2
+        ledger = PrivacyLedger.open(node["state-dir"], 0.0)
+        assert ledger.history[0][2] == 2  # the generator's steps, charged first
+        spent = report["privacy"][node["site-name"]]["epsilon"]
+        assert entry["epsilon"] < spent == pytest.approx(ledger.epsilon()) and spent <= 2.0 + 0.01  # together: ε = 2
+    html = write_report(report, tmp_path / "run").read_text()
+    assert "Generated training images" in html and "DP-SGD" in html
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_synthetic_augmentation_without_dp_says_what_it_means(tmp_path: Path) -> None:
+    config = tiny_config(**MIXED, **{"privacy.enabled": False, "data.samples-per-site": 40})
+    grid = InProcessGrid({i: {"partition-id": i} for i in range(config.data.sites)})
+    report = run_federation(grid, config, tmp_path / "run")
+    assert report["privacy"] == {} and all(not e["private"] and e["epsilon"] is None
+                                           for e in report["synthetic"]["sites"].values())  # fmt: skip
+    assert all(e["images"] > 0 for e in report["synthetic"]["sites"].values())
+    html = write_report(report, tmp_path / "run").read_text()
+    assert "trained without DP" in html
+
+
+def test_synthetic_augmentation_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="train.synthetic-augmentation"):
+        tiny_config(**{"run.task": "segmentation", "train.synthetic-augmentation": 1.0})
+    with pytest.raises(ConfigError, match="train.synthetic-epsilon"):
+        tiny_config(**{"train.synthetic-augmentation": 1.0, "train.synthetic-epsilon": 8.0})
+    generator = generator_config(tiny_config(**{"train.synthetic-augmentation": 1.0, "train.synthetic-steps": 7}))
+    assert generator.run.task == "generation" and generator.train.local_steps == 7
+    assert generator.privacy.target_epsilon == 4.0 and generator.train.optimizer == "adam"

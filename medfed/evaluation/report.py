@@ -234,6 +234,45 @@ def _pair(values: dict[str, Any], c: int) -> str:
     return f"{_fmt(values.get(f'ap50_class_{c}'))} / {_fmt(values.get(f'ap_class_{c}'))}"
 
 
+def _synthetic_sections(report: dict[str, Any]) -> list[str]:
+    """``train.synthetic-augmentation``: the ratio, what each site's generator added and how it was
+    trained, and what training it without DP means."""
+    synthetic = report.get("synthetic")
+    if not synthetic:
+        return []
+    names = list(report["config"]["data"].get("class-names") or [])
+    sites = synthetic["sites"]
+    classes = max((len(e["per_class"]) for e in sites.values()), default=0)
+    names = [names[c] if c < len(names) else f"class {c}" for c in range(classes)]
+    rows = [
+        [site, e["images"], *e["per_class"], "DP-SGD" if e["private"] else "no DP", e["epsilon"], e["steps"],
+         e["seconds"]]
+        for site, e in sites.items()
+    ]  # fmt: skip
+    private = [e["private"] for e in sites.values()]
+    if private and all(private):
+        meaning = (
+            "Each generator was trained with DP-SGD and its steps charged to the site's privacy ledger "
+            "before the classifier's: the ε in the privacy table covers both, and the classifier's noise was "
+            "calibrated for what the generator left of the run's target."
+        )
+    else:
+        meaning = (
+            "<b>The generators were trained without DP.</b> A generator sees the site's images as the "
+            "classifier does, and its images may reproduce them: they stayed at the site, as sensitive as its "
+            "data, and no per-patient privacy guarantee covers the classifier trained on them."
+        )
+    return [
+        f"<h2>Generated training images</h2><p>Before its first round each site trained a class-conditional "
+        f"image generator ({synthetic['steps']} steps) on its own training images and added "
+        f"{synthetic['ratio']:g} generated images per training image, each to the class that then had the "
+        f"fewest. {meaning} FedAvg weighs each site by its real images only.</p>",
+        _table(
+            ["site", "generated", *[f"of {n}" for n in names], "generator", "generator ε", "steps", "seconds"], rows
+        ),  # fmt: skip
+    ]
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -392,6 +431,7 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
             "otherwise an image.</p>",
             _table(["site", "unit", "ε", "δ", "budget", "noise σ", "clip norm"], rows),
         ]
+    sections += _synthetic_sections(report)
     site_level = report.get("site_privacy")
     if site_level:
         row = [site_level[k] for k in ("epsilon", "delta", "noise_multiplier", "rounds", "sample_rate", "sites")]
