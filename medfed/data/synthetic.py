@@ -43,6 +43,7 @@ __all__ = [
 
 MAX_OBJECTS = 5
 NODULE_MM = (3.0, 30.0)  # nodule diameters, as LUNA16 counts them
+MIN_NODULE_VOXELS = 2.0  # and at least this many voxels across (along the coarsest axis)
 NODULE_HU = (30.0, -450.0, 450.0)  # solid, ground-glass, calcified: class c is c % 3
 NUCLEUS_SEMI_AXES = {2: (0.02, 0.05), 3: (0.05, 0.1)}  # fractions of the image size
 
@@ -200,6 +201,9 @@ def synthetic_nodule_site(
     spacing = extent / image_size
     noise, blur, calibration = rng.uniform(10, 60), rng.uniform(0.4, 1.2), rng.uniform(-30, 30)
     mean_nodules = rng.uniform(1.0, 2.0)
+    # two voxels across at least: a nodule of one voxel is one bright voxel among the vessels' cross
+    # sections (LUNA16's 3 mm are 4 voxels of its 0.7 mm)
+    smallest = max(NODULE_MM[0], MIN_NODULE_VOXELS * float(spacing.max()))
     grid = (np.mgrid[(slice(0, image_size),) * 3] + 0.5) * spacing[:, None, None, None]  # voxel centres in mm
     images, boxes = [], []
     for _ in range(num_samples):
@@ -208,7 +212,7 @@ def synthetic_nodule_site(
         count = 0 if rng.random() < 0.2 else min(1 + int(rng.poisson(mean_nodules - 1)), 3)
         rows = []
         for label in rng.choice(num_classes, size=count, p=prevalence):
-            diameter = float(np.exp(rng.uniform(*np.log(NODULE_MM))))
+            diameter = float(np.exp(rng.uniform(np.log(smallest), np.log(NODULE_MM[1]))))
             radius = diameter / 2
             centre = _nodule_centre(depth, grid, radius, extent, rng)
             if centre is None:
