@@ -10,7 +10,7 @@ fundus-like images: a field of view with an optic disc and a branching tree of d
 masks are the segmentation target (public pre-training for retinal vessel segmentation). Nuclei
 sites hold microscopy-like fields crowded with small textured blobs; organ sites hold a body with a
 few large smooth organ-like shapes of distinct intensities (2D or 3D). Nodule sites hold chest CT
-volumes in Hounsfield units (body, two lungs, vessels) with lung nodules of 3-30 mm and their 3D
+volumes in Hounsfield units (body, two lungs, vessels) with lung nodules of 3-30 mm (2 voxels at least) and their 3D
 boxes, each scanner with its own voxel size, dose (noise), reconstruction kernel and calibration.
 """
 
@@ -189,8 +189,9 @@ def synthetic_nodule_site(
     The volume is a chest crop of 96-128 mm in-plane and 80-128 mm along z at this site's voxel
     size (so a 3 mm nodule spans a voxel or less at small ``image_size``): air, a body of soft
     tissue with a spine, two lungs (-850 HU with texture) crossed by vessels (tubes of 1-4 mm, the
-    usual false positives), and nodules of :data:`NODULE_MM` diameter (log-uniform, as small ones
-    are the common ones) inside a lung, of class c: solid, ground-glass or calcified (c % 3,
+    usual false positives), and nodules of :data:`NODULE_MM` diameter and at least
+    :data:`MIN_NODULE_VOXELS` voxels across the coarsest axis (log-uniform, as small ones are the
+    common ones) inside a lung, of class c: solid, ground-glass or calcified (c % 3,
     :data:`NODULE_HU`). A box is the nodule's sphere's bounding box (a cube in mm). Sites differ by
     voxel size, dose (noise 10-60 HU), kernel (blur), HU calibration (+-30 HU), class mix and mean
     number of nodules per scan; about 20 % of scans hold none.

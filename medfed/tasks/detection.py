@@ -435,7 +435,7 @@ def synthetic_site(
     index: int, samples: int, image_size: int, num_classes: int, seed: int, spatial_dims: int = 2
 ) -> SiteArrays:
     """Synthetic hospital ``index``, seeded by ``seed``: 2D images with several objects each and their
-    boxes, or 3D chest CT with lung nodules of 3-30 mm (:mod:`medfed.data.synthetic`)."""
+    boxes, or 3D chest CT with lung nodules of 3-30 mm and 2 voxels at least (:mod:`medfed.data.synthetic`)."""
     if spatial_dims not in SPATIAL_DIMS:
         raise ValueError(f"detection makes 2D images or 3D volumes, not spatial_dims = {spatial_dims}")
     if spatial_dims == 3:
