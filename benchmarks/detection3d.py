@@ -1,7 +1,7 @@
 """Lung nodules in chest CT at 3 synthetic hospitals: FedAvg without and with DP (ε = 8 per site),
 scored as LUNA16 scores nodules.
 
-``configs/detection-synthetic3d.toml`` (3D CenterNet, volumes of 32³ voxels, nodules of 3-30 mm,
+``configs/detection-synthetic3d.toml`` (3D CenterNet, volumes of 32³ voxels, nodules of 3-30 mm and 2 voxels,
 each hospital's own voxel size, dose and kernel) is run through ``medfed simulate`` for each of
 ``--seeds`` values of ``run.seed`` (the sites' data stay those of ``data.seed``), with
 ``privacy.enabled`` false and true; the global model's sensitivity at 1/8, 1/4, 1/2, 1, 2, 4 and 8

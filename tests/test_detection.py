@@ -12,7 +12,7 @@ import torch
 from monai.data.box_utils import batched_nms
 
 from medfed.config import Config
-from medfed.models import OUTPUT_STRIDE
+from medfed.models import OUTPUT_STRIDES
 from medfed.tasks import detection, get_task
 
 
@@ -51,7 +51,7 @@ def test_decode_finds_a_planted_peak_with_its_size() -> None:
     outputs[0, num_classes + 2, 5, 7] = 0.5  # x offset
     boxes = detection.decode(outputs)[0]
     best = boxes[0]
-    s = OUTPUT_STRIDE
+    s = OUTPUT_STRIDES[2]
     assert best[5] == 1 and best[4] > 0.99
     expected = [(7.5 - 1.5) * s, (5 - 1) * s, (7.5 + 1.5) * s, (5 + 1) * s]
     assert best[:4].tolist() == pytest.approx(expected)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from medfed.cli import app
 from medfed.config import Config
 from medfed.data.manifest import SiteReading, read_site, write_site
-from medfed.data.synthetic import NODULE_MM, synthetic_nodule_site
+from medfed.data.synthetic import MIN_NODULE_VOXELS, NODULE_MM, synthetic_nodule_site
 from medfed.data.vocabulary import DataError
 from medfed.predict import boxes_in_mm
 from medfed.tasks import detection
@@ -68,15 +68,32 @@ def test_froc_and_cpm_at_luna16_operating_points_on_a_hand_counted_case() -> Non
     assert result["map50"] == 0
 
 
+def test_a_perfect_detector_scores_cpm_1_even_with_false_positives_ranked_below_every_nodule() -> None:
+    scans = [[_cube((4, 4, 4), 4), _cube((15, 15, 15), 10)], [_cube((5, 6, 7), 3)], []]
+    metrics = detection.DetectionMetrics(1)
+    for nodules in scans:
+        refs = torch.full((1, 2, 7), -1.0)
+        preds = torch.zeros(1, 3, 8)
+        preds[..., -1] = -1
+        for k, box in enumerate(nodules):
+            refs[0, k] = torch.tensor([*box, 0.0])
+            preds[0, k] = torch.tensor([*box, 0.9, 0.0])
+        preds[0, 2] = torch.tensor([*_cube((25, 25, 25), 2), 0.2, 0.0])  # a false positive in every scan
+        metrics.update(preds, {"boxes": refs})
+    result = metrics.compute()
+    assert result["froc"] == pytest.approx(1.0)
+    assert all(result[f"froc@{rate:g}fp"] == pytest.approx(1.0) for rate in detection.FROC_FP_RATES)
+
+
 def test_3d_targets_decode_back_to_their_boxes_and_the_loss_falls() -> None:
     boxes = torch.full((2, 3, 7), -1.0)
     boxes[0, 0] = torch.tensor([4.0, 8.0, 12.0, 12.0, 14.0, 28.0, 0])  # anisotropic: 8 x 6 x 16 voxels
     boxes[0, 1] = torch.tensor([20.0, 18.0, 2.0, 30.0, 30.0, 10.0, 1])
     boxes[1, 0] = torch.tensor([10.0, 10.0, 10.0, 22.0, 22.0, 22.0, 1])
-    shape = torch.Size([8, 8, 8])  # 32^3 volumes at stride 4
+    shape = torch.Size([16, 16, 16])  # 32^3 volumes at stride 2
     heatmap, centres, valid, regression = detection._encode(boxes, 2, shape)
-    assert heatmap.shape == (2, 2, 8, 8, 8) and heatmap.amax() == pytest.approx(1.0)
-    outputs = torch.full((2, 8, 8, 8, 8), -12.0)
+    assert heatmap.shape == (2, 2, 16, 16, 16) and heatmap.amax() == pytest.approx(1.0)
+    outputs = torch.full((2, 8, 16, 16, 16), -12.0)
     for b, m in zip(*torch.nonzero(valid, as_tuple=True), strict=True):
         cls, z, y, x = centres[b, m].tolist()
         outputs[b, cls, z, y, x] = 12.0
@@ -97,7 +114,7 @@ def test_3d_targets_decode_back_to_their_boxes_and_the_loss_falls() -> None:
     torch.testing.assert_close(sides, boxes[0, :2, 3:6] - boxes[0, :2, :3])  # flips move boxes, keep their size
 
 
-def test_synthetic_ct_sites_hold_nodules_of_3_to_30_mm_and_differ_by_scanner() -> None:
+def test_synthetic_ct_sites_hold_nodules_of_3_to_30_mm_and_2_voxels_and_differ_by_scanner() -> None:
     first, again, other = (synthetic_nodule_site(i, 12, 32, 2, seed=1) for i in (0, 0, 1))
     np.testing.assert_array_equal(first.images, again.images)
     assert first.images.shape == (12, 1, 32, 32, 32) and first.targets.shape[2] == 7
@@ -107,7 +124,8 @@ def test_synthetic_ct_sites_hold_nodules_of_3_to_30_mm_and_differ_by_scanner() -
         rows = site.targets[site.targets[..., -1] >= 0]
         diameters = (rows[:, 3:6] - rows[:, :3]) * site.spacing[0][::-1]  # x, y, z sides in mm
         np.testing.assert_allclose(diameters, np.repeat(diameters[:, :1], 3, axis=1), rtol=1e-4)  # spheres
-        assert NODULE_MM[0] - 1e-3 <= diameters.min() and diameters.max() <= NODULE_MM[1] + 1e-3
+        smallest = max(NODULE_MM[0], MIN_NODULE_VOXELS * site.spacing[0].max())  # 2 voxels across at least
+        assert smallest - 1e-3 <= diameters.min() and diameters.max() <= NODULE_MM[1] + 1e-3
         assert (rows[:, :3] >= 0).all() and (rows[:, 3:6] <= 32).all()
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from medfed.config import MODEL_NAMES, Config, ConfigError
 from medfed.data import load_simulated_site
 from medfed.data.tabular import model_width
-from medfed.models import OUTPUT_STRIDE, CenterNet, ConvClassifier, zoo
+from medfed.models import OUTPUT_STRIDES, CenterNet, ConvClassifier, zoo
 from medfed.privacy import make_private
 from medfed.tasks import get_task, predict
 from medfed.training import build_optimizer, train
@@ -65,7 +65,11 @@ def _expected_shape(config: Config, batch: int) -> tuple[int, ...]:
         "tabular": (batch, d.num_classes),
         "generation": (batch, d.num_classes),  # denoising error under each class
         "segmentation": (batch, d.num_classes, *spatial),
-        "detection": (batch, d.num_classes + 4, *(s // OUTPUT_STRIDE for s in spatial)),
+        "detection": (
+            batch,
+            d.num_classes + 2 * d.spatial_dims,
+            *(s // OUTPUT_STRIDES[d.spatial_dims] for s in spatial),
+        ),
     }[config.run.task]
 
 

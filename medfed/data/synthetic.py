@@ -10,7 +10,7 @@ fundus-like images: a field of view with an optic disc and a branching tree of d
 masks are the segmentation target (public pre-training for retinal vessel segmentation). Nuclei
 sites hold microscopy-like fields crowded with small textured blobs; organ sites hold a body with a
 few large smooth organ-like shapes of distinct intensities (2D or 3D). Nodule sites hold chest CT
-volumes in Hounsfield units (body, two lungs, vessels) with lung nodules of 3-30 mm and their 3D
+volumes in Hounsfield units (body, two lungs, vessels) with lung nodules of 3-30 mm (2 voxels at least) and their 3D
 boxes, each scanner with its own voxel size, dose (noise), reconstruction kernel and calibration.
 """
 
@@ -43,6 +43,7 @@ __all__ = [
 
 MAX_OBJECTS = 5
 NODULE_MM = (3.0, 30.0)  # nodule diameters, as LUNA16 counts them
+MIN_NODULE_VOXELS = 2.0  # and at least this many voxels across (along the coarsest axis)
 NODULE_HU = (30.0, -450.0, 450.0)  # solid, ground-glass, calcified: class c is c % 3
 NUCLEUS_SEMI_AXES = {2: (0.02, 0.05), 3: (0.05, 0.1)}  # fractions of the image size
 
@@ -188,8 +189,9 @@ def synthetic_nodule_site(
     The volume is a chest crop of 96-128 mm in-plane and 80-128 mm along z at this site's voxel
     size (so a 3 mm nodule spans a voxel or less at small ``image_size``): air, a body of soft
     tissue with a spine, two lungs (-850 HU with texture) crossed by vessels (tubes of 1-4 mm, the
-    usual false positives), and nodules of :data:`NODULE_MM` diameter (log-uniform, as small ones
-    are the common ones) inside a lung, of class c: solid, ground-glass or calcified (c % 3,
+    usual false positives), and nodules of :data:`NODULE_MM` diameter and at least
+    :data:`MIN_NODULE_VOXELS` voxels across the coarsest axis (log-uniform, as small ones are the
+    common ones) inside a lung, of class c: solid, ground-glass or calcified (c % 3,
     :data:`NODULE_HU`). A box is the nodule's sphere's bounding box (a cube in mm). Sites differ by
     voxel size, dose (noise 10-60 HU), kernel (blur), HU calibration (+-30 HU), class mix and mean
     number of nodules per scan; about 20 % of scans hold none.
@@ -200,6 +202,9 @@ def synthetic_nodule_site(
     spacing = extent / image_size
     noise, blur, calibration = rng.uniform(10, 60), rng.uniform(0.4, 1.2), rng.uniform(-30, 30)
     mean_nodules = rng.uniform(1.0, 2.0)
+    # two voxels across at least: a nodule of one voxel is one bright voxel among the vessels' cross
+    # sections (LUNA16's 3 mm are 4 voxels of its 0.7 mm)
+    smallest = max(NODULE_MM[0], MIN_NODULE_VOXELS * float(spacing.max()))
     grid = (np.mgrid[(slice(0, image_size),) * 3] + 0.5) * spacing[:, None, None, None]  # voxel centres in mm
     images, boxes = [], []
     for _ in range(num_samples):
@@ -208,7 +213,7 @@ def synthetic_nodule_site(
         count = 0 if rng.random() < 0.2 else min(1 + int(rng.poisson(mean_nodules - 1)), 3)
         rows = []
         for label in rng.choice(num_classes, size=count, p=prevalence):
-            diameter = float(np.exp(rng.uniform(*np.log(NODULE_MM))))
+            diameter = float(np.exp(rng.uniform(np.log(smallest), np.log(NODULE_MM[1]))))
             radius = diameter / 2
             centre = _nodule_centre(depth, grid, radius, extent, rng)
             if centre is None:

@@ -464,7 +464,7 @@ def _centernet_resnet18(config: Config) -> nn.Module:
     )
     stem = nn.Sequential(net.conv1, net.bn1, net.act)
     stages = [nn.Sequential(net.maxpool, net.layer1), net.layer2, net.layer3, net.layer4]
-    channels = [64, 128, 256, 512]
+    channels = [64, 64, 128, 256, 512]  # the stem, then each stage
     groups = math.gcd(m.norm_groups, channels[0])
     return CenterNet(
         d.channels,

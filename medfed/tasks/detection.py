@@ -5,7 +5,7 @@ Samples: ``{"image": (C, *spatial) float, "boxes": (M, 2 * dims + 1) float}``, o
 model-input voxels (x along the last array axis, y the one before, z the first of a volume),
 padding rows with class -1; an image without objects is a legal negative. The model is a
 CenterNet-style detector (:class:`medfed.models.CenterNet`): a heatmap of object centres per class,
-box size and centre offset at 1/4 resolution. Loss, per image (as per-sample clipping under DP
+box size and centre offset at 1/4 (images) or 1/2 (volumes) resolution. Loss, per image (as per-sample clipping under DP
 requires): the penalty-reduced focal loss on the centre heatmap plus L1 on log box size and centre
 offset at the reference centres, each divided by the image's object count.
 
@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from medfed.config import Config, require
 from medfed.data import synthetic
 from medfed.data.arrays import SiteArrays
-from medfed.models import OUTPUT_STRIDE
+from medfed.models import OUTPUT_STRIDES
 from medfed.models.zoo import build_network
 
 __all__ = [
@@ -159,7 +159,8 @@ def _encode(
     sizes = [int(n) for n in reversed(shape)]  # along x, y (z): the last array axis first
     valid = boxes[..., -1] >= 0
     cls = boxes[..., -1].clamp(min=0).long()
-    low, high = boxes[..., :dims] / OUTPUT_STRIDE, boxes[..., dims : 2 * dims] / OUTPUT_STRIDE
+    stride = OUTPUT_STRIDES[dims]
+    low, high = boxes[..., :dims] / stride, boxes[..., dims : 2 * dims] / stride
     centre, side = (low + high) / 2, (high - low).clamp(min=0.25)
     upper = torch.tensor([n - 1 for n in sizes], device=boxes.device, dtype=boxes.dtype)
     index = torch.minimum(centre.floor().clamp(min=0), upper)
@@ -198,12 +199,13 @@ def decode(outputs: torch.Tensor, config: Config | None = None) -> torch.Tensor:
     reg = outputs[:, num_classes:].float().flatten(2).gather(2, voxel[:, None].expand(-1, 2 * dims, -1))  # (B, 2d, K)
     size = reg[:, :dims].clamp(max=math.log(max(sizes))).exp()
     lows, highs = [], []
+    stride = OUTPUT_STRIDES[dims]
     remainder = voxel
     for j, n in enumerate(sizes):  # x first: the fastest-varying array axis
         centre = (remainder % n).float() + reg[:, dims + j]
         remainder = remainder // n
-        lows.append(((centre - size[:, j] / 2) * OUTPUT_STRIDE).clamp(0, n * OUTPUT_STRIDE))
-        highs.append(((centre + size[:, j] / 2) * OUTPUT_STRIDE).clamp(0, n * OUTPUT_STRIDE))
+        lows.append(((centre - size[:, j] / 2) * stride).clamp(0, n * stride))
+        highs.append(((centre + size[:, j] / 2) * stride).clamp(0, n * stride))
     boxes = torch.stack(lows + highs, dim=-1)  # (B, K, 2 * dims)
     result = outputs.new_zeros((batch, MAX_DETECTIONS, 2 * dims + 2), dtype=torch.float32)
     result[..., -1] = -1
@@ -433,7 +435,7 @@ def synthetic_site(
     index: int, samples: int, image_size: int, num_classes: int, seed: int, spatial_dims: int = 2
 ) -> SiteArrays:
     """Synthetic hospital ``index``, seeded by ``seed``: 2D images with several objects each and their
-    boxes, or 3D chest CT with lung nodules of 3-30 mm (:mod:`medfed.data.synthetic`)."""
+    boxes, or 3D chest CT with lung nodules of 3-30 mm and 2 voxels at least (:mod:`medfed.data.synthetic`)."""
     if spatial_dims not in SPATIAL_DIMS:
         raise ValueError(f"detection makes 2D images or 3D volumes, not spatial_dims = {spatial_dims}")
     if spatial_dims == 3:
