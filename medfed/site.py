@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -257,8 +257,7 @@ def _scores_first(msg: Message, node_config: dict[str, Any]) -> tuple[wire.SiteR
                 return wire.SiteReply(name, wire.UNKNOWN_MODEL, reason), ""
         asked = ConfigRecord({**training, wire.SPLIT: "val"})
         content = RecordDict({wire.CONFIG: asked} if scored is None else {wire.ARRAYS: scored, wire.CONFIG: asked})
-        request = Message(content=content, dst_node_id=msg.metadata.dst_node_id, message_type=MessageType.EVALUATE)
-        scores = _evaluation(request, node_config)
+        scores = _evaluation(content, node_config)
     except Exception as err:  # noqa: BLE001 - as in handle_train
         log.error("site cannot score the model on its validation split: %s", err)
         return wire.SiteReply(name, wire.ERROR, _failure_reason(err)), ""
@@ -470,7 +469,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Pack
     site = _site_that_trains(node_config, settings, config, run_id)
     task = get_task(config.run.task)
     device = resolve_device(config.train.device)
-    model = _received_model(task, config, msg).to(device)
+    model = _received_model(task, config, msg.content).to(device)
     run_key = str(settings.get(wire.RUN_KEY) or run_id)
     phase = str(settings.get(wire.PHASE, wire.PHASE_FEDERATED))
     server_round = int(wire.setting(settings, wire.SERVER_ROUND, 0))
@@ -542,8 +541,8 @@ class _Ditto:
     def train(self, task: Task, device: torch.device, seed: int, units: list[np.ndarray], batch_size: int) -> bool:
         """Train and keep the personal model; False when it diverged (then it is not kept)."""
         config = self.config
-        received = _received_model(task, config, self.msg)
-        model = _received_model(task, config, self.msg)
+        received = _received_model(task, config, self.msg.content)
+        model = _received_model(task, config, self.msg.content)
         if self.path.is_file():
             _load_personal(model, self.path)
         anchor = [p.detach().to(device) for p in received.parameters()]
@@ -571,7 +570,7 @@ def _personalize(
     settings = msg.content.config_records[wire.CONFIG]
     task = get_task(config.run.task)
     path = personal_model_path(site.state_dir, run_key)
-    model = _received_model(task, config, msg)
+    model = _received_model(task, config, msg.content)
     mode, privacy, steps = config.run.personalization, dict[str, float](), 0
     if mode == "none":
         raise _Refused(site.name, "this run has no personal models (run.personalization = 'none')")
@@ -669,10 +668,10 @@ def _site_that_trains(node_config: dict[str, Any], settings: ConfigRecord, confi
     return site
 
 
-def _received_model(task: Task, config: Config, msg: Message) -> torch.nn.Module:
-    """The run's model holding the weights the server sent."""
+def _received_model(task: Task, config: Config, content: RecordDict) -> torch.nn.Module:
+    """The run's model holding the weights the server sent (``content``: the request's)."""
     model = task.build_model(config)
-    set_model_arrays(model, msg.content.array_records[wire.ARRAYS])
+    set_model_arrays(model, content.array_records[wire.ARRAYS])
     return model
 
 
@@ -795,12 +794,13 @@ def _diverged(msg: Message, site_name: str, privacy: dict[str, float]) -> Messag
 
 def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
     """Refuse, or evaluate the received model on the asked split and reply with the metrics."""
-    return wire.encode_reply(msg, _evaluation(msg, node_config))
+    return wire.encode_reply(msg, _evaluation(msg.content, node_config))
 
 
-def _evaluation(msg: Message, node_config: dict[str, Any]) -> wire.SiteReply:
-    """The answer to an evaluate request: a refusal, or the metrics of its model on the asked split."""
-    config, settings = wire.read_request(msg)
+def _evaluation(content: RecordDict, node_config: dict[str, Any]) -> wire.SiteReply:
+    """The answer to an evaluate request (its ``content``): a refusal, or the metrics of its model
+    on the asked split."""
+    config, settings = wire.read_content(content)
     refusal = task_refusal(node_config, config) or approval_refusal(node_config, config)
     if refusal:
         log.warning("site refuses to evaluate: %s", refusal)
@@ -819,13 +819,13 @@ def _evaluation(msg: Message, node_config: dict[str, Any]) -> wire.SiteReply:
         config = config.with_overrides({"evaluation.label-thresholds": chosen})
     task = get_task(config.run.task)
     device = resolve_device(config.train.device)
-    model = _received_model(task, config, msg)
+    model = _received_model(task, config, content)
     intervals: dict[str, float] = {}
     if settings.get(wire.PERSONAL, False) is True:  # the site's personal model of this run, not the one sent
         path = personal_model_path(site.state_dir, str(settings.get(wire.RUN_KEY, "")))
         if not path.is_file():
             return wire.SiteReply(site.name, wire.REFUSED, "no personal model of this run at this site")
-        sent, model = model, _received_model(task, config, msg)
+        sent, model = model, _received_model(task, config, content)
         _load_personal(model, path)
         if settings.get(wire.INTERVALS, False) is True and split == "test":
             intervals = _paired_intervals(config, site, model, sent)

@@ -82,6 +82,7 @@ __all__ = [
     "held_model",
     "mark_held",
     "parse_reply",
+    "read_content",
     "read_request",
     "reply_status",
     "scored_model",
@@ -160,7 +161,12 @@ def request_config(
 
 def read_request(msg: Message) -> tuple[Config, ConfigRecord]:
     """The run's config and the whole CONFIG record (the message's settings) of a request."""
-    record = msg.content.config_records[CONFIG]
+    return read_content(msg.content)
+
+
+def read_content(content: RecordDict) -> tuple[Config, ConfigRecord]:
+    """:func:`read_request` of a request's content."""
+    record = content.config_records[CONFIG]
     return Config.from_json(str(record[MEDFED_CONFIG])), record
 
 
