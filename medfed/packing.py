@@ -1,12 +1,13 @@
 """A model as one array on the wire: Flower 1.42 sends every array of an ArrayRecord as an object
 of its own, pushed and pulled by one request each (with a retry backoff when a SuperNode sees a
-message before all of them are there). :func:`pack` makes each ArrayRecord of a message that holds
-of a model (the weights, the model to score) one array (its arrays' bytes end to end) and writes
-the layout beside it in a ConfigRecord; :func:`unpack` gives back the very arrays (names, dtypes,
-shapes, encodings and bytes), so digests and handlers see what was sent. The server packs what it
-sends and unpacks what it receives where it exchanges messages with the sites
-(``medfed.federation``), a site likewise where its train and evaluate handlers start
-(``medfed.site``). This module imports no torch.
+message before all of them are there). :func:`pack` makes each model record of a message (the
+weights, the model to score) one array, its arrays' bytes end to end, and writes the layout beside
+it in a ConfigRecord; :func:`unpack` gives back the very arrays (names, dtypes, shapes, encodings
+and bytes), so digests and handlers see what was sent. The server packs what it sends and unpacks
+what it receives where it exchanges messages with the sites (``medfed.federation``); a site
+likewise where its ClientApp takes a message (:func:`medfed.site_worker.forward`), and the
+in-process transport (:class:`medfed.in_process.InProcessGrid`) as they do. This module imports
+no torch.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from medfed import held_model, packing, wire
+from medfed import held_model, wire
 from medfed.approval import ApprovalError, config_digest, load_approvals, requires_approval
 from medfed.config import Config, node_state_dir
 from medfed.data import DataError, PrivacyUnitDataset, SiteArrays, load_simulated_site
@@ -295,20 +295,7 @@ def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
 def _holding(msg: Message, node_config: dict[str, Any], answer: Callable[[], Message]) -> Message:
     """``answer()`` once the weights ``msg`` names by digest are back in it (:mod:`medfed.held_model`);
     the weights received are kept as the site's held model, which the reply names. A request that
-    names a model the site does not hold is answered :data:`wire.UNKNOWN_MODEL`. Models travel as
-    one array each (:mod:`medfed.packing`): unpacked here, and the reply's packed."""
-    try:
-        packing.unpack(msg)
-    except ValueError as err:
-        return _failure(msg, _node_site_name(node_config), err)
-    reply = _held_answer(msg, node_config, answer)
-    packing.pack(reply)
-    return reply
-
-
-def _held_answer(msg: Message, node_config: dict[str, Any], answer: Callable[[], Message]) -> Message:
-    """``answer()`` to ``msg``, with the model ``msg`` names put back and the model it carries kept
-    (:func:`_holding`)."""
+    names a model the site does not hold is answered :data:`wire.UNKNOWN_MODEL`."""
     folder = _held_model_folder(msg, node_config)
     if folder is None:  # a malformed request: answer() says what is wrong with it
         return answer()
