@@ -218,8 +218,9 @@ def wire_summary(deployment: dict[str, Any], report: dict[str, Any], sites: int,
         )
     payload_down = sum(r["bytes_down"] for r in report["rounds"])
     payload_up = sum(r["bytes_up"] for r in report["rounds"])
-    # The final evaluation on the test split sends the model once more to every site (not in a round).
-    final_eval_down = report["rounds"][0]["bytes_down"]
+    # After the rounds, the last round's validation scoring sends the released model once more to
+    # every site (the test split's request names it by digest): not in a round's figures.
+    final_eval_down = sites * model
     last = marks[-1]
     return {
         "per_segment": segments,

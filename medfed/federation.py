@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 from safetensors.torch import load_file, save_file
 
-from medfed import held_model, wire
+from medfed import held_model, packing, wire
 from medfed.config import Config
 from medfed.evaluation.report import json_safe, write_report
 from medfed.run_folder import RunFolder
@@ -34,7 +34,7 @@ from medfed.run_status import write_running_report
 from medfed.secure_aggregation import secure_round
 from medfed.site_level_dp import SiteLevelDP, poisson_sample
 from medfed.tasks import get_task
-from medfed.tracking import open_tracker
+from medfed.tracking import Tracker, open_tracker
 from medfed.weights import (
     CheckpointError,
     UpdateRejected,
@@ -97,6 +97,9 @@ class _RunState:
     outcomes: dict[str, str] = field(default_factory=dict)
     site_dp: SiteLevelDP | None = None  # privacy.level with "site": DP-FedAvg at the server
     held: dict[int, str] = field(default_factory=dict)  # node -> digest of the model its site holds
+    scored: dict[int, str] = field(default_factory=dict)  # node -> digest of the model its site scored last
+    scoring_base: str = ""  # digest of the model the last round's requests asked to score
+    tracker: Tracker = field(default_factory=Tracker)
 
     def exchange(self, messages: list[Message], timeout: float, traffic: _Traffic | None = None) -> list[Message]:
         """Send and wait for the replies. With ``traffic`` (the bytes of the weights sent are added
@@ -132,18 +135,27 @@ class _RunState:
         return replies
 
     def _send(self, messages: list[Message], timeout: float) -> list[Message]:
-        """Send and wait for the replies, remembering which node each message went to (Flower answers
-        for a node that died with an error reply from the SuperLink's own node id) and which model
-        each site says it holds."""
+        """Send and wait for the replies (each model one array on the wire, :mod:`medfed.packing`),
+        remembering which node each message went to (Flower answers for a node that died with an
+        error reply from the SuperLink's own node id) and which model each site says it holds."""
+        for msg in messages:
+            packing.pack(msg)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id})
         for reply in replies:
+            try:
+                packing.unpack(reply)
+            except ValueError as err:  # left as it is: reading it fails, and it is left out
+                log.warning("a reply is malformed: %s", err)
             node = self.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             held = wire.held_model(reply)
             if held:
                 self.held[node] = held
             else:
                 self.held.pop(node, None)
+            scored = wire.scored_model(reply)
+            if scored is not None:
+                self.scored[node] = scored
         return replies
 
     def note(self, site: str, text: str) -> None:
@@ -178,8 +190,8 @@ def _resent(msg: Message) -> Message:
 
 def _weights_bytes(msg: Message) -> int:
     """The bytes of the weights a request carries (0 when it names its site's held model)."""
-    arrays = msg.content.array_records.get(wire.ARRAYS)
-    return 0 if arrays is None else array_bytes(arrays)
+    records = msg.content.array_records
+    return sum(array_bytes(records[key]) for key in (wire.ARRAYS, wire.SCORED) if key in records)
 
 
 def _read_reply(state: _RunState, reply: Message) -> wire.SiteReply:
@@ -194,7 +206,8 @@ def _read_reply(state: _RunState, reply: Message) -> wire.SiteReply:
 @dataclass
 class _Rounds:
     """The run so far: the global model, its ``run.ema`` average (when on: the model released),
-    one report entry per round done (round 0: the starting model), and the next round."""
+    one report entry per round done (round 0: the starting model), and the next round. The last
+    entry's ``metrics`` are None until the sites have scored its model (:func:`_scored`)."""
 
     arrays: ArrayRecord
     released: ArrayRecord | None
@@ -224,19 +237,22 @@ def run_federation(
     strategy = build_strategy(config)
     progress = _load_progress(folder, config, strategy) if resume else None
     tracker = open_tracker(config, folder, resumed=progress is not None)
-    state = _RunState(config, grid, str(state_root), progress["run_key"] if progress else run_key(config))
+    state = _RunState(
+        config, grid, str(state_root), progress["run_key"] if progress else run_key(config), tracker=tracker
+    )
     _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
     if config.privacy.site_level:
         state.site_dp = SiteLevelDP.start(config, len(list(grid.get_node_ids())), folder.site_privacy, resume)
         for line in state.site_dp.plan.lines():
             (log.warning if line.startswith("WARNING") else log.info)("site-level DP: %s", line)
     run = _resumed_rounds(state, folder, progress) if progress is not None else _first_evaluation(state)
-    tracker.round_done(run.history[-1])
+    if run.history[-1]["metrics"] is not None:
+        tracker.round_done(run.history[-1])
     for server_round in range(run.next_round, config.run.rounds + 1):
         _wait_for_sites(grid, config.run.min_sites, config.run.site_wait)
         _train_round(state, strategy, folder, run, server_round)
-        tracker.round_done(run.history[-1])
-    report = _final_report(state, folder, run.released or run.arrays, run.history)
+    counts = _score_last_round(state, strategy, folder, run) if run.history[-1]["metrics"] is None else None
+    report = _final_report(state, folder, run.released or run.arrays, run.history, counts)
     if progress is not None:
         report["resumed_after_round"] = progress["round"]
     write_report(report, folder.root)
@@ -264,11 +280,20 @@ def _resumed_rounds(state: _RunState, folder: RunFolder, progress: dict[str, Any
     return _Rounds(arrays, released, progress["rounds"], progress["round"] + 1)
 
 
+def _folded(config: Config) -> bool:
+    """Whether a round's training requests also ask the sites to score the model they carry on
+    their validation split (:data:`medfed.wire.SCORE`): one message per site per round instead of a
+    training and an evaluation message. Not under secure aggregation, whose training request opens
+    a protocol of its own."""
+    return not config.run.secure_aggregation
+
+
 def _first_evaluation(state: _RunState) -> _Rounds:
-    """Round 0: the starting model, evaluated on every site's validation split."""
+    """Round 0: the starting model, evaluated on every site's validation split (when rounds are
+    folded, :func:`_folded`: by round 1's training requests)."""
     arrays = model_to_arrays(initial_model(state.config))
     traffic = _Traffic()
-    metrics = _evaluate(state, arrays, "val", traffic)
+    metrics = None if _folded(state.config) else _evaluate(state, arrays, "val", traffic)
     entry = {
         "round": 0,
         "seconds": 0.0,
@@ -278,35 +303,51 @@ def _first_evaluation(state: _RunState) -> _Rounds:
         "metrics": metrics,
         "sites_aggregated": [],
     }
-    _log_round(0, metrics, get_task(state.config.run.task).PRIMARY_METRIC)
+    if metrics is not None:
+        _log_round(0, metrics, get_task(state.config.run.task).PRIMARY_METRIC)
     return _Rounds(arrays, None, [entry], 1)
 
 
 def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Rounds, server_round: int) -> None:
-    """One round: train at the sites, aggregate the updates fit for it, evaluate the model released
-    on the validation splits, checkpoint the round (``run`` is updated)."""
+    """One round: train at the sites, aggregate the updates fit for it, checkpoint the round
+    (``run`` is updated). The model released after the round before is scored on the validation
+    splits by the same requests (:func:`_folded`; the sites not sampled get an evaluation request
+    in the same exchange), else the model released after this round is scored after it."""
     config = state.config
     started, traffic = time.perf_counter(), _Traffic()
     state.outcomes = {}
-    settings = {wire.PHASE: wire.PHASE_FEDERATED}
+    scoring = run.history[-1]["metrics"] is None  # the last round's model is still to be scored
+    settings = {wire.PHASE: wire.PHASE_FEDERATED, **({wire.SCORE: True} if scoring else {})}
     messages = list(strategy.configure_train(server_round, run.arrays, state.message_config(settings), state.grid))
     messages = _sampled_sites(state, messages, server_round)
     secure: dict[str, Any] | None = None
+    scores: dict[str, dict[str, float]] = {}
     if config.run.secure_aggregation:  # the weights always travel: the masked update is made from them
         traffic.down += array_bytes(run.arrays) * len(messages)
         aggregated_sites, local_seconds, secure = _secure_train(state, run, messages, traffic, server_round)
     else:
-        replies = state.exchange(messages, config.run.round_timeout, traffic)
-        accepted, local_seconds = _screen_train_replies(state, run.arrays, replies, traffic, server_round)
+        requests = messages + (_scoring_requests(state, run, messages) if scoring else [])
+        kinds = {msg.metadata.dst_node_id: msg.metadata.message_type for msg in requests}
+        replies = state.exchange(requests, config.run.round_timeout, traffic)
+        trained = [reply for reply in replies if kinds.get(_node_of(state, reply)) == MessageType.TRAIN]
+        scores = _scores(state, [reply for reply in replies if all(reply is not t for t in trained)], "val")
+        lacking = [_node_of(state, reply) for reply in trained if _scores_status(reply) == wire.UNKNOWN_MODEL]
+        accepted, local_seconds = _screen_train_replies(state, run.arrays, trained, traffic, server_round, scores)
+        if lacking:  # sites that could not make the released moving average: send it
+            log.info("%d site(s) could not make the released model: sending its weights", len(lacking))
+            requests = _evaluation_requests(state, run.released or run.arrays, "val", lacking)
+            scores.update(_scores(state, state.exchange(requests, config.run.round_timeout, traffic), "val"))
         if state.site_dp:
             aggregated_sites = _aggregate_site_level(state, state.site_dp, run, accepted)
         else:
             aggregated_sites = _aggregate(state, strategy, run, accepted, server_round)
+    if scoring:
+        _scored(state, folder, run.history[-1], dict(sorted(scores.items())))
     if config.run.ema:
         run.released = moving_average(run.released, run.arrays, config.run.ema)
         save_checkpoint(folder.round_model(server_round, ema=True), run.released,
                         {"round": server_round, "ema": config.run.ema})  # fmt: skip
-    metrics = _evaluate(state, run.released or run.arrays, "val", traffic)
+    metrics = None if _folded(config) else _evaluate(state, run.released or run.arrays, "val", traffic)
     entry = {
         "round": server_round,
         "seconds": time.perf_counter() - started,
@@ -327,9 +368,81 @@ def _train_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Ro
         run.arrays,
         {"round": server_round, "task": config.run.task, "config": config.to_public_dict(), "metrics": metrics},
     )
-    _save_progress(folder, state, strategy, server_round, run.history)
-    write_running_report(folder, config, run.history, _privacy_section(state), state.notes)
-    _log_round(server_round, metrics, get_task(config.run.task).PRIMARY_METRIC)
+    if metrics is not None:
+        _scored(state, folder, entry, metrics)
+    _round_written(state, strategy, folder, run)
+
+
+def _scoring_requests(state: _RunState, run: _Rounds, messages: list[Message]) -> list[Message]:
+    """Make the training requests ``messages`` say which model to score, when it is not the one they
+    train from (``run.ema``): the moving average the site makes from the model it scored last
+    (:data:`medfed.wire.SCORE_AVERAGE`), or else its weights; and the evaluation requests of that
+    model for the sites left out of the round (``run.fraction-train``)."""
+    released = run.released or run.arrays
+    digest = held_model.model_digest(released)
+    if digest != held_model.model_digest(run.arrays):
+        averaged: dict[str, float | str] = {wire.SCORE_AVERAGE: state.config.run.ema,
+                                            wire.SCORE_BASE: state.scoring_base, wire.SCORED_DIGEST: digest}  # fmt: skip
+        for msg in messages:
+            if state.scoring_base and state.scored.get(msg.metadata.dst_node_id) == state.scoring_base:
+                msg.content[wire.CONFIG] = ConfigRecord({**msg.content.config_records[wire.CONFIG], **averaged})
+            else:
+                msg.content[wire.SCORED] = released
+    state.scoring_base = digest
+    sampled = {msg.metadata.dst_node_id for msg in messages}
+    others = [node for node in state.grid.get_node_ids() if node not in sampled]
+    return _evaluation_requests(state, released, "val", others)
+
+
+def _scores_status(reply: Message) -> str:
+    """The status of the scoring a train reply answers ("" when it answers none or is malformed)."""
+    try:
+        scores = wire.parse_reply(reply, "").scores
+    except wire.MalformedReply:
+        return ""
+    return "" if scores is None else scores.status
+
+
+def _node_of(state: _RunState, reply: Message) -> int:
+    """The node a reply answers for (Flower answers for a node that is gone from its own id)."""
+    return state.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def _scored(state: _RunState, folder: RunFolder, entry: dict[str, Any], metrics: dict[str, dict[str, float]]) -> None:
+    """The validation ``metrics`` of round ``entry``'s model are in: into the entry, the round's
+    checkpoint metadata, the tracker and the log."""
+    entry["metrics"] = metrics
+    if entry["round"] > 0:
+        meta = folder.round_model(entry["round"]).with_suffix(".json")
+        written = json.loads(meta.read_text())
+        _beside(meta).write_text(json.dumps({**written, "metrics": metrics}, indent=1, sort_keys=True, default=str))
+        os.replace(_beside(meta), meta)
+    state.tracker.round_done(entry)
+    _log_round(entry["round"], metrics, get_task(state.config.run.task).PRIMARY_METRIC)
+
+
+def _round_written(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Rounds) -> None:
+    """The progress file (what a resumed run needs) and the running report, for the rounds so far."""
+    rounds = run.history[-1]["round"]
+    _save_progress(folder, state, strategy, rounds, run.history)
+    shown = [entry for entry in run.history if entry["metrics"] is not None]
+    write_running_report(folder, state.config, shown, _privacy_section(state), state.notes)
+
+
+def _score_last_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Rounds) -> dict[str, dict[str, Any]]:
+    """Score the model released after the last round on the validation splits, with the counts of
+    cases per score bin when the operating point is to be chosen from them (one request per site
+    for both); those counts per site ({} when not asked)."""
+    settings = {wire.SCORE_COUNTS: True} if _choose_operating_point(state.config) else {}
+    results = _evaluate(state, run.released or run.arrays, "val", _Traffic(), settings=settings)
+    _scored(state, folder, run.history[-1], {site: _without_counts(m) for site, m in results.items()})
+    _round_written(state, strategy, folder, run)
+    return results if settings else {}
+
+
+def _without_counts(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A site's metrics without the counts of cases per score bin."""
+    return {k: v for k, v in metrics.items() if not k.startswith("score_")}
 
 
 def _aggregate(
@@ -428,13 +541,18 @@ def _aggregate_site_level(state: _RunState, site_dp: SiteLevelDP, run: _Rounds, 
 
 
 def _final_report(
-    state: _RunState, folder: RunFolder, arrays: ArrayRecord, rounds: list[dict[str, Any]]
+    state: _RunState,
+    folder: RunFolder,
+    arrays: ArrayRecord,
+    rounds: list[dict[str, Any]],
+    counts: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Release ``arrays`` (the global model, with its operating threshold), score it on every
-    site's test split and, when asked, against each site's local-only model: the run's report."""
+    """Release ``arrays`` (the global model, with its operating threshold, chosen from ``counts``
+    when the last round's scoring brought them), score it on every site's test split and, when
+    asked, against each site's local-only model: the run's report."""
     config = state.config
     task = get_task(config.run.task)
-    operating = _operating_point(state, arrays)
+    operating = _operating_point(state, arrays, counts)
     released_config = config.with_overrides(_operating_overrides(operating)) if operating else config
     site_thresholds = {site: p["threshold"] for site, p in operating.get("per_site", {}).items()}
     save_checkpoint(
@@ -447,7 +565,7 @@ def _final_report(
     at_threshold = _operating_settings(operating)
     per_site = _evaluate(state, arrays, "test", _Traffic(), thresholds, {**at_threshold, wire.SCORE_COUNTS: True})
     pooled = task.pooled_metrics(per_site, released_config)
-    per_site = {site: {k: v for k, v in m.items() if not k.startswith("score_")} for site, m in per_site.items()}
+    per_site = {site: _without_counts(m) for site, m in per_site.items()}
     personal = None
     if config.run.personalization != "none":
         personal = _personal_models(state, arrays, thresholds, at_threshold, task.PRIMARY_METRIC)
@@ -614,14 +732,22 @@ def _load_progress(folder: RunFolder, config: Config, strategy: FedAvg) -> dict[
 
 
 def _screen_train_replies(
-    state: _RunState, reference: ArrayRecord, replies: Iterable[Message], traffic: _Traffic, server_round: int
+    state: _RunState,
+    reference: ArrayRecord,
+    replies: Iterable[Message],
+    traffic: _Traffic,
+    server_round: int,
+    scores: dict[str, dict[str, float]] | None = None,
 ) -> tuple[list[Message], dict[str, float]]:
-    """The replies fit for aggregation; every other one is logged with the reason and left out."""
+    """The replies fit for aggregation; every other one is logged with the reason and left out.
+    The validation scores the replies carry (:data:`medfed.wire.SCORE`) go into ``scores``."""
     accepted: list[Message] = []
     local_seconds: dict[str, float] = {}
     for reply in replies:
         try:
             parsed = _read_reply(state, reply)
+            if parsed.scores is not None and scores is not None:
+                _take_scores(scores, parsed.scores, "val")
             _record_privacy(state, parsed)
             if parsed.status != wire.OK:
                 log.warning("round %d: site %s %s: %s", server_round, parsed.site, parsed.status, parsed.reason)
@@ -695,16 +821,24 @@ def _with_dtypes_of(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     return ArrayRecord(converted)
 
 
-def _operating_point(state: _RunState, arrays: ArrayRecord) -> dict[str, Any]:
+def _choose_operating_point(config: Config) -> bool:
+    """Whether the operating point is chosen from the validation splits (no threshold in the config)."""
+    return not (config.evaluation.threshold or config.evaluation.label_thresholds)
+
+
+def _operating_point(
+    state: _RunState, arrays: ArrayRecord, counts: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The released model's operating threshold (binary tasks): ``evaluation.threshold`` when set,
     else chosen by the task from the sites' validation splits (counts of cases per score bin,
-    summed here); {} for tasks without one."""
+    summed here; ``counts``: the sites' answers when already asked); {} for tasks without one."""
     settings = state.config.evaluation
     if settings.threshold:
         return {"threshold": settings.threshold, "method": "evaluation.threshold"}
     if settings.label_thresholds:
         return {"label_thresholds": list(settings.label_thresholds), "method": "evaluation.label-thresholds"}
-    counts = _evaluate(state, arrays, "val", _Traffic(), settings={wire.SCORE_COUNTS: True})
+    if not counts:
+        counts = _evaluate(state, arrays, "val", _Traffic(), settings={wire.SCORE_COUNTS: True})
     task = get_task(state.config.run.task)
     chosen: dict[str, Any] = task.operating_point(counts, state.config)
     if not chosen:
@@ -749,24 +883,49 @@ def _evaluate(
 ) -> dict[str, dict[str, float]]:
     """Send ``arrays`` to every site for evaluation on ``split`` (``settings``: more message settings,
     ``per_site``: settings for the named sites only, e.g. their own thresholds); metrics by site name."""
-    node_ids = list(state.grid.get_node_ids())
+    messages = _evaluation_requests(state, arrays, split, state.grid.get_node_ids(), per_site, settings)
+    replies = state.exchange(messages, state.config.run.round_timeout, traffic)
+    return dict(sorted(_scores(state, replies, split).items()))
+
+
+def _evaluation_requests(
+    state: _RunState,
+    arrays: ArrayRecord,
+    split: str,
+    nodes: Iterable[int],
+    per_site: dict[str, dict[str, Any]] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> list[Message]:
+    """The requests to evaluate ``arrays`` on ``split`` at ``nodes`` (``settings`` and ``per_site``:
+    as :func:`_evaluate` takes them)."""
     messages = []
-    for node in node_ids:
+    for node in nodes:
         own = {wire.SPLIT: split, **(settings or {}), **(per_site or {}).get(state.sites.get(node, ""), {})}
         content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: state.message_config(own)})
         messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
+    return messages
+
+
+def _scores(state: _RunState, replies: Iterable[Message], split: str) -> dict[str, dict[str, float]]:
+    """The metrics of evaluation ``replies`` on ``split`` by site name (failures logged and left out)."""
     results: dict[str, dict[str, float]] = {}
-    for reply in state.exchange(messages, state.config.run.round_timeout, traffic):
+    for reply in replies:
         try:
-            parsed = _read_reply(state, reply)
+            _take_scores(results, _read_reply(state, reply), split)
         except wire.MalformedReply as err:
             log.warning("evaluation on %s: %s", split, err)
-            continue
-        if parsed.status != wire.OK:
-            log.warning("site %s could not evaluate on %s: %s", parsed.site, split, parsed.reason)
-            continue
-        results[parsed.site] = {k: v for k, v in parsed.metrics.items() if k != wire.NUM_EXAMPLES}
-    return dict(sorted(results.items()))
+    return results
+
+
+def _take_scores(results: dict[str, dict[str, float]], parsed: wire.SiteReply, split: str) -> None:
+    """Put one site's evaluation answer into ``results`` (a failure or refusal is logged instead)."""
+    if parsed.status == wire.UNKNOWN_MODEL:  # the model is sent to it next
+        log.info("site %s does not hold the model to evaluate on %s", parsed.site, split)
+    elif parsed.status != wire.OK:
+        log.warning("site %s could not evaluate on %s: %s", parsed.site, split, parsed.reason)
+    if parsed.status != wire.OK:
+        return
+    results[parsed.site] = {k: v for k, v in parsed.metrics.items() if k != wire.NUM_EXAMPLES}
 
 
 def _cross_site(

@@ -1,15 +1,19 @@
 """The model a site holds: the last weights the server sent it, so that the server can send the
 digest of a model the site already has instead of the weights.
 
-In every round the server sends the global model to each site twice: to score on the validation
-split after aggregation, then to train from in the next round. A site keeps the last weights it
-received (:func:`keep`: one file, ``STATE_DIR/held-model.pb``) and names them in each reply
-(:func:`medfed.wire.held_model`); a request whose weights are that model carries their digest
+A round's training request carries new weights (it also asks the site to score them on its
+validation split, :data:`medfed.wire.SCORE`), but the requests after the rounds (the released
+model's scoring on the validation, then the test split) send the same model again. A site keeps
+the last weights it received (:func:`keep`: one file, ``STATE_DIR/held-model.pb``) and names them
+in each reply (:func:`medfed.wire.held_model`); a request whose weights are that model carries their digest
 instead (:func:`by_reference`, the setting :data:`medfed.wire.MODEL_DIGEST`), and the site puts
 the weights back (:func:`resolve`) before anything reads the request: the handlers, and the
 privacy ledger's release key (a digest of the request), see the very request a full send makes.
 A site that does not hold the model (its state folder was cleared, a damaged file) answers
-:data:`medfed.wire.UNKNOWN_MODEL`, and the server sends the weights. This module imports no torch.
+:data:`medfed.wire.UNKNOWN_MODEL`, and the server sends the weights. It also keeps the last
+model a training request asked it to score (:data:`SCORED_FILE`): with ``run.ema`` the next
+request asks it to score the moving average of that model and the new weights, which it makes
+itself (:func:`kept` finds the model by digest). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from medfed import wire
 
-__all__ = ["HELD_FILE", "by_reference", "keep", "model_digest", "resolve"]
+__all__ = ["HELD_FILE", "SCORED_FILE", "by_reference", "keep", "kept", "model_digest", "resolve"]
 
 log = logging.getLogger("medfed.held_model")
 
 HELD_FILE = "held-model.pb"  # in the site's state folder: the last weights received (Flower's record encoding)
+SCORED_FILE = "scored-model.pb"  # beside it: the last model scored by a training request (wire.SCORE)
 
 
 def model_digest(arrays: ArrayRecord) -> str:
@@ -57,8 +62,8 @@ def resolve(msg: Message, folder: Path) -> bool:
     if settings is None or wire.MODEL_DIGEST not in settings:
         return True
     wanted = settings[wire.MODEL_DIGEST]
-    arrays = _load(folder / HELD_FILE)
-    if not isinstance(wanted, str) or arrays is None or model_digest(arrays) != wanted:
+    arrays = kept(folder, wanted) if isinstance(wanted, str) else None
+    if arrays is None:
         return False
     content = RecordDict({key: record for key, record in msg.content.items() if key != wire.CONFIG})
     content[wire.ARRAYS] = arrays
@@ -67,11 +72,18 @@ def resolve(msg: Message, folder: Path) -> bool:
     return True
 
 
-def keep(arrays: ArrayRecord, folder: Path) -> str:
-    """Keep ``arrays`` as the model this site holds (atomically, replacing the one before); its
-    digest, or "" when it cannot be kept (the reason is logged: the server then sends weights)."""
-    path = folder / HELD_FILE
-    hidden = path.with_name(f".{HELD_FILE}")
+def kept(folder: Path, digest: str, name: str = HELD_FILE) -> ArrayRecord | None:
+    """The weights kept in ``folder``/``name`` if their digest is ``digest``, else None."""
+    arrays = _load(folder / name)
+    return arrays if arrays is not None and model_digest(arrays) == digest else None
+
+
+def keep(arrays: ArrayRecord, folder: Path, name: str = HELD_FILE) -> str:
+    """Keep ``arrays`` as the model this site holds (``name``: or another one, e.g. the one it
+    scored), atomically, replacing the one before; its digest, or "" when it cannot be kept (the
+    reason is logged: the server then sends weights)."""
+    path = folder / name
+    hidden = path.with_name(f".{name}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         hidden.write_bytes(recorddict_to_proto(RecordDict({wire.ARRAYS: arrays})).SerializeToString())

@@ -9,6 +9,7 @@ from typing import Any
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
+from medfed import packing
 from medfed.site import handle_evaluate, handle_train
 
 __all__ = ["InProcessGrid"]
@@ -16,7 +17,8 @@ __all__ = ["InProcessGrid"]
 
 class InProcessGrid(Grid):
     """Delivers each message to the site handlers with the node config of the node it is addressed
-    to (``nodes``: node id -> node config); ``tamper(node, reply)`` may alter a train reply."""
+    to (``nodes``: node id -> node config); ``tamper(node, reply)`` may alter a train reply. Models
+    travel packed (:mod:`medfed.packing`), as between processes."""
 
     def __init__(
         self, nodes: dict[int, dict[str, Any]], tamper: Callable[[int, Message], None] | None = None, run_id: int = 42
@@ -48,11 +50,13 @@ class InProcessGrid(Grid):
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
+            packing.unpack(msg)  # as the site's ClientApp does (medfed.site_worker.forward)
             if msg.metadata.message_type == MessageType.TRAIN:
                 reply = handle_train(msg, self.nodes[node], run_id=self.run_id)
                 if self.tamper:
                     self.tamper(node, reply)
             else:
                 reply = handle_evaluate(msg, self.nodes[node])
+            packing.pack(reply)
             replies.append(reply)
         return replies

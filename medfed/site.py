@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
@@ -59,6 +59,7 @@ from medfed.weights import (
     load_checkpoint,
     load_state,
     model_to_arrays,
+    moving_average,
     save_checkpoint,
     set_model_arrays,
 )
@@ -220,14 +221,64 @@ def handle_train(msg: Message, node_config: dict[str, Any], run_id: int, package
     """
 
     def answer() -> Message:
+        scored = _scores_first(msg, node_config)
         try:
-            return _train(msg, node_config, run_id, package)
+            reply = _train(msg, node_config, run_id, package)
         except _Refused as refused:
-            return wire.encode_reply(msg, wire.SiteReply(refused.site, wire.REFUSED, refused.reason, refused.metrics))
+            reply = wire.encode_reply(msg, wire.SiteReply(refused.site, wire.REFUSED, refused.reason, refused.metrics))
         except Exception as err:  # noqa: BLE001 - nothing a site raises may reach the server verbatim
-            return _failure(msg, _node_site_name(node_config), err)
+            reply = _failure(msg, _node_site_name(node_config), err)
+        if scored is not None:
+            wire.attach_scores(reply, *scored)
+        return reply
 
     return _holding(msg, node_config, answer)
+
+
+def _scores_first(msg: Message, node_config: dict[str, Any]) -> tuple[wire.SiteReply, str] | None:
+    """The validation scores a train request asks for first (:data:`wire.SCORE`), answered as an
+    evaluate request with the same settings is, and the digest of the model scored, which the site
+    keeps (the base of the next request's :data:`wire.SCORE_AVERAGE`); None when the request asks
+    for none. The scoring's settings and model are then taken out of ``msg``: the training sees
+    (and the privacy ledger's release key hashes) the request a plain training request is."""
+    settings = msg.content.config_records.get(wire.CONFIG)
+    if settings is None or settings.get(wire.SCORE, False) is not True:
+        return None
+    records = msg.content.array_records
+    scored = records.get(wire.SCORED, records.get(wire.ARRAYS))
+    training = {k: v for k, v in settings.items() if k not in wire.SCORING_SETTINGS}
+    msg.content = RecordDict({k: r for k, r in msg.content.items() if k not in (wire.SCORED, wire.CONFIG)})
+    msg.content[wire.CONFIG] = ConfigRecord(training)
+    name, folder = _node_site_name(node_config), _held_model_folder(msg, node_config)
+    try:
+        if wire.SCORE_AVERAGE in settings:
+            scored = _site_average(settings, records.get(wire.ARRAYS), folder)
+            if scored is None:
+                reason = "the site does not hold the model the moving average starts from"
+                return wire.SiteReply(name, wire.UNKNOWN_MODEL, reason), ""
+        asked = ConfigRecord({**training, wire.SPLIT: "val"})
+        content = RecordDict({wire.CONFIG: asked} if scored is None else {wire.ARRAYS: scored, wire.CONFIG: asked})
+        scores = _evaluation(content, node_config)
+    except Exception as err:  # noqa: BLE001 - as in handle_train
+        log.error("site cannot score the model on its validation split: %s", err)
+        return wire.SiteReply(name, wire.ERROR, _failure_reason(err)), ""
+    digest = held_model.keep(scored, folder, held_model.SCORED_FILE) if scored is not None and folder else ""
+    return scores, digest
+
+
+def _site_average(settings: ConfigRecord, latest: ArrayRecord | None, folder: Path | None) -> ArrayRecord | None:
+    """The moving average a request with :data:`wire.SCORE_AVERAGE` asks to score, made here from
+    the model the site scored last and ``latest`` as the server makes it
+    (:func:`medfed.weights.moving_average`); None when the site does not keep that model or the
+    average is not the model the server released (its digest differs)."""
+    base = settings.get(wire.SCORE_BASE)
+    if folder is None or latest is None or not isinstance(base, str):
+        return None
+    before = held_model.kept(folder, base, held_model.SCORED_FILE)
+    if before is None:
+        return None
+    average = moving_average(before, latest, float(wire.setting(settings, wire.SCORE_AVERAGE)))
+    return average if held_model.model_digest(average) == settings.get(wire.SCORED_DIGEST) else None
 
 
 def handle_evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
@@ -406,7 +457,7 @@ def _train(msg: Message, node_config: dict[str, Any], run_id: int, package: Pack
     site = _site_that_trains(node_config, settings, config, run_id)
     task = get_task(config.run.task)
     device = resolve_device(config.train.device)
-    model = _received_model(task, config, msg).to(device)
+    model = _received_model(task, config, msg.content).to(device)
     run_key = str(settings.get(wire.RUN_KEY) or run_id)
     phase = str(settings.get(wire.PHASE, wire.PHASE_FEDERATED))
     server_round = int(wire.setting(settings, wire.SERVER_ROUND, 0))
@@ -480,8 +531,8 @@ class _Ditto:
     def train(self, task: Task, device: torch.device, seed: int, units: list[np.ndarray], batch_size: int) -> bool:
         """Train and keep the personal model; False when it diverged (then it is not kept)."""
         config = self.config
-        received = _received_model(task, config, self.msg)
-        model = _received_model(task, config, self.msg)
+        received = _received_model(task, config, self.msg.content)
+        model = _received_model(task, config, self.msg.content)
         if self.path.is_file():
             _load_personal(model, self.path)
         anchor = [p.detach().to(device) for p in received.parameters()]
@@ -516,7 +567,7 @@ def _personalize(
     settings = msg.content.config_records[wire.CONFIG]
     task = get_task(config.run.task)
     path = personal_model_path(site.state_dir, run_key)
-    model = _received_model(task, config, msg)
+    model = _received_model(task, config, msg.content)
     mode, privacy, steps = config.run.personalization, dict[str, float](), 0
     if mode == "none":
         raise _Refused(site.name, "this run has no personal models (run.personalization = 'none')")
@@ -623,10 +674,10 @@ def _site_that_trains(node_config: dict[str, Any], settings: ConfigRecord, confi
     return site
 
 
-def _received_model(task: Task, config: Config, msg: Message) -> torch.nn.Module:
-    """The run's model holding the weights the server sent."""
+def _received_model(task: Task, config: Config, content: RecordDict) -> torch.nn.Module:
+    """The run's model holding the weights the server sent (``content``: the request's)."""
     model = task.build_model(config)
-    set_model_arrays(model, msg.content.array_records[wire.ARRAYS])
+    set_model_arrays(model, content.array_records[wire.ARRAYS])
     return model
 
 
@@ -856,22 +907,24 @@ def _diverged(msg: Message, site_name: str, privacy: dict[str, float]) -> Messag
 
 def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
     """Refuse, or evaluate the received model on the asked split and reply with the metrics."""
-    config, settings = wire.read_request(msg)
+    return wire.encode_reply(msg, _evaluation(msg.content, node_config))
+
+
+def _evaluation(content: RecordDict, node_config: dict[str, Any]) -> wire.SiteReply:
+    """The answer to an evaluate request (its ``content``): a refusal, or the metrics of its model
+    on the asked split."""
+    config, settings = wire.read_content(content)
     refusal = task_refusal(node_config, config) or approval_refusal(node_config, config)
     if refusal:
         log.warning("site refuses to evaluate: %s", refusal)
-        return wire.encode_reply(msg, wire.SiteReply(_node_site_name(node_config), wire.REFUSED, refusal))
+        return wire.SiteReply(_node_site_name(node_config), wire.REFUSED, refusal)
     site = resolve_site(node_config, settings, config)
     split = str(settings.get(wire.SPLIT, "val"))
     if split not in ("val", "test"):
-        return wire.encode_reply(
-            msg, wire.SiteReply(site.name, wire.REFUSED, f"evaluation is allowed on val or test only, not {split!r}")
-        )
+        return wire.SiteReply(site.name, wire.REFUSED, f"evaluation is allowed on val or test only, not {split!r}")
     dataset = site.data.split(split)
     if len(dataset) == 0:
-        return wire.encode_reply(
-            msg, wire.SiteReply(site.name, wire.EMPTY, f"no samples in the {split} split", {wire.NUM_EXAMPLES: 0})
-        )
+        return wire.SiteReply(site.name, wire.EMPTY, f"no samples in the {split} split", {wire.NUM_EXAMPLES: 0})
     if wire.THRESHOLD in settings:  # the operating point the server chose on the validation splits
         config = config.with_overrides({"evaluation.threshold": float(wire.setting(settings, wire.THRESHOLD))})
     if wire.LABEL_THRESHOLDS in settings:  # multi-label: each label's
@@ -879,21 +932,20 @@ def _evaluate(msg: Message, node_config: dict[str, Any]) -> Message:
         config = config.with_overrides({"evaluation.label-thresholds": chosen})
     task = get_task(config.run.task)
     device = resolve_device(config.train.device)
-    model = _received_model(task, config, msg)
+    model = _received_model(task, config, content)
     intervals: dict[str, float] = {}
     if settings.get(wire.PERSONAL, False) is True:  # the site's personal model of this run, not the one sent
         path = personal_model_path(site.state_dir, str(settings.get(wire.RUN_KEY, "")))
         if not path.is_file():
-            reason = "no personal model of this run at this site"
-            return wire.encode_reply(msg, wire.SiteReply(site.name, wire.REFUSED, reason))
-        sent, model = model, _received_model(task, config, msg)
+            return wire.SiteReply(site.name, wire.REFUSED, "no personal model of this run at this site")
+        sent, model = model, _received_model(task, config, content)
         _load_personal(model, path)
         if settings.get(wire.INTERVALS, False) is True and split == "test":
             intervals = _paired_intervals(config, site, model, sent)
     score_counts = settings.get(wire.SCORE_COUNTS, False) is True
     results = evaluate(task, model.to(device), dataset, config, device, score_counts=score_counts)
     metrics = {wire.NUM_EXAMPLES: len(dataset), **results, **intervals}
-    return wire.encode_reply(msg, wire.SiteReply(site.name, wire.OK, "", metrics))
+    return wire.SiteReply(site.name, wire.OK, "", metrics)
 
 
 def _paired_intervals(config: Config, site: Site, personal: torch.nn.Module, sent: torch.nn.Module) -> dict[str, float]:
@@ -920,10 +972,15 @@ def _node_site_name(node_config: dict[str, Any]) -> str:
 def _failure(msg: Message, site_name: str, err: Exception) -> Message:
     """Log the full error at the site; tell the server only what kind of failure it was."""
     log.error("site cannot take part: %s", err)
+    return wire.encode_reply(msg, wire.SiteReply(site_name, wire.ERROR, _failure_reason(err)))
+
+
+def _failure_reason(err: Exception) -> str:
+    """What the server is told of a failure at the site: its kind only (the log has the rest)."""
     if isinstance(err, PreflightFailed):  # kinds and counts only: no file, patient or value
         reason = str(err)
     elif isinstance(err, DataError):
         reason = f"site data failed validation ({len(err.problems)} problem(s))"
     else:
         reason = type(err).__name__
-    return wire.encode_reply(msg, wire.SiteReply(site_name, wire.ERROR, f"{reason}; details are in the site's log"))
+    return f"{reason}; details are in the site's log"

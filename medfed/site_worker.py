@@ -57,7 +57,7 @@ from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
 
-from medfed import wire
+from medfed import packing, wire
 from medfed.config import finite_number, node_state_dir
 
 __all__ = ["IDLE_MINUTES", "WORKER_FOLDER", "forward", "handle", "serve", "socket_path", "worker_settings"]
@@ -131,11 +131,25 @@ def _handlers() -> dict[str, Handler]:
 
 
 def forward(msg: Message, context: Context, parent: int | None = None) -> Message:
-    """Answer ``msg`` through the site's worker (started if none is running), else in-process.
+    """Answer ``msg`` through the site's worker (started if none is running), else in-process;
+    a model travels as one array (:mod:`medfed.packing`): unpacked here, and the reply's packed.
 
     ``parent``: the process whose end stops the worker (default: this process's parent, the
     SuperNode's executor that starts one ClientApp process per message).
     """
+    try:
+        packing.unpack(msg)
+    except ValueError as err:
+        log.error("site cannot read the request: %s", err)
+        site = str(context.node_config.get("site-name", "unknown"))
+        return wire.encode_reply(msg, wire.SiteReply(site, wire.ERROR, f"the request is malformed: {err}"))
+    reply = _forward(msg, context, parent)
+    packing.pack(reply)
+    return reply
+
+
+def _forward(msg: Message, context: Context, parent: int | None) -> Message:
+    """:func:`forward` of an unpacked message."""
     node_config = dict(context.node_config)
     try:
         enabled, idle_seconds = worker_settings(node_config)

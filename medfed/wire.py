@@ -6,6 +6,12 @@ config record holds the run's config as JSON (:data:`MEDFED_CONFIG`, made by :fu
 read by :func:`read_request`) and the message's own settings (:data:`PHASE`, :data:`SPLIT`, ...).
 A request for the model its site holds carries :data:`MODEL_DIGEST` instead of ARRAYS
 (:mod:`medfed.held_model`, which puts the weights back before the site's handlers read it).
+A training request with :data:`SCORE` also asks the site to score a model on its validation split
+first (the model it trains from, or :data:`SCORED` when another one is released, or, with
+:data:`SCORE_AVERAGE`, the moving average the site makes itself from the model it scored last):
+one message per site per round, whose reply carries those metrics in a :data:`SCORES` record
+(:func:`attach_scores`, read back into :attr:`SiteReply.scores`) and names the model the site
+scored (:func:`scored_model`).
 A reply (site to server) is ``RecordDict({METRICS: MetricRecord, SITE: ConfigRecord[, ARRAYS]})``:
 the site record says who answers and how it went (one of :data:`STATUSES`) and which model the
 site holds (:func:`held_model`), made by :func:`encode_reply` and read back by :func:`parse_reply`.
@@ -51,7 +57,14 @@ __all__ = [
     "REFUSED",
     "RUN_KEY",
     "SAMPLE_RATE",
+    "SCORE",
+    "SCORED",
+    "SCORED_DIGEST",
+    "SCORE_AVERAGE",
+    "SCORE_BASE",
+    "SCORES",
     "SCORE_COUNTS",
+    "SCORING_SETTINGS",
     "SERVER_ROUND",
     "SITE",
     "SPLIT",
@@ -70,12 +83,15 @@ __all__ = [
     "UNKNOWN_MODEL",
     "MalformedReply",
     "SiteReply",
+    "attach_scores",
     "encode_reply",
     "held_model",
     "mark_held",
     "parse_reply",
+    "read_content",
     "read_request",
     "reply_status",
+    "scored_model",
     "reported_site_name",
     "request_config",
     "setting",
@@ -86,6 +102,8 @@ ARRAYS = "arrays"  # the model's weights (both ways)
 CONFIG = "config"  # request: the run's config and the message's settings
 METRICS = "metrics"  # reply: the site's numbers
 SITE = "site"  # reply: who answers, and how it went
+SCORED = "scored-arrays"  # train request with SCORE: the model to score when it is not ARRAYS (run.ema)
+SCORES = "scores"  # reply to a train request with SCORE: the validation metrics of the model scored
 
 # Request settings (keys of the CONFIG record).
 MEDFED_CONFIG = "medfed-config"  # the run's Config as JSON
@@ -101,6 +119,11 @@ SCORE_COUNTS = "score-counts"  # evaluate: also send counts of cases per score b
 PERSONAL = "personal"  # evaluate: the site's personal model of the run instead of the weights sent
 INTERVALS = "intervals"  # evaluate (with PERSONAL): bootstrap intervals of the personal and sent models
 MODEL_DIGEST = "model-digest"  # train, evaluate: no ARRAYS, the weights are the site's held model of this digest
+SCORE = "score"  # train: first score SCORED (else ARRAYS) on the val split, as an evaluate request would
+# train with SCORE, run.ema: score SCORE_AVERAGE * (the model of digest SCORE_BASE, which the site scored
+# last) + (1 - SCORE_AVERAGE) * ARRAYS, whose digest must be SCORED_DIGEST
+SCORE_AVERAGE, SCORE_BASE, SCORED_DIGEST = "score-average", "score-base", "scored-digest"
+SCORING_SETTINGS = (SCORE, SCORE_AVERAGE, SCORE_BASE, SCORED_DIGEST)  # none of them is the training's
 
 PHASE_FEDERATED = "federated"  # one round of the federation
 PHASE_LOCAL = "local-baseline"  # the site's local-only model, a whole run's training in one pass
@@ -138,6 +161,8 @@ SYNTHETIC_SECONDS = "synthetic-seconds"
 # Keys of the SITE record.
 _NAME, _STATUS, _REASON, _PRIVACY_UNIT, _NOTES = "name", "status", "reason", "privacy-unit", "notes"
 _HELD = "held-model"  # the digest of the weights the site holds (medfed.held_model)
+_SCORES_STATUS, _SCORES_REASON = "scores-status", "scores-reason"  # how the scoring asked by SCORE went
+_SCORED = "scored-model"  # the digest of the model the site scored (and keeps: SCORE_BASE of the next request)
 
 
 def request_config(
@@ -150,7 +175,12 @@ def request_config(
 
 def read_request(msg: Message) -> tuple[Config, ConfigRecord]:
     """The run's config and the whole CONFIG record (the message's settings) of a request."""
-    record = msg.content.config_records[CONFIG]
+    return read_content(msg.content)
+
+
+def read_content(content: RecordDict) -> tuple[Config, ConfigRecord]:
+    """:func:`read_request` of a request's content."""
+    record = content.config_records[CONFIG]
     return Config.from_json(str(record[MEDFED_CONFIG])), record
 
 
@@ -180,6 +210,7 @@ class SiteReply:
     arrays: ArrayRecord | None = None
     privacy_unit: str = ""
     notes: str = ""
+    scores: SiteReply | None = None  # a train reply to a request with SCORE: the scoring's own answer
 
 
 def encode_reply(request: Message, reply: SiteReply) -> Message:
@@ -193,6 +224,28 @@ def encode_reply(request: Message, reply: SiteReply) -> Message:
     if reply.arrays is not None:
         content[ARRAYS] = reply.arrays
     return Message(content=content, reply_to=request)
+
+
+def attach_scores(reply: Message, scores: SiteReply, digest: str) -> None:
+    """Add to a site's train ``reply`` the answer of the scoring its request asked for
+    (:data:`SCORE`) and the ``digest`` of the model it scored and keeps ("" when none)."""
+    if reply.has_error() or SITE not in reply.content.config_records:
+        return
+    reply.content[SCORES] = MetricRecord({k: float(v) for k, v in scores.metrics.items()})
+    site = reply.content.config_records[SITE]
+    site[_SCORES_STATUS], site[_SCORES_REASON], site[_SCORED] = scores.status, scores.reason, digest
+
+
+def scored_model(reply: Message) -> str | None:
+    """The digest of the model the replying site scored and keeps ("" when it keeps none), or
+    None when the reply answers no scoring."""
+    if reply.has_error():
+        return None
+    try:
+        scored = reply.content.config_records[SITE][_SCORED]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return scored if isinstance(scored, str) else None
 
 
 def reported_site_name(reply: Message) -> str | None:
@@ -246,6 +299,10 @@ def parse_reply(reply: Message, site: str) -> SiteReply:
         arrays = reply.content.array_records.get(ARRAYS)
         unit = str(status[_PRIVACY_UNIT]) if _PRIVACY_UNIT in status else ""
         notes = str(status[_NOTES]) if _NOTES in status else ""
-        return SiteReply(site, str(status[_STATUS]), str(status[_REASON]), metrics, arrays, unit, notes)
+        scores = None
+        if _SCORES_STATUS in status:
+            scored = {str(k): float(v) for k, v in reply.content[SCORES].items()}  # type: ignore[arg-type]
+            scores = SiteReply(site, str(status[_SCORES_STATUS]), str(status[_SCORES_REASON]), scored)
+        return SiteReply(site, str(status[_STATUS]), str(status[_REASON]), metrics, arrays, unit, notes, scores)
     except (KeyError, TypeError, ValueError) as err:
         raise MalformedReply(f"site {site} sent a malformed reply ({type(err).__name__}: {err})") from err

@@ -1,6 +1,8 @@
-"""The model sent once per round (medfed.held_model): a train request names the model the site
-scored on its validation split by digest; a site that lost it gets the weights; run.ema and
-the privacy release key unchanged; the prompt grid collects replies as Flower's does."""
+"""One message per site per round: the training request also asks the site to score the model on
+its validation split (with run.ema, the average the site makes itself), so the model goes down
+once; a request names a model the site holds by digest (medfed.held_model) and a site that lost
+it gets the weights; the report is the one two messages per round made; the privacy release key
+is unchanged; the prompt grid collects replies as Flower's does."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from medfed import held_model, wire
+from medfed import federation, held_model, packing, wire
 from medfed.data import write_site
 from medfed.data.synthetic import synthetic_site
 from medfed.federation import run_federation
@@ -27,21 +29,22 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class RecordingGrid(InProcessGrid):
-    """Records whether each request carried weights; ``forget`` (site names) lose their held model
-    before every train request."""
+    """Records each request's type, site and which models it carried; ``forget`` (site names) lose
+    their held model before every evaluation request."""
 
     def __init__(self, nodes: dict[int, dict], forget: Iterable[str] = ()) -> None:
         super().__init__(nodes)
         self.forget = set(forget)
-        self.sent: list[tuple[str, str, bool]] = []  # (message type, site, weights sent)
+        self.sent: list[tuple[str, str, int]] = []  # (message type, site, models carried)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         for msg in messages:
             node = self.nodes[msg.metadata.dst_node_id]
-            if msg.metadata.message_type == MessageType.TRAIN and node["site-name"] in self.forget:
+            if msg.metadata.message_type == MessageType.EVALUATE and node["site-name"] in self.forget:
                 (Path(node["state-dir"]) / held_model.HELD_FILE).unlink(missing_ok=True)
-            carried = wire.ARRAYS in msg.content.array_records
+            carried = sum(key in msg.content.array_records for key in (wire.ARRAYS, wire.SCORED))
+            assert all(len(record) == 1 for record in msg.content.array_records.values())  # medfed.packing
             self.sent.append((msg.metadata.message_type, node["site-name"], carried))
         return super().send_and_receive(messages, timeout=timeout)
 
@@ -64,38 +67,68 @@ def _config(**overrides: object):  # noqa: ANN202
 
 
 def _model_bytes(report: dict) -> int:
-    return report["rounds"][0]["bytes_down"] // len(report["sites"])  # round 0: the model once to every site
+    return report["rounds"][1]["bytes_down"] // len(report["sites"])  # round 1: the model once to every site
 
 
-def test_a_round_sends_the_model_once_and_a_site_that_lost_it_gets_the_weights(nodes: dict, tmp_path: Path) -> None:
+def _same_numbers(one: dict, other: dict) -> None:
+    for key in ("metrics", "sites_aggregated", "outcomes"):  # (JSON: NaN == NaN)
+        assert json.dumps([r.get(key) for r in one["rounds"]]) == json.dumps([r.get(key) for r in other["rounds"]])
+    assert json.dumps(one["final"]["per_site"]) == json.dumps(other["final"]["per_site"])
+    assert one["final"]["operating_point"] == other["final"]["operating_point"]
+
+
+def test_one_message_per_site_per_round_and_a_site_that_lost_the_model_gets_the_weights(
+    nodes: dict, tmp_path: Path
+) -> None:
     config = _config()
     grid = RecordingGrid(nodes)
     report = run_federation(grid, config, tmp_path / "once")
-    trains = [sent for kind, _, sent in grid.sent if kind == MessageType.TRAIN]
-    assert trains and not any(trains)  # every train request named the model the site had just scored
+    # per site: round 1's training request (scoring the starting model first), the last round's
+    # validation scoring with the operating point's counts, the test split's (the model it holds)
+    alpha = [(kind, carried) for kind, site, carried in grid.sent if site == "alpha"]
+    assert alpha == [(MessageType.TRAIN, 1), (MessageType.EVALUATE, 1), (MessageType.EVALUATE, 0)]
     model = _model_bytes(report)
-    assert [r["bytes_down"] for r in report["rounds"]] == [3 * model] * 2  # 1 model per site per round
+    assert [r["bytes_down"] for r in report["rounds"]] == [0, 3 * model]  # the rounds' requests: 1 model per site
     assert all(r["sites_aggregated"] == ["alpha", "beta", "gamma"] for r in report["rounds"][1:])
+    assert all(set(r["metrics"]) == {"alpha", "beta", "gamma"} for r in report["rounds"])
 
-    # Same sites (same seeds), beta's kept model gone before each train request: beta gets the
+    # Same sites (same seeds), beta's kept model gone before each evaluation request: beta gets the
     # weights in a second request and every number of the report is the same.
     again = RecordingGrid(nodes, forget=["beta"])
-    second = run_federation(again, config, tmp_path / "forgot")
-    assert [r["bytes_down"] for r in second["rounds"]] == [3 * model, 4 * model]
-    beta = [sent for kind, site, sent in again.sent if kind == MessageType.TRAIN and site == "beta"]
-    assert beta == [False, True]  # named by digest, answered unknown-model, sent again with the weights
-    for key in ("metrics", "sites_aggregated", "outcomes"):  # (JSON: NaN == NaN)
-        assert json.dumps([r.get(key) for r in second["rounds"]]) == json.dumps([r.get(key) for r in report["rounds"]])
-    assert json.dumps(second["final"]["per_site"]) == json.dumps(report["final"]["per_site"])
+    _same_numbers(run_federation(again, config, tmp_path / "forgot"), report)
+    beta = [carried for kind, site, carried in again.sent if kind == MessageType.EVALUATE and site == "beta"]
+    assert beta == [1, 0, 1]  # the test split's request named by digest, answered unknown-model, sent again
 
 
-def test_with_ema_the_trained_model_travels_as_before(nodes: dict, tmp_path: Path) -> None:
-    report = run_federation(RecordingGrid(nodes), _config(**{"run.rounds": 3, "run.ema": 0.5}), tmp_path / "ema")
+def test_with_ema_the_sites_make_the_released_average_and_report_what_two_messages_did(
+    nodes: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(**{"run.rounds": 3, "run.ema": 0.5})
+    grid = RecordingGrid(nodes)
+    report = run_federation(grid, config, tmp_path / "ema")
     model = _model_bytes(report)
-    # The average after round 1 is round 1's model; after round 2 the sites score (and hold) an
-    # average they never train from: in round 3 both models travel, as before.
-    assert [r["bytes_down"] for r in report["rounds"]] == [3 * model, 3 * model, 3 * model, 2 * 3 * model]
+    # In round 3 the sites score the average after round 2, which they make from the model they
+    # scored in round 2 and the one they train from: one model per site per round.
+    assert [r["bytes_down"] for r in report["rounds"]] == [0, 3 * model, 3 * model, 3 * model]
+    assert all(carried == 1 for kind, _, carried in grid.sent if kind == MessageType.TRAIN)
     assert report["rounds"][3]["sites_aggregated"] == ["alpha", "beta", "gamma"]
+
+    # gamma's kept scored model gone: it says so, trains, and is sent the average to score
+    forgetful = RecordingGrid(nodes)
+    original = forgetful.send_and_receive
+
+    def forget(messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if any(wire.SCORE_AVERAGE in m.content.config_records[wire.CONFIG] for m in messages):
+            (Path(nodes[12]["state-dir"]) / held_model.SCORED_FILE).unlink()
+        return original(messages, timeout=timeout)
+
+    monkeypatch.setattr(forgetful, "send_and_receive", forget)
+    _same_numbers(run_federation(forgetful, config, tmp_path / "forgot"), report)
+
+    # The same run with a training and an evaluation request per round, as before: same report.
+    monkeypatch.setattr(federation, "_folded", lambda config: False)
+    _same_numbers(run_federation(RecordingGrid(nodes), config, tmp_path / "two"), report)
 
 
 def test_a_resolved_request_is_the_request_a_full_send_makes(tmp_path: Path) -> None:
@@ -123,6 +156,21 @@ def test_a_resolved_request_is_the_request_a_full_send_makes(tmp_path: Path) -> 
     assert not held_model.resolve(damaged, tmp_path)
     assert held_model.keep(arrays, tmp_path / held_model.HELD_FILE / "x") == ""  # cannot keep: no digest named
     assert array_bytes(arrays) > 0
+
+
+def test_a_packed_model_is_one_array_and_unpacks_to_the_very_arrays() -> None:
+    arrays = model_to_arrays(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)))
+    content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: ConfigRecord({wire.SPLIT: "val"})})
+    msg = Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=1)
+    packing.pack(msg)
+    assert len(msg.content.array_records[wire.ARRAYS]) == 1 and len(arrays) == 7  # the record sent is untouched
+    packing.unpack(msg)
+    assert held_model.model_digest(msg.content.array_records[wire.ARRAYS]) == held_model.model_digest(arrays)
+    assert list(msg.content) == [wire.ARRAYS, wire.CONFIG]
+    packing.pack(msg)
+    msg.content.array_records[wire.ARRAYS] = model_to_arrays(torch.nn.Linear(2, 1))  # bytes unlike the layout
+    with pytest.raises(ValueError, match="packed"):
+        packing.unpack(msg)
 
 
 class SlowGrid(InProcessGrid):
