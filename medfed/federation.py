@@ -426,7 +426,7 @@ def _round_written(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _
     rounds = run.history[-1]["round"]
     _save_progress(folder, state, strategy, rounds, run.history)
     shown = [entry for entry in run.history if entry["metrics"] is not None]
-    write_running_report(folder, state.config, shown, _privacy_section(state), state.notes)
+    write_running_report(folder, state.config, shown, _privacy_section(state), state.notes, rounds)
 
 
 def _score_last_round(state: _RunState, strategy: FedAvg, folder: RunFolder, run: _Rounds) -> dict[str, dict[str, Any]]:

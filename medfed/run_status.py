@@ -249,11 +249,16 @@ def _status(
 
 
 def running_report(
-    config: Config, rounds: list[dict[str, Any]], privacy: dict[str, dict[str, Any]], notes: dict[str, list[str]]
+    config: Config,
+    rounds: list[dict[str, Any]],
+    privacy: dict[str, dict[str, Any]],
+    notes: dict[str, list[str]],
+    done: int,
 ) -> dict[str, Any]:
-    """The report of a run still going, from its rounds so far: the schema of the final report
-    (design.md) with ``final`` empty and ``running: {"round": k, "rounds": n}``; its page shows the
-    latest global model on each site's validation split."""
+    """The report of a run still going, from its scored rounds so far: the schema of the final report
+    (design.md) with ``final`` empty and ``running: {"round": done, "rounds": n}`` (``done``: rounds
+    trained; a round's model is scored on the validation splits with the next round's request, so
+    its page shows the latest scored global model on each site's validation split)."""
     from medfed.tasks import get_task
 
     sites = {site for entry in rounds for site in entry.get("metrics", {})} | set(privacy) | set(notes)
@@ -266,7 +271,7 @@ def running_report(
         "final": {"per_site": {}, "pooled": None, "cross_site": None, "operating_point": None},
         "privacy": privacy,
         "site_notes": dict(sorted(notes.items())),
-        "running": {"round": rounds[-1]["round"], "rounds": config.run.rounds},
+        "running": {"round": done, "rounds": config.run.rounds},
     }
 
 
@@ -276,12 +281,14 @@ def write_running_report(
     rounds: list[dict[str, Any]],
     privacy: dict[str, dict[str, Any]],
     notes: dict[str, list[str]],
+    done: int,
 ) -> None:
-    """Rewrite ``folder``'s report.html (and its plots) from the rounds so far, marked running; the
-    final report replaces it. A page that cannot be written is logged, never the end of the run."""
+    """Rewrite ``folder``'s report.html (and its plots) from the scored rounds so far, marked running
+    with ``done`` rounds trained; the final report replaces it. A page that cannot be written is
+    logged, never the end of the run."""
     from medfed.evaluation.report import write_report_page
 
     try:
-        write_report_page(running_report(config, rounds, privacy, notes), folder.root)
+        write_report_page(running_report(config, rounds, privacy, notes, done), folder.root)
     except OSError as err:
-        log.warning("report.html not updated after round %d: %s", rounds[-1]["round"], err.strerror or err)
+        log.warning("report.html not updated after round %d: %s", done, err.strerror or err)

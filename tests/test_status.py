@@ -95,7 +95,8 @@ def test_status_between_two_rounds_says_running(run: dict[str, Any]) -> None:
 def test_report_html_is_marked_running_after_round_1_and_replaced_by_the_final_one(run: dict[str, Any]) -> None:
     page = run["html"]
     assert "id='running'" in page and "round 1 of 2 done" in page and "http-equiv='refresh'" in page
-    assert "after round 1 on each site's validation split" in page and "status [test]" in page
+    # round 1's model is scored with round 2's request: while round 2 trains, round 0 is the latest scored
+    assert "after round 0 on each site's validation split" in page and "status [test]" in page
     final = RunFolder(run["out"]).report_html.read_text()
     assert "id='running'" not in final and "http-equiv" not in final and "test split" in final
     assert not (run["mid_run"] / "report.json").exists()  # a running report writes no report.json

@@ -330,7 +330,7 @@ def _render_html(report: dict[str, Any], figures: dict[str, Path], examples: dic
         f"{len(report['rounds']) - 1} rounds, strategy {html.escape(report['config']['run']['strategy'])}, "
         f"differential privacy {'on' if report['config']['privacy']['enabled'] else '<b>off</b>'}. "
         f"Ranked by <b>{html.escape(metric)}</b>.</p>",
-        f"<h2>Global model after round {running['round']} on each site's validation split</h2>"
+        f"<h2>Global model after round {report['rounds'][-1]['round']} on each site's validation split</h2>"
         if running
         else "<h2>Final global model on each site's test split</h2>",
         _table(["site", *metric_names, "privacy ε spent"], site_rows),
@@ -537,7 +537,9 @@ def _running_banner(running: dict[str, int]) -> str:
     """The mark of a report whose run is still going."""
     return (
         f"<p class='running' id='running'><b>Running: round {running['round']} of {running['rounds']} done.</b> "
-        "This page is rewritten after every round and reloads itself every 30 s; the final report (test splits, "
+        "This page is rewritten after every round and reloads itself every 30 s; a round's model is scored on "
+        "the validation splits with the next round's request, so its row appears one round later; the final "
+        "report (test splits, "
         "cross-site matrix) replaces it when the run ends. <code>medfed status RUN_DIR --follow</code> follows "
         "the run in a terminal.</p>"
     )
