@@ -101,6 +101,19 @@ def test_watershed_separates_two_touching_discs() -> None:
     assert decoded.shape == (1, 1, 32, 32) and int(decoded.max()) == 2
 
 
+def test_a_speck_of_high_distance_does_not_split_an_object() -> None:
+    yy, xx = np.mgrid[0:32, 0:32]
+    truth = ((yy - 16) ** 2 + (xx - 10) ** 2 <= 36).astype(np.int64)
+    classes = task.training_map(torch.as_tensor(truth)[None, None])[0, 0].numpy()
+    probs = np.stack([(classes == k) * 0.8 + 0.1 for k in range(3)])
+    distance = task.distance_map(torch.as_tensor(truth)[None, None])[0].numpy()
+    distance[0, 16, 5:7] = 0.9  # two pixels off the core, as a noisy (DP) distance map leaves them
+    cores = (classes == 1) & (distance[0] > task.SEED_DISTANCE)
+    assert ndimage.label(cores)[1] == 2 and task.SEED_MIN_SIZE > 2
+    labels = task.instance_labels(np.concatenate([probs, distance]))
+    assert labels.max() == 1 and task.image_scores(labels, truth)["aji"] > 0.95
+
+
 def test_distance_map_peaks_at_each_object_centre_and_dips_where_objects_touch() -> None:
     distance = task.distance_map(torch.as_tensor(_squares())[None, None])[0, 0].numpy()
     assert distance.shape == (8, 12) and distance.max() == 1 and (distance[4:] == 0).all()

@@ -69,7 +69,8 @@ SPATIAL_DIMS = (2,)
 CLASSES = 3  # background, interior, boundary
 MAPS = CLASSES + 1  # and the distance map
 MATCH_IOU = 0.5
-SEED_DISTANCE = 0.5  # markers: where the predicted distance map exceeds this
+SEED_DISTANCE = 0.6  # markers: where the predicted distance map exceeds this
+SEED_MIN_SIZE = 3  # pixels: smaller markers are the specks a noisy distance map leaves, dropped
 
 _LOSS = DiceCELoss(to_onehot_y=True, softmax=True, batch=False)
 
@@ -166,7 +167,8 @@ def instance_labels(found: np.ndarray) -> np.ndarray:
 
     Foreground: pixels whose most probable class is interior or boundary. Markers: the connected
     regions of foreground where the distance map exceeds :data:`SEED_DISTANCE` (each object's
-    core), plus every foreground region holding no core (a small object). The watershed
+    core) of at least :data:`SEED_MIN_SIZE` pixels, plus every foreground region holding no core
+    (a small object). The watershed
     (``scipy.ndimage.watershed_ift``) floods 1 - distance from the markers and from the
     background, so touching objects split where the distance map dips between them; foreground
     pixels the background basin took go to the nearest object.
@@ -174,7 +176,8 @@ def instance_labels(found: np.ndarray) -> np.ndarray:
     probs, distance = found[:CLASSES], found[CLASSES]
     call = probs.argmax(axis=0)
     foreground = call > 0
-    markers, count = ndimage.label((call == 1) & (distance > SEED_DISTANCE))
+    markers = remove_small_instances(ndimage.label((call == 1) & (distance > SEED_DISTANCE))[0], SEED_MIN_SIZE)
+    count = int(markers.max())
     regions, region_count = ndimage.label(foreground)
     if region_count:
         unmarked = np.setdiff1d(np.arange(1, region_count + 1), regions[markers > 0])
