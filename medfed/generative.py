@@ -27,7 +27,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
-from medfed.config import Config
+from medfed.config import RECIPE_KEYS, Config
 from medfed.data import SiteArrays
 
 __all__ = [
@@ -206,7 +206,6 @@ def generator_config(config: Config) -> Config:
     steps of the generation recipe (Adam), with DP-SGD when the run has DP-SGD at the sites, for
     ε = ``train.synthetic-epsilon`` (0: half of ``privacy.target-epsilon``)."""
     train, privacy = config.train, config.privacy
-    recipe = ("optimizer", "lr", "momentum", "weight-decay", "schedule", "warmup-rounds", "logit-adjust")
     return config.with_overrides(
         {
             "run.task": "generation",
@@ -223,7 +222,7 @@ def generator_config(config: Config) -> Config:
             "train.augment": False,
             "train.augmentations": 1,
             "train.trainable": "all",
-            **{f"train.{key}": "auto" for key in recipe},
+            **{f"train.{key}": "auto" for key in RECIPE_KEYS},
             "privacy.enabled": privacy.sample_level,
             "privacy.level": "sample",
             "privacy.target-epsilon": train.synthetic_epsilon or privacy.target_epsilon / 2,
