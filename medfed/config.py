@@ -53,7 +53,7 @@ MODEL_NAMES: dict[str, tuple[str, ...]] = {
     "instance-segmentation": ("unet", "basicunet", "segresnet", "dynunet", "attentionunet", "swinunetr"),
     "detection": ("centernet", "centernet-resnet18"),
     "tabular": ("mlp", "logistic"),
-    "generation": ("ddpm",),
+    "generation": ("ddpm", "ddpm-mask"),
 }
 
 # What ``[train]`` takes from the recipe of the run's task and mode (with / without DP) when a
@@ -486,13 +486,15 @@ class TrainConfig:
     averaged model is not pulled to each site's majority. Not under DP: the offsets are computed
     from all of a site's labels, which the privacy accounting does not cover.
 
-    ``synthetic-augmentation`` = R > 0 (classification): before its first round each site trains
-    a class-conditional image generator on its own training split (:mod:`medfed.generative`,
-    ``synthetic-steps`` steps) and adds R generated images per training image to it, each to the
-    class that then has the fewest. With DP-SGD at the sites the generator is trained with DP-SGD
-    too, for ε = ``synthetic-epsilon`` (0: half of ``privacy.target-epsilon``) charged to the
-    site's ledger, and the classifier's noise is calibrated so that generator and classifier
-    together spend ``privacy.target-epsilon``. Without DP-SGD at the sites the generator is
+    ``synthetic-augmentation`` = R > 0 (classification, or 2D segmentation): before its first round
+    each site trains a class-conditional image generator on its own training split
+    (:mod:`medfed.generative`, ``synthetic-steps`` steps) and adds R generated images per training
+    image to it, each to the class that then has the fewest; for segmentation the generator draws an
+    image for a mask, and the generated pairs reuse the site's training masks, flipped or turned
+    (those with its scarce classes first). With DP-SGD at the sites the generator is trained with
+    DP-SGD too, for ε = ``synthetic-epsilon`` (0: half of ``privacy.target-epsilon``) charged to the
+    site's ledger, and the task model's noise is calibrated so that generator and model together
+    spend ``privacy.target-epsilon``. Without DP-SGD at the sites the generator is
     trained without DP: its images may reproduce the site's patients (they never leave the site).
 
     In a config file, ``optimizer``, ``lr``, ``momentum``, ``weight-decay``, ``schedule``,
@@ -762,23 +764,28 @@ class Config:
                 "server, which secure aggregation hides from it)")  # fmt: skip
 
     def _check_synthetic(self) -> None:
-        """What ``train.synthetic-augmentation`` needs: single-label 2D classification (the generator
-        is class-conditional, 2D, and halves the image once), and under DP-SGD a generator ε that
-        leaves the classifier some of ``privacy.target-epsilon``."""
+        """What ``train.synthetic-augmentation`` needs: single-label classification or segmentation,
+        in 2D (the generator is class- or mask-conditional, 2D, and halves the image once), and under
+        DP-SGD a generator ε that leaves the task's model some of ``privacy.target-epsilon``."""
         train = self.train
         if not train.synthetic_augmentation:
             return
-        need = "run.task = 'classification' with data.multi-label = false and data.spatial-dims = 2"
-        require(self.run.task == "classification" and not self.data.multi_label and self.data.spatial_dims == 2,
+        need = ("run.task = 'classification' (data.multi-label = false) or 'segmentation', with "
+                "data.spatial-dims = 2 (a class- or mask-conditioned 2D generator; not detection, "
+                "instance segmentation or 3D)")  # fmt: skip
+        supported = (self.run.task == "classification" and not self.data.multi_label) or self.run.task == "segmentation"
+        require(supported and self.data.spatial_dims == 2,
                 "train.synthetic-augmentation", train.synthetic_augmentation, f"0 (off) unless {need}")  # fmt: skip
+        require(self.data.patch_size % 2 == 0, "data.patch-size", self.data.patch_size,
+                "an even number with train.synthetic-augmentation (the generator halves the patch)")  # fmt: skip
         require(self.data.image_size % 2 == 0, "data.image-size", self.data.image_size,
                 "an even number with train.synthetic-augmentation (the generator halves the image)")  # fmt: skip
         require(
             not self.privacy.sample_level or train.synthetic_epsilon < self.privacy.target_epsilon,
             "train.synthetic-epsilon",
             train.synthetic_epsilon,
-            f"less than privacy.target-epsilon = {self.privacy.target_epsilon:g} (generator and classifier "
-            "share it), or 0 for half of it",
+            f"less than privacy.target-epsilon = {self.privacy.target_epsilon:g} (the generator and the "
+            "task's model share it), or 0 for half of it",
         )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -1,6 +1,6 @@
-"""Class-conditional image generation at a site, for augmentation: a small denoising diffusion model
-(MONAI's ``DiffusionModelUNet`` with class embeddings, ``DDPMScheduler`` noise, ``DDIMScheduler``
-sampling in few steps), trained as the ``generation`` task by the one train loop, so that DP-SGD
+"""Class- or mask-conditional image generation at a site, for augmentation: a small denoising
+diffusion model (MONAI's ``DiffusionModelUNet`` with class embeddings, or with a one-hot label mask
+as extra input channels, ``DDPMScheduler`` noise, ``DDIMScheduler`` sampling in few steps), trained as the ``generation`` task by the one train loop, so that DP-SGD
 covers it as it covers a classifier: every step is a clipped, noised per-sample-gradient step
 charged to the site's privacy ledger. Its samples are post-processing of that DP model; without
 DP, they may reproduce the site's images and must stay at the site.
@@ -8,13 +8,16 @@ DP, they may reproduce the site's images and must stay at the site.
 ``medfed generate`` trains one at a site (:func:`fit_generator`), or samples one already trained
 (a federated generator's checkpoint), and writes a sample grid; :func:`synthetic_counts` and
 :func:`with_synthetic` mix generated samples into a site's training split, more of the scarce classes.
-In a federated classification run with ``train.synthetic-augmentation``, each site does this before
-its first round (:func:`generator_config`, :func:`draw_synthetic`; the site's side is in
+For 2D segmentation the generator draws an image for a mask (:class:`MaskConditionalDiffusion`,
+``model.name = "ddpm-mask"``): the generated pairs reuse the site's own training masks, flipped or
+rotated into new layouts (:func:`synthetic_masks`). In a federated classification or 2D
+segmentation run with ``train.synthetic-augmentation``, each site does this before its first round (:func:`generator_config`, :func:`draw_synthetic`; the site's side is in
 :mod:`medfed.site`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -34,12 +37,15 @@ __all__ = [
     "TIMESTEPS",
     "ConditionalDiffusion",
     "GeneratorFit",
+    "MaskConditionalDiffusion",
     "draw_synthetic",
     "fit_generator",
     "generator_config",
     "round_grids",
     "sample",
     "save_grid",
+    "save_pair_grid",
+    "synthetic_masks",
     "synthetic_counts",
     "with_synthetic",
 ]
@@ -93,9 +99,62 @@ class ConditionalDiffusion(nn.Module):
         return errors[0] if labels is not None else torch.stack(errors, dim=1)
 
 
+class MaskConditionalDiffusion(nn.Module):
+    """A mask-conditional DDPM for 2D segmentation: the same two-level ``DiffusionModelUNet`` as
+    :class:`ConditionalDiffusion`, whose input is the noisy image with the one-hot label mask
+    (``num_classes`` channels, background included) concatenated, predicting the noise added to the
+    image. Pixels labelled -1 (outside a photo's field of view) are all-zero in the one-hot mask.
+
+    Images are in [0, 1] and are diffused in [-1, 1]; masks are ``(B, 1, H, W)`` class indices.
+    """
+
+    def __init__(self, channels: int, num_classes: int, width: int, groups: int) -> None:
+        super().__init__()
+        self.channels, self.num_classes = channels, num_classes
+        self.unet = DiffusionModelUNet(
+            spatial_dims=2,
+            in_channels=channels + num_classes,
+            out_channels=channels,
+            channels=(width, 2 * width),
+            attention_levels=(False, False),
+            num_res_blocks=1,
+            norm_num_groups=groups,
+        )
+        self.scheduler = DDPMScheduler(num_train_timesteps=TIMESTEPS)
+
+    def one_hot(self, masks: torch.Tensor) -> torch.Tensor:
+        """``(B, num_classes, H, W)`` float channels of ``(B, 1, H, W)`` class indices (-1: all zero)."""
+        classes = torch.arange(self.num_classes, device=masks.device).view(1, -1, 1, 1)
+        return (masks.long() == classes).float()
+
+    def denoise(self, noisy: torch.Tensor, steps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The noise predicted in ``noisy`` at noise levels ``steps`` given ``masks``."""
+        return self.unet(torch.cat([noisy, self.one_hot(masks)], dim=1), timesteps=steps)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Each image's denoising error ``(B,)`` given its mask, at a random noise level (in eval
+        mode at noise drawn from a fixed seed). Each term depends on its own image and mask only."""
+        if masks is None:
+            raise ValueError(
+                "the mask-conditioned generator (model.name = 'ddpm-mask') needs each image's mask: it is "
+                "trained on segmentation data (train.synthetic-augmentation in a 2D segmentation run, or "
+                "medfed generate), not in a federated run.task = 'generation'"
+            )
+        generator = None if self.training else torch.Generator(device=images.device).manual_seed(0)
+        x = images * 2 - 1
+        noise = torch.randn(x.shape, generator=generator, device=x.device)
+        steps = torch.randint(0, TIMESTEPS, (len(x),), generator=generator, device=x.device)
+        noisy = self.scheduler.add_noise(x, noise, steps)
+        return (self.denoise(noisy, steps, masks) - noise).pow(2).flatten(1).mean(dim=1)
+
+
+Generator = ConditionalDiffusion | MaskConditionalDiffusion
+
+
 @torch.no_grad()
-def sample(model: ConditionalDiffusion, labels: torch.Tensor, image_size: int, steps: int, seed: int) -> torch.Tensor:
-    """Images ``(len(labels), C, size, size)`` in [0, 1] of the given classes, by ``steps`` DDIM
+def sample(model: Generator, labels: torch.Tensor, image_size: int, steps: int, seed: int) -> torch.Tensor:
+    """Images ``(len(labels), C, size, size)`` in [0, 1] of the given classes (a class-conditional
+    model) or for the given masks ``(N, 1, size, size)`` (a mask-conditional one), by ``steps`` DDIM
     denoising steps from seeded noise (few steps: cheap on a CPU)."""
     model.eval()
     device = next(model.parameters()).device
@@ -106,10 +165,14 @@ def sample(model: ConditionalDiffusion, labels: torch.Tensor, image_size: int, s
     x = torch.randn(shape, generator=generator).to(device)
     out = []
     for first in range(0, len(labels), SAMPLE_BATCH):
-        part, classes = x[first : first + SAMPLE_BATCH], labels[first : first + SAMPLE_BATCH].long().to(device)
+        part, condition = x[first : first + SAMPLE_BATCH], labels[first : first + SAMPLE_BATCH].long().to(device)
         for t in scheduler.timesteps:
             level = torch.full((len(part),), int(t), device=device, dtype=torch.long)
-            part, _ = scheduler.step(model.unet(part, timesteps=level, class_labels=classes), int(t), part)
+            if isinstance(model, MaskConditionalDiffusion):
+                predicted = model.denoise(part, level, condition)
+            else:
+                predicted = model.unet(part, timesteps=level, class_labels=condition)
+            part, _ = scheduler.step(predicted, int(t), part)
         out.append(((part.clamp(-1, 1) + 1) / 2).cpu())
     return torch.cat(out) if out else x.new_zeros(shape).cpu()
 
@@ -134,6 +197,31 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, title: str
             axes[row][col].imshow(shown.numpy(), cmap="gray", vmin=0, vmax=1)
         name = class_names[c] if c < len(class_names) else f"class {c}"
         axes[row][0].set_title(name, fontsize=8, loc="left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_pair_grid(masks: torch.Tensor, images: torch.Tensor, path: Path, title: str, num_classes: int) -> Path:
+    """A PNG of generated ``images`` under the ``masks`` they were drawn for (two rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(len(images), 1)
+    fig, axes = plt.subplots(2, columns, figsize=(1.1 * columns, 2.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for col, (mask, image) in enumerate(zip(masks, images, strict=True)):
+        axes[0][col].imshow(mask[0].numpy(), cmap="viridis", vmin=-1, vmax=max(num_classes - 1, 1))
+        shown = image[0] if image.shape[0] == 1 else image[:3].permute(1, 2, 0)
+        axes[1][col].imshow(shown.numpy(), cmap="gray", vmin=0, vmax=1)
+    axes[0][0].set_title("mask", fontsize=8, loc="left")
+    axes[1][0].set_title("generated image", fontsize=8, loc="left")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,32 +267,70 @@ def synthetic_counts(labels: np.ndarray, num_classes: int, ratio: float) -> np.n
     return counts
 
 
-def with_synthetic(site: SiteArrays, images: np.ndarray, labels: np.ndarray) -> SiteArrays:
-    """``site`` with generated ``images`` of classes ``labels`` added to its training split (each its
-    own privacy unit: they are post-processing, not patients)."""
+def synthetic_masks(masks: np.ndarray, num_classes: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Masks for ``ratio`` generated images per training mask in ``masks`` ``(N, 1, H, W)``: the
+    site's own masks, each flipped and/or turned by a multiple of 90° (seeded; square masks only
+    turn) so that most are new layouts. The masks are grouped by their largest class (0: no
+    structure) and :func:`synthetic_counts` shares them out, the scarce groups first; within a group
+    the masks are taken in a seeded order, round robin. Returns the masks and the index of the
+    training mask each one comes from."""
+    groups = masks.reshape(len(masks), -1).max(axis=1).clip(0, num_classes - 1).astype(int)
+    present = np.unique(groups)
+    counts = synthetic_counts(np.searchsorted(present, groups), len(present), ratio)
+    rng = np.random.default_rng(seed)
+    sources = []
+    for group, count in zip(present, counts, strict=True):
+        members = rng.permutation(np.flatnonzero(groups == group))
+        sources.extend(members[np.arange(count) % len(members)].tolist())
+    source = np.array(sources, dtype=np.int64)
+    out = masks[source].copy()
+    square = masks.shape[-1] == masks.shape[-2]
+    for i in range(len(out)):
+        layout = rng.integers(8 if square else 4)  # turns (square only) x flips
+        mask = out[i, 0]
+        if layout & 1:
+            mask = mask[:, ::-1]
+        if layout & 2:
+            mask = mask[::-1, :]
+        if layout & 4:
+            mask = mask.T
+        out[i, 0] = mask.copy()  # a view of out[i, 0] itself
+    return out, source
+
+
+def with_synthetic(
+    site: SiteArrays, images: np.ndarray, targets: np.ndarray, spacing: np.ndarray | None = None
+) -> SiteArrays:
+    """``site`` with generated ``images`` and their ``targets`` (classes, or the masks they were
+    drawn for) added to its training split, each its own privacy unit: they are post-processing,
+    not patients. ``spacing``: their voxel size (a generated pair's is that of the mask it reuses);
+    default 1 mm, as the synthetic sites."""
+    if site.labelled is not None and site.labelled.ndim > 1:
+        raise ValueError("generated images are added to one site's data, not to several sites pooled")
     n = len(images)
     pids = None
     if site.patient_ids is not None:
         pids = np.concatenate([site.patient_ids, np.array([f"generated-{i}" for i in range(n)])])
-    spacing = site.spacing
-    if spacing is not None:  # generated images have no voxel size of their own: 1 (as the synthetic sites)
-        spacing = np.concatenate([spacing, np.ones((n, spacing.shape[1]), dtype=spacing.dtype)])
-    return SiteArrays(
-        np.concatenate([site.images, images.astype(site.images.dtype)]),
-        np.concatenate([site.targets, labels.astype(site.targets.dtype)]),
-        np.concatenate([site.splits, np.array(["train"] * n, dtype=site.splits.dtype)]),
-        pids,
-        site.target_key,
-        spacing,
+    assert site.spacing is not None  # filled in by SiteArrays
+    added = np.ones((n, site.spacing.shape[1]), dtype=site.spacing.dtype) if spacing is None else spacing
+    return dataclasses.replace(
+        site,
+        images=np.concatenate([site.images, images.astype(site.images.dtype)]),
+        targets=np.concatenate([site.targets, targets.astype(site.targets.dtype)]),
+        splits=np.concatenate([site.splits, np.array(["train"] * n, dtype=site.splits.dtype)]),
+        patient_ids=pids,
+        spacing=np.concatenate([site.spacing, added.astype(site.spacing.dtype)]),
     )
 
 
 def generator_config(config: Config) -> Config:
-    """The generator a site of the classification run ``config`` trains for
-    ``train.synthetic-augmentation``: a :class:`ConditionalDiffusion` of width
-    :data:`GENERATOR_WIDTH` on the run's data settings and batch size, ``train.synthetic-steps``
-    steps of the generation recipe (Adam), with DP-SGD when the run has DP-SGD at the sites, for
-    ε = ``train.synthetic-epsilon`` (0: half of ``privacy.target-epsilon``)."""
+    """The generator a site of the classification or 2D segmentation run ``config`` trains for
+    ``train.synthetic-augmentation``: a :class:`ConditionalDiffusion` (classification) or
+    :class:`MaskConditionalDiffusion` (segmentation: on whole images, or on ``data.patch-size``
+    patches when the run has them) of width :data:`GENERATOR_WIDTH` on the run's data settings and
+    batch size, ``train.synthetic-steps`` steps of the generation recipe (Adam), with DP-SGD when the
+    run has DP-SGD at the sites, for ε = ``train.synthetic-epsilon`` (0: half of
+    ``privacy.target-epsilon``)."""
     train, privacy = config.train, config.privacy
     return config.with_overrides(
         {
@@ -213,7 +339,7 @@ def generator_config(config: Config) -> Config:
             "run.initial-model": "",
             "run.personalization": "none",
             "run.ema": 0.0,
-            "model.name": "ddpm",
+            "model.name": "ddpm-mask" if config.run.task == "segmentation" else "ddpm",
             "model.width": GENERATOR_WIDTH,
             "model.norm-groups": GENERATOR_GROUPS,
             "model.input-norm": False,
@@ -232,13 +358,18 @@ def generator_config(config: Config) -> Config:
 
 
 def draw_synthetic(
-    model: ConditionalDiffusion, labels: np.ndarray, ratio: float, image_size: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``ratio`` generated images per training label in ``labels`` (:func:`synthetic_counts`: the
-    scarce classes first), drawn in :data:`GRID_STEPS` DDIM steps: images and their classes."""
-    counts = synthetic_counts(labels, model.num_classes, ratio)
+    model: Generator, targets: np.ndarray, ratio: float, image_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``ratio`` generated images per training target in ``targets``, drawn in :data:`GRID_STEPS`
+    DDIM steps: for class labels, of the scarce classes first (:func:`synthetic_counts`); for masks,
+    for the site's masks flipped or turned (:func:`synthetic_masks`). The images, their targets, and
+    for masks the index of the training mask each reuses (None for classes)."""
+    if isinstance(model, MaskConditionalDiffusion):
+        masks, source = synthetic_masks(targets, model.num_classes, ratio, seed)
+        return sample(model, torch.as_tensor(masks), image_size, GRID_STEPS, seed).numpy(), masks, source
+    counts = synthetic_counts(targets, model.num_classes, ratio)
     wanted = torch.arange(model.num_classes).repeat_interleave(torch.as_tensor(counts))
-    return sample(model, wanted, image_size, GRID_STEPS, seed).numpy(), wanted.numpy()
+    return sample(model, wanted, image_size, GRID_STEPS, seed).numpy(), wanted.numpy(), None
 
 
 @dataclass(frozen=True)
@@ -266,7 +397,7 @@ def fit_generator(
     budget: float,
     run_key: str,
     seed: int,
-) -> tuple[ConditionalDiffusion, GeneratorFit]:
+) -> tuple[Generator, GeneratorFit]:
     """Train the generator of ``config`` (``run.task = "generation"``) on ``site``'s training split
     for ``run.rounds`` x (``train.local-steps`` or ``train.local-epochs`` passes) steps.
 
@@ -284,7 +415,7 @@ def fit_generator(
     task = get_task("generation")
     seed_everything(seed)
     device = resolve_device(config.train.device)  # a site's GPU when it has one
-    model = cast(ConditionalDiffusion, task.build_model(config)).to(device)
+    model = cast(Generator, task.build_model(config)).to(device)
     loader = train_loader(config, site)
     units = len(loader.dataset)  # type: ignore[arg-type]  # a sized dataset
     steps = config.run.rounds * (config.train.local_steps or config.train.local_epochs * len(loader))

@@ -687,7 +687,8 @@ SYNTHETIC_FOLDER = "synthetic"  # a run's generated training images, under the s
 @dataclass(frozen=True)
 class _Synthetic:
     """The generated images a site added to its training split (``train.synthetic-augmentation``):
-    how many (per class), the generator that drew them, and with DP its accountant entry."""
+    how many (per class; for segmentation per largest class in the mask each was drawn for), the
+    generator that drew them, and with DP its accountant entry."""
 
     images: int = 0
     per_class: tuple[int, ...] = ()
@@ -734,7 +735,9 @@ def _with_synthetic(site: Site, config: Config, run_key: str) -> tuple[Site, _Sy
     path = site.state_dir / SYNTHETIC_FOLDER / f"{hashlib.sha256(f'{run_key}|{digest}'.encode()).hexdigest()[:24]}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as kept:
-            images, labels, info = kept["images"], kept["labels"], json.loads(str(kept["info"]))
+            images, labels = kept["images"], kept["labels"]
+            spacing = kept.get("spacing")  # None: kept before generated pairs had one
+            info = json.loads(str(kept["info"]))
     else:
         generator = generator_config(config)
         seed = training_seed(site.state_dir, f"{run_key}|generator|{digest}", site.seed_secret)
@@ -744,8 +747,12 @@ def _with_synthetic(site: Site, config: Config, run_key: str) -> tuple[Site, _Sy
         except (BudgetExceeded, ValueError) as err:
             log.warning("site %s refuses to train this run's generator: %s", site.name, err)
             raise _Refused(site.name, f"the image generator (train.synthetic-augmentation): {err}") from err
-        labels = site.data.targets[site.data.splits == "train"]
-        images, labels = draw_synthetic(model, labels, ratio, config.data.image_size, seed)
+        train = site.data.splits == "train"
+        images, labels, source = draw_synthetic(model, site.data.targets[train], ratio, config.data.image_size, seed)
+        assert site.data.spacing is not None  # filled in by SiteArrays
+        spacing = np.ones((len(images), site.data.spacing.shape[1]))  # a generated pair's: its mask's
+        if source is not None:
+            spacing = site.data.spacing[train][source]
         info = {"private": fit.epsilon is not None, "steps": fit.steps, "seconds": fit.seconds, "prior": []}
         if fit.noise_multiplier is not None and fit.sample_rate is not None and fit.delta is not None:
             entry = [fit.noise_multiplier, fit.sample_rate, fit.steps]
@@ -753,23 +760,24 @@ def _with_synthetic(site: Site, config: Config, run_key: str) -> tuple[Site, _Sy
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, images=images, labels=labels, info=np.asarray(json.dumps(info)))
+            np.savez(handle, images=images, labels=labels, spacing=spacing, info=np.asarray(json.dumps(info)))
         os.replace(tmp, path)
         how = (
             f"DP-SGD, ε {info['epsilon']:.2f}" if info["private"] else "WITHOUT DP: its images may reproduce the site's"
         )
         log.info("site %s: generator trained (%d steps, %s); %d generated training images added",
                  site.name, fit.steps, how, len(images))  # fmt: skip
+    classes = labels if labels.ndim == 1 else labels.reshape(len(labels), -1).max(axis=1)  # a mask's largest class
     synthetic = _Synthetic(
         len(images),
-        tuple(int(k) for k in np.bincount(labels.astype(int), minlength=config.data.num_classes)),
+        tuple(int(k) for k in np.bincount(classes.clip(0).astype(int), minlength=config.data.num_classes)),
         bool(info["private"]),
         float(info.get("epsilon", 0.0)),
         int(info["steps"]),
         float(info["seconds"]),
         tuple((float(e[0]), float(e[1]), int(e[2])) for e in info["prior"]),
     )
-    data = with_synthetic(site.data, images, labels)
+    data = with_synthetic(site.data, images, labels, spacing)
     return dataclasses.replace(site, data=data), synthetic
 
 

@@ -156,7 +156,7 @@ def test_synthetic_augmentation_without_dp_says_what_it_means(tmp_path: Path) ->
 
 def test_synthetic_augmentation_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="train.synthetic-augmentation"):
-        tiny_config(**{"run.task": "segmentation", "train.synthetic-augmentation": 1.0})
+        tiny_config(**{"run.task": "detection", "train.synthetic-augmentation": 1.0})
     with pytest.raises(ConfigError, match="train.synthetic-epsilon"):
         tiny_config(**{"train.synthetic-augmentation": 1.0, "train.synthetic-epsilon": 8.0})
     generator = generator_config(tiny_config(**{"train.synthetic-augmentation": 1.0, "train.synthetic-steps": 7}))

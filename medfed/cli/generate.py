@@ -1,4 +1,4 @@
-"""``medfed generate``: a site's class-conditional image generator, and a grid of its samples."""
+"""``medfed generate``: a site's class- or mask-conditional image generator, and a grid of its samples."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ __all__ = ["generate"]
 
 
 def generate(
-    config_file: Annotated[Path, typer.Argument(help="A run config with run.task = 'generation'")],
+    config_file: Annotated[
+        Path,
+        typer.Argument(help="A run config with run.task = 'generation' (model.name = 'ddpm-mask': segmentation masks)"),
+    ],
     out: Annotated[Path, typer.Option(help="Folder for generator.safetensors, samples.png (and synthetic.npz)")],
     site: Annotated[int, typer.Option(help="Simulated site to train at (its index), without --site-dir")] = 0,
     site_dir: Annotated[Path | None, typer.Option(help="A site folder (manifest.csv) to train at")] = None,
@@ -33,7 +36,8 @@ def generate(
     ratio: Annotated[
         float,
         typer.Option(
-            help="Also write synthetic.npz: this many generated images per training image, scarce classes first"
+            help="Also write synthetic.npz: this many generated images per training image, scarce classes "
+            "first (ddpm-mask: for the site's training masks, flipped or turned)"
         ),
     ] = 0.0,
     sample_steps: Annotated[int, typer.Option(help="Denoising steps per sample (DDIM)")] = 25,
@@ -42,14 +46,18 @@ def generate(
 ) -> None:
     """Train a class-conditional generator on one site's training images (DP-SGD charged to the site's
     privacy ledger when privacy.enabled; refused past the site's budget), or load one, and write a
-    grid of its samples. Without DP its samples may reproduce the site's images: keep them at the site."""
+    grid of its samples. With model.name = 'ddpm-mask' the generator draws an image for a label mask
+    and learns from a 2D segmentation site's images and masks (data.source 'synthetic': lesion
+    phantoms; 'sites' or 'pairs': the mask column or folder). Without DP its samples may reproduce the
+    site's images: keep them at the site."""
     setup_logging(verbose)
     try:
         config = load_config(config_file, dict(parse_override(item) for item in set_ or []))
     except ConfigError as err:
         raise fail(str(err)) from err
     if config.run.task != "generation":
-        raise fail(f"run.task = {config.run.task!r} in {config_file}: expected 'generation' for medfed generate")
+        raise fail(f"run.task = {config.run.task!r} in {config_file}: expected 'generation' for medfed generate "
+                   "(with model.name = 'ddpm-mask' for a 2D segmentation site's images and masks)")  # fmt: skip
     if not 1 <= sample_steps <= 1000:
         raise fail(f"--sample-steps {sample_steps}: expected a whole number in [1, 1000]")
     if not 0 <= ratio <= 10:
@@ -65,7 +73,7 @@ def _generator(
     config: Any, index: int, site_dir: Path | None, state_dir: Path, budget: float, checkpoint: Path | None
 ) -> tuple[Any, dict[str, Any], np.ndarray | None]:
     """The generator (trained here, or loaded from ``checkpoint``), what was done, and the training
-    labels of the site it was trained at (None when loaded)."""
+    targets (labels, or masks) of the site it was trained at (None when loaded)."""
     from medfed.data import DataError, load_simulated_site
     from medfed.data.manifest import SiteReading, read_site
     from medfed.generative import fit_generator
@@ -73,6 +81,9 @@ def _generator(
     from medfed.tasks import get_task
     from medfed.weights import CheckpointError, load_checkpoint, load_state
 
+    if checkpoint is not None and config.model.name == "ddpm-mask":
+        raise fail("--checkpoint samples a class-conditional generator; one with model.name = 'ddpm-mask' draws "
+                   "images for a site's masks: train it at the site instead (leave out --checkpoint)")  # fmt: skip
     if checkpoint is not None:  # post-processing of a model already trained: no data, no charge
         model = get_task("generation").build_model(config)
         try:
@@ -83,13 +94,19 @@ def _generator(
         except (CheckpointError, FileNotFoundError) as err:
             raise fail(str(err), code=1) from err
         return model, {"checkpoint": checkpoint.name}, None
+    masks = config.model.name == "ddpm-mask"
     try:
         if site_dir is not None:
-            data, name = read_site(site_dir, SiteReading.from_config(config.data, "label")), site_dir.name
+            data = read_site(site_dir, SiteReading.from_config(config.data, "mask" if masks else "label"))
+            name = site_dir.name
         else:
             if not 0 <= index < config.data.sites:
                 raise fail(f"--site {index}: expected an index in [0, data.sites - 1 = {config.data.sites - 1}]")
-            name, data = load_simulated_site(config, index)
+            # the masks of a segmentation site: its data as a segmentation run reads them
+            reader = config.with_overrides({"run.task": "segmentation", "model.name": ""}) if masks else config
+            name, data = load_simulated_site(reader, index)
+    except ConfigError as err:
+        raise fail(f"{err} (reading the segmentation site of model.name = 'ddpm-mask')", code=1) from err
     except DataError as err:
         raise fail(f"site data failed validation: {err}", code=1) from err
     except (OSError, ValueError) as err:
@@ -115,25 +132,41 @@ def _generator(
 
 
 def _write_samples(
-    config: Any, model: Any, info: dict[str, Any], out: Path, steps: int, ratio: float, labels: np.ndarray | None
+    config: Any, model: Any, info: dict[str, Any], out: Path, steps: int, ratio: float, targets: np.ndarray | None
 ) -> None:
-    """The generator's checkpoint (when trained here), its sample grid and the synthetic set."""
+    """The generator's checkpoint (when trained here), its sample grid and the synthetic set (the
+    site's training ``targets``: class labels, or masks for the mask-conditional generator)."""
     import torch
 
-    from medfed.generative import GRID_PER_CLASS, sample, save_grid, synthetic_counts
+    from medfed.generative import GRID_PER_CLASS, sample, save_grid, save_pair_grid, synthetic_counts, synthetic_masks
     from medfed.weights import model_to_arrays, save_checkpoint
 
     if "checkpoint" not in info:
         meta = {"round": 0, "task": "generation", "config": config.to_public_dict(), "generator": info}
         save_checkpoint(out / "generator.safetensors", model_to_arrays(model), meta)
-    classes = torch.arange(config.data.num_classes).repeat_interleave(GRID_PER_CLASS)
-    images = sample(model, classes, config.data.image_size, steps, config.run.seed)
     title = "generated samples" + (" (DP)" if info.get("private") else " (no DP)" if "private" in info else "")
-    grid = save_grid(images, classes, out / "samples.png", title, config.data.class_names)
+    size, classes = config.data.image_size, config.data.num_classes
+    if config.model.name == "ddpm-mask":
+        assert targets is not None  # trained here: the CLI refuses a mask generator's checkpoint
+        shown, _ = synthetic_masks(targets, classes, GRID_PER_CLASS / len(targets), config.run.seed)
+        images = sample(model, torch.as_tensor(shown), size, steps, config.run.seed)
+        grid = save_pair_grid(torch.as_tensor(shown), images, out / "samples.png", title, classes)
+    else:
+        wanted = torch.arange(classes).repeat_interleave(GRID_PER_CLASS)
+        images = sample(model, wanted, size, steps, config.run.seed)
+        grid = save_grid(images, wanted, out / "samples.png", title, config.data.class_names)
     console.print(f"sample grid: {plain(str(grid))}")
-    if ratio and labels is not None:
-        counts = synthetic_counts(labels, config.data.num_classes, ratio)
-        wanted = torch.arange(config.data.num_classes).repeat_interleave(torch.as_tensor(counts))
-        made = sample(model, wanted, config.data.image_size, steps, config.run.seed + 1)
-        np.savez(out / "synthetic.npz", images=made.numpy(), labels=wanted.numpy())
-        console.print(f"synthetic.npz: {counts.tolist()} images per class")
+    if not ratio or targets is None:
+        return
+    if config.model.name == "ddpm-mask":
+        masks, _ = synthetic_masks(targets, classes, ratio, config.run.seed + 1)
+        made = sample(model, torch.as_tensor(masks), size, steps, config.run.seed + 1)
+        np.savez(out / "synthetic.npz", images=made.numpy(), masks=masks)
+        console.print(f"synthetic.npz: {len(masks)} generated images, each with the training mask (flipped or "
+                      "turned) it was drawn for")  # fmt: skip
+        return
+    counts = synthetic_counts(targets, classes, ratio)
+    wanted = torch.arange(classes).repeat_interleave(torch.as_tensor(counts))
+    made = sample(model, wanted, size, steps, config.run.seed + 1)
+    np.savez(out / "synthetic.npz", images=made.numpy(), labels=wanted.numpy())
+    console.print(f"synthetic.npz: {counts.tolist()} images per class")

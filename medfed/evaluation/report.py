@@ -249,24 +249,38 @@ def _synthetic_sections(report: dict[str, Any]) -> list[str]:
          e["seconds"]]
         for site, e in sites.items()
     ]  # fmt: skip
+    segmentation = report.get("task") == "segmentation"
+    model = "segmentation model" if segmentation else "classifier"
     private = [e["private"] for e in sites.values()]
     if private and all(private):
         meaning = (
             "Each generator was trained with DP-SGD and its steps charged to the site's privacy ledger "
-            "before the classifier's: the ε in the privacy table covers both, and the classifier's noise was "
+            f"before the {model}'s: the ε in the privacy table covers both, and the {model}'s noise was "
             "calibrated for what the generator left of the run's target."
         )
     else:
         meaning = (
             "<b>The generators were trained without DP.</b> A generator sees the site's images as the "
-            "classifier does, and its images may reproduce them: they stayed at the site, as sensitive as its "
-            "data, and no per-patient privacy guarantee covers the classifier trained on them."
+            f"{model} does, and its images may reproduce them: they stayed at the site, as sensitive as its "
+            f"data, and no per-patient privacy guarantee covers the {model} trained on them."
+        )
+    if segmentation:
+        what = (
+            "a mask-conditioned image generator ({steps} steps) on its own training images and masks, and added "
+            "{ratio:g} generated pairs per training image: one of its own training masks, flipped or turned, with "
+            "an image drawn for it, the masks of its scarcer classes first (counted below by the largest class in "
+            "the mask)."
+        )
+        names = [f"largest {n}" for n in names]
+    else:
+        what = (
+            "a class-conditional image generator ({steps} steps) on its own training images and added {ratio:g} "
+            "generated images per training image, each to the class that then had the fewest."
         )
     return [
-        f"<h2>Generated training images</h2><p>Before its first round each site trained a class-conditional "
-        f"image generator ({synthetic['steps']} steps) on its own training images and added "
-        f"{synthetic['ratio']:g} generated images per training image, each to the class that then had the "
-        f"fewest. {meaning} FedAvg weighs each site by its real images only.</p>",
+        "<h2>Generated training images</h2><p>Before its first round each site trained "
+        f"{what.format(steps=synthetic['steps'], ratio=synthetic['ratio'])} {meaning} "
+        "FedAvg weighs each site by its real images only.</p>",
         _table(
             ["site", "generated", *[f"of {n}" for n in names], "generator", "generator ε", "steps", "seconds"], rows
         ),  # fmt: skip

@@ -485,6 +485,15 @@ def _ddpm(config: Config) -> nn.Module:
     return ConditionalDiffusion(d.channels, d.num_classes, m.width, m.norm_groups)
 
 
+def _ddpm_mask(config: Config) -> nn.Module:
+    """The mask-conditional diffusion model of :mod:`medfed.generative` (2D segmentation: an image
+    from a label mask; the same two levels as ``ddpm``)."""
+    from medfed.generative import MaskConditionalDiffusion
+
+    d, m = config.data, config.model
+    return MaskConditionalDiffusion(d.channels, d.num_classes, m.width, m.norm_groups)
+
+
 MODEL_BUILDERS: dict[str, dict[str, Builder]] = {
     "classification": {
         "cnn": _cnn,
@@ -505,7 +514,7 @@ MODEL_BUILDERS: dict[str, dict[str, Builder]] = {
     },
     "detection": {"centernet": _centernet, "centernet-resnet18": _centernet_resnet18},
     "tabular": {"mlp": _mlp, "logistic": _logistic},
-    "generation": {"ddpm": _ddpm},
+    "generation": {"ddpm": _ddpm, "ddpm-mask": _ddpm_mask},
 }
 MODEL_BUILDERS["instance-segmentation"] = MODEL_BUILDERS["segmentation"]  # the same networks, 4 output maps
 
@@ -515,7 +524,7 @@ MODEL_BUILDERS["instance-segmentation"] = MODEL_BUILDERS["segmentation"]  # the 
 # densenet121 and efficientnet-b0 run out of pixels below 32.
 _DEPTH_SIZED = ("unet", "segresnet", "dynunet", "attentionunet")
 _SIZE_RULES = {"swinunetr": (32, 32), "basicunet": (1, 16), "densenet121": (1, 32), "efficientnet-b0": (1, 32),
-               "ddpm": (2, 4)}  # fmt: skip
+               "ddpm": (2, 4), "ddpm-mask": (2, 4)}  # fmt: skip
 
 
 def _check_input_size(task: str, config: Config) -> None:

@@ -4,7 +4,14 @@ site has few of. Trained by the one train loop, federated by FedAvg, with DP-SGD
 like any task: a federated generator trained under DP may share its samples across sites.
 
 Samples: ``{"image": (C, H, W) float in [0, 1], "label": long}`` (class labels, as classification).
-Training calls :func:`forward` (the image with its class); :func:`infer` scores an image under
+Training calls :func:`forward` (the image with its class);
+
+``model.name = "ddpm-mask"`` is the mask-conditional generator of 2D segmentation: it learns an
+image given its label mask, from a segmentation site's samples ``{"image", "mask": (1, H, W)}``
+(whole images, or one random ``data.patch-size`` patch per image per step: the network is fully
+convolutional and draws whole images all the same). It is trained at a site, for
+``train.synthetic-augmentation`` of a segmentation run or by ``medfed generate``; it has no
+federated evaluation (the scores below need the class labels). :func:`infer` scores an image under
 every class, ``(B, num_classes)`` denoising errors at fixed noise. Metrics: ``denoising-error``
 (the primary metric, lower is better: the error given the true class, mean over images) and
 ``class-fit`` (the share of images whose own class gives the lowest error: whether the
@@ -13,6 +20,7 @@ conditioning carries the class).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +60,7 @@ PRIMARY_METRIC_PER_IMAGE = True  # a mean of per-image errors
 TARGET = "label"
 SAMPLE_KEYS = ("image", TARGET)
 SPATIAL_DIMS = (2,)
+Sample = dict[str, torch.Tensor]
 
 
 def check_config(config: Config) -> None:
@@ -59,8 +68,14 @@ def check_config(config: Config) -> None:
     view), channels that ``model.norm-groups`` divides, and class labels to read."""
     data, model = config.data, config.model
     require(data.num_classes >= 1, "data.num-classes", data.num_classes, "an integer >= 1")
-    require(data.source not in ("pairs", "voc", "heart-uci"), "data.source", data.source,
-            "'synthetic', 'medmnist' or 'sites' (images with class labels) for run.task = 'generation'")  # fmt: skip
+    if model.name == "ddpm-mask":
+        require(data.source not in ("voc", "heart-uci"), "data.source", data.source,
+                "'synthetic', 'sites' or 'pairs' (images with label masks) for model.name = 'ddpm-mask'")  # fmt: skip
+        require(data.patch_size % 2 == 0, "data.patch-size", data.patch_size,
+                "an even number for model.name = 'ddpm-mask' (the generator halves the image)")  # fmt: skip
+    else:
+        require(data.source not in ("pairs", "voc", "heart-uci"), "data.source", data.source,
+                "'synthetic', 'medmnist' or 'sites' (images with class labels) for run.task = 'generation'")  # fmt: skip
     require(not config.train.augment, "train.augment", True, "false for run.task = 'generation'")
     require(config.train.augmentations == 1, "train.augmentations", config.train.augmentations,
             "1 for run.task = 'generation'")  # fmt: skip
@@ -75,8 +90,9 @@ def build_model(config: Config) -> nn.Module:
 
 
 def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """What the train loop computes on a batch: each image's denoising error given its class ``(B,)``."""
-    return model(batch["image"], batch["label"])
+    """What the train loop computes on a batch: each image's denoising error given its class, or
+    given its mask for a segmentation site's samples ``(B,)``."""
+    return model(batch["image"], batch["mask"] if "mask" in batch else batch["label"])
 
 
 def loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -98,8 +114,13 @@ def decode(outputs: torch.Tensor, config: Config | None = None) -> torch.Tensor:
     return outputs
 
 
-def train_transform(config: Config) -> None:
-    """Images are learnt as they are."""
+def train_transform(config: Config) -> Callable[[Sample], Sample] | None:
+    """Images are learnt as they are; the mask-conditional generator with ``data.patch-size`` > 0
+    learns one random patch per image per step (segmentation's patches, half centred on foreground)."""
+    if config.model.name == "ddpm-mask" and config.data.patch_size:
+        from medfed.tasks.segmentation import train_transform as random_patch
+
+        return random_patch(config)
     return None
 
 
