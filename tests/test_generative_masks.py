@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from medfed.cli import app
@@ -19,9 +21,10 @@ from medfed.evaluation.report import write_report
 from medfed.federation import run_federation
 from medfed.generative import MaskConditionalDiffusion, generator_config, sample, synthetic_masks, with_synthetic
 from medfed.in_process import InProcessGrid
-from medfed.privacy import PrivacyLedger
+from medfed.privacy import PrivacyLedger, make_private
 from medfed.site import Site, _Refused, _with_synthetic
 from medfed.tasks import get_task
+from medfed.training import build_optimizer, train
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -58,6 +61,22 @@ def test_mask_generator_shapes_and_mask_conditioning() -> None:
     assert not torch.equal(drawn, other)  # the mask counts, at the same noise
     with pytest.raises(ValueError, match="ddpm-mask"):
         model(images)  # no mask: no federated class scores
+
+
+def test_mask_generator_takes_a_dp_step_on_segmentation_samples() -> None:
+    config = generator_config(tiny_config(**{**SEGMENTATION, "data.channels": 3}))
+    task = get_task("generation")
+    model = task.build_model(config)
+    assert ModuleValidator.validate(model, strict=False) == []
+    before = [p.detach().clone() for p in model.parameters()]
+    data = load_simulated_site(config.with_overrides({"run.task": "segmentation", "model.name": ""}), 0)[1]
+    loader = DataLoader(data.split("train"), batch_size=2)
+    batch = next(iter(loader))
+    assert batch["image"].shape[1] == 3 and "mask" in batch
+    private, optimizer, _ = make_private(model, build_optimizer(model, config.train), loader, 1.0, 1.0)
+    stats = train(task, private, [batch], optimizer, torch.device("cpu"), epochs=1)
+    assert stats.steps == 1 and stats.examples == 2
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_generated_pairs_reuse_the_sites_masks_in_new_layouts() -> None:
