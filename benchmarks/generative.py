@@ -22,7 +22,7 @@ generator and to draw its images, on this machine (one torch thread per process)
 
 Writes benchmarks/results/generative.json (``--quick``: 10 generator steps, generative-quick.json),
 plots/generative.png (AUROC per site and arm) and plots/generative-samples.png (sample grids).
-Segmentation (mask-conditioned generation for CHASE_DB1 / STARE / HRF) is not done.
+Segmentation: benchmarks/generative_masks.py (mask-conditioned generation, synthetic lesion sites).
 """
 
 from __future__ import annotations
