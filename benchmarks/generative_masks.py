@@ -37,20 +37,26 @@ from medfed.in_process import InProcessGrid
 REPO = Path(__file__).resolve().parent.parent
 
 
-def config(samples: int, size: int, rounds: int, dp: bool, ratio: float, steps: int, seed: int) -> Config:
-    """The segmentation run of one arm (``ratio`` 0: no generated pairs)."""
+def config(
+    samples: int, size: int, rounds: int, local_steps: int, dp: bool, ratio: float, steps: int, seed: int
+) -> Config:
+    """The segmentation run of one arm (``ratio`` 0: no generated pairs). Without DP the U-Net's
+    optimizer settings are the no-DP recipe's (the config's lr 0.6 is tuned for DP-SGD)."""
+    recipe = {} if dp else {"train.lr": "auto", "train.momentum": "auto"}
     return bench_config(
         "segmentation-synthetic.toml",
         None,
         {
             "run.seed": seed,
             "run.rounds": rounds,
+            "train.local-steps": local_steps,
             "data.samples-per-site": samples,
             "data.image-size": size,
             "train.batch-size": 16,
             "privacy.enabled": dp,
             "train.synthetic-augmentation": ratio,
             "train.synthetic-steps": steps,
+            **recipe,
         },
     )
 
@@ -88,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dp", action="store_true", help="DP-SGD at ε = 8 per site (generator ε 4)")
     parser.add_argument("--samples", type=int, default=40, help="images per site (70 %% of them for training)")
     parser.add_argument("--size", type=int, default=32, help="image size in px")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=300, help="generator training steps per site")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-steps", type=int, default=20, help="U-Net steps per site per round")
+    parser.add_argument("--steps", type=int, default=150, help="generator training steps per site")
     parser.add_argument("--ratio", type=float, default=1.0, help="generated pairs per real training image")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-generative-masks")
@@ -107,12 +114,13 @@ def main(argv: list[str] | None = None) -> None:
         "samples_per_site": args.samples,
         "image_size": args.size,
         "rounds": rounds,
+        "local_steps": args.local_steps,
         "generator_steps": steps,
         "ratio": args.ratio,
         "arms": {},
     }
     for arm, ratio in (("none", 0.0), ("generated", args.ratio)):
-        run_config = config(args.samples, args.size, rounds, args.dp, ratio, steps, args.seed)
+        run_config = config(args.samples, args.size, rounds, args.local_steps, args.dp, ratio, steps, args.seed)
         folder = args.out / f"{arm}-seed{args.seed}{'-dp' if args.dp else ''}"
         summary["arms"][arm] = result = run_arm(run_config, folder)
         print(f"{arm}: test Dice {result['mean']:.3f} {result['test_dice']} ({result['seconds']:.0f} s)")
