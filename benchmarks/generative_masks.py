@@ -10,12 +10,15 @@ each, ``--size`` px), FedAvg in this process, trained twice on the same sites an
 
 Without ``--dp`` nothing is private: the generators are trained without DP (their images may
 reproduce the site's). With ``--dp`` both arms run DP-SGD at ε = 8 per site (the generator's
-ε 4 charged first in the generated arm). Score: test Dice per site and their mean, one run.
+ε 4 charged first in the generated arm). Score: test Dice per site and their mean, one run; and
+whether the generated images follow their masks (``mask_contrast``: mean intensity inside the
+lesion minus outside, generated vs real training images).
 
     .venv/bin/medfed bench generative-masks [--quick] [--dp] [--seed 0]
 
 Writes benchmarks/results/generative_masks.json (``--quick``: generative_masks-quick.json; ``--dp``:
-generative_masks_dp.json) and plots/…-samples.png: a site's generated images under their masks.
+generative_masks_dp.json; ``--steps N`` other than 150: …_stepsN.json) and plots/…-samples.png:
+generated images of the first site under their masks.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from medfed.federation import run_federation
 from medfed.in_process import InProcessGrid
 
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_STEPS = 150  # generator steps; other values write generative_masks_stepsN.json
 
 
 def config(
@@ -76,15 +80,38 @@ def run_arm(run_config: Config, out: Path) -> dict[str, Any]:
     }
 
 
+def mask_contrast(run_config: Config, out: Path) -> dict[str, dict[str, float]]:
+    """Whether the generated images follow their masks: per site, the mean intensity inside the
+    structure minus that outside, in its generated images and in its real training images."""
+    from medfed.data import load_simulated_site
+
+    contrast = {}
+    for index, kept in enumerate(sorted(out.rglob("synthetic/*.npz"), key=lambda path: path.parent.parent.name)):
+        with np.load(kept, allow_pickle=False) as pairs:
+            generated, masks = pairs["images"][:, 0], pairs["labels"][:, 0]
+        name, site = load_simulated_site(run_config, index)
+        if kept.parent.parent.name != name:
+            raise SystemExit(f"{kept}: expected the generated pairs of {name}")
+        train = site.splits == "train"
+        real, real_masks = site.images[train][:, 0], site.targets[train][:, 0]
+        contrast[name] = {
+            "generated": float(generated[masks > 0].mean() - generated[masks == 0].mean()),
+            "real": float(real[real_masks > 0].mean() - real[real_masks == 0].mean()),
+        }
+    return contrast
+
+
 def samples_figure(run_config: Config, out: Path, figure: Path) -> None:
-    """The first site's first eight generated pairs (kept in its state folder) as a grid."""
+    """Eight of the first site's generated pairs (kept in its state folder), spread over them (they
+    are stored by mask group), as a grid."""
     from medfed.generative import save_pair_grid
 
     kept = sorted(out.rglob("synthetic/*.npz"))
     if not kept:
         return
     with np.load(kept[0], allow_pickle=False) as pairs:
-        masks, images = torch.as_tensor(pairs["labels"][:8]), torch.as_tensor(pairs["images"][:8])
+        shown = np.linspace(0, len(pairs["images"]) - 1, 8).round().astype(int)
+        masks, images = torch.as_tensor(pairs["labels"][shown]), torch.as_tensor(pairs["images"][shown])
     save_pair_grid(masks, images, figure, "generated pairs, first site", run_config.data.num_classes)
 
 
@@ -96,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=32, help="image size in px")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=20, help="U-Net steps per site per round")
-    parser.add_argument("--steps", type=int, default=150, help="generator training steps per site")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="generator training steps per site")
     parser.add_argument("--ratio", type=float, default=1.0, help="generated pairs per real training image")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-generative-masks")
@@ -105,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what building a Message needs
     name = "generative_masks_dp" if args.dp else "generative_masks"
-    path = results_path(name, args.quick)
+    path = results_path(name + (f"_steps{steps}" if steps != DEFAULT_STEPS and not args.quick else ""), args.quick)
     summary: dict[str, Any] = {
         "benchmark": name,
         "quick": args.quick,
@@ -125,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         summary["arms"][arm] = result = run_arm(run_config, folder)
         print(f"{arm}: test Dice {result['mean']:.3f} {result['test_dice']} ({result['seconds']:.0f} s)")
         if ratio:
+            result["mask_contrast"] = mask_contrast(run_config, folder)
             samples_figure(run_config, folder, path.parent / "plots" / f"{path.stem}-samples.png")
     write_results(path, summary)
 

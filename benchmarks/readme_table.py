@@ -336,6 +336,16 @@ def _detection3d(r: dict[str, Any]) -> Iterator[Row]:
         yield setting, "test CPM, worst-best site", f"{_f(spread['cpm_worst_site'])}-{_f(spread['cpm_best_site'])}"
 
 
+def _generative_masks(r: dict[str, Any]) -> Iterator[Row]:
+    mode = "DP ε=8 per site" if r["dp"] else "no DP"
+    setting = (f"lesions, FedAvg 3 synthetic sites x {r['samples_per_site']} images ({r['image_size']} px), {mode}, "
+               f"seed {r['seed']}: real only / + {r['ratio']:g} generated pair(s) per image "
+               f"(mask-conditioned generator, {r['generator_steps']} steps)")  # fmt: skip
+    arms = r["arms"]
+    value = " / ".join(_f(arms[arm]["mean"]) for arm in ("none", "generated") if arm in arms)
+    yield setting, "test Dice, mean of sites", value
+
+
 FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "spine": _spine,
     "detection-bccd": _pooled_vs_fedavg("BCCD detection", "mAP@0.5"),
@@ -358,6 +368,8 @@ FORMATS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "personalization": _personalization,
     "instance-segmentation": _instance_segmentation,
     "detection3d": _detection3d,
+    "generative-masks": _generative_masks,
+    "generative-masks-dp": _generative_masks,
 }
 
 
