@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 # torch goes in first, pinned: an unpinned torch (or a package pulling one) fetches a multi-GB build.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+# Two test workers, each test file on one of them (its module fixtures built once): the deployed-site
+# tests mostly wait on Flower's polling, so the other worker trains meanwhile. --durations names the
+# slowest tests in the log. TEST_ARGS= runs in one process.
+TEST_ARGS ?= -n 2 --dist loadfile --durations=15
 
 .PHONY: demo test lint install clean flwr-run
 
@@ -24,7 +28,7 @@ demo: install
 
 # pytest exits 5 when it collects no test: treat that as a failure, never as a pass.
 test: install
-	$(BIN)/pytest; status=$$?; \
+	$(BIN)/pytest $(TEST_ARGS); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$status
 
 # The same Flower app run the Flower-native way (`flwr run .`) on a local simulation SuperLink.
