@@ -435,7 +435,11 @@ class ModelConfig:
     ``input-norm`` standardises each image, channel by channel, to zero mean and unit variance as
     the network's first step: a scanner's brightness and contrast then do not move the scores, so
     one operating threshold fits every site. Leave it off where absolute intensity is the finding
-    (CT densities in Hounsfield units)."""
+    (CT densities in Hounsfield units). ``full-resolution`` (``unet`` only) puts one more level of
+    ``width`` channels in front, at the input's full resolution (stride 1): without it the U-Net's
+    first convolution already halves the image, and its output maps are upsampled from
+    half-resolution features only (a stride-2 checkerboard, which blurs the boundaries between
+    touching objects)."""
 
     name: str = ""
     width: int = 16
@@ -444,6 +448,7 @@ class ModelConfig:
     dropout: float = 0.0
     norm: Literal["group", "none"] = "group"
     input_norm: bool = False
+    full_resolution: bool = False
 
     def __post_init__(self) -> None:
         _check_text("model.name", self.name)

@@ -107,7 +107,23 @@ def test_network_is_opacus_valid_with_the_task_output_shape(task: str, name: str
 
 @pytest.mark.parametrize(("task", "name", "dims"), _cases_2d_3d(SLOW_DP_3D))
 def test_dp_step_trains_with_per_image_gradients(task: str, name: str, dims: int) -> None:
-    config = _config(task, name, dims)
+    _check_dp_step(task, _config(task, name, dims))
+
+
+@pytest.mark.parametrize("task", ["segmentation", "instance-segmentation"])
+def test_full_resolution_unet_starts_at_stride_one_and_trains_under_dp(task: str) -> None:
+    config = _config(task, "unet", **{"model.full-resolution": True})
+    model = get_task(task).build_model(config)
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.stride == (1, 1) and first.out_channels == config.model.width
+    plain = get_task(task).build_model(_config(task, "unet"))
+    assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in plain.parameters())
+    _check_dp_step(task, config)
+
+
+def _check_dp_step(task: str, config: Config) -> None:
+    """One DP-SGD step through ``make_private`` + ``train`` changes every parameter, and Opacus'
+    per-sample gradients equal each image's own gradient."""
     module = get_task(task)
     torch.manual_seed(0)
     model = _without_dropout(module.build_model(config))
@@ -202,6 +218,11 @@ def test_default_networks_are_unchanged() -> None:
         ),
         ("segmentation", {"model.name": "swinunetr", "data.image-size": 32}, r"model.width = 8 is invalid"),
         ("segmentation", {"model.name": "dynunet", "model.depth": 2}, r"model.depth = 2 is invalid for .*'dynunet'"),
+        (
+            "instance-segmentation",
+            {"model.name": "basicunet", "model.full-resolution": True},
+            r"model.full-resolution = true is invalid for model.name = 'basicunet': only 'unet' has it",
+        ),
     ],
 )
 def test_unusable_settings_are_refused_naming_them(task: str, overrides: dict, message: str) -> None:

@@ -337,14 +337,19 @@ def _seresnet50(config: Config) -> nn.Module:
 
 
 def _unet(config: Config) -> nn.Module:
+    """MONAI's UNet, ``model.width`` doubled at each of ``model.depth`` levels, each level's first
+    convolution of stride 2; ``model.full-resolution`` adds a level of ``model.width`` in front at stride 1."""
     m, d = config.model, config.data
     channels = tuple(_widths(m))
+    strides = (2,) * (len(channels) - 1)
+    if m.full_resolution:
+        channels, strides = (m.width, *channels), (1, *strides)
     return UNet(
         spatial_dims=d.spatial_dims,
         in_channels=d.channels,
         out_channels=d.num_classes,
         channels=channels,
-        strides=(2,) * (len(channels) - 1),
+        strides=strides,
         num_res_units=0,
         act=("relu", {"inplace": False}),
         # MONAI's UNet takes None for no norm layer; its annotation leaves None out
@@ -553,6 +558,11 @@ def build_network(task: str, config: Config) -> nn.Module:
     if name not in builders:
         raise ConfigError(f"model.name = {name!r} is invalid: expected one of {list(builders)} for run.task = '{task}'")
     _check_input_size(task, config)
+    if config.model.full_resolution and name != "unet":
+        raise ConfigError(
+            f"model.full-resolution = true is invalid for model.name = '{name}': only 'unet' has it "
+            "(set it to false, or pick model.name = 'unet')"
+        )
     network = builders[name](config)
     if config.model.input_norm:
         network.register_forward_pre_hook(_standardise_input)
