@@ -58,7 +58,6 @@ def audit_setting(name: str, epsilon: float | None, plan: dict[str, Any], seed: 
         "train.batch-size": 8 if epsilon is None else 32,
         "data.image-size": plan["image_size"], "data.num-classes": 4, "privacy.unit": "image",
         "privacy.enabled": epsilon is not None, "train.schedule": "constant",  # its results: a constant step
-        "model.input-norm": False,  # and raw intensities, whatever the demo config has
     }  # fmt: skip
     overrides |= {"privacy.target-epsilon": epsilon} if epsilon is not None else {"train.lr": 0.003}
     config = bench_config("classification-synthetic.toml", None, overrides)
