@@ -17,7 +17,7 @@ run on 2 CPU cores; their spread over runs is in ``spine`` (partition draws) and
 
     .venv/bin/medfed bench repeatability [--quick] [--runs 5] [--configs classification-synthetic ...]
 
-Writes benchmarks/results/repeatability.json (the configs not run keep their entries; ``--quick``: the demo config, 2 runs of 1 round,
+Writes benchmarks/results/repeatability.json after each run (the configs not run keep their entries; ``--quick``: the demo config, 2 runs of 1 round,
 repeatability-quick.json: a smoke run) and plots/repeatability.png (each run's worst site per
 figure), and prints one line per run and a summary.
 """
@@ -89,11 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         for seed in range(args.runs):
             runs.append(run_once(name, seed, args.out, args.quick))
             print(json.dumps({"config": name, **runs[-1]}), flush=True)
-        configs[name] = {"figures": FIGURES[name], "runs": runs, "reached": sum(run["reached"] for run in runs)}
+            configs[name] = {"figures": FIGURES[name], "runs": runs, "reached": sum(run["reached"] for run in runs)}
+            # written after each run, so a long run cut short keeps what it measured (its entry: the runs done)
+            summary = {"benchmark": "repeatability", "quick": args.quick, "as_shipped": True, "configs": configs}
+            write_results(path, summary, lambda figure: plot(configs, figure))
         print(f"{name}: figures reached in {configs[name]['reached']} of {len(runs)} runs", flush=True)
-        # written after each config, so a long run cut short keeps what it measured
-        summary = {"benchmark": "repeatability", "quick": args.quick, "as_shipped": True, "configs": configs}
-        write_results(path, summary, lambda figure: plot(configs, figure))
 
 
 if __name__ == "__main__":

@@ -221,9 +221,12 @@ class RandomShiftRotate:
 
 DEFAULT_THRESHOLD = 0.5
 CALIBRATION_BINS = 10
-# Score bins for choosing a threshold: 121 edges evenly spaced in log-odds over [-12, 12] (a step of
-# 0.2), so that well-separated models, whose probabilities crowd near 0 and 1, keep their resolution.
-SCORE_EDGES = 1.0 / (1.0 + np.exp(-np.linspace(-12.0, 12.0, 121)))
+# Score bins for choosing a threshold: 481 edges evenly spaced in log-odds over [-12, 12] (a step of
+# 0.05), so that well-separated models, whose probabilities crowd near 0 and 1, keep their resolution,
+# and so do models trained under DP, whose scores can crowd in a narrow band: the demo at run.seed 0
+# put every validation case of its sites between log-odds -2.1 and -1.3, classes about 0.3 apart;
+# at a step of 0.2 no threshold between bins kept site-2's sensitivity above 0.74 (test AUROC 0.996)
+SCORE_EDGES = 1.0 / (1.0 + np.exp(-np.linspace(-12.0, 12.0, 481)))
 
 
 def operating_threshold(config: Config) -> float:
