@@ -197,6 +197,13 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, title: str
             axes[row][col].imshow(shown.numpy(), cmap="gray", vmin=0, vmax=1)
         name = class_names[c] if c < len(class_names) else f"class {c}"
         axes[row][0].set_title(name, fontsize=8, loc="left")
+    return _saved(fig, title, path)
+
+
+def _saved(fig: Any, title: str, path: Path) -> Path:
+    """Title ``fig``, write it to ``path`` (a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,12 +229,7 @@ def save_pair_grid(masks: torch.Tensor, images: torch.Tensor, path: Path, title:
         axes[1][col].imshow(shown.numpy(), cmap="gray", vmin=0, vmax=1)
     axes[0][0].set_title("mask", fontsize=8, loc="left")
     axes[1][0].set_title("generated image", fontsize=8, loc="left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _saved(fig, title, path)
 
 
 def round_grids(config: Config, run_dir: Path) -> dict[str, str]:
