@@ -41,6 +41,7 @@ __all__ = [
     "draw_synthetic",
     "fit_generator",
     "generator_config",
+    "largest_classes",
     "round_grids",
     "sample",
     "save_grid",
@@ -269,6 +270,11 @@ def synthetic_counts(labels: np.ndarray, num_classes: int, ratio: float) -> np.n
     return counts
 
 
+def largest_classes(masks: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each mask's largest class index in ``masks`` ``(N, ...)`` (0: no structure; -1 counts as 0)."""
+    return masks.reshape(len(masks), -1).max(axis=1).clip(0, num_classes - 1).astype(int)
+
+
 def synthetic_masks(masks: np.ndarray, num_classes: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Masks for ``ratio`` generated images per training mask in ``masks`` ``(N, 1, H, W)``: the
     site's own masks, each flipped and/or turned by a multiple of 90° (seeded; square masks only
@@ -276,7 +282,7 @@ def synthetic_masks(masks: np.ndarray, num_classes: int, ratio: float, seed: int
     structure) and :func:`synthetic_counts` shares them out, the scarce groups first; within a group
     the masks are taken in a seeded order, round robin. Returns the masks and the index of the
     training mask each one comes from."""
-    groups = masks.reshape(len(masks), -1).max(axis=1).clip(0, num_classes - 1).astype(int)
+    groups = largest_classes(masks, num_classes)
     present = np.unique(groups)
     counts = synthetic_counts(np.searchsorted(present, groups), len(present), ratio)
     rng = np.random.default_rng(seed)

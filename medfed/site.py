@@ -729,7 +729,7 @@ def _with_synthetic(site: Site, config: Config, run_key: str) -> tuple[Site, _Sy
     ratio = config.train.synthetic_augmentation
     if not ratio:
         return site, _Synthetic()
-    from medfed.generative import draw_synthetic, fit_generator, generator_config, with_synthetic
+    from medfed.generative import draw_synthetic, fit_generator, generator_config, largest_classes, with_synthetic
 
     digest = data_digest(site.data)
     path = site.state_dir / SYNTHETIC_FOLDER / f"{hashlib.sha256(f'{run_key}|{digest}'.encode()).hexdigest()[:24]}.npz"
@@ -767,7 +767,7 @@ def _with_synthetic(site: Site, config: Config, run_key: str) -> tuple[Site, _Sy
         )
         log.info("site %s: generator trained (%d steps, %s); %d generated training images added",
                  site.name, fit.steps, how, len(images))  # fmt: skip
-    classes = labels if labels.ndim == 1 else labels.reshape(len(labels), -1).max(axis=1)  # a mask's largest class
+    classes = labels if labels.ndim == 1 else largest_classes(labels, config.data.num_classes)
     synthetic = _Synthetic(
         len(images),
         tuple(int(k) for k in np.bincount(classes.clip(0).astype(int), minlength=config.data.num_classes)),
